@@ -1,0 +1,680 @@
+//! The TOML configuration: typed sections, Postfix/Dovecot-like defaults, and
+//! errors that name the key and the line.
+//!
+//! Every struct denies unknown keys, so a typo is an error rather than a
+//! silently ignored setting. `config.example.toml` documents every key and is
+//! parsed by a test.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Postfix's `message_size_limit`.
+pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 10_240_000;
+/// Postfix's `smtpd_recipient_limit`.
+pub const DEFAULT_MAX_RECIPIENTS: usize = 1000;
+/// Postfix reads command lines up to `line_length_limit` (2048) octets.
+pub const DEFAULT_MAX_LINE_LENGTH: usize = 2048;
+/// Postfix's `hopcount_limit`.
+pub const DEFAULT_HOP_LIMIT: usize = 50;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Name used in the banner, in `Received:` headers and in bounces.
+    #[serde(default = "default_hostname")]
+    pub hostname: String,
+    /// Directory of the sled database (created if missing). Relative paths are
+    /// taken from the directory of the config file.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub smtp: SmtpConfig,
+    #[serde(default)]
+    pub pop3: Pop3Config,
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    #[serde(default)]
+    pub dns: DnsConfig,
+    /// TLS certificate and key; without this section no TLS is offered.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    #[serde(default)]
+    pub control: ControlConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpConfig {
+    /// MTA listeners (port 25 in production): relay only for `relay_networks`
+    /// or authenticated clients.
+    #[serde(default = "default_smtp_listen")]
+    pub listen: Vec<SocketAddr>,
+    /// Submission listeners (RFC 6409, port 587): AUTH required before MAIL.
+    #[serde(default)]
+    pub submission: Vec<SocketAddr>,
+    /// Implicit-TLS submission listeners (RFC 8314, port 465). Needs `[tls]`.
+    #[serde(default)]
+    pub submissions: Vec<SocketAddr>,
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: u64,
+    #[serde(default = "default_max_recipients")]
+    pub max_recipients: usize,
+    /// Longest command line accepted, CRLF included.
+    #[serde(default = "default_max_line_length")]
+    pub max_line_length: usize,
+    /// After this many errors in a session, each reply is delayed by `error_delay`.
+    #[serde(default = "default_soft_error_limit")]
+    pub soft_error_limit: u32,
+    /// After this many errors the session is closed with `421 4.7.0`.
+    #[serde(default = "default_hard_error_limit")]
+    pub hard_error_limit: u32,
+    #[serde(default = "default_error_delay", with = "humantime_serde")]
+    pub error_delay: Duration,
+    /// Idle time allowed while waiting for a command (Postfix `smtpd_timeout`).
+    #[serde(default = "default_smtp_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Minimum transfer rate in DATA, bytes per second (Postfix
+    /// `smtpd_min_data_rate`); 0 turns it off.
+    #[serde(default = "default_min_data_rate")]
+    pub min_data_rate: u64,
+    /// Concurrent connections from one client address (Postfix anvil's 50).
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
+    /// Concurrent connections in total on all SMTP listeners.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Most `Received:` headers a message may carry (mail loop protection).
+    #[serde(default = "default_hop_limit")]
+    pub hop_limit: usize,
+    /// What to do with a bare CR or LF in commands or DATA.
+    #[serde(default)]
+    pub bare_lf: BareLf,
+    /// Offer AUTH (and accept USER/PASS on POP3) without TLS.
+    #[serde(default)]
+    pub allow_plaintext_auth: bool,
+}
+
+/// Policy for a bare `\n` (or `\r`) not part of a CRLF pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BareLf {
+    /// Turn it into CRLF in message content (Postfix 3.9's default); in a
+    /// command it ends the line.
+    #[default]
+    Normalize,
+    /// Answer `5xx` and close the session.
+    Reject,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pop3Config {
+    #[serde(default = "default_pop3_listen")]
+    pub listen: Vec<SocketAddr>,
+    /// Implicit-TLS listeners (port 995). Needs `[tls]`.
+    #[serde(default)]
+    pub pop3s: Vec<SocketAddr>,
+    /// RFC 1939 autologout timer: at least 10 minutes.
+    #[serde(default = "default_pop3_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// First delay after a failed login; doubles per failure (Dovecot).
+    #[serde(default = "default_auth_failure_delay", with = "humantime_serde")]
+    pub auth_failure_delay: Duration,
+    #[serde(default = "default_max_auth_failure_delay", with = "humantime_serde")]
+    pub max_auth_failure_delay: Duration,
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+/// What happens to mail for a local domain whose user does not exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownUser {
+    /// `550 5.1.1 <addr>: user unknown` at RCPT time.
+    #[default]
+    Reject,
+    /// Accept, then send an RFC 3464 bounce to the sender.
+    Bounce,
+    /// Accept and deliver to `postmaster@` the recipient's domain.
+    Postmaster,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingConfig {
+    #[serde(default)]
+    pub local_domains: Vec<String>,
+    #[serde(default)]
+    pub unknown_user: UnknownUser,
+    /// Clients allowed to send to non-local domains without authenticating.
+    #[serde(default = "default_relay_networks")]
+    pub relay_networks: Vec<IpNet>,
+    /// `host:port`: send every remote message there instead of to MX hosts.
+    #[serde(default)]
+    pub smarthost: Option<String>,
+    #[serde(default)]
+    pub smarthost_auth: Option<SmarthostAuth>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmarthostAuth {
+    pub username: String,
+    pub password: String,
+}
+
+/// Where a bounce that itself cannot be delivered goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DoubleBounce {
+    #[default]
+    Postmaster,
+    Drop,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Port used on remote exchangers.
+    #[serde(default = "default_mx_port")]
+    pub mx_port: u16,
+    /// Waits between attempts; after the last one, the last interval repeats.
+    #[serde(default = "default_retry", with = "duration_list")]
+    pub retry: Vec<Duration>,
+    #[serde(default = "default_max_queue_lifetime", with = "humantime_serde")]
+    pub max_queue_lifetime: Duration,
+    #[serde(default = "default_concurrency_per_domain")]
+    pub concurrency_per_domain: usize,
+    /// Most recipients sent in one SMTP transaction.
+    #[serde(default = "default_recipients_per_delivery")]
+    pub recipients_per_delivery: usize,
+    /// Send a delay warning to the sender once a message has waited this long.
+    #[serde(default, with = "humantime_serde")]
+    pub delay_warning: Option<Duration>,
+    #[serde(default)]
+    pub double_bounce: DoubleBounce,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Greeting, EHLO, MAIL and RCPT replies (Postfix: 300 s).
+    #[serde(default = "default_command_timeout", with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Reply to DATA (Postfix: 120 s).
+    #[serde(default = "default_data_init_timeout", with = "humantime_serde")]
+    pub data_init_timeout: Duration,
+    /// Writing the message (Postfix: 180 s).
+    #[serde(default = "default_data_xfer_timeout", with = "humantime_serde")]
+    pub data_xfer_timeout: Duration,
+    /// Reply to the final dot (Postfix: 600 s).
+    #[serde(default = "default_data_done_timeout", with = "humantime_serde")]
+    pub data_done_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Empty: the system resolver (`/etc/resolv.conf`).
+    #[serde(default)]
+    pub nameservers: Vec<SocketAddr>,
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Unix socket the CLI uses to reach a running server; default
+    /// `<data_dir>/control.sock`.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+}
+
+fn default_hostname() -> String {
+    "localhost".into()
+}
+fn default_data_dir() -> PathBuf {
+    "data".into()
+}
+fn default_smtp_listen() -> Vec<SocketAddr> {
+    vec!["127.0.0.1:2525".parse().expect("literal address")]
+}
+fn default_pop3_listen() -> Vec<SocketAddr> {
+    vec!["127.0.0.1:1110".parse().expect("literal address")]
+}
+fn default_max_message_size() -> u64 {
+    DEFAULT_MAX_MESSAGE_SIZE
+}
+fn default_max_recipients() -> usize {
+    DEFAULT_MAX_RECIPIENTS
+}
+fn default_max_line_length() -> usize {
+    DEFAULT_MAX_LINE_LENGTH
+}
+fn default_soft_error_limit() -> u32 {
+    10
+}
+fn default_hard_error_limit() -> u32 {
+    20
+}
+fn default_error_delay() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_smtp_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_min_data_rate() -> u64 {
+    500
+}
+fn default_max_connections_per_ip() -> usize {
+    50
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_hop_limit() -> usize {
+    DEFAULT_HOP_LIMIT
+}
+fn default_pop3_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_auth_failure_delay() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_max_auth_failure_delay() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_relay_networks() -> Vec<IpNet> {
+    vec![
+        "127.0.0.0/8".parse().expect("literal network"),
+        "::1/128".parse().expect("literal network"),
+    ]
+}
+fn default_mx_port() -> u16 {
+    25
+}
+fn default_retry() -> Vec<Duration> {
+    [5, 10, 20, 40, 67]
+        .into_iter()
+        .map(|m| Duration::from_secs(m * 60))
+        .collect()
+}
+fn default_max_queue_lifetime() -> Duration {
+    Duration::from_secs(5 * 24 * 3600)
+}
+fn default_concurrency_per_domain() -> usize {
+    20
+}
+fn default_recipients_per_delivery() -> usize {
+    50
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_command_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_data_init_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_data_xfer_timeout() -> Duration {
+    Duration::from_secs(180)
+}
+fn default_data_done_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        from_empty_table()
+    }
+}
+impl Default for Pop3Config {
+    fn default() -> Self {
+        from_empty_table()
+    }
+}
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        from_empty_table()
+    }
+}
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        from_empty_table()
+    }
+}
+impl Default for Config {
+    fn default() -> Self {
+        from_empty_table()
+    }
+}
+
+/// Builds a section from its serde defaults, so `Default` and an empty TOML
+/// table can never disagree.
+fn from_empty_table<T: for<'de> Deserialize<'de>>() -> T {
+    toml::from_str("").expect("every field has a serde default")
+}
+
+/// A configuration error, naming the file, the line and the key where known.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}", invalid_message(.path, *.line, .key, .message))]
+    Invalid {
+        path: PathBuf,
+        /// 1-based line, when the error can be placed.
+        line: Option<usize>,
+        /// Dotted key path such as `routing.unknown_user`.
+        key: Option<String>,
+        message: String,
+    },
+}
+
+fn invalid_message(path: &Path, line: Option<usize>, key: &Option<String>, msg: &str) -> String {
+    let mut out = path.display().to_string();
+    if let Some(line) = line {
+        out.push_str(&format!(":{line}"));
+    }
+    out.push_str(": ");
+    if let Some(key) = key {
+        out.push_str(&format!("key `{key}`: "));
+    }
+    out.push_str(msg);
+    out
+}
+
+impl Config {
+    /// Reads and validates a config file. Relative `data_dir` and TLS paths
+    /// are resolved against the file's directory.
+    ///
+    /// # Errors
+    /// [`ConfigError`] with the key and line of the first problem.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Config::parse(&text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        Ok(config)
+    }
+
+    /// Parses and validates config text; `path` is only used in messages.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the key and the line.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let invalid = |line, key: Option<String>, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            line,
+            key,
+            message,
+        };
+        let de = toml::Deserializer::parse(text).map_err(|e| {
+            invalid(
+                e.span().map(|s| line_of(text, s.start)),
+                None,
+                e.message().to_owned(),
+            )
+        })?;
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner
+                .span()
+                .map(|s| line_of(text, s.start))
+                .or_else(|| locate_key(text, &key));
+            let key = (key != ".").then_some(key);
+            invalid(line, key, inner.message().to_owned())
+        })?;
+        config
+            .validate()
+            .map_err(|(key, message)| invalid(locate_key(text, key), Some(key.into()), message))?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut self.data_dir);
+        if let Some(tls) = &mut self.tls {
+            resolve(&mut tls.cert);
+            resolve(&mut tls.key);
+        }
+        if let Some(socket) = &mut self.control.socket {
+            resolve(socket);
+        }
+    }
+
+    /// Checks what serde cannot: returns the offending key and why.
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.hostname.is_empty() || self.hostname.contains(char::is_whitespace) {
+            return Err(("hostname", "must be a host name without spaces".into()));
+        }
+        for d in &self.routing.local_domains {
+            if d.is_empty() || d.contains(['@', ' ']) || d.len() > 255 {
+                return Err(("routing.local_domains", format!("`{d}` is not a domain")));
+            }
+        }
+        if self.smtp.max_line_length < 512 {
+            return Err((
+                "smtp.max_line_length",
+                "must be at least 512 (RFC 5321 §4.5.3.1.4)".into(),
+            ));
+        }
+        if self.smtp.max_recipients < 100 {
+            return Err((
+                "smtp.max_recipients",
+                "must be at least 100 (RFC 5321 §4.5.3.1.8)".into(),
+            ));
+        }
+        if self.smtp.hard_error_limit == 0 {
+            return Err(("smtp.hard_error_limit", "must be at least 1".into()));
+        }
+        if self.delivery.retry.is_empty() || self.delivery.retry.iter().any(|d| d.is_zero()) {
+            return Err((
+                "delivery.retry",
+                "must list at least one non-zero interval".into(),
+            ));
+        }
+        if self.delivery.concurrency_per_domain == 0 {
+            return Err(("delivery.concurrency_per_domain", "must be at least 1".into()));
+        }
+        if let Some(host) = &self.routing.smarthost {
+            if host.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+                return Err(("routing.smarthost", format!("`{host}` is not host:port")));
+            }
+        }
+        let needs_tls = !self.smtp.submissions.is_empty() || !self.pop3.pop3s.is_empty();
+        if needs_tls && self.tls.is_none() {
+            return Err((
+                "tls",
+                "implicit-TLS listeners (smtp.submissions, pop3.pop3s) need a [tls] section".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The control socket path, defaulting into the data directory.
+    pub fn control_socket(&self) -> PathBuf {
+        self.control
+            .socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("control.sock"))
+    }
+
+    /// Whether `domain` (any case) is one of ours.
+    pub fn is_local_domain(&self, domain: &str) -> bool {
+        self.routing
+            .local_domains
+            .iter()
+            .any(|d| d.eq_ignore_ascii_case(domain))
+    }
+
+    /// Whether a client at `ip` may relay without authenticating.
+    pub fn may_relay(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        self.routing.relay_networks.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// `humantime_serde` for a list of durations (`["5m", "10m"]`).
+mod duration_list {
+    use std::time::Duration;
+
+    use humantime_serde::Serde;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|d| Serde::from(*d)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+        let v = Vec::<Serde<Duration>>::deserialize(d)?;
+        Ok(v.into_iter().map(Serde::into_inner).collect())
+    }
+}
+
+/// 1-based line number of byte offset `at`.
+fn line_of(text: &str, at: usize) -> usize {
+    text.as_bytes()[..at.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Finds the line that sets a dotted key such as `routing.local_domains`, by
+/// following `[section]` headers. Good enough for error messages; the key is
+/// named in the message either way.
+fn locate_key(text: &str, dotted: &str) -> Option<usize> {
+    let (section, key) = match dotted.rsplit_once('.') {
+        Some((s, k)) => (s, k),
+        None => ("", dotted),
+    };
+    let key = key.split('[').next().unwrap_or(key);
+    let mut current = String::new();
+    for (n, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if let Some(h) = t.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            current = h.trim().to_owned();
+            if current == dotted {
+                return Some(n + 1);
+            }
+            continue;
+        }
+        let Some((k, _)) = t.split_once('=') else {
+            continue;
+        };
+        if current == section && k.trim() == key {
+            return Some(n + 1);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn empty_config_has_postfix_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.smtp.max_message_size, 10_240_000);
+        assert_eq!(c.smtp.max_recipients, 1000);
+        assert_eq!(c.delivery.retry[0], Duration::from_secs(300));
+        assert_eq!(c.delivery.max_queue_lifetime, Duration::from_secs(432_000));
+        assert_eq!(c.routing.unknown_user, UnknownUser::Reject);
+        assert!(c.may_relay("127.0.0.1".parse().unwrap()));
+        assert!(!c.may_relay("192.0.2.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn shipped_example_parses() {
+        let text = include_str!("../config.example.toml");
+        let c = parse(text).unwrap();
+        assert!(c.is_local_domain("EXAMPLE.test"));
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let err = parse("hostname = \"a\"\n[smtp]\nlisten = []\nmax_mesage_size = 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("test.toml:4"), "{err}");
+        assert!(err.contains("max_mesage_size"), "{err}");
+    }
+
+    #[test]
+    fn bad_enum_value_names_key_and_line() {
+        let err = parse("[routing]\nlocal_domains = [\"a.test\"]\nunknown_user = \"drop\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("test.toml:3"), "{err}");
+        assert!(err.contains("routing.unknown_user"), "{err}");
+        assert!(err.contains("reject"), "{err}");
+    }
+
+    #[test]
+    fn bad_type_names_key_and_line() {
+        let err = parse("\n[smtp]\nmax_message_size = \"big\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("test.toml:3"), "{err}");
+        assert!(err.contains("smtp.max_message_size"), "{err}");
+    }
+
+    #[test]
+    fn semantic_error_names_key_and_line() {
+        let err = parse("[delivery]\n\nretry = []\n").unwrap_err().to_string();
+        assert!(err.contains("test.toml:3"), "{err}");
+        assert!(err.contains("delivery.retry"), "{err}");
+    }
+
+    #[test]
+    fn syntax_error_names_line() {
+        let err = parse("hostname = \"a\"\nthis is not toml\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("test.toml:2"), "{err}");
+    }
+
+    #[test]
+    fn durations_are_human() {
+        let c = parse("[delivery]\nretry = [\"1s\", \"2m\"]\nmax_queue_lifetime = \"1h\"\n").unwrap();
+        assert_eq!(c.delivery.retry, vec![Duration::from_secs(1), Duration::from_secs(120)]);
+        assert_eq!(c.delivery.max_queue_lifetime, Duration::from_secs(3600));
+    }
+}

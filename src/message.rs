@@ -1,0 +1,80 @@
+//! Messages as postino keeps them: the queue id, the envelope, and the
+//! per-recipient routes decided at RCPT time.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::routing::Route;
+
+/// The id of an accepted message, like Postfix's queue id: named in the `250`
+/// reply to DATA and in every log line about the message.
+///
+/// Allocated from sled's persistent monotonic counter, so ids never repeat,
+/// even across crashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct MessageId(pub u64);
+
+impl MessageId {
+    /// Big-endian key: sled keeps ids in allocation order.
+    pub fn to_key(self) -> [u8; 8] {
+        self.0.to_be_bytes()
+    }
+
+    pub fn from_key(key: &[u8]) -> Option<MessageId> {
+        Some(MessageId(u64::from_be_bytes(key.try_into().ok()?)))
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:010X}", self.0)
+    }
+}
+
+impl FromStr for MessageId {
+    type Err = std::num::ParseIntError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        u64::from_str_radix(s, 16).map(MessageId)
+    }
+}
+
+/// One accepted recipient and where it goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recipient {
+    /// The address as the client gave it in `RCPT TO` (without `<>`).
+    pub address: String,
+    pub route: Route,
+}
+
+/// Everything about an accepted message except its content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub id: MessageId,
+    /// The reverse path; `None` is the null sender `<>` (bounces).
+    pub sender: Option<String>,
+    pub recipients: Vec<Recipient>,
+    /// Unix time, seconds.
+    pub received_at: u64,
+    /// Client address and HELO name, for logs and bounces.
+    pub client: String,
+    pub helo: String,
+    /// Octets of the stored content (CRLF line ends, unstuffed).
+    pub size: u64,
+}
+
+impl Envelope {
+    /// `<sender>` as it appears in logs and `Return-Path:`.
+    pub fn sender_display(&self) -> String {
+        format!("<{}>", self.sender.as_deref().unwrap_or(""))
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

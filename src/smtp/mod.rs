@@ -1,0 +1,17 @@
+//! SMTP server protocol (RFC 5321 and extensions), without IO.
+//!
+//! [`LineReceiver`] and [`DataReceiver`] frame bytes into command lines and
+//! message content; [`Request::parse`] turns a line into a command;
+//! [`Session`] decides what each command means in the current state and
+//! answers with a [`Reply`] or asks its caller for something (a routing
+//! decision, storing the message, a TLS handshake).
+
+pub mod receiver;
+pub mod reply;
+pub mod request;
+pub mod session;
+
+pub use receiver::{DataReceiver, LineReceiver};
+pub use reply::Reply;
+pub use request::Request;
+pub use session::Session;
