@@ -1,0 +1,321 @@
+//! Session scripts: each line of input with the reply code (and enhanced
+//! status) it must get, driven exactly as the connection actor drives it.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+
+use super::*;
+use crate::config::BareLf;
+use crate::routing::Target;
+use crate::smtp::receiver::{DataReceiver, LineReceiver};
+
+fn config() -> SessionConfig {
+    SessionConfig {
+        hostname: "mx.example.test".into(),
+        max_message_size: 1000,
+        max_recipients: 3,
+        hop_limit: 3,
+        soft_error_limit: 10,
+        hard_error_limit: 5,
+        tls_available: false,
+        auth_available: true,
+        auth_required: false,
+        allow_plaintext_auth: true,
+        postmaster_domain: "example.test".into(),
+    }
+}
+
+fn session_with(config: SessionConfig, trusted: bool) -> Session {
+    let ip: IpAddr = "192.0.2.7".parse().unwrap();
+    Session::new(
+        Arc::new(config),
+        Peer {
+            ip,
+            trusted,
+            tls: false,
+        },
+    )
+}
+
+/// The route a tiny directory gives: alice exists, remote needs relay.
+fn route(q: &RouteQuery) -> Route {
+    let addr = q.recipient.canonical();
+    if addr == "alice@example.test" || addr == "postmaster@example.test" {
+        Route::mailbox(addr)
+    } else if q.recipient.domain.eq_ignore_ascii_case("example.test") {
+        Route::Reject(Reply::new(550, "5.1.1", "user unknown"))
+    } else if q.may_relay {
+        Route::Deliver(vec![Target::Remote { address: addr }])
+    } else {
+        Route::Reject(Reply::new(554, "5.7.1", "Relay access denied"))
+    }
+}
+
+/// Feeds `input` (raw bytes, possibly many pipelined commands) through the
+/// receivers and the session, as the actor does; returns the replies as
+/// "code status" strings, and the accepted messages.
+fn run(session: &mut Session, input: &[u8]) -> (Vec<String>, Vec<Accepted>) {
+    let mut lines = LineReceiver::new(512, BareLf::Normalize);
+    let mut buf = BytesMut::from(input);
+    let mut data: Option<DataReceiver> = None;
+    let mut replies = Vec::new();
+    let mut accepted = Vec::new();
+    let mut next_id = 1;
+    let show = |r: &Reply| {
+        format!("{} {}", r.code, r.status.as_deref().unwrap_or(""))
+            .trim()
+            .to_owned()
+    };
+    loop {
+        if let Some(d) = &mut data {
+            if !d.ingest(&mut buf) {
+                break;
+            }
+            let d = data.take().unwrap();
+            match session.data_done(
+                d.finish(),
+                MessageId(next_id),
+                "Sat, 28 Nov 2026 00:00:00 +0000",
+            ) {
+                DataStep::Accept(a) => {
+                    next_id += 1;
+                    replies.push(show(&session.accepted(a.id)));
+                    accepted.push(a);
+                }
+                DataStep::Reply(r) => replies.push(show(&r)),
+                DataStep::Close(r) => {
+                    replies.push(show(&r));
+                    return (replies, accepted);
+                }
+            }
+            continue;
+        }
+        let line = match lines.next_line(&mut buf) {
+            Ok(Some(l)) => l,
+            Ok(None) => break,
+            Err(_) => {
+                replies.push("line-error".into());
+                continue;
+            }
+        };
+        let mut step = if session.in_auth() {
+            session.auth_response(&line)
+        } else {
+            match Request::parse(&line) {
+                Ok(r) => session.command(r),
+                Err(e) => session.bad_line(e.reply()),
+            }
+        };
+        loop {
+            match step {
+                Step::Reply(r) | Step::AuthChallenge(r) => replies.push(show(&r)),
+                Step::Route(q) => replies.push(show(&session.routed(route(&q)))),
+                Step::Data(r) => {
+                    replies.push(show(&r));
+                    data = Some(DataReceiver::new(session.data_limit(), BareLf::Normalize));
+                }
+                Step::Authenticate { user, password } => {
+                    let ok = user == "alice@example.test" && password == "secret";
+                    step = session.authenticated(ok.then_some(user));
+                    continue;
+                }
+                Step::CheckSender { user, sender } => {
+                    replies.push(show(&session.sender_checked(user == sender)))
+                }
+                Step::StartTls(r) => replies.push(show(&r)),
+                Step::Close(r) => {
+                    replies.push(show(&r));
+                    return (replies, accepted);
+                }
+            }
+            break;
+        }
+    }
+    (replies, accepted)
+}
+
+fn script(trusted: bool, input: &str, want: &[&str]) -> Vec<Accepted> {
+    let mut s = session_with(config(), trusted);
+    let (got, accepted) = run(&mut s, input.as_bytes());
+    assert_eq!(got, want, "input: {input:?}");
+    accepted
+}
+
+#[test]
+fn table() {
+    let cases: &[(bool, &str, &[&str])] = &[
+        // The ordinary transaction, pipelined in one buffer.
+        (false, "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nhi\r\n.\r\nQUIT\r\n",
+            &["250", "250 2.1.0", "250 2.1.5", "354", "250 2.0.0", "221 2.0.0"]),
+        // Out of order.
+        (false, "MAIL FROM:<a@b.test>\r\n", &["503 5.5.1"]),
+        (false, "HELO c\r\nRCPT TO:<alice@example.test>\r\n", &["250", "503 5.5.1"]),
+        (false, "HELO c\r\nDATA\r\n", &["250", "503 5.5.1"]),
+        (false, "HELO c\r\nMAIL FROM:<>\r\nMAIL FROM:<>\r\n", &["250", "250 2.1.0", "503 5.5.1"]),
+        (false, "HELO c\r\nMAIL FROM:<>\r\nDATA\r\n", &["250", "250 2.1.0", "503 5.5.1"]),
+        // All recipients refused: DATA gets 554 (RFC 2920).
+        (false, "HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n",
+            &["250", "250 2.1.0", "550 5.1.1", "554 5.5.1"]),
+        // Relay.
+        (false, "HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<x@remote.test>\r\n", &["250", "250 2.1.0", "554 5.7.1"]),
+        (true, "HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<x@remote.test>\r\n", &["250", "250 2.1.0", "250 2.1.5"]),
+        // Bare <postmaster>.
+        (false, "HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<Postmaster>\r\n", &["250", "250 2.1.0", "250 2.1.5"]),
+        // Size declared too large.
+        (false, "EHLO c\r\nMAIL FROM:<a@b.test> SIZE=5000\r\n", &["250", "552 5.3.4"]),
+        // Too many recipients: 452 after max_recipients.
+        (false, "HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nRCPT TO:<alice@example.test>\r\nRCPT TO:<alice@example.test>\r\nRCPT TO:<alice@example.test>\r\n",
+            &["250", "250 2.1.0", "250 2.1.5", "250 2.1.5", "250 2.1.5", "452 4.5.3"]),
+        // Misc commands.
+        (false, "NOOP\r\nRSET\r\nVRFY alice\r\nHELP\r\nFOO\r\n", &["250 2.0.0", "250 2.0.0", "252 2.0.0", "214 2.0.0", "502 5.5.2"]),
+        (false, "EHLO\r\n", &["501 5.5.2"]),
+        (false, "STARTTLS\r\n", &["502 5.5.1"]),
+        // Too many errors: closed with 421 at the hard limit.
+        (false, "FOO\r\nFOO\r\nFOO\r\nFOO\r\nFOO\r\nNOOP\r\n", &["502 5.5.2", "502 5.5.2", "502 5.5.2", "502 5.5.2", "421 4.7.0"]),
+        // Message over the size limit: drained, 552, session goes on.
+        (false, &format!("HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n{}\r\n.\r\nNOOP\r\n", "x".repeat(1200)),
+            &["250", "250 2.1.0", "250 2.1.5", "354", "552 5.3.4", "250 2.0.0"]),
+        // Loop: hop_limit Received: headers.
+        (false, "HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nReceived: a\r\nReceived: b\r\nReceived: c\r\n\r\nx\r\n.\r\n",
+            &["250", "250 2.1.0", "250 2.1.5", "354", "554 5.4.0"]),
+        // AUTH PLAIN (initial response) and LOGIN.
+        (false, "EHLO c\r\nAUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n", &["250", "235 2.7.0"]),
+        (false, "EHLO c\r\nAUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdAB3cm9uZw==\r\n", &["250", "535 5.7.8"]),
+        (false, "EHLO c\r\nAUTH LOGIN\r\nYWxpY2VAZXhhbXBsZS50ZXN0\r\nc2VjcmV0\r\n", &["250", "334", "334", "235 2.7.0"]),
+        (false, "EHLO c\r\nAUTH PLAIN\r\n*\r\n", &["250", "334", "501 5.7.0"]),
+        (false, "EHLO c\r\nAUTH CRAM-MD5\r\n", &["250", "504 5.5.4"]),
+        // Authenticated: may relay; sender must be their own.
+        (false, "EHLO c\r\nAUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\nMAIL FROM:<alice@example.test>\r\nRCPT TO:<x@remote.test>\r\n",
+            &["250", "235 2.7.0", "250 2.1.0", "250 2.1.5"]),
+        (false, "EHLO c\r\nAUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\nMAIL FROM:<boss@example.test>\r\nRCPT TO:<x@remote.test>\r\n",
+            &["250", "235 2.7.0", "553 5.7.1", "503 5.5.1"]),
+    ];
+    for (trusted, input, want) in cases {
+        script(*trusted, input, want);
+    }
+}
+
+#[test]
+fn fragments_give_the_same_replies() {
+    let input = b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n..dot\r\nline\r\n.\r\nQUIT\r\n";
+    let mut whole = session_with(config(), false);
+    let (want, _) = run(&mut whole, input);
+    // One byte at a time through a persistent session and receivers.
+    let mut s = session_with(config(), false);
+    let mut lines = LineReceiver::new(512, BareLf::Normalize);
+    let mut data: Option<DataReceiver> = None;
+    let mut buf = BytesMut::new();
+    let mut got = Vec::new();
+    for &b in input.iter() {
+        buf.extend_from_slice(&[b]);
+        loop {
+            if let Some(d) = &mut data {
+                if !d.ingest(&mut buf) {
+                    break;
+                }
+                let d = data.take().unwrap();
+                if let DataStep::Accept(a) = s.data_done(d.finish(), MessageId(1), "date") {
+                    assert!(
+                        a.content.ends_with(b"\r\n.dot\r\nline\r\n"),
+                        "{:?}",
+                        String::from_utf8_lossy(&a.content)
+                    );
+                    got.push(s.accepted(a.id).code);
+                }
+                continue;
+            }
+            let Ok(Some(line)) = lines.next_line(&mut buf) else {
+                break;
+            };
+            match s.command(Request::parse(&line).unwrap()) {
+                Step::Reply(r) | Step::Close(r) => got.push(r.code),
+                Step::Route(q) => got.push(s.routed(route(&q)).code),
+                Step::Data(r) => {
+                    got.push(r.code);
+                    data = Some(DataReceiver::new(1000, BareLf::Normalize));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    let want: Vec<u16> = want.iter().map(|w| w[..3].parse().unwrap()).collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn received_header_is_prepended() {
+    let accepted = script(
+        false,
+        "EHLO client.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n",
+        &["250", "250 2.1.0", "250 2.1.5", "354", "250 2.0.0"],
+    );
+    let text = String::from_utf8(accepted[0].content.clone()).unwrap();
+    assert!(
+        text.starts_with("Received: from client.test ([192.0.2.7])\r\n\tby mx.example.test (postino) with ESMTP id 0000000001\r\n\tfor <alice@example.test>;\r\n\tSat, 28 Nov 2026 00:00:00 +0000\r\nSubject: x\r\n\r\nbody\r\n"),
+        "{text}"
+    );
+    assert_eq!(accepted[0].sender.as_deref(), Some("a@b.test"));
+}
+
+#[test]
+fn ehlo_advertises_extensions() {
+    let mut s = session_with(config(), false);
+    let Step::Reply(r) = s.command(Request::parse(b"EHLO c").unwrap()) else {
+        panic!()
+    };
+    for ext in [
+        "PIPELINING",
+        "SIZE 1000",
+        "8BITMIME",
+        "ENHANCEDSTATUSCODES",
+        "AUTH PLAIN LOGIN",
+    ] {
+        assert!(
+            r.text.lines().any(|l| l == ext),
+            "{ext} missing in {}",
+            r.text
+        );
+    }
+    assert!(!r.text.contains("STARTTLS"));
+    let mut c = config();
+    c.tls_available = true;
+    c.allow_plaintext_auth = false;
+    let mut s = session_with(c, false);
+    let Step::Reply(r) = s.command(Request::parse(b"EHLO c").unwrap()) else {
+        panic!()
+    };
+    assert!(r.text.contains("STARTTLS"));
+    assert!(!r.text.contains("AUTH"), "no AUTH before TLS: {}", r.text);
+}
+
+#[test]
+fn starttls_resets_the_session() {
+    let mut c = config();
+    c.tls_available = true;
+    let mut s = session_with(c, false);
+    let (got, _) = run(&mut s, b"EHLO c\r\nSTARTTLS\r\n");
+    assert_eq!(got, ["250", "220 2.0.0"]);
+    s.tls_started();
+    // EHLO is forgotten: MAIL needs a new one.
+    let (got, _) = run(&mut s, b"MAIL FROM:<>\r\nEHLO c\r\nSTARTTLS\r\n");
+    assert_eq!(got, ["503 5.5.1", "250", "554 5.5.1"]);
+}
+
+#[test]
+fn submission_requires_auth() {
+    let mut c = config();
+    c.auth_required = true;
+    let mut s = session_with(c, false);
+    let (got, _) = run(&mut s, b"EHLO c\r\nMAIL FROM:<alice@example.test>\r\n");
+    assert_eq!(got, ["250", "530 5.7.0"]);
+}
+
+#[test]
+fn count_received_stops_at_body() {
+    assert_eq!(
+        count_received(b"Received: a\r\nreceived: b\r\nX: y\r\n\r\nReceived: body\r\n"),
+        2
+    );
+}
