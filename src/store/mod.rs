@@ -1,1 +1,329 @@
-//! store (being written)
+//! The store: the only module that touches sled. A typed API over users,
+//! aliases, the intake spool, local mailboxes and the remote delivery queue,
+//! with group commit.
+//!
+//! # Layout
+//!
+//! - this file: [`Store`], [`StoreError`], opening, keys and record codecs.
+//! - `commit`: group commit behind [`Store::durable`].
+//! - `users`: users (argon2id password hashes) and aliases.
+//! - `mail`: the intake spool, content reference counts and local mailboxes.
+//! - `queue`: the remote delivery queue and its schedule index.
+//!
+//! # Durability
+//!
+//! Every state change is one sled transaction, so after a crash each of them
+//! is either wholly there or wholly absent. A change is *durable* only after
+//! a flush: [`Store::durable`] resolves once a flush that started after the
+//! call has completed. sled flushes with `sync_file_range`, not `fsync`: that
+//! survives a process crash (`kill -9`), not necessarily a power loss on a
+//! disk with a volatile write cache.
+//!
+//! # Trees
+//!
+//! | tree | key | value |
+//! |---|---|---|
+//! | `meta` | name | schema version, UIDL epoch, queue length |
+//! | `users` | address | [`users::UserRecord`] |
+//! | `aliases` | alias | `Vec<String>` targets |
+//! | `content` | id BE | message octets, stored once per message |
+//! | `refs` | id BE | reference count BE ++ content length BE |
+//! | `inbound` | id BE | [`Envelope`] not yet dispatched |
+//! | `progress` | id BE | what dispatch of an inbound message has done |
+//! | `mail` | mailbox ++ NUL ++ id BE | prefix and size of one mailbox entry |
+//! | `queue` | id BE | [`QueueEntry`] |
+//! | `schedule` | next attempt BE ++ id BE | empty: index of the queue by due time |
+//!
+//! Content references: the inbound record holds one from [`Store::spool`]
+//! until [`Store::finish_inbound`]; each mailbox entry and each queue entry
+//! holds one. The transaction that drops the last one deletes the content.
+
+mod commit;
+mod mail;
+mod queue;
+mod users;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+use crate::message::MessageId;
+use crate::routing::Directory;
+
+pub use commit::Durable;
+pub use mail::{LocalDelivery, MailEntry};
+pub use queue::{QueueEntry, QueueRecipient, RecipientState};
+
+/// Version of the on-disk layout; bincode records are not self-describing,
+/// so a database written by another layout is refused instead of misread.
+const SCHEMA_VERSION: u32 = 1;
+
+const META_SCHEMA: &[u8] = b"schema";
+const META_UIDL_EPOCH: &[u8] = b"uidl_epoch";
+const META_QUEUE_LEN: &[u8] = b"queue_len";
+
+/// Longest local part and domain accepted (RFC 5321 §4.5.3.1).
+const MAX_LOCAL_PART: usize = 64;
+const MAX_DOMAIN: usize = 255;
+
+/// Errors of the store.
+#[derive(thiserror::Error, Debug)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("storage error: {0}")]
+    Sled(#[from] sled::Error),
+    /// Another process (or another `Store` in this one) has the database open.
+    #[error("the database at {} is locked by another process (is another postino running?)", path.display())]
+    Locked { path: PathBuf },
+    #[error("cannot create the database directory {}: {source}", path.display())]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The database was written with another layout.
+    #[error("the database has schema version {found}, this postino understands {expected}")]
+    Schema { found: u32, expected: u32 },
+    /// A record could not be encoded or decoded.
+    #[error("{0}")]
+    Codec(String),
+    #[error("user {0} already exists")]
+    UserExists(String),
+    #[error("no such user: {0}")]
+    NoSuchUser(String),
+    #[error("no such alias: {0}")]
+    NoSuchAlias(String),
+    /// A record the operation needs is missing, e.g. the inbound record of a
+    /// message that was already finished, or content that was never spooled.
+    #[error("no {what} record for message {id}")]
+    NotFound { what: &'static str, id: MessageId },
+    /// [`Store::spool`] with an id that is already in use.
+    #[error("message {0} is already spooled")]
+    Duplicate(MessageId),
+    #[error("invalid address {0:?}: expected local@domain")]
+    InvalidAddress(String),
+    #[error("password hashing failed: {0}")]
+    Password(String),
+}
+
+/// Handle to the database. Clones are cheap and share everything; the group
+/// commit thread ends when the last clone is dropped.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    db: sled::Db,
+    meta: sled::Tree,
+    users: sled::Tree,
+    aliases: sled::Tree,
+    content: sled::Tree,
+    refs: sled::Tree,
+    inbound: sled::Tree,
+    progress: sled::Tree,
+    mail: sled::Tree,
+    queue: sled::Tree,
+    schedule: sled::Tree,
+    /// Random per database, part of every UIDL: a database wiped and created
+    /// again restarts sled's id counter, and POP3 clients that "leave mail on
+    /// the server" must not mistake new messages for ones they already have.
+    uidl_epoch: u32,
+    commit: commit::GroupCommit,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database in directory `dir`.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Locked`] if another process has it open,
+    /// [`StoreError::Schema`] if it was written by an incompatible postino.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with(dir, sled::Config::new())
+    }
+
+    /// Opens with a caller-made sled config (tests turn sled's own periodic
+    /// flush off to prove that [`Store::durable`] alone makes data durable).
+    fn open_with(dir: &Path, config: sled::Config) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let db = config.path(dir).open().map_err(|e| match e {
+            sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
+                StoreError::Locked {
+                    path: dir.to_owned(),
+                }
+            }
+            e => StoreError::Sled(e),
+        })?;
+        let meta = db.open_tree("meta")?;
+        check_schema(&meta)?;
+        let uidl_epoch = uidl_epoch(&meta)?;
+        let queue = db.open_tree("queue")?;
+        if meta.get(META_QUEUE_LEN)?.is_none() {
+            meta.insert(META_QUEUE_LEN, &(queue.len() as u64).to_be_bytes())?;
+        }
+        let commit = commit::GroupCommit::start(db.clone())?;
+        let inner = Inner {
+            path: dir.to_owned(),
+            meta,
+            users: db.open_tree("users")?,
+            aliases: db.open_tree("aliases")?,
+            content: db.open_tree("content")?,
+            refs: db.open_tree("refs")?,
+            inbound: db.open_tree("inbound")?,
+            progress: db.open_tree("progress")?,
+            mail: db.open_tree("mail")?,
+            queue,
+            schedule: db.open_tree("schedule")?,
+            uidl_epoch,
+            commit,
+            db,
+        };
+        Ok(Store {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// A fresh message id from sled's persistent counter: never repeats, even
+    /// across crashes (sled skips ahead after an unclean stop).
+    pub fn new_id(&self) -> Result<MessageId, StoreError> {
+        Ok(MessageId(self.inner.db.generate_id()?))
+    }
+
+    /// Bytes the database occupies on disk.
+    pub fn disk_size(&self) -> Result<u64, StoreError> {
+        Ok(self.inner.db.size_on_disk()?)
+    }
+
+    /// The directory the database lives in.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+}
+
+fn check_schema(meta: &sled::Tree) -> Result<(), StoreError> {
+    let want = SCHEMA_VERSION.to_be_bytes();
+    match meta.compare_and_swap(META_SCHEMA, None as Option<&[u8]>, Some(&want[..]))? {
+        Ok(()) => Ok(()),
+        Err(cas) => {
+            let found = cas
+                .current
+                .as_deref()
+                .and_then(|v| v.try_into().ok())
+                .map(u32::from_be_bytes)
+                .unwrap_or(0);
+            if found == SCHEMA_VERSION {
+                Ok(())
+            } else {
+                Err(StoreError::Schema {
+                    found,
+                    expected: SCHEMA_VERSION,
+                })
+            }
+        }
+    }
+}
+
+fn uidl_epoch(meta: &sled::Tree) -> Result<u32, StoreError> {
+    let fresh = rand::random::<u32>().to_be_bytes();
+    let stored =
+        match meta.compare_and_swap(META_UIDL_EPOCH, None as Option<&[u8]>, Some(&fresh[..]))? {
+            Ok(()) => fresh.to_vec(),
+            Err(cas) => cas.current.map(|v| v.to_vec()).unwrap_or_default(),
+        };
+    stored
+        .as_slice()
+        .try_into()
+        .map(u32::from_be_bytes)
+        .map_err(|_| StoreError::Codec("meta uidl_epoch: not 4 bytes".into()))
+}
+
+/// Lower-cases and checks an address: exactly one `@`, non-empty local part
+/// and domain within RFC 5321 lengths, no whitespace or control characters
+/// (NUL separates the mailbox from the id in `mail` keys).
+pub(crate) fn canonical(address: &str) -> Result<String, StoreError> {
+    let invalid = || StoreError::InvalidAddress(address.to_owned());
+    let (local, domain) = address.split_once('@').ok_or_else(invalid)?;
+    if local.is_empty()
+        || domain.is_empty()
+        || domain.contains('@')
+        || local.len() > MAX_LOCAL_PART
+        || domain.len() > MAX_DOMAIN
+        || address.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(invalid());
+    }
+    Ok(address.to_ascii_lowercase())
+}
+
+fn encode<T: Serialize>(what: &str, value: &T) -> Result<Vec<u8>, StoreError> {
+    bincode::serde::encode_to_vec(value, bincode::config::standard())
+        .map_err(|e| StoreError::Codec(format!("cannot encode {what} record: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+        .map(|(v, _)| v)
+        .map_err(|e| StoreError::Codec(format!("cannot decode {what} record: {e}")))
+}
+
+fn id_from_key(key: &[u8]) -> Result<MessageId, StoreError> {
+    MessageId::from_key(key).ok_or_else(|| StoreError::Codec(format!("bad id key {key:?}")))
+}
+
+fn utf8(what: &str, bytes: &[u8]) -> Result<String, StoreError> {
+    String::from_utf8(bytes.to_vec())
+        .map_err(|_| StoreError::Codec(format!("{what} key is not UTF-8")))
+}
+
+/// Result of a closure run inside a sled transaction.
+type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+/// Aborts the running transaction with `e`.
+fn abort<T>(e: StoreError) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(e))
+}
+
+/// Unwraps a transaction's outcome into the store's error type.
+fn tx_done<T>(r: Result<T, TransactionError<StoreError>>) -> Result<T, StoreError> {
+    r.map_err(|e| match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => StoreError::Sled(e),
+    })
+}
+
+/// Routing reads users and aliases through this. The trait cannot carry
+/// errors, so a storage failure is logged and reads as "no such user/alias".
+impl Directory for Store {
+    fn is_user(&self, address: &str) -> bool {
+        Store::is_user(self, address).unwrap_or_else(|error| {
+            tracing::error!(%error, address, "user lookup failed");
+            false
+        })
+    }
+
+    fn alias(&self, address: &str) -> Option<Vec<String>> {
+        Store::alias(self, address).unwrap_or_else(|error| {
+            tracing::error!(%error, address, "alias lookup failed");
+            None
+        })
+    }
+}

@@ -1,0 +1,268 @@
+//! Group commit: one thread flushes sled on behalf of every waiting caller,
+//! so a burst of N accepted messages costs one flush, not N.
+//!
+//! Callers take a *ticket* (a sequence number) under a mutex. The flusher
+//! thread notes the highest ticket issued, flushes, then marks every ticket up
+//! to that one done. A ticket issued after the flush started is above the
+//! mark, so it waits for the next flush: each caller's writes (made before
+//! its ticket) are always covered. Waiting costs no allocation: a ticket is a
+//! `u64` and wakers live in one reused `Vec`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::thread::JoinHandle;
+
+use super::{Store, StoreError};
+
+/// Owns the flusher thread; dropping it (with the last [`Store`] clone)
+/// serves the tickets still outstanding, then stops and joins the thread.
+pub(super) struct GroupCommit {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Wakes the flusher thread when a ticket is issued or on shutdown.
+    work: Condvar,
+    /// Completed flushes (group commits and [`Store::flush_blocking`]).
+    flushes: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    /// Last ticket issued.
+    issued: u64,
+    /// Every ticket up to this one is covered by a completed flush.
+    done: u64,
+    /// A flush failed: sled keeps the error and fails every later
+    /// operation, so every ticket above `done` fails too.
+    failed: Option<sled::Error>,
+    /// Tasks waiting for a ticket above `done`.
+    waiters: Vec<(u64, Waker)>,
+    shutdown: bool,
+    /// Flushes started, and (start number, highest ticket covered) of each
+    /// completed one: tests check that every caller was served by a flush
+    /// that started after its call.
+    #[cfg(test)]
+    started: u64,
+    #[cfg(test)]
+    log: Vec<(u64, u64)>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock leaves counters that are still
+        // consistent (they only grow), so poisoning is not a reason to fail.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl GroupCommit {
+    pub(super) fn start(db: sled::Db) -> Result<GroupCommit, StoreError> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            work: Condvar::new(),
+            flushes: AtomicU64::new(0),
+        });
+        let thread = std::thread::Builder::new()
+            .name("postino-flush".into())
+            .spawn({
+                let shared = shared.clone();
+                move || flusher(&shared, &db)
+            })
+            .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+        Ok(GroupCommit {
+            shared,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for GroupCommit {
+    fn drop(&mut self) {
+        self.shared.lock().shutdown = true;
+        self.shared.work.notify_one();
+        if let Some(thread) = self.thread.take() {
+            // Joining makes sure the thread's `Db` handle is gone when the
+            // last `Store` is, so the database can be reopened at once.
+            if thread.join().is_err() {
+                tracing::error!("the flush thread panicked");
+            }
+        }
+    }
+}
+
+fn flusher(shared: &Shared, db: &sled::Db) {
+    let mut ready: Vec<Waker> = Vec::new();
+    let mut state = shared.lock();
+    loop {
+        while state.issued == state.done && !state.shutdown {
+            state = shared
+                .work
+                .wait(state)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        if state.issued == state.done {
+            // Shutdown with nothing outstanding.
+            return;
+        }
+        // Every ticket issued so far was taken after its caller's writes, so
+        // this flush covers them all.
+        let target = state.issued;
+        #[cfg(test)]
+        let start = {
+            state.started += 1;
+            state.started
+        };
+        drop(state);
+        let result = db.flush();
+        shared.flushes.fetch_add(1, Ordering::Relaxed);
+        state = shared.lock();
+        let failed = match result {
+            Ok(_) => {
+                state.done = target;
+                #[cfg(test)]
+                state.log.push((start, target));
+                false
+            }
+            Err(error) => {
+                tracing::error!(%error, "flush failed; accepted mail can no longer be made durable");
+                state.failed = Some(error);
+                true
+            }
+        };
+        // Wake the served waiters (or all of them after a failure) outside
+        // the lock; `ready` keeps its capacity from one batch to the next.
+        let done = state.done;
+        let mut i = 0;
+        while i < state.waiters.len() {
+            if failed || state.waiters[i].0 <= done {
+                ready.push(state.waiters.swap_remove(i).1);
+            } else {
+                i += 1;
+            }
+        }
+        drop(state);
+        for waker in ready.drain(..) {
+            waker.wake();
+        }
+        if failed {
+            // Later tickets see `failed` when polled; nothing left to do.
+            return;
+        }
+        state = shared.lock();
+    }
+}
+
+impl Store {
+    /// Resolves once every write this store made before the call is on disk
+    /// (as sled defines it: `sync_file_range`, see the module docs).
+    ///
+    /// Concurrent callers share one flush (group commit). Works from any
+    /// executor: nothing here depends on a runtime.
+    ///
+    /// # Errors
+    ///
+    /// The flush failed; sled then fails every later operation too.
+    pub fn durable(&self) -> Durable {
+        let shared = self.inner.commit.shared.clone();
+        let mut state = shared.lock();
+        state.issued += 1;
+        let ticket = state.issued;
+        #[cfg(test)]
+        let started_before = state.started;
+        drop(state);
+        shared.work.notify_one();
+        Durable {
+            shared,
+            ticket,
+            registered: false,
+            #[cfg(test)]
+            started_before,
+        }
+    }
+
+    /// Flushes on the calling thread and waits for it, for callers outside
+    /// async code (the CLI, shutdown).
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.inner.db.flush()?;
+        self.inner
+            .commit
+            .shared
+            .flushes
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Flushes completed so far, by group commit or [`Store::flush_blocking`].
+    #[doc(hidden)]
+    pub fn flush_count(&self) -> u64 {
+        self.inner.commit.shared.flushes.load(Ordering::Relaxed)
+    }
+
+    /// (start number, highest ticket covered) of every completed flush.
+    #[cfg(test)]
+    pub(super) fn flush_log(&self) -> Vec<(u64, u64)> {
+        self.inner.commit.shared.lock().log.clone()
+    }
+}
+
+/// The future returned by [`Store::durable`]. `Send + 'static`; dropping it
+/// early is harmless (the flush still happens).
+#[must_use = "nothing is known to be durable until this resolves"]
+pub struct Durable {
+    shared: Arc<Shared>,
+    ticket: u64,
+    registered: bool,
+    /// Flushes started before the ticket was issued.
+    #[cfg(test)]
+    pub(super) started_before: u64,
+}
+
+impl Durable {
+    #[cfg(test)]
+    pub(super) fn ticket(&self) -> u64 {
+        self.ticket
+    }
+}
+
+impl Future for Durable {
+    type Output = Result<(), StoreError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let mut state = this.shared.lock();
+        if this.ticket <= state.done {
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(error) = &state.failed {
+            return Poll::Ready(Err(StoreError::Sled(error.clone())));
+        }
+        let ticket = this.ticket;
+        if this.registered {
+            // Polled again (spuriously or from another task): refresh the
+            // waker in place instead of adding a second entry.
+            if let Some(slot) = state.waiters.iter_mut().find(|(t, _)| *t == ticket) {
+                slot.1.clone_from(cx.waker());
+                return Poll::Pending;
+            }
+        }
+        state.waiters.push((ticket, cx.waker().clone()));
+        this.registered = true;
+        Poll::Pending
+    }
+}
+
+impl std::fmt::Debug for Durable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Durable")
+            .field("ticket", &self.ticket)
+            .finish_non_exhaustive()
+    }
+}

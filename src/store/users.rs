@@ -1,0 +1,217 @@
+//! Users (argon2id password hashes) and aliases.
+//!
+//! Password hashing and verification cost tens of milliseconds of CPU on
+//! purpose: call them from a blocking context (a sync actor or
+//! `spawn_blocking`), not from an async task.
+
+use std::sync::OnceLock;
+
+use argon2::password_hash::rand_core::OsRng;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use serde::{Deserialize, Serialize};
+
+use super::{abort, canonical, decode, encode, tx_done, utf8, Store, StoreError};
+
+/// What the `users` tree holds for one user.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct UserRecord {
+    /// PHC string (`$argon2id$v=19$m=...`): algorithm, parameters and salt
+    /// travel with the hash, so parameters can change without a migration.
+    pub(super) password: String,
+}
+
+/// Most rounds `delete_user` spends removing mail that keeps arriving.
+const MAX_PURGE_ROUNDS: usize = 16;
+/// Mailbox entries removed per transaction when a user is deleted.
+const PURGE_CHUNK: usize = 512;
+
+fn hash_password(password: &str) -> Result<String, StoreError> {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| StoreError::Password(e.to_string()))
+}
+
+/// A hash of a random password, verified against when the user does not
+/// exist, so that a failed login costs the same either way and does not tell
+/// which users exist.
+fn dummy_hash() -> &'static str {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    DUMMY.get_or_init(|| {
+        let password = format!("{:032x}", rand::random::<u128>());
+        hash_password(&password).unwrap_or_default()
+    })
+}
+
+fn verify(hash: &str, password: &str) -> bool {
+    match PasswordHash::new(hash) {
+        Ok(parsed) => Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok(),
+        Err(error) => {
+            tracing::error!(%error, "stored password hash is unreadable");
+            false
+        }
+    }
+}
+
+impl Store {
+    /// Adds a user with this password (stored as an argon2id hash).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::UserExists`], [`StoreError::InvalidAddress`].
+    pub fn add_user(&self, address: &str, password: &str) -> Result<(), StoreError> {
+        let address = canonical(address)?;
+        let record = encode(
+            "user",
+            &UserRecord {
+                password: hash_password(password)?,
+            },
+        )?;
+        self.inner
+            .users
+            .compare_and_swap(address.as_bytes(), None as Option<&[u8]>, Some(record))?
+            .map_err(|_| StoreError::UserExists(address))
+    }
+
+    /// Replaces a user's password.
+    pub fn set_password(&self, address: &str, password: &str) -> Result<(), StoreError> {
+        let address = canonical(address)?;
+        let record = encode(
+            "user",
+            &UserRecord {
+                password: hash_password(password)?,
+            },
+        )?;
+        // A transaction, so that a concurrent delete_user is not undone.
+        tx_done(self.inner.users.transaction(|users| {
+            if users.get(address.as_bytes())?.is_none() {
+                return abort(StoreError::NoSuchUser(address.clone()));
+            }
+            users.insert(address.as_bytes(), record.as_slice())?;
+            Ok(())
+        }))
+    }
+
+    /// Deletes a user and every message in their mailbox (releasing the
+    /// content references). Aliases that point at the user stay; routing
+    /// sends their mail to the postmaster.
+    pub fn delete_user(&self, address: &str) -> Result<(), StoreError> {
+        let address = canonical(address)?;
+        if !self.inner.users.contains_key(address.as_bytes())? {
+            return Err(StoreError::NoSuchUser(address));
+        }
+        // Empty the mailbox first: a crash midway leaves a user with fewer
+        // messages, not orphaned messages nobody can read. Mail routed to the
+        // user before the delete may still land; the second purge takes it.
+        self.purge_mailbox(&address)?;
+        if self.inner.users.remove(address.as_bytes())?.is_none() {
+            return Err(StoreError::NoSuchUser(address));
+        }
+        self.purge_mailbox(&address)
+    }
+
+    fn purge_mailbox(&self, mailbox: &str) -> Result<(), StoreError> {
+        for _ in 0..MAX_PURGE_ROUNDS {
+            let keys = self.mailbox_keys(mailbox, PURGE_CHUNK)?;
+            if keys.is_empty() {
+                return Ok(());
+            }
+            self.delete_mail(mailbox, &keys)?;
+        }
+        tracing::warn!(mailbox, "mail kept arriving while the mailbox was emptied");
+        Ok(())
+    }
+
+    /// All users, sorted.
+    pub fn users(&self) -> Result<Vec<String>, StoreError> {
+        // sled orders keys bytewise, which for UTF-8 is code point order.
+        self.inner
+            .users
+            .iter()
+            .keys()
+            .map(|k| utf8("user", &k?))
+            .collect()
+    }
+
+    /// Whether `address` (case-insensitive) is a user. An invalid address is
+    /// not a user.
+    pub fn is_user(&self, address: &str) -> Result<bool, StoreError> {
+        match canonical(address) {
+            Ok(a) => Ok(self.inner.users.contains_key(a.as_bytes())?),
+            Err(_) => Ok(false),
+        }
+    }
+
+    /// Checks a password. False for unknown users too, after the same work.
+    pub fn verify_password(&self, address: &str, password: &str) -> Result<bool, StoreError> {
+        let record = match canonical(address) {
+            Ok(a) => self.inner.users.get(a.as_bytes())?,
+            Err(_) => None,
+        };
+        match record {
+            Some(bytes) => {
+                let record: UserRecord = decode("user", &bytes)?;
+                Ok(verify(&record.password, password))
+            }
+            None => {
+                let _ = verify(dummy_hash(), password);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Adds `target` to the targets of `alias` (creating the alias); adding
+    /// a target twice changes nothing. `target` may be local or remote.
+    pub fn add_alias(&self, alias: &str, target: &str) -> Result<(), StoreError> {
+        let alias = canonical(alias)?;
+        let target = canonical(target)?;
+        tx_done(self.inner.aliases.transaction(|aliases| {
+            let mut targets: Vec<String> = match aliases.get(alias.as_bytes())? {
+                Some(bytes) => decode("alias", &bytes).or_else(abort)?,
+                None => Vec::new(),
+            };
+            if !targets.contains(&target) {
+                targets.push(target.clone());
+                let record = encode("alias", &targets).or_else(abort)?;
+                aliases.insert(alias.as_bytes(), record)?;
+            }
+            Ok(())
+        }))
+    }
+
+    /// Removes an alias with all its targets.
+    pub fn delete_alias(&self, alias: &str) -> Result<(), StoreError> {
+        let alias = canonical(alias)?;
+        match self.inner.aliases.remove(alias.as_bytes())? {
+            Some(_) => Ok(()),
+            None => Err(StoreError::NoSuchAlias(alias)),
+        }
+    }
+
+    /// Targets of `alias`, if it is one.
+    pub fn alias(&self, alias: &str) -> Result<Option<Vec<String>>, StoreError> {
+        let Ok(alias) = canonical(alias) else {
+            return Ok(None);
+        };
+        match self.inner.aliases.get(alias.as_bytes())? {
+            Some(bytes) => Ok(Some(decode("alias", &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// All aliases with their targets, sorted by alias.
+    pub fn aliases(&self) -> Result<Vec<(String, Vec<String>)>, StoreError> {
+        self.inner
+            .aliases
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((utf8("alias", &k)?, decode("alias", &v)?))
+            })
+            .collect()
+    }
+}
