@@ -1,11 +1,11 @@
 //! The intake spool, content reference counts and local mailboxes.
 //!
 //! Dispatch of an inbound message ([`Store::deliver_local`],
-//! [`Store::enqueue`], [`Store::finish_inbound`]) may be repeated after a
-//! crash. A `progress` record, written in the same transaction as each step
-//! and removed with the inbound record, remembers what was done, so a repeat
-//! delivers nothing twice — even to a mailbox whose copy the user has
-//! already downloaded and deleted in between.
+//! [`Store::enqueue`], [`Store::spool_bounce`], [`Store::finish_inbound`])
+//! may be repeated after a crash. A `progress` record, written in the same
+//! transaction as each step and removed with the inbound record, remembers
+//! what was done, so a repeat delivers nothing twice — even to a mailbox
+//! whose copy the user has already downloaded and deleted in between.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -56,6 +56,8 @@ pub(super) struct Progress {
     pub(super) local: Vec<String>,
     /// Whether the remote recipients were queued.
     pub(super) queued: bool,
+    /// The bounce spooled for this message's failed recipients.
+    pub(super) bounce: Option<MessageId>,
 }
 
 /// The `refs` tree value: references to a content and its length, so sizes
@@ -145,6 +147,30 @@ pub(super) fn progress_of(
     }
 }
 
+/// Writes a new message: content with one reference, held by its inbound
+/// record.
+fn spool_in(
+    content_tree: &TransactionalTree,
+    refs: &TransactionalTree,
+    inbound: &TransactionalTree,
+    id: MessageId,
+    record: &[u8],
+    content: &[u8],
+) -> TxResult<()> {
+    let key = id.to_key();
+    if refs.get(key)?.is_some() || inbound.get(key)?.is_some() {
+        return abort(StoreError::Duplicate(id));
+    }
+    let r = Refs {
+        count: 1,
+        len: content.len() as u64,
+    };
+    content_tree.insert(&key, content)?;
+    refs.insert(&key, &r.to_bytes())?;
+    inbound.insert(&key, record)?;
+    Ok(())
+}
+
 fn mail_key(mailbox: &str, key: u64) -> Vec<u8> {
     let mut k = mail_prefix(mailbox);
     k.extend_from_slice(&key.to_be_bytes());
@@ -177,26 +203,46 @@ impl Store {
     ///
     /// [`StoreError::Duplicate`] if the id is already in use.
     pub fn spool(&self, envelope: &Envelope, content: &[u8]) -> Result<(), StoreError> {
-        let id = envelope.id;
-        let key = id.to_key();
         let record = encode("inbound", envelope)?;
-        let refs_value = Refs {
-            count: 1,
-            len: content.len() as u64,
-        }
-        .to_bytes();
         let i = &self.inner;
         tx_done(
             (&i.content, &i.refs, &i.inbound).transaction(|(c, refs, inbound)| {
-                if refs.get(key)?.is_some() || inbound.get(key)?.is_some() {
-                    return abort(StoreError::Duplicate(id));
-                }
-                c.insert(&key, content)?;
-                refs.insert(&key, &refs_value)?;
-                inbound.insert(&key, record.as_slice())?;
-                Ok(())
+                spool_in(c, refs, inbound, envelope.id, &record, content)
             }),
         )
+    }
+
+    /// Spools a bounce (or any message made from an inbound one) once per
+    /// inbound message: the bounce and a mark on `original` are written in
+    /// one transaction. Returns false, spooling nothing, if a bounce was
+    /// already spooled for `original` — by a dispatch before a crash; it is
+    /// then itself in [`Store::inbound`] and dispatched from there.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] if `original` is not inbound,
+    /// [`StoreError::Duplicate`] if the bounce's id is in use.
+    pub fn spool_bounce(
+        &self,
+        original: MessageId,
+        bounce: &Envelope,
+        content: &[u8],
+    ) -> Result<bool, StoreError> {
+        let record = encode("inbound", bounce)?;
+        let i = &self.inner;
+        tx_done((&i.content, &i.refs, &i.inbound, &i.progress).transaction(
+            |(c, refs, inbound, progress)| {
+                let mut done = progress_of(inbound, progress, original)?;
+                if done.bounce.is_some() {
+                    return Ok(false);
+                }
+                spool_in(c, refs, inbound, bounce.id, &record, content)?;
+                done.bounce = Some(bounce.id);
+                let done = encode("progress", &done).or_else(abort)?;
+                progress.insert(&original.to_key(), done)?;
+                Ok(true)
+            },
+        ))
     }
 
     /// Envelopes of messages spooled but not finished, in id order: after a

@@ -402,6 +402,39 @@ fn dispatch_is_idempotent() {
 }
 
 #[test]
+fn a_bounce_is_spooled_once_per_message() {
+    let (_dir, store) = open();
+    let original = spool(&store, &["nobody@example.test"], b"original\r\n");
+    let mut bounce = envelope(store.new_id().unwrap(), &["sender@remote.test"], 8);
+    bounce.sender = None;
+    assert!(store
+        .spool_bounce(original, &bounce, b"bounce\r\n")
+        .unwrap());
+    // Re-dispatch after a crash makes a new bounce with a new id: refused.
+    let mut again = bounce.clone();
+    again.id = store.new_id().unwrap();
+    assert!(!store.spool_bounce(original, &again, b"bounce\r\n").unwrap());
+    let inbound: Vec<MessageId> = store.inbound().unwrap().iter().map(|e| e.id).collect();
+    assert_eq!(inbound, vec![original, bounce.id]);
+    assert_eq!(store.content(again.id).unwrap(), None);
+    store.finish_inbound(original).unwrap();
+    assert!(matches!(
+        store.spool_bounce(original, &again, b"bounce\r\n"),
+        Err(StoreError::NotFound {
+            what: "inbound",
+            ..
+        })
+    ));
+    assert_eq!(
+        store.content(bounce.id).unwrap().as_deref(),
+        Some(&b"bounce\r\n"[..])
+    );
+    store.finish_inbound(bounce.id).unwrap();
+    assert_refs_consistent(&store);
+    assert!(store.inner.content.is_empty());
+}
+
+#[test]
 fn spool_refuses_a_used_id() {
     let (_dir, store) = open();
     let id = spool(&store, &["alice@example.test"], b"one\r\n");
