@@ -503,10 +503,17 @@ impl Config {
             ));
         }
         if self.delivery.concurrency_per_domain == 0 {
-            return Err(("delivery.concurrency_per_domain", "must be at least 1".into()));
+            return Err((
+                "delivery.concurrency_per_domain",
+                "must be at least 1".into(),
+            ));
         }
         if let Some(host) = &self.routing.smarthost {
-            if host.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+            if host
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
                 return Err(("routing.smarthost", format!("`{host}` is not host:port")));
             }
         }
@@ -673,8 +680,12 @@ mod tests {
 
     #[test]
     fn durations_are_human() {
-        let c = parse("[delivery]\nretry = [\"1s\", \"2m\"]\nmax_queue_lifetime = \"1h\"\n").unwrap();
-        assert_eq!(c.delivery.retry, vec![Duration::from_secs(1), Duration::from_secs(120)]);
+        let c =
+            parse("[delivery]\nretry = [\"1s\", \"2m\"]\nmax_queue_lifetime = \"1h\"\n").unwrap();
+        assert_eq!(
+            c.delivery.retry,
+            vec![Duration::from_secs(1), Duration::from_secs(120)]
+        );
         assert_eq!(c.delivery.max_queue_lifetime, Duration::from_secs(3600));
     }
 }

@@ -202,9 +202,18 @@ mod tests {
         c.local_domains = vec!["example.test".into()];
         c.unknown_user = unknown;
         let mut aliases = HashMap::new();
-        aliases.insert("sales@example.test", vec!["alice@example.test".into(), "x@remote.test".into()]);
+        aliases.insert(
+            "sales@example.test",
+            vec!["alice@example.test".into(), "x@remote.test".into()],
+        );
         aliases.insert("loop@example.test", vec!["loop@example.test".into()]);
-        (c, Dir { users: vec!["alice@example.test"], aliases })
+        (
+            c,
+            Dir {
+                users: vec!["alice@example.test"],
+                aliases,
+            },
+        )
     }
 
     fn addr(s: &str) -> Address {
@@ -217,12 +226,24 @@ mod tests {
         let cases: &[(&str, bool, &str)] = &[
             ("alice@example.test", false, "deliver alice@example.test"),
             ("Alice@EXAMPLE.test", false, "deliver alice@example.test"),
-            ("postmaster@example.test", false, "deliver postmaster@example.test"),
+            (
+                "postmaster@example.test",
+                false,
+                "deliver postmaster@example.test",
+            ),
             ("bob@example.test", false, "reject 550 5.1.1"),
             ("bob@remote.test", false, "reject 554 5.7.1"),
             ("bob@remote.test", true, "remote bob@remote.test"),
-            ("sales@example.test", false, "deliver alice@example.test remote x@remote.test"),
-            ("loop@example.test", false, "deliver postmaster@example.test"),
+            (
+                "sales@example.test",
+                false,
+                "deliver alice@example.test remote x@remote.test",
+            ),
+            (
+                "loop@example.test",
+                false,
+                "deliver postmaster@example.test",
+            ),
         ];
         for (rcpt, relay, want) in cases {
             let got = describe(&decide(&c, &d, &addr(rcpt), *relay));
@@ -233,7 +254,10 @@ mod tests {
     #[test]
     fn unknown_user_policies() {
         let (c, d) = setup(UnknownUser::Bounce);
-        assert!(matches!(decide(&c, &d, &addr("bob@example.test"), false), Route::Bounce { .. }));
+        assert!(matches!(
+            decide(&c, &d, &addr("bob@example.test"), false),
+            Route::Bounce { .. }
+        ));
         let (c, d) = setup(UnknownUser::Postmaster);
         match decide(&c, &d, &addr("bob@example.test"), false) {
             Route::Deliver(t) => assert_eq!(

@@ -1,1 +1,48 @@
-//! placeholder
+//! postino: a mail server built from actix actors around the IO-free
+//! [`postino_core`] state machines, storing everything in sled.
+//!
+//! # Layout
+//!
+//! - [`server`]: [`Server`] and its builder: opens the store, starts the core
+//!   actors, binds listeners, enforces connection limits, stops gracefully.
+//! - [`smtp`]: the SMTP connection actor (one per client).
+//! - [`pop3`]: the POP3 connection actor (one per client).
+//! - [`router`]: the router actor: per-recipient decisions at RCPT time, and
+//!   dispatch of accepted messages to mailboxes, the queue, or bounces.
+//! - [`mailbox`]: the local-mailbox actor (deliveries, POP3 locks, deletions).
+//! - [`delivery`]: the delivery actor (queue manager), MX lookup and the
+//!   outbound SMTP client.
+//! - [`control`]: the Unix control socket that the CLI uses.
+//! - [`io`], [`tls`]: sockets, buffers, rustls.
+//! - [`bench`]: the load harness behind `postino bench`.
+//!
+//! # Replacing the router
+//!
+//! [`ServerBuilder::router`] takes a closure that receives the default
+//! router as a `Recipient<RouteRecipient>` and returns the one to use; see
+//! `examples/custom_router.rs`.
+
+pub mod bench;
+pub mod control;
+pub mod delivery;
+pub mod io;
+pub mod mailbox;
+pub mod pop3;
+pub mod router;
+pub mod server;
+pub mod smtp;
+pub mod tls;
+
+pub use router::{Dispatch, RouteRecipient, Router};
+pub use server::{Server, ServerBuilder, ServerError};
+
+/// Logs to standard error; `RUST_LOG` filters (default `info`).
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .try_init();
+}

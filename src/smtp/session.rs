@@ -452,6 +452,11 @@ impl Session {
         })
     }
 
+    /// Forgets the transaction (storage could not even start).
+    pub fn abort_transaction(&mut self) {
+        self.tx = None;
+    }
+
     /// The reply once the message is durably stored.
     pub fn accepted(&self, id: MessageId) -> Reply {
         Reply::new(250, "2.0.0", format!("Ok: queued as {id}"))

@@ -1,0 +1,271 @@
+//! The control channel: a Unix socket in the data directory through which
+//! `postino user …`, `alias …` and `queue …` reach a running server (sled
+//! allows one process per database). Without a running server the CLI opens
+//! the store itself and runs the same [`execute`].
+//!
+//! Wire format: one JSON [`Request`] per line, one JSON [`Response`] per line.
+//! The socket is created with mode 0600: whoever can use it can add users.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use actix::Addr;
+use postino_core::message::now_unix;
+use postino_core::store::{QueueEntry, RecipientState};
+use postino_core::{MessageId, Store};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::net::UnixListener;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::delivery::actor::{Delivery, QueueCommand};
+
+/// A command for the server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Request {
+    UserAdd { address: String, password: String },
+    UserPasswd { address: String, password: String },
+    UserDel { address: String },
+    UserList,
+    AliasAdd { alias: String, target: String },
+    AliasDel { alias: String },
+    AliasList,
+    QueueList,
+    QueueShow { id: String },
+    QueueFlush,
+    QueueDelete { id: String },
+    QueueBounce { id: String },
+}
+
+/// The answer: lines to print, or an error.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Response {
+    Ok(Vec<String>),
+    Error(String),
+}
+
+/// Starts serving the control socket at `path`.
+pub fn serve(
+    path: PathBuf,
+    store: Store,
+    delivery: Addr<Delivery>,
+) -> std::io::Result<JoinHandle<()>> {
+    // We hold the sled lock on this data directory, so a socket file left
+    // here belongs to a server that is gone.
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(actix_rt::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let (store, delivery) = (store.clone(), delivery.clone());
+            actix_rt::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = tokio::io::BufReader::new(read).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let response = match serde_json::from_str::<Request>(&line) {
+                        Ok(request) => {
+                            debug!(?request, "control request");
+                            let store = store.clone();
+                            let queue_op = queue_command(&request);
+                            match queue_op {
+                                Some(cmd) => match delivery.send(cmd).await {
+                                    Ok(r) => r,
+                                    Err(e) => Response::Error(format!("delivery actor: {e}")),
+                                },
+                                None => {
+                                    tokio::task::spawn_blocking(move || execute(&store, request))
+                                        .await
+                                        .unwrap_or_else(|e| Response::Error(e.to_string()))
+                                }
+                            }
+                        }
+                        Err(e) => Response::Error(format!("bad request: {e}")),
+                    };
+                    let mut out = serde_json::to_vec(&response).unwrap_or_default();
+                    out.push(b'\n');
+                    if write.write_all(&out).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    }))
+}
+
+/// Queue changes go through the delivery actor when it runs, so that its
+/// schedule and the store never disagree.
+fn queue_command(request: &Request) -> Option<QueueCommand> {
+    match request {
+        Request::QueueFlush => Some(QueueCommand::Flush),
+        Request::QueueDelete { id } => Some(QueueCommand::Delete(id.clone())),
+        Request::QueueBounce { id } => Some(QueueCommand::Bounce(id.clone())),
+        _ => None,
+    }
+}
+
+/// Sends one request to a running server. `Ok(None)`: no server listens.
+///
+/// # Errors
+/// IO errors other than "nobody listens" (e.g. permission denied).
+pub fn call(path: &Path, request: &Request) -> std::io::Result<Option<Response>> {
+    let stream = match std::os::unix::net::UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut line = serde_json::to_vec(request).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    (&stream).write_all(&line)?;
+    let mut reader = BufReader::new(&stream);
+    let mut answer = String::new();
+    reader.read_line(&mut answer)?;
+    serde_json::from_str(&answer)
+        .map(Some)
+        .map_err(std::io::Error::other)
+}
+
+/// Runs a request against the store (server side, or the CLI when no
+/// server runs).
+pub fn execute(store: &Store, request: Request) -> Response {
+    let result = match request {
+        Request::UserAdd { address, password } => store
+            .add_user(&address.to_ascii_lowercase(), &password)
+            .map(|()| {
+                info!(user = %address, "user added");
+                vec![format!("added {address}")]
+            }),
+        Request::UserPasswd { address, password } => store
+            .set_password(&address.to_ascii_lowercase(), &password)
+            .map(|()| vec![format!("password of {address} changed")]),
+        Request::UserDel { address } => {
+            store.delete_user(&address.to_ascii_lowercase()).map(|()| {
+                info!(user = %address, "user deleted");
+                vec![format!("deleted {address}")]
+            })
+        }
+        Request::UserList => store.users(),
+        Request::AliasAdd { alias, target } => store
+            .add_alias(&alias.to_ascii_lowercase(), &target.to_ascii_lowercase())
+            .map(|()| vec![format!("{alias} -> {target}")]),
+        Request::AliasDel { alias } => store
+            .delete_alias(&alias.to_ascii_lowercase())
+            .map(|()| vec![format!("deleted alias {alias}")]),
+        Request::AliasList => store.aliases().map(|all| {
+            all.into_iter()
+                .map(|(a, t)| format!("{a} -> {}", t.join(", ")))
+                .collect()
+        }),
+        Request::QueueList => store.queue().map(|q| {
+            let mut lines = vec![format!(
+                "{:<10} {:<30} {:>8} {:<25} {:<20} {}",
+                "ID", "SENDER", "ATTEMPTS", "NEXT ATTEMPT", "RECIPIENTS", "LAST ERROR"
+            )];
+            lines.extend(q.iter().map(queue_line));
+            lines.push(format!("-- {} message(s) in the queue", q.len()));
+            lines
+        }),
+        Request::QueueShow { id } => match parse_id(&id) {
+            Ok(id) => store.queue_entry(id).and_then(|e| match e {
+                Some(entry) => Ok(queue_details(&entry)),
+                None => Ok(vec![format!("no queued message {id}")]),
+            }),
+            Err(e) => return Response::Error(e),
+        },
+        // Offline variants of what the delivery actor does when running.
+        Request::QueueFlush => store.queue().and_then(|q| {
+            let now = now_unix();
+            for mut e in q {
+                e.next_attempt = now;
+                store.update_queue(&e)?;
+            }
+            Ok(vec!["all queued messages are due now".into()])
+        }),
+        Request::QueueDelete { id } => match parse_id(&id) {
+            Ok(id) => store
+                .remove_queue(id)
+                .map(|()| vec![format!("deleted {id}")]),
+            Err(e) => return Response::Error(e),
+        },
+        Request::QueueBounce { .. } => {
+            return Response::Error("queue bounce needs the running server (it sends mail)".into())
+        }
+    };
+    match result {
+        Ok(lines) => Response::Ok(lines),
+        Err(e) => {
+            warn!(error = %e, "control request failed");
+            Response::Error(e.to_string())
+        }
+    }
+}
+
+pub fn parse_id(id: &str) -> Result<MessageId, String> {
+    id.parse().map_err(|_| format!("`{id}` is not a queue id"))
+}
+
+fn queue_line(e: &QueueEntry) -> String {
+    let pending: Vec<&str> = e
+        .recipients
+        .iter()
+        .filter(|r| {
+            matches!(
+                r.state,
+                RecipientState::Pending | RecipientState::Deferred { .. }
+            )
+        })
+        .map(|r| r.address.as_str())
+        .collect();
+    let last_error = e
+        .recipients
+        .iter()
+        .find_map(|r| match &r.state {
+            RecipientState::Deferred { last_error } => Some(last_error.as_str()),
+            _ => None,
+        })
+        .unwrap_or("");
+    format!(
+        "{:<10} {:<30} {:>8} {:<25} {:<20} {}",
+        e.id.to_string(),
+        format!("<{}>", e.sender.as_deref().unwrap_or("")),
+        e.attempts,
+        postino_core::dsn::rfc5322_date(e.next_attempt),
+        pending.join(","),
+        last_error
+    )
+}
+
+fn queue_details(e: &QueueEntry) -> Vec<String> {
+    let mut lines = vec![
+        format!("id: {}", e.id),
+        format!("sender: <{}>", e.sender.as_deref().unwrap_or("")),
+        format!(
+            "received: {}",
+            postino_core::dsn::rfc5322_date(e.received_at)
+        ),
+        format!("client: {}", e.client),
+        format!("attempts: {}", e.attempts),
+        format!(
+            "next attempt: {}",
+            postino_core::dsn::rfc5322_date(e.next_attempt)
+        ),
+    ];
+    for r in &e.recipients {
+        lines.push(format!("recipient: {} {:?}", r.address, r.state));
+    }
+    lines
+}

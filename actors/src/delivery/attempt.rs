@@ -1,0 +1,194 @@
+//! One delivery attempt for the recipients of one destination: find the
+//! exchangers (or the smarthost), take a cached connection or open one, send
+//! in batches of `recipients_per_delivery`, and keep the connection for the
+//! next message to the same place.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use postino_core::{Config, MessageId};
+use tracing::{debug, warn};
+
+use super::client::{ClientSettings, RcptOutcome, SmtpConnection, Transaction};
+use super::mx::{Exchanger, LookupError, MxResolver};
+
+/// How long an idle connection is kept for reuse (Postfix's
+/// `smtp_connection_cache_time_limit`).
+pub const CONNECTION_CACHE_TIME: Duration = Duration::from_secs(2);
+/// Idle connections kept per destination.
+pub const MAX_CACHED_PER_DESTINATION: usize = 8;
+
+/// What happened to one recipient, in the words that go into the queue
+/// record and a bounce.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub recipient: String,
+    /// `host[addr]:port` of the server, or `none`.
+    pub relay: String,
+    pub result: RcptResult,
+}
+
+#[derive(Debug, Clone)]
+pub enum RcptResult {
+    Delivered(String),
+    /// Text: `host H said: <reply>` or `<status> <reason>`.
+    Deferred(String),
+    Failed(String),
+}
+
+/// Shared by every attempt: the resolver, client settings and the cache
+/// of idle connections.
+pub struct Attempt {
+    config: Arc<Config>,
+    resolver: Result<MxResolver, String>,
+    settings: ClientSettings,
+    idle: Mutex<HashMap<String, Vec<(Instant, SmtpConnection)>>>,
+}
+
+impl Attempt {
+    pub fn new(config: Arc<Config>) -> Attempt {
+        let resolver = MxResolver::new(&config.dns).map_err(|e| e.to_string());
+        if let Err(e) = &resolver {
+            warn!(error = %e, "no DNS resolver: remote deliveries will be deferred");
+        }
+        let mut settings = ClientSettings::new(config.hostname.clone(), &config.delivery);
+        settings.auth = config.routing.smarthost_auth.clone();
+        Attempt {
+            config,
+            resolver,
+            settings,
+            idle: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Delivers `content` to `recipients`, all in `domain`.
+    pub async fn deliver(
+        &self,
+        id: MessageId,
+        domain: &str,
+        sender: Option<&str>,
+        recipients: &[String],
+        content: &[u8],
+    ) -> Vec<Outcome> {
+        let (key, exchangers) = match self.exchangers(domain).await {
+            Ok(found) => found,
+            Err(e) => {
+                let text = format!("{} {domain}: {e}", e.status());
+                debug!(%id, %domain, error = %text, "no exchanger");
+                let result = if e.is_permanent() {
+                    RcptResult::Failed(text)
+                } else {
+                    RcptResult::Deferred(text)
+                };
+                return recipients
+                    .iter()
+                    .map(|r| Outcome {
+                        recipient: r.clone(),
+                        relay: "none".into(),
+                        result: result.clone(),
+                    })
+                    .collect();
+            }
+        };
+        let mut outcomes = Vec::with_capacity(recipients.len());
+        let batch = self.config.delivery.recipients_per_delivery.max(1);
+        for chunk in recipients.chunks(batch) {
+            let tx = Transaction {
+                sender,
+                recipients: chunk,
+                content,
+            };
+            let mut conn = match self.take(&key) {
+                Some(conn) => conn,
+                None => match SmtpConnection::connect(&exchangers, &self.settings).await {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        let relay = e
+                            .server
+                            .as_ref()
+                            .map(|s| s.to_string())
+                            .unwrap_or_else(|| "none".into());
+                        let outcome = e.outcome();
+                        outcomes.extend(chunk.iter().map(|r| Outcome {
+                            recipient: r.clone(),
+                            relay: relay.clone(),
+                            result: convert(&relay, &outcome),
+                        }));
+                        continue;
+                    }
+                },
+            };
+            let relay = conn.server().to_string();
+            let results = conn.send(&tx).await;
+            for (r, o) in chunk.iter().zip(results.iter()) {
+                outcomes.push(Outcome {
+                    recipient: r.clone(),
+                    relay: relay.clone(),
+                    result: convert(&relay, o),
+                });
+            }
+            if conn.is_reusable() {
+                self.put(&key, conn);
+            } else {
+                conn.quit().await;
+            }
+        }
+        outcomes
+    }
+
+    /// The cache key and the servers to try: the smarthost for everything
+    /// when one is set, else the domain's exchangers.
+    async fn exchangers(&self, domain: &str) -> Result<(String, Vec<Exchanger>), LookupError> {
+        let resolver = self
+            .resolver
+            .as_ref()
+            .map_err(|e| LookupError::Temporary(e.clone()))?;
+        match &self.config.routing.smarthost {
+            Some(host) => Ok((
+                format!("smarthost {host}"),
+                resolver.resolve_smarthost(host).await?,
+            )),
+            None => Ok((
+                domain.to_owned(),
+                resolver
+                    .resolve(domain, self.config.delivery.mx_port)
+                    .await?,
+            )),
+        }
+    }
+
+    fn take(&self, key: &str) -> Option<SmtpConnection> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let conns = idle.get_mut(key)?;
+        while let Some((since, conn)) = conns.pop() {
+            if since.elapsed() < CONNECTION_CACHE_TIME {
+                return Some(conn);
+            }
+            // Too old: the server may have given up on it. Dropping closes it.
+        }
+        None
+    }
+
+    fn put(&self, key: &str, conn: SmtpConnection) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let conns = idle.entry(key.to_owned()).or_default();
+        conns.retain(|(since, _)| since.elapsed() < CONNECTION_CACHE_TIME);
+        if conns.len() < MAX_CACHED_PER_DESTINATION {
+            conns.push((Instant::now(), conn));
+        }
+    }
+}
+
+fn convert(relay: &str, outcome: &RcptOutcome) -> RcptResult {
+    use super::client::Diagnostic;
+    let text = |d: &Diagnostic| match d {
+        Diagnostic::Remote(reply) => format!("host {relay} said: {reply}"),
+        Diagnostic::Local { .. } => d.to_string(),
+    };
+    match outcome {
+        RcptOutcome::Delivered(reply) => RcptResult::Delivered(reply.to_string()),
+        RcptOutcome::Deferred(d) => RcptResult::Deferred(text(d)),
+        RcptOutcome::Failed(d) => RcptResult::Failed(text(d)),
+    }
+}

@@ -1,0 +1,187 @@
+//! The socket under a connection actor: plain TCP or TLS, a read buffer, a
+//! write buffer, and reads that end on timeout or on server shutdown.
+//!
+//! A connection actor owns one [`Io`] and lends it to one future at a time
+//! (a read, a flush, a TLS handshake), so the protocol state machine never
+//! sees a half-done read.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
+/// Initial read buffer: a 1 KiB message and its commands fit in one read.
+const READ_BUFFER: usize = 8 * 1024;
+
+/// Plain or TLS stream.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Why a read ended without data.
+#[derive(Debug)]
+pub enum ReadOutcome {
+    /// Bytes were appended to the read buffer.
+    Data,
+    /// The client closed the connection.
+    Closed,
+    /// Nothing arrived within the timeout.
+    TimedOut,
+    /// The server is stopping.
+    Shutdown,
+    Error(io::Error),
+}
+
+/// A connection's socket and buffers.
+pub struct Io {
+    pub stream: Stream,
+    pub rbuf: BytesMut,
+    pub wbuf: Vec<u8>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Io {
+    pub fn new(stream: Stream, shutdown: watch::Receiver<bool>) -> Io {
+        Io {
+            stream,
+            rbuf: BytesMut::with_capacity(READ_BUFFER),
+            wbuf: Vec::with_capacity(1024),
+            shutdown,
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self.stream, Stream::Tls(_))
+    }
+
+    /// Writes out everything buffered.
+    pub async fn flush(&mut self) -> io::Result<()> {
+        if !self.wbuf.is_empty() {
+            self.stream.write_all(&self.wbuf).await?;
+            self.wbuf.clear();
+            self.stream.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Flushes pending replies, then reads more input.
+    pub async fn flush_and_read(&mut self, timeout: Duration) -> ReadOutcome {
+        if let Err(e) = self.flush().await {
+            return ReadOutcome::Error(e);
+        }
+        if *self.shutdown.borrow() {
+            return ReadOutcome::Shutdown;
+        }
+        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
+            self.rbuf.reserve(READ_BUFFER);
+        }
+        let mut shutdown = self.shutdown.clone();
+        tokio::select! {
+            r = tokio::time::timeout(timeout, self.stream.read_buf(&mut self.rbuf)) => match r {
+                Ok(Ok(0)) => ReadOutcome::Closed,
+                Ok(Ok(_)) => ReadOutcome::Data,
+                Ok(Err(e)) => ReadOutcome::Error(e),
+                Err(_) => ReadOutcome::TimedOut,
+            },
+            _ = shutdown.wait_for(|stop| *stop) => ReadOutcome::Shutdown,
+        }
+    }
+
+    /// Flushes and closes the write side.
+    pub async fn close(&mut self) {
+        let _ = self.flush().await;
+        let _ = self.stream.shutdown().await;
+    }
+
+    /// Upgrades a plain stream to TLS. Input buffered before the handshake is
+    /// discarded (the STARTTLS command injection of CVE-2011-0411): only what
+    /// arrives encrypted counts.
+    pub async fn start_tls(mut self, acceptor: TlsAcceptor, timeout: Duration) -> io::Result<Io> {
+        self.flush().await?;
+        self.rbuf.clear();
+        let Stream::Plain(tcp) = self.stream else {
+            return Err(io::Error::other("TLS already active"));
+        };
+        let tls = tokio::time::timeout(timeout, acceptor.accept(tcp))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+        Ok(Io {
+            stream: Stream::Tls(Box::new(tls)),
+            rbuf: self.rbuf,
+            wbuf: self.wbuf,
+            shutdown: self.shutdown,
+        })
+    }
+}
+
+/// A TLS acceptor that can be swapped at run time (certificate reload on
+/// SIGHUP): connections read the current one when they start TLS.
+#[derive(Clone, Default)]
+pub struct TlsSlot(Arc<std::sync::RwLock<Option<TlsAcceptor>>>);
+
+impl TlsSlot {
+    pub fn new(acceptor: Option<TlsAcceptor>) -> TlsSlot {
+        TlsSlot(Arc::new(std::sync::RwLock::new(acceptor)))
+    }
+
+    pub fn get(&self) -> Option<TlsAcceptor> {
+        self.0.read().map(|a| a.clone()).unwrap_or(None)
+    }
+
+    pub fn set(&self, acceptor: TlsAcceptor) {
+        if let Ok(mut slot) = self.0.write() {
+            *slot = Some(acceptor);
+        }
+    }
+
+    pub fn is_configured(&self) -> bool {
+        self.get().is_some()
+    }
+}

@@ -1,0 +1,328 @@
+//! The POP3 connection actor: one per client, a thin shell around
+//! [`postino_core::pop3::Session`]. Logins, maildrop locks and deletions go
+//! through the [`Mailbox`] actor; message content is read from the store
+//! directly (reads need no serialising).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use postino_core::pop3::{
+    AuthResult, LineReceiver, Maildrop, MaildropEntry, Session, SessionConfig, Step,
+};
+use postino_core::{Config, Store};
+use tracing::{debug, info, warn};
+
+use crate::io::{Io, ReadOutcome, Stream, TlsSlot};
+use crate::mailbox::{Expunge, Mailbox, Open, Release};
+use crate::server::ConnectionGuard;
+
+/// What every POP3 connection shares.
+pub struct Pop3Shared {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub mailbox: Addr<Mailbox>,
+    pub tls: TlsSlot,
+    /// Failed logins per client address, for Dovecot's growing delay.
+    pub failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+}
+
+impl Pop3Shared {
+    /// Delay before answering a failed login: `auth_failure_delay`, doubling
+    /// per recent failure from the same address, up to the maximum.
+    fn failure_delay(&self, ip: IpAddr) -> Duration {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        // Forget addresses quiet for a while, so the table stays small.
+        failures.retain(|_, (_, last)| now.duration_since(*last) < Duration::from_secs(300));
+        let entry = failures.entry(ip).or_insert((0, now));
+        entry.0 = entry.0.saturating_add(1);
+        entry.1 = now;
+        let base = self.config.pop3.auth_failure_delay;
+        let factor = 1u32 << (entry.0 - 1).min(16);
+        base.saturating_mul(factor)
+            .min(self.config.pop3.max_auth_failure_delay)
+    }
+
+    fn login_succeeded(&self, ip: IpAddr) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&ip);
+    }
+}
+
+static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// One POP3 client connection.
+pub struct Pop3Connection {
+    shared: Arc<Pop3Shared>,
+    session: Session,
+    io: Option<Io>,
+    lines: LineReceiver,
+    /// The maildrop this session has locked, if logged in.
+    mailbox: Option<String>,
+    id: u64,
+    peer: SocketAddr,
+    span: tracing::Span,
+    _guard: ConnectionGuard,
+}
+
+impl Pop3Connection {
+    pub fn new(
+        shared: Arc<Pop3Shared>,
+        stream: Stream,
+        peer: SocketAddr,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+        guard: ConnectionGuard,
+    ) -> Pop3Connection {
+        let tls_active = matches!(stream, Stream::Tls(_));
+        let tls_available = shared.tls.is_configured();
+        let mut config = SessionConfig::new(shared.config.hostname.clone());
+        config.tls_available = tls_available;
+        config.tls_active = tls_active;
+        config.plaintext_auth_allowed =
+            tls_active || !tls_available || shared.config.smtp.allow_plaintext_auth;
+        Pop3Connection {
+            session: Session::new(config),
+            io: Some(Io::new(stream, shutdown)),
+            lines: LineReceiver::new(),
+            mailbox: None,
+            id: SESSION_IDS.fetch_add(1, Ordering::Relaxed),
+            span: tracing::info_span!("pop3", %peer),
+            peer,
+            shared,
+            _guard: guard,
+        }
+    }
+
+    fn drive(&mut self, ctx: &mut Context<Self>) {
+        let _enter = self.span.clone().entered();
+        loop {
+            let Some(io) = self.io.as_mut() else { return };
+            let max = self.session.max_line_len();
+            let step = match self.lines.next_line(&mut io.rbuf, max) {
+                None => return self.read(ctx),
+                Some(Ok(line)) => self.session.line(&line, &mut io.wbuf),
+                Some(Err(_)) => self.session.line_too_long(&mut io.wbuf),
+            };
+            if !self.step(step, ctx) {
+                return;
+            }
+        }
+    }
+
+    /// Carries out a step; returns whether `drive` may go on at once.
+    fn step(&mut self, step: Step, ctx: &mut Context<Self>) -> bool {
+        match step {
+            Step::Send => true,
+            Step::Authenticate { user, password } => {
+                self.authenticate(user, password, ctx);
+                false
+            }
+            Step::Retrieve { key, .. } => {
+                let content = self
+                    .mailbox
+                    .as_deref()
+                    .map(|m| self.shared.store.read_mail(m, key));
+                let Some(io) = self.io.as_mut() else {
+                    return false;
+                };
+                let next = match content {
+                    Some(Ok(Some(content))) => self.session.retrieved(&content, &mut io.wbuf),
+                    other => {
+                        warn!(?other, key, "message unreadable");
+                        self.session.retrieve_failed(&mut io.wbuf)
+                    }
+                };
+                self.step(next, ctx)
+            }
+            Step::Commit { deleted } => {
+                let Some(mailbox) = self.mailbox.take() else {
+                    return false;
+                };
+                let fut = self.shared.mailbox.send(Expunge {
+                    mailbox: mailbox.clone(),
+                    session: self.id,
+                    keys: deleted,
+                });
+                ctx.wait(fut.into_actor(self).map(move |res, act, ctx| {
+                    let ok = matches!(res, Ok(Ok(())));
+                    if !ok {
+                        warn!(parent: &act.span, %mailbox, ?res, "expunge failed");
+                    }
+                    let Some(io) = act.io.as_mut() else { return };
+                    let next = act.session.committed(ok, &mut io.wbuf);
+                    if act.step(next, ctx) {
+                        act.drive(ctx);
+                    }
+                }));
+                false
+            }
+            Step::StartTls => {
+                let Some(acceptor) = self.shared.tls.get() else {
+                    self.close(ctx);
+                    return false;
+                };
+                let Some(io) = self.io.take() else {
+                    return false;
+                };
+                let fut = io.start_tls(acceptor, Duration::from_secs(60));
+                ctx.wait(fut.into_actor(self).map(|res, act, ctx| match res {
+                    Ok(io) => {
+                        act.io = Some(io);
+                        act.lines = LineReceiver::new();
+                        act.session.tls_started();
+                        act.drive(ctx);
+                    }
+                    Err(e) => {
+                        debug!(parent: &act.span, error = %e, "tls handshake failed");
+                        ctx.stop();
+                    }
+                }));
+                false
+            }
+            Step::Close => {
+                self.close(ctx);
+                false
+            }
+        }
+    }
+
+    fn authenticate(&mut self, user: String, password: String, ctx: &mut Context<Self>) {
+        let shared = self.shared.clone();
+        let session = self.id;
+        let ip = self.peer.ip();
+        let canonical = user.to_ascii_lowercase();
+        let fut = async move {
+            let store = shared.store.clone();
+            let who = canonical.clone();
+            // argon2 is deliberately slow: not on the actor's thread.
+            let verified =
+                tokio::task::spawn_blocking(move || store.verify_password(&who, &password))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()));
+            let result = match verified {
+                Ok(true) => match shared
+                    .mailbox
+                    .send(Open {
+                        mailbox: canonical.clone(),
+                        session,
+                    })
+                    .await
+                {
+                    Ok(Ok(Some(entries))) => {
+                        shared.login_succeeded(ip);
+                        AuthResult::Ok(Maildrop(
+                            entries
+                                .into_iter()
+                                .map(|e| MaildropEntry {
+                                    uidl: e.uidl,
+                                    size: e.size,
+                                    key: e.key,
+                                })
+                                .collect(),
+                        ))
+                    }
+                    Ok(Ok(None)) => AuthResult::InUse,
+                    _ => AuthResult::TemporaryFailure,
+                },
+                Ok(false) => {
+                    let delay = shared.failure_delay(ip);
+                    tokio::time::sleep(delay).await;
+                    AuthResult::BadCredentials
+                }
+                Err(e) => {
+                    warn!(error = %e, "password check failed");
+                    AuthResult::TemporaryFailure
+                }
+            };
+            (canonical, result)
+        };
+        ctx.wait(fut.into_actor(self).map(|(user, result), act, ctx| {
+            match &result {
+                AuthResult::Ok(drop) => {
+                    info!(parent: &act.span, %user, messages = drop.0.len(), "pop3 login");
+                    act.mailbox = Some(user);
+                }
+                other => info!(parent: &act.span, %user, result = ?other, "pop3 login failed"),
+            }
+            let Some(io) = act.io.as_mut() else { return };
+            let next = act.session.authenticated(result, &mut io.wbuf);
+            if act.step(next, ctx) {
+                act.drive(ctx);
+            }
+        }));
+    }
+
+    fn read(&mut self, ctx: &mut Context<Self>) {
+        let Some(mut io) = self.io.take() else { return };
+        let timeout = self.shared.config.pop3.timeout;
+        let fut = async move {
+            let outcome = io.flush_and_read(timeout).await;
+            (io, outcome)
+        };
+        ctx.spawn(
+            fut.into_actor(self)
+                .map(|(mut io, outcome), act, ctx| match outcome {
+                    ReadOutcome::Data => {
+                        act.io = Some(io);
+                        act.drive(ctx);
+                    }
+                    ReadOutcome::TimedOut => {
+                        act.session.timed_out(&mut io.wbuf);
+                        act.io = Some(io);
+                        act.close(ctx);
+                    }
+                    ReadOutcome::Shutdown => {
+                        act.session.shutting_down(&mut io.wbuf);
+                        act.io = Some(io);
+                        act.close(ctx);
+                    }
+                    ReadOutcome::Closed | ReadOutcome::Error(_) => {
+                        act.io = Some(io);
+                        ctx.stop();
+                    }
+                }),
+        );
+    }
+
+    fn close(&mut self, ctx: &mut Context<Self>) {
+        if let Some(mut io) = self.io.take() {
+            ctx.wait(
+                async move { io.close().await }
+                    .into_actor(self)
+                    .map(|_, _, ctx| ctx.stop()),
+            );
+        } else {
+            ctx.stop();
+        }
+    }
+}
+
+impl Actor for Pop3Connection {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        debug!(parent: &self.span, "connected");
+        if let Some(io) = self.io.as_mut() {
+            self.session.greeting(&mut io.wbuf);
+        }
+        self.drive(ctx);
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        // A dropped connection deletes nothing; it only gives up the lock.
+        if let Some(mailbox) = self.mailbox.take() {
+            self.shared.mailbox.do_send(Release {
+                mailbox,
+                session: self.id,
+            });
+        }
+        debug!(parent: &self.span, "disconnected");
+    }
+}
