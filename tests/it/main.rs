@@ -1,1 +1,2 @@
-
+mod delivery_client;
+mod support;

@@ -1,0 +1,1283 @@
+//! The SMTP client side of remote delivery: one connection to the first
+//! exchanger that answers, then one or more mail transactions on it.
+//!
+//! [`SmtpConnection::connect`] walks the exchangers in order and stops at the
+//! first server that greets and answers EHLO (or HELO).
+//! [`SmtpConnection::send`] runs one transaction (MAIL, RCPT…, DATA) and
+//! says, per recipient, whether the message was delivered, deferred or
+//! failed. A connection stays usable for further transactions while
+//! [`SmtpConnection::is_reusable`] is true, so the delivery actor can keep a
+//! few per destination. [`deliver`] does connect, send and QUIT in one call.
+//!
+//! Replies are parsed strictly by [`parse_reply`] (no IO), and message
+//! content is dot-stuffed and line-end normalised by [`encode_content`].
+
+use std::borrow::Cow;
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::{Buf, BytesMut};
+use postino_core::config::{DeliveryConfig, SmarthostAuth};
+use postino_core::smtp::Reply;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{debug, Instrument};
+
+use super::mx::Exchanger;
+
+/// Longest reply line accepted, CRLF included (RFC 5321 §4.5.3.1.5).
+pub const MAX_REPLY_LINE: usize = 512;
+/// Most lines in one reply; a longer one is a protocol error, which bounds
+/// what a hostile server can make us buffer.
+pub const MAX_REPLY_LINES: usize = 100;
+/// Postfix's `smtp_mx_address_limit`: addresses tried per delivery.
+pub const DEFAULT_MAX_ADDRESSES: usize = 5;
+/// Postfix's `smtp_mx_session_limit`: servers that got as far as a greeting
+/// before we give up for this attempt.
+pub const DEFAULT_MAX_SESSIONS: usize = 2;
+/// Message content is written in pieces of this size, each under the
+/// `data_xfer` timeout, so a slow but moving link is not cut off.
+const WRITE_CHUNK: usize = 64 * 1024;
+
+/// Per-stage client timeouts (Postfix `smtp_*_timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP connect, per address.
+    pub connect: Duration,
+    /// Greeting, EHLO/HELO, AUTH, MAIL, RCPT, RSET and QUIT replies.
+    pub command: Duration,
+    /// Reply to DATA.
+    pub data_init: Duration,
+    /// Each write of message content.
+    pub data_xfer: Duration,
+    /// Reply to the final dot.
+    pub data_done: Duration,
+}
+
+impl From<&DeliveryConfig> for Timeouts {
+    fn from(c: &DeliveryConfig) -> Self {
+        Timeouts {
+            connect: c.connect_timeout,
+            command: c.command_timeout,
+            data_init: c.data_init_timeout,
+            data_xfer: c.data_xfer_timeout,
+            data_done: c.data_done_timeout,
+        }
+    }
+}
+
+/// How the client introduces itself and how long it waits.
+#[derive(Debug, Clone)]
+pub struct ClientSettings {
+    /// Name sent in EHLO/HELO (the server's `hostname`).
+    pub helo_name: String,
+    pub timeouts: Timeouts,
+    /// AUTH PLAIN credentials (for the smarthost). When set, a server that
+    /// does not offer AUTH PLAIN or rejects the credentials is skipped like
+    /// one that is down: relaying unauthenticated would only be refused.
+    pub auth: Option<SmarthostAuth>,
+    /// Addresses tried at most per [`SmtpConnection::connect`].
+    pub max_addresses: usize,
+    /// Servers that greeted (or refused to) tried at most per connect.
+    pub max_sessions: usize,
+}
+
+impl ClientSettings {
+    pub fn new(helo_name: impl Into<String>, delivery: &DeliveryConfig) -> Self {
+        ClientSettings {
+            helo_name: helo_name.into(),
+            timeouts: Timeouts::from(delivery),
+            auth: None,
+            max_addresses: DEFAULT_MAX_ADDRESSES,
+            max_sessions: DEFAULT_MAX_SESSIONS,
+        }
+    }
+}
+
+/// One mail transaction: a sender, recipients of one destination and the
+/// content (CRLF lines, not dot-stuffed, as the store keeps it).
+#[derive(Debug, Clone, Copy)]
+pub struct Transaction<'a> {
+    /// `None` is the null reverse path `<>` (bounces).
+    pub sender: Option<&'a str>,
+    pub recipients: &'a [String],
+    pub content: &'a [u8],
+}
+
+/// The server a connection talks to: `mx.example[192.0.2.1]:25` in logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    /// Exchanger name (for `Remote-MTA: dns; …` in a bounce).
+    pub host: String,
+    pub addr: SocketAddr,
+}
+
+impl fmt::Display for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}[{}]:{}", self.host, self.addr.ip(), self.addr.port())
+    }
+}
+
+/// Why a recipient was not delivered: the remote server's reply, or what went
+/// wrong on our side (timeout, lost connection, size over the server's limit).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Diagnostic {
+    Remote(Reply),
+    Local {
+        /// RFC 3463 enhanced status code.
+        status: Cow<'static, str>,
+        text: String,
+    },
+}
+
+impl Diagnostic {
+    fn local(status: &'static str, text: impl Into<String>) -> Diagnostic {
+        Diagnostic::Local {
+            status: Cow::Borrowed(status),
+            text: text.into(),
+        }
+    }
+
+    /// The enhanced status code: the server's, or `4.0.0`/`5.0.0` from its
+    /// reply code when it sent none.
+    pub fn status(&self) -> Cow<'static, str> {
+        match self {
+            Diagnostic::Remote(reply) => match &reply.status {
+                Some(s) => s.clone(),
+                None => Cow::Owned(format!("{}.0.0", reply.code / 100)),
+            },
+            Diagnostic::Local { status, .. } => status.clone(),
+        }
+    }
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Diagnostic::Remote(reply) => write!(f, "{reply}"),
+            Diagnostic::Local { status, text } => write!(f, "{status} {text}"),
+        }
+    }
+}
+
+/// What happened to one recipient of a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptOutcome {
+    /// The server took responsibility: the reply to the final dot.
+    Delivered(Reply),
+    /// Try again later (4xx, timeout, lost connection).
+    Deferred(Diagnostic),
+    /// Bounce (5xx, or a local permanent reason).
+    Failed(Diagnostic),
+}
+
+impl RcptOutcome {
+    pub fn is_delivered(&self) -> bool {
+        matches!(self, RcptOutcome::Delivered(_))
+    }
+    pub fn is_deferred(&self) -> bool {
+        matches!(self, RcptOutcome::Deferred(_))
+    }
+    pub fn is_failed(&self) -> bool {
+        matches!(self, RcptOutcome::Failed(_))
+    }
+
+    fn from_reply(reply: &Reply) -> RcptOutcome {
+        if reply.code >= 500 {
+            RcptOutcome::Failed(Diagnostic::Remote(reply.clone()))
+        } else {
+            // 4xx, and anything out of place (a 3xx to RCPT): not a reason
+            // to bounce.
+            RcptOutcome::Deferred(Diagnostic::Remote(reply.clone()))
+        }
+    }
+}
+
+/// No exchanger could be brought to the point of accepting a transaction.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{diagnostic}")]
+pub struct ConnectError {
+    /// The last server tried, when any address was tried.
+    pub server: Option<Server>,
+    /// True when the last server tried refused for good (5xx greeting or
+    /// HELO): as Postfix, the final server's answer decides.
+    pub permanent: bool,
+    pub diagnostic: Diagnostic,
+}
+
+impl ConnectError {
+    /// The outcome for every recipient of the attempt.
+    pub fn outcome(&self) -> RcptOutcome {
+        if self.permanent {
+            RcptOutcome::Failed(self.diagnostic.clone())
+        } else {
+            RcptOutcome::Deferred(self.diagnostic.clone())
+        }
+    }
+}
+
+/// SMTP service extensions the server announced in its EHLO reply.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Extensions {
+    pub pipelining: bool,
+    /// `SIZE` was announced (then MAIL carries `SIZE=n`).
+    pub size: bool,
+    /// The server's fixed limit from `SIZE n`; `None` for no limit (`SIZE`
+    /// or `SIZE 0`, RFC 1870).
+    pub size_limit: Option<u64>,
+    pub eight_bit_mime: bool,
+    pub smtputf8: bool,
+    pub starttls: bool,
+    pub enhanced_status_codes: bool,
+    pub auth_plain: bool,
+}
+
+impl Extensions {
+    /// Reads the keywords of an EHLO reply (every line after the first).
+    pub fn parse(ehlo: &Reply) -> Extensions {
+        let mut ext = Extensions::default();
+        for line in ehlo.text.split('\n').skip(1) {
+            let mut words = line.split([' ', '=']).filter(|w| !w.is_empty());
+            let Some(keyword) = words.next() else {
+                continue;
+            };
+            match keyword.to_ascii_uppercase().as_str() {
+                "PIPELINING" => ext.pipelining = true,
+                "SIZE" => {
+                    ext.size = true;
+                    ext.size_limit = words
+                        .next()
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .filter(|n| *n > 0);
+                }
+                "8BITMIME" => ext.eight_bit_mime = true,
+                "SMTPUTF8" => ext.smtputf8 = true,
+                "STARTTLS" => ext.starttls = true,
+                "ENHANCEDSTATUSCODES" => ext.enhanced_status_codes = true,
+                // `AUTH=PLAIN LOGIN` is the pre-standard form some servers
+                // still send next to `AUTH PLAIN LOGIN`.
+                "AUTH" => ext.auth_plain |= words.any(|m| m.eq_ignore_ascii_case("PLAIN")),
+                _ => {}
+            }
+        }
+        ext
+    }
+}
+
+/// A reply that breaks RFC 5321 §4.2 syntax.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplyError {
+    #[error("reply line longer than {MAX_REPLY_LINE} octets")]
+    LineTooLong,
+    #[error("reply of more than {MAX_REPLY_LINES} lines")]
+    TooManyLines,
+    #[error("malformed reply line {0:?}")]
+    Malformed(String),
+    #[error("reply code changed within a multi-line reply ({0} then {1})")]
+    CodeChanged(u16, u16),
+}
+
+/// Parses one complete reply from the front of `buf`.
+///
+/// Returns the reply and the number of octets it took, or `Ok(None)` when
+/// more input is needed. Lines are `NNN-text` except the last, `NNN text` or
+/// `NNN`, all with one code; a leading enhanced status code (`5.1.1`) of the
+/// reply's class is taken out of each line into [`Reply::status`]. A bare LF
+/// ends a line too (servers that send one are common and harmless here).
+///
+/// # Errors
+///
+/// Anything else: the conversation cannot be trusted to stay in step.
+pub fn parse_reply(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
+    let mut pos = 0;
+    let mut code = None;
+    let mut status: Option<String> = None;
+    let mut text = String::new();
+    for n in 0.. {
+        if n == MAX_REPLY_LINES {
+            return Err(ReplyError::TooManyLines);
+        }
+        let rest = &buf[pos..];
+        let window = &rest[..rest.len().min(MAX_REPLY_LINE)];
+        let Some(lf) = window.iter().position(|&b| b == b'\n') else {
+            if rest.len() >= MAX_REPLY_LINE {
+                return Err(ReplyError::LineTooLong);
+            }
+            return Ok(None);
+        };
+        let line = &rest[..lf];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        pos += lf + 1;
+
+        let malformed = || ReplyError::Malformed(String::from_utf8_lossy(line).into_owned());
+        let digits = line.get(..3).ok_or_else(malformed)?;
+        let valid = matches!(digits[0], b'2'..=b'5')
+            && matches!(digits[1], b'0'..=b'5')
+            && digits[2].is_ascii_digit();
+        if !valid {
+            return Err(malformed());
+        }
+        let this = u16::from(digits[0] - b'0') * 100
+            + u16::from(digits[1] - b'0') * 10
+            + u16::from(digits[2] - b'0');
+        match code {
+            Some(c) if c != this => return Err(ReplyError::CodeChanged(c, this)),
+            _ => code = Some(this),
+        }
+        let last = match line.get(3) {
+            None | Some(b' ') => true,
+            Some(b'-') => false,
+            Some(_) => return Err(malformed()),
+        };
+        let body = String::from_utf8_lossy(line.get(4..).unwrap_or_default());
+        let (line_status, body) = split_status(digits[0], &body);
+        if n == 0 {
+            status = line_status.map(str::to_string);
+        } else {
+            text.push('\n');
+        }
+        text.push_str(body);
+        if last {
+            let reply = Reply {
+                code: this,
+                status: status.map(Cow::Owned),
+                text: Cow::Owned(text),
+            };
+            return Ok(Some((reply, pos)));
+        }
+    }
+    unreachable!("the loop returns by MAX_REPLY_LINES")
+}
+
+/// Splits `5.1.1 text` into the status and the text when the status is of the
+/// reply's class (RFC 2034 §4).
+fn split_status(class: u8, line: &str) -> (Option<&str>, &str) {
+    let end = line.find(' ').unwrap_or(line.len());
+    let candidate = &line[..end];
+    let mut parts = candidate.split('.');
+    let ok = matches!(class, b'2' | b'4' | b'5')
+        && parts.next().is_some_and(|p| p.as_bytes() == [class])
+        && parts
+            .next()
+            .is_some_and(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+        && parts
+            .next()
+            .is_some_and(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+        && parts.next().is_none();
+    if ok {
+        (Some(candidate), line[end..].trim_start_matches(' '))
+    } else {
+        (None, line)
+    }
+}
+
+/// Message content as it goes on the wire after DATA: every line end made
+/// CRLF (a bare CR or LF becomes one), lines starting with `.` get another
+/// (RFC 5321 §4.5.2), the last line is ended, and `.CRLF` follows.
+pub fn encode_content(content: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(content.len() + content.len() / 32 + 5);
+    let mut line_start = true;
+    let mut i = 0;
+    while i < content.len() {
+        match content[i] {
+            b'\r' => {
+                out.extend_from_slice(b"\r\n");
+                line_start = true;
+                if content.get(i + 1) == Some(&b'\n') {
+                    i += 1;
+                }
+            }
+            b'\n' => {
+                out.extend_from_slice(b"\r\n");
+                line_start = true;
+            }
+            b => {
+                if line_start && b == b'.' {
+                    out.push(b'.');
+                }
+                out.push(b);
+                line_start = false;
+            }
+        }
+        i += 1;
+    }
+    if !line_start {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
+/// Where in the conversation something went wrong, for diagnostics in
+/// Postfix's words ("lost connection with … while sending RCPT TO").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Greeting,
+    Ehlo,
+    Helo,
+    Auth,
+    Rset,
+    Mail,
+    Rcpt,
+    Data,
+    Content,
+    Dot,
+    Quit,
+}
+
+impl Stage {
+    fn describe(self) -> &'static str {
+        match self {
+            Stage::Greeting => "receiving the initial server greeting",
+            Stage::Ehlo => "performing the EHLO handshake",
+            Stage::Helo => "performing the HELO handshake",
+            Stage::Auth => "performing AUTH PLAIN",
+            Stage::Rset => "sending RSET",
+            Stage::Mail => "sending MAIL FROM",
+            Stage::Rcpt => "sending RCPT TO",
+            Stage::Data => "sending DATA command",
+            Stage::Content => "sending message body",
+            Stage::Dot => "sending end of data -- message may be sent more than once",
+            Stage::Quit => "sending QUIT",
+        }
+    }
+}
+
+/// Transport trouble: the connection is unusable afterwards.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("timed out")]
+    Timeout,
+    #[error("lost connection")]
+    Closed,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Protocol(#[from] ReplyError),
+}
+
+impl SessionError {
+    fn diagnostic(&self, server: &Server, stage: Stage) -> Diagnostic {
+        let what = stage.describe();
+        match self {
+            SessionError::Timeout => Diagnostic::local(
+                "4.4.2",
+                format!("conversation with {server} timed out while {what}"),
+            ),
+            SessionError::Closed => Diagnostic::local(
+                "4.4.2",
+                format!("lost connection with {server} while {what}"),
+            ),
+            SessionError::Io(e) => Diagnostic::local(
+                "4.4.2",
+                format!("lost connection with {server} while {what}: {e}"),
+            ),
+            SessionError::Protocol(e) => Diagnostic::local(
+                "4.5.0",
+                format!("protocol error from {server} while {what}: {e}"),
+            ),
+        }
+    }
+}
+
+async fn within<T>(
+    limit: Duration,
+    fut: impl Future<Output = Result<T, SessionError>>,
+) -> Result<T, SessionError> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or(Err(SessionError::Timeout))
+}
+
+/// An open SMTP session past EHLO (and AUTH), ready for transactions.
+#[derive(Debug)]
+pub struct SmtpConnection {
+    stream: TcpStream,
+    rbuf: BytesMut,
+    server: Server,
+    ext: Extensions,
+    timeouts: Timeouts,
+    stage: Stage,
+    /// False after any transport or protocol error, or a 421.
+    reusable: bool,
+    /// The server may hold transaction state (an aborted transaction): RSET
+    /// before the next MAIL.
+    needs_rset: bool,
+    transactions: u32,
+    span: tracing::Span,
+}
+
+/// A failure to open one address, and whether it got as far as a session.
+struct OpenError {
+    error: ConnectError,
+    session: bool,
+}
+
+impl SmtpConnection {
+    /// Connects to the first exchanger address that greets and answers EHLO
+    /// (or HELO after a 5xx to EHLO), in the given order: a refused or timed
+    /// out connect, a 4xx/5xx greeting, a rejected EHLO and HELO, a failed
+    /// AUTH or a dropped connection move on to the next address.
+    ///
+    /// # Errors
+    ///
+    /// The last address's failure, once the list or the
+    /// `max_addresses`/`max_sessions` limits are exhausted.
+    pub async fn connect(
+        exchangers: &[Exchanger],
+        settings: &ClientSettings,
+    ) -> Result<SmtpConnection, ConnectError> {
+        let mut last = None;
+        let mut sessions = 0;
+        let addresses = exchangers
+            .iter()
+            .flat_map(|ex| ex.addrs.iter().map(move |a| (ex.host.as_str(), *a)));
+        for (tried, (host, addr)) in addresses.enumerate() {
+            if tried >= settings.max_addresses || sessions >= settings.max_sessions {
+                break;
+            }
+            let server = Server {
+                host: host.to_string(),
+                addr,
+            };
+            let span = tracing::debug_span!("smtp_client", server = %server);
+            match Self::open(server, settings, span.clone())
+                .instrument(span)
+                .await
+            {
+                Ok(conn) => return Ok(conn),
+                Err(e) => {
+                    debug!(error = %e.error, "server unusable, trying the next one");
+                    sessions += usize::from(e.session);
+                    last = Some(e.error);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| ConnectError {
+            server: None,
+            permanent: false,
+            diagnostic: Diagnostic::local("4.4.4", "no mail exchanger address to try"),
+        }))
+    }
+
+    async fn open(
+        server: Server,
+        settings: &ClientSettings,
+        span: tracing::Span,
+    ) -> Result<SmtpConnection, OpenError> {
+        let t = settings.timeouts;
+        let stream = match tokio::time::timeout(t.connect, TcpStream::connect(server.addr)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                let text = format!("connect to {server}: {e}");
+                return Err(OpenError::local(server, "4.4.1", text, false));
+            }
+            Err(_) => {
+                let text = format!("connect to {server}: connection timed out");
+                return Err(OpenError::local(server, "4.4.1", text, false));
+            }
+        };
+        // Commands are written whole; Nagle would only delay them.
+        let _ = stream.set_nodelay(true);
+        let mut conn = SmtpConnection {
+            stream,
+            rbuf: BytesMut::with_capacity(4096),
+            server,
+            ext: Extensions::default(),
+            timeouts: t,
+            stage: Stage::Greeting,
+            reusable: true,
+            needs_rset: false,
+            transactions: 0,
+            span,
+        };
+        match conn.handshake(settings).await {
+            Ok(Ok(())) => Ok(conn),
+            Ok(Err(reply)) => {
+                // The server answered but refused: say goodbye politely
+                // (RFC 5321 §3.1), then let the caller try the next one.
+                let permanent = reply.code >= 500;
+                let server = conn.server.clone();
+                conn.quit().await;
+                Err(OpenError {
+                    error: ConnectError {
+                        server: Some(server),
+                        permanent,
+                        diagnostic: Diagnostic::Remote(reply),
+                    },
+                    session: true,
+                })
+            }
+            Err(e) => {
+                let diagnostic = e.diagnostic(&conn.server, conn.stage);
+                Err(OpenError {
+                    error: ConnectError {
+                        server: Some(conn.server),
+                        permanent: false,
+                        diagnostic,
+                    },
+                    session: true,
+                })
+            }
+        }
+    }
+
+    /// Greeting, EHLO (HELO on 5xx), AUTH. `Ok(Err(reply))` is a refusal.
+    async fn handshake(
+        &mut self,
+        settings: &ClientSettings,
+    ) -> Result<Result<(), Reply>, SessionError> {
+        let command = self.timeouts.command;
+        self.stage = Stage::Greeting;
+        let greeting = self.read_reply(command).await?;
+        if greeting.code / 100 != 2 {
+            return Ok(Err(greeting));
+        }
+        self.stage = Stage::Ehlo;
+        let ehlo = self
+            .command(&format!("EHLO {}\r\n", settings.helo_name), command)
+            .await?;
+        if ehlo.code / 100 == 2 {
+            self.ext = Extensions::parse(&ehlo);
+        } else if ehlo.code >= 500 {
+            // An old server: plain SMTP, no extensions (RFC 5321 §3.2).
+            self.stage = Stage::Helo;
+            let helo = self
+                .command(&format!("HELO {}\r\n", settings.helo_name), command)
+                .await?;
+            if helo.code / 100 != 2 {
+                return Ok(Err(helo));
+            }
+        } else {
+            return Ok(Err(ehlo));
+        }
+        // STARTTLS would go here: when `self.ext.starttls` and TLS is
+        // configured, send STARTTLS, expect 220, run the handshake, then EHLO
+        // again and replace `self.ext` (RFC 3207 §4.2). AUTH must come after
+        // it so that credentials never cross the network in the clear.
+        if let Some(auth) = &settings.auth {
+            self.stage = Stage::Auth;
+            if !self.ext.auth_plain {
+                return Ok(Err(Reply::new(
+                    454,
+                    "4.7.0",
+                    format!(
+                        "{} does not offer AUTH PLAIN; credentials are configured",
+                        self.server
+                    ),
+                )));
+            }
+            let mut token = Vec::with_capacity(auth.username.len() + auth.password.len() + 2);
+            token.push(0);
+            token.extend_from_slice(auth.username.as_bytes());
+            token.push(0);
+            token.extend_from_slice(auth.password.as_bytes());
+            let token = base64::engine::general_purpose::STANDARD.encode(token);
+            let reply = self
+                .command(&format!("AUTH PLAIN {token}\r\n"), command)
+                .await?;
+            if reply.code != 235 {
+                // Postfix's `smtp_sasl_auth_soft_bounce`: a rejected login
+                // is a configuration problem, so defer rather than bounce.
+                let mut reply = reply;
+                if reply.code >= 500 {
+                    reply.code = 454;
+                    reply.status = Some(Cow::Borrowed("4.7.0"));
+                    reply.text = Cow::Owned(format!("authentication failed: {}", reply.text));
+                }
+                return Ok(Err(reply));
+            }
+        }
+        debug!(extensions = ?self.ext, "session ready");
+        Ok(Ok(()))
+    }
+
+    /// Runs one mail transaction and returns one outcome per recipient, in
+    /// the order of `tx.recipients`.
+    ///
+    /// With PIPELINING, MAIL, every RCPT and DATA go out in one write and the
+    /// replies are read in order (RFC 2920). MAIL carries `SIZE=n` when the
+    /// server announced SIZE, `BODY=8BITMIME` when it announced 8BITMIME and
+    /// the content has 8-bit octets, and `SMTPUTF8` when an address needs
+    /// it. A 5xx to MAIL or DATA fails every recipient, a 4xx defers them; a
+    /// lost connection or a timeout defers every recipient not yet confirmed.
+    pub async fn send(&mut self, tx: &Transaction<'_>) -> Vec<RcptOutcome> {
+        let span = self.span.clone();
+        self.send_inner(tx).instrument(span).await
+    }
+
+    async fn send_inner(&mut self, tx: &Transaction<'_>) -> Vec<RcptOutcome> {
+        let n = tx.recipients.len();
+        let mut outcomes: Vec<Option<RcptOutcome>> = vec![None; n];
+        if !self.reusable {
+            let diag = Diagnostic::local(
+                "4.4.2",
+                format!("connection with {} is no longer usable", self.server),
+            );
+            return vec![RcptOutcome::Deferred(diag); n];
+        }
+        if let Some(failure) = self.precheck(tx, &mut outcomes) {
+            return vec![failure; n];
+        }
+        let valid: Vec<usize> = (0..n).filter(|&i| outcomes[i].is_none()).collect();
+        if !valid.is_empty() {
+            if let Err(e) = self.transaction(tx, &valid, &mut outcomes).await {
+                self.reusable = false;
+                let diag = e.diagnostic(&self.server, self.stage);
+                debug!(error = %diag, "transaction aborted");
+                for o in outcomes.iter_mut().filter(|o| o.is_none()) {
+                    *o = Some(RcptOutcome::Deferred(diag.clone()));
+                }
+            }
+        }
+        self.transactions += 1;
+        outcomes
+            .into_iter()
+            .map(|o| {
+                // Every path above fills each slot; a gap would be a bug, and
+                // deferring is the answer that loses no mail.
+                o.unwrap_or_else(|| {
+                    RcptOutcome::Deferred(Diagnostic::local("4.3.0", "internal: no outcome"))
+                })
+            })
+            .collect()
+    }
+
+    /// Checks that need no round trip. Returns an outcome for every recipient
+    /// when the whole message cannot go; marks single bad addresses.
+    fn precheck(
+        &self,
+        tx: &Transaction<'_>,
+        outcomes: &mut [Option<RcptOutcome>],
+    ) -> Option<RcptOutcome> {
+        if let Some(limit) = self.ext.size_limit {
+            if tx.content.len() as u64 > limit {
+                return Some(RcptOutcome::Failed(Diagnostic::local(
+                    "5.3.4",
+                    format!(
+                        "message size {} exceeds size limit {limit} of server {}",
+                        tx.content.len(),
+                        self.server
+                    ),
+                )));
+            }
+        }
+        if !valid_path(tx.sender.unwrap_or("")) {
+            return Some(RcptOutcome::Failed(Diagnostic::local(
+                "5.1.7",
+                "invalid sender address",
+            )));
+        }
+        let needs_utf8 =
+            !tx.sender.unwrap_or("").is_ascii() || tx.recipients.iter().any(|r| !r.is_ascii());
+        if needs_utf8 && !self.ext.smtputf8 {
+            return Some(RcptOutcome::Failed(Diagnostic::local(
+                "5.6.7",
+                format!(
+                    "SMTPUTF8 is required, but was not offered by host {}",
+                    self.server
+                ),
+            )));
+        }
+        for (slot, rcpt) in outcomes.iter_mut().zip(tx.recipients) {
+            if rcpt.is_empty() || !valid_path(rcpt) {
+                *slot = Some(RcptOutcome::Failed(Diagnostic::local(
+                    "5.1.3",
+                    format!("invalid recipient address {rcpt:?}"),
+                )));
+            }
+        }
+        None
+    }
+
+    fn mail_command(&self, tx: &Transaction<'_>) -> String {
+        let mut cmd = format!("MAIL FROM:<{}>", tx.sender.unwrap_or(""));
+        if self.ext.size {
+            cmd.push_str(&format!(" SIZE={}", tx.content.len()));
+        }
+        // Without 8BITMIME from the server the content still goes as is, as
+        // Postfix does by default: downgrading to 7 bit is left undone.
+        if self.ext.eight_bit_mime && tx.content.iter().any(|b| *b >= 0x80) {
+            cmd.push_str(" BODY=8BITMIME");
+        }
+        let needs_utf8 =
+            !tx.sender.unwrap_or("").is_ascii() || tx.recipients.iter().any(|r| !r.is_ascii());
+        if needs_utf8 {
+            cmd.push_str(" SMTPUTF8");
+        }
+        cmd.push_str("\r\n");
+        cmd
+    }
+
+    async fn transaction(
+        &mut self,
+        tx: &Transaction<'_>,
+        valid: &[usize],
+        outcomes: &mut [Option<RcptOutcome>],
+    ) -> Result<(), SessionError> {
+        let t = self.timeouts;
+        if self.needs_rset {
+            self.stage = Stage::Rset;
+            let reply = self.command("RSET\r\n", t.command).await?;
+            if reply.code / 100 != 2 {
+                self.reusable = false;
+                for &i in valid {
+                    outcomes[i] = Some(RcptOutcome::Deferred(Diagnostic::Remote(reply.clone())));
+                }
+                return Ok(());
+            }
+        }
+        // Until the final dot's reply, the server may hold transaction state.
+        self.needs_rset = true;
+        let mail = self.mail_command(tx);
+        let rcpts: Vec<String> = valid
+            .iter()
+            .map(|&i| format!("RCPT TO:<{}>\r\n", tx.recipients[i]))
+            .collect();
+
+        let mut accepted = Vec::with_capacity(valid.len());
+        let data_reply;
+        if self.ext.pipelining {
+            // One write for the whole envelope. Even a thousand recipients
+            // are far less than a socket buffer, so writing everything before
+            // reading cannot deadlock against a server that answers as it
+            // reads.
+            let mut batch = mail.into_bytes();
+            for r in &rcpts {
+                batch.extend_from_slice(r.as_bytes());
+            }
+            batch.extend_from_slice(b"DATA\r\n");
+            self.stage = Stage::Mail;
+            self.write(&batch, t.command).await?;
+            let mail_reply = self.read_reply(t.command).await?;
+            if mail_reply.code == 421 {
+                self.settle_pending(valid, &mail_reply, outcomes);
+                return Ok(());
+            }
+            let mail_ok = mail_reply.code / 100 == 2;
+            self.stage = Stage::Rcpt;
+            for &i in valid {
+                let reply = self.read_reply(t.command).await?;
+                if !mail_ok {
+                    // A 503 after a refused MAIL says nothing new.
+                    continue;
+                }
+                if reply.code == 421 {
+                    self.settle_pending(valid, &reply, outcomes);
+                    return Ok(());
+                }
+                if reply.code / 100 == 2 {
+                    accepted.push(i);
+                } else {
+                    outcomes[i] = Some(RcptOutcome::from_reply(&reply));
+                }
+            }
+            self.stage = Stage::Data;
+            let data = self.read_reply(t.data_init).await?;
+            if !mail_ok {
+                self.settle_pending(valid, &mail_reply, outcomes);
+                return self.abandon_data(&data).await;
+            }
+            if accepted.is_empty() {
+                return self.abandon_data(&data).await;
+            }
+            data_reply = data;
+        } else {
+            self.stage = Stage::Mail;
+            let mail_reply = self.command(&mail, t.command).await?;
+            if mail_reply.code / 100 != 2 {
+                self.settle_pending(valid, &mail_reply, outcomes);
+                return Ok(());
+            }
+            self.stage = Stage::Rcpt;
+            for (&i, cmd) in valid.iter().zip(&rcpts) {
+                let reply = self.command(cmd, t.command).await?;
+                if reply.code == 421 {
+                    // The server is closing: nobody else gets through.
+                    self.settle_pending(valid, &reply, outcomes);
+                    return Ok(());
+                }
+                if reply.code / 100 == 2 {
+                    accepted.push(i);
+                } else {
+                    outcomes[i] = Some(RcptOutcome::from_reply(&reply));
+                }
+            }
+            if accepted.is_empty() {
+                return Ok(());
+            }
+            self.stage = Stage::Data;
+            data_reply = self.command("DATA\r\n", t.data_init).await?;
+        }
+
+        if data_reply.code != 354 {
+            self.settle_pending(&accepted, &data_reply, outcomes);
+            return Ok(());
+        }
+        self.stage = Stage::Content;
+        let body = encode_content(tx.content);
+        for chunk in body.chunks(WRITE_CHUNK) {
+            self.write(chunk, t.data_xfer).await?;
+        }
+        self.stage = Stage::Dot;
+        let done = self.read_reply(t.data_done).await?;
+        self.note_421(&done);
+        self.needs_rset = false;
+        if done.code / 100 == 2 {
+            for &i in &accepted {
+                outcomes[i] = Some(RcptOutcome::Delivered(done.clone()));
+            }
+        } else {
+            self.settle_pending(&accepted, &done, outcomes);
+        }
+        Ok(())
+    }
+
+    /// Gives every recipient in `which` still without an outcome the one a
+    /// negative `reply` means.
+    fn settle_pending(
+        &mut self,
+        which: &[usize],
+        reply: &Reply,
+        outcomes: &mut [Option<RcptOutcome>],
+    ) {
+        self.note_421(reply);
+        for &i in which {
+            if outcomes[i].is_none() {
+                outcomes[i] = Some(RcptOutcome::from_reply(reply));
+            }
+        }
+    }
+
+    /// After pipelining, a server that still said 354 to DATA with no valid
+    /// recipient gets an empty message end (RFC 2920 §3.1); its reply is of
+    /// no interest.
+    async fn abandon_data(&mut self, data: &Reply) -> Result<(), SessionError> {
+        self.note_421(data);
+        if data.code == 354 {
+            self.stage = Stage::Dot;
+            self.write(b".\r\n", self.timeouts.data_xfer).await?;
+            let reply = self.read_reply(self.timeouts.data_done).await?;
+            self.note_421(&reply);
+        }
+        Ok(())
+    }
+
+    fn note_421(&mut self, reply: &Reply) {
+        if reply.code == 421 {
+            // RFC 5321 §3.8: the server is closing the channel.
+            self.reusable = false;
+        }
+    }
+
+    /// Sends RSET and reads its reply: cheap proof that an idle pooled
+    /// connection still works before giving it a new transaction. Returns
+    /// false (and marks the connection unusable) if it does not.
+    pub async fn reset(&mut self) -> bool {
+        if !self.reusable {
+            return false;
+        }
+        let span = self.span.clone();
+        let command = self.timeouts.command;
+        self.stage = Stage::Rset;
+        let ok = matches!(
+            self.command("RSET\r\n", command).instrument(span).await,
+            Ok(reply) if reply.code / 100 == 2
+        );
+        if ok {
+            self.needs_rset = false;
+        } else {
+            self.reusable = false;
+        }
+        ok
+    }
+
+    /// True while the connection can carry another transaction: no transport
+    /// or protocol error and no 421 so far.
+    pub fn is_reusable(&self) -> bool {
+        self.reusable
+    }
+
+    /// Transactions run on this connection so far.
+    pub fn transactions(&self) -> u32 {
+        self.transactions
+    }
+
+    pub fn server(&self) -> &Server {
+        &self.server
+    }
+
+    pub fn extensions(&self) -> &Extensions {
+        &self.ext
+    }
+
+    /// Says QUIT, waits (bounded) for the reply and closes. Errors are
+    /// ignored: every transaction's outcome is already known.
+    pub async fn quit(mut self) {
+        if self.reusable {
+            let span = self.span.clone();
+            self.stage = Stage::Quit;
+            let command = self.timeouts.command;
+            let _ = self.command("QUIT\r\n", command).instrument(span).await;
+        }
+        let _ = self.stream.shutdown().await;
+    }
+
+    async fn command(
+        &mut self,
+        line: &str,
+        reply_timeout: Duration,
+    ) -> Result<Reply, SessionError> {
+        self.write(line.as_bytes(), self.timeouts.command).await?;
+        self.read_reply(reply_timeout).await
+    }
+
+    async fn write(&mut self, bytes: &[u8], limit: Duration) -> Result<(), SessionError> {
+        let stream = &mut self.stream;
+        within(limit, async move { Ok(stream.write_all(bytes).await?) }).await
+    }
+
+    async fn read_reply(&mut self, limit: Duration) -> Result<Reply, SessionError> {
+        let stream = &mut self.stream;
+        let rbuf = &mut self.rbuf;
+        let reply = within(limit, async move {
+            loop {
+                if let Some((reply, used)) = parse_reply(rbuf)? {
+                    rbuf.advance(used);
+                    return Ok(reply);
+                }
+                if stream.read_buf(rbuf).await? == 0 {
+                    return Err(SessionError::Closed);
+                }
+            }
+        })
+        .await?;
+        debug!(code = reply.code, stage = ?self.stage, "reply");
+        Ok(reply)
+    }
+}
+
+impl OpenError {
+    fn local(server: Server, status: &'static str, text: String, session: bool) -> OpenError {
+        OpenError {
+            error: ConnectError {
+                server: Some(server),
+                permanent: false,
+                diagnostic: Diagnostic::local(status, text),
+            },
+            session,
+        }
+    }
+}
+
+/// A path that is safe to put between `<>` on a command line: no control
+/// characters (no command injection), no brackets, at most 256 octets (RFC
+/// 5321 §4.5.3.1.3).
+fn valid_path(path: &str) -> bool {
+    path.len() <= 256
+        && !path
+            .bytes()
+            .any(|b| b < 0x20 || b == 0x7f || b == b'<' || b == b'>')
+}
+
+/// The result of one delivery attempt with [`deliver`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The server that was talked to last (`None` if no address was tried).
+    pub server: Option<Server>,
+    /// One outcome per recipient, in order.
+    pub outcomes: Vec<RcptOutcome>,
+}
+
+/// One attempt without connection reuse: connect, one transaction, QUIT.
+pub async fn deliver(
+    exchangers: &[Exchanger],
+    settings: &ClientSettings,
+    tx: &Transaction<'_>,
+) -> Delivery {
+    match SmtpConnection::connect(exchangers, settings).await {
+        Err(e) => Delivery {
+            outcomes: vec![e.outcome(); tx.recipients.len()],
+            server: e.server,
+        },
+        Ok(mut conn) => {
+            let outcomes = conn.send(tx).await;
+            let server = Some(conn.server().clone());
+            conn.quit().await;
+            Delivery { server, outcomes }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(code: u16, status: Option<&str>, text: &str) -> Reply {
+        Reply {
+            code,
+            status: status.map(|s| Cow::Owned(s.to_string())),
+            text: Cow::Owned(text.to_string()),
+        }
+    }
+
+    /// Feeds `input` in every two-piece split and checks that the parse
+    /// waits for more until the reply is complete, then gives `want`.
+    #[test]
+    fn replies_in_fragments() {
+        let cases: &[(&[u8], Reply)] = &[
+            (b"220 mx.test ESMTP\r\n", r(220, None, "mx.test ESMTP")),
+            (b"250 2.1.0 Ok\r\n", r(250, Some("2.1.0"), "Ok")),
+            (b"354\r\n", r(354, None, "")),
+            (b"250 \r\n", r(250, None, "")),
+            (
+                b"250-mx.test\r\n250-PIPELINING\r\n250 SIZE 100\r\n",
+                r(250, None, "mx.test\nPIPELINING\nSIZE 100"),
+            ),
+            (
+                b"550-5.1.1 no such\r\n550 5.1.1 user here\r\n",
+                r(550, Some("5.1.1"), "no such\nuser here"),
+            ),
+            // A status of another class is text, not a status.
+            (b"550 4.1.1 odd\r\n", r(550, None, "4.1.1 odd")),
+            (
+                b"250 2.0 not a status\r\n",
+                r(250, None, "2.0 not a status"),
+            ),
+            (b"421 4.4.2 bye\n", r(421, Some("4.4.2"), "bye")),
+        ];
+        for (input, want) in cases {
+            for split in 0..input.len() {
+                assert_eq!(
+                    parse_reply(&input[..split]),
+                    Ok(None),
+                    "{input:?} cut at {split}"
+                );
+            }
+            let mut more = input.to_vec();
+            more.extend_from_slice(b"250 next\r\n");
+            assert_eq!(
+                parse_reply(&more),
+                Ok(Some((want.clone(), input.len()))),
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_replies() {
+        let long = format!("250 {}\r\n", "x".repeat(MAX_REPLY_LINE));
+        let many = "250-x\r\n".repeat(MAX_REPLY_LINES + 1);
+        let cases: &[(&[u8], ReplyError)] = &[
+            (b"hello\r\n", ReplyError::Malformed("hello".into())),
+            (b"25\r\n", ReplyError::Malformed("25".into())),
+            (b"650 no\r\n", ReplyError::Malformed("650 no".into())),
+            (b"190 no\r\n", ReplyError::Malformed("190 no".into())),
+            (b"2a0 no\r\n", ReplyError::Malformed("2a0 no".into())),
+            (b"250_x\r\n", ReplyError::Malformed("250_x".into())),
+            (b"250-a\r\n251 b\r\n", ReplyError::CodeChanged(250, 251)),
+            (long.as_bytes(), ReplyError::LineTooLong),
+            (many.as_bytes(), ReplyError::TooManyLines),
+        ];
+        for (input, want) in cases {
+            assert_eq!(
+                parse_reply(input),
+                Err(want.clone()),
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+        // An over-long line is refused before its end arrives.
+        assert_eq!(
+            parse_reply(&vec![b'2'; MAX_REPLY_LINE]),
+            Err(ReplyError::LineTooLong)
+        );
+        // 511 octets plus CRLF... is 513; 510 plus CRLF is the most.
+        let max = format!("250 {}\r\n", "x".repeat(MAX_REPLY_LINE - 6));
+        assert!(parse_reply(max.as_bytes()).unwrap().is_some());
+    }
+
+    #[test]
+    fn content_encoding() {
+        let cases: &[(&[u8], &[u8])] = &[
+            (b"", b".\r\n"),
+            (b"a\r\n", b"a\r\n.\r\n"),
+            (b"a", b"a\r\n.\r\n"),
+            (b".\r\n", b"..\r\n.\r\n"),
+            (b"a\r\n.b\r\n..c\r\n", b"a\r\n..b\r\n...c\r\n.\r\n"),
+            (b"a.b\r\n", b"a.b\r\n.\r\n"),
+            (b"a\nb\n", b"a\r\nb\r\n.\r\n"),
+            (b"a\rb", b"a\r\nb\r\n.\r\n"),
+            (b"a\r\r\nb", b"a\r\n\r\nb\r\n.\r\n"),
+            (b"a\n.\n", b"a\r\n..\r\n.\r\n"),
+            (b"\r\n.\r\n", b"\r\n..\r\n.\r\n"),
+            (b"caf\xc3\xa9\r\n", b"caf\xc3\xa9\r\n.\r\n"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(
+                encode_content(input),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+    }
+
+    #[test]
+    fn ehlo_keywords() {
+        let reply = r(
+            250,
+            None,
+            "mx.test greets you\npipelining\nSIZE 10240000\n8BITMIME\nAUTH LOGIN PLAIN\nSTARTTLS\nENHANCEDSTATUSCODES\nSMTPUTF8",
+        );
+        let ext = Extensions::parse(&reply);
+        assert_eq!(
+            ext,
+            Extensions {
+                pipelining: true,
+                size: true,
+                size_limit: Some(10_240_000),
+                eight_bit_mime: true,
+                smtputf8: true,
+                starttls: true,
+                enhanced_status_codes: true,
+                auth_plain: true,
+            }
+        );
+        let ext = Extensions::parse(&r(250, None, "mx.test\nSIZE\nAUTH=LOGIN PLAIN"));
+        assert!(ext.size && ext.size_limit.is_none() && ext.auth_plain);
+        let ext = Extensions::parse(&r(250, None, "mx.test\nSIZE 0\nAUTH LOGIN"));
+        assert!(ext.size && ext.size_limit.is_none() && !ext.auth_plain);
+        // The greeting line is not a keyword.
+        assert_eq!(
+            Extensions::parse(&r(250, None, "PIPELINING")),
+            Extensions::default()
+        );
+    }
+
+    #[test]
+    fn diagnostics() {
+        let remote = Diagnostic::Remote(r(550, Some("5.1.1"), "unknown"));
+        assert_eq!(remote.status(), "5.1.1");
+        assert_eq!(remote.to_string(), "550 5.1.1 unknown");
+        assert_eq!(Diagnostic::Remote(r(451, None, "later")).status(), "4.0.0");
+        assert_eq!(
+            Diagnostic::local("4.4.1", "refused").to_string(),
+            "4.4.1 refused"
+        );
+    }
+
+    #[test]
+    fn paths() {
+        assert!(valid_path(""));
+        assert!(valid_path("a@b.example"));
+        assert!(!valid_path("a@b\r\nRSET"));
+        assert!(!valid_path("a>@b"));
+        assert!(!valid_path(&"a".repeat(257)));
+    }
+}
