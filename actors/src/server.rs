@@ -322,7 +322,9 @@ impl ServerBuilder {
         info!(
             smtp = ?server.smtp_addrs,
             submission = ?server.submission_addrs,
+            submissions = ?server.submissions_addrs,
             pop3 = ?server.pop3_addrs,
+            pop3s = ?server.pop3s_addrs,
             data_dir = %config.data_dir.display(),
             "postino started"
         );

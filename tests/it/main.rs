@@ -1,2 +1,8 @@
+//! Integration tests: the real `postino` binary (and library), real
+//! clients, real DNS and MX servers, all on loopback. One test binary, so
+//! it links once (matklad's "one integration test crate").
+
 mod delivery_client;
+mod durability;
+mod smtp_local;
 mod support;

@@ -99,7 +99,15 @@ impl Attempt {
                 recipients: chunk,
                 content,
             };
-            let mut conn = match self.take(&key) {
+            let mut cached = self.take(&key);
+            if let Some(conn) = &mut cached {
+                // RSET proves a cached connection is still alive: one the
+                // server closed while idle would otherwise defer the batch.
+                if !conn.reset().await {
+                    cached = None;
+                }
+            }
+            let mut conn = match cached {
                 Some(conn) => conn,
                 None => match SmtpConnection::connect(&exchangers, &self.settings).await {
                     Ok(conn) => conn,

@@ -1,0 +1,308 @@
+//! The real `postino` binary, started for a test on port 0 with a
+//! temporary data directory; ports are read from its log, as a postmaster
+//! would read them.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use super::wait_until;
+
+/// The `postino` binary under test.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_postino")
+}
+
+/// A running server and everything needed to stop, restart and inspect it.
+pub struct TestServer {
+    pub dir: TempDir,
+    pub config: PathBuf,
+    child: Option<Child>,
+    /// Everything the server logged, across restarts.
+    log: Arc<Mutex<String>>,
+    pub smtp: SocketAddr,
+    pub submission: Option<SocketAddr>,
+    pub submissions: Option<SocketAddr>,
+    pub pop3: SocketAddr,
+    pub pop3s: Option<SocketAddr>,
+}
+
+/// The base configuration: every listener on port 0, local domain
+/// `example.test`. `extra` is appended (it may add keys to the sections by
+/// repeating nothing: use [`TestServer::start_with`] for whole files).
+pub fn config_text(extra_top: &str, smtp: &str, routing: &str, rest: &str) -> String {
+    format!(
+        r#"hostname = "mx.example.test"
+data_dir = "data"
+{extra_top}
+[smtp]
+listen = ["127.0.0.1:0"]
+{smtp}
+[pop3]
+listen = ["127.0.0.1:0"]
+auth_failure_delay = "10ms"
+max_auth_failure_delay = "40ms"
+[routing]
+local_domains = ["example.test"]
+{routing}
+{rest}
+"#
+    )
+}
+
+impl TestServer {
+    /// A server with the default test configuration.
+    pub fn start() -> TestServer {
+        TestServer::start_with(&config_text("", "", "", ""))
+    }
+
+    /// A server with this whole configuration file.
+    pub fn start_with(config: &str) -> TestServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("postino.toml");
+        fs::write(&path, config).expect("write config");
+        let mut server = TestServer {
+            dir,
+            config: path,
+            child: None,
+            log: Arc::new(Mutex::new(String::new())),
+            smtp: "0.0.0.0:0".parse().unwrap(),
+            submission: None,
+            submissions: None,
+            pop3: "0.0.0.0:0".parse().unwrap(),
+            pop3s: None,
+        };
+        server.spawn();
+        server
+    }
+
+    /// Starts the binary and waits for its "postino started" log line.
+    fn spawn(&mut self) {
+        let mut child = Command::new(binary())
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info,postino=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start postino");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let log = self.log.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("postino started") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(line.clone());
+                    }
+                }
+                let mut log = log.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        self.child = Some(child);
+        let started = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => line,
+            Err(_) => panic!("postino did not start; log:\n{}", self.log()),
+        };
+        self.smtp = first_addr(&started, "smtp").expect("smtp address in log");
+        self.pop3 = first_addr(&started, "pop3").expect("pop3 address in log");
+        self.submission = first_addr(&started, "submission");
+        self.submissions = first_addr(&started, "submissions");
+        self.pop3s = first_addr(&started, "pop3s");
+    }
+
+    /// Everything logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the log contains `needle` (bounded).
+    pub fn wait_for_log(&self, needle: &str) -> bool {
+        wait_until(Duration::from_secs(20), || self.log().contains(needle))
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit; returns its status code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        unsafe_kill(child.id(), "TERM");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the binary again on the same data directory (new ports).
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// Rewrites the config (for the next restart).
+    pub fn set_config(&mut self, text: &str) {
+        fs::write(&self.config, text).expect("write config");
+    }
+
+    /// Runs `postino ARGS --config <ours>` with `stdin`, as an administrator would.
+    pub fn cli(&self, args: &[&str], stdin: &str) -> Output {
+        cli_with_config(&self.config, args, stdin)
+    }
+
+    /// `postino user add` with a password.
+    pub fn add_user(&self, address: &str, password: &str) {
+        let out = self.cli(&["user", "add", address], &format!("{password}\n"));
+        assert!(
+            out.status.success(),
+            "user add failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs the CLI with a config file and standard input.
+pub fn cli_with_config(config: &Path, args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(binary())
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run postino");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    child.wait_with_output().expect("postino output")
+}
+
+fn unsafe_kill(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// Parses `name=[127.0.0.1:1234, ...]` out of the start line.
+fn first_addr(line: &str, name: &str) -> Option<SocketAddr> {
+    let key = format!(" {name}=[");
+    let start = line.find(&key)? + key.len();
+    let rest = &line[start..];
+    let end = rest.find([']', ','])?;
+    rest[..end].trim().parse().ok()
+}
+
+/// Runs a Python script with the given arguments; panics with its output on
+/// failure. Returns standard output. (`python3` from PATH: the standard
+/// library's smtplib and poplib are what we need.)
+pub fn python(script: &str, args: &[&str]) -> String {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "python failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A raw TCP client for byte-exact conversations.
+pub struct Raw {
+    stream: std::net::TcpStream,
+    reader: BufReader<std::net::TcpStream>,
+}
+
+impl Raw {
+    pub fn connect(addr: SocketAddr) -> Raw {
+        let stream = std::net::TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        Raw { stream, reader }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write");
+    }
+
+    /// One line, without CRLF; empty string at EOF.
+    pub fn line(&mut self) -> String {
+        let mut line = String::new();
+        let _ = self.reader.read_line(&mut line);
+        line.trim_end_matches(['\r', '\n']).to_owned()
+    }
+
+    /// One whole SMTP reply (all its lines), joined with '\n'.
+    pub fn reply(&mut self) -> String {
+        let mut lines = Vec::new();
+        loop {
+            let line = self.line();
+            let last = line.len() < 4 || line.as_bytes()[3] == b' ';
+            lines.push(line);
+            if last {
+                return lines.join("\n");
+            }
+        }
+    }
+
+    /// Sends a command line and returns the reply.
+    pub fn cmd(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes());
+        self.reply()
+    }
+
+    /// True when the server closed the connection.
+    pub fn closed(&mut self) -> bool {
+        let mut buf = String::new();
+        matches!(self.reader.read_line(&mut buf), Ok(0))
+    }
+}
