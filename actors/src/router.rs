@@ -211,10 +211,21 @@ pub fn bounce_envelope(
         warn!(id = %envelope.id, "not bouncing a message from <>; dropped");
         return Ok(None);
     };
-    bounce_to(config, store, envelope, failed, sender, dsn::Kind::Failure)
+    bounce_to(
+        config,
+        store,
+        envelope,
+        failed,
+        sender,
+        dsn::Kind::Failure,
+        true,
+    )
 }
 
 /// Spools a delivery status notification of `kind` addressed to `to`.
+/// `inbound`: the original is still in the intake spool (a bounce made at
+/// dispatch), so the store marks it and a re-dispatch after a crash does not
+/// bounce twice.
 pub fn bounce_to(
     config: &Config,
     store: &Store,
@@ -222,6 +233,7 @@ pub fn bounce_to(
     recipients: &[RecipientStatus],
     to: &str,
     kind: dsn::Kind,
+    inbound: bool,
 ) -> Result<Option<Envelope>, StoreError> {
     let original = store
         .content(envelope.id)?
@@ -262,7 +274,15 @@ pub fn bounce_to(
         helo: config.hostname.clone(),
         size: content.len() as u64,
     };
-    store.spool(&bounce, &content)?;
+    if inbound {
+        if !store.spool_bounce(envelope.id, &bounce, &content)? {
+            // Spooled by a dispatch before a crash; it is dispatched from
+            // the spool on its own.
+            return Ok(None);
+        }
+    } else {
+        store.spool(&bounce, &content)?;
+    }
     info!(id = %id, orig_id = %envelope.id, to = %to, kind = ?kind, "notification created");
     Ok(Some(bounce))
 }

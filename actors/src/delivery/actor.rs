@@ -279,7 +279,15 @@ impl Delivery {
             helo: String::new(),
             size: 0,
         };
-        match bounce_to(&self.config, &self.store, &envelope, &recipients, &to, kind) {
+        match bounce_to(
+            &self.config,
+            &self.store,
+            &envelope,
+            &recipients,
+            &to,
+            kind,
+            false,
+        ) {
             Ok(Some(bounce)) => {
                 if let Some(router) = &self.router {
                     router.do_send(Dispatch(bounce));
