@@ -24,11 +24,11 @@
 //! | tree | key | value |
 //! |---|---|---|
 //! | `meta` | name | schema version, UIDL epoch, queue length |
-//! | `users` | address | [`users::UserRecord`] |
+//! | `users` | address | argon2id PHC hash |
 //! | `aliases` | alias | `Vec<String>` targets |
 //! | `content` | id BE | message octets, stored once per message |
 //! | `refs` | id BE | reference count BE ++ content length BE |
-//! | `inbound` | id BE | [`Envelope`] not yet dispatched |
+//! | `inbound` | id BE | [`Envelope`](crate::message::Envelope) not yet dispatched |
 //! | `progress` | id BE | what dispatch of an inbound message has done |
 //! | `mail` | mailbox ++ NUL ++ id BE | prefix and size of one mailbox entry |
 //! | `queue` | id BE | [`QueueEntry`] |

@@ -864,3 +864,62 @@ fn dir_size(dir: &Path) -> u64 {
     }
     total
 }
+
+/// Measures spool + durable throughput of 1 KiB messages with several
+/// concurrent writers (each waits for durable() before its next message,
+/// as an SMTP connection does). Run with `--ignored --nocapture`.
+#[test]
+#[ignore = "measurement, prints numbers"]
+fn group_commit_throughput() {
+    for writers in [1usize, 8, 32] {
+        let (_dir, store) = open();
+        let per_writer = 4000 / writers;
+        let content = vec![b'x'; 1024];
+        let started = std::time::Instant::now();
+        std::thread::scope(|s| {
+            for _ in 0..writers {
+                let (store, content) = (store.clone(), &content);
+                s.spawn(move || {
+                    for _ in 0..per_writer {
+                        spool(&store, &["a@example.test"], content);
+                    }
+                });
+            }
+        });
+        let elapsed = started.elapsed();
+        let total = per_writer * writers;
+        println!(
+            "{writers:>2} writers: {total} messages in {elapsed:.2?} = {:.0}/s, {} flushes ({:.1} messages per flush)",
+            total as f64 / elapsed.as_secs_f64(),
+            store.flush_count(),
+            total as f64 / store.flush_count() as f64
+        );
+    }
+    // The same writes without waiting for durability: the cost of the
+    // transactions alone.
+    for writers in [1usize, 8] {
+        let (_dir, store) = open();
+        let per_writer = 8000 / writers;
+        let content = vec![b'x'; 1024];
+        let started = std::time::Instant::now();
+        std::thread::scope(|s| {
+            for _ in 0..writers {
+                let (store, content) = (store.clone(), &content);
+                s.spawn(move || {
+                    for _ in 0..per_writer {
+                        let id = store.new_id().unwrap();
+                        let e = envelope(id, &["a@example.test"], content.len());
+                        store.spool(&e, content).unwrap();
+                    }
+                });
+            }
+        });
+        store.flush_blocking().unwrap();
+        let elapsed = started.elapsed();
+        let total = per_writer * writers;
+        println!(
+            "{writers:>2} writers, no durable(): {total} messages in {elapsed:.2?} = {:.0}/s",
+            total as f64 / elapsed.as_secs_f64()
+        );
+    }
+}
