@@ -15,7 +15,7 @@ use crate::address::Address;
 use crate::message::{MessageId, Recipient};
 use crate::routing::Route;
 use crate::smtp::receiver::DataError;
-use crate::smtp::request::{MailParams, Request};
+use crate::smtp::request::{MailParams, Request, RequestError};
 use crate::smtp::Reply;
 
 /// What a session needs to know about the server, shared by all sessions of
@@ -112,6 +112,8 @@ pub struct Accepted {
 #[derive(Debug)]
 struct Transaction {
     sender: Option<Address>,
+    /// `MAIL` carried `SMTPUTF8`: UTF-8 recipients are allowed (RFC 6531).
+    smtputf8: bool,
     recipients: Vec<Recipient>,
     /// Recipients asked about, accepted or not (for the RCPT limit).
     rcpt_commands: usize,
@@ -304,10 +306,10 @@ impl Session {
         }
         if let (Some(user), Some(sender)) = (&self.authenticated, &from) {
             let (user, sender) = (user.clone(), sender.canonical());
-            self.tx = Some(Transaction::new(from));
+            self.tx = Some(Transaction::new(from, params.smtputf8));
             return Step::CheckSender { user, sender };
         }
-        self.tx = Some(Transaction::new(from));
+        self.tx = Some(Transaction::new(from, params.smtputf8));
         Step::Reply(Reply::new(250, "2.1.0", "Ok"))
     }
 
@@ -334,6 +336,14 @@ impl Session {
     }
 
     fn rcpt(&mut self, mut to: Address) -> Step {
+        let Some(smtputf8) = self.tx.as_ref().map(|tx| tx.smtputf8) else {
+            return self.error(Reply::new(503, "5.5.1", "Error: need MAIL command"));
+        };
+        // The request parser allows UTF-8 in RCPT because only the session
+        // knows whether this transaction's MAIL declared SMTPUTF8.
+        if to.needs_smtputf8() && !smtputf8 {
+            return self.error(RequestError::NonAsciiRecipient.reply());
+        }
         let Some(tx) = &mut self.tx else {
             return self.error(Reply::new(503, "5.5.1", "Error: need MAIL command"));
         };
@@ -640,9 +650,10 @@ impl Session {
 }
 
 impl Transaction {
-    fn new(sender: Option<Address>) -> Transaction {
+    fn new(sender: Option<Address>, smtputf8: bool) -> Transaction {
         Transaction {
             sender,
+            smtputf8,
             recipients: Vec::new(),
             rcpt_commands: 0,
             pending: None,

@@ -191,6 +191,16 @@ fn table() {
             &["250", "235 2.7.0", "250 2.1.0", "250 2.1.5"]),
         (false, "EHLO c\r\nAUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\nMAIL FROM:<boss@example.test>\r\nRCPT TO:<x@remote.test>\r\n",
             &["250", "235 2.7.0", "553 5.7.1", "503 5.5.1"]),
+        // UTF-8 recipients need SMTPUTF8 on this transaction's MAIL (RFC
+        // 6531 §3.4): 553 5.6.7 without it, routed with it; a new MAIL
+        // without it forgets the earlier declaration.
+        (false, "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<j\u{f6}rg@example.test>\r\nRCPT TO:<alice@example.test>\r\n",
+            &["250", "250 2.1.0", "553 5.6.7", "250 2.1.5"]),
+        (false, "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<alice@b\u{fc}ro.example>\r\n",
+            &["250", "250 2.1.0", "553 5.6.7"]),
+        (false, "EHLO c\r\nMAIL FROM:<a@b.test> SMTPUTF8\r\nRCPT TO:<j\u{f6}rg@example.test>\r\nRSET\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<j\u{f6}rg@example.test>\r\n",
+            &["250", "250 2.1.0", "550 5.1.1", "250 2.0.0", "250 2.1.0", "553 5.6.7"]),
+        (false, "EHLO c\r\nRCPT TO:<j\u{f6}rg@example.test>\r\n", &["250", "503 5.5.1"]),
     ];
     for (trusted, input, want) in cases {
         script(*trusted, input, want);
