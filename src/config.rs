@@ -46,6 +46,34 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     #[serde(default)]
     pub control: ControlConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+}
+
+/// sled settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// sled's page cache, in bytes.
+    #[serde(default = "default_cache_size")]
+    pub cache_size: u64,
+    /// How often sled flushes on its own ("0s": never). Acknowledged mail
+    /// never depends on it: postino flushes before every 250 to DATA.
+    #[serde(default = "default_background_flush", with = "humantime_serde")]
+    pub background_flush: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        from_empty_table()
+    }
+}
+
+fn default_cache_size() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_background_flush() -> Duration {
+    Duration::from_millis(500)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

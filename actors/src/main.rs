@@ -185,7 +185,7 @@ fn run_control(config: &Config, request: Request) -> ExitCode {
     let socket = config.control_socket();
     let response = match control::call(&socket, &request) {
         Ok(Some(r)) => r,
-        Ok(None) => match Store::open(&config.data_dir) {
+        Ok(None) => match Store::open_configured(&config.data_dir, &config.store) {
             Ok(store) => {
                 let r = control::execute(&store, request);
                 if let Err(e) = store.flush_blocking() {

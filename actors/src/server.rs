@@ -178,7 +178,7 @@ impl ServerBuilder {
     /// holds it) or a listener cannot be bound.
     pub async fn start(self) -> Result<Server, ServerError> {
         let config = Arc::new(self.config);
-        let store = Store::open(&config.data_dir)?;
+        let store = Store::open_configured(&config.data_dir, &config.store)?;
         let tls = TlsSlot::new(config.tls.as_ref().map(crate::tls::acceptor).transpose()?);
 
         // The core actors share one arbiter of their own, so that sled writes

@@ -48,6 +48,8 @@ mod tests;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+
+use crate::config::StoreConfig;
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
@@ -156,6 +158,19 @@ impl Store {
     /// [`StoreError::Schema`] if it was written by an incompatible postino.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         Store::open_with(dir, sled::Config::new())
+    }
+
+    /// Opens with the `[store]` settings of the configuration.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::open`].
+    pub fn open_configured(dir: &Path, settings: &StoreConfig) -> Result<Store, StoreError> {
+        let interval = settings.background_flush.as_millis() as u64;
+        let config = sled::Config::new()
+            .cache_capacity(settings.cache_size)
+            .flush_every_ms((interval > 0).then_some(interval));
+        Store::open_with(dir, config)
     }
 
     /// Opens with a caller-made sled config (tests turn sled's own periodic

@@ -79,3 +79,74 @@ fn sigterm_stops_gracefully() {
     );
     assert!(server.log().contains("stopped"));
 }
+
+/// Many sessions at once share group commits; kill -9 while they are
+/// sending. Every message whose 250 reached its client must be there after
+/// the restart. (sled's own periodic flush is off in these tests; the
+/// store's unit tests prove the flush ordering itself with a crashing child.)
+#[test]
+fn kill9_under_concurrent_load_loses_no_acknowledged_message() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let mut server = TestServer::start();
+    server.add_user("alice@example.test", "pw");
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let addr = server.smtp;
+    let clients: Vec<_> = (0..8)
+        .map(|c| {
+            let (acked, stop) = (acked.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut conn = Raw::connect(addr);
+                conn.reply();
+                conn.cmd("EHLO load");
+                // Bounded: at most 200 messages per client.
+                for n in 0..200 {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let subject = format!("load {c}-{n}");
+                    // Pipelined, as a busy relay would send.
+                    conn.send(
+                        format!("MAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nSubject: {subject}\r\n\r\nx\r\n.\r\n")
+                            .as_bytes(),
+                    );
+                    let replies: Vec<String> = (0..4).map(|_| conn.reply()).collect();
+                    if replies[3].starts_with("250") {
+                        acked.lock().unwrap().push(subject);
+                    } else {
+                        return; // the server died mid-transaction
+                    }
+                }
+            })
+        })
+        .collect();
+    // Let some messages through, then kill while the rest are in flight.
+    assert!(crate::support::wait_until(
+        std::time::Duration::from_secs(30),
+        || acked.lock().unwrap().len() >= 100
+    ));
+    server.kill9();
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        let _ = c.join();
+    }
+    let acked = acked.lock().unwrap().clone();
+    server.restart();
+    let msgs = pop_all(&server, "alice@example.test", "pw");
+    let missing: Vec<&String> = acked
+        .iter()
+        .filter(|s| {
+            !msgs
+                .iter()
+                .any(|m| m.text.contains(&format!("Subject: {s}\r\n")))
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged messages lost: {missing:?}",
+        missing.len(),
+        acked.len()
+    );
+}

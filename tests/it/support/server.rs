@@ -51,6 +51,10 @@ max_auth_failure_delay = "40ms"
 [routing]
 local_domains = ["example.test"]
 {routing}
+[store]
+# Only postino's own flushes make data durable here, so a 250 sent before
+# its flush would show up as a lost message in the kill -9 tests.
+background_flush = "0s"
 {rest}
 "#
     )
