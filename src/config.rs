@@ -178,7 +178,9 @@ pub enum UnknownUser {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoutingConfig {
-    #[serde(default)]
+    /// Domains whose mail is stored here (default `localhost`, as Postfix's
+    /// `mydestination` includes it).
+    #[serde(default = "default_local_domains")]
     pub local_domains: Vec<String>,
     #[serde(default)]
     pub unknown_user: UnknownUser,
@@ -326,6 +328,9 @@ fn default_auth_failure_delay() -> Duration {
 }
 fn default_max_auth_failure_delay() -> Duration {
     Duration::from_secs(15)
+}
+fn default_local_domains() -> Vec<String> {
+    vec!["localhost".into()]
 }
 fn default_relay_networks() -> Vec<IpNet> {
     vec![
