@@ -283,11 +283,41 @@ e2e() {
         "(all 250s after $(printf %.2f "$(calc "$t1 - $t0")") s)"
 }
 
+rate_of() { awk -F'\t' -v t="$1" -v l="$2" -v o="$3" '$1==t && $2==l && $3==o { print $6 }' "$RESULTS"; }
+json_field() { sed -n "s/^ *\"$2\": \([0-9.]*\),\{0,1\}\$/\1/p" "$1" | head -1; }
+
+# half_rate TARGET PORT COUNT_FN: latency from the final dot to the 250 with an
+# open-loop load at half the rate smtp-source reached (local delivery), over
+# 40 reused connections, for HALF_SECONDS.
+HALF_SECONDS=10
+half_rate() {
+    local target=$1 port=$2 count_fn=$3 full rate n base label=$1-half-rate json
+    full=$(rate_of "$target" local smtp-source)
+    if [ -z "$full" ] || [ "$full" -lt 2 ]; then return 0; fi
+    rate=$((full / 2))
+    n=$((rate * HALF_SECONDS))
+    json=$OUT/$label.json
+    base=$($count_fn)
+    if timeout $((60 + 2 * HALF_SECONDS)) "$BENCH" bench smtp --server "127.0.0.1:$port" --sessions 40 \
+        --messages-per-session 0 --messages "$n" --rate "$rate" --size "$SIZE" \
+        --rcpt-pattern 'user{n}@example.test' --rcpt-count "$SESSIONS" \
+        --json "$json" --plot "$OUT/$label.svg" >"$OUT/$label.txt"; then
+        cat "$OUT/$label.txt" >&2
+        record "$target" latency-at-half-rate postino-bench "$(json_field "$json" ok)" \
+            "$(json_field "$json" elapsed_s)" \
+            "(target $rate/s; p50 $(awk "BEGIN { printf \"%.1f\", $(json_field "$json" p50) / 1000 }") ms, p99 $(awk "BEGIN { printf \"%.1f\", $(json_field "$json" p99) / 1000 }") ms)"
+        wait_until "$count_fn" $((base + n)) "$WAIT" || FAILED=1
+    else
+        log "$target: half-rate load failed"; FAILED=1
+    fi
+}
+
 log "Postfix: local delivery and relay"
 e2e postfix local smtp-source "$PF_SMTP" 'user{n}@example.test' maildir_count maildir_last
 e2e postfix local "postino-bench" "$PF_SMTP" 'user{n}@example.test' maildir_count maildir_last
 e2e postfix relay smtp-source "$PF_SMTP" 'user{n}@remote.test' sink_count sink_last
 e2e postfix relay "postino-bench" "$PF_SMTP" 'user{n}@remote.test' sink_count sink_last
+half_rate postfix "$PF_SMTP" maildir_count
 
 # ---------------------------------------------------------------- smtp-sink
 log "smtp-sink ceiling on 127.0.0.1:$SMTP_SINK_PORT"
@@ -413,6 +443,7 @@ else
             e2e postino local "postino-bench" "$PN_SMTP" 'user{n}@example.test' postino_count postino_last
             e2e postino relay smtp-source "$PN_SMTP" 'user{n}@remote.test' sink_count sink_last
             e2e postino relay "postino-bench" "$PN_SMTP" 'user{n}@remote.test' sink_count sink_last
+            half_rate postino "$PN_SMTP" postino_count
             pop3_run postino "$PN_POP3" "$PN_SMTP" postino_pop_count
         else
             log "postino: serve did not listen: $(tail -5 "$PN/serve.log")"
@@ -423,7 +454,6 @@ else
 fi
 
 # ---------------------------------------------------------------- summary
-rate_of() { awk -F'\t' -v t="$1" -v l="$2" -v o="$3" '$1==t && $2==l && $3==o { print $6 }' "$RESULTS"; }
 {
     echo
     echo "## Results ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $MESSAGES messages of $SIZE octets, $SESSIONS sessions)"

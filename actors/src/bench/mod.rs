@@ -162,12 +162,18 @@ pub(crate) struct Progress {
 }
 
 impl Progress {
+    /// `total` 0: not known in advance.
     pub(crate) fn start(total: u64, unit: &str, done: Arc<AtomicU64>) -> Self {
         let bar = if std::io::stderr().is_terminal() {
+            // An unknown total (0) gets a counter without a bar.
             let bar = ProgressBar::new(total);
-            let template = format!(
-                "{{elapsed_precise}} [{{bar:40}}] {{pos}}/{{len}} {unit} {{per_sec}} (eta {{eta}})"
-            );
+            let template = if total == 0 {
+                format!("{{elapsed_precise}} {{pos}} {unit} {{per_sec}}")
+            } else {
+                format!(
+                    "{{elapsed_precise}} [{{bar:40}}] {{pos}}/{{len}} {unit} {{per_sec}} (eta {{eta}})"
+                )
+            };
             if let Ok(style) = ProgressStyle::with_template(&template) {
                 bar.set_style(style.progress_chars("=> "));
             }

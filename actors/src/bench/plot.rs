@@ -40,15 +40,18 @@ pub fn draw(report: &Report, unit: &str, path: &Path) -> Result<(), BenchError> 
     let (top, bottom) = root.split_vertically(340);
 
     let x_max = (report.per_second.len().max(1)) as f64;
+    // The last second is usually partial: scale it to a rate so the line
+    // does not dive at the end of every run.
+    let span = |t: u64| (report.elapsed_s - t as f64).clamp(0.1, 1.0);
     let rates: Vec<(f64, f64)> = report
         .per_second
         .iter()
-        .map(|s| (s.t as f64 + 0.5, s.ok as f64))
+        .map(|s| (s.t as f64 + 0.5, s.ok as f64 / span(s.t)))
         .collect();
     let failures: Vec<(f64, f64)> = report
         .per_second
         .iter()
-        .map(|s| (s.t as f64 + 0.5, s.failed as f64))
+        .map(|s| (s.t as f64 + 0.5, s.failed as f64 / span(s.t)))
         .collect();
     let y_max = rates
         .iter()

@@ -117,6 +117,8 @@ impl SinkArgs {
 #[derive(Debug, Default)]
 struct Counters {
     connections: AtomicU64,
+    open_now: AtomicU64,
+    peak_connections: AtomicU64,
     messages: AtomicU64,
     recipients: AtomicU64,
     bytes: AtomicU64,
@@ -139,6 +141,8 @@ pub struct SinkStats {
     pub running: bool,
     pub uptime_s: f64,
     pub connections: u64,
+    /// Most sessions open at the same time.
+    pub peak_connections: u64,
     /// Messages answered 250 after the final dot.
     pub messages: u64,
     /// Recipients of those messages.
@@ -195,6 +199,7 @@ impl Shared {
             running,
             uptime_s: self.start.elapsed().as_secs_f64(),
             connections: get(&c.connections),
+            peak_connections: get(&c.peak_connections),
             messages,
             recipients: get(&c.recipients),
             bytes: get(&c.bytes),
@@ -241,6 +246,24 @@ fn write_atomic(path: &Path, text: String) -> Result<(), BenchError> {
         })
 }
 
+/// Listen backlog asked for (the kernel caps it at net.core.somaxconn).
+pub const LISTEN_BACKLOG: u32 = 8192;
+
+/// Binds with a deep backlog: when thousands of clients connect at once, a
+/// full accept queue makes Linux drop the handshake's last ACK, and those
+/// clients then wait for a greeting that never comes (tokio's default
+/// backlog is 1024).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// A sink that is listening and accepting.
 struct Running {
     shared: Arc<Shared>,
@@ -250,9 +273,7 @@ struct Running {
 async fn start(args: SinkArgs) -> Result<Running, BenchError> {
     args.validate()?;
     let addr = super::resolve(&args.listen, args.allow_remote).await?;
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| BenchError::Bind { addr, source })?;
+    let listener = listen(addr).map_err(|source| BenchError::Bind { addr, source })?;
     let listen = listener
         .local_addr()
         .map_err(|source| BenchError::Bind { addr, source })?;
@@ -306,12 +327,13 @@ pub async fn run(args: SinkArgs) -> Result<(), BenchError> {
     let s = shared.stats(false);
     info!(reason = why, "bench sink stopping");
     println!(
-        "bench sink: {} messages ({} recipients, {} octets) over {} connections; \
+        "bench sink: {} messages ({} recipients, {} octets) over {} connections (peak {} open); \
          first to last {:.3} s = {:.0} msg/s; refused rcpt {}+{}, data {}+{}, dropped {} ({why})",
         s.messages,
         s.recipients,
         s.bytes,
         s.connections,
+        s.peak_connections,
         s.first_to_last_s,
         s.messages_per_s,
         s.tempfail_rcpt,
@@ -355,12 +377,16 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(1);
-                shared.counters.connections.fetch_add(1, Ordering::Relaxed);
+                let c = &shared.counters;
+                c.connections.fetch_add(1, Ordering::Relaxed);
+                let now = c.open_now.fetch_add(1, Ordering::Relaxed) + 1;
+                c.peak_connections.fetch_max(now, Ordering::Relaxed);
                 let shared = shared.clone();
                 tokio::spawn(async move {
                     if let Err(e) = Session::new(stream, &shared).run().await {
                         debug!(%peer, error = %e, "sink session ended");
                     }
+                    shared.counters.open_now.fetch_sub(1, Ordering::Relaxed);
                     drop(permit);
                 });
             }
@@ -803,6 +829,21 @@ mod tests {
         }
         let a = smtp_args("127.0.0.1:1".parse().unwrap(), &[]);
         assert_eq!(a.pipelining, OnOff::On);
+    }
+
+    /// --hold opens every session before any sends: the sink sees them all
+    /// open at once, and each completes one transaction.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hold_opens_all_sessions_at_once() {
+        let s = sink(&[]).await;
+        let args = smtp_args(
+            s.shared.listen,
+            &["--hold", "--sessions", "200", "--messages", "200"],
+        );
+        smtp::run(args).await.unwrap();
+        let st = s.shared.stats(true);
+        assert_eq!((st.messages, st.connections), (200, 200));
+        assert_eq!(st.peak_connections, 200);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -79,6 +79,12 @@ pub struct SmtpArgs {
     /// Without it each session sends as fast as the server answers.
     #[arg(long)]
     pub rate: Option<f64>,
+    /// Open every session (greeting, EHLO) and hold it until all --sessions
+    /// are open at once, then let each send its first message (for "N
+    /// sessions open at once in one process" tests; needs --messages at
+    /// least --sessions to give every session a message).
+    #[arg(long)]
+    pub hold: bool,
     /// Stop starting new messages after this long (e.g. 30s); --messages
     /// still bounds the run.
     #[arg(long)]
@@ -134,6 +140,7 @@ impl SmtpArgs {
             "pipelining": self.pipelining == OnOff::On,
             "tls": self.tls,
             "messages_per_session": self.messages_per_session,
+            "hold": self.hold,
             "rate": self.rate,
             "duration_s": self.duration.map(|d| Duration::from(d).as_secs_f64()),
         })
@@ -150,6 +157,9 @@ struct Shared {
     tls: Option<TlsConnector>,
     next: AtomicU64,
     done: Arc<AtomicU64>,
+    /// With --hold: where sessions wait until all are open, and how many made it.
+    hold: Option<tokio::sync::Barrier>,
+    held_open: AtomicU64,
     start: Instant,
     deadline: Option<Instant>,
     recorder: SharedRecorder,
@@ -197,6 +207,10 @@ pub async fn run(args: SmtpArgs) -> Result<(), BenchError> {
         tls,
         next: AtomicU64::new(0),
         done: done.clone(),
+        hold: args
+            .hold
+            .then(|| tokio::sync::Barrier::new(args.sessions.min(args.messages as usize))),
+        held_open: AtomicU64::new(0),
         start,
         deadline: args.duration.map(|d| start + Duration::from(d)),
         recorder: SharedRecorder::new(start),
@@ -218,6 +232,12 @@ pub async fn run(args: SmtpArgs) -> Result<(), BenchError> {
         .lock()
         .report("smtp", &args.server, elapsed, args.params());
     print!("{}", report.summary("messages", "final dot to reply"));
+    if args.hold {
+        println!(
+            "held {} of {workers} sessions open at once before sending",
+            shared.held_open.load(Ordering::Relaxed)
+        );
+    }
     if let Some(path) = &args.json {
         report.write_json(path)?;
     }
@@ -246,7 +266,28 @@ async fn session(shared: Arc<Shared>) {
     let args = &shared.args;
     let mut conn: Option<Conn> = None;
     let mut buf = Vec::with_capacity(args.size + 1024);
-    while let Some(i) = shared.claim() {
+    // With --hold the first message is claimed before the barrier, so every
+    // held connection has one to send (a fast session cannot take them all).
+    let mut first = None;
+    if let Some(barrier) = &shared.hold {
+        first = shared.claim();
+        if first.is_some() {
+            match open(&shared).await {
+                Ok(c) => {
+                    shared.held_open.fetch_add(1, Ordering::Relaxed);
+                    conn = Some(c);
+                }
+                Err(kind) => {
+                    shared.failed(&kind);
+                    first = None;
+                }
+            }
+        }
+        // Every session reaches this exactly once (opens are bounded by
+        // --timeout), so the barrier cannot wait forever.
+        barrier.wait().await;
+    }
+    while let Some(i) = first.take().or_else(|| shared.claim()) {
         if let Some(rate) = args.rate {
             let due = shared.start + Duration::from_secs_f64(i as f64 / rate);
             tokio::time::sleep_until(due.into()).await;
