@@ -198,6 +198,7 @@ impl Pop3Connection {
         let ip = self.peer.ip();
         let canonical = user.to_ascii_lowercase();
         let fut = async move {
+            let mut delay = Duration::ZERO;
             let store = shared.store.clone();
             let who = canonical.clone();
             // argon2 is deliberately slow: not on the actor's thread.
@@ -232,7 +233,7 @@ impl Pop3Connection {
                     _ => AuthResult::TemporaryFailure,
                 },
                 Ok(false) => {
-                    let delay = shared.failure_delay(ip);
+                    delay = shared.failure_delay(ip);
                     tokio::time::sleep(delay).await;
                     AuthResult::BadCredentials
                 }
@@ -241,15 +242,23 @@ impl Pop3Connection {
                     AuthResult::TemporaryFailure
                 }
             };
-            (canonical, result)
+            (canonical, result, delay)
         };
-        ctx.wait(fut.into_actor(self).map(|(user, result), act, ctx| {
+        ctx.wait(fut.into_actor(self).map(|(user, result, delay), act, ctx| {
             match &result {
                 AuthResult::Ok(drop) => {
                     info!(parent: &act.span, %user, messages = drop.0.len(), "pop3 login");
                     act.mailbox = Some(user);
                 }
-                other => info!(parent: &act.span, %user, result = ?other, "pop3 login failed"),
+                // The delay is logged so a postmaster (and the tests) can see
+                // the tarpit growing per client address.
+                other => info!(
+                    parent: &act.span,
+                    %user,
+                    result = ?other,
+                    delay_ms = delay.as_millis() as u64,
+                    "pop3 login failed"
+                ),
             }
             let Some(io) = act.io.as_mut() else { return };
             let next = act.session.authenticated(result, &mut io.wbuf);
