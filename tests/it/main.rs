@@ -5,4 +5,6 @@
 mod delivery_client;
 mod durability;
 mod smtp_local;
+mod security;
 mod support;
+mod tls;
