@@ -144,13 +144,23 @@ impl Pop3Connection {
                 let Some(mailbox) = self.mailbox.take() else {
                     return false;
                 };
-                let fut = self.shared.mailbox.send(Expunge {
+                let expunge = self.shared.mailbox.send(Expunge {
                     mailbox: mailbox.clone(),
                     session: self.id,
                     keys: deleted,
                 });
+                let store = self.shared.store.clone();
+                // The +OK to QUIT says the messages are gone (RFC 1939 §6):
+                // flush first, or a crash right after it brings them back.
+                let fut = async move {
+                    match expunge.await {
+                        Ok(Ok(())) => store.durable().await.map_err(|e| e.to_string()),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    }
+                };
                 ctx.wait(fut.into_actor(self).map(move |res, act, ctx| {
-                    let ok = matches!(res, Ok(Ok(())));
+                    let ok = res.is_ok();
                     if !ok {
                         warn!(parent: &act.span, %mailbox, ?res, "expunge failed");
                     }
