@@ -51,8 +51,9 @@ pub struct Pop3Args {
     /// session.
     #[arg(long)]
     pub logins: Option<u64>,
-    /// User names: each {n} becomes a number cycling over 1..=--users, so login
-    /// j uses user 1 + j % users.
+    /// User names: each {n} becomes a number: session s (from 0) always logs
+    /// in as user 1 + s % --users, so with --users >= --sessions no two
+    /// sessions share a mailbox (servers may lock it: RFC 1939 [IN-USE]).
     #[arg(long, default_value = "user{n}@example.test")]
     pub user_pattern: String,
     /// How many distinct users {n} cycles over. Default: --sessions.
@@ -131,12 +132,8 @@ impl Shared {
         self.deadline.is_some_and(|d| Instant::now() >= d)
     }
 
-    fn claim_login(&self) -> Option<u64> {
-        if self.expired() {
-            return None;
-        }
-        let j = self.next_login.fetch_add(1, Ordering::Relaxed);
-        (j < self.logins).then_some(j)
+    fn claim_login(&self) -> bool {
+        !self.expired() && self.next_login.fetch_add(1, Ordering::Relaxed) < self.logins
     }
 
     /// Takes one RETR from the --messages budget.
@@ -182,8 +179,8 @@ pub async fn run(args: Pop3Args) -> Result<(), BenchError> {
     // The total is not known before STAT: show the --messages bound if any.
     let progress = Progress::start(shared.args.messages.unwrap_or(0), "RETR", done.clone());
     let mut set = tokio::task::JoinSet::new();
-    for _ in 0..(shared.args.sessions as u64).min(logins) {
-        set.spawn(session(shared.clone()));
+    for s in 0..(shared.args.sessions as u64).min(logins) {
+        set.spawn(session(shared.clone(), s));
     }
     while set.join_next().await.is_some() {}
     let elapsed = start.elapsed();
@@ -209,9 +206,10 @@ pub async fn run(args: Pop3Args) -> Result<(), BenchError> {
     Ok(())
 }
 
-async fn session(shared: Arc<Shared>) {
-    while let Some(j) = shared.claim_login() {
-        if let Err(kind) = login(&shared, j).await {
+async fn session(shared: Arc<Shared>, s: u64) {
+    let user = shared.users.expand(s);
+    while shared.claim_login() {
+        if let Err(kind) = login(&shared, &user).await {
             shared.failed(&kind);
         }
     }
@@ -222,7 +220,7 @@ fn kind(e: ClientError) -> String {
 }
 
 /// One login: returns the error kind of a failure that ended it early.
-async fn login(shared: &Shared, j: u64) -> Result<(), String> {
+async fn login(shared: &Shared, user: &str) -> Result<(), String> {
     let args = &shared.args;
     let mut c = Client::connect(shared.addr, Duration::from(args.timeout))
         .await
@@ -233,7 +231,6 @@ async fn login(shared: &Shared, j: u64) -> Result<(), String> {
         Err(e) => Err(kind(e)),
     };
     expect_ok("greeting", c.pop3_status().await)?;
-    let user = shared.users.expand(j);
     c.send(format!("USER {user}\r\n").as_bytes())
         .await
         .map_err(kind)?;
@@ -286,7 +283,165 @@ async fn login(shared: &Shared, j: u64) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use clap::Parser;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
     use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Pop3Args,
+    }
+
+    /// What the fake server saw.
+    #[derive(Default)]
+    struct Seen {
+        /// Commands by verb.
+        commands: HashMap<String, u64>,
+        /// Users logged in right now, and whether two ever overlapped.
+        active: Vec<String>,
+        overlap: bool,
+    }
+
+    /// A POP3 server with `count` messages in every mailbox; message k's body
+    /// has a line that needs dot-stuffing and is k lines long. Password "pw".
+    async fn fake_pop3(count: u64) -> (SocketAddr, Arc<Mutex<Seen>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let s = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let seen = s.clone();
+                tokio::spawn(async move {
+                    let (r, mut w) = stream.into_split();
+                    let mut lines = BufReader::new(r).lines();
+                    w.write_all(b"+OK fake ready\r\n").await.unwrap();
+                    let mut user = String::new();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        let (verb, arg) = line.split_once(' ').unwrap_or((&line, ""));
+                        *seen
+                            .lock()
+                            .unwrap()
+                            .commands
+                            .entry(verb.to_owned())
+                            .or_default() += 1;
+                        let reply = match verb {
+                            "USER" => {
+                                user = arg.to_owned();
+                                "+OK\r\n".to_owned()
+                            }
+                            "PASS" if arg == "pw" => {
+                                let mut s = seen.lock().unwrap();
+                                s.overlap |= s.active.contains(&user);
+                                s.active.push(user.clone());
+                                "+OK logged in\r\n".to_owned()
+                            }
+                            "PASS" => "-ERR [AUTH] no\r\n".to_owned(),
+                            "STAT" => format!("+OK {count} 1000\r\n"),
+                            "RETR" => {
+                                let k: usize = arg.parse().unwrap();
+                                format!(
+                                    "+OK\r\nSubject: {k}\r\n\r\n..stuffed\r\n{}.\r\n",
+                                    "x\r\n".repeat(k)
+                                )
+                            }
+                            "DELE" => "+OK\r\n".to_owned(),
+                            "QUIT" => {
+                                seen.lock().unwrap().active.retain(|u| *u != user);
+                                w.write_all(b"+OK bye\r\n").await.unwrap();
+                                return;
+                            }
+                            _ => "-ERR unknown\r\n".to_owned(),
+                        };
+                        w.write_all(reply.as_bytes()).await.unwrap();
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    fn args(addr: SocketAddr, extra: &[&str]) -> Pop3Args {
+        let server = addr.to_string();
+        let mut argv = vec![
+            "pop3",
+            "--server",
+            &server,
+            "--password",
+            "pw",
+            "--timeout",
+            "10s",
+        ];
+        argv.extend_from_slice(extra);
+        Cli::parse_from(argv).args
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retrieves_every_message_of_every_login() {
+        let (addr, seen) = fake_pop3(25).await;
+        let dir = tempfile::tempdir().unwrap();
+        let json = dir.path().join("p.json");
+        let a = args(
+            addr,
+            &[
+                "--sessions",
+                "4",
+                "--logins",
+                "12",
+                "--json",
+                json.to_str().unwrap(),
+            ],
+        );
+        run(a).await.unwrap();
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert_eq!(report["ok"], 12 * 25);
+        assert_eq!(report["failed"], 0);
+        let s = seen.lock().unwrap();
+        assert_eq!(s.commands["RETR"], 12 * 25);
+        assert_eq!(s.commands["QUIT"], 12);
+        assert!(!s.commands.contains_key("DELE"));
+        // Each session keeps its own mailbox: no two logins to one user at once.
+        assert!(!s.overlap);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn first_n_with_delete_and_budget() {
+        let (addr, seen) = fake_pop3(25).await;
+        run(args(
+            addr,
+            &["--sessions", "3", "--retrieve", "5", "--delete"],
+        ))
+        .await
+        .unwrap();
+        {
+            let s = seen.lock().unwrap();
+            assert_eq!((s.commands["RETR"], s.commands["DELE"]), (15, 15));
+        }
+        // --messages caps the RETRs of the whole run.
+        let (addr, seen) = fake_pop3(25).await;
+        run(args(addr, &["--sessions", "3", "--messages", "7"]))
+            .await
+            .unwrap();
+        assert_eq!(seen.lock().unwrap().commands["RETR"], 7);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wrong_password_fails_the_run() {
+        let (addr, _) = fake_pop3(1).await;
+        let mut a = args(addr, &["--sessions", "2"]);
+        a.password = "wrong".into();
+        let err = run(a).await.unwrap_err();
+        assert!(
+            matches!(err, BenchError::NothingSucceeded { failed: 2 }),
+            "{err}"
+        );
+    }
 
     #[test]
     fn retrieve_values() {
