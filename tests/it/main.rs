@@ -4,6 +4,7 @@
 
 mod delivery_client;
 mod durability;
+mod pop3;
 mod smtp_local;
 mod security;
 mod support;
