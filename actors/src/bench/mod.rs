@@ -168,13 +168,20 @@ impl Progress {
             // An unknown total (0) gets a counter without a bar.
             let bar = ProgressBar::new(total);
             let template = if total == 0 {
-                format!("{{elapsed_precise}} {{pos}} {unit} {{per_sec}}")
+                format!("{{elapsed_precise}} {{pos}} {unit} {{rate}}")
             } else {
                 format!(
-                    "{{elapsed_precise}} [{{bar:40}}] {{pos}}/{{len}} {unit} {{per_sec}} (eta {{eta}})"
+                    "{{elapsed_precise}} [{{bar:40}}] {{pos}}/{{len}} {unit} {{rate}} (eta {{eta}})"
                 )
             };
             if let Ok(style) = ProgressStyle::with_template(&template) {
+                // indicatif's {per_sec} prints four decimals: whole numbers read better.
+                let style = style.with_key(
+                    "rate",
+                    |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                        let _ = write!(w, "{:.0}/s", state.per_sec());
+                    },
+                );
                 bar.set_style(style.progress_chars("=> "));
             }
             bar
