@@ -149,7 +149,7 @@ pub(super) fn progress_of(
 
 /// Writes a new message: content with one reference, held by its inbound
 /// record.
-fn spool_in(
+pub(super) fn spool_in(
     content_tree: &TransactionalTree,
     refs: &TransactionalTree,
     inbound: &TransactionalTree,

@@ -61,7 +61,7 @@ use crate::routing::Directory;
 
 pub use commit::Durable;
 pub use mail::{LocalDelivery, MailEntry};
-pub use queue::{QueueEntry, QueueRecipient, RecipientState};
+pub use queue::{Notice, QueueEntry, QueueRecipient, RecipientState};
 
 /// Version of the on-disk layout; bincode records are not self-describing,
 /// so a database written by another layout is refused instead of misread.
