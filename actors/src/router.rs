@@ -14,7 +14,7 @@ use postino_core::dsn::{self, RecipientStatus};
 use postino_core::message::{now_unix, Recipient as Rcpt};
 use postino_core::routing::{self, Target};
 use postino_core::smtp::session::RouteQuery;
-use postino_core::store::{LocalDelivery, StoreError};
+use postino_core::store::{LocalDelivery, Notice, StoreError};
 use postino_core::{Address, Config, Envelope, Route, Store};
 use tracing::{info, warn};
 
@@ -235,6 +235,38 @@ pub fn bounce_to(
     kind: dsn::Kind,
     inbound: bool,
 ) -> Result<Option<Envelope>, StoreError> {
+    let Some(Notice {
+        envelope: bounce,
+        content,
+    }) = notification(config, store, envelope, recipients, to, kind)?
+    else {
+        return Ok(None);
+    };
+    if inbound {
+        if !store.spool_bounce(envelope.id, &bounce, &content)? {
+            // Spooled by a dispatch before a crash; it is dispatched from
+            // the spool on its own.
+            return Ok(None);
+        }
+    } else {
+        store.spool(&bounce, &content)?;
+    }
+    info!(id = %bounce.id, orig_id = %envelope.id, to = %to, kind = ?kind, "notification created");
+    Ok(Some(bounce))
+}
+
+/// Builds (without spooling) a delivery status notification of `kind`
+/// about `envelope`'s `recipients`, addressed to `to` and routed like any
+/// message to it. `None` when `to` cannot be routed. The delivery actor
+/// spools it together with its queue change ([`Store::settle_queue`]).
+pub fn notification(
+    config: &Config,
+    store: &Store,
+    envelope: &Envelope,
+    recipients: &[RecipientStatus],
+    to: &str,
+    kind: dsn::Kind,
+) -> Result<Option<Notice>, StoreError> {
     let original = store
         .content(envelope.id)?
         .map(|c| c.to_vec())
@@ -274,15 +306,8 @@ pub fn bounce_to(
         helo: config.hostname.clone(),
         size: content.len() as u64,
     };
-    if inbound {
-        if !store.spool_bounce(envelope.id, &bounce, &content)? {
-            // Spooled by a dispatch before a crash; it is dispatched from
-            // the spool on its own.
-            return Ok(None);
-        }
-    } else {
-        store.spool(&bounce, &content)?;
-    }
-    info!(id = %id, orig_id = %envelope.id, to = %to, kind = ?kind, "notification created");
-    Ok(Some(bounce))
+    Ok(Some(Notice {
+        envelope: bounce,
+        content,
+    }))
 }
