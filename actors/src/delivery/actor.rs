@@ -1,26 +1,57 @@
 //! The delivery actor: Postfix's queue manager. It keeps remote messages in
 //! the sled queue, tries each when it is due, retries on the configured
 //! schedule, and bounces what fails for good or outlives the queue lifetime.
+//!
+//! # A delivery round
+//!
+//! [`Delivery::start`] splits an entry's open recipients by destination
+//! (domain, or the smarthost) and runs one task per destination, each under
+//! that destination's concurrency limit. Each task's outcomes are written to
+//! the queue record as they come in, so a crash re-sends as little as
+//! possible. When the last task of the round is back, [`Delivery::finalize`]
+//! decides: bounce the recipients that failed for good (one RFC 3464 report
+//! per round listing all of them, as Postfix's queue manager flushes its
+//! bounce log after each pass), send a delay warning, reschedule the rest, or
+//! remove the entry. That decision and the notifications it makes are one
+//! store transaction ([`Store::settle_queue`]).
+//!
+//! While a round runs, its entry stays due in the store: after a crash it is
+//! tried again at once (Postfix moves its active queue back to incoming on
+//! restart). The actor itself skips entries it is trying.
+//!
+//! # Timing
+//!
+//! `next_attempt` is stored in whole unix seconds, rounded up, so that a
+//! deferred message never comes back before its retry interval has passed.
+//! The actor sleeps until the earliest due entry (at most [`MAX_SLEEP`], so
+//! that changes made by the offline CLI are seen) and is woken early by a
+//! new message or by a round that schedules something sooner.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
+use postino_core::config::DoubleBounce;
 use postino_core::dsn::{self, RecipientStatus};
 use postino_core::message::now_unix;
-use postino_core::store::{QueueEntry, QueueRecipient, RecipientState, StoreError};
+use postino_core::store::{Notice, QueueEntry, QueueRecipient, RecipientState, StoreError};
 use postino_core::{Config, Envelope, MessageId, Store};
 use tokio::sync::Semaphore;
-use tracing::{info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::control::{parse_id, Response};
-use crate::router::{bounce_to, Dispatch};
+use crate::router::{notification, Dispatch};
 
-use super::attempt::{self, Outcome};
+use super::attempt::{self, Outcome, RcptResult};
 
 /// Most messages being tried at once (each may hold several connections).
 pub const MAX_IN_FLIGHT: usize = 512;
+/// Longest sleep between two looks at the queue.
+pub const MAX_SLEEP: Duration = Duration::from_secs(60);
+/// Shortest sleep: a due entry that could not be started (a failing store)
+/// must not turn the actor into a busy loop.
+const MIN_SLEEP: Duration = Duration::from_millis(100);
 
 /// Queue these remote recipients of a spooled message.
 #[derive(Message, Debug)]
@@ -30,7 +61,8 @@ pub struct Enqueue {
     pub recipients: Vec<String>,
 }
 
-/// Tells the delivery actor where bounces go (the router starts after it).
+/// Tells the delivery actor where notifications go (the router starts after
+/// it). Notifications made before this arrives wait for it.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct SetRouter(pub Recipient<Dispatch>);
@@ -49,10 +81,16 @@ pub struct Delivery {
     config: Arc<Config>,
     store: Store,
     router: Option<Recipient<Dispatch>>,
-    in_flight: HashSet<MessageId>,
-    /// Per destination domain: `concurrency_per_domain` permits.
-    domains: HashMap<String, Arc<Semaphore>>,
-    wakeup: Option<SpawnHandle>,
+    /// Notifications spooled before the router was known.
+    undispatched: Vec<Envelope>,
+    /// Entries in a round, with the number of destination tasks still out.
+    in_flight: HashMap<MessageId, usize>,
+    /// Per destination: `concurrency_per_domain` permits. Entries nobody
+    /// holds are dropped at each poll, so the map does not grow with every
+    /// domain ever seen.
+    destinations: HashMap<String, Arc<Semaphore>>,
+    /// The pending wake-up and when (unix seconds) it fires.
+    wakeup: Option<(f64, SpawnHandle)>,
     attempt: Arc<attempt::Attempt>,
 }
 
@@ -63,72 +101,111 @@ impl Delivery {
             config,
             store,
             router: None,
-            in_flight: HashSet::new(),
-            domains: HashMap::new(),
+            undispatched: Vec::new(),
+            in_flight: HashMap::new(),
+            destinations: HashMap::new(),
             wakeup: None,
             attempt,
         }
     }
 
-    /// Starts every due entry we have room for, then sleeps until the next.
+    /// Starts every due entry there is room for, then sleeps until the next.
     fn poll(&mut self, ctx: &mut Context<Self>) {
-        if let Some(h) = self.wakeup.take() {
+        if let Some((_, h)) = self.wakeup.take() {
             ctx.cancel_future(h);
         }
         let room = MAX_IN_FLIGHT.saturating_sub(self.in_flight.len());
         if room > 0 {
+            // Entries in a round are still due; ask for enough to see past them.
             match self.store.due(now_unix(), room + self.in_flight.len()) {
                 Ok(due) => {
                     for entry in due {
                         if self.in_flight.len() >= MAX_IN_FLIGHT {
                             break;
                         }
-                        if !self.in_flight.contains(&entry.id) {
+                        if !self.in_flight.contains_key(&entry.id) {
                             self.start(entry, ctx);
                         }
                     }
                 }
-                Err(e) => warn!(error = %e, "queue scan failed"),
+                Err(e) => error!(error = %e, "queue scan failed"),
             }
         }
+        self.destinations
+            .retain(|_, permits| Arc::strong_count(permits) > 1);
         self.schedule(ctx);
     }
 
-    /// Wakes up at the next due time (at most a minute from now, so that
-    /// entries changed behind our back are seen).
+    /// Sleeps until the earliest entry not in a round is due.
     fn schedule(&mut self, ctx: &mut Context<Self>) {
-        let now = now_unix();
-        let wait = match self.store.next_due_time() {
-            Ok(Some(t)) if self.in_flight.len() < MAX_IN_FLIGHT => {
-                t.saturating_sub(now).clamp(1, 60)
+        let now = unix_time();
+        let mut at = now + MAX_SLEEP.as_secs_f64();
+        if self.in_flight.len() < MAX_IN_FLIGHT {
+            let in_flight = &self.in_flight;
+            match self
+                .store
+                .next_due_time_except(|id| in_flight.contains_key(&id))
+            {
+                Ok(Some(t)) => at = at.min(t as f64),
+                Ok(None) => {}
+                Err(e) => error!(error = %e, "queue scan failed"),
             }
-            _ => 60,
-        };
-        self.wakeup = Some(ctx.run_later(Duration::from_secs(wait), |act, ctx| {
-            act.wakeup = None;
-            act.poll(ctx);
-        }));
+        }
+        self.wake_at(at, ctx);
     }
 
-    fn semaphore(&mut self, domain: &str) -> Arc<Semaphore> {
-        let limit = self.config.delivery.concurrency_per_domain;
-        self.domains
-            .entry(domain.to_owned())
+    /// (Re)arms the wake-up for unix time `at`, unless one is due sooner.
+    fn wake_at(&mut self, at: f64, ctx: &mut Context<Self>) {
+        if let Some((current, h)) = self.wakeup {
+            if current <= at {
+                return;
+            }
+            ctx.cancel_future(h);
+        }
+        // Just past `at`, so that the whole second `at` names has begun.
+        let wait = Duration::from_secs_f64((at - unix_time()).max(0.0) + 0.001).max(MIN_SLEEP);
+        let handle = ctx.run_later(wait, |act, ctx| {
+            act.wakeup = None;
+            act.poll(ctx);
+        });
+        self.wakeup = Some((at, handle));
+    }
+
+    /// Asks for a flush without waiting for it. Queue changes need not hold
+    /// anything up (the message is safe in the spool or the queue either
+    /// way), but they should reach the disk soon even when sled's own
+    /// periodic flush is off: a lost "delivered" means a second copy, a lost
+    /// "deferred" a retry too early.
+    fn flush_soon(&self) {
+        drop(self.store.durable());
+    }
+
+    fn permits(&mut self, destination: &str) -> Arc<Semaphore> {
+        let limit = self.config.delivery.concurrency_per_domain.max(1);
+        self.destinations
+            .entry(destination.to_owned())
             .or_insert_with(|| Arc::new(Semaphore::new(limit)))
             .clone()
     }
 
-    /// Tries every open recipient of `entry`, one task per destination.
+    /// Starts a round for `entry`: one task per destination of its open
+    /// recipients.
     fn start(&mut self, entry: QueueEntry, ctx: &mut Context<Self>) {
         let content = match self.store.content(entry.id) {
             Ok(Some(c)) => c,
-            other => {
-                warn!(id = %entry.id, ?other, "queued message has no content; removed");
+            Ok(None) => {
+                // The entry holds a reference, so this is a store bug; a
+                // message without content cannot be sent or returned.
+                error!(id = %entry.id, "queued message has no content; removed");
                 let _ = self.store.remove_queue(entry.id);
                 return;
             }
+            Err(e) => {
+                error!(id = %entry.id, error = %e, "cannot read queued message");
+                return;
+            }
         };
-        let mut by_domain: HashMap<String, Vec<String>> = HashMap::new();
+        let mut by_domain: Vec<(String, Vec<String>)> = Vec::new();
         for r in entry.recipients.iter().filter(|r| r.state.is_open()) {
             let domain = r
                 .address
@@ -136,137 +213,254 @@ impl Delivery {
                 .map(|(_, d)| d)
                 .unwrap_or("")
                 .to_ascii_lowercase();
-            by_domain.entry(domain).or_default().push(r.address.clone());
+            match by_domain.iter_mut().find(|(d, _)| *d == domain) {
+                Some((_, rcpts)) => rcpts.push(r.address.clone()),
+                None => by_domain.push((domain, vec![r.address.clone()])),
+            }
         }
         if by_domain.is_empty() {
-            self.finish(entry, ctx);
+            // Nothing left to try (a crash between a round's last result and
+            // its settlement): settle now.
+            self.finalize(entry, false, ctx);
             return;
         }
-        self.in_flight.insert(entry.id);
-        let mut tasks = Vec::new();
+        let id = entry.id;
+        self.in_flight.insert(id, by_domain.len());
         for (domain, rcpts) in by_domain {
-            let permits = self.semaphore(&domain);
+            let permits = self.permits(&self.attempt.destination(&domain));
             let attempt = self.attempt.clone();
             let sender = entry.sender.clone();
             let content = content.clone();
-            let id = entry.id;
-            tasks.push(async move {
+            let task = async move {
+                // The semaphore is never closed, so this only waits.
                 let _permit = permits.acquire_owned().await;
                 attempt
                     .deliver(id, &domain, sender.as_deref(), &rcpts, &content)
                     .await
-            });
-        }
-        let fut = futures::future::join_all(tasks);
-        ctx.spawn(fut.into_actor(self).map(move |results, act, ctx| {
-            act.in_flight.remove(&entry.id);
-            // The entry may have been deleted or bounced meanwhile.
-            let current = match act.store.queue_entry(entry.id) {
-                Ok(Some(e)) => e,
-                _ => return,
             };
-            act.apply(current, results.into_iter().flatten().collect(), ctx);
-            if act.in_flight.len() + 1 >= MAX_IN_FLIGHT {
-                act.poll(ctx);
-            }
-        }));
+            ctx.spawn(
+                task.into_actor(self)
+                    .map(move |outcomes, act, ctx| act.destination_done(id, outcomes, ctx)),
+            );
+        }
     }
 
-    /// Records what an attempt did, then bounces, reschedules or removes.
-    fn apply(&mut self, mut entry: QueueEntry, outcomes: Vec<Outcome>, ctx: &mut Context<Self>) {
-        entry.attempts += 1;
+    /// One destination of a round is done: record its outcomes, and settle
+    /// the round if it was the last.
+    fn destination_done(&mut self, id: MessageId, outcomes: Vec<Outcome>, ctx: &mut Context<Self>) {
+        let left = match self.in_flight.get_mut(&id) {
+            Some(n) => {
+                *n = n.saturating_sub(1);
+                *n
+            }
+            None => 0,
+        };
+        let was_full = self.in_flight.len() >= MAX_IN_FLIGHT;
+        if left == 0 {
+            self.in_flight.remove(&id);
+        }
+        match self.store.queue_entry(id) {
+            Ok(Some(mut entry)) => {
+                self.record(&mut entry, outcomes);
+                if left > 0 {
+                    // Written now, so that a crash before the round ends
+                    // does not send these recipients a second copy.
+                    match self.store.update_queue(&entry) {
+                        Ok(()) => {
+                            self.flush_soon();
+                        }
+                        Err(e) => warn!(%id, error = %e, "queue update failed"),
+                    }
+                } else {
+                    self.finalize(entry, true, ctx);
+                }
+            }
+            // Deleted or bounced by the administrator meanwhile.
+            Ok(None) => debug!(%id, "entry left the queue during its round"),
+            Err(e) => error!(%id, error = %e, "cannot read queue entry"),
+        }
+        if left == 0 && was_full {
+            self.poll(ctx);
+        }
+    }
+
+    /// Writes each outcome into its recipient's state and logs it, one line
+    /// per recipient and attempt (Postfix's `status=sent|deferred|bounced`).
+    fn record(&self, entry: &mut QueueEntry, outcomes: Vec<Outcome>) {
+        let delay = now_unix().saturating_sub(entry.received_at);
+        let attempt = entry.attempts + 1;
         for o in outcomes {
             let Some(r) = entry
                 .recipients
                 .iter_mut()
-                .find(|r| r.address == o.recipient)
+                .find(|r| r.address == o.recipient && r.state.is_open())
             else {
                 continue;
             };
-            let (state, status) = match o.result {
-                attempt::RcptResult::Delivered(reply) => {
-                    (RecipientState::Delivered { reply }, "sent")
+            let (state, status, text) = match o.result {
+                RcptResult::Delivered(reply) => {
+                    let text = reply.clone();
+                    (RecipientState::Delivered { reply }, "sent", text)
                 }
-                attempt::RcptResult::Deferred(error) => {
-                    (RecipientState::Deferred { last_error: error }, "deferred")
+                RcptResult::Deferred(last_error) => {
+                    let text = last_error.clone();
+                    (RecipientState::Deferred { last_error }, "deferred", text)
                 }
-                attempt::RcptResult::Failed(reply) => (RecipientState::Failed { reply }, "bounced"),
+                RcptResult::Failed(reply) => {
+                    let text = reply.clone();
+                    (RecipientState::Failed { reply }, "bounced", text)
+                }
             };
-            info!(id = %entry.id, to = %o.recipient, relay = %o.relay, status, detail = %state_text(&state), "delivery attempt");
+            let dsn = text_parts(&text)
+                .status
+                .unwrap_or_else(|| status_class(status).to_owned());
+            info!(
+                id = %entry.id,
+                to = %o.recipient,
+                relay = %o.relay,
+                delay,
+                attempt,
+                dsn = %dsn,
+                status = %status,
+                detail = %text,
+                "delivery attempt"
+            );
             r.state = state;
         }
-        let now = now_unix();
-        let age = now.saturating_sub(entry.received_at);
+    }
+
+    /// Ends a round (or settles an entry without one): counts the attempt,
+    /// expires what outlived the queue lifetime, bounces failed recipients,
+    /// sends a due delay warning, then reschedules or removes the entry.
+    fn finalize(&mut self, mut entry: QueueEntry, attempted: bool, ctx: &mut Context<Self>) {
+        let id = entry.id;
+        if attempted {
+            entry.attempts += 1;
+        }
+        let now = unix_time();
+        let age = now_unix().saturating_sub(entry.received_at);
+        let lifetime = self.config.delivery.max_queue_lifetime.as_secs();
         let open = entry.recipients.iter().any(|r| r.state.is_open());
-        if open && age >= self.config.delivery.max_queue_lifetime.as_secs() {
+        if open && age >= lifetime {
             for r in entry.recipients.iter_mut().filter(|r| r.state.is_open()) {
                 let last = match &r.state {
-                    RecipientState::Deferred { last_error } => last_error.clone(),
-                    _ => String::new(),
+                    RecipientState::Deferred { last_error } => last_error.as_str(),
+                    _ => "never tried",
                 };
                 r.state = RecipientState::Failed {
                     reply: format!(
-                        "4.4.7 message expired after {} attempts; last error: {last}",
+                        "4.4.7 message expired after {} in the queue ({} attempts); last error: {last}",
+                        humantime::format_duration(Duration::from_secs(age)),
                         entry.attempts
                     ),
                 };
             }
-            info!(id = %entry.id, "queue lifetime exceeded; bouncing");
+            info!(%id, from = %sender_text(&entry), attempts = entry.attempts, status = "expired", "message expired, returned to sender");
         }
-        if entry.recipients.iter().any(|r| r.state.is_open()) {
-            if let Some(warn_after) = self.config.delivery.delay_warning {
-                if !entry.warned && age >= warn_after.as_secs() {
-                    self.notify(&entry, dsn::Kind::Delay);
-                    entry.warned = true;
+
+        let mut notices = Vec::new();
+        let mut keep_for_notice = false;
+        if entry
+            .recipients
+            .iter()
+            .any(|r| matches!(r.state, RecipientState::Failed { .. }))
+        {
+            match self.notice(&entry, dsn::Kind::Failure) {
+                Ok(notice) => {
+                    notices.extend(notice);
+                    for r in &mut entry.recipients {
+                        if let RecipientState::Failed { reply } = &r.state {
+                            r.state = RecipientState::Bounced {
+                                reply: reply.clone(),
+                            };
+                        }
+                    }
+                }
+                Err(e) => {
+                    // Keep the entry (and its failed recipients) so the
+                    // bounce is tried again later instead of lost.
+                    error!(%id, error = %e, "cannot make the bounce");
+                    keep_for_notice = true;
                 }
             }
-            entry.next_attempt = now + self.backoff(entry.attempts).as_secs().max(1);
-            if let Err(e) = self.store.update_queue(&entry) {
-                warn!(id = %entry.id, error = %e, "queue update failed");
+        }
+        let open = entry.recipients.iter().any(|r| r.state.is_open());
+        if open {
+            if let Some(after) = self.config.delivery.delay_warning {
+                if !entry.warned && age >= after.as_secs() {
+                    match self.notice(&entry, dsn::Kind::Delay) {
+                        Ok(notice) => {
+                            notices.extend(notice);
+                            entry.warned = true;
+                        }
+                        Err(e) => error!(%id, error = %e, "cannot make the delay warning"),
+                    }
+                }
             }
-            return;
         }
-        self.finish(entry, ctx);
+        let keep = open || keep_for_notice;
+        let wait = self.backoff(entry.attempts);
+        if keep {
+            // Rounded up: never retried before the interval has passed.
+            entry.next_attempt = (now + wait.as_secs_f64()).ceil() as u64;
+        }
+        match self.store.settle_queue(&entry, !keep, &notices) {
+            Ok(()) => {
+                self.flush_soon();
+                for n in &notices {
+                    info!(id = %n.envelope.id, orig_id = %id, to = %n.envelope.recipients[0].address, "notification created");
+                }
+                self.dispatch(notices.into_iter().map(|n| n.envelope).collect(), ctx);
+                if keep {
+                    info!(%id, attempts = entry.attempts, next_attempt = entry.next_attempt, wait = %humantime::format_duration(wait), "deferred; will retry");
+                    self.wake_at(entry.next_attempt as f64, ctx);
+                } else {
+                    info!(%id, attempts = entry.attempts, "removed from queue");
+                }
+            }
+            Err(StoreError::NotFound { .. }) => {
+                debug!(%id, "entry left the queue during its round");
+            }
+            Err(e) => error!(%id, error = %e, "cannot settle queue entry"),
+        }
     }
 
-    /// Every recipient is done: bounce the failed ones, drop the entry.
-    fn finish(&mut self, entry: QueueEntry, _ctx: &mut Context<Self>) {
-        self.notify(&entry, dsn::Kind::Failure);
-        if let Err(e) = self.store.remove_queue(entry.id) {
-            warn!(id = %entry.id, error = %e, "queue removal failed");
-        }
-        info!(id = %entry.id, "removed from queue");
-    }
-
-    /// Sends a failure or delay notification about `entry` to its sender (or,
-    /// for a failed bounce, to the postmaster per `double_bounce`).
-    fn notify(&mut self, entry: &QueueEntry, kind: dsn::Kind) {
+    /// A failure or delay notification about `entry`'s recipients in that
+    /// state, addressed to its sender (for a failed bounce: to the postmaster
+    /// per `double_bounce`). `Ok(None)`: nothing to send, or nowhere to.
+    fn notice(&self, entry: &QueueEntry, kind: dsn::Kind) -> Result<Option<Notice>, StoreError> {
         let recipients: Vec<RecipientStatus> = entry
             .recipients
             .iter()
             .filter_map(|r| status_of(r, kind))
             .collect();
         if recipients.is_empty() {
-            return;
+            return Ok(None);
         }
         let to = match (&entry.sender, kind) {
             (Some(s), _) => s.clone(),
-            (None, dsn::Kind::Delay) => return,
+            // A delay warning about a bounce helps nobody.
+            (None, dsn::Kind::Delay) => return Ok(None),
+            // Never bounce a bounce (RFC 5321 §4.5.5): Postfix's double
+            // bounce goes to the postmaster instead.
             (None, dsn::Kind::Failure) => match self.config.delivery.double_bounce {
-                postino_core::config::DoubleBounce::Postmaster => {
-                    let domain = self
-                        .config
-                        .routing
-                        .local_domains
-                        .first()
-                        .cloned()
-                        .unwrap_or_else(|| self.config.hostname.clone());
-                    warn!(id = %entry.id, "undeliverable bounce; sent to the postmaster");
-                    format!("postmaster@{domain}")
+                DoubleBounce::Postmaster => {
+                    let postmaster = self.postmaster();
+                    if recipients
+                        .iter()
+                        .all(|r| r.address.eq_ignore_ascii_case(&postmaster))
+                    {
+                        // The postmaster's own notice failed: telling the
+                        // postmaster again would loop.
+                        warn!(id = %entry.id, "undeliverable notice to the postmaster dropped");
+                        return Ok(None);
+                    }
+                    warn!(id = %entry.id, to = %postmaster, "undeliverable bounce; reported to the postmaster");
+                    postmaster
                 }
-                postino_core::config::DoubleBounce::Drop => {
+                DoubleBounce::Drop => {
                     warn!(id = %entry.id, "undeliverable bounce dropped");
-                    return;
+                    return Ok(None);
                 }
             },
         };
@@ -279,22 +473,39 @@ impl Delivery {
             helo: String::new(),
             size: 0,
         };
-        match bounce_to(
-            &self.config,
-            &self.store,
-            &envelope,
-            &recipients,
-            &to,
-            kind,
-            false,
-        ) {
-            Ok(Some(bounce)) => {
-                if let Some(router) = &self.router {
-                    router.do_send(Dispatch(bounce));
-                }
-            }
-            Ok(None) => {}
-            Err(e) => warn!(id = %entry.id, error = %e, "cannot create notification"),
+        notification(&self.config, &self.store, &envelope, &recipients, &to, kind)
+    }
+
+    fn postmaster(&self) -> String {
+        let domain = self
+            .config
+            .routing
+            .local_domains
+            .first()
+            .unwrap_or(&self.config.hostname);
+        format!("postmaster@{domain}")
+    }
+
+    /// Hands spooled notifications to the router (or keeps them until it is
+    /// known). One that fails to dispatch stays in the spool and is
+    /// dispatched at the next start.
+    fn dispatch(&mut self, envelopes: Vec<Envelope>, ctx: &mut Context<Self>) {
+        let Some(router) = self.router.clone() else {
+            self.undispatched.extend(envelopes);
+            return;
+        };
+        for envelope in envelopes {
+            let id = envelope.id;
+            let router = router.clone();
+            ctx.spawn(
+                async move { router.send(Dispatch(envelope)).await }
+                    .into_actor(self)
+                    .map(move |result, _, _| match result {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => warn!(%id, error = %e, "notification dispatch failed; retried at restart"),
+                        Err(e) => warn!(%id, error = %e, "notification dispatch failed; retried at restart"),
+                    }),
+            );
         }
     }
 
@@ -302,61 +513,134 @@ impl Delivery {
     /// last interval again and again.
     fn backoff(&self, attempts: u32) -> Duration {
         let retry = &self.config.delivery.retry;
-        let i = (attempts.saturating_sub(1) as usize).min(retry.len() - 1);
-        retry[i]
+        let i = (attempts.saturating_sub(1) as usize).min(retry.len().saturating_sub(1));
+        retry.get(i).copied().unwrap_or(Duration::from_secs(300))
     }
 
     fn command(&mut self, cmd: QueueCommand, ctx: &mut Context<Self>) -> Response {
         match cmd {
             QueueCommand::Flush => {
+                let now = now_unix();
+                let entries = match self.store.queue() {
+                    Ok(all) => all,
+                    Err(e) => return Response::Error(e.to_string()),
+                };
                 let mut n = 0;
-                if let Ok(all) = self.store.queue() {
-                    let now = now_unix();
-                    for mut e in all {
+                for mut e in entries {
+                    if self.in_flight.contains_key(&e.id) {
+                        n += 1;
+                        continue;
+                    }
+                    if e.next_attempt > now {
                         e.next_attempt = now;
-                        if self.store.update_queue(&e).is_ok() {
-                            n += 1;
+                        if let Err(err) = self.store.update_queue(&e) {
+                            warn!(id = %e.id, error = %err, "flush: queue update failed");
+                            continue;
                         }
                     }
+                    n += 1;
                 }
+                info!(messages = n, "queue flushed by the administrator");
                 self.poll(ctx);
                 Response::Ok(vec![format!("{n} message(s) scheduled for delivery now")])
             }
-            QueueCommand::Delete(id) => match parse_id(&id) {
-                Ok(id) => match self.store.remove_queue(id) {
+            QueueCommand::Delete(id) => {
+                let id = match parse_id(&id) {
+                    Ok(id) => id,
+                    Err(e) => return Response::Error(e),
+                };
+                match self.store.queue_entry(id) {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Response::Error(format!("no queued message {id}")),
+                    Err(e) => return Response::Error(e.to_string()),
+                }
+                match self.store.remove_queue(id) {
                     Ok(()) => {
-                        info!(%id, "deleted from queue by the administrator");
+                        self.flush_soon();
+                        info!(%id, status = "deleted", "deleted from the queue by the administrator");
                         Response::Ok(vec![format!("deleted {id}")])
                     }
                     Err(e) => Response::Error(e.to_string()),
-                },
-                Err(e) => Response::Error(e),
-            },
-            QueueCommand::Bounce(id) => match parse_id(&id) {
-                Ok(id) => match self.store.queue_entry(id) {
+                }
+            }
+            QueueCommand::Bounce(id) => {
+                let id = match parse_id(&id) {
+                    Ok(id) => id,
+                    Err(e) => return Response::Error(e),
+                };
+                match self.store.queue_entry(id) {
                     Ok(Some(mut entry)) => {
                         for r in entry.recipients.iter_mut().filter(|r| r.state.is_open()) {
+                            let last = match &r.state {
+                                RecipientState::Deferred { last_error } => {
+                                    format!("; last error: {last_error}")
+                                }
+                                _ => String::new(),
+                            };
                             r.state = RecipientState::Failed {
-                                reply: "5.0.0 message bounced by the administrator".into(),
+                                reply: format!(
+                                    "5.0.0 message returned by the postmaster of {}{last}",
+                                    self.config.hostname
+                                ),
                             };
                         }
-                        self.finish(entry, ctx);
+                        info!(%id, status = "bounced", "bounced by the administrator");
+                        self.finalize(entry, false, ctx);
                         Response::Ok(vec![format!("bounced {id}")])
                     }
                     Ok(None) => Response::Error(format!("no queued message {id}")),
                     Err(e) => Response::Error(e.to_string()),
-                },
-                Err(e) => Response::Error(e),
-            },
+                }
+            }
         }
     }
 }
 
-fn state_text(s: &RecipientState) -> &str {
-    match s {
-        RecipientState::Pending => "",
-        RecipientState::Deferred { last_error } => last_error,
-        RecipientState::Delivered { reply } | RecipientState::Failed { reply } => reply,
+/// Unix time with fractions.
+fn unix_time() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+fn sender_text(entry: &QueueEntry) -> String {
+    format!("<{}>", entry.sender.as_deref().unwrap_or(""))
+}
+
+fn status_class(status: &str) -> &'static str {
+    match status {
+        "sent" => "2.0.0",
+        "deferred" => "4.0.0",
+        _ => "5.0.0",
+    }
+}
+
+/// A recipient's state text taken apart for a report.
+#[derive(Debug, PartialEq, Eq)]
+struct TextParts<'a> {
+    /// The exchanger's name, when a remote server gave the reply.
+    remote_mta: Option<&'a str>,
+    /// The reply (or our reason) without the `host … said:` prefix.
+    diagnostic: &'a str,
+    status: Option<String>,
+}
+
+/// Splits `host mx.example[192.0.2.1]:25 said: 550 5.1.1 …` (a remote
+/// reply) or `556 5.1.10 …`/`4.4.1 …` (our own reason), the two forms
+/// [`attempt::RcptResult`] texts take.
+fn text_parts(text: &str) -> TextParts<'_> {
+    let (remote_mta, diagnostic) = match text
+        .strip_prefix("host ")
+        .and_then(|rest| rest.split_once(" said: "))
+    {
+        Some((host, reply)) => (Some(host.split('[').next().unwrap_or(host)), reply),
+        None => (None, text),
+    };
+    TextParts {
+        remote_mta,
+        diagnostic,
+        status: enhanced_status(diagnostic).map(str::to_owned),
     }
 }
 
@@ -367,21 +651,12 @@ fn status_of(r: &QueueRecipient, kind: dsn::Kind) -> Option<RecipientStatus> {
         (RecipientState::Deferred { last_error }, dsn::Kind::Delay) => (last_error, "4.0.0"),
         _ => return None,
     };
-    let (mta, diagnostic) = match text.split_once(" said: ") {
-        Some((host, reply)) => {
-            let host = host.trim_start_matches("host ");
-            let name = host.split('[').next().unwrap_or(host);
-            (Some(name.to_owned()), reply.to_owned())
-        }
-        None => (None, text.clone()),
-    };
+    let parts = text_parts(text);
     Some(RecipientStatus {
         address: r.address.clone(),
-        status: enhanced_status(&diagnostic)
-            .unwrap_or(default_status)
-            .to_owned(),
-        diagnostic,
-        remote_mta: mta,
+        status: parts.status.unwrap_or_else(|| default_status.to_owned()),
+        diagnostic: parts.diagnostic.to_owned(),
+        remote_mta: parts.remote_mta.map(str::to_owned),
     })
 }
 
@@ -401,11 +676,19 @@ impl Actor for Delivery {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        // The router awaits every Enqueue (`send`), so this bound is
+        // back-pressure on dispatch, not loss.
         ctx.set_mailbox_capacity(4096);
         match self.store.queue_len() {
             Ok(n) if n > 0 => info!(queued = n, "resuming the delivery queue"),
             _ => {}
         }
+        // Idle cached connections are closed politely once too old.
+        ctx.run_interval(attempt::CONNECTION_CACHE_TIME, |act, _| {
+            for conn in act.attempt.expired() {
+                actix_rt::spawn(conn.quit());
+            }
+        });
         self.poll(ctx);
     }
 }
@@ -433,13 +716,21 @@ impl Handler<Enqueue> for Delivery {
             warned: false,
         };
         self.store.enqueue(&entry)?;
-        if self.in_flight.len() < MAX_IN_FLIGHT && !self.in_flight.contains(&entry.id) {
+        if self.in_flight.contains_key(&entry.id) {
+            return Ok(());
+        }
+        // A repeat of an enqueue whose entry was already delivered and
+        // removed (a re-dispatch after a crash) finds nothing: nothing to do.
+        let Some(entry) = self.store.queue_entry(entry.id)? else {
+            return Ok(());
+        };
+        if self.in_flight.len() < MAX_IN_FLIGHT {
             // The fast path: try at once, without waiting for the next poll.
             // A crash before the queue record is flushed is covered by the
             // spool record, which is only finished after this returns.
-            let entry = self.store.queue_entry(entry.id)?.unwrap_or(entry);
             self.start(entry, ctx);
         }
+        // Else the poll after the next finished round picks it up.
         Ok(())
     }
 }
@@ -447,8 +738,10 @@ impl Handler<Enqueue> for Delivery {
 impl Handler<SetRouter> for Delivery {
     type Result = ();
 
-    fn handle(&mut self, msg: SetRouter, _: &mut Self::Context) {
+    fn handle(&mut self, msg: SetRouter, ctx: &mut Self::Context) {
         self.router = Some(msg.0);
+        let waiting = std::mem::take(&mut self.undispatched);
+        self.dispatch(waiting, ctx);
     }
 }
 
@@ -468,6 +761,90 @@ mod tests {
     fn enhanced_status_is_found() {
         assert_eq!(enhanced_status("550 5.1.1 <a@b>: no"), Some("5.1.1"));
         assert_eq!(enhanced_status("5.1.10 null MX"), Some("5.1.10"));
+        assert_eq!(
+            enhanced_status("556 5.1.10 x.test: null MX"),
+            Some("5.1.10")
+        );
         assert_eq!(enhanced_status("550 no such user"), None);
+        assert_eq!(enhanced_status("550 user 5.1.1"), None);
+    }
+
+    #[test]
+    fn state_texts_split_into_report_fields() {
+        let cases: &[(&str, Option<&str>, &str, Option<&str>)] = &[
+            (
+                "host mx1.dest.test[127.0.0.2]:2525 said: 550 5.1.1 <a@dest.test>: no such user",
+                Some("mx1.dest.test"),
+                "550 5.1.1 <a@dest.test>: no such user",
+                Some("5.1.1"),
+            ),
+            (
+                "556 5.1.10 null.test: domain does not accept mail (null MX)",
+                None,
+                "556 5.1.10 null.test: domain does not accept mail (null MX)",
+                Some("5.1.10"),
+            ),
+            (
+                "4.4.1 connect to mx[127.0.0.2]:25: Connection refused",
+                None,
+                "4.4.1 connect to mx[127.0.0.2]:25: Connection refused",
+                Some("4.4.1"),
+            ),
+            // An expiry quotes the last error; its "said:" is not ours.
+            (
+                "4.4.7 message expired after 5s in the queue (3 attempts); last error: host mx[127.0.0.2]:25 said: 451 busy",
+                None,
+                "4.4.7 message expired after 5s in the queue (3 attempts); last error: host mx[127.0.0.2]:25 said: 451 busy",
+                Some("4.4.7"),
+            ),
+            (
+                "host mx[127.0.0.2]:25 said: 554 go away",
+                Some("mx"),
+                "554 go away",
+                None,
+            ),
+        ];
+        for (text, mta, diagnostic, status) in cases {
+            let got = text_parts(text);
+            assert_eq!(got.remote_mta, *mta, "{text}");
+            assert_eq!(got.diagnostic, *diagnostic, "{text}");
+            assert_eq!(got.status.as_deref(), *status, "{text}");
+        }
+    }
+
+    #[test]
+    fn only_matching_states_make_report_lines() {
+        let r = |state| QueueRecipient {
+            address: "a@dest.test".into(),
+            state,
+        };
+        let failed = r(RecipientState::Failed {
+            reply: "host mx[127.0.0.2]:25 said: 554 go away".into(),
+        });
+        let line = status_of(&failed, dsn::Kind::Failure).unwrap();
+        assert_eq!(line.status, "5.0.0", "default for a reply without one");
+        assert_eq!(line.remote_mta.as_deref(), Some("mx"));
+        assert!(status_of(&failed, dsn::Kind::Delay).is_none());
+        let deferred = r(RecipientState::Deferred {
+            last_error: "host mx[127.0.0.2]:25 said: 451 4.3.0 later".into(),
+        });
+        assert_eq!(
+            status_of(&deferred, dsn::Kind::Delay).unwrap().status,
+            "4.3.0"
+        );
+        assert!(status_of(&deferred, dsn::Kind::Failure).is_none());
+        for state in [
+            RecipientState::Pending,
+            RecipientState::Delivered {
+                reply: "250 ok".into(),
+            },
+            RecipientState::Bounced {
+                reply: "550 no".into(),
+            },
+        ] {
+            let rcpt = r(state);
+            assert!(status_of(&rcpt, dsn::Kind::Failure).is_none());
+            assert!(status_of(&rcpt, dsn::Kind::Delay).is_none());
+        }
     }
 }

@@ -29,10 +29,11 @@ pub struct Outcome {
     pub result: RcptResult,
 }
 
-#[derive(Debug, Clone)]
+/// Texts are `host H[addr]:port said: <reply>` for a remote server's reply,
+/// else `<reply code> <status> <reason>` or `<status> <reason>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RcptResult {
     Delivered(String),
-    /// Text: `host H said: <reply>` or `<status> <reason>`.
     Deferred(String),
     Failed(String),
 }
@@ -62,7 +63,18 @@ impl Attempt {
         }
     }
 
-    /// Delivers `content` to `recipients`, all in `domain`.
+    /// The destination `domain`'s mail goes to: the smarthost when one is
+    /// set, else the domain. Connections are cached and concurrency is
+    /// limited per destination.
+    pub fn destination(&self, domain: &str) -> String {
+        match &self.config.routing.smarthost {
+            Some(host) => format!("smarthost {host}"),
+            None => domain.to_ascii_lowercase(),
+        }
+    }
+
+    /// Delivers `content` to `recipients`, all in `domain`: one outcome per
+    /// recipient, in order.
     pub async fn deliver(
         &self,
         id: MessageId,
@@ -71,26 +83,20 @@ impl Attempt {
         recipients: &[String],
         content: &[u8],
     ) -> Vec<Outcome> {
-        let (key, exchangers) = match self.exchangers(domain).await {
+        let exchangers = match self.exchangers(domain).await {
             Ok(found) => found,
             Err(e) => {
-                let text = format!("{} {domain}: {e}", e.status());
+                let text = lookup_text(domain, &e);
                 debug!(%id, %domain, error = %text, "no exchanger");
                 let result = if e.is_permanent() {
                     RcptResult::Failed(text)
                 } else {
                     RcptResult::Deferred(text)
                 };
-                return recipients
-                    .iter()
-                    .map(|r| Outcome {
-                        recipient: r.clone(),
-                        relay: "none".into(),
-                        result: result.clone(),
-                    })
-                    .collect();
+                return every(recipients, "none", &result);
             }
         };
+        let key = self.destination(domain);
         let mut outcomes = Vec::with_capacity(recipients.len());
         let batch = self.config.delivery.recipients_per_delivery.max(1);
         for chunk in recipients.chunks(batch) {
@@ -112,18 +118,17 @@ impl Attempt {
                 None => match SmtpConnection::connect(&exchangers, &self.settings).await {
                     Ok(conn) => conn,
                     Err(e) => {
+                        // No exchanger takes a connection now: the next
+                        // batches would only wait for the same timeouts.
                         let relay = e
                             .server
                             .as_ref()
                             .map(|s| s.to_string())
                             .unwrap_or_else(|| "none".into());
-                        let outcome = e.outcome();
-                        outcomes.extend(chunk.iter().map(|r| Outcome {
-                            recipient: r.clone(),
-                            relay: relay.clone(),
-                            result: convert(&relay, &outcome),
-                        }));
-                        continue;
+                        let result = convert(&relay, &e.outcome());
+                        let rest = &recipients[outcomes.len()..];
+                        outcomes.extend(every(rest, &relay, &result));
+                        break;
                     }
                 },
             };
@@ -136,36 +141,50 @@ impl Attempt {
                     result: convert(&relay, o),
                 });
             }
-            if conn.is_reusable() {
-                self.put(&key, conn);
+            let spare = if conn.is_reusable() {
+                self.put(&key, conn)
             } else {
+                Some(conn)
+            };
+            if let Some(conn) = spare {
                 conn.quit().await;
             }
         }
         outcomes
     }
 
-    /// The cache key and the servers to try: the smarthost for everything
-    /// when one is set, else the domain's exchangers.
-    async fn exchangers(&self, domain: &str) -> Result<(String, Vec<Exchanger>), LookupError> {
+    /// Takes the idle connections that outlived [`CONNECTION_CACHE_TIME`]
+    /// out of the cache, for the caller to close with QUIT. Without this
+    /// sweep, a connection to a destination that gets no more mail would
+    /// hold its socket until the process ends.
+    pub fn expired(&self) -> Vec<SmtpConnection> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        idle.retain(|_, conns| {
+            let (old, fresh): (Vec<_>, Vec<_>) = conns
+                .drain(..)
+                .partition(|(since, _)| since.elapsed() >= CONNECTION_CACHE_TIME);
+            out.extend(old.into_iter().map(|(_, c)| c));
+            *conns = fresh;
+            !conns.is_empty()
+        });
+        out
+    }
+
+    /// The servers to try: the smarthost for everything when one is set,
+    /// else the domain's exchangers.
+    async fn exchangers(&self, domain: &str) -> Result<Vec<Exchanger>, LookupError> {
         let resolver = self
             .resolver
             .as_ref()
             .map_err(|e| LookupError::Temporary(e.clone()))?;
         match &self.config.routing.smarthost {
-            Some(host) => Ok((
-                format!("smarthost {host}"),
-                resolver.resolve_smarthost(host).await?,
-            )),
-            None => Ok((
-                domain.to_owned(),
-                resolver
-                    .resolve(domain, self.config.delivery.mx_port)
-                    .await?,
-            )),
+            Some(host) => resolver.resolve_smarthost(host).await,
+            None => resolver.resolve(domain, self.config.delivery.mx_port).await,
         }
     }
 
+    /// An idle connection to `key` young enough to be trusted, if any.
     fn take(&self, key: &str) -> Option<SmtpConnection> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let conns = idle.get_mut(key)?;
@@ -178,14 +197,44 @@ impl Attempt {
         None
     }
 
-    fn put(&self, key: &str, conn: SmtpConnection) {
+    /// Keeps `conn` for the next message to `key`, or gives it back (for
+    /// QUIT) when the destination already has [`MAX_CACHED_PER_DESTINATION`]
+    /// idle ones.
+    fn put(&self, key: &str, conn: SmtpConnection) -> Option<SmtpConnection> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let conns = idle.entry(key.to_owned()).or_default();
-        conns.retain(|(since, _)| since.elapsed() < CONNECTION_CACHE_TIME);
         if conns.len() < MAX_CACHED_PER_DESTINATION {
             conns.push((Instant::now(), conn));
+            None
+        } else {
+            Some(conn)
         }
     }
+}
+
+/// The same result for every recipient.
+fn every(recipients: &[String], relay: &str, result: &RcptResult) -> Vec<Outcome> {
+    recipients
+        .iter()
+        .map(|r| Outcome {
+            recipient: r.clone(),
+            relay: relay.to_owned(),
+            result: result.clone(),
+        })
+        .collect()
+}
+
+/// A failed lookup in the form of an SMTP reply, as the queue record, the
+/// log and a bounce's `Diagnostic-Code: smtp;` show it: `556 5.1.10` for a
+/// null MX (RFC 7505 §4.2), `550 5.1.2`/`5.4.4` for a domain that does not
+/// exist or has no address, `451 4.4.3` for DNS trouble.
+fn lookup_text(domain: &str, e: &LookupError) -> String {
+    let code = match e {
+        LookupError::NullMx => 556,
+        e if e.is_permanent() => 550,
+        _ => 451,
+    };
+    format!("{code} {} {domain}: {e}", e.status())
 }
 
 fn convert(relay: &str, outcome: &RcptOutcome) -> RcptResult {
