@@ -89,7 +89,9 @@ class Handler:
 def authenticator(server, session, envelope, mechanism, auth_data):
     user, password = args.auth.split(":", 1)
     ok = auth_data.login.decode() == user and auth_data.password.decode() == password
-    return AuthResult(success=ok, auth_data=auth_data if ok else None)
+    # handled=False: aiosmtpd itself answers a failure with 535 (by default
+    # it leaves the client waiting for a reply that never comes).
+    return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
 
 async def main():
     loop = asyncio.get_running_loop()
