@@ -80,9 +80,20 @@ pub fn serve(
                                     Err(e) => Response::Error(format!("delivery actor: {e}")),
                                 },
                                 None => {
-                                    tokio::task::spawn_blocking(move || execute(&store, request))
-                                        .await
-                                        .unwrap_or_else(|e| Response::Error(e.to_string()))
+                                    let done = store.clone();
+                                    let response = tokio::task::spawn_blocking(move || {
+                                        execute(&store, request)
+                                    })
+                                    .await
+                                    .unwrap_or_else(|e| Response::Error(e.to_string()));
+                                    // The CLI prints "added …" on this answer: make the change
+                                    // survive a crash first, as the offline CLI's flush does.
+                                    match done.durable().await {
+                                        Ok(()) => response,
+                                        Err(e) => {
+                                            Response::Error(format!("flushing the store: {e}"))
+                                        }
+                                    }
                                 }
                             }
                         }
