@@ -196,6 +196,10 @@ impl Pop3Connection {
                 false
             }
             Step::Close => {
+                // Give the maildrop up before the last reply goes out: a
+                // client that logs in again as soon as it reads QUIT's +OK
+                // must not be told [IN-USE].
+                self.release();
                 self.close(ctx);
                 false
             }
@@ -310,6 +314,16 @@ impl Pop3Connection {
         );
     }
 
+    /// Releases the maildrop lock, if held, without deleting anything.
+    fn release(&mut self) {
+        if let Some(mailbox) = self.mailbox.take() {
+            self.shared.mailbox.do_send(Release {
+                mailbox,
+                session: self.id,
+            });
+        }
+    }
+
     fn close(&mut self, ctx: &mut Context<Self>) {
         if let Some(mut io) = self.io.take() {
             ctx.wait(
@@ -336,12 +350,7 @@ impl Actor for Pop3Connection {
 
     fn stopped(&mut self, _: &mut Self::Context) {
         // A dropped connection deletes nothing; it only gives up the lock.
-        if let Some(mailbox) = self.mailbox.take() {
-            self.shared.mailbox.do_send(Release {
-                mailbox,
-                session: self.id,
-            });
-        }
+        self.release();
         debug!(parent: &self.span, "disconnected");
     }
 }
