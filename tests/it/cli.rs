@@ -1,0 +1,487 @@
+//! The `postino` command line as an administrator uses it: users and
+//! aliases with the server stopped (the CLI opens the store) and running
+//! (over the control socket, taking effect at once), `--config` anywhere,
+//! configuration errors that name the key and the line, and a listener that
+//! cannot bind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use crate::smtp_local::pop_all;
+use crate::support::server::{binary, cli_with_config, config_text, Raw, TestServer};
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts success and returns standard output.
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        stdout(&out),
+        stderr(&out)
+    );
+    stdout(&out)
+}
+
+/// Asserts failure and returns standard error.
+fn fails(out: Output) -> String {
+    assert!(
+        !out.status.success(),
+        "expected failure; stdout: {}",
+        stdout(&out)
+    );
+    // 124 is `timeout` giving up: a hang is not a clean failure.
+    assert_ne!(out.status.code(), Some(124), "timed out: {}", stderr(&out));
+    stderr(&out)
+}
+
+/// Runs `postino ARGS` exactly as given (no `--config` added), bounded in
+/// time, with `stdin`.
+fn postino(args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new("timeout")
+        .arg("60")
+        .arg(binary())
+        .args(args)
+        .env_remove("POSTINO_CONFIG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run postino");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), stdin.as_bytes())
+        .expect("write stdin");
+    child.wait_with_output().expect("postino output")
+}
+
+/// A config file in a fresh directory, never used by a server yet.
+fn fresh_config(text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("postino.toml");
+    std::fs::write(&path, text).expect("write config");
+    (dir, path)
+}
+
+/// One SMTP session's replies to RCPT TO for each address.
+fn rcpt_replies(server: &TestServer, rcpts: &[&str]) -> Vec<String> {
+    let mut c = Raw::connect(server.smtp);
+    c.reply();
+    c.cmd("EHLO admin.test");
+    assert!(c.cmd("MAIL FROM:<a@b.test>").starts_with("250"));
+    let replies = rcpts
+        .iter()
+        .map(|r| c.cmd(&format!("RCPT TO:<{r}>")))
+        .collect();
+    c.cmd("QUIT");
+    replies
+}
+
+/// Whether a POP3 login with this password succeeds.
+fn pop_login(server: &TestServer, user: &str, password: &str) -> bool {
+    let mut c = Raw::connect(server.pop3);
+    assert!(c.line().starts_with("+OK"));
+    c.send(format!("USER {user}\r\nPASS {password}\r\nQUIT\r\n").as_bytes());
+    assert!(c.line().starts_with("+OK"));
+    c.line().starts_with("+OK")
+}
+
+#[test]
+fn users_and_aliases_before_the_first_start() {
+    let (dir, config) = fresh_config(&config_text("", "", "", ""));
+    let out = ok(cli_with_config(
+        &config,
+        &["user", "add", "Alice@Example.test"],
+        "secret\n",
+    ));
+    assert_eq!(out, "added Alice@Example.test\n");
+    assert!(
+        dir.path().join("data").is_dir(),
+        "data_dir is created, relative to the config file"
+    );
+    ok(cli_with_config(
+        &config,
+        &["user", "add", "bob@example.test"],
+        "pw\n",
+    ));
+    assert_eq!(
+        ok(cli_with_config(&config, &["user", "list"], "")),
+        "alice@example.test\nbob@example.test\n"
+    );
+    // Duplicates, unknown users, bad addresses, empty passwords: errors.
+    let err = fails(cli_with_config(
+        &config,
+        &["user", "add", "alice@example.test"],
+        "x\n",
+    ));
+    assert!(
+        err.contains("user alice@example.test already exists"),
+        "{err}"
+    );
+    let err = fails(cli_with_config(
+        &config,
+        &["user", "del", "nobody@example.test"],
+        "",
+    ));
+    assert!(err.contains("no such user: nobody@example.test"), "{err}");
+    let err = fails(cli_with_config(
+        &config,
+        &["user", "passwd", "nobody@example.test"],
+        "x\n",
+    ));
+    assert!(err.contains("no such user"), "{err}");
+    let err = fails(cli_with_config(
+        &config,
+        &["user", "add", "not-an-address"],
+        "x\n",
+    ));
+    assert!(err.contains("invalid address"), "{err}");
+    let err = fails(cli_with_config(
+        &config,
+        &["user", "add", "carol@example.test"],
+        "",
+    ));
+    assert!(err.contains("empty password"), "{err}");
+    let err = fails(cli_with_config(
+        &config,
+        &["alias", "del", "none@example.test"],
+        "",
+    ));
+    assert!(err.contains("no such alias"), "{err}");
+
+    ok(cli_with_config(
+        &config,
+        &["alias", "add", "sales@example.test", "alice@example.test"],
+        "",
+    ));
+    ok(cli_with_config(
+        &config,
+        &["alias", "add", "sales@example.test", "bob@example.test"],
+        "",
+    ));
+    ok(cli_with_config(
+        &config,
+        &["alias", "add", "old@example.test", "bob@example.test"],
+        "",
+    ));
+    assert_eq!(
+        ok(cli_with_config(&config, &["alias", "list"], "")),
+        "old@example.test -> bob@example.test\n\
+         sales@example.test -> alice@example.test, bob@example.test\n"
+    );
+    ok(cli_with_config(
+        &config,
+        &["alias", "del", "old@example.test"],
+        "",
+    ));
+    ok(cli_with_config(
+        &config,
+        &["user", "passwd", "bob@example.test"],
+        "newpw\n",
+    ));
+    ok(cli_with_config(
+        &config,
+        &["user", "del", "bob@example.test"],
+        "",
+    ));
+    assert_eq!(
+        ok(cli_with_config(&config, &["user", "list"], "")),
+        "alice@example.test\n"
+    );
+    assert_eq!(
+        ok(cli_with_config(&config, &["alias", "list"], "")),
+        "sales@example.test -> alice@example.test, bob@example.test\n"
+    );
+}
+
+#[test]
+fn users_and_aliases_while_the_server_is_stopped() {
+    let mut server = TestServer::start();
+    server.add_user("alice@example.test", "first");
+    // Stopped cleanly: the control socket is gone, the CLI opens the store.
+    assert_eq!(server.terminate(), Some(0), "{}", server.log());
+    server.add_user("bob@example.test", "bobpw");
+    ok(server.cli(&["user", "passwd", "alice@example.test"], "second\n"));
+    ok(server.cli(
+        &["alias", "add", "info@example.test", "bob@example.test"],
+        "",
+    ));
+    server.restart();
+    assert!(pop_login(&server, "alice@example.test", "second"));
+    assert!(!pop_login(&server, "alice@example.test", "first"));
+    assert!(pop_login(&server, "bob@example.test", "bobpw"));
+    let replies = rcpt_replies(&server, &["info@example.test", "bob@example.test"]);
+    assert!(replies.iter().all(|r| r.starts_with("250")), "{replies:?}");
+
+    // Killed: a stale control socket is left behind; the CLI still works.
+    server.kill9();
+    assert!(server.data_dir().join("control.sock").exists());
+    ok(server.cli(&["user", "add", "carol@example.test"], "c\n"));
+    assert_eq!(
+        ok(server.cli(&["user", "list"], "")),
+        "alice@example.test\nbob@example.test\ncarol@example.test\n"
+    );
+    server.restart();
+    assert!(pop_login(&server, "carol@example.test", "c"));
+}
+
+#[test]
+fn users_and_aliases_take_effect_at_once_on_a_running_server() {
+    let mut server = TestServer::start();
+    assert!(rcpt_replies(&server, &["alice@example.test"])[0].starts_with("550 5.1.1"));
+
+    // Over the control socket (the running server holds the sled lock, so
+    // this cannot have opened the store).
+    server.add_user("alice@example.test", "pw");
+    let mut c = Raw::connect(server.smtp);
+    c.reply();
+    c.cmd("EHLO admin.test");
+    assert!(c.cmd("MAIL FROM:<a@b.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<alice@example.test>").starts_with("250"));
+    assert!(c
+        .cmd("RCPT TO:<team@example.test>")
+        .starts_with("550 5.1.1"));
+    // Even within one SMTP transaction, the next RCPT sees the new alias.
+    ok(server.cli(
+        &["alias", "add", "team@example.test", "alice@example.test"],
+        "",
+    ));
+    assert!(c.cmd("RCPT TO:<team@example.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    assert!(c
+        .cmd("Subject: welcome\r\n\r\nhello\r\n.")
+        .starts_with("250 2.0.0"));
+    c.cmd("QUIT");
+    let msgs = pop_all(&server, "alice@example.test", "pw");
+    assert_eq!(
+        msgs.len(),
+        1,
+        "one copy for alice, direct and via the alias"
+    );
+
+    assert_eq!(
+        ok(server.cli(&["user", "list"], "")),
+        "alice@example.test\n"
+    );
+    assert_eq!(
+        ok(server.cli(&["alias", "list"], "")),
+        "team@example.test -> alice@example.test\n"
+    );
+    ok(server.cli(&["user", "passwd", "alice@example.test"], "pw2\n"));
+    assert!(pop_login(&server, "alice@example.test", "pw2"));
+    assert!(!pop_login(&server, "alice@example.test", "pw"));
+    let err = fails(server.cli(&["user", "add", "alice@example.test"], "x\n"));
+    assert!(err.contains("already exists"), "{err}");
+
+    // A user added over the control socket survives a kill -9 right after
+    // the command returned: the server flushed before answering.
+    server.add_user("dave@example.test", "d");
+    server.kill9();
+    server.restart();
+    assert!(pop_login(&server, "dave@example.test", "d"));
+
+    ok(server.cli(&["alias", "del", "team@example.test"], ""));
+    ok(server.cli(&["user", "del", "dave@example.test"], ""));
+    let replies = rcpt_replies(&server, &["team@example.test", "dave@example.test"]);
+    assert!(
+        replies.iter().all(|r| r.starts_with("550 5.1.1")),
+        "{replies:?}"
+    );
+}
+
+#[test]
+fn config_option_is_accepted_before_and_after_the_subcommand() {
+    let (_dir, config) = fresh_config(&config_text("", "", "", ""));
+    let c = config.to_str().unwrap();
+    ok(postino(
+        &["user", "add", "a@example.test", "--config", c],
+        "pw\n",
+    ));
+    let equals = format!("--config={c}");
+    for args in [
+        ["--config", c, "user", "list"],
+        ["user", "--config", c, "list"],
+        ["user", "list", "--config", c],
+        ["user", "list", "-c", c],
+        [equals.as_str(), "user", "list", "--"],
+    ] {
+        let args: Vec<&str> = args.into_iter().filter(|a| *a != "--").collect();
+        assert_eq!(ok(postino(&args, "")), "a@example.test\n", "{args:?}");
+    }
+    // And from the environment.
+    let out = Command::new(binary())
+        .args(["user", "list"])
+        .env("POSTINO_CONFIG", c)
+        .output()
+        .unwrap();
+    assert_eq!(ok(out), "a@example.test\n");
+}
+
+#[test]
+fn bad_config_files_name_the_key_and_the_line() {
+    let base = config_text("", "", "", "");
+    // (what is wrong, config text, the line it is on, what the error names)
+    let cases: Vec<(&str, String, usize, Vec<&str>)> = vec![
+        (
+            "unknown key",
+            base.replace("[pop3]\n", "[pop3]\nlisten_on = 5\n"),
+            line_of(&base, "[pop3]") + 1,
+            vec!["listen_on"],
+        ),
+        (
+            "bad value type",
+            base.replace("[smtp]\n", "[smtp]\nmax_message_size = \"big\"\n"),
+            line_of(&base, "[smtp]") + 1,
+            vec!["smtp.max_message_size"],
+        ),
+        (
+            "bad enum value",
+            base.replace(
+                "local_domains = [\"example.test\"]\n",
+                "local_domains = [\"example.test\"]\nunknown_user = \"drop\"\n",
+            ),
+            line_of(&base, "local_domains") + 1,
+            vec!["routing.unknown_user", "reject"],
+        ),
+        (
+            "syntax error",
+            base.replace("[routing]\n", "[routing]\nthis is not toml\n"),
+            line_of(&base, "[routing]") + 1,
+            vec![],
+        ),
+        (
+            "semantic error",
+            format!("{base}[delivery]\nretry = []\n"),
+            base.lines().count() + 2,
+            vec!["delivery.retry", "at least one"],
+        ),
+        (
+            "bad listen address",
+            base.replacen(
+                "listen = [\"127.0.0.1:0\"]",
+                "listen = [\"localhost:25\"]",
+                1,
+            ),
+            line_of(&base, "listen"),
+            vec!["smtp.listen"],
+        ),
+    ];
+    for (what, text, line, names) in &cases {
+        let (_dir, config) = fresh_config(text);
+        let c = config.to_str().unwrap();
+        for args in [
+            vec!["check-config", "--config", c],
+            vec!["user", "list", "--config", c],
+            vec!["serve", "--config", c],
+        ] {
+            let out = postino(&args, "");
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "{what} {args:?}: {}",
+                stderr(&out)
+            );
+            let err = fails(out);
+            assert!(
+                err.contains(&format!("{c}:{line}:")),
+                "{what}: names the file and line {line}: {err}\n{text}"
+            );
+            for name in names {
+                assert!(err.contains(name), "{what}: names {name}: {err}");
+            }
+        }
+    }
+    // A config file that does not exist.
+    let err = fails(postino(
+        &["check-config", "--config", "/nonexistent/postino.toml"],
+        "",
+    ));
+    assert!(err.contains("/nonexistent/postino.toml"), "{err}");
+}
+
+/// 1-based line of the first line of `text` that starts with `prefix`.
+fn line_of(text: &str, prefix: &str) -> usize {
+    text.lines()
+        .position(|l| l.starts_with(prefix))
+        .expect("prefix in text")
+        + 1
+}
+
+#[test]
+fn check_config_prints_settings_that_check_again() {
+    let (dir, config) = fresh_config(&config_text("", "max_message_size = 2000", "", ""));
+    let out = ok(postino(
+        &["check-config", "--config", config.to_str().unwrap()],
+        "",
+    ));
+    assert!(out.contains("hostname = \"mx.example.test\""), "{out}");
+    assert!(out.contains("max_message_size = 2000"), "{out}");
+    // Defaults are shown too.
+    assert!(out.contains("max_recipients = 1000"), "{out}");
+    // What it prints is itself a valid configuration.
+    let printed = dir.path().join("printed.toml");
+    std::fs::write(&printed, &out).unwrap();
+    ok(postino(
+        &["check-config", "--config", printed.to_str().unwrap()],
+        "",
+    ));
+    // Nothing was started or created.
+    assert!(!dir.path().join("data").exists());
+}
+
+#[test]
+fn shipped_example_config_is_accepted() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config.example.toml");
+    let out = ok(postino(
+        &["check-config", "--config", example.to_str().unwrap()],
+        "",
+    ));
+    assert!(out.contains("\"example.test\""), "{out}");
+}
+
+#[test]
+fn serve_exits_with_a_clear_message_when_a_port_is_taken() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    for (smtp, pop3) in [
+        (addr.to_string(), "127.0.0.1:0".to_owned()),
+        ("127.0.0.1:0".to_owned(), addr.to_string()),
+    ] {
+        let text = config_text("", "", "", "")
+            .replacen(
+                "listen = [\"127.0.0.1:0\"]",
+                &format!("listen = [\"{smtp}\"]"),
+                1,
+            )
+            .replacen(
+                "[pop3]\nlisten = [\"127.0.0.1:0\"]",
+                &format!("[pop3]\nlisten = [\"{pop3}\"]"),
+                1,
+            );
+        let (_dir, config) = fresh_config(&text);
+        let err = fails(postino(
+            &["serve", "--config", config.to_str().unwrap()],
+            "",
+        ));
+        assert!(
+            err.contains(&format!("cannot listen on {addr}")) && err.contains("in use"),
+            "{err}"
+        );
+    }
+    drop(taken);
+
+    // A second server on the same data directory is refused, clearly.
+    let server = TestServer::start();
+    let err = fails(postino(
+        &["serve", "--config", server.config.to_str().unwrap()],
+        "",
+    ));
+    assert!(err.contains("locked by another process"), "{err}");
+    // The first one is unharmed.
+    assert!(rcpt_replies(&server, &["postmaster@example.test"])[0].starts_with("250"));
+}
