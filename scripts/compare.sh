@@ -13,6 +13,8 @@
 #           Maildir / counted by POP3 STAT), with smtp-source and postino bench
 #   relay   SMTP -> relay to the sink, end to end (counted at the sink)
 #   ceiling smtp-source -> smtp-sink (protocol only, stores nothing)
+#   latency p50/p99 from the final dot to the 250 at half the local rate
+#           (open loop, postino bench --rate)
 #   pop3    RETR of ~2 KiB messages, 21 sessions (one mailbox each)
 #
 # Usage: scripts/compare.sh [--messages N] [--sessions N] [--size N]
@@ -75,6 +77,7 @@ die() { log "error: $*"; exit 1; }
 # ---------------------------------------------------------------- cleanup
 WORK=""
 PIDS=()
+CHILD=""
 PF_STARTED=0
 DV_PID_FILE=""
 cleanup() {
@@ -88,7 +91,9 @@ cleanup() {
     if [ -n "$DV_PID_FILE" ] && [ -s "$DV_PID_FILE" ]; then
         kill "$(cat "$DV_PID_FILE")" 2>/dev/null
     fi
-    # Only the processes this script started, by PID.
+    # Only the processes this script started, by PID. (timeout(1) passes
+    # the TERM on to the command it runs.)
+    [ -n "$CHILD" ] && kill "$CHILD" 2>/dev/null
     local pid
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
     for pid in "${PIDS[@]}"; do
@@ -107,6 +112,17 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ---------------------------------------------------------------- helpers
+# run_child CMD...: runs a load in the background and waits for it. bash runs
+# INT/TERM traps only once a foreground command has ended; `wait` returns at
+# once, so an interrupted run cleans up at once.
+run_child() {
+    "$@" &
+    CHILD=$!
+    local rc=0
+    wait "$CHILD" || rc=$?
+    CHILD=""
+    return "$rc"
+}
 now() { date +%s.%N; }
 # Floating-point arithmetic without bc: calc "expression".
 calc() { awk "BEGIN { printf \"%.6f\", $1 }"; }
@@ -253,10 +269,10 @@ smtp_load() {
     local tool=$1 port=$2 rcpt=$3 n=$4 label=$5
     if [ "$tool" = smtp-source ]; then
         # smtp-source has one fixed recipient.
-        timeout "$WAIT" smtp-source -c -l "$SIZE" -m "$n" -s "$SESSIONS" -f bench@postino.test \
+        run_child timeout "$WAIT" smtp-source -c -l "$SIZE" -m "$n" -s "$SESSIONS" -f bench@postino.test \
             -t "${rcpt//\{n\}/1}" "127.0.0.1:$port" >/dev/null
     else
-        timeout "$WAIT" "$BENCH" bench smtp --server "127.0.0.1:$port" --sessions "$SESSIONS" \
+        run_child timeout "$WAIT" "$BENCH" bench smtp --server "127.0.0.1:$port" --sessions "$SESSIONS" \
             --messages "$n" --size "$SIZE" --rcpt-pattern "$rcpt" --rcpt-count "$SESSIONS" \
             --json "$OUT/$label.json" --plot "$OUT/$label.svg" >"$OUT/$label.txt"
         cat "$OUT/$label.txt" >&2
@@ -298,7 +314,7 @@ half_rate() {
     n=$((rate * HALF_SECONDS))
     json=$OUT/$label.json
     base=$($count_fn)
-    if timeout $((60 + 2 * HALF_SECONDS)) "$BENCH" bench smtp --server "127.0.0.1:$port" --sessions 40 \
+    if run_child timeout $((60 + 2 * HALF_SECONDS)) "$BENCH" bench smtp --server "127.0.0.1:$port" --sessions 40 \
         --messages-per-session 0 --messages "$n" --rate "$rate" --size "$SIZE" \
         --rcpt-pattern 'user{n}@example.test' --rcpt-count "$SESSIONS" \
         --json "$json" --plot "$OUT/$label.svg" >"$OUT/$label.txt"; then
@@ -325,7 +341,7 @@ smtp-sink -u "$VUSER" "127.0.0.1:$SMTP_SINK_PORT" 1024 >/dev/null 2>&1 &
 PIDS+=($!)
 wait_port 127.0.0.1 "$SMTP_SINK_PORT" 10 || die "smtp-sink did not start"
 t0=$(now)
-if timeout "$WAIT" smtp-source -c -l "$SIZE" -m "$MESSAGES" -s "$SESSIONS" -f bench@postino.test \
+if run_child timeout "$WAIT" smtp-source -c -l "$SIZE" -m "$MESSAGES" -s "$SESSIONS" -f bench@postino.test \
     -t user1@remote.test "127.0.0.1:$SMTP_SINK_PORT" >/dev/null; then
     record smtp-sink ceiling smtp-source "$MESSAGES" "$(calc "$(now) - $t0")" "(protocol only)"
 else
@@ -339,7 +355,7 @@ else
 fi
 base=$(sink_count)
 t0=$(now)
-if timeout "$WAIT" smtp-source -c -l "$SIZE" -m "$MESSAGES" -s "$SESSIONS" -f bench@postino.test \
+if run_child timeout "$WAIT" smtp-source -c -l "$SIZE" -m "$MESSAGES" -s "$SESSIONS" -f bench@postino.test \
     -t user1@remote.test "$SINK_ADDR:$SINK_PORT" >/dev/null; then
     t1=$(now)
     # The count file is rewritten every second: wait for it to catch up.
@@ -357,16 +373,16 @@ pop3_run() {
     local n=$((POP3_USERS * POP3_MESSAGES)) base label=$1-pop3
     base=$($count_fn)
     log "$target: filling $POP3_USERS mailboxes with $POP3_MESSAGES messages each"
-    timeout $((60 + n / 50)) "$BENCH" bench smtp --server "127.0.0.1:$smtp_port" --sessions "$SESSIONS" \
+    run_child timeout $((60 + n / 50)) "$BENCH" bench smtp --server "127.0.0.1:$smtp_port" --sessions "$SESSIONS" \
         --messages "$n" --size "$POP3_SIZE" --rcpt-pattern 'pop{n}@example.test' \
         --rcpt-count "$POP3_USERS" --messages-per-session 0 >/dev/null ||
         { log "$target: fill failed"; FAILED=1; return 0; }
     wait_until "$count_fn" $((base + n)) $((60 + n / 50)) || { FAILED=1; return 0; }
     # Warm-up: the first login to a Maildir builds Dovecot's index and uidlist.
-    timeout 600 "$BENCH" bench pop3 --server "127.0.0.1:$pop_port" --sessions "$POP3_USERS" \
+    run_child timeout 600 "$BENCH" bench pop3 --server "127.0.0.1:$pop_port" --sessions "$POP3_USERS" \
         --user-pattern 'pop{n}@example.test' --users "$POP3_USERS" --password password >/dev/null ||
         { log "$target: POP3 warm-up failed"; FAILED=1; return 0; }
-    if timeout 600 "$BENCH" bench pop3 --server "127.0.0.1:$pop_port" --sessions "$POP3_USERS" \
+    if run_child timeout 600 "$BENCH" bench pop3 --server "127.0.0.1:$pop_port" --sessions "$POP3_USERS" \
         --logins $((POP3_USERS * POP3_ROUNDS)) --user-pattern 'pop{n}@example.test' \
         --users "$POP3_USERS" --password password \
         --json "$OUT/$label.json" --plot "$OUT/$label.svg" >"$OUT/$label.txt"; then
