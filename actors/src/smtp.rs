@@ -176,16 +176,16 @@ impl SmtpConnection {
                             act.session.route_failed()
                         }
                     };
-                    act.queue(&reply);
-                    act.drive(ctx);
+                    if act.answer(reply, ctx) {
+                        act.drive(ctx);
+                    }
                 }));
                 false
             }
             Step::CheckSender { user, sender } => {
                 let allowed = sender_allowed(&self.shared.store, &user, &sender);
                 let reply = self.session.sender_checked(allowed);
-                self.queue(&reply);
-                true
+                self.answer(reply, ctx)
             }
             Step::Authenticate { user, password } => {
                 let store = self.shared.store.clone();
@@ -245,6 +245,22 @@ impl SmtpConnection {
         }
     }
 
+    /// Sends a reply that did not come as a [`Step`] (a routing decision,
+    /// the sender check, the end of DATA) with the error handling of
+    /// [`Step::Reply`]: past the soft error limit it is delayed, and at the
+    /// hard limit it is followed by `421` and the session ends. Returns
+    /// whether `drive` may go on at once.
+    fn answer(&mut self, reply: Reply, ctx: &mut Context<Self>) -> bool {
+        if reply.code >= 400 {
+            if let Some(close) = self.session.error_limit_reply() {
+                self.queue(&reply);
+                self.close_with(close, ctx);
+                return false;
+            }
+        }
+        self.step(Step::Reply(reply), ctx)
+    }
+
     fn end_of_data(&mut self, receiver: DataReceiver, ctx: &mut Context<Self>) {
         let result = receiver.finish();
         let id = match self.shared.store.new_id() {
@@ -260,8 +276,9 @@ impl SmtpConnection {
         let date = rfc5322_date(now_unix());
         match self.session.data_done(result, id, &date) {
             DataStep::Reply(reply) => {
-                self.queue(&reply);
-                self.drive(ctx);
+                if self.answer(reply, ctx) {
+                    self.drive(ctx);
+                }
             }
             DataStep::Close(reply) => {
                 self.close_with(reply, ctx);

@@ -205,14 +205,29 @@ impl Session {
     /// Counts an error reply; past the hard limit the session ends.
     fn error(&mut self, reply: Reply) -> Step {
         self.errors += 1;
-        if self.errors >= self.config.hard_error_limit {
-            return Step::Close(Reply::new(
+        match self.error_limit_reply() {
+            Some(close) => Step::Close(close),
+            None => Step::Reply(reply),
+        }
+    }
+
+    /// The `421` that ends the session once the hard error limit is
+    /// reached. Replies that do not come as a [`Step`] (to [`routed`],
+    /// [`sender_checked`], [`data_done`]) count errors too: after sending
+    /// one, the caller checks this, so that a client probing addresses with
+    /// RCPT (a directory harvest) is cut off like any other.
+    ///
+    /// [`routed`]: Session::routed
+    /// [`sender_checked`]: Session::sender_checked
+    /// [`data_done`]: Session::data_done
+    pub fn error_limit_reply(&self) -> Option<Reply> {
+        (self.errors >= self.config.hard_error_limit).then(|| {
+            Reply::new(
                 421,
                 "4.7.0",
                 format!("{} Error: too many errors", self.config.hostname),
-            ));
-        }
-        Step::Reply(reply)
+            )
+        })
     }
 
     /// An unparseable line, as the [`LineReceiver`](super::LineReceiver)

@@ -348,6 +348,12 @@ fn recipient_and_size_limits() {
     assert_eq!(c.reply(), "452 4.5.3 Error: too many recipients");
     assert_eq!(c.cmd("RSET"), "250 2.0.0 Ok");
 
+    // An overlong command line is dropped whole (500 5.5.0), and the
+    // session goes on with the next line.
+    c.send(format!("NOOP {}\r\nNOOP\r\n", "x".repeat(3000)).as_bytes());
+    assert_eq!(c.reply(), "500 5.5.0 Error: line too long");
+    assert_eq!(c.reply(), "250 2.0.0 Ok");
+
     // SIZE over the limit is refused at MAIL.
     assert!(c
         .cmd("MAIL FROM:<carol@elsewhere.test> SIZE=5000")
@@ -390,6 +396,29 @@ fn error_limits_delay_then_close() {
     assert!(took[4] >= Duration::from_millis(300), "{took:?}");
     assert_eq!(
         c.cmd("FOO"),
+        "421 4.7.0 mx.example.test Error: too many errors"
+    );
+    assert!(c.closed());
+
+    // Refused recipients count too: a client probing for addresses (a
+    // directory harvest) is slowed down, then cut off.
+    let mut c = Client::connect(server.smtp);
+    assert!(c.reply().starts_with("220 "));
+    assert!(c.cmd("EHLO client.test").starts_with("250"));
+    assert_eq!(c.cmd("MAIL FROM:<carol@elsewhere.test>"), "250 2.1.0 Ok");
+    let mut took = Vec::new();
+    for n in 1..=5 {
+        let t = Instant::now();
+        let reply = c.cmd(&format!("RCPT TO:<guess{n}@example.test>"));
+        took.push(t.elapsed());
+        assert!(reply.starts_with("550 5.1.1 "), "{reply}");
+    }
+    assert!(took[3] >= Duration::from_millis(300), "{took:?}");
+    assert!(c
+        .cmd("RCPT TO:<guess6@example.test>")
+        .starts_with("550 5.1.1 "));
+    assert_eq!(
+        c.reply(),
         "421 4.7.0 mx.example.test Error: too many errors"
     );
     assert!(c.closed());

@@ -329,3 +329,32 @@ fn count_received_stops_at_body() {
         2
     );
 }
+
+#[test]
+fn refused_recipients_count_towards_the_error_limit() {
+    // hard_error_limit is 5: four refused RCPTs leave the session open, the
+    // fifth makes the caller close it (a directory harvest is cut off).
+    let mut c = config();
+    c.max_recipients = 100;
+    let mut s = session_with(c, false);
+    let (got, _) = run(&mut s, b"HELO c\r\nMAIL FROM:<>\r\n");
+    assert_eq!(got, ["250", "250 2.1.0"]);
+    for n in 1..=5 {
+        let (got, _) = run(
+            &mut s,
+            format!("RCPT TO:<nobody{n}@example.test>\r\n").as_bytes(),
+        );
+        assert_eq!(got, ["550 5.1.1"]);
+        let limit = s
+            .error_limit_reply()
+            .map(|r| format!("{} {}", r.code, r.text));
+        if n < 5 {
+            assert_eq!(limit, None, "after {n}");
+        } else {
+            assert_eq!(
+                limit.as_deref(),
+                Some("421 mx.example.test Error: too many errors")
+            );
+        }
+    }
+}
