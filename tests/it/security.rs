@@ -7,14 +7,20 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::support::mx::{Sink, SinkOptions};
 use crate::support::server::TestServer;
-use crate::support::wait_until;
+use crate::support::{free_tcp_port, unique_loopback, wait_until};
 use crate::tls::Client;
 
 /// A server without TLS (plaintext login allowed, as in a test setup);
 /// remote delivery goes to a closed loopback port, so nothing leaves the
 /// machine and anything relayed would sit in the queue where we can see it.
 fn config(smtp: &str, pop3: &str, routing: &str) -> String {
+    let smarthost = if routing.contains("smarthost") {
+        ""
+    } else {
+        "smarthost = \"127.0.0.1:9\""
+    };
     format!(
         r#"hostname = "mx.example.test"
 data_dir = "data"
@@ -26,7 +32,7 @@ listen = ["127.0.0.1:0"]
 {pop3}
 [routing]
 local_domains = ["example.test"]
-smarthost = "127.0.0.1:9"
+{smarthost}
 {routing}
 [dns]
 nameservers = ["127.0.0.1:9"]
@@ -630,4 +636,51 @@ fn pop3_failed_logins_slow_down_per_client() {
     ) == [
         200, 400, 800, 800, 800, 200
     ]));
+}
+
+/// Relayed output never carries a bare CR or LF, so a smuggling attempt
+/// that reaches us cannot turn into two messages at the next hop either.
+#[test]
+fn relayed_copies_have_only_crlf_line_ends() {
+    let ip = unique_loopback();
+    let port = free_tcp_port(&[ip]);
+    let sink = Sink::start(ip, port, &SinkOptions::default());
+    let server = TestServer::start_with(&config(
+        "",
+        "",
+        &format!("relay_networks = [\"127.0.0.0/8\"]\nsmarthost = \"{ip}:{port}\""),
+    ));
+    let mut c = Client::connect(server.smtp);
+    assert!(c.reply().starts_with("220 "));
+    assert!(c.cmd("EHLO client.test").starts_with("250"));
+    let mut attempt = String::from_utf8(smuggling_attempt(0, b"\n.\n"))
+        .unwrap()
+        .replace("alice@example.test", "bob@remote.test")
+        .into_bytes();
+    attempt.truncate(attempt.len() - b"QUIT\r\n".len());
+    attempt.extend_from_slice(b"MAIL FROM:<carol@elsewhere.test>\r\nRCPT TO:<bob@remote.test>\r\nDATA\r\nbare\rCR and\nLF\r\n.\r\n");
+    c.send(&attempt);
+    let replies: Vec<String> = (0..8).map(|_| c.reply()).collect();
+    let codes: Vec<&str> = replies.iter().map(|r| &r[..3]).collect();
+    assert_eq!(
+        codes,
+        ["250", "250", "354", "250", "250", "250", "354", "250"],
+        "{replies:?}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || sink.messages().len() >= 2),
+        "{}",
+        server.log()
+    );
+    let got = sink.messages();
+    assert_eq!(got.len(), 2, "two messages sent, two relayed");
+    for m in &got {
+        assert!(
+            only_crlf(&m.content),
+            "{:?}",
+            String::from_utf8_lossy(&m.content)
+        );
+        assert_eq!(m.rcpt_tos, ["bob@remote.test"]);
+        assert_eq!(m.mail_from, "carol@elsewhere.test");
+    }
 }
