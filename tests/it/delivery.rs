@@ -862,3 +862,119 @@ fn a_burst_to_one_domain_reuses_connections() {
         connections.len()
     );
 }
+
+/// `concurrency_per_domain` bounds the transactions in progress to one
+/// destination, however many messages are waiting for it.
+#[test]
+fn concurrency_per_destination_is_bounded() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let [ip] = loopbacks();
+    let port = free_tcp_port(&[ip]);
+    let active = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let delivered = Arc::new(AtomicUsize::new(0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _mx = {
+        let (active, most, delivered) = (active.clone(), most.clone(), delivered.clone());
+        rt.block_on(RawServer::start(ip, port, move |mut conn| {
+            let (active, most, delivered) = (active.clone(), most.clone(), delivered.clone());
+            async move {
+                // A slow but correct server without PIPELINING: each
+                // transaction takes 300 ms at the final dot.
+                conn.send("220 slow.test ESMTP\r\n").await;
+                while let Some(line) = conn.line().await {
+                    let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+                    match verb.as_str() {
+                        "EHLO" | "HELO" => conn.send("250 slow.test\r\n").await,
+                        "MAIL" => {
+                            let now = active.fetch_add(1, Ordering::SeqCst) + 1;
+                            most.fetch_max(now, Ordering::SeqCst);
+                            conn.send("250 2.1.0 Ok\r\n").await;
+                        }
+                        "RCPT" | "RSET" | "NOOP" => conn.send("250 2.0.0 Ok\r\n").await,
+                        "DATA" => {
+                            conn.send("354 go ahead\r\n").await;
+                            if conn.data().await.is_none() {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            active.fetch_sub(1, Ordering::SeqCst);
+                            delivered.fetch_add(1, Ordering::SeqCst);
+                            conn.send("250 2.0.0 Ok: queued\r\n").await;
+                        }
+                        "QUIT" => {
+                            conn.send("221 2.0.0 Bye\r\n").await;
+                            break;
+                        }
+                        _ => conn.send("502 5.5.2 what?\r\n").await,
+                    }
+                }
+            }
+        }))
+    };
+    let relay = Relay::start(
+        &Zone::new("test")
+            .mx("slow.test", "mx.slow.test", 10)
+            .a("mx.slow.test", ip),
+        port,
+        "retry = [\"1s\"]\nconcurrency_per_domain = 2",
+    );
+    let n = 8;
+    let ids: Vec<String> = (0..n)
+        .map(|i| relay.send(&[&format!("s{i}@slow.test")], &format!("slow {i}")))
+        .collect();
+    for id in &ids {
+        relay.wait_line(&["removed from queue", &format!("id={id}")]);
+    }
+    assert_eq!(delivered.load(Ordering::SeqCst), n);
+    let most = most.load(Ordering::SeqCst);
+    assert!(most <= 2, "{most} transactions at once");
+    assert_eq!(most, 2, "the limit is used, not just respected");
+}
+
+/// Many messages to many domains (all served by one MX host) in one burst:
+/// every one arrives once and the queue ends empty.
+#[test]
+fn a_burst_to_many_domains_drains_the_queue() {
+    let [ip] = loopbacks();
+    let port = free_tcp_port(&[ip]);
+    let sink = Sink::start(ip, port, &SinkOptions::default());
+    let domains = 12;
+    let mut zone = Zone::new("test").a("mx.hub.test", ip);
+    for d in 0..domains {
+        zone = zone.mx(&format!("d{d}.test"), "mx.hub.test", 10);
+    }
+    let relay = Relay::start(&zone, port, r#"retry = ["1s"]"#);
+    let per_domain = 10;
+    let mut expected = Vec::new();
+    for i in 0..per_domain {
+        for d in 0..domains {
+            // Two recipients in different domains per message.
+            let to = [
+                format!("u{i}@d{d}.test"),
+                format!("v{i}@d{}.test", (d + 1) % domains),
+            ];
+            relay.send(&[&to[0], &to[1]], &format!("burst {i}/{d}"));
+            expected.extend(to);
+        }
+    }
+    let got = {
+        wait_until(Duration::from_secs(60), || {
+            sink.messages()
+                .iter()
+                .map(|m| m.rcpt_tos.len())
+                .sum::<usize>()
+                >= expected.len()
+        });
+        sink.messages()
+    };
+    let mut rcpts: Vec<String> = got.iter().flat_map(|m| m.rcpt_tos.clone()).collect();
+    rcpts.sort();
+    expected.sort();
+    assert_eq!(rcpts, expected, "every recipient once");
+    assert!(wait_until(LIMIT, || relay
+        .queue(&["list"])
+        .contains("0 message(s) in the queue")));
+}
