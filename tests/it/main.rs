@@ -6,6 +6,7 @@ mod cli;
 mod delivery;
 mod delivery_client;
 mod durability;
+mod example;
 mod pop3;
 mod smtp_local;
 mod security;
