@@ -978,3 +978,23 @@ fn a_burst_to_many_domains_drains_the_queue() {
         .queue(&["list"])
         .contains("0 message(s) in the queue")));
 }
+
+/// A DNS server that will not answer (dnsmasq refuses names outside its
+/// zone) is trouble to wait out, not a reason to bounce.
+#[test]
+fn dns_trouble_defers() {
+    let [ip] = loopbacks();
+    let port = free_tcp_port(&[ip]);
+    let relay = Relay::start(&Zone::new("test"), port, r#"retry = ["1h"]"#);
+    let id = relay.send(&["rita@elsewhere.example"], "no answer");
+    let line = relay.wait_line(&[&format!("id={id}"), "delivery attempt"]);
+    assert!(line.contains("status=deferred"), "{line}");
+    assert!(line.contains("dsn=4.4.3"), "{line}");
+    assert!(
+        line.contains("detail=451 4.4.3 elsewhere.example: temporary DNS failure"),
+        "{line}"
+    );
+    let list = relay.queue(&["list"]);
+    assert!(list.contains("1 message(s) in the queue"), "{list}");
+    assert!(relay.alice().is_empty());
+}

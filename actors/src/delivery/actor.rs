@@ -509,12 +509,8 @@ impl Delivery {
         }
     }
 
-    /// Wait before attempt `attempts + 1`: the configured list, then its
-    /// last interval again and again.
     fn backoff(&self, attempts: u32) -> Duration {
-        let retry = &self.config.delivery.retry;
-        let i = (attempts.saturating_sub(1) as usize).min(retry.len().saturating_sub(1));
-        retry.get(i).copied().unwrap_or(Duration::from_secs(300))
+        backoff(&self.config.delivery.retry, attempts)
     }
 
     fn command(&mut self, cmd: QueueCommand, ctx: &mut Context<Self>) -> Response {
@@ -594,6 +590,14 @@ impl Delivery {
             }
         }
     }
+}
+
+/// Wait after `attempts` attempts: the configured list, then its last
+/// interval again and again. (The config refuses an empty list; five
+/// minutes, Postfix's first backoff, covers one made in code.)
+fn backoff(retry: &[Duration], attempts: u32) -> Duration {
+    let i = (attempts.saturating_sub(1) as usize).min(retry.len().saturating_sub(1));
+    retry.get(i).copied().unwrap_or(Duration::from_secs(300))
 }
 
 /// Unix time with fractions.
@@ -756,6 +760,25 @@ impl Handler<QueueCommand> for Delivery {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_schedule_repeats_its_last_interval() {
+        let s = Duration::from_secs;
+        let retry = [s(300), s(600), s(1200)];
+        let cases = [
+            (0, 300),
+            (1, 300),
+            (2, 600),
+            (3, 1200),
+            (4, 1200),
+            (1000, 1200),
+        ];
+        for (attempts, want) in cases {
+            assert_eq!(backoff(&retry, attempts), s(want), "after {attempts}");
+        }
+        assert_eq!(backoff(&[s(1)], 7), s(1));
+        assert_eq!(backoff(&[], 1), s(300));
+    }
 
     #[test]
     fn enhanced_status_is_found() {
