@@ -3,11 +3,10 @@
 //! through the [`Mailbox`] actor; message content is read from the store
 //! directly (reads need no serialising).
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use postino_core::pop3::{
@@ -18,7 +17,7 @@ use tracing::{debug, info, warn};
 
 use crate::io::{Io, ReadOutcome, Stream, TlsSlot};
 use crate::mailbox::{Expunge, Mailbox, Open, Release};
-use crate::server::ConnectionGuard;
+use crate::server::{AuthFailures, ConnectionGuard};
 
 /// What every POP3 connection shares.
 pub struct Pop3Shared {
@@ -26,33 +25,8 @@ pub struct Pop3Shared {
     pub store: Store,
     pub mailbox: Addr<Mailbox>,
     pub tls: TlsSlot,
-    /// Failed logins per client address, for Dovecot's growing delay.
-    pub failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
-}
-
-impl Pop3Shared {
-    /// Delay before answering a failed login: `auth_failure_delay`, doubling
-    /// per recent failure from the same address, up to the maximum.
-    fn failure_delay(&self, ip: IpAddr) -> Duration {
-        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        // Forget addresses quiet for a while, so the table stays small.
-        failures.retain(|_, (_, last)| now.duration_since(*last) < Duration::from_secs(300));
-        let entry = failures.entry(ip).or_insert((0, now));
-        entry.0 = entry.0.saturating_add(1);
-        entry.1 = now;
-        let base = self.config.pop3.auth_failure_delay;
-        let factor = 1u32 << (entry.0 - 1).min(16);
-        base.saturating_mul(factor)
-            .min(self.config.pop3.max_auth_failure_delay)
-    }
-
-    fn login_succeeded(&self, ip: IpAddr) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&ip);
-    }
+    /// Failed logins per client address (shared with SMTP AUTH).
+    pub failures: Arc<AuthFailures>,
 }
 
 static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
@@ -231,7 +205,7 @@ impl Pop3Connection {
                     .await
                 {
                     Ok(Ok(Some(entries))) => {
-                        shared.login_succeeded(ip);
+                        shared.failures.succeeded(ip);
                         AuthResult::Ok(Maildrop(
                             entries
                                 .into_iter()
@@ -247,7 +221,7 @@ impl Pop3Connection {
                     _ => AuthResult::TemporaryFailure,
                 },
                 Ok(false) => {
-                    delay = shared.failure_delay(ip);
+                    delay = shared.failures.failed(ip);
                     tokio::time::sleep(delay).await;
                     AuthResult::BadCredentials
                 }

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use postino_core::config::ConfigError;
@@ -248,6 +248,10 @@ impl ServerBuilder {
             workers,
         };
 
+        let failures = Arc::new(AuthFailures::new(
+            config.pop3.auth_failure_delay,
+            config.pop3.max_auth_failure_delay,
+        ));
         let smtp_shared = |auth_required: bool| {
             Arc::new(SmtpShared {
                 config: config.clone(),
@@ -273,6 +277,7 @@ impl ServerBuilder {
                 router: route.clone(),
                 dispatch: router.clone().recipient(),
                 tls: tls.clone(),
+                failures: failures.clone(),
             })
         };
         let mta = smtp_shared(false);
@@ -298,7 +303,7 @@ impl ServerBuilder {
             store: store.clone(),
             mailbox: mailbox.clone(),
             tls: tls.clone(),
-            failures: Default::default(),
+            failures: failures.clone(),
         });
         for addr in config.pop3.listen.clone() {
             let bound = server
@@ -450,6 +455,48 @@ fn worker_count() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
+}
+
+/// Failed logins per client address, POP3 and SMTP AUTH alike, for
+/// Dovecot's growing delay: `pop3.auth_failure_delay` after the first
+/// failure, doubling per further recent failure from the same address, up to
+/// `pop3.max_auth_failure_delay` (Dovecot's `auth_failure_delay` covers the
+/// SMTP AUTH that Postfix hands it too). A successful login forgets them.
+pub struct AuthFailures {
+    table: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    base: Duration,
+    max: Duration,
+}
+
+impl AuthFailures {
+    pub fn new(base: Duration, max: Duration) -> AuthFailures {
+        AuthFailures {
+            table: Mutex::new(HashMap::new()),
+            base,
+            max,
+        }
+    }
+
+    /// Records a failed login from `ip`; returns how long to wait before
+    /// answering it.
+    pub fn failed(&self, ip: IpAddr) -> Duration {
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        // Forget addresses quiet for a while, so the table stays small.
+        table.retain(|_, (_, last)| now.duration_since(*last) < Duration::from_secs(300));
+        let entry = table.entry(ip).or_insert((0, now));
+        entry.0 = entry.0.saturating_add(1);
+        entry.1 = now;
+        let factor = 1u32 << (entry.0 - 1).min(16);
+        self.base.saturating_mul(factor).min(self.max)
+    }
+
+    pub fn succeeded(&self, ip: IpAddr) {
+        self.table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&ip);
+    }
 }
 
 /// Connection counts per client address and in total (Postfix anvil).

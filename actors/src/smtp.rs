@@ -24,7 +24,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::io::{Io, ReadOutcome, Stream, TlsSlot};
 use crate::router::{Dispatch, RouteRecipient};
-use crate::server::ConnectionGuard;
+use crate::server::{AuthFailures, ConnectionGuard};
 
 /// What every SMTP connection of one listener shares.
 pub struct SmtpShared {
@@ -34,6 +34,8 @@ pub struct SmtpShared {
     pub router: Recipient<RouteRecipient>,
     pub dispatch: Recipient<Dispatch>,
     pub tls: TlsSlot,
+    /// Failed logins per client address (shared with POP3).
+    pub failures: Arc<AuthFailures>,
 }
 
 /// One SMTP client connection.
@@ -189,19 +191,31 @@ impl SmtpConnection {
             }
             Step::Authenticate { user, password } => {
                 let store = self.shared.store.clone();
+                let failures = self.shared.failures.clone();
+                let ip = self.peer.ip();
                 let canonical = user.to_ascii_lowercase();
-                // argon2 is deliberately slow: keep it off the actor's thread.
-                let check = tokio::task::spawn_blocking(move || {
-                    store
-                        .verify_password(&canonical, &password)
-                        .unwrap_or(false)
-                        .then_some(canonical)
-                });
-                ctx.wait(check.into_actor(self).map(|res, act, ctx| {
-                    let user = res.ok().flatten();
+                let check = async move {
+                    // argon2 is deliberately slow: keep it off the actor's thread.
+                    let who = canonical.clone();
+                    let ok = tokio::task::spawn_blocking(move || {
+                        store.verify_password(&who, &password).unwrap_or(false)
+                    })
+                    .await
+                    .unwrap_or(false);
+                    if ok {
+                        failures.succeeded(ip);
+                        return (Some(canonical), Duration::ZERO);
+                    }
+                    // Password guessing: the same growing delay per client
+                    // address as POP3 logins (Dovecot's auth_failure_delay).
+                    let delay = failures.failed(ip);
+                    tokio::time::sleep(delay).await;
+                    (None, delay)
+                };
+                ctx.wait(check.into_actor(self).map(|(user, delay), act, ctx| {
                     match &user {
                         Some(u) => info!(user = %u, "smtp auth ok"),
-                        None => warn!("smtp auth failed"),
+                        None => warn!(delay_ms = delay.as_millis() as u64, "smtp auth failed"),
                     }
                     let step = act.session.authenticated(user);
                     if act.step(step, ctx) {

@@ -684,3 +684,66 @@ fn relayed_copies_have_only_crlf_line_ends() {
         assert_eq!(m.mail_from, "carol@elsewhere.test");
     }
 }
+
+/// SMTP AUTH failures get the same growing per-address delay as POP3
+/// logins, and share its count (as Dovecot's delay covers both).
+#[test]
+fn smtp_auth_failures_slow_down_too() {
+    let server = TestServer::start_with(&config(
+        "",
+        "auth_failure_delay = \"200ms\"\nmax_auth_failure_delay = \"800ms\"",
+        "",
+    ));
+    server.add_user("alice@example.test", "wonderland");
+    let mut c = Client::connect(server.smtp);
+    assert!(c.reply().starts_with("220 "));
+    assert!(c.cmd("EHLO client.test").contains("AUTH PLAIN LOGIN"));
+    let mut took = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        // base64("\0alice@example.test\0guess")
+        assert_eq!(
+            c.cmd("AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABndWVzcw=="),
+            "535 5.7.8 Error: authentication failed"
+        );
+        took.push(t.elapsed());
+    }
+    for (t, min) in took.iter().zip([200, 400, 800]) {
+        assert!(*t >= Duration::from_millis(min), "{took:?}");
+    }
+    let logged = |needle: &str| -> Vec<u64> {
+        server
+            .log()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .filter_map(|l| {
+                let v = l.split("delay_ms=").nth(1)?;
+                v.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+            })
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || logged("smtp auth failed")
+            == [200, 400, 800]),
+        "{}",
+        server.log()
+    );
+    // The count is per address across protocols: POP3 goes on from there.
+    let mut p = Client::connect(server.pop3);
+    assert!(p.line().starts_with("+OK"));
+    assert!(failed_login(&mut p) >= Duration::from_millis(800));
+    // A good login forgets the failures.
+    assert_eq!(
+        c.cmd("AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdAB3b25kZXJsYW5k"),
+        "235 2.7.0 Authentication successful"
+    );
+    let mut p = Client::connect(server.pop3);
+    assert!(p.line().starts_with("+OK"));
+    failed_login(&mut p);
+    assert!(
+        wait_until(Duration::from_secs(10), || logged("pop3 login failed")
+            == [800, 200]),
+        "{}",
+        server.log()
+    );
+}
