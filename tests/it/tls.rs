@@ -747,6 +747,12 @@ fn starttls_resets_the_session_and_a_second_one_is_refused() {
     let mut p = Client::connect_tls(server.pop3s.unwrap(), &pki);
     assert!(p.line().starts_with("+OK"));
     assert_eq!(p.pop("STLS"), "-ERR TLS is already active.");
+    // SASL PLAIN (RFC 5034) over TLS, with the response on its own line.
+    assert_eq!(p.pop("AUTH PLAIN"), "+ ");
+    assert_eq!(
+        p.pop("AGFsaWNlQGV4YW1wbGUudGVzdAB3b25kZXJsYW5k"),
+        "+OK Logged in."
+    );
 }
 
 #[test]
