@@ -24,7 +24,11 @@ fn maildrop() -> Maildrop {
             .iter()
             .enumerate()
             .map(|(i, m)| MaildropEntry {
-                uidl: if i == 2 { "bad uidl\r\n".into() } else { format!("uid{i}") },
+                uidl: if i == 2 {
+                    "bad uidl\r\n".into()
+                } else {
+                    format!("uid{i}")
+                },
                 size: m.len() as u64,
                 key: i as u64,
             })

@@ -74,11 +74,20 @@ fuzz_target!(|data: &[u8]| {
 
     let whole = run(input, &[input.len().max(1)], policy, max);
     let bytewise = run(input, &[1], policy, max);
-    let split = run(input, if sizes.is_empty() { &[3] } else { &sizes }, policy, max);
+    let split = run(
+        input,
+        if sizes.is_empty() { &[3] } else { &sizes },
+        policy,
+        max,
+    );
     assert_eq!(whole, bytewise, "byte by byte differs");
     assert_eq!(whole, split, "fragments differ");
 
-    assert_eq!(whole.as_ref().map(|w| w.0), reference_end(input), "end of data");
+    assert_eq!(
+        whole.as_ref().map(|w| w.0),
+        reference_end(input),
+        "end of data"
+    );
     if let Some((consumed, result)) = &whole {
         let before_end = &input[..consumed - 3];
         match (policy, result) {
@@ -112,6 +121,11 @@ fuzz_target!(|data: &[u8]| {
         wire.extend_from_slice(line);
     }
     wire.extend_from_slice(b".\r\n");
-    let got = run(&wire, &[sizes.first().copied().unwrap_or(5)], policy, 1 << 20);
+    let got = run(
+        &wire,
+        &[sizes.first().copied().unwrap_or(5)],
+        policy,
+        1 << 20,
+    );
     assert_eq!(got, Some((wire.len(), Ok(text))), "stuffing round trip");
 });

@@ -39,7 +39,10 @@ fn check_reply(reply: &Reply) {
     for line in bytes.split_inclusive(|&b| b == b'\n') {
         assert!(line.ends_with(b"\r\n"), "{bytes:?}");
         let body = &line[..line.len() - 2];
-        assert!(!body.contains(&b'\r') && !body.contains(&b'\n'), "{bytes:?}");
+        assert!(
+            !body.contains(&b'\r') && !body.contains(&b'\n'),
+            "{bytes:?}"
+        );
         assert!(body.len() >= 3 && body[..3].iter().all(u8::is_ascii_digit));
     }
 }
