@@ -998,3 +998,25 @@ fn dns_trouble_defers() {
     assert!(list.contains("1 message(s) in the queue"), "{list}");
     assert!(relay.alice().is_empty());
 }
+
+/// Smarthost credentials without a smarthost are not offered to MX hosts
+/// (they would leak, and every MX without AUTH would be skipped).
+#[test]
+fn smarthost_credentials_stay_away_from_mx_hosts() {
+    let [ip] = loopbacks();
+    let port = free_tcp_port(&[ip]);
+    let sink = Sink::start(ip, port, &SinkOptions::default());
+    let relay = Relay::start_routing(
+        &Zone::new("test")
+            .mx("mx.test", "in.mx.test", 10)
+            .a("in.mx.test", ip),
+        port,
+        r#"retry = ["1h"]"#,
+        "[routing.smarthost_auth]\nusername = \"relayuser\"\npassword = \"s3cret\"",
+    );
+    let id = relay.send(&["sam@mx.test"], "no credentials here");
+    let got = wait_messages(&sink, 1);
+    assert_eq!(got[0].auth, None);
+    relay.wait_line(&["removed from queue", &format!("id={id}")]);
+    relay.wait_line(&["smarthost_auth is set without routing.smarthost"]);
+}

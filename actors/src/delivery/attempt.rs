@@ -54,7 +54,15 @@ impl Attempt {
             warn!(error = %e, "no DNS resolver: remote deliveries will be deferred");
         }
         let mut settings = ClientSettings::new(config.hostname.clone(), &config.delivery);
-        settings.auth = config.routing.smarthost_auth.clone();
+        // The credentials are for the smarthost only: offered to every MX,
+        // they would leak, and MXs without AUTH would all be skipped.
+        match (&config.routing.smarthost, &config.routing.smarthost_auth) {
+            (Some(_), auth) => settings.auth = auth.clone(),
+            (None, Some(_)) => {
+                warn!("routing.smarthost_auth is set without routing.smarthost; ignored")
+            }
+            (None, None) => {}
+        }
         Attempt {
             config,
             resolver,
