@@ -4,11 +4,11 @@
 //!
 //! # A delivery round
 //!
-//! [`Delivery::start`] splits an entry's open recipients by destination
+//! `Delivery::start` splits an entry's open recipients by destination
 //! (domain, or the smarthost) and runs one task per destination, each under
 //! that destination's concurrency limit. Each task's outcomes are written to
 //! the queue record as they come in, so a crash re-sends as little as
-//! possible. When the last task of the round is back, [`Delivery::finalize`]
+//! possible. When the last task of the round is back, `Delivery::finalize`
 //! decides: bounce the recipients that failed for good (one RFC 3464 report
 //! per round listing all of them, as Postfix's queue manager flushes its
 //! bounce log after each pass), send a delay warning, reschedule the rest, or

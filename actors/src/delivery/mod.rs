@@ -1,15 +1,23 @@
-//! Outbound remote delivery: finding a domain's mail exchangers and talking
-//! SMTP to them.
+//! Outbound remote delivery: the queue manager, finding a domain's mail
+//! exchangers, and talking SMTP to them.
 //!
 //! - [`mx`]: [`MxResolver`] turns a domain (or the smarthost) into an ordered
 //!   list of [`Exchanger`]s, or a [`LookupError`] that says whether to bounce.
 //! - [`client`]: [`SmtpConnection`] connects to the first exchanger that
 //!   answers and runs mail transactions on it, one [`RcptOutcome`] per
 //!   recipient; [`deliver`] is connect, send and QUIT in one call.
+//! - [`attempt`]: one delivery attempt for one destination's recipients:
+//!   lookup (or the smarthost), a cached connection or a new one, batches of
+//!   `recipients_per_delivery`, and the per-recipient [`attempt::Outcome`].
+//! - [`actor`]: the queue manager ([`actor::Delivery`]): schedule, retries,
+//!   per-destination concurrency, expiry, delay warnings and bounces, and the
+//!   `postino queue` commands of a running server.
 //!
-//! Neither keeps a queue, retries or writes bounces: the delivery actor does,
-//! on top of this API. Only loopback is used by the tests (dnsmasq and
-//! aiosmtpd on 127.0.0.0/8).
+//! `mx`, `client` and `attempt` keep no queue and write no bounces; the
+//! actor does, through the store. The integration tests run all of it
+//! against real servers on loopback (dnsmasq and aiosmtpd on 127.0.0.0/8):
+//! `tests/it/delivery_client.rs` for the client, `tests/it/delivery.rs` for
+//! the whole relay.
 
 pub mod actor;
 pub mod attempt;
