@@ -310,6 +310,48 @@ fn spool_deliver_read_delete() {
 }
 
 #[test]
+fn accept_local_stores_content_once_for_every_mailbox() {
+    let (_dir, store) = open();
+    let id = store.new_id().unwrap();
+    let content = b"Subject: hi\r\n\r\nbody\r\n";
+    let deliveries = [
+        local("a@example.test", "Delivered-To: a@example.test\r\n"),
+        local("B@example.test", "Delivered-To: b@example.test\r\n"),
+        // A duplicate mailbox is delivered once.
+        local("a@example.test", "Delivered-To: a@example.test\r\n"),
+    ];
+    store.accept_local(id, content, &deliveries).unwrap();
+    futures_executor::block_on(store.durable()).unwrap();
+    assert!(
+        store.inbound().unwrap().is_empty(),
+        "nothing left to dispatch"
+    );
+    let a = store.maildrop("a@example.test").unwrap();
+    let b = store.maildrop("b@example.test").unwrap();
+    assert_eq!((a.len(), b.len()), (1, 1));
+    let read = store
+        .read_mail("a@example.test", a[0].key)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        read,
+        b"Delivered-To: a@example.test\r\nSubject: hi\r\n\r\nbody\r\n"
+    );
+    assert_eq!(a[0].size as usize, read.len());
+    // The id cannot be used twice.
+    assert!(matches!(
+        store.accept_local(id, content, &deliveries),
+        Err(StoreError::Duplicate(_))
+    ));
+    // The content lives until the last mailbox lets go of it.
+    store.delete_mail("a@example.test", &[a[0].key]).unwrap();
+    assert!(store.content(id).unwrap().is_some());
+    store.delete_mail("b@example.test", &[b[0].key]).unwrap();
+    assert!(store.content(id).unwrap().is_none());
+    assert_refs_consistent(&store);
+}
+
+#[test]
 fn maildrop_is_ordered_and_delete_is_atomic_per_call() {
     let (_dir, store) = open();
     let mut ids = Vec::new();
