@@ -542,6 +542,13 @@ mod tests {
     /// `POSTINO_QUEUE_CHURN` (default 50,000 messages),
     /// `POSTINO_QUEUE_BACKLOG` (default 1,000) and `POSTINO_QUEUE_SIZE`
     /// (default 2,048 octets) change the shape.
+    ///
+    /// Run it under `timeout`: with 8 KiB messages and a backlog of 5,000,
+    /// about half the runs hang in sled 0.34.7 itself (sled #1412: a writer
+    /// holds the segment accountant's lock in `bump_tip`, waiting for a file
+    /// truncation queued on sled's IO pool behind stabilisations that wait
+    /// for that lock; fixed upstream by sled PR #1269, which is not in any
+    /// 0.34 release).
     #[test]
     #[ignore = "measurement, prints numbers"]
     fn queue_churn_disk_growth() {
