@@ -392,9 +392,12 @@ impl SmtpConnection {
             Some(t) if rate > 0 => {
                 // Postfix's smtpd_min_data_rate: the deadline grows with the
                 // bytes received, so a slow trickle runs out of time.
+                // It never exceeds the idle timeout, though: a client that
+                // sent a large part fast must not earn a long stall.
                 let allowed = base + Duration::from_secs(t.receiver.received() / rate);
                 allowed
                     .saturating_sub(t.started.elapsed())
+                    .min(base)
                     .max(Duration::from_millis(1))
             }
             _ => base,

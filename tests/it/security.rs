@@ -511,6 +511,23 @@ fn slow_data_is_cut_off_by_the_minimum_rate() {
     );
     assert!(sent < 200, "the trickle was never cut off");
     assert!(started.elapsed() >= Duration::from_secs(2));
+
+    // A burst earns time for the transfer, but never a stall longer than
+    // the idle timeout: 20 kB at 1000 B/s would allow 20 s.
+    let mut c = Client::connect(server.smtp);
+    assert!(c.reply().starts_with("220 "));
+    assert!(c.cmd("EHLO client.test").starts_with("250"));
+    assert_eq!(c.cmd("MAIL FROM:<carol@elsewhere.test>"), "250 2.1.0 Ok");
+    assert_eq!(c.cmd("RCPT TO:<postmaster@example.test>"), "250 2.1.5 Ok");
+    assert!(c.cmd("DATA").starts_with("354 "));
+    c.send(&b"0123456789abcdefghijklmnopqrstuvwxyz012345678901234567890123456789\r\n".repeat(300));
+    let t = Instant::now();
+    assert_eq!(
+        c.reply(),
+        "421 4.4.2 mx.example.test Error: timeout exceeded"
+    );
+    // Generous: the point is that it is not the 20 s the burst would buy.
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
 }
 
 #[test]
