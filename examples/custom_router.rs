@@ -148,7 +148,7 @@ async fn run(config: Config) -> Result<(), postino::ServerError> {
         .router(move |default| {
             PlusRouter {
                 default,
-                local_domains,
+                local_domains: local_domains.clone(),
             }
             .start()
             .recipient()

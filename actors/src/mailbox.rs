@@ -57,6 +57,29 @@ impl Handler<Deliver> for Mailbox {
     }
 }
 
+/// Store a message that goes only to local mailboxes: content and entries
+/// in one transaction ([`Store::accept_local`]).
+#[derive(Message)]
+#[rtype(result = "Result<(), StoreError>")]
+pub struct StoreLocal {
+    pub id: MessageId,
+    pub content: Vec<u8>,
+    pub deliveries: Vec<LocalDelivery>,
+}
+
+impl Handler<StoreLocal> for Mailbox {
+    type Result = Result<(), StoreError>;
+
+    fn handle(&mut self, msg: StoreLocal, _: &mut Self::Context) -> Self::Result {
+        self.store
+            .accept_local(msg.id, &msg.content, &msg.deliveries)?;
+        for d in &msg.deliveries {
+            info!(id = %msg.id, to = %d.mailbox, status = "delivered", relay = "local", "delivered to mailbox");
+        }
+        Ok(())
+    }
+}
+
 /// Lock a maildrop for a POP3 session and list it. `None`: another session
 /// holds it.
 #[derive(Message)]

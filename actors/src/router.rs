@@ -19,7 +19,7 @@ use postino_core::{Address, Config, Envelope, Route, Store};
 use tracing::{info, warn};
 
 use crate::delivery::actor::Enqueue;
-use crate::mailbox::{Deliver, Mailbox};
+use crate::mailbox::{Deliver, Mailbox, StoreLocal};
 
 /// Where does this recipient go? Asked once per `RCPT TO`.
 #[derive(Message, Debug, Clone)]
@@ -31,6 +31,25 @@ pub struct RouteRecipient(pub RouteQuery);
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "Result<(), DispatchError>")]
 pub struct Dispatch(pub Envelope);
+
+/// A message has been received whole: store it. Local-only mail is written
+/// to its mailboxes at once, in one transaction (answer
+/// [`Submitted::Delivered`]); anything else is spooled and must be sent a
+/// [`Dispatch`] once durable ([`Submitted::Spooled`]). Either way it is
+/// durable only after the caller's `Store::durable()`.
+#[derive(Message, Debug)]
+#[rtype(result = "Result<Submitted, DispatchError>")]
+pub struct Submit {
+    pub envelope: Envelope,
+    pub content: Vec<u8>,
+}
+
+/// What [`Submit`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Submitted {
+    Delivered,
+    Spooled,
+}
 
 /// Why a dispatch did not finish. The message stays in the spool and is
 /// dispatched again at the next start.
@@ -88,6 +107,31 @@ impl Handler<RouteRecipient> for Router {
             &q.recipient,
             q.may_relay,
         ))
+    }
+}
+
+impl Handler<Submit> for Router {
+    type Result = ResponseFuture<Result<Submitted, DispatchError>>;
+
+    fn handle(&mut self, msg: Submit, _: &mut Self::Context) -> Self::Result {
+        let Submit { envelope, content } = msg;
+        let plan = Plan::of(&envelope);
+        if plan.remote.is_empty() && plan.bounced.is_empty() && !plan.local.is_empty() {
+            let deliver = self.mailbox.send(StoreLocal {
+                id: envelope.id,
+                content,
+                deliveries: plan.local,
+            });
+            return Box::pin(async move {
+                deliver.await??;
+                Ok(Submitted::Delivered)
+            });
+        }
+        let spooled = self.store.spool(&envelope, &content);
+        Box::pin(async move {
+            spooled?;
+            Ok(Submitted::Spooled)
+        })
     }
 }
 

@@ -55,6 +55,8 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error("a worker thread stopped while the server was starting")]
+    Worker,
 }
 
 /// Builds a [`Server`]; lets an embedder put its own routing actor in place.
@@ -63,7 +65,11 @@ pub struct ServerBuilder {
     router: Option<RouterFactory>,
 }
 
-type RouterFactory = Box<dyn FnOnce(Recipient<RouteRecipient>) -> Recipient<RouteRecipient>>;
+/// Makes the routing actor of one worker from that worker's default router.
+/// Called once per worker arbiter, on that arbiter's thread, so the actor it
+/// starts runs beside the connections that ask it.
+type RouterFactory =
+    Arc<dyn Fn(Recipient<RouteRecipient>) -> Recipient<RouteRecipient> + Send + Sync>;
 
 /// A running postino server.
 pub struct Server {
@@ -161,12 +167,15 @@ impl Server {
 
 impl ServerBuilder {
     /// Replace the routing decision. The closure receives the default
-    /// router, so a custom router can delegate what it does not handle.
+    /// router, so a custom router can delegate what it does not handle. It
+    /// is called once per worker thread (connections ask the router of their
+    /// own thread, so routing costs no thread switch); start the actor inside
+    /// it with `.start()`.
     pub fn router(
         mut self,
-        make: impl FnOnce(Recipient<RouteRecipient>) -> Recipient<RouteRecipient> + 'static,
+        make: impl Fn(Recipient<RouteRecipient>) -> Recipient<RouteRecipient> + Send + Sync + 'static,
     ) -> Self {
-        self.router = Some(Box::new(make));
+        self.router = Some(Arc::new(make));
         self
     }
 
@@ -206,10 +215,6 @@ impl ServerBuilder {
         delivery.do_send(crate::delivery::actor::SetRouter(
             router.clone().recipient(),
         ));
-        let route: Recipient<RouteRecipient> = match self.router {
-            Some(make) => make(router.clone().recipient()),
-            None => router.clone().recipient(),
-        };
 
         // Messages spooled but not yet handed on before a stop or crash.
         let pending = store.inbound()?;
@@ -252,7 +257,9 @@ impl ServerBuilder {
             config.pop3.auth_failure_delay,
             config.pop3.max_auth_failure_delay,
         ));
-        let smtp_shared = |auth_required: bool| {
+        let smtp_shared = |auth_required: bool,
+                           route: Recipient<RouteRecipient>,
+                           router: Addr<Router>| {
             Arc::new(SmtpShared {
                 config: config.clone(),
                 session: Arc::new(SessionConfig {
@@ -274,11 +281,53 @@ impl ServerBuilder {
                         .unwrap_or_else(|| config.hostname.clone()),
                 }),
                 store: store.clone(),
-                router: route.clone(),
-                dispatch: router.clone().recipient(),
+                router: route,
+                submit: router.clone().recipient(),
+                dispatch: router.recipient(),
                 tls: tls.clone(),
                 failures: failures.clone(),
             })
+        };
+        // Each worker arbiter gets its own router and mailbox actor: the
+        // connections it runs route and deliver without a thread switch (the
+        // per-message cost on 2 cores was dominated by wake-ups). POP3
+        // sessions all use the core mailbox actor, which owns the locks.
+        let mut per_worker = Vec::new();
+        for worker in &server.workers {
+            let handle = worker.handle();
+            let local_mailbox = {
+                let store = store.clone();
+                Mailbox::start_in_arbiter(&handle, move |_| Mailbox::new(store))
+            };
+            let local_router = {
+                let (store, config, delivery) =
+                    (store.clone(), config.clone(), delivery.clone().recipient());
+                Router::start_in_arbiter(&handle, move |_| {
+                    Router::new(config, store, local_mailbox, delivery)
+                })
+            };
+            let route: Recipient<RouteRecipient> = match &self.router {
+                Some(make) => {
+                    let (make, default) = (make.clone(), local_router.clone().recipient());
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    handle.spawn(async move {
+                        let _ = tx.send(make(default));
+                    });
+                    rx.await.map_err(|_| ServerError::Worker)?
+                }
+                None => local_router.clone().recipient(),
+            };
+            per_worker.push((route, local_router));
+        }
+        let smtp_shared = |auth_required: bool| {
+            Arc::new(
+                per_worker
+                    .iter()
+                    .map(|(route, router)| {
+                        smtp_shared(auth_required, route.clone(), router.clone())
+                    })
+                    .collect::<Vec<_>>(),
+            )
         };
         let mta = smtp_shared(false);
         let submission = smtp_shared(true);
@@ -339,7 +388,8 @@ impl ServerBuilder {
 
 #[derive(Clone)]
 enum Kind {
-    Smtp(Arc<SmtpShared>),
+    /// One shared state per worker arbiter, in worker order.
+    Smtp(Arc<Vec<Arc<SmtpShared>>>),
     Pop3(Arc<Pop3Shared>),
 }
 
@@ -350,9 +400,7 @@ impl Server {
         kind: Kind,
         implicit_tls: bool,
     ) -> Result<SocketAddr, ServerError> {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServerError::Bind { addr, source })?;
+        let listener = bind(addr).map_err(|source| ServerError::Bind { addr, source })?;
         let bound = listener
             .local_addr()
             .map_err(|source| ServerError::Bind { addr, source })?;
@@ -401,7 +449,8 @@ impl Server {
                     continue;
                 };
                 let Ok(std) = stream.into_std() else { continue };
-                let worker = &workers[next % workers.len()];
+                let index = next % workers.len();
+                let worker = &workers[index];
                 next = next.wrapping_add(1);
                 let kind = kind.clone();
                 let shutdown = shutdown.clone();
@@ -426,6 +475,7 @@ impl Server {
                     };
                     match kind {
                         Kind::Smtp(shared) => {
+                            let shared = shared[index % shared.len()].clone();
                             SmtpConnection::new(shared, stream, peer, shutdown, guard).start();
                         }
                         Kind::Pop3(shared) => {
@@ -438,6 +488,23 @@ impl Server {
         self.tasks.push(task);
         Ok(bound)
     }
+}
+
+/// Listen backlog: thousands of clients may connect at once (an ISP relay,
+/// `postino bench smtp --hold`); the default 1024 made some of 10,000 hang.
+/// The kernel caps it at `net.core.somaxconn` (4096 here).
+pub const LISTEN_BACKLOG: u32 = 8192;
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // Restarts must not wait for TIME_WAIT sockets to expire.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Answers a connection over the limits with a 421 (SMTP) or -ERR (POP3).

@@ -23,7 +23,7 @@ use postino_core::Store;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::io::{Io, ReadOutcome, Stream, TlsSlot};
-use crate::router::{Dispatch, RouteRecipient};
+use crate::router::{Dispatch, RouteRecipient, Submit, Submitted};
 use crate::server::{AuthFailures, ConnectionGuard};
 
 /// What every SMTP connection of one listener shares.
@@ -32,6 +32,8 @@ pub struct SmtpShared {
     pub session: Arc<SessionConfig>,
     pub store: Store,
     pub router: Recipient<RouteRecipient>,
+    /// The router of this connection's worker: stores accepted messages.
+    pub submit: Recipient<Submit>,
     pub dispatch: Recipient<Dispatch>,
     pub tls: TlsSlot,
     /// Failed logins per client address (shared with POP3).
@@ -307,35 +309,45 @@ impl SmtpConnection {
                     helo: accepted.helo,
                     size: accepted.content.len() as u64,
                 };
-                if let Err(e) = self.shared.store.spool(&envelope, &accepted.content) {
-                    warn!(%id, error = %e, "spool failed");
-                    let reply = self.session.storage_failed();
-                    self.queue(&reply);
-                    return self.drive(ctx);
-                }
-                let durable = self.shared.store.durable();
+                let submit = self.shared.submit.send(Submit {
+                    envelope: envelope.clone(),
+                    content: accepted.content,
+                });
+                let store = self.shared.store.clone();
                 let dispatch = self.shared.dispatch.clone();
-                // The 250 is written only once the group commit covering this
-                // message has flushed (REFERENCE.md: Postfix fsyncs first too).
                 let fut = async move {
-                    durable.await?;
+                    let submitted = submit
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())?;
+                    // The 250 is written only once a group commit that
+                    // started after the write has flushed (REFERENCE.md:
+                    // Postfix fsyncs first too).
+                    store.durable().await.map_err(|e| e.to_string())?;
                     let rcpts = envelope.recipients.len();
                     info!(%id, from = %envelope.sender_display(), nrcpt = rcpts, size = envelope.size, "message accepted");
-                    // Hand it on before answering, so that a client that
-                    // reads its mailbox right after the 250 finds the
-                    // message. A failed dispatch is retried at restart from
-                    // the spool; the message is safe either way.
-                    if let Err(e) = dispatch.send(Dispatch(envelope)).await.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
-                        warn!(%id, error = %e, "dispatch failed; will retry at restart");
+                    if submitted == Submitted::Spooled {
+                        // Hand it on before answering, so that a client that
+                        // reads its mailbox right after the 250 finds the
+                        // message. A failed dispatch is retried at restart
+                        // from the spool; the message is safe either way.
+                        if let Err(e) = dispatch
+                            .send(Dispatch(envelope))
+                            .await
+                            .map_err(|e| e.to_string())
+                            .and_then(|r| r.map_err(|e| e.to_string()))
+                        {
+                            warn!(%id, error = %e, "dispatch failed; will retry at restart");
+                        }
                     }
-                    Ok::<(), postino_core::store::StoreError>(())
+                    Ok::<(), String>(())
                 }
                 .instrument(self.span.clone());
                 ctx.wait(fut.into_actor(self).map(move |res, act, ctx| {
                     let reply = match res {
                         Ok(()) => act.session.accepted(id),
                         Err(e) => {
-                            warn!(%id, error = %e, "flush failed");
+                            warn!(%id, error = %e, "storing the message failed");
                             act.session.storage_failed()
                         }
                     };
