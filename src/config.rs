@@ -61,6 +61,11 @@ pub struct StoreConfig {
     /// never depends on it: postino flushes before every 250 to DATA.
     #[serde(default = "default_background_flush", with = "humantime_serde")]
     pub background_flush: Duration,
+    /// Abort the process when one flush has been stuck this long ("0s":
+    /// never), so that a supervisor restarts it: sled 0.34 can deadlock
+    /// under load (sled #1412). A restart loses no acknowledged mail.
+    #[serde(default = "default_stall_abort", with = "humantime_serde")]
+    pub stall_abort: Duration,
 }
 
 impl Default for StoreConfig {
@@ -71,6 +76,9 @@ impl Default for StoreConfig {
 
 fn default_cache_size() -> u64 {
     64 * 1024 * 1024
+}
+fn default_stall_abort() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_background_flush() -> Duration {
     Duration::from_millis(500)

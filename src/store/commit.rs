@@ -44,6 +44,8 @@ struct State {
     /// Tasks waiting for a ticket above `done`.
     waiters: Vec<(u64, Waker)>,
     shutdown: bool,
+    /// When the running flush started, for the stall watchdog.
+    flushing_since: Option<std::time::Instant>,
     /// Flushes started, and (start number, highest ticket covered) of each
     /// completed one: tests check that every caller was served by a flush
     /// that started after its call.
@@ -64,7 +66,15 @@ impl Shared {
 }
 
 impl GroupCommit {
-    pub(super) fn start(db: sled::Db) -> Result<GroupCommit, StoreError> {
+    /// Starts the flush thread, and with `stall_limit` a watchdog that
+    /// aborts the process when one flush takes longer than that: sled 0.34
+    /// can deadlock under load (sled issues #1412 and #1269, fixed only in
+    /// unreleased code), and a server that hangs with mail in its clients is
+    /// worse than one that restarts; a kill loses no acknowledged mail.
+    pub(super) fn start(
+        db: sled::Db,
+        stall_limit: Option<std::time::Duration>,
+    ) -> Result<GroupCommit, StoreError> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             work: Condvar::new(),
@@ -77,6 +87,13 @@ impl GroupCommit {
                 move || flusher(&shared, &db)
             })
             .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+        if let Some(limit) = stall_limit {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("postino-watchdog".into())
+                .spawn(move || watchdog(&shared, limit))
+                .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+        }
         Ok(GroupCommit {
             shared,
             thread: Some(thread),
@@ -93,6 +110,30 @@ impl Drop for GroupCommit {
             // last `Store` is, so the database can be reopened at once.
             if thread.join().is_err() {
                 tracing::error!("the flush thread panicked");
+            }
+        }
+    }
+}
+
+fn watchdog(shared: &Shared, limit: std::time::Duration) {
+    let tick = (limit / 4).clamp(
+        std::time::Duration::from_millis(10),
+        std::time::Duration::from_secs(1),
+    );
+    loop {
+        std::thread::sleep(tick);
+        let state = shared.lock();
+        if state.shutdown {
+            return;
+        }
+        if let Some(since) = state.flushing_since {
+            if since.elapsed() > limit {
+                tracing::error!(
+                    seconds = since.elapsed().as_secs(),
+                    "the store has stopped making progress (a flush is stuck); aborting so that a supervisor restarts the server. Acknowledged mail is on disk."
+                );
+                eprintln!("postino: store flush stuck for over {limit:?}; aborting");
+                std::process::abort();
             }
         }
     }
@@ -120,10 +161,12 @@ fn flusher(shared: &Shared, db: &sled::Db) {
             state.started += 1;
             state.started
         };
+        state.flushing_since = Some(std::time::Instant::now());
         drop(state);
         let result = db.flush();
         shared.flushes.fetch_add(1, Ordering::Relaxed);
         state = shared.lock();
+        state.flushing_since = None;
         let failed = match result {
             Ok(_) => {
                 state.done = target;
@@ -204,6 +247,13 @@ impl Store {
     #[doc(hidden)]
     pub fn flush_count(&self) -> u64 {
         self.inner.commit.shared.flushes.load(Ordering::Relaxed)
+    }
+
+    /// Makes the watchdog believe a flush has been stuck for an hour.
+    #[cfg(test)]
+    pub(super) fn pretend_flush_is_stuck(&self) {
+        self.inner.commit.shared.lock().flushing_since =
+            std::time::Instant::now().checked_sub(std::time::Duration::from_secs(3600));
     }
 
     /// (start number, highest ticket covered) of every completed flush.

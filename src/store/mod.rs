@@ -170,12 +170,21 @@ impl Store {
         let config = sled::Config::new()
             .cache_capacity(settings.cache_size)
             .flush_every_ms((interval > 0).then_some(interval));
-        Store::open_with(dir, config)
+        let stall = (!settings.stall_abort.is_zero()).then_some(settings.stall_abort);
+        Store::open_inner(dir, config, stall)
     }
 
     /// Opens with a caller-made sled config (tests turn sled's own periodic
     /// flush off to prove that [`Store::durable`] alone makes data durable).
     fn open_with(dir: &Path, config: sled::Config) -> Result<Store, StoreError> {
+        Store::open_inner(dir, config, None)
+    }
+
+    fn open_inner(
+        dir: &Path,
+        config: sled::Config,
+        stall_limit: Option<std::time::Duration>,
+    ) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
             path: dir.to_owned(),
             source,
@@ -195,7 +204,7 @@ impl Store {
         if meta.get(META_QUEUE_LEN)?.is_none() {
             meta.insert(META_QUEUE_LEN, &(queue.len() as u64).to_be_bytes())?;
         }
-        let commit = commit::GroupCommit::start(db.clone())?;
+        let commit = commit::GroupCommit::start(db.clone(), stall_limit)?;
         let inner = Inner {
             path: dir.to_owned(),
             meta,

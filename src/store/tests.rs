@@ -965,3 +965,43 @@ fn group_commit_throughput() {
         );
     }
 }
+
+const STALL_DIR: &str = "POSTINO_STALL_CHILD_DIR";
+
+/// Run by `a_stuck_flush_aborts_the_process` in a child process.
+#[test]
+#[ignore = "run as a child process by a_stuck_flush_aborts_the_process"]
+fn stall_child() {
+    let Some(dir) = std::env::var_os(STALL_DIR) else {
+        return;
+    };
+    let settings = crate::config::StoreConfig {
+        stall_abort: std::time::Duration::from_millis(100),
+        ..Default::default()
+    };
+    let store = Store::open_configured(Path::new(&dir), &settings).unwrap();
+    store.pretend_flush_is_stuck();
+    // The watchdog must end the process well before this.
+    std::thread::sleep(std::time::Duration::from_secs(30));
+    println!("still alive");
+}
+
+#[test]
+fn a_stuck_flush_aborts_the_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "store::tests::stall_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(STALL_DIR, dir.path())
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(6), "SIGABRT expected: {out:?}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("still alive"));
+}
