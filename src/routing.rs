@@ -198,9 +198,11 @@ mod tests {
     }
 
     fn setup(unknown: UnknownUser) -> (RoutingConfig, Dir) {
-        let mut c = RoutingConfig::default();
-        c.local_domains = vec!["example.test".into()];
-        c.unknown_user = unknown;
+        let c = RoutingConfig {
+            local_domains: vec!["example.test".into()],
+            unknown_user: unknown,
+            ..Default::default()
+        };
         let mut aliases = HashMap::new();
         aliases.insert(
             "sales@example.test",

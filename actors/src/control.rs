@@ -191,9 +191,9 @@ pub fn execute(store: &Store, request: Request) -> Response {
             lines
         }),
         Request::QueueShow { id } => match parse_id(&id) {
-            Ok(id) => store.queue_entry(id).and_then(|e| match e {
-                Some(entry) => Ok(queue_details(&entry)),
-                None => Ok(vec![format!("no queued message {id}")]),
+            Ok(id) => store.queue_entry(id).map(|e| match e {
+                Some(entry) => queue_details(&entry),
+                None => vec![format!("no queued message {id}")],
             }),
             Err(e) => return Response::Error(e),
         },
