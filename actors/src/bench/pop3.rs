@@ -51,7 +51,8 @@ pub struct Pop3Args {
     /// session.
     #[arg(long)]
     pub logins: Option<u64>,
-    /// User names: each {n} becomes a number: session s (from 0) always logs
+    /// User names: the placeholder in braces (see the default) becomes a
+    /// number: session s (from 0) always logs
     /// in as user 1 + s % --users, so with --users >= --sessions no two
     /// sessions share a mailbox (servers may lock it: RFC 1939 [IN-USE]).
     #[arg(long, default_value = "user{n}@example.test")]

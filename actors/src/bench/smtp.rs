@@ -48,7 +48,8 @@ pub struct SmtpArgs {
     /// Recipients per message.
     #[arg(long, default_value_t = 1)]
     pub recipients: usize,
-    /// Recipient addresses: each {n} becomes a number cycling over
+    /// Recipient addresses: the placeholder in braces (see the default)
+    /// becomes a number cycling over
     /// 1..=--rcpt-count across all recipients of the run.
     #[arg(long, default_value = "user{n}@example.test")]
     pub rcpt_pattern: String,
