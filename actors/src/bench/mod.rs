@@ -5,6 +5,8 @@
 //! - `smtp`: `postino bench smtp`, concurrent SMTP sessions sending generated
 //!   mail, latency from the final dot to its reply.
 //! - `pop3`: `postino bench pop3`, concurrent POP3 sessions RETRieving mail.
+//! - `fill`: `postino bench fill-queue`, writes deferred remote messages into
+//!   a stopped server's store (a deep queue to measure against).
 //! - `sink`: `postino bench sink`, a fast SMTP server that accepts and
 //!   discards mail (or answers 4xx/5xx, delays, drops) and counts it.
 //! - `report`: measurements, the JSON report and the summary; `plot`: SVG.
@@ -15,6 +17,7 @@
 //! the user passes `--allow-remote`; every load is bounded by a message count
 //! and optionally a duration.
 
+pub mod fill;
 pub mod plot;
 pub mod pop3;
 pub mod proto;
@@ -34,6 +37,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+pub use fill::FillArgs;
 pub use pop3::Pop3Args;
 pub use sink::SinkArgs;
 pub use smtp::SmtpArgs;
@@ -49,6 +53,9 @@ pub enum BenchCommand {
     /// Run an SMTP server that accepts and discards mail and counts it
     /// (the receiving MX for relay tests).
     Sink(SinkArgs),
+    /// Write deferred remote messages into a stopped server's store (needs
+    /// --config), to measure the server with a deep queue.
+    FillQueue(FillArgs),
 }
 
 /// Why a bench command failed.
@@ -87,6 +94,8 @@ pub enum BenchError {
     NothingSucceeded { failed: u64 },
     #[error(transparent)]
     Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Fill(#[from] fill::FillError),
 }
 
 /// Runs one bench command to completion on its own multi-threaded tokio
@@ -109,6 +118,7 @@ pub fn run(cmd: BenchCommand) -> Result<(), BenchError> {
             BenchCommand::Smtp(args) => smtp::run(args).await,
             BenchCommand::Pop3(args) => pop3::run(args).await,
             BenchCommand::Sink(args) => sink::run(args).await,
+            BenchCommand::FillQueue(args) => fill::run(args).await,
         }
     })
 }
