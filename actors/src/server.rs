@@ -236,6 +236,9 @@ impl ServerBuilder {
         let (shutdown, _) = watch::channel(false);
         let connections = Arc::new(Limits::default());
         let workers: Vec<Arbiter> = (0..worker_count()).map(|_| Arbiter::new()).collect();
+        delivery.do_send(crate::delivery::actor::SetIoArbiters(
+            workers.iter().map(|w| w.handle()).collect(),
+        ));
         let mut server = Server {
             smtp_addrs: Vec::new(),
             submission_addrs: Vec::new(),

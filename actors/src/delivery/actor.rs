@@ -92,6 +92,24 @@ pub struct Delivery {
     /// The pending wake-up and when (unix seconds) it fires.
     wakeup: Option<(f64, SpawnHandle)>,
     attempt: Arc<attempt::Attempt>,
+    /// Arbiters that run the SMTP client sessions (the server's workers), in
+    /// turn; this actor's own thread only keeps the books. Empty: run them
+    /// here.
+    io: Vec<ArbiterHandle>,
+    next_io: usize,
+}
+
+/// Where the SMTP client sessions of delivery attempts run.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetIoArbiters(pub Vec<ArbiterHandle>);
+
+impl Handler<SetIoArbiters> for Delivery {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetIoArbiters, _: &mut Self::Context) {
+        self.io = msg.0;
+    }
 }
 
 impl Delivery {
@@ -106,6 +124,8 @@ impl Delivery {
             destinations: HashMap::new(),
             wakeup: None,
             attempt,
+            io: Vec::new(),
+            next_io: 0,
         }
     }
 
@@ -243,10 +263,25 @@ impl Delivery {
                     .deliver(id, &domain, sender.as_deref(), &rcpts, &content)
                     .await
             };
-            ctx.spawn(
-                task.into_actor(self)
-                    .map(move |outcomes, act, ctx| act.destination_done(id, outcomes, ctx)),
-            );
+            // The session itself runs on a worker arbiter: with thousands of
+            // relayed messages a second, one thread could not both talk SMTP
+            // and keep the queue.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let run = async move {
+                let _ = tx.send(task.await);
+            };
+            if self.io.is_empty() {
+                actix_rt::spawn(run);
+            } else {
+                let handle = &self.io[self.next_io % self.io.len()];
+                self.next_io = self.next_io.wrapping_add(1);
+                // A stopped arbiter drops the task: the round then ends
+                // without outcomes and the recipients are retried later.
+                let _ = handle.spawn(run);
+            }
+            ctx.spawn(rx.into_actor(self).map(move |outcomes, act, ctx| {
+                act.destination_done(id, outcomes.unwrap_or_default(), ctx)
+            }));
         }
     }
 

@@ -533,9 +533,15 @@ impl SmtpConnection {
     ) -> Result<SmtpConnection, ConnectError> {
         let mut last = None;
         let mut sessions = 0;
-        let addresses = exchangers
+        // Collected first: an iterator of closures held across the awaits
+        // below would keep this future from being `Send` (rustc cannot prove
+        // the closures general over lifetimes), and attempts run on worker
+        // arbiters.
+        let addresses: Vec<(&str, SocketAddr)> = exchangers
             .iter()
-            .flat_map(|ex| ex.addrs.iter().map(move |a| (ex.host.as_str(), *a)));
+            .flat_map(|ex| ex.addrs.iter().map(|a| (ex.host.as_str(), *a)))
+            .collect();
+        let addresses = addresses.into_iter();
         for (tried, (host, addr)) in addresses.enumerate() {
             if tried >= settings.max_addresses || sessions >= settings.max_sessions {
                 break;
