@@ -98,6 +98,9 @@ mod tests {
     #[test]
     fn multi_line_without_status() {
         let r = Reply::plain(250, "mx.test\nPIPELINING\nSIZE 100");
-        assert_eq!(r.to_bytes(), b"250-mx.test\r\n250-PIPELINING\r\n250 SIZE 100\r\n");
+        assert_eq!(
+            r.to_bytes(),
+            b"250-mx.test\r\n250-PIPELINING\r\n250 SIZE 100\r\n"
+        );
     }
 }

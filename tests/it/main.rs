@@ -8,7 +8,7 @@ mod delivery_client;
 mod durability;
 mod example;
 mod pop3;
-mod smtp_local;
 mod security;
+mod smtp_local;
 mod support;
 mod tls;
