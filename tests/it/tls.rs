@@ -246,15 +246,7 @@ impl Client {
 
     /// One whole SMTP reply, its lines joined with '\n'.
     pub fn reply(&mut self) -> String {
-        let mut lines = Vec::new();
-        loop {
-            let line = self.line();
-            let last = line.len() < 4 || line.as_bytes()[3] == b' ';
-            lines.push(line);
-            if last {
-                return lines.join("\n");
-            }
-        }
+        crate::support::server::smtp_reply(|| self.line())
     }
 
     /// Sends a command and returns the SMTP reply.

@@ -258,6 +258,20 @@ pub fn python(script: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Reads lines with `next_line` until the last line of one SMTP reply
+/// (`NNN ` rather than `NNN-`, or EOF); returns them joined with '\n'.
+pub fn smtp_reply(mut next_line: impl FnMut() -> String) -> String {
+    let mut lines = Vec::new();
+    loop {
+        let line = next_line();
+        let last = line.len() < 4 || line.as_bytes()[3] == b' ';
+        lines.push(line);
+        if last {
+            return lines.join("\n");
+        }
+    }
+}
+
 /// A raw TCP client for byte-exact conversations.
 pub struct Raw {
     stream: std::net::TcpStream,
@@ -287,15 +301,7 @@ impl Raw {
 
     /// One whole SMTP reply (all its lines), joined with '\n'.
     pub fn reply(&mut self) -> String {
-        let mut lines = Vec::new();
-        loop {
-            let line = self.line();
-            let last = line.len() < 4 || line.as_bytes()[3] == b' ';
-            lines.push(line);
-            if last {
-                return lines.join("\n");
-            }
-        }
+        smtp_reply(|| self.line())
     }
 
     /// Sends a command line and returns the reply.
