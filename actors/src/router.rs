@@ -18,7 +18,7 @@ use postino_core::store::{LocalDelivery, Notice, StoreError};
 use postino_core::{Address, Config, Envelope, Route, Store};
 use tracing::{info, warn};
 
-use crate::delivery::actor::Enqueue;
+use crate::delivery::actor::{new_entry, Enqueue, Queued};
 use crate::mailbox::{Deliver, Mailbox, StoreLocal};
 
 /// Where does this recipient go? Asked once per `RCPT TO`.
@@ -34,9 +34,11 @@ pub struct Dispatch(pub Envelope);
 
 /// A message has been received whole: store it. Local-only mail is written
 /// to its mailboxes at once, in one transaction (answer
-/// [`Submitted::Delivered`]); anything else is spooled and must be sent a
-/// [`Dispatch`] once durable ([`Submitted::Spooled`]). Either way it is
-/// durable only after the caller's `Store::durable()`.
+/// [`Submitted::Delivered`]); remote-only mail is written to the delivery
+/// queue at once, in one transaction (answer [`Submitted::Queued`], to be
+/// sent to the delivery actor once durable); anything else is spooled and
+/// must be sent a [`Dispatch`] once durable ([`Submitted::Spooled`]).
+/// Either way it is durable only after the caller's `Store::durable()`.
 #[derive(Message, Debug)]
 #[rtype(result = "Result<Submitted, DispatchError>")]
 pub struct Submit {
@@ -45,9 +47,11 @@ pub struct Submit {
 }
 
 /// What [`Submit`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Submitted {
     Delivered,
+    /// In the delivery queue: send this to the delivery actor once durable.
+    Queued(Queued),
     Spooled,
 }
 
@@ -126,6 +130,16 @@ impl Handler<Submit> for Router {
                 deliver.await??;
                 Ok(Submitted::Delivered)
             });
+        }
+        if plan.local.is_empty() && plan.bounced.is_empty() && !plan.remote.is_empty() {
+            let entry = new_entry(&envelope, plan.remote);
+            let queued = self.store.accept_remote(&entry, &content).map(|()| {
+                Submitted::Queued(Queued {
+                    id: envelope.id,
+                    content: content.into(),
+                })
+            });
+            return Box::pin(async move { Ok(queued?) });
         }
         let spooled = self.store.spool(&envelope, &content);
         Box::pin(async move {

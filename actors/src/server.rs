@@ -287,6 +287,7 @@ impl ServerBuilder {
                 router: route,
                 submit: router.clone().recipient(),
                 dispatch: router.recipient(),
+                queued: delivery.clone().recipient(),
                 tls: tls.clone(),
                 failures: failures.clone(),
             })

@@ -22,6 +22,7 @@ use postino_core::smtp::{Reply, Request, Session};
 use postino_core::Store;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::delivery::actor::Queued;
 use crate::io::{Io, ReadOutcome, Stream, TlsSlot};
 use crate::router::{Dispatch, RouteRecipient, Submit, Submitted};
 use crate::server::{AuthFailures, ConnectionGuard};
@@ -35,6 +36,8 @@ pub struct SmtpShared {
     /// The router of this connection's worker: stores accepted messages.
     pub submit: Recipient<Submit>,
     pub dispatch: Recipient<Dispatch>,
+    /// The delivery actor, for remote-only mail queued at once.
+    pub queued: Recipient<Queued>,
     pub tls: TlsSlot,
     /// Failed logins per client address (shared with POP3).
     pub failures: Arc<AuthFailures>,
@@ -315,6 +318,7 @@ impl SmtpConnection {
                 });
                 let store = self.shared.store.clone();
                 let dispatch = self.shared.dispatch.clone();
+                let queued = self.shared.queued.clone();
                 let fut = async move {
                     let submitted = submit
                         .await
@@ -326,7 +330,11 @@ impl SmtpConnection {
                     store.durable().await.map_err(|e| e.to_string())?;
                     let rcpts = envelope.recipients.len();
                     info!(%id, from = %envelope.sender_display(), nrcpt = rcpts, size = envelope.size, "message accepted");
-                    if submitted == Submitted::Spooled {
+                    if let Submitted::Queued(q) = submitted {
+                        // Nothing to wait for: the queue has it, and the
+                        // next queue run tries it if this is lost.
+                        queued.do_send(q);
+                    } else if matches!(submitted, Submitted::Spooled) {
                         // Hand it on before answering, so that a client that
                         // reads its mailbox right after the 250 finds the
                         // message. A failed dispatch is retried at restart

@@ -69,7 +69,7 @@ pub(super) struct Refs {
 }
 
 impl Refs {
-    fn to_bytes(self) -> [u8; 16] {
+    pub(super) fn to_bytes(self) -> [u8; 16] {
         let mut b = [0; 16];
         b[..8].copy_from_slice(&self.count.to_be_bytes());
         b[8..].copy_from_slice(&self.len.to_be_bytes());

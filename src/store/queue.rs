@@ -13,7 +13,7 @@
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
 
-use super::mail::{acquire, progress_of, release, spool_in};
+use super::mail::{acquire, progress_of, release, spool_in, Refs};
 use super::{
     abort, decode, encode, id_from_key, tx_done, Store, StoreError, TxResult, META_QUEUE_LEN,
 };
@@ -155,6 +155,52 @@ impl Store {
                     done.queued = true;
                     progress.insert(&key, encode("progress", &done).or_else(abort)?)?;
                     Ok(())
+                }),
+        )
+    }
+
+    /// Stores a message that goes only to remote recipients, in one
+    /// transaction: its content, with one reference held by `entry`, and the
+    /// queue entry in the schedule. Like [`Store::accept_local`], it never
+    /// enters the intake spool: once written there is nothing left to
+    /// dispatch. This is the hot path of relaying (one transaction instead
+    /// of spool, enqueue and finish). Not durable until [`Store::durable`]
+    /// resolves.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Duplicate`] if the id is already in use.
+    pub fn accept_remote(&self, entry: &QueueEntry, content: &[u8]) -> Result<(), StoreError> {
+        let id = entry.id;
+        let key = id.to_key();
+        let record = encode("queue", entry)?;
+        let sched = schedule_key(entry.next_attempt, id);
+        let i = &self.inner;
+        tx_done(
+            (
+                &i.content,
+                &i.refs,
+                &i.inbound,
+                &i.queue,
+                &i.schedule,
+                &i.meta,
+            )
+                .transaction(|(c, refs, inbound, queue, schedule, meta)| {
+                    if refs.get(key)?.is_some() || inbound.get(key)?.is_some() {
+                        return abort(StoreError::Duplicate(id));
+                    }
+                    c.insert(&key, content)?;
+                    refs.insert(
+                        &key,
+                        &Refs {
+                            count: 1,
+                            len: content.len() as u64,
+                        }
+                        .to_bytes(),
+                    )?;
+                    queue.insert(&key, record.as_slice())?;
+                    schedule.insert(&sched, &[])?;
+                    count(meta, 1)
                 }),
         )
     }

@@ -352,6 +352,44 @@ fn accept_local_stores_content_once_for_every_mailbox() {
 }
 
 #[test]
+fn accept_remote_queues_in_one_step() {
+    let (_dir, store) = open();
+    let id = store.new_id().unwrap();
+    let content = b"Subject: out\r\n\r\nbody\r\n";
+    let entry = queue_entry(id, 500);
+    store.accept_remote(&entry, content).unwrap();
+    block_on(store.durable()).unwrap();
+    assert!(
+        store.inbound().unwrap().is_empty(),
+        "nothing left to dispatch"
+    );
+    assert_eq!(store.queue_entry(id).unwrap().as_ref(), Some(&entry));
+    assert_eq!(store.queue_len().unwrap(), 1);
+    assert_eq!(store.content(id).unwrap().as_deref(), Some(&content[..]));
+    assert!(
+        store.due(499, 10).unwrap().is_empty(),
+        "not due before its time"
+    );
+    assert_eq!(store.due(500, 10).unwrap(), vec![entry.clone()]);
+    assert_refs_consistent(&store);
+    // The id cannot be used twice, whether queued or spooled.
+    assert!(matches!(
+        store.accept_remote(&entry, content),
+        Err(StoreError::Duplicate(_))
+    ));
+    let spooled = spool(&store, &["a@example.test"], b"x");
+    assert!(matches!(
+        store.accept_remote(&queue_entry(spooled, 1), content),
+        Err(StoreError::Duplicate(_))
+    ));
+    // Delivered: entry, schedule and content go together.
+    store.settle_queue(&entry, true, &[]).unwrap();
+    assert!(store.content(id).unwrap().is_none());
+    assert_eq!(store.queue_len().unwrap(), 0);
+    assert_refs_consistent(&store);
+}
+
+#[test]
 fn maildrop_is_ordered_and_delete_is_atomic_per_call() {
     let (_dir, store) = open();
     let mut ids = Vec::new();

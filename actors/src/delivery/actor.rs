@@ -32,6 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
+use bytes::Bytes;
 use postino_core::config::DoubleBounce;
 use postino_core::dsn::{self, RecipientStatus};
 use postino_core::message::now_unix;
@@ -59,6 +60,37 @@ const MIN_SLEEP: Duration = Duration::from_millis(100);
 pub struct Enqueue {
     pub envelope: Envelope,
     pub recipients: Vec<String>,
+}
+
+/// A message the router has just queued with [`Store::accept_remote`] and
+/// made durable: try it now, with the content in hand (no read back from
+/// the store). If the actor is busy, the entry waits in the queue for the
+/// next poll like any other.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Queued {
+    pub id: MessageId,
+    pub content: Bytes,
+}
+
+/// A new queue entry for `recipients` of `envelope`, due now.
+pub fn new_entry(envelope: &Envelope, recipients: Vec<String>) -> QueueEntry {
+    QueueEntry {
+        id: envelope.id,
+        sender: envelope.sender.clone(),
+        received_at: envelope.received_at,
+        next_attempt: now_unix(),
+        attempts: 0,
+        recipients: recipients
+            .into_iter()
+            .map(|address| QueueRecipient {
+                address,
+                state: RecipientState::Pending,
+            })
+            .collect(),
+        client: envelope.client.clone(),
+        warned: false,
+    }
 }
 
 /// Tells the delivery actor where notifications go (the router starts after
@@ -230,6 +262,11 @@ impl Delivery {
                 return;
             }
         };
+        self.start_with(entry, content, ctx);
+    }
+
+    /// [`Delivery::start`] with the content already read.
+    fn start_with(&mut self, entry: QueueEntry, content: Bytes, ctx: &mut Context<Self>) {
         let mut by_domain: Vec<(String, Vec<String>)> = Vec::new();
         for r in entry.recipients.iter().filter(|r| r.state.is_open()) {
             let domain = r
@@ -741,24 +778,7 @@ impl Handler<Enqueue> for Delivery {
     type Result = Result<(), StoreError>;
 
     fn handle(&mut self, msg: Enqueue, ctx: &mut Self::Context) -> Self::Result {
-        let e = &msg.envelope;
-        let entry = QueueEntry {
-            id: e.id,
-            sender: e.sender.clone(),
-            received_at: e.received_at,
-            next_attempt: now_unix(),
-            attempts: 0,
-            recipients: msg
-                .recipients
-                .into_iter()
-                .map(|address| QueueRecipient {
-                    address,
-                    state: RecipientState::Pending,
-                })
-                .collect(),
-            client: e.client.clone(),
-            warned: false,
-        };
+        let entry = new_entry(&msg.envelope, msg.recipients);
         self.store.enqueue(&entry)?;
         if self.in_flight.contains_key(&entry.id) {
             return Ok(());
@@ -776,6 +796,27 @@ impl Handler<Enqueue> for Delivery {
         }
         // Else the poll after the next finished round picks it up.
         Ok(())
+    }
+}
+
+impl Handler<Queued> for Delivery {
+    type Result = ();
+
+    fn handle(&mut self, msg: Queued, ctx: &mut Self::Context) {
+        let id = msg.id;
+        if self.in_flight.contains_key(&id) || self.in_flight.len() >= MAX_IN_FLIGHT {
+            // Started by a poll that found it due, or no room: the poll
+            // after the next finished round picks it up.
+            return;
+        }
+        // A poll may also have found it due and finished a whole round
+        // before this arrived: only an untried entry is started here, so
+        // nobody gets a second copy.
+        match self.store.queue_entry(id) {
+            Ok(Some(entry)) if entry.attempts == 0 => self.start_with(entry, msg.content, ctx),
+            Ok(_) => debug!(%id, "already tried by a queue run"),
+            Err(e) => error!(%id, error = %e, "cannot read queue entry"),
+        }
     }
 }
 
