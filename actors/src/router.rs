@@ -325,10 +325,11 @@ pub fn notification(
     to: &str,
     kind: dsn::Kind,
 ) -> Result<Option<Notice>, StoreError> {
-    let original = store
-        .content(envelope.id)?
-        .map(|c| c.to_vec())
-        .unwrap_or_default();
+    // Queued mail may hold its content inline; spooled mail shares it.
+    let original = match store.queued_content(envelope.id)? {
+        Some(c) => c,
+        None => store.content(envelope.id)?.unwrap_or_default(),
+    };
     let id = store.new_id()?;
     let now = now_unix();
     let content = dsn::Report {

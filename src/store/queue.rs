@@ -5,6 +5,12 @@
 //! scan from the start: a queue of a million deferred messages costs
 //! O(due), not O(queue), to poll. Both change in the same transaction.
 //!
+//! Mail accepted only for remote recipients ([`Store::accept_remote`]) has
+//! its content inline in the entry and is written without a transaction:
+//! the schedule key first, then the entry; removed in the other order. A
+//! crash in between leaves a schedule key without an entry, which
+//! [`Store::due`] removes when it meets it; never an entry nobody schedules.
+//!
 //! The end of a delivery round is [`Store::settle_queue`]: the entry's new
 //! state (or its removal) and the notifications it causes (bounce, delay
 //! warning) are one transaction, so a crash can neither lose a bounce nor
@@ -13,9 +19,11 @@
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
 
-use super::mail::{acquire, progress_of, release, spool_in, Refs};
+use bytes::Bytes;
+
+use super::mail::{acquire, progress_of, release, spool_in};
 use super::{
-    abort, decode, encode, id_from_key, tx_done, Store, StoreError, TxResult, META_QUEUE_LEN,
+    abort, decode, encode, encode_inline, id_from_key, split_inline, tx_done, Store, StoreError,
 };
 use crate::message::{Envelope, MessageId};
 
@@ -88,7 +96,7 @@ pub struct Notice {
     pub content: Vec<u8>,
 }
 
-fn schedule_key(next_attempt: u64, id: MessageId) -> [u8; 16] {
+pub(super) fn schedule_key(next_attempt: u64, id: MessageId) -> [u8; 16] {
     let mut k = [0; 16];
     k[..8].copy_from_slice(&next_attempt.to_be_bytes());
     k[8..].copy_from_slice(&id.to_key());
@@ -104,16 +112,23 @@ fn parse_schedule_key(k: &[u8]) -> Result<(u64, MessageId), StoreError> {
     Ok((at, id_from_key(&k[8..])?))
 }
 
-/// Adds `delta` to the persistent queue length (kept so that `queue_len` is
-/// O(1); sled's own `len` walks the tree).
-fn count(meta: &sled::transaction::TransactionalTree, delta: i64) -> TxResult<()> {
-    let n = match meta.get(META_QUEUE_LEN)? {
-        Some(b) => u64::from_be_bytes(b.as_ref().try_into().unwrap_or_default()),
-        None => 0,
-    };
-    let n = n.saturating_add_signed(delta);
-    meta.insert(META_QUEUE_LEN, &n.to_be_bytes())?;
-    Ok(())
+/// `record` (a freshly encoded entry) followed by the inline content of
+/// `old`, if it had any: rewriting an entry keeps its content.
+fn keep_inline(old: &[u8], record: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let (_, inline): (QueueEntry, _) = split_inline("queue", old)?;
+    let mut out = record.to_vec();
+    if let Some(content) = inline {
+        out.reserve(content.len() + 1);
+        out.push(super::INLINE);
+        out.extend_from_slice(content);
+    }
+    Ok(out)
+}
+
+/// Whether a `queue` value carries its content inline.
+#[cfg(test)]
+pub(super) fn queue_is_inline(v: &[u8]) -> Result<bool, StoreError> {
+    Ok(split_inline::<QueueEntry>("queue", v)?.1.is_some())
 }
 
 impl Store {
@@ -133,15 +148,8 @@ impl Store {
         let sched = schedule_key(entry.next_attempt, id);
         let i = &self.inner;
         tx_done(
-            (
-                &i.inbound,
-                &i.progress,
-                &i.queue,
-                &i.schedule,
-                &i.refs,
-                &i.meta,
-            )
-                .transaction(|(inbound, progress, queue, schedule, refs, meta)| {
+            (&i.inbound, &i.progress, &i.queue, &i.schedule, &i.refs).transaction(
+                |(inbound, progress, queue, schedule, refs)| {
                     let mut done = progress_of(inbound, progress, id)?;
                     if done.queued {
                         return Ok(());
@@ -150,59 +158,58 @@ impl Store {
                         acquire(refs, id)?;
                         queue.insert(&key, record.as_slice())?;
                         schedule.insert(&sched, &[])?;
-                        count(meta, 1)?;
                     }
                     done.queued = true;
                     progress.insert(&key, encode("progress", &done).or_else(abort)?)?;
                     Ok(())
-                }),
+                },
+            ),
         )
     }
 
-    /// Stores a message that goes only to remote recipients, in one
-    /// transaction: its content, with one reference held by `entry`, and the
-    /// queue entry in the schedule. Like [`Store::accept_local`], it never
-    /// enters the intake spool: once written there is nothing left to
-    /// dispatch. This is the hot path of relaying (one transaction instead
-    /// of spool, enqueue and finish). Not durable until [`Store::durable`]
-    /// resolves.
+    /// Stores a message that goes only to remote recipients: the queue
+    /// entry with the content inline, and its schedule key. Two single-key
+    /// writes, no transaction (see the module docs for why that is safe).
+    /// Like [`Store::accept_local`], it never enters the intake spool: once
+    /// written there is nothing left to dispatch. This is the hot path of
+    /// relaying. Not durable until [`Store::durable`] resolves.
     ///
     /// # Errors
     ///
-    /// [`StoreError::Duplicate`] if the id is already in use.
+    /// [`StoreError::Duplicate`] if the id is already queued.
     pub fn accept_remote(&self, entry: &QueueEntry, content: &[u8]) -> Result<(), StoreError> {
         let id = entry.id;
-        let key = id.to_key();
-        let record = encode("queue", entry)?;
-        let sched = schedule_key(entry.next_attempt, id);
+        let value = encode_inline("queue", entry, content)?;
         let i = &self.inner;
-        tx_done(
-            (
-                &i.content,
-                &i.refs,
-                &i.inbound,
-                &i.queue,
-                &i.schedule,
-                &i.meta,
-            )
-                .transaction(|(c, refs, inbound, queue, schedule, meta)| {
-                    if refs.get(key)?.is_some() || inbound.get(key)?.is_some() {
-                        return abort(StoreError::Duplicate(id));
-                    }
-                    c.insert(&key, content)?;
-                    refs.insert(
-                        &key,
-                        &Refs {
-                            count: 1,
-                            len: content.len() as u64,
-                        }
-                        .to_bytes(),
-                    )?;
-                    queue.insert(&key, record.as_slice())?;
-                    schedule.insert(&sched, &[])?;
-                    count(meta, 1)
-                }),
-        )
+        let _writing = i
+            .queue_writes
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        i.schedule
+            .insert(schedule_key(entry.next_attempt, id), &[])?;
+        match i
+            .queue
+            .compare_and_swap(id.to_key(), None as Option<&[u8]>, Some(value))?
+        {
+            Ok(()) => Ok(()),
+            // The schedule key may now have no entry; `due` removes it.
+            Err(_) => Err(StoreError::Duplicate(id)),
+        }
+    }
+
+    /// The content of a queued message: inline in its entry, or shared.
+    pub fn queued_content(&self, id: MessageId) -> Result<Option<Bytes>, StoreError> {
+        let Some(v) = self.inner.queue.get(id.to_key())? else {
+            return Ok(None);
+        };
+        let (_, inline): (QueueEntry, _) = split_inline("queue", &v)?;
+        match inline {
+            Some(content) => {
+                let start = v.len() - content.len();
+                Ok(Some(Bytes::from_owner(v).slice(start..)))
+            }
+            None => self.content(id),
+        }
     }
 
     /// Records a new state of a queue entry (attempts, next attempt,
@@ -220,12 +227,13 @@ impl Store {
             let Some(old) = queue.get(key)? else {
                 return abort(StoreError::NotFound { what: "queue", id });
             };
+            let value = keep_inline(&old, &record).or_else(abort)?;
             let old: QueueEntry = decode("queue", &old).or_else(abort)?;
             if old.next_attempt != entry.next_attempt {
                 schedule.remove(&schedule_key(old.next_attempt, id))?;
                 schedule.insert(&schedule_key(entry.next_attempt, id), &[])?;
             }
-            queue.insert(&key, record.as_slice())?;
+            queue.insert(&key, value)?;
             Ok(())
         }))
     }
@@ -235,19 +243,19 @@ impl Store {
     pub fn remove_queue(&self, id: MessageId) -> Result<(), StoreError> {
         let key = id.to_key();
         let i = &self.inner;
-        tx_done(
-            (&i.queue, &i.schedule, &i.refs, &i.content, &i.meta).transaction(
-                |(queue, schedule, refs, content, meta)| {
-                    let Some(old) = queue.remove(&key)? else {
-                        return Ok(());
-                    };
-                    let old: QueueEntry = decode("queue", &old).or_else(abort)?;
-                    schedule.remove(&schedule_key(old.next_attempt, id))?;
-                    count(meta, -1)?;
-                    release(refs, content, id)
-                },
-            ),
-        )
+        tx_done((&i.queue, &i.schedule, &i.refs, &i.content).transaction(
+            |(queue, schedule, refs, content)| {
+                let Some(old) = queue.remove(&key)? else {
+                    return Ok(());
+                };
+                let (old, inline): (QueueEntry, _) = split_inline("queue", &old).or_else(abort)?;
+                schedule.remove(&schedule_key(old.next_attempt, id))?;
+                if inline.is_none() {
+                    release(refs, content, id)?;
+                }
+                Ok(())
+            },
+        ))
     }
 
     /// Ends a delivery round in one transaction: spools `notices` (each
@@ -275,20 +283,31 @@ impl Store {
             .map(|n| encode("inbound", &n.envelope))
             .collect::<Result<Vec<_>, _>>()?;
         let i = &self.inner;
+        if remove && notices.is_empty() {
+            // The common end, delivered: an entry with inline content goes
+            // without a transaction, entry first, then its schedule key.
+            let Some(old) = i.queue.get(key)? else {
+                return Err(StoreError::NotFound { what: "queue", id });
+            };
+            let (entry, inline): (QueueEntry, _) = split_inline("queue", &old)?;
+            if inline.is_some()
+                && i.queue
+                    .compare_and_swap(key, Some(&old), None as Option<&[u8]>)?
+                    .is_ok()
+            {
+                i.schedule.remove(schedule_key(entry.next_attempt, id))?;
+                return Ok(());
+            }
+        }
         tx_done(
-            (
-                &i.queue,
-                &i.schedule,
-                &i.refs,
-                &i.content,
-                &i.inbound,
-                &i.meta,
-            )
-                .transaction(|(queue, schedule, refs, content, inbound, meta)| {
+            (&i.queue, &i.schedule, &i.refs, &i.content, &i.inbound).transaction(
+                |(queue, schedule, refs, content, inbound)| {
                     let Some(old) = queue.get(key)? else {
                         return abort(StoreError::NotFound { what: "queue", id });
                     };
-                    let old: QueueEntry = decode("queue", &old).or_else(abort)?;
+                    let value = keep_inline(&old, &record).or_else(abort)?;
+                    let (old, inline): (QueueEntry, _) =
+                        split_inline("queue", &old).or_else(abort)?;
                     for (notice, record) in notices.iter().zip(&notice_records) {
                         spool_in(
                             content,
@@ -302,17 +321,19 @@ impl Store {
                     if remove {
                         queue.remove(&key)?;
                         schedule.remove(&schedule_key(old.next_attempt, id))?;
-                        count(meta, -1)?;
-                        release(refs, content, id)?;
+                        if inline.is_none() {
+                            release(refs, content, id)?;
+                        }
                     } else {
                         if old.next_attempt != entry.next_attempt {
                             schedule.remove(&schedule_key(old.next_attempt, id))?;
                             schedule.insert(&schedule_key(entry.next_attempt, id), &[])?;
                         }
-                        queue.insert(&key, record.as_slice())?;
+                        queue.insert(&key, value.as_slice())?;
                     }
                     Ok(())
-                }),
+                },
+            ),
         )
     }
 
@@ -342,11 +363,23 @@ impl Store {
             if out.len() >= limit {
                 break;
             }
-            let (_, id) = parse_schedule_key(&k?)?;
-            // Index and entry change together; an entry removed between the
-            // two reads is simply no longer due.
-            if let Some(entry) = self.queue_entry(id)? {
-                out.push(entry);
+            let k = k?;
+            let (_, id) = parse_schedule_key(&k)?;
+            match self.queue_entry(id)? {
+                Some(entry) => out.push(entry),
+                // Removed since the key was read, or a key a crash left
+                // without its entry: remove the key unless an entry is
+                // being written for it right now.
+                None => {
+                    let _alone = self
+                        .inner
+                        .queue_writes
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if self.inner.queue.get(id.to_key())?.is_none() {
+                        self.inner.schedule.remove(&k)?;
+                    }
+                }
             }
         }
         Ok(out)
@@ -377,17 +410,16 @@ impl Store {
         Ok(None)
     }
 
-    /// Number of queue entries, O(1).
+    /// Number of queue entries: a walk over the schedule index's keys,
+    /// O(queue) (about a second for a million entries); a counter kept in
+    /// the store would need a transaction per message.
     pub fn queue_len(&self) -> Result<usize, StoreError> {
-        let n = match self.inner.meta.get(META_QUEUE_LEN)? {
-            Some(b) => u64::from_be_bytes(
-                b.as_ref()
-                    .try_into()
-                    .map_err(|_| StoreError::Codec("meta queue_len: not 8 bytes".into()))?,
-            ),
-            None => 0,
-        };
-        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+        let mut n = 0;
+        for k in self.inner.schedule.iter().keys() {
+            k?;
+            n += 1;
+        }
+        Ok(n)
     }
 }
 

@@ -77,15 +77,19 @@ fn assert_refs_consistent(store: &Store) {
             .entry(id_from_key(&k.unwrap()).unwrap())
             .or_default() += 1;
     }
-    for k in i.queue.iter().keys() {
-        *expected
-            .entry(id_from_key(&k.unwrap()).unwrap())
-            .or_default() += 1;
+    // Inline content is part of its record and holds no reference.
+    for kv in i.queue.iter() {
+        let (k, v) = kv.unwrap();
+        if !queue::queue_is_inline(&v).unwrap() {
+            *expected.entry(id_from_key(&k).unwrap()).or_default() += 1;
+        }
     }
-    for k in i.mail.iter().keys() {
-        let k = k.unwrap();
-        let id = id_from_key(&k[k.len() - 8..]).unwrap();
-        *expected.entry(id).or_default() += 1;
+    for kv in i.mail.iter() {
+        let (k, v) = kv.unwrap();
+        if !mail::mail_is_inline(&v) {
+            let id = id_from_key(&k[k.len() - 8..]).unwrap();
+            *expected.entry(id).or_default() += 1;
+        }
     }
     let mut actual = std::collections::BTreeMap::new();
     for kv in i.refs.iter() {
@@ -365,28 +369,136 @@ fn accept_remote_queues_in_one_step() {
     );
     assert_eq!(store.queue_entry(id).unwrap().as_ref(), Some(&entry));
     assert_eq!(store.queue_len().unwrap(), 1);
-    assert_eq!(store.content(id).unwrap().as_deref(), Some(&content[..]));
+    assert_eq!(
+        store.queued_content(id).unwrap().as_deref(),
+        Some(&content[..])
+    );
+    assert!(
+        store.content_ids().unwrap().is_empty(),
+        "inline: no shared content"
+    );
     assert!(
         store.due(499, 10).unwrap().is_empty(),
         "not due before its time"
     );
     assert_eq!(store.due(500, 10).unwrap(), vec![entry.clone()]);
     assert_refs_consistent(&store);
-    // The id cannot be used twice, whether queued or spooled.
     assert!(matches!(
         store.accept_remote(&entry, content),
         Err(StoreError::Duplicate(_))
     ));
-    let spooled = spool(&store, &["a@example.test"], b"x");
+
+    // Deferred: the new state is recorded and the content stays with it.
+    let mut later = entry.clone();
+    later.attempts = 1;
+    later.next_attempt = 900;
+    store.settle_queue(&later, false, &[]).unwrap();
+    store.update_queue(&later).unwrap();
+    assert_eq!(store.queue_entry(id).unwrap().as_ref(), Some(&later));
+    assert_eq!(
+        store.queued_content(id).unwrap().as_deref(),
+        Some(&content[..])
+    );
+    assert!(store.due(899, 10).unwrap().is_empty());
+    assert_eq!(store.due(900, 10).unwrap(), vec![later.clone()]);
+    assert_refs_consistent(&store);
+
+    // Delivered: entry, schedule key and content go together.
+    store.settle_queue(&later, true, &[]).unwrap();
+    assert_eq!(store.queued_content(id).unwrap(), None);
+    assert_eq!(store.queue_len().unwrap(), 0);
+    assert_eq!(store.next_due_time().unwrap(), None);
     assert!(matches!(
-        store.accept_remote(&queue_entry(spooled, 1), content),
+        store.settle_queue(&later, true, &[]),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert_refs_consistent(&store);
+
+    // Bounced: a settlement with a notice takes the transaction path.
+    let other = queue_entry(store.new_id().unwrap(), 100);
+    store.accept_remote(&other, content).unwrap();
+    let notice = Notice {
+        envelope: envelope(store.new_id().unwrap(), &["sender@example.test"], 3),
+        content: b"dsn".to_vec(),
+    };
+    store
+        .settle_queue(&other, true, std::slice::from_ref(&notice))
+        .unwrap();
+    assert_eq!(store.queue_len().unwrap(), 0);
+    assert_eq!(store.inbound().unwrap(), vec![notice.envelope]);
+    assert_refs_consistent(&store);
+}
+
+#[test]
+fn a_schedule_key_without_its_entry_is_removed() {
+    let (_dir, store) = open();
+    let kept = queue_entry(store.new_id().unwrap(), 10);
+    store.accept_remote(&kept, b"x\r\n").unwrap();
+    // What a crash between the two writes of accept_remote leaves.
+    let lost = store.new_id().unwrap();
+    store
+        .inner
+        .schedule
+        .insert(queue::schedule_key(5, lost), &[])
+        .unwrap();
+    assert_eq!(store.next_due_time().unwrap(), Some(5));
+    assert_eq!(store.due(20, 10).unwrap(), vec![kept.clone()]);
+    assert_eq!(store.next_due_time().unwrap(), Some(10));
+    assert_eq!(store.queue_len().unwrap(), 1);
+}
+
+#[test]
+fn a_single_mailbox_gets_the_content_inline() {
+    let (_dir, store) = open();
+    let id = store.new_id().unwrap();
+    let content = b"Subject: hi\r\n\r\nbody\r\n";
+    let delivery = [local("A@example.test", "Delivered-To: a@example.test\r\n")];
+    store.accept_local(id, content, &delivery).unwrap();
+    assert!(store.content_ids().unwrap().is_empty(), "no shared content");
+    let drop = store.maildrop("a@example.test").unwrap();
+    assert_eq!(drop.len(), 1);
+    let read = store
+        .read_mail("a@example.test", drop[0].key)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        read,
+        b"Delivered-To: a@example.test\r\nSubject: hi\r\n\r\nbody\r\n"
+    );
+    assert_eq!(drop[0].size as usize, read.len());
+    assert!(matches!(
+        store.accept_local(id, content, &delivery),
         Err(StoreError::Duplicate(_))
     ));
-    // Delivered: entry, schedule and content go together.
-    store.settle_queue(&entry, true, &[]).unwrap();
-    assert!(store.content(id).unwrap().is_none());
-    assert_eq!(store.queue_len().unwrap(), 0);
     assert_refs_consistent(&store);
+    assert_eq!(
+        store.delete_mail("a@example.test", &[drop[0].key]).unwrap(),
+        1
+    );
+    assert!(store.maildrop("a@example.test").unwrap().is_empty());
+    assert_refs_consistent(&store);
+}
+
+#[test]
+fn a_version_1_database_is_upgraded() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = sled::open(dir.path()).unwrap();
+        let meta = db.open_tree("meta").unwrap();
+        meta.insert(META_SCHEMA, &1u32.to_be_bytes()).unwrap();
+        meta.insert(META_QUEUE_LEN, &7u64.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.queue_len().unwrap(), 0, "counted, not read from meta");
+    drop(store);
+    let db = sled::open(dir.path()).unwrap();
+    let meta = db.open_tree("meta").unwrap();
+    assert_eq!(
+        meta.get(META_SCHEMA).unwrap().as_deref(),
+        Some(&SCHEMA_VERSION.to_be_bytes()[..])
+    );
+    assert_eq!(meta.get(META_QUEUE_LEN).unwrap(), None);
 }
 
 #[test]

@@ -248,7 +248,7 @@ impl Delivery {
     /// Starts a round for `entry`: one task per destination of its open
     /// recipients.
     fn start(&mut self, entry: QueueEntry, ctx: &mut Context<Self>) {
-        let content = match self.store.content(entry.id) {
+        let content = match self.store.queued_content(entry.id) {
             Ok(Some(c)) => c,
             Ok(None) => {
                 // The entry holds a reference, so this is a store bug; a
