@@ -3,7 +3,8 @@
 //!
 //! Each writer does what an SMTP connection does at the end of DATA: take a
 //! new id, write the message (`accept_local` for mail that only goes to a
-//! local mailbox, `spool` for everything else), and wait for
+//! local mailbox, `accept_remote` for mail that only goes to remote
+//! recipients, `spool` for everything else), and wait for
 //! [`Store::durable`] before it would send the 250. The rate counts messages
 //! whose flush has completed, so it is the rate at which 250s can go out.
 //!
@@ -22,7 +23,7 @@ use futures_executor::block_on;
 use postino_core::config::StoreConfig;
 use postino_core::message::{now_unix, Envelope, Recipient};
 use postino_core::routing::Route;
-use postino_core::store::LocalDelivery;
+use postino_core::store::{LocalDelivery, QueueEntry, QueueRecipient, RecipientState};
 use postino_core::Store;
 
 /// Writer threads at once: one session alone, a few, and more sessions than
@@ -75,6 +76,26 @@ fn accept_local_no_flush(store: &Store, writer: usize, content: &[u8]) {
     store
         .accept_local(id, content, std::slice::from_ref(&delivery))
         .expect("accept_local");
+}
+
+fn accept_remote(store: &Store, writer: usize, content: &[u8]) {
+    let id = store.new_id().expect("id");
+    let now = now_unix();
+    let entry = QueueEntry {
+        id,
+        sender: Some("sender@example.org".into()),
+        received_at: now,
+        next_attempt: now,
+        attempts: 0,
+        recipients: vec![QueueRecipient {
+            address: format!("user{writer:05}@remote.example"),
+            state: RecipientState::Pending,
+        }],
+        client: "192.0.2.7".into(),
+        warned: false,
+    };
+    store.accept_remote(&entry, content).expect("accept_remote");
+    block_on(store.durable()).expect("durable");
 }
 
 fn spool(store: &Store, writer: usize, content: &[u8]) {
@@ -185,6 +206,10 @@ fn store_accept_local(c: &mut Criterion) {
     bench_writes(c, "accept_local_durable", &WRITERS, &accept_local);
 }
 
+fn store_accept_remote(c: &mut Criterion) {
+    bench_writes(c, "accept_remote_durable", &WRITERS, &accept_remote);
+}
+
 fn store_spool(c: &mut Criterion) {
     bench_writes(c, "spool_durable", &WRITERS, &spool);
 }
@@ -206,6 +231,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = store_accept_local, store_spool, store_accept_local_no_flush
+    targets = store_accept_local, store_accept_remote, store_spool, store_accept_local_no_flush
 }
 criterion_main!(benches);

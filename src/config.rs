@@ -66,6 +66,12 @@ pub struct StoreConfig {
     /// under load (sled #1412). A restart loses no acknowledged mail.
     #[serde(default = "default_stall_abort", with = "humantime_serde")]
     pub stall_abort: Duration,
+    /// Shortest time between two group commits ("0s": flush as soon as
+    /// asked). A message whose flush is asked for sooner waits for the rest
+    /// of it, so that under load more messages share one flush; when flushes
+    /// are rarer than this, nothing waits.
+    #[serde(default = "default_commit_delay", with = "humantime_serde")]
+    pub commit_delay: Duration,
 }
 
 impl Default for StoreConfig {
@@ -79,6 +85,9 @@ fn default_cache_size() -> u64 {
 }
 fn default_stall_abort() -> Duration {
     Duration::from_secs(60)
+}
+fn default_commit_delay() -> Duration {
+    Duration::from_millis(1)
 }
 fn default_background_flush() -> Duration {
     Duration::from_millis(500)

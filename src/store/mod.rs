@@ -192,19 +192,20 @@ impl Store {
             .cache_capacity(settings.cache_size)
             .flush_every_ms((interval > 0).then_some(interval));
         let stall = (!settings.stall_abort.is_zero()).then_some(settings.stall_abort);
-        Store::open_inner(dir, config, stall)
+        Store::open_inner(dir, config, stall, settings.commit_delay)
     }
 
     /// Opens with a caller-made sled config (tests turn sled's own periodic
     /// flush off to prove that [`Store::durable`] alone makes data durable).
     fn open_with(dir: &Path, config: sled::Config) -> Result<Store, StoreError> {
-        Store::open_inner(dir, config, None)
+        Store::open_inner(dir, config, None, std::time::Duration::ZERO)
     }
 
     fn open_inner(
         dir: &Path,
         config: sled::Config,
         stall_limit: Option<std::time::Duration>,
+        commit_delay: std::time::Duration,
     ) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
             path: dir.to_owned(),
@@ -223,7 +224,7 @@ impl Store {
         let uidl_epoch = uidl_epoch(&meta)?;
         let queue = db.open_tree("queue")?;
         meta.remove(META_QUEUE_LEN)?;
-        let commit = commit::GroupCommit::start(db.clone(), stall_limit)?;
+        let commit = commit::GroupCommit::start(db.clone(), stall_limit, commit_delay)?;
         let inner = Inner {
             path: dir.to_owned(),
             users: db.open_tree("users")?,

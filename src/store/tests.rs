@@ -813,6 +813,57 @@ fn queue_len_survives_reopen() {
     assert_eq!(store.queue_len().unwrap(), 2);
 }
 
+/// With a commit delay, callers that ask while the delay runs share one
+/// flush, and a flush never starts sooner than the delay after the last.
+#[test]
+fn commit_delay_spaces_flushes_and_batches_callers() {
+    const CALLERS: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let settings = crate::config::StoreConfig {
+        commit_delay: std::time::Duration::from_millis(300),
+        background_flush: std::time::Duration::ZERO,
+        ..Default::default()
+    };
+    let store = Store::open_configured(dir.path(), &settings).unwrap();
+    let write = |store: &Store, n: usize| {
+        let id = store.new_id().unwrap();
+        let content = format!("message {n}\r\n");
+        store
+            .spool(
+                &envelope(id, &["a@example.test"], content.len()),
+                content.as_bytes(),
+            )
+            .unwrap();
+    };
+    // The first flush has nothing before it: at once.
+    write(&store, 0);
+    block_on(store.durable()).unwrap();
+    let first = store.flush_count();
+    let flushed_at = std::time::Instant::now();
+    // Within the delay, every caller waits for the same next flush.
+    let barrier = std::sync::Barrier::new(CALLERS);
+    std::thread::scope(|s| {
+        for n in 1..=CALLERS {
+            let (store, barrier) = (store.clone(), &barrier);
+            s.spawn(move || {
+                write(&store, n);
+                barrier.wait();
+                block_on(store.durable()).unwrap();
+            });
+        }
+    });
+    assert!(
+        flushed_at.elapsed() >= std::time::Duration::from_millis(250),
+        "the next flush waited for the delay"
+    );
+    assert_eq!(
+        store.flush_count(),
+        first + 1,
+        "one flush for all {CALLERS}"
+    );
+    assert_eq!(store.inbound().unwrap().len(), CALLERS + 1);
+}
+
 #[test]
 fn group_commit_serves_every_caller_with_a_later_flush() {
     const THREADS: usize = 8;

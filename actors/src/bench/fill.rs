@@ -4,10 +4,9 @@
 //! still accepts new mail at full speed").
 //!
 //! Each message goes through the same public store calls, in the same order,
-//! as one that came in over SMTP and failed its first attempt: spooled
-//! (`Store::spool`), queued with a pending recipient (`Store::enqueue`, as the
-//! delivery actor's `Enqueue` does), its dispatch finished
-//! (`Store::finish_inbound`, as the router does), then its round settled as
+//! as one that came in over SMTP for a remote recipient and failed its first
+//! attempt: queued with a pending recipient and its content inline
+//! (`Store::accept_remote`, as the router does), then its round settled as
 //! deferred (`Store::settle_queue`, as the delivery actor's `finalize` does).
 //! So the server sees records it could have written itself.
 
@@ -18,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use postino_core::config::ConfigError;
 use postino_core::dsn::rfc5322_date;
-use postino_core::message::{now_unix, Recipient};
+use postino_core::message::now_unix;
 use postino_core::store::{QueueEntry, QueueRecipient, RecipientState, StoreError};
-use postino_core::{Address, Config, Envelope, Route, Store, Target};
+use postino_core::{Address, Config, Store};
 
 use super::{BenchError, Progress};
 
@@ -235,7 +234,7 @@ fn fill(store: &Store, plan: &Plan, done: &AtomicU64) -> Result<(), FillError> {
     Ok(())
 }
 
-/// One message through spool, enqueue, finish and a deferred settlement.
+/// One message through accept and a deferred settlement.
 fn write_one(
     store: &Store,
     plan: &Plan,
@@ -246,24 +245,9 @@ fn write_one(
     let id = store.new_id()?;
     let to = plan.recipient(i);
     plan.content(content, id, &to, &rfc5322_date(now));
-    let envelope = Envelope {
-        id,
-        sender: Some(plan.sender.clone()),
-        recipients: vec![Recipient {
-            address: to.clone(),
-            route: Route::Deliver(vec![Target::Remote {
-                address: to.clone(),
-            }]),
-        }],
-        received_at: now,
-        client: "127.0.0.1".into(),
-        helo: "bench.postino.test".into(),
-        size: content.len() as u64,
-    };
-    store.spool(&envelope, content)?;
     let mut entry = QueueEntry {
         id,
-        sender: envelope.sender.clone(),
+        sender: Some(plan.sender.clone()),
         received_at: now,
         next_attempt: now,
         attempts: 0,
@@ -271,11 +255,10 @@ fn write_one(
             address: to,
             state: RecipientState::Pending,
         }],
-        client: envelope.client.clone(),
+        client: "127.0.0.1".into(),
         warned: false,
     };
-    store.enqueue(&entry)?;
-    store.finish_inbound(id)?;
+    store.accept_remote(&entry, content)?;
     // The first attempt's outcome, as the delivery actor records a 4xx.
     entry.attempts = 1;
     entry.next_attempt = now + plan.defer.as_secs();
@@ -469,7 +452,7 @@ mod tests {
                 e.recipients[0].state,
                 RecipientState::Deferred { .. }
             ));
-            let content = store.content(e.id).unwrap().unwrap();
+            let content = store.queued_content(e.id).unwrap().unwrap();
             assert!(content.starts_with(b"Received: from bench.postino.test"));
             assert!(content.ends_with(&body(100)));
         }

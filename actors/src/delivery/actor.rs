@@ -760,9 +760,18 @@ impl Actor for Delivery {
         // The router awaits every Enqueue (`send`), so this bound is
         // back-pressure on dispatch, not loss.
         ctx.set_mailbox_capacity(4096);
-        match self.store.queue_len() {
-            Ok(n) if n > 0 => info!(queued = n, "resuming the delivery queue"),
-            _ => {}
+        // Counting walks the schedule index (a second for a million
+        // entries): off this thread, so that delivery starts at once.
+        let store = self.store.clone();
+        let counted = std::thread::Builder::new()
+            .name("postino-qlen".into())
+            .spawn(move || match store.queue_len() {
+                Ok(n) if n > 0 => info!(queued = n, "resuming the delivery queue"),
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "cannot count the queue"),
+            });
+        if let Err(e) = counted {
+            warn!(error = %e, "cannot count the queue");
         }
         // Idle cached connections are closed politely once too old.
         ctx.run_interval(attempt::CONNECTION_CACHE_TIME, |act, _| {
