@@ -48,6 +48,37 @@ pub struct Config {
     pub control: ControlConfig,
     #[serde(default)]
     pub store: StoreConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+/// Password checks, for POP3 logins and SMTP AUTH alike.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// How long a successful login is remembered, so that the same user
+    /// with the same password gets in again without another argon2
+    /// verification (tens of milliseconds of CPU each; a POP3 client polls
+    /// every few minutes). As Dovecot's `auth_cache_ttl`. "0s": never. A
+    /// changed or removed password ends it at once.
+    #[serde(default = "default_auth_cache_ttl", with = "humantime_serde")]
+    pub cache_ttl: Duration,
+    /// Most logins remembered at once.
+    #[serde(default = "default_auth_cache_size")]
+    pub cache_size: usize,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        from_empty_table()
+    }
+}
+
+fn default_auth_cache_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_auth_cache_size() -> usize {
+    10_000
 }
 
 /// sled settings.

@@ -155,6 +155,8 @@ struct Inner {
     /// is missing (left by a crash) takes it exclusively, so it never
     /// removes the key of an entry being written.
     queue_writes: std::sync::RwLock<()>,
+    /// Remembered logins, once [`Store::remember_logins`] turned it on.
+    auth_cache: std::sync::OnceLock<users::AuthCache>,
     /// Random per database, part of every UIDL: a database wiped and created
     /// again restarts sled's id counter, and POP3 clients that "leave mail on
     /// the server" must not mistake new messages for ones they already have.
@@ -237,6 +239,7 @@ impl Store {
             queue,
             schedule: db.open_tree("schedule")?,
             queue_writes: std::sync::RwLock::new(()),
+            auth_cache: std::sync::OnceLock::new(),
             uidl_epoch,
             commit,
             db,

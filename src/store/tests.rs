@@ -189,6 +189,41 @@ fn users_crud_and_passwords() {
 }
 
 #[test]
+fn remembered_logins_end_with_the_password() {
+    let (_dir, store) = open();
+    store.add_user("ann@example.test", "first").unwrap();
+    // Off until the server turns it on.
+    assert!(store.verify_password("ann@example.test", "first").unwrap());
+    assert!(store.verify_password("ann@example.test", "first").unwrap());
+    assert_eq!(store.remembered_logins(), 0);
+
+    store.remember_logins(std::time::Duration::from_secs(3600), 2);
+    assert!(store.verify_password("ann@example.test", "first").unwrap());
+    assert_eq!(store.remembered_logins(), 0, "the first login is verified");
+    assert!(store.verify_password("ANN@example.test", "first").unwrap());
+    assert_eq!(store.remembered_logins(), 1, "the second is remembered");
+    // A wrong password is never let in, nor remembered.
+    assert!(!store.verify_password("ann@example.test", "First").unwrap());
+    assert!(!store.verify_password("ann@example.test", "first ").unwrap());
+    assert_eq!(store.remembered_logins(), 1);
+    // A new password ends the old one at once.
+    store.set_password("ann@example.test", "second").unwrap();
+    assert!(!store.verify_password("ann@example.test", "first").unwrap());
+    assert!(store.verify_password("ann@example.test", "second").unwrap());
+    assert!(store.verify_password("ann@example.test", "second").unwrap());
+    assert_eq!(store.remembered_logins(), 2);
+    // So does removing the user.
+    store.delete_user("ann@example.test").unwrap();
+    assert!(!store.verify_password("ann@example.test", "second").unwrap());
+    // Capacity: a third user pushes one of two out, never beyond.
+    for (user, password) in [("a@x.test", "pa"), ("b@x.test", "pb"), ("c@x.test", "pc")] {
+        store.add_user(user, password).unwrap();
+        assert!(store.verify_password(user, password).unwrap());
+    }
+    assert_eq!(store.inner.auth_cache.get().unwrap().len(), 2);
+}
+
+#[test]
 fn aliases_crud() {
     let (_dir, store) = open();
     store

@@ -4,7 +4,12 @@
 //! purpose: call them from a blocking context (a sync actor or
 //! `spawn_blocking`), not from an async task.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use blake2::digest::{KeyInit, Mac};
+use blake2::Blake2sMac256;
 
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -57,7 +62,120 @@ fn verify(hash: &str, password: &str) -> bool {
     }
 }
 
+/// Successful logins remembered for a while (Dovecot's auth cache): a
+/// repeated login with the same password is checked against a keyed digest
+/// instead of argon2. An entry is only good for the stored hash it was made
+/// with, so a new password (or a removed user) ends it at once. Failed
+/// logins are never remembered: they always cost a full verification.
+pub(super) struct AuthCache {
+    ttl: Duration,
+    capacity: usize,
+    /// Random per process: the digests mean nothing outside it.
+    key: [u8; 32],
+    entries: Mutex<HashMap<String, Remembered>>,
+    /// Logins let in from here, for tests and statistics.
+    hits: std::sync::atomic::AtomicU64,
+}
+
+struct Remembered {
+    /// The PHC string the password was verified against.
+    phc: String,
+    digest: [u8; 32],
+    at: Instant,
+}
+
+impl AuthCache {
+    pub(super) fn new(ttl: Duration, capacity: usize) -> AuthCache {
+        AuthCache {
+            ttl,
+            capacity,
+            key: rand::random(),
+            entries: Mutex::new(HashMap::new()),
+            hits: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn mac(&self, address: &str, password: &str) -> Blake2sMac256 {
+        let mut mac = <Blake2sMac256 as KeyInit>::new_from_slice(&self.key)
+            .expect("a 32-octet key fits Blake2s");
+        mac.update(address.as_bytes());
+        mac.update(&[0]);
+        mac.update(password.as_bytes());
+        mac
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Remembered>> {
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether this password was verified for `address` against `phc`
+    /// within the TTL.
+    fn knows(&self, address: &str, phc: &str, password: &str) -> bool {
+        let digest = {
+            let entries = self.lock();
+            match entries.get(address) {
+                Some(r) if r.phc == phc && r.at.elapsed() < self.ttl => r.digest,
+                _ => return false,
+            }
+        };
+        // Constant-time comparison.
+        let known = self.mac(address, password).verify_slice(&digest).is_ok();
+        if known {
+            self.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        known
+    }
+
+    /// Logins remembered now.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn remember(&self, address: &str, phc: &str, password: &str) {
+        let digest: [u8; 32] = self.mac(address, password).finalize().into_bytes().into();
+        let mut entries = self.lock();
+        if entries.len() >= self.capacity && !entries.contains_key(address) {
+            let ttl = self.ttl;
+            entries.retain(|_, r| r.at.elapsed() < ttl);
+            if entries.len() >= self.capacity {
+                // Full of live entries: forget one (any) to make room.
+                if let Some(k) = entries.keys().next().cloned() {
+                    entries.remove(&k);
+                }
+            }
+        }
+        entries.insert(
+            address.to_owned(),
+            Remembered {
+                phc: phc.to_owned(),
+                digest,
+                at: Instant::now(),
+            },
+        );
+    }
+}
+
 impl Store {
+    /// Remembers successful logins for `ttl` (at most `capacity` at once),
+    /// see [`AuthCache`]. The server turns this on from `[auth]`; once on, it
+    /// stays for the life of the store handle.
+    pub fn remember_logins(&self, ttl: Duration, capacity: usize) {
+        if !ttl.is_zero() && capacity > 0 {
+            let _ = self.inner.auth_cache.set(AuthCache::new(ttl, capacity));
+        }
+    }
+
+    /// Logins let in by the remembered-login cache so far.
+    pub fn remembered_logins(&self) -> u64 {
+        self.inner
+            .auth_cache
+            .get()
+            .map_or(0, |c| c.hits.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     /// Adds a user with this password (stored as an argon2id hash).
     ///
     /// # Errors
@@ -147,15 +265,28 @@ impl Store {
     }
 
     /// Checks a password. False for unknown users too, after the same work.
+    /// A login that succeeded within `[auth] cache_ttl` with the same
+    /// password and the same stored hash is let in without argon2.
     pub fn verify_password(&self, address: &str, password: &str) -> Result<bool, StoreError> {
-        let record = match canonical(address) {
-            Ok(a) => self.inner.users.get(a.as_bytes())?,
-            Err(_) => None,
+        let (address, record) = match canonical(address) {
+            Ok(a) => {
+                let record = self.inner.users.get(a.as_bytes())?;
+                (a, record)
+            }
+            Err(_) => (String::new(), None),
         };
         match record {
             Some(bytes) => {
                 let record: UserRecord = decode("user", &bytes)?;
-                Ok(verify(&record.password, password))
+                let cache = self.inner.auth_cache.get();
+                if cache.is_some_and(|c| c.knows(&address, &record.password, password)) {
+                    return Ok(true);
+                }
+                let ok = verify(&record.password, password);
+                if let (true, Some(cache)) = (ok, cache) {
+                    cache.remember(&address, &record.password, password);
+                }
+                Ok(ok)
             }
             None => {
                 let _ = verify(dummy_hash(), password);

@@ -272,6 +272,9 @@ fn users_and_aliases_take_effect_at_once_on_a_running_server() {
         ok(server.cli(&["alias", "list"], "")),
         "team@example.test -> alice@example.test\n"
     );
+    // alice's login with "pw" above is remembered (`[auth] cache_ttl`,
+    // on by default): a new password must end it at once.
+    assert!(pop_login(&server, "alice@example.test", "pw"));
     ok(server.cli(&["user", "passwd", "alice@example.test"], "pw2\n"));
     assert!(pop_login(&server, "alice@example.test", "pw2"));
     assert!(!pop_login(&server, "alice@example.test", "pw"));
