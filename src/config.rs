@@ -99,8 +99,8 @@ pub struct StoreConfig {
     pub stall_abort: Duration,
     /// Shortest time between two group commits ("0s": flush as soon as
     /// asked). A message whose flush is asked for sooner waits for the rest
-    /// of it, so that under load more messages share one flush; when flushes
-    /// are rarer than this, nothing waits.
+    /// of it (or until 8 messages wait), so that under load more messages
+    /// share one flush; when flushes are rarer than this, nothing waits.
     #[serde(default = "default_commit_delay", with = "humantime_serde")]
     pub commit_delay: Duration,
 }

@@ -848,55 +848,73 @@ fn queue_len_survives_reopen() {
     assert_eq!(store.queue_len().unwrap(), 2);
 }
 
-/// With a commit delay, callers that ask while the delay runs share one
-/// flush, and a flush never starts sooner than the delay after the last.
-#[test]
-fn commit_delay_spaces_flushes_and_batches_callers() {
-    const CALLERS: usize = 8;
+/// Opens a store with a commit delay and makes its first flush, which has
+/// nothing before it and so waits for nothing.
+fn delayed(delay: std::time::Duration) -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
     let settings = crate::config::StoreConfig {
-        commit_delay: std::time::Duration::from_millis(300),
+        commit_delay: delay,
         background_flush: std::time::Duration::ZERO,
         ..Default::default()
     };
     let store = Store::open_configured(dir.path(), &settings).unwrap();
-    let write = |store: &Store, n: usize| {
-        let id = store.new_id().unwrap();
-        let content = format!("message {n}\r\n");
-        store
-            .spool(
-                &envelope(id, &["a@example.test"], content.len()),
-                content.as_bytes(),
-            )
-            .unwrap();
-    };
-    // The first flush has nothing before it: at once.
-    write(&store, 0);
-    block_on(store.durable()).unwrap();
-    let first = store.flush_count();
-    let flushed_at = std::time::Instant::now();
-    // Within the delay, every caller waits for the same next flush.
-    let barrier = std::sync::Barrier::new(CALLERS);
+    spool(&store, &["a@example.test"], b"first\r\n");
+    (dir, store)
+}
+
+/// `callers` threads write a message each, then all ask for a flush at once.
+fn flush_together(store: &Store, callers: usize) {
+    let barrier = std::sync::Barrier::new(callers);
     std::thread::scope(|s| {
-        for n in 1..=CALLERS {
+        for n in 0..callers {
             let (store, barrier) = (store.clone(), &barrier);
             s.spawn(move || {
-                write(&store, n);
+                let id = store.new_id().unwrap();
+                let content = format!("message {n}\r\n");
+                store
+                    .spool(
+                        &envelope(id, &["a@example.test"], content.len()),
+                        content.as_bytes(),
+                    )
+                    .unwrap();
                 barrier.wait();
                 block_on(store.durable()).unwrap();
             });
         }
     });
+}
+
+/// With a commit delay, callers that ask while the delay runs share one
+/// flush, which starts no sooner than the delay after the last one...
+#[test]
+fn commit_delay_spaces_flushes_and_batches_callers() {
+    let (_dir, store) = delayed(std::time::Duration::from_millis(300));
+    let first = store.flush_count();
+    let flushed_at = std::time::Instant::now();
+    flush_together(&store, commit::FULL_BATCH as usize - 3);
     assert!(
         flushed_at.elapsed() >= std::time::Duration::from_millis(250),
         "the next flush waited for the delay"
     );
+    assert_eq!(store.flush_count(), first + 1, "one flush for all");
     assert_eq!(
-        store.flush_count(),
-        first + 1,
-        "one flush for all {CALLERS}"
+        store.inbound().unwrap().len(),
+        commit::FULL_BATCH as usize - 2
     );
-    assert_eq!(store.inbound().unwrap().len(), CALLERS + 1);
+}
+
+/// ...unless a full batch is waiting: then it starts at once.
+#[test]
+fn a_full_batch_does_not_wait_for_the_commit_delay() {
+    let (_dir, store) = delayed(std::time::Duration::from_secs(30));
+    let first = store.flush_count();
+    let flushed_at = std::time::Instant::now();
+    flush_together(&store, commit::FULL_BATCH as usize);
+    assert!(
+        flushed_at.elapsed() < std::time::Duration::from_secs(20),
+        "a full batch waited out the 30 s delay"
+    );
+    assert_eq!(store.flush_count(), first + 1, "one flush for all");
 }
 
 #[test]
