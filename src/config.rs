@@ -97,10 +97,11 @@ pub struct StoreConfig {
     /// under load (sled #1412). A restart loses no acknowledged mail.
     #[serde(default = "default_stall_abort", with = "humantime_serde")]
     pub stall_abort: Duration,
-    /// Shortest time between two group commits ("0s": flush as soon as
-    /// asked). A message whose flush is asked for sooner waits for the rest
-    /// of it (or until 8 messages wait), so that under load more messages
-    /// share one flush; when flushes are rarer than this, nothing waits.
+    /// Shortest time between two group commits under load ("0s": flush as
+    /// soon as asked). When the last flush served several messages, a
+    /// message whose flush is asked for sooner waits for the rest of it (or
+    /// until 8 messages wait), so that more messages share one flush. A
+    /// lone client, or flushes rarer than this, never wait.
     #[serde(default = "default_commit_delay", with = "humantime_serde")]
     pub commit_delay: Duration,
 }

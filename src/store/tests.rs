@@ -848,8 +848,7 @@ fn queue_len_survives_reopen() {
     assert_eq!(store.queue_len().unwrap(), 2);
 }
 
-/// Opens a store with a commit delay and makes its first flush, which has
-/// nothing before it and so waits for nothing.
+/// Opens a store with a commit delay, without load yet.
 fn delayed(delay: std::time::Duration) -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
     let settings = crate::config::StoreConfig {
@@ -858,7 +857,6 @@ fn delayed(delay: std::time::Duration) -> (tempfile::TempDir, Store) {
         ..Default::default()
     };
     let store = Store::open_configured(dir.path(), &settings).unwrap();
-    spool(&store, &["a@example.test"], b"first\r\n");
     (dir, store)
 }
 
@@ -889,6 +887,7 @@ fn flush_together(store: &Store, callers: usize) {
 #[test]
 fn commit_delay_spaces_flushes_and_batches_callers() {
     let (_dir, store) = delayed(std::time::Duration::from_millis(300));
+    store.pretend_under_load();
     let first = store.flush_count();
     let flushed_at = std::time::Instant::now();
     flush_together(&store, commit::FULL_BATCH as usize - 3);
@@ -897,16 +896,32 @@ fn commit_delay_spaces_flushes_and_batches_callers() {
         "the next flush waited for the delay"
     );
     assert_eq!(store.flush_count(), first + 1, "one flush for all");
-    assert_eq!(
-        store.inbound().unwrap().len(),
-        commit::FULL_BATCH as usize - 2
+}
+
+/// A lone writer, each flush serving only itself, never waits.
+#[test]
+fn a_lone_writer_does_not_wait_for_the_commit_delay() {
+    let (_dir, store) = delayed(std::time::Duration::from_secs(30));
+    let started = std::time::Instant::now();
+    for n in 0..5 {
+        spool(
+            &store,
+            &["a@example.test"],
+            format!("message {n}\r\n").as_bytes(),
+        );
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "a lone writer waited out the 30 s delay"
     );
+    assert_eq!(store.flush_count(), 5);
 }
 
 /// ...unless a full batch is waiting: then it starts at once.
 #[test]
 fn a_full_batch_does_not_wait_for_the_commit_delay() {
     let (_dir, store) = delayed(std::time::Duration::from_secs(30));
+    store.pretend_under_load();
     let first = store.flush_count();
     let flushed_at = std::time::Instant::now();
     flush_together(&store, commit::FULL_BATCH as usize);
