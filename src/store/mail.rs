@@ -352,8 +352,11 @@ impl Store {
         ))
     }
 
-    /// The content of a message, if still stored. Shares sled's buffer; no
-    /// copy.
+    /// The shared content of a message (spooled, or delivered to several
+    /// mailboxes), if still stored. Shares sled's buffer; no copy. Content
+    /// stored inline is not here: read a queued message with
+    /// [`Store::queued_content`] and a mailbox entry with
+    /// [`Store::read_mail`].
     pub fn content(&self, id: MessageId) -> Result<Option<Bytes>, StoreError> {
         Ok(self.inner.content.get(id.to_key())?.map(Bytes::from_owner))
     }
