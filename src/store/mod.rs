@@ -40,8 +40,8 @@
 //!
 //! Inline content: a message accepted for exactly one mailbox
 //! ([`Store::accept_local`]) or only for remote recipients
-//! ([`Store::accept_remote`]) is stored in its one record, after it (an
-//! [`INLINE`] octet, then the octets), and holds no reference. Such a
+//! ([`Store::accept_remote`]) is stored in its one record, after it (a
+//! marker octet, then the octets), and holds no reference. Such a
 //! message is written by a single-key insert, which is atomic by itself.
 //! That matters for speed: every sled 0.34 transaction seals the log buffer
 //! twice (`PageCache::pin_log`), and each sealed buffer is a write and a

@@ -160,8 +160,9 @@ impl AuthCache {
 
 impl Store {
     /// Remembers successful logins for `ttl` (at most `capacity` at once),
-    /// see [`AuthCache`]. The server turns this on from `[auth]`; once on, it
-    /// stays for the life of the store handle.
+    /// like Dovecot's auth cache: a keyed digest of the password, good only
+    /// for the stored hash it was checked against. The server turns this on
+    /// from `[auth]`; once on, it stays for the life of the store handle.
     pub fn remember_logins(&self, ttl: Duration, capacity: usize) {
         if !ttl.is_zero() && capacity > 0 {
             let _ = self.inner.auth_cache.set(AuthCache::new(ttl, capacity));
