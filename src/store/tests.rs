@@ -886,13 +886,16 @@ fn flush_together(store: &Store, callers: usize) {
 /// flush, which starts no sooner than the delay after the last one...
 #[test]
 fn commit_delay_spaces_flushes_and_batches_callers() {
-    let (_dir, store) = delayed(std::time::Duration::from_millis(300));
+    // Long enough that every caller has asked before it is over, even on a
+    // machine busy with the other tests' argon2 hashing.
+    let delay = std::time::Duration::from_secs(2);
+    let (_dir, store) = delayed(delay);
+    let flushed_at = std::time::Instant::now();
     store.pretend_under_load();
     let first = store.flush_count();
-    let flushed_at = std::time::Instant::now();
     flush_together(&store, commit::FULL_BATCH as usize - 3);
     assert!(
-        flushed_at.elapsed() >= std::time::Duration::from_millis(250),
+        flushed_at.elapsed() >= delay,
         "the next flush waited for the delay"
     );
     assert_eq!(store.flush_count(), first + 1, "one flush for all");
