@@ -251,7 +251,7 @@ impl Store {
                 prefix: prefix.to_vec(),
                 size: prefix.len() as u64 + content.len() as u64,
             };
-            let value = encode_inline("mail", &record, content)?;
+            let value = encode_inline("mail", &record, Some(content))?;
             return match self.inner.mail.compare_and_swap(
                 mail_key(mailbox, id.0),
                 None as Option<&[u8]>,

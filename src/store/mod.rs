@@ -351,17 +351,19 @@ fn split_inline<'a, T: DeserializeOwned>(
     }
 }
 
-/// A record followed by inline content, in one allocation.
+/// A record followed by inline content (if any), in one allocation.
 fn encode_inline<T: Serialize>(
     what: &str,
     value: &T,
-    content: &[u8],
+    content: Option<&[u8]>,
 ) -> Result<Vec<u8>, StoreError> {
-    let mut out = Vec::with_capacity(content.len() + 256);
+    let mut out = Vec::with_capacity(content.map_or(0, |c| c.len() + 1) + 256);
     bincode::serde::encode_into_std_write(value, &mut out, bincode::config::standard())
         .map_err(|e| StoreError::Codec(format!("cannot encode {what} record: {e}")))?;
-    out.push(INLINE);
-    out.extend_from_slice(content);
+    if let Some(content) = content {
+        out.push(INLINE);
+        out.extend_from_slice(content);
+    }
     Ok(out)
 }
 

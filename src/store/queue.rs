@@ -112,19 +112,6 @@ fn parse_schedule_key(k: &[u8]) -> Result<(u64, MessageId), StoreError> {
     Ok((at, id_from_key(&k[8..])?))
 }
 
-/// `record` (a freshly encoded entry) followed by the inline content of
-/// `old`, if it had any: rewriting an entry keeps its content.
-fn keep_inline(old: &[u8], record: &[u8]) -> Result<Vec<u8>, StoreError> {
-    let (_, inline): (QueueEntry, _) = split_inline("queue", old)?;
-    let mut out = record.to_vec();
-    if let Some(content) = inline {
-        out.reserve(content.len() + 1);
-        out.push(super::INLINE);
-        out.extend_from_slice(content);
-    }
-    Ok(out)
-}
-
 /// Whether a `queue` value carries its content inline.
 #[cfg(test)]
 pub(super) fn queue_is_inline(v: &[u8]) -> Result<bool, StoreError> {
@@ -179,7 +166,7 @@ impl Store {
     /// [`StoreError::Duplicate`] if the id is already queued.
     pub fn accept_remote(&self, entry: &QueueEntry, content: &[u8]) -> Result<(), StoreError> {
         let id = entry.id;
-        let value = encode_inline("queue", entry, content)?;
+        let value = encode_inline("queue", entry, Some(content))?;
         let i = &self.inner;
         let _writing = i
             .queue_writes
@@ -221,14 +208,14 @@ impl Store {
     pub fn update_queue(&self, entry: &QueueEntry) -> Result<(), StoreError> {
         let id = entry.id;
         let key = id.to_key();
-        let record = encode("queue", entry)?;
         let i = &self.inner;
         tx_done((&i.queue, &i.schedule).transaction(|(queue, schedule)| {
             let Some(old) = queue.get(key)? else {
                 return abort(StoreError::NotFound { what: "queue", id });
             };
-            let value = keep_inline(&old, &record).or_else(abort)?;
-            let old: QueueEntry = decode("queue", &old).or_else(abort)?;
+            // Rewriting an entry keeps its inline content.
+            let (old, inline): (QueueEntry, _) = split_inline("queue", &old).or_else(abort)?;
+            let value = encode_inline("queue", entry, inline).or_else(abort)?;
             if old.next_attempt != entry.next_attempt {
                 schedule.remove(&schedule_key(old.next_attempt, id))?;
                 schedule.insert(&schedule_key(entry.next_attempt, id), &[])?;
@@ -277,7 +264,6 @@ impl Store {
     ) -> Result<(), StoreError> {
         let id = entry.id;
         let key = id.to_key();
-        let record = encode("queue", entry)?;
         let notice_records = notices
             .iter()
             .map(|n| encode("inbound", &n.envelope))
@@ -305,7 +291,6 @@ impl Store {
                     let Some(old) = queue.get(key)? else {
                         return abort(StoreError::NotFound { what: "queue", id });
                     };
-                    let value = keep_inline(&old, &record).or_else(abort)?;
                     let (old, inline): (QueueEntry, _) =
                         split_inline("queue", &old).or_else(abort)?;
                     for (notice, record) in notices.iter().zip(&notice_records) {
@@ -329,7 +314,8 @@ impl Store {
                             schedule.remove(&schedule_key(old.next_attempt, id))?;
                             schedule.insert(&schedule_key(entry.next_attempt, id), &[])?;
                         }
-                        queue.insert(&key, value.as_slice())?;
+                        queue
+                            .insert(&key, encode_inline("queue", entry, inline).or_else(abort)?)?;
                     }
                     Ok(())
                 },
