@@ -11,6 +11,8 @@
 //! - [`routing`]: where a recipient goes (local mailbox, remote, bounce,
 //!   reject), as a pure function over a [`routing::Directory`].
 //! - [`dsn`]: RFC 3464 delivery status notifications (bounces).
+//! - [`logsafe`]: escaping of client-supplied values for log lines, and
+//!   [`logsafe::Secret`] for what must never be logged.
 //! - [`store`]: the only module that touches sled; a typed API over users,
 //!   aliases, mailboxes, the intake spool and the delivery queue, with group
 //!   commit.
@@ -21,6 +23,7 @@
 pub mod address;
 pub mod config;
 pub mod dsn;
+pub mod logsafe;
 pub mod message;
 pub mod pop3;
 pub mod routing;

@@ -117,7 +117,7 @@ impl SmtpConnection {
                 Ok(Some(line)) => line,
                 Ok(None) => return self.read(ctx),
                 Err(LineError::TooLong) => {
-                    let step = self.session.bad_line(LineError::TooLong.reply());
+                    let step = self.session.line_too_long();
                     if !self.step(step, ctx) {
                         return;
                     }

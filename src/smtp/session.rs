@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use crate::address::Address;
 use crate::message::{MessageId, Recipient};
 use crate::routing::Route;
-use crate::smtp::receiver::DataError;
+use crate::smtp::receiver::{DataError, LineError};
 use crate::smtp::request::{MailParams, Request, RequestError};
 use crate::smtp::Reply;
 
@@ -234,6 +234,21 @@ impl Session {
     /// or [`Request::parse`] reported it.
     pub fn bad_line(&mut self, reply: Reply) -> Step {
         self.error(reply)
+    }
+
+    /// The [`LineReceiver`](super::LineReceiver) dropped a line longer than
+    /// its limit ([`LineError::TooLong`]). Inside an AUTH exchange that line
+    /// was the client's SASL response: the exchange ends there with
+    /// `500 5.5.6` (as Postfix answers, RFC 4954 §4), so that the next line
+    /// is read as a command again and not as a credential. It counts as a
+    /// protocol error, not as a failed login.
+    pub fn line_too_long(&mut self) -> Step {
+        if self.in_auth() {
+            self.auth = AuthState::None;
+            self.login_user.clear();
+            return self.error(Reply::new(500, "5.5.6", "SASL response limit exceeded"));
+        }
+        self.error(LineError::TooLong.reply())
     }
 
     fn auth_offered(&self) -> bool {

@@ -9,7 +9,7 @@ use bytes::BytesMut;
 use super::*;
 use crate::config::BareLf;
 use crate::routing::Target;
-use crate::smtp::receiver::{DataReceiver, LineReceiver};
+use crate::smtp::receiver::{DataReceiver, LineError, LineReceiver};
 
 fn config() -> SessionConfig {
     SessionConfig {
@@ -93,20 +93,19 @@ fn run(session: &mut Session, input: &[u8]) -> (Vec<String>, Vec<Accepted>) {
             continue;
         }
         let line = match lines.next_line(&mut buf) {
-            Ok(Some(l)) => l,
+            Ok(Some(l)) => Some(l),
             Ok(None) => break,
-            Err(_) => {
+            // As the actor does: the session decides what an overlong line means.
+            Err(LineError::TooLong) => None,
+            Err(LineError::BareLineEnding) => {
                 replies.push("line-error".into());
                 continue;
             }
         };
-        let mut step = if session.in_auth() {
-            session.auth_response(&line)
+        let mut step = if let Some(line) = line {
+            session_line(session, &line)
         } else {
-            match Request::parse(&line) {
-                Ok(r) => session.command(r),
-                Err(e) => session.bad_line(e.reply()),
-            }
+            session.line_too_long()
         };
         loop {
             match step {
@@ -134,6 +133,18 @@ fn run(session: &mut Session, input: &[u8]) -> (Vec<String>, Vec<Accepted>) {
         }
     }
     (replies, accepted)
+}
+
+/// One complete line, as the actor hands it to the session.
+fn session_line(session: &mut Session, line: &[u8]) -> Step {
+    if session.in_auth() {
+        session.auth_response(line)
+    } else {
+        match Request::parse(line) {
+            Ok(r) => session.command(r),
+            Err(e) => session.bad_line(e.reply()),
+        }
+    }
 }
 
 fn script(trusted: bool, input: &str, want: &[&str]) -> Vec<Accepted> {
@@ -356,5 +367,75 @@ fn refused_recipients_count_towards_the_error_limit() {
                 Some("421 mx.example.test Error: too many errors")
             );
         }
+    }
+}
+
+/// Issue 15: a SASL response longer than the line limit ends the AUTH
+/// exchange. Before, the session stayed in it and took the client's next
+/// commands as credentials (`NOOP` as the user name, then a `535` counted as
+/// a failed login).
+#[test]
+fn overlong_sasl_response_ends_the_exchange() {
+    let long = "QUFB".repeat(200); // 800 octets of valid base64, over 512.
+    let cases: &[(&str, &[&str])] = &[
+        // AUTH LOGIN: the user name is too long.
+        (
+            "EHLO c\r\nAUTH LOGIN\r\n{long}\r\nNOOP\r\nNOOP\r\n",
+            &["250", "334", "500 5.5.6", "250 2.0.0", "250 2.0.0"],
+        ),
+        // AUTH LOGIN: the password is too long.
+        (
+            "EHLO c\r\nAUTH LOGIN\r\nYWxpY2VAZXhhbXBsZS50ZXN0\r\n{long}\r\nNOOP\r\n",
+            &["250", "334", "334", "500 5.5.6", "250 2.0.0"],
+        ),
+        // AUTH LOGIN with the user name as initial response.
+        (
+            "EHLO c\r\nAUTH LOGIN YWxpY2VAZXhhbXBsZS50ZXN0\r\n{long}\r\nNOOP\r\n",
+            &["250", "334", "500 5.5.6", "250 2.0.0"],
+        ),
+        // AUTH PLAIN with an empty initial response.
+        (
+            "EHLO c\r\nAUTH PLAIN\r\n{long}\r\nNOOP\r\n",
+            &["250", "334", "500 5.5.6", "250 2.0.0"],
+        ),
+        // Then a good AUTH works: nothing was left half-done.
+        (
+            "EHLO c\r\nAUTH LOGIN\r\n{long}\r\nAUTH LOGIN\r\nYWxpY2VAZXhhbXBsZS50ZXN0\r\nc2VjcmV0\r\n",
+            &["250", "334", "500 5.5.6", "334", "334", "235 2.7.0"],
+        ),
+        // Outside AUTH an overlong line is the ordinary 500 5.5.0.
+        ("EHLO c\r\n{long}\r\nNOOP\r\n", &["250", "500 5.5.0", "250 2.0.0"]),
+    ];
+    for (input, want) in cases {
+        let input = input.replace("{long}", &long);
+        script(false, &input, want);
+        // In one-octet fragments: the limit applies to the line, not the read.
+        let mut s = session_with(config(), false);
+        let mut got = Vec::new();
+        let mut lines = LineReceiver::new(512, BareLf::Normalize);
+        let mut buf = BytesMut::new();
+        for &b in input.as_bytes() {
+            buf.extend_from_slice(&[b]);
+            loop {
+                let step = match lines.next_line(&mut buf) {
+                    Ok(Some(line)) => session_line(&mut s, &line),
+                    Ok(None) => break,
+                    Err(_) => s.line_too_long(),
+                };
+                match step {
+                    Step::Reply(r) | Step::AuthChallenge(r) => got.push(r.code),
+                    Step::Authenticate { user, password } => {
+                        let ok = user == "alice@example.test" && password == "secret";
+                        match s.authenticated(ok.then_some(user)) {
+                            Step::Reply(r) => got.push(r.code),
+                            other => panic!("{other:?}"),
+                        }
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        let want: Vec<u16> = want.iter().map(|w| w[..3].parse().unwrap()).collect();
+        assert_eq!(got, want, "fragmented: {input:?}");
     }
 }
