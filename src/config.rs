@@ -243,11 +243,21 @@ pub struct RoutingConfig {
     pub smarthost_auth: Option<SmarthostAuth>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SmarthostAuth {
     pub username: String,
     pub password: String,
+}
+
+/// The password is left out: a `Debug` of the configuration may be logged.
+impl std::fmt::Debug for SmarthostAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmarthostAuth")
+            .field("username", &self.username)
+            .field("password", &crate::logsafe::Secret::new(()))
+            .finish()
+    }
 }
 
 /// Where a bounce that itself cannot be delivered goes.

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use actix::Addr;
+use postino_core::logsafe::{escape, Secret};
 use postino_core::message::now_unix;
 use postino_core::store::{QueueEntry, RecipientState};
 use postino_core::{MessageId, Store};
@@ -23,11 +24,13 @@ use tracing::{debug, info, warn};
 
 use crate::delivery::actor::{Delivery, QueueCommand};
 
-/// A command for the server.
+/// A command for the server. Passwords are [`Secret`]s: requests are logged
+/// with `Debug`, which shows `<redacted>` for them (the JSON wire form is the
+/// plain string).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Request {
-    UserAdd { address: String, password: String },
-    UserPasswd { address: String, password: String },
+    UserAdd { address: String, password: Secret },
+    UserPasswd { address: String, password: Secret },
     UserDel { address: String },
     UserList,
     AliasAdd { alias: String, target: String },
@@ -155,17 +158,17 @@ pub fn call(path: &Path, request: &Request) -> std::io::Result<Option<Response>>
 pub fn execute(store: &Store, request: Request) -> Response {
     let result = match request {
         Request::UserAdd { address, password } => store
-            .add_user(&address.to_ascii_lowercase(), &password)
+            .add_user(&address.to_ascii_lowercase(), password.expose())
             .map(|()| {
-                info!(user = %address, "user added");
+                info!(user = %escape(&address), "user added");
                 vec![format!("added {address}")]
             }),
         Request::UserPasswd { address, password } => store
-            .set_password(&address.to_ascii_lowercase(), &password)
+            .set_password(&address.to_ascii_lowercase(), password.expose())
             .map(|()| vec![format!("password of {address} changed")]),
         Request::UserDel { address } => {
             store.delete_user(&address.to_ascii_lowercase()).map(|()| {
-                info!(user = %address, "user deleted");
+                info!(user = %escape(&address), "user deleted");
                 vec![format!("deleted {address}")]
             })
         }
@@ -219,7 +222,7 @@ pub fn execute(store: &Store, request: Request) -> Response {
     match result {
         Ok(lines) => Response::Ok(lines),
         Err(e) => {
-            warn!(error = %e, "control request failed");
+            warn!(error = %escape(&e.to_string()), "control request failed");
             Response::Error(e.to_string())
         }
     }

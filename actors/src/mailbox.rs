@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use actix::prelude::*;
+use postino_core::logsafe::escape;
 use postino_core::store::{LocalDelivery, MailEntry, StoreError};
 use postino_core::{MessageId, Store};
 use tracing::info;
@@ -51,7 +52,7 @@ impl Handler<Deliver> for Mailbox {
     fn handle(&mut self, msg: Deliver, _: &mut Self::Context) -> Self::Result {
         self.store.deliver_local(msg.id, &msg.deliveries)?;
         for d in &msg.deliveries {
-            info!(id = %msg.id, to = %d.mailbox, status = "delivered", relay = "local", "delivered to mailbox");
+            info!(id = %msg.id, to = %escape(&d.mailbox), status = "delivered", relay = "local", "delivered to mailbox");
         }
         Ok(())
     }
@@ -74,7 +75,7 @@ impl Handler<StoreLocal> for Mailbox {
         self.store
             .accept_local(msg.id, &msg.content, &msg.deliveries)?;
         for d in &msg.deliveries {
-            info!(id = %msg.id, to = %d.mailbox, status = "delivered", relay = "local", "delivered to mailbox");
+            info!(id = %msg.id, to = %escape(&d.mailbox), status = "delivered", relay = "local", "delivered to mailbox");
         }
         Ok(())
     }
@@ -132,7 +133,7 @@ impl Handler<Expunge> for Mailbox {
         let result = self.store.delete_mail(&msg.mailbox, &msg.keys);
         self.locks.remove(&msg.mailbox);
         let deleted = result?;
-        info!(mailbox = %msg.mailbox, deleted, "pop3 expunge");
+        info!(mailbox = %escape(&msg.mailbox), deleted, "pop3 expunge");
         Ok(())
     }
 }

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use postino::control::{self, Request, Response};
 use postino::Server;
+use postino_core::logsafe::Secret;
 use postino_core::{Config, Store};
 
 #[derive(Parser, Debug)]
@@ -114,11 +115,17 @@ fn main() -> ExitCode {
         Command::User(cmd) => {
             let request = match cmd {
                 UserCommand::Add { address } => match read_password() {
-                    Ok(password) => Request::UserAdd { address, password },
+                    Ok(password) => Request::UserAdd {
+                        address,
+                        password: Secret::new(password),
+                    },
                     Err(e) => return fail(&e),
                 },
                 UserCommand::Passwd { address } => match read_password() {
-                    Ok(password) => Request::UserPasswd { address, password },
+                    Ok(password) => Request::UserPasswd {
+                        address,
+                        password: Secret::new(password),
+                    },
                     Err(e) => return fail(&e),
                 },
                 UserCommand::Del { address } => Request::UserDel { address },

@@ -12,6 +12,7 @@ use actix::prelude::*;
 use postino_core::pop3::{
     AuthResult, LineReceiver, Maildrop, MaildropEntry, Session, SessionConfig, Step,
 };
+use postino_core::logsafe::escape;
 use postino_core::{Config, Store};
 use tracing::{debug, info, warn};
 
@@ -136,7 +137,7 @@ impl Pop3Connection {
                 ctx.wait(fut.into_actor(self).map(move |res, act, ctx| {
                     let ok = res.is_ok();
                     if !ok {
-                        warn!(parent: &act.span, %mailbox, ?res, "expunge failed");
+                        warn!(parent: &act.span, mailbox = %escape(&mailbox), ?res, "expunge failed");
                     }
                     let Some(io) = act.io.as_mut() else { return };
                     let next = act.session.committed(ok, &mut io.wbuf);
@@ -235,14 +236,14 @@ impl Pop3Connection {
         ctx.wait(fut.into_actor(self).map(|(user, result, delay), act, ctx| {
             match &result {
                 AuthResult::Ok(drop) => {
-                    info!(parent: &act.span, %user, messages = drop.0.len(), "pop3 login");
+                    info!(parent: &act.span, user = %escape(&user), messages = drop.0.len(), "pop3 login");
                     act.mailbox = Some(user);
                 }
                 // The delay is logged so a postmaster (and the tests) can see
                 // the tarpit growing per client address.
                 other => info!(
                     parent: &act.span,
-                    %user,
+                    user = %escape(&user),
                     result = ?other,
                     delay_ms = delay.as_millis() as u64,
                     "pop3 login failed"

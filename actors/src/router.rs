@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use actix::prelude::*;
+use postino_core::logsafe::escape;
 use postino_core::dsn::{self, RecipientStatus};
 use postino_core::message::{now_unix, Recipient as Rcpt};
 use postino_core::routing::{self, Target};
@@ -309,7 +310,7 @@ pub fn bounce_to(
     } else {
         store.spool(&bounce, &content)?;
     }
-    info!(id = %bounce.id, orig_id = %envelope.id, to = %to, kind = ?kind, "notification created");
+    info!(id = %bounce.id, orig_id = %envelope.id, to = %escape(to), kind = ?kind, "notification created");
     Ok(Some(bounce))
 }
 
@@ -344,13 +345,13 @@ pub fn notification(
     }
     .build();
     let Ok(rcpt) = Address::parse(to, true) else {
-        warn!(id = %envelope.id, sender = to, "unparseable sender; bounce dropped");
+        warn!(id = %envelope.id, sender = %escape(to), "unparseable sender; bounce dropped");
         return Ok(None);
     };
     // The bounce goes wherever the sender's address leads, local or remote.
     let route = routing::decide(&config.routing, store, &rcpt, true);
     if !route.is_accepted() {
-        warn!(id = %envelope.id, sender = to, "bounce recipient not routable; dropped");
+        warn!(id = %envelope.id, sender = %escape(to), "bounce recipient not routable; dropped");
         return Ok(None);
     }
     let bounce = Envelope {

@@ -14,11 +14,12 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use postino_core::config::Config;
+use postino_core::logsafe::escape;
 use postino_core::dsn::rfc5322_date;
 use postino_core::message::{now_unix, Envelope};
 use postino_core::smtp::receiver::{DataReceiver, LineError, LineReceiver};
 use postino_core::smtp::session::{DataStep, Peer, SessionConfig, Step};
-use postino_core::smtp::{Reply, Request, Session};
+use postino_core::smtp::{request, Reply, Request, Session};
 use postino_core::Store;
 use tracing::{debug, info, warn, Instrument};
 
@@ -133,7 +134,7 @@ impl SmtpConnection {
             } else {
                 match Request::parse(&line) {
                     Ok(request) => {
-                        debug!(command = %String::from_utf8_lossy(&line[..line.len().min(64)]), "command");
+                        debug!(command = %request::loggable(&line), "command");
                         self.session.command(request)
                     }
                     Err(e) => self.session.bad_line(e.reply()),
@@ -219,7 +220,7 @@ impl SmtpConnection {
                 };
                 ctx.wait(check.into_actor(self).map(|(user, delay), act, ctx| {
                     match &user {
-                        Some(u) => info!(user = %u, "smtp auth ok"),
+                        Some(u) => info!(user = %escape(u), "smtp auth ok"),
                         None => warn!(delay_ms = delay.as_millis() as u64, "smtp auth failed"),
                     }
                     let step = act.session.authenticated(user);
@@ -329,7 +330,7 @@ impl SmtpConnection {
                     // Postfix fsyncs first too).
                     store.durable().await.map_err(|e| e.to_string())?;
                     let rcpts = envelope.recipients.len();
-                    info!(%id, from = %envelope.sender_display(), nrcpt = rcpts, size = envelope.size, "message accepted");
+                    info!(%id, from = %escape(&envelope.sender_display()), nrcpt = rcpts, size = envelope.size, "message accepted");
                     if let Submitted::Queued(q) = submitted {
                         // Nothing to wait for: the queue has it, and the
                         // next queue run tries it if this is lost.

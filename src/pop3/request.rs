@@ -1,5 +1,7 @@
 //! POP3 commands (RFC 1939, RFC 2449, RFC 5034, RFC 2595) parsed from one line.
 
+use crate::logsafe::Secret;
+
 /// One client command, borrowing its arguments from the line.
 ///
 /// Message numbers are kept as given (`0` and numbers past the end included);
@@ -8,12 +10,13 @@
 pub enum Request<'a> {
     User(&'a str),
     /// The rest of the line: RFC 1939 lets a password contain spaces.
-    Pass(&'a str),
+    Pass(Secret<&'a str>),
     /// `AUTH` alone lists the mechanisms (RFC 1734, still sent by some clients).
     Auth {
         mechanism: Option<&'a str>,
         /// RFC 5034 §4: `=` is an empty initial response, kept as `"="` here.
-        initial_response: Option<&'a str>,
+        /// A credential (base64 of the password), so `Debug` hides it.
+        initial_response: Option<Secret<&'a str>>,
     },
     Stat,
     List(Option<u32>),
@@ -67,12 +70,12 @@ impl<'a> Request<'a> {
         upper.make_ascii_uppercase();
         let request = match &*upper {
             b"USER" => Request::User(whole(rest, "USER name")?),
-            b"PASS" => Request::Pass(whole(rest, "PASS password")?),
+            b"PASS" => Request::Pass(Secret::new(whole(rest, "PASS password")?)),
             b"AUTH" => {
                 let mut args = words(rest);
                 let usage = "AUTH [mechanism [initial-response]]";
                 let mechanism = args.next().map(utf8).transpose()?;
-                let initial_response = args.next().map(utf8).transpose()?;
+                let initial_response = args.next().map(utf8).transpose()?.map(Secret::new);
                 end(args, usage)?;
                 Request::Auth {
                     mechanism,

@@ -5,6 +5,7 @@
 use base64::Engine as _;
 
 use super::receiver::{DEFAULT_MAX_AUTH_LINE, MAX_COMMAND_LINE};
+use crate::logsafe::Secret;
 use super::reply::{self, err, err_fmt, ok, ok_fmt, text};
 use super::request::Request;
 
@@ -80,8 +81,9 @@ pub enum AuthResult {
 }
 
 /// What the caller must do after feeding the session. Replies are already
-/// appended to the caller's output buffer when a step is returned.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// appended to the caller's output buffer when a step is returned. `Debug`
+/// leaves the password out.
+#[derive(Clone, PartialEq, Eq)]
 #[must_use]
 pub enum Step {
     /// Write the output (it may be batched with replies to further pipelined
@@ -106,6 +108,27 @@ pub enum Step {
     /// Write the output and close the connection. Release the maildrop lock
     /// if one is held: nothing is deleted.
     Close,
+}
+
+impl std::fmt::Debug for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::Send => f.write_str("Send"),
+            Step::Authenticate { user, .. } => f
+                .debug_struct("Authenticate")
+                .field("user", user)
+                .field("password", &Secret::new(()))
+                .finish(),
+            Step::Retrieve { key, top } => f
+                .debug_struct("Retrieve")
+                .field("key", key)
+                .field("top", top)
+                .finish(),
+            Step::Commit { deleted } => f.debug_struct("Commit").field("deleted", deleted).finish(),
+            Step::StartTls => f.write_str("StartTls"),
+            Step::Close => f.write_str("Close"),
+        }
+    }
 }
 
 /// The RFC 1939 state of a session, for logs and tests.
@@ -241,14 +264,14 @@ impl Session {
                     return self.fail(text::PLAINTEXT_DISALLOWED, out);
                 }
                 match self.user.take() {
-                    Some(user) => self.authenticate(user, password.to_owned()),
+                    Some(user) => self.authenticate(user, password.expose().to_string()),
                     None => self.fail(text::NO_USERNAME, out),
                 }
             }
             Request::Auth {
                 mechanism,
                 initial_response,
-            } => self.auth(mechanism, initial_response, out),
+            } => self.auth(mechanism, initial_response.map(Secret::into_inner), out),
             Request::Stls => self.stls(out),
             _ if !logged_in => self.fail(text::NOT_LOGGED_IN, out),
             Request::Stat => {

@@ -5,6 +5,7 @@ use bytes::BytesMut;
 
 use super::reply::{is_valid_uidl, text};
 use super::*;
+use crate::logsafe::Secret;
 
 /// Stands in for the actor: a user table, one maildrop, and a log of commits.
 struct Fake {
@@ -718,7 +719,7 @@ fn request_parsing() {
         (b"TOP 2 0", Ok(R::Top { msg: 2, lines: 0 })),
         (b"DELE 4294967296", Ok(R::Dele(u32::MAX))),
         (b"USER a@b.example", Ok(R::User("a@b.example"))),
-        (b"PASS a b ", Ok(R::Pass("a b "))),
+        (b"PASS a b ", Ok(R::Pass(Secret::new("a b ")))),
         (
             b"AUTH",
             Ok(R::Auth {
@@ -730,7 +731,7 @@ fn request_parsing() {
             b"AUTH PLAIN =",
             Ok(R::Auth {
                 mechanism: Some("PLAIN"),
-                initial_response: Some("="),
+                initial_response: Some(Secret::new("=")),
             }),
         ),
         (b"", Err(ParseError::Unknown)),

@@ -4,6 +4,7 @@
 //! business.
 
 use crate::address::{Address, AddressError};
+use crate::logsafe::{escape, Escaped, Secret};
 use crate::smtp::Reply;
 
 /// One SMTP command.
@@ -39,10 +40,11 @@ pub enum Request {
     Expn(String),
     StartTls,
     /// `mechanism` is upper-cased; `initial` is the initial response as sent
-    /// (base64, or `=` for an empty one), not decoded.
+    /// (base64, or `=` for an empty one), not decoded: a credential, so
+    /// `Debug` does not show it.
     Auth {
         mechanism: String,
-        initial: Option<String>,
+        initial: Option<Secret>,
     },
     Bdat {
         size: u64,
@@ -179,6 +181,53 @@ const SYNTAX_BDAT: &str = "BDAT chunk-size [LAST]";
 /// Space and tab separate words; Postfix accepts both.
 const WSP: [char; 2] = [' ', '\t'];
 
+/// How much of a command line [`loggable`] shows.
+pub const MAX_LOGGED_COMMAND: usize = 64;
+
+/// A command line as it may be logged (made by [`loggable`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LoggedCommand<'a> {
+    shown: Escaped<'a>,
+    /// Octets left out: an AUTH initial response, or past the length cap.
+    cut: bool,
+}
+
+/// A command line for the log: its first [`MAX_LOGGED_COMMAND`] octets,
+/// escaped ([`escape`]), and of an `AUTH` command only the verb and the
+/// mechanism: the initial response is a credential (base64 of the password
+/// for PLAIN) and never reaches a log. Anything left out shows as `…`.
+pub fn loggable(line: &[u8]) -> LoggedCommand<'_> {
+    let mut end = line.len().min(MAX_LOGGED_COMMAND);
+    let is_wsp = |b: &u8| *b == b' ' || *b == b'\t';
+    let verb = line.iter().position(is_wsp).unwrap_or(line.len());
+    if line[..verb].eq_ignore_ascii_case(b"AUTH") {
+        // Keep `AUTH <mechanism>`, cut before the next word.
+        let mechanism = line[verb..]
+            .iter()
+            .position(|b| !is_wsp(b))
+            .map_or(line.len(), |i| verb + i);
+        let after = line[mechanism..]
+            .iter()
+            .position(is_wsp)
+            .map_or(line.len(), |i| mechanism + i);
+        end = end.min(after);
+    }
+    LoggedCommand {
+        shown: escape(&line[..end]),
+        cut: end < line.len(),
+    }
+}
+
+impl std::fmt::Display for LoggedCommand<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.shown)?;
+        if self.cut {
+            f.write_str(" …")?;
+        }
+        Ok(())
+    }
+}
+
 impl Request {
     /// Parses one command line, without its CRLF.
     ///
@@ -270,7 +319,7 @@ fn auth(args: &str) -> Result<Request, RequestError> {
                     .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
         })
         .ok_or(syntax(SYNTAX_AUTH))?;
-    let initial = words.next().map(str::to_owned);
+    let initial = words.next().map(|w| Secret::new(w.to_owned()));
     if words.next().is_some() {
         return Err(syntax(SYNTAX_AUTH));
     }
@@ -546,8 +595,8 @@ mod tests {
             (b"VRFY", sx(SYNTAX_VRFY)),
             (b"EXPN staff list", Ok(Request::Expn("staff list".into()))),
             (b"AUTH plain", Ok(Request::Auth { mechanism: "PLAIN".into(), initial: None })),
-            (b"AUTH PLAIN AGJvYgBzZWNyZXQ=", Ok(Request::Auth { mechanism: "PLAIN".into(), initial: Some("AGJvYgBzZWNyZXQ=".into()) })),
-            (b"AUTH LOGIN =", Ok(Request::Auth { mechanism: "LOGIN".into(), initial: Some("=".into()) })),
+            (b"AUTH PLAIN AGJvYgBzZWNyZXQ=", Ok(Request::Auth { mechanism: "PLAIN".into(), initial: Some(Secret::new("AGJvYgBzZWNyZXQ=".into())) })),
+            (b"AUTH LOGIN =", Ok(Request::Auth { mechanism: "LOGIN".into(), initial: Some(Secret::new("=".into())) })),
             (b"AUTH", sx(SYNTAX_AUTH)),
             (b"AUTH PLAIN a b", sx(SYNTAX_AUTH)),
             (b"AUTH PL@IN", sx(SYNTAX_AUTH)),
@@ -731,5 +780,33 @@ mod tests {
             "501 5.1.3 Bad recipient address syntax: domain longer than 255 octets"
         );
         assert_eq!(RequestError::NonAsciiRecipient.reply().code, 553);
+    }
+
+    /// Issue 9 point 10 and issue 15: what the command log shows.
+    #[test]
+    fn loggable_hides_auth_payloads_and_escapes() {
+        let long = format!("MAIL FROM:<{}@example.test>", "a".repeat(80));
+        let cut = format!("{} …", &long[..64]);
+        let cases: &[(&[u8], &str)] = &[
+            (b"EHLO client.test", "EHLO client.test"),
+            (b"AUTH PLAIN AGRhdmVAdHdvLnRlc3QAaHVudGVyMg==", "AUTH PLAIN …"),
+            (b"auth\tlogin  ZGF2ZQ==", "auth\\x09login …"),
+            (b"AUTH LOGIN", "AUTH LOGIN"),
+            (b"AUTH PLAIN =", "AUTH PLAIN …"),
+            (b"AUTHX PLAIN AGRhdmU=", "AUTHX PLAIN AGRhdmU="),
+            (b"HELO a\rb\x00", "HELO a\\x0db\\x00"),
+            (long.as_bytes(), &cut),
+        ];
+        for (line, want) in cases {
+            assert_eq!(
+                loggable(line).to_string(),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        // Nor does Debug show the payload.
+        let request = Request::parse(b"AUTH PLAIN AGRhdmVAdHdvLnRlc3QAaHVudGVyMg==").unwrap();
+        assert!(!format!("{request:?}").contains("AGRhdm"), "{request:?}");
     }
 }

@@ -12,6 +12,7 @@
 use std::net::IpAddr;
 
 use crate::address::Address;
+use crate::logsafe::Secret;
 use crate::message::{MessageId, Recipient};
 use crate::routing::Route;
 use crate::smtp::receiver::{DataError, LineError};
@@ -49,8 +50,7 @@ pub struct Peer {
     pub tls: bool,
 }
 
-/// What the caller must do next.
-#[derive(Debug)]
+/// What the caller must do next. `Debug` leaves the password out.
 pub enum Step {
     /// Send this reply and read the next command.
     Reply(Reply),
@@ -74,6 +74,29 @@ pub enum Step {
     StartTls(Reply),
     /// Send this reply and close the connection.
     Close(Reply),
+}
+
+impl std::fmt::Debug for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::Reply(r) => f.debug_tuple("Reply").field(r).finish(),
+            Step::Route(q) => f.debug_tuple("Route").field(q).finish(),
+            Step::Data(r) => f.debug_tuple("Data").field(r).finish(),
+            Step::Authenticate { user, .. } => f
+                .debug_struct("Authenticate")
+                .field("user", user)
+                .field("password", &Secret::new(()))
+                .finish(),
+            Step::AuthChallenge(r) => f.debug_tuple("AuthChallenge").field(r).finish(),
+            Step::CheckSender { user, sender } => f
+                .debug_struct("CheckSender")
+                .field("user", user)
+                .field("sender", sender)
+                .finish(),
+            Step::StartTls(r) => f.debug_tuple("StartTls").field(r).finish(),
+            Step::Close(r) => f.debug_tuple("Close").field(r).finish(),
+        }
+    }
 }
 
 /// A recipient waiting for a routing decision.
@@ -553,7 +576,7 @@ impl Session {
         self.auth = AuthState::None;
     }
 
-    fn auth(&mut self, mechanism: String, initial: Option<String>) -> Step {
+    fn auth(&mut self, mechanism: String, initial: Option<Secret>) -> Step {
         if !self.config.auth_available {
             return self.error(Reply::new(
                 502,
@@ -583,7 +606,7 @@ impl Session {
         }
         match mechanism.as_str() {
             "PLAIN" => match initial {
-                Some(resp) => self.auth_plain(&resp),
+                Some(resp) => self.auth_plain(resp.expose()),
                 None => {
                     self.auth = AuthState::Plain;
                     Step::AuthChallenge(Reply::plain(334, ""))
@@ -592,7 +615,7 @@ impl Session {
             "LOGIN" => match initial {
                 Some(user) => {
                     self.auth = AuthState::LoginUser;
-                    self.auth_response(user.as_bytes())
+                    self.auth_response(user.expose().as_bytes())
                 }
                 None => {
                     self.auth = AuthState::LoginUser;

@@ -67,6 +67,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
+use crate::logsafe::escape;
 use crate::message::MessageId;
 use crate::routing::Directory;
 
@@ -397,14 +398,14 @@ fn tx_done<T>(r: Result<T, TransactionError<StoreError>>) -> Result<T, StoreErro
 impl Directory for Store {
     fn is_user(&self, address: &str) -> bool {
         Store::is_user(self, address).unwrap_or_else(|error| {
-            tracing::error!(%error, address, "user lookup failed");
+            tracing::error!(%error, address = %escape(address), "user lookup failed");
             false
         })
     }
 
     fn alias(&self, address: &str) -> Option<Vec<String>> {
         Store::alias(self, address).unwrap_or_else(|error| {
-            tracing::error!(%error, address, "alias lookup failed");
+            tracing::error!(%error, address = %escape(address), "alias lookup failed");
             None
         })
     }

@@ -19,11 +19,20 @@ use serde::{Deserialize, Serialize};
 use super::{abort, canonical, decode, encode, tx_done, utf8, Store, StoreError};
 
 /// What the `users` tree holds for one user.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub(super) struct UserRecord {
     /// PHC string (`$argon2id$v=19$m=...`): algorithm, parameters and salt
     /// travel with the hash, so parameters can change without a migration.
     pub(super) password: String,
+}
+
+/// The hash is left out: it must never reach a log.
+impl std::fmt::Debug for UserRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserRecord")
+            .field("password", &crate::logsafe::Secret::new(()))
+            .finish()
+    }
 }
 
 /// Most rounds `delete_user` spends removing mail that keeps arriving.
@@ -241,7 +250,7 @@ impl Store {
             }
             self.delete_mail(mailbox, &keys)?;
         }
-        tracing::warn!(mailbox, "mail kept arriving while the mailbox was emptied");
+        tracing::warn!(mailbox = %crate::logsafe::escape(mailbox), "mail kept arriving while the mailbox was emptied");
         Ok(())
     }
 

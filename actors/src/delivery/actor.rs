@@ -35,6 +35,7 @@ use actix::prelude::*;
 use bytes::Bytes;
 use postino_core::config::DoubleBounce;
 use postino_core::dsn::{self, RecipientStatus};
+use postino_core::logsafe::escape;
 use postino_core::message::now_unix;
 use postino_core::store::{Notice, QueueEntry, QueueRecipient, RecipientState, StoreError};
 use postino_core::{Config, Envelope, MessageId, Store};
@@ -393,13 +394,13 @@ impl Delivery {
                 .unwrap_or_else(|| status_class(status).to_owned());
             info!(
                 id = %entry.id,
-                to = %o.recipient,
-                relay = %o.relay,
+                to = %escape(&o.recipient),
+                relay = %escape(&o.relay),
                 delay,
                 attempt,
                 dsn = %dsn,
                 status = %status,
-                detail = %text,
+                detail = %escape(&text),
                 "delivery attempt"
             );
             r.state = state;
@@ -432,7 +433,7 @@ impl Delivery {
                     ),
                 };
             }
-            info!(%id, from = %sender_text(&entry), attempts = entry.attempts, status = "expired", "message expired, returned to sender");
+            info!(%id, from = %escape(&sender_text(&entry)), attempts = entry.attempts, status = "expired", "message expired, returned to sender");
         }
 
         let mut notices = Vec::new();
@@ -485,7 +486,7 @@ impl Delivery {
             Ok(()) => {
                 self.flush_soon();
                 for n in &notices {
-                    info!(id = %n.envelope.id, orig_id = %id, to = %n.envelope.recipients[0].address, "notification created");
+                    info!(id = %n.envelope.id, orig_id = %id, to = %escape(&n.envelope.recipients[0].address), "notification created");
                 }
                 self.dispatch(notices.into_iter().map(|n| n.envelope).collect(), ctx);
                 if keep {

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use postino_core::logsafe::escape;
 use postino_core::{Config, MessageId};
 use tracing::{debug, warn};
 
@@ -95,7 +96,7 @@ impl Attempt {
             Ok(found) => found,
             Err(e) => {
                 let text = lookup_text(domain, &e);
-                debug!(%id, %domain, error = %text, "no exchanger");
+                debug!(%id, domain = %escape(domain), error = %escape(&text), "no exchanger");
                 let result = if e.is_permanent() {
                     RcptResult::Failed(text)
                 } else {

@@ -21,6 +21,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::{Buf, BytesMut};
 use postino_core::config::{DeliveryConfig, SmarthostAuth};
+use postino_core::logsafe::escape;
 use postino_core::smtp::Reply;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -557,7 +558,7 @@ impl SmtpConnection {
             {
                 Ok(conn) => return Ok(conn),
                 Err(e) => {
-                    debug!(error = %e.error, "server unusable, trying the next one");
+                    debug!(error = %escape(&e.error.to_string()), "server unusable, trying the next one");
                     sessions += usize::from(e.session);
                     last = Some(e.error);
                 }
@@ -734,7 +735,7 @@ impl SmtpConnection {
             if let Err(e) = self.transaction(tx, &valid, &mut outcomes).await {
                 self.reusable = false;
                 let diag = e.diagnostic(&self.server, self.stage);
-                debug!(error = %diag, "transaction aborted");
+                debug!(error = %escape(&diag.to_string()), "transaction aborted");
                 for o in outcomes.iter_mut().filter(|o| o.is_none()) {
                     *o = Some(RcptOutcome::Deferred(diag.clone()));
                 }

@@ -18,6 +18,7 @@ use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{Name, RData};
 use hickory_resolver::TokioResolver;
+use postino_core::logsafe::escape;
 use postino_core::config::DnsConfig;
 use rand::seq::SliceRandom;
 use tracing::debug;
@@ -195,7 +196,7 @@ impl MxResolver {
                 Negative::Other => return Err(LookupError::Temporary(format!("MX {domain}: {e}"))),
             },
         };
-        debug!(domain, mx = records.len(), "MX lookup");
+        debug!(domain = %escape(domain), mx = records.len(), "MX lookup");
 
         if records.is_empty() {
             // RFC 5321 §5.1: no MX, the domain is its own implicit MX.
@@ -235,10 +236,10 @@ impl MxResolver {
                         .collect(),
                 }),
                 Addresses::None { .. } => {
-                    debug!(domain, exchanger = %name, "MX host has no address");
+                    debug!(domain = %escape(domain), exchanger = %name, "MX host has no address");
                 }
                 Addresses::Temporary(e) => {
-                    debug!(domain, exchanger = %name, error = %e, "MX host lookup failed");
+                    debug!(domain = %escape(domain), exchanger = %name, error = %e, "MX host lookup failed");
                     temporary.get_or_insert(e);
                 }
             }

@@ -26,6 +26,8 @@ pub struct TestServer {
     child: Option<Child>,
     /// Everything the server logged, across restarts.
     log: Arc<Mutex<String>>,
+    /// The server's `RUST_LOG`.
+    rust_log: String,
     pub smtp: SocketAddr,
     pub submission: Option<SocketAddr>,
     pub submissions: Option<SocketAddr>,
@@ -68,6 +70,12 @@ impl TestServer {
 
     /// A server with this whole configuration file.
     pub fn start_with(config: &str) -> TestServer {
+        TestServer::start_logging(config, "info,postino=debug")
+    }
+
+    /// A server with this configuration file and this `RUST_LOG` filter
+    /// (e.g. `"trace"` to see everything any crate logs).
+    pub fn start_logging(config: &str, rust_log: &str) -> TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("postino.toml");
         fs::write(&path, config).expect("write config");
@@ -76,6 +84,7 @@ impl TestServer {
             config: path,
             child: None,
             log: Arc::new(Mutex::new(String::new())),
+            rust_log: rust_log.to_owned(),
             smtp: "0.0.0.0:0".parse().unwrap(),
             submission: None,
             submissions: None,
@@ -91,7 +100,7 @@ impl TestServer {
         let mut child = Command::new(binary())
             .args(["serve", "--config"])
             .arg(&self.config)
-            .env("RUST_LOG", "info,postino=debug")
+            .env("RUST_LOG", &self.rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -102,8 +111,11 @@ impl TestServer {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines() {
+            // Split on LF only and keep bytes that are not UTF-8 (as U+FFFD):
+            // the log under test may hold anything a client sent.
+            for line in BufReader::new(stderr).split(b'\n') {
                 let Ok(line) = line else { break };
+                let line = String::from_utf8_lossy(&line).into_owned();
                 if line.contains("postino started") {
                     if let Some(tx) = tx.take() {
                         let _ = tx.send(line.clone());
@@ -286,6 +298,11 @@ impl Raw {
             .unwrap();
         let reader = BufReader::new(stream.try_clone().unwrap());
         Raw { stream, reader }
+    }
+
+    /// The client's own address: what the server's log names as `peer`.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.stream.local_addr().expect("local address")
     }
 
     pub fn send(&mut self, bytes: &[u8]) {
