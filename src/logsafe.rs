@@ -134,14 +134,26 @@ mod tests {
             (b"alice@example.test", "alice@example.test"),
             (b"", ""),
             (b"a b", "a b"),
-            (b"mallory\n2026-12-01T00:00:00Z  INFO forged", "mallory\\x0a2026-12-01T00:00:00Z  INFO forged"),
-            (b"cr\rlf\nnul\0tab\tdel\x7fesc\x1b", "cr\\x0dlf\\x0anul\\x00tab\\x09del\\x7fesc\\x1b"),
+            (
+                b"mallory\n2026-12-01T00:00:00Z  INFO forged",
+                "mallory\\x0a2026-12-01T00:00:00Z  INFO forged",
+            ),
+            (
+                b"cr\rlf\nnul\0tab\tdel\x7fesc\x1b",
+                "cr\\x0dlf\\x0anul\\x00tab\\x09del\\x7fesc\\x1b",
+            ),
             // A backslash is doubled, so `\x0a` typed by the peer stays apart
             // from an escaped LF.
             (b"\\x0a", "\\\\x0a"),
             // Printable UTF-8 is kept; C1 controls and line separators are not.
-            ("j\u{f6}rg@b\u{fc}ro.example".as_bytes(), "j\u{f6}rg@b\u{fc}ro.example"),
-            ("a\u{85}b\u{2028}c\u{2029}d\u{9b}".as_bytes(), "a\\u{0085}b\\u{2028}c\\u{2029}d\\u{009b}"),
+            (
+                "j\u{f6}rg@b\u{fc}ro.example".as_bytes(),
+                "j\u{f6}rg@b\u{fc}ro.example",
+            ),
+            (
+                "a\u{85}b\u{2028}c\u{2029}d\u{9b}".as_bytes(),
+                "a\\u{0085}b\\u{2028}c\\u{2029}d\\u{009b}",
+            ),
             // Invalid UTF-8, alone and between valid text.
             (b"\xff", "\\xff"),
             (b"ok\xc3(\xe2\x82end", "ok\\xc3(\\xe2\\x82end"),
@@ -160,14 +172,19 @@ mod tests {
         assert!(text.is_ascii(), "invalid UTF-8 bytes are escaped: {text}");
         let unicode: String = (0..0x3000).filter_map(char::from_u32).collect();
         let text = escape(&unicode).to_string();
-        assert!(!text.chars().any(|c| c.is_control() || c == '\u{2028}' || c == '\u{2029}'));
+        assert!(!text
+            .chars()
+            .any(|c| c.is_control() || c == '\u{2028}' || c == '\u{2029}'));
     }
 
     #[test]
     fn secret_debug_is_redacted() {
         let s = Secret::new(String::from("hunter2"));
         assert_eq!(format!("{s:?}"), "<redacted>");
-        assert_eq!(format!("{:?}", Some(Secret::new("hunter2"))), "Some(<redacted>)");
+        assert_eq!(
+            format!("{:?}", Some(Secret::new("hunter2"))),
+            "Some(<redacted>)"
+        );
         assert_eq!(s.expose(), "hunter2");
         // The wire form is the bare value.
         assert_eq!(serde_json::to_string(&s).unwrap(), "\"hunter2\"");

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use postino_core::logsafe::escape;
 use postino_core::pop3::{
     AuthResult, LineReceiver, Maildrop, MaildropEntry, Session, SessionConfig, Step,
 };
-use postino_core::logsafe::escape;
 use postino_core::{Config, Store};
 use tracing::{debug, info, warn};
 

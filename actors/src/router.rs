@@ -10,8 +10,8 @@
 use std::sync::Arc;
 
 use actix::prelude::*;
-use postino_core::logsafe::escape;
 use postino_core::dsn::{self, RecipientStatus};
+use postino_core::logsafe::escape;
 use postino_core::message::{now_unix, Recipient as Rcpt};
 use postino_core::routing::{self, Target};
 use postino_core::smtp::session::RouteQuery;

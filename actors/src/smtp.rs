@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use postino_core::config::Config;
-use postino_core::logsafe::escape;
 use postino_core::dsn::rfc5322_date;
+use postino_core::logsafe::escape;
 use postino_core::message::{now_unix, Envelope};
 use postino_core::smtp::receiver::{DataReceiver, LineError, LineReceiver};
 use postino_core::smtp::session::{DataStep, Peer, SessionConfig, Step};

@@ -5,9 +5,9 @@
 use base64::Engine as _;
 
 use super::receiver::{DEFAULT_MAX_AUTH_LINE, MAX_COMMAND_LINE};
-use crate::logsafe::Secret;
 use super::reply::{self, err, err_fmt, ok, ok_fmt, text};
 use super::request::Request;
+use crate::logsafe::Secret;
 
 /// How many bad commands a session may send; the next one closes it.
 pub const DEFAULT_MAX_BAD_COMMANDS: u32 = 20;

@@ -762,3 +762,26 @@ fn request_parsing() {
         );
     }
 }
+
+/// Issue 9, point 10: `Debug` of a request or step never shows a password.
+#[test]
+fn debug_output_hides_credentials() {
+    let shown = format!("{:?}", Request::parse(b"PASS hunter2").unwrap());
+    assert!(!shown.contains("hunter2"), "{shown}");
+    // base64("\0alice\0hunter2")
+    let token = b"AUTH PLAIN AGFsaWNlAGh1bnRlcjI=";
+    let shown = format!("{:?}", Request::parse(token).unwrap());
+    assert!(!shown.contains("AGFsaWNl"), "{shown}");
+    let mut session = Session::new(SessionConfig::new("h"));
+    let mut out = Vec::new();
+    for line in [&b"USER alice"[..], b"PASS hunter2", token] {
+        let step = session.line(line, &mut out);
+        let shown = format!("{step:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        if let Step::Authenticate { .. } = step {
+            assert!(shown.contains("alice"), "{shown}");
+            // Answer it, so the next line may be fed.
+            let _ = session.authenticated(AuthResult::BadCredentials, &mut out);
+        }
+    }
+}

@@ -789,7 +789,10 @@ mod tests {
         let cut = format!("{} …", &long[..64]);
         let cases: &[(&[u8], &str)] = &[
             (b"EHLO client.test", "EHLO client.test"),
-            (b"AUTH PLAIN AGRhdmVAdHdvLnRlc3QAaHVudGVyMg==", "AUTH PLAIN …"),
+            (
+                b"AUTH PLAIN AGRhdmVAdHdvLnRlc3QAaHVudGVyMg==",
+                "AUTH PLAIN …",
+            ),
             (b"auth\tlogin  ZGF2ZQ==", "auth\\x09login …"),
             (b"AUTH LOGIN", "AUTH LOGIN"),
             (b"AUTH PLAIN =", "AUTH PLAIN …"),

@@ -104,7 +104,10 @@ fn overlong_sasl_response_ends_the_auth_exchange() {
     let mut p = pop3(&server);
     assert_eq!(pop(&mut p, b"AUTH PLAIN"), "+ ");
     let reply = pop(&mut p, "QUFB".repeat(3000).as_bytes());
-    assert!(reply.starts_with("-ERR") && reply.contains("too long"), "{reply}");
+    assert!(
+        reply.starts_with("-ERR") && reply.contains("too long"),
+        "{reply}"
+    );
     assert_eq!(pop(&mut p, b"USER alice@example.test"), "+OK");
     assert_eq!(pop(&mut p, b"PASS wonderland"), "+OK Logged in.");
 
@@ -163,7 +166,9 @@ fn client_chosen_names_cannot_forge_log_lines() {
     );
     assert_eq!(c.cmd("RCPT TO:<alice@example.test>"), "250 2.1.5 Ok");
     assert!(c.cmd("DATA").starts_with("354"));
-    assert!(c.cmd("Subject: hi\r\n\r\nhello\r\n.").starts_with("250 2.0.0"));
+    assert!(c
+        .cmd("Subject: hi\r\n\r\nhello\r\n.")
+        .starts_with("250 2.0.0"));
 
     wait_count(&server, "pop3 login failed", 3);
     wait_count(&server, "smtp auth failed", 2);
@@ -236,7 +241,9 @@ fn no_password_or_auth_payload_reaches_the_log() {
     assert!(c.cmd(&plain(ALICE, SECOND)).starts_with("235 "));
     // AUTH LOGIN, with the user name as initial response and without.
     let mut c = smtp(&server);
-    assert!(c.cmd(&format!("AUTH LOGIN {}", b64(ALICE))).starts_with("334 "));
+    assert!(c
+        .cmd(&format!("AUTH LOGIN {}", b64(ALICE)))
+        .starts_with("334 "));
     assert!(c.cmd(&b64(WRONG)).starts_with("535 "));
     assert!(c.cmd("AUTH LOGIN").starts_with("334 "));
     assert!(c.cmd(&b64(ALICE)).starts_with("334 "));
@@ -254,7 +261,10 @@ fn no_password_or_auth_payload_reaches_the_log() {
     assert!(pop(&mut p, b"QUIT").starts_with("+OK"));
     let mut p = pop3(&server);
     assert_eq!(
-        pop(&mut p, format!("AUTH PLAIN {}", plain(ALICE, SECOND)).as_bytes()),
+        pop(
+            &mut p,
+            format!("AUTH PLAIN {}", plain(ALICE, SECOND)).as_bytes()
+        ),
         "+OK Logged in."
     );
     assert!(pop(&mut p, b"QUIT").starts_with("+OK"));

@@ -18,8 +18,8 @@ use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{Name, RData};
 use hickory_resolver::TokioResolver;
-use postino_core::logsafe::escape;
 use postino_core::config::DnsConfig;
+use postino_core::logsafe::escape;
 use rand::seq::SliceRandom;
 use tracing::debug;
 

@@ -439,3 +439,20 @@ fn overlong_sasl_response_ends_the_exchange() {
         assert_eq!(got, want, "fragmented: {input:?}");
     }
 }
+
+/// Issue 9, point 10: a `Debug` of the step that carries the password (or
+/// of the request with the AUTH payload) does not show it.
+#[test]
+fn debug_output_hides_credentials() {
+    let mut s = session_with(config(), false);
+    let (got, _) = run(&mut s, b"EHLO c\r\n");
+    assert_eq!(got, ["250"]);
+    let request = Request::parse(b"AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=").unwrap();
+    let shown = format!("{request:?}");
+    assert!(!shown.contains("AGFsaWNl"), "{shown}");
+    let step = s.command(request);
+    let shown = format!("{step:?}");
+    assert!(matches!(step, Step::Authenticate { .. }), "{shown}");
+    assert!(shown.contains("alice@example.test"), "{shown}");
+    assert!(!shown.contains("secret"), "{shown}");
+}
