@@ -551,7 +551,7 @@ impl SmtpConnection {
                 host: host.to_string(),
                 addr,
             };
-            let span = tracing::debug_span!("smtp_client", server = %server);
+            let span = tracing::debug_span!("smtp_client", server = %escape(&server.to_string()));
             match Self::open(server, settings, span.clone())
                 .instrument(span)
                 .await

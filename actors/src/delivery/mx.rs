@@ -236,10 +236,10 @@ impl MxResolver {
                         .collect(),
                 }),
                 Addresses::None { .. } => {
-                    debug!(domain = %escape(domain), exchanger = %name, "MX host has no address");
+                    debug!(domain = %escape(domain), exchanger = %escape(&name.to_string()), "MX host has no address");
                 }
                 Addresses::Temporary(e) => {
-                    debug!(domain = %escape(domain), exchanger = %name, error = %e, "MX host lookup failed");
+                    debug!(domain = %escape(domain), exchanger = %escape(&name.to_string()), error = %escape(&e.to_string()), "MX host lookup failed");
                     temporary.get_or_insert(e);
                 }
             }
