@@ -36,13 +36,28 @@ pub mod tls;
 pub use router::{Dispatch, RouteRecipient, Router};
 pub use server::{Server, ServerBuilder, ServerError};
 
-/// Logs to standard error; `RUST_LOG` filters (default `info`).
+/// Logs to standard error; `RUST_LOG` filters (default `info`), except
+/// that sled's trace records never appear (see [`sled_trace`]).
 pub fn init_logging() {
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::filter::{filter_fn, EnvFilter};
+    use tracing_subscriber::prelude::*;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let output = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
+        .with_filter(filter_fn(|meta| !sled_trace(meta)));
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(output)
         .try_init();
+}
+
+/// Whether a record is one of sled's trace records. sled logs every record
+/// it writes at trace level, value included (`linking pid 8 with Set(key,
+/// value)`): password hashes and mail content. No password hash may reach
+/// the log at any level, so these are dropped whatever `RUST_LOG` asks for.
+/// sled's debug records name trees and file offsets only and stay.
+pub fn sled_trace(meta: &tracing::Metadata<'_>) -> bool {
+    *meta.level() == tracing::Level::TRACE
+        && (meta.target() == "sled" || meta.target().starts_with("sled::"))
 }

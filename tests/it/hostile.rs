@@ -281,12 +281,23 @@ fn no_password_or_auth_payload_reaches_the_log() {
     wait_count(&server, "pop3 login user=", 3);
     wait_count(&server, "pop3 login failed", 1);
     let log = server.log();
-    // The log level really was trace, or this test proves nothing.
-    assert!(log.contains(" TRACE "), "no trace records:\n{log}");
+    // Debug records are there, or this test proves nothing (at trace level
+    // only sled writes more, and its trace records, which dump stored
+    // values, are dropped: `postino::sled_trace`).
+    assert!(log.contains(" DEBUG "), "no debug records:\n{log}");
     assert!(log.contains("control request"), "{log}");
-    let mut secrets = vec!["$argon2".to_owned()];
+    assert!(log.contains("command=AUTH PLAIN"), "{log}");
+    // sled's trace records show stored values as Debug byte lists.
+    let bytes = |s: &str| {
+        s.bytes()
+            .map(|b| b.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut secrets = vec!["$argon2".to_owned(), bytes("$argon2")];
     for password in [FIRST, SECOND, WRONG] {
         secrets.push(password.to_owned());
+        secrets.push(bytes(password));
         secrets.push(b64(password));
         secrets.push(plain(ALICE, password));
         secrets.push(b64(format!("{ALICE}\0{password}")));
