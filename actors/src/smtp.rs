@@ -220,8 +220,12 @@ impl SmtpConnection {
                 };
                 ctx.wait(check.into_actor(self).map(|(user, delay), act, ctx| {
                     match &user {
-                        Some(u) => info!(user = %escape(u), "smtp auth ok"),
-                        None => warn!(delay_ms = delay.as_millis() as u64, "smtp auth failed"),
+                        Some(u) => info!(parent: &act.span, user = %escape(u), "smtp auth ok"),
+                        None => warn!(
+                            parent: &act.span,
+                            delay_ms = delay.as_millis() as u64,
+                            "smtp auth failed"
+                        ),
                     }
                     let step = act.session.authenticated(user);
                     if act.step(step, ctx) {
