@@ -200,6 +200,8 @@ impl SmtpConnection {
                 let failures = self.shared.failures.clone();
                 let ip = self.peer.ip();
                 let canonical = user.to_ascii_lowercase();
+                // Named in the log when the login fails (Postfix's sasl_username).
+                let tried = canonical.clone();
                 let check = async move {
                     // argon2 is deliberately slow: keep it off the actor's thread.
                     let who = canonical.clone();
@@ -218,11 +220,12 @@ impl SmtpConnection {
                     tokio::time::sleep(delay).await;
                     (None, delay)
                 };
-                ctx.wait(check.into_actor(self).map(|(user, delay), act, ctx| {
+                ctx.wait(check.into_actor(self).map(move |(user, delay), act, ctx| {
                     match &user {
                         Some(u) => info!(parent: &act.span, user = %escape(u), "smtp auth ok"),
                         None => warn!(
                             parent: &act.span,
+                            user = %escape(&tried),
                             delay_ms = delay.as_millis() as u64,
                             "smtp auth failed"
                         ),

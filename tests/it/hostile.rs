@@ -206,6 +206,8 @@ fn client_chosen_names_cannot_forge_log_lines() {
         "user=mallory\\x0d2026-12-01t00:00:00.000000z  info pop3{peer=10.9.8.7:1}",
         "\\x00 result=BadCredentials",
         "user=mallory\\x0a2026-12-01t00:00:00.000000z",
+        "smtp auth failed user=mallory\\x0a2026-12-01t00:00:00.000000z",
+        "smtp auth failed user=mallory\\x0a2026-12-01t00:00:00.000000z  info pop3{peer=10.9.8.7:1}: postino::pop3: pop3 login failed user=root result=badcredentials delay_ms=0\\x0d\\x00 delay_ms=",
         "command=EHLO mallory\\u{2028}2026-12-01T00:00:00",
         "from=<mallory\\u{2028}x@example.test>",
     ] {
