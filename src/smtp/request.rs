@@ -190,16 +190,48 @@ pub struct LoggedCommand<'a> {
     shown: Escaped<'a>,
     /// Octets left out: an AUTH initial response, or past the length cap.
     cut: bool,
+    /// Not a known verb: only the length is shown.
+    unknown: Option<usize>,
 }
+
+/// The verbs [`Request::parse`] knows.
+const VERBS: [&[u8]; 14] = [
+    b"EHLO",
+    b"HELO",
+    b"MAIL",
+    b"RCPT",
+    b"DATA",
+    b"RSET",
+    b"QUIT",
+    b"STARTTLS",
+    b"NOOP",
+    b"HELP",
+    b"VRFY",
+    b"EXPN",
+    b"AUTH",
+    b"BDAT",
+];
 
 /// A command line for the log: its first [`MAX_LOGGED_COMMAND`] octets,
 /// escaped ([`escape`]), and of an `AUTH` command only the verb and the
 /// mechanism: the initial response is a credential (base64 of the password
 /// for PLAIN) and never reaches a log. Anything left out shows as `…`.
+///
+/// A line whose verb is unknown shows as `<unknown command, N octets>`: a
+/// client that sends a SASL response when no exchange is running (one that
+/// pipelined its password after the server ended the exchange) would
+/// otherwise have its password logged as a command.
 pub fn loggable(line: &[u8]) -> LoggedCommand<'_> {
-    let mut end = line.len().min(MAX_LOGGED_COMMAND);
     let is_wsp = |b: &u8| *b == b' ' || *b == b'\t';
     let verb = line.iter().position(is_wsp).unwrap_or(line.len());
+    if !VERBS.iter().any(|v| line[..verb].eq_ignore_ascii_case(v)) {
+        return LoggedCommand {
+            shown: escape(b""),
+            cut: false,
+            unknown: Some(line.len()),
+        };
+    }
+    let mut end = line.len().min(MAX_LOGGED_COMMAND);
     if line[..verb].eq_ignore_ascii_case(b"AUTH") {
         // Keep `AUTH <mechanism>`, cut before the next word.
         let mechanism = line[verb..]
@@ -215,11 +247,15 @@ pub fn loggable(line: &[u8]) -> LoggedCommand<'_> {
     LoggedCommand {
         shown: escape(&line[..end]),
         cut: end < line.len(),
+        unknown: None,
     }
 }
 
 impl std::fmt::Display for LoggedCommand<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(len) = self.unknown {
+            return write!(f, "<unknown command, {len} octets>");
+        }
         write!(f, "{}", self.shown)?;
         if self.cut {
             f.write_str(" …")?;
@@ -796,7 +832,9 @@ mod tests {
             (b"auth\tlogin  ZGF2ZQ==", "auth\\x09login …"),
             (b"AUTH LOGIN", "AUTH LOGIN"),
             (b"AUTH PLAIN =", "AUTH PLAIN …"),
-            (b"AUTHX PLAIN AGRhdmU=", "AUTHX PLAIN AGRhdmU="),
+            (b"AUTHX PLAIN AGRhdmU=", "<unknown command, 20 octets>"),
+            // A SASL response sent as a command: only its length.
+            (b"aHVudGVyMg==", "<unknown command, 12 octets>"),
             (b"HELO a\rb\x00", "HELO a\\x0db\\x00"),
             (long.as_bytes(), &cut),
         ];

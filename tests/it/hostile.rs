@@ -257,6 +257,12 @@ fn no_password_or_auth_payload_reaches_the_log() {
     assert!(c.cmd("AUTH LOGIN").starts_with("334 "));
     assert!(c.cmd(&b64(ALICE)).starts_with("334 "));
     assert!(c.cmd(&b64(SECOND)).starts_with("235 "));
+    // A client that goes on after the server ended the exchange (here: an
+    // overlong user name) sends its password as a command line.
+    let mut c = smtp(&server);
+    assert!(c.cmd("AUTH LOGIN").starts_with("334 "));
+    assert!(c.cmd(&"QUFB".repeat(1000)).starts_with("500 5.5.6"));
+    assert!(c.cmd(&b64(WRONG)).starts_with("502 "));
 
     // POP3 USER/PASS, wrong and right, then AUTH PLAIN both ways.
     let mut p = pop3(&server);
