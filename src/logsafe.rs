@@ -40,7 +40,14 @@ use std::fmt;
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Escaped<'a>(&'a [u8]);
 
-/// Wraps a value for a log field: `info!(user = %escape(&user), "…")`.
+/// Wraps a client-supplied value for a log field:
+/// `info!(user = %escape(&user), "…")`.
+///
+/// The escaping happens here, at the value, not in a formatter: the text
+/// handed to tracing holds no control character and no line separator, so
+/// a record stays one line in the text format and in a JSON format alike
+/// (JSON only adds its own `\\` for the backslashes). Use `%` (Display);
+/// `?` (Debug) prints the same.
 ///
 /// Takes anything that is bytes: `&str`, `String`, `&[u8]`, `BytesMut`.
 pub fn escape<T: AsRef<[u8]> + ?Sized>(value: &T) -> Escaped<'_> {
