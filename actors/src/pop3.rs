@@ -15,6 +15,7 @@ use postino_core::pop3::{
 use postino_core::{Config, Store};
 use tracing::{debug, info, warn};
 
+use crate::auth::PasswordChecks;
 use crate::io::{Io, ReadOutcome, Stream, TlsSlot};
 use crate::mailbox::{Expunge, Mailbox, Open, Release};
 use crate::server::{AuthFailures, ConnectionGuard};
@@ -27,6 +28,8 @@ pub struct Pop3Shared {
     pub tls: TlsSlot,
     /// Failed logins per client address (shared with SMTP AUTH).
     pub failures: Arc<AuthFailures>,
+    /// The password-checking threads (shared with SMTP AUTH).
+    pub checks: PasswordChecks,
 }
 
 static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
@@ -187,14 +190,13 @@ impl Pop3Connection {
         let canonical = user.to_ascii_lowercase();
         let fut = async move {
             let mut delay = Duration::ZERO;
-            let store = shared.store.clone();
-            let who = canonical.clone();
-            // argon2 is deliberately slow: not on the actor's thread.
-            let verified =
-                tokio::task::spawn_blocking(move || store.verify_password(&who, &password))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()));
+            // argon2 is deliberately slow: it runs on the checking
+            // threads, a few at a time.
+            let verified = shared
+                .checks
+                .verify(canonical.clone(), password)
+                .await
+                .map_err(|e| e.to_string());
             let result = match verified {
                 Ok(true) => match shared
                     .mailbox

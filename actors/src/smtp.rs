@@ -22,6 +22,7 @@ use postino_core::smtp::{Reply, Request, Session};
 use postino_core::Store;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::auth::PasswordChecks;
 use crate::delivery::actor::Queued;
 use crate::io::{Io, ReadOutcome, Stream, TlsSlot};
 use crate::router::{Dispatch, RouteRecipient, Submit, Submitted};
@@ -41,6 +42,8 @@ pub struct SmtpShared {
     pub tls: TlsSlot,
     /// Failed logins per client address (shared with POP3).
     pub failures: Arc<AuthFailures>,
+    /// The password-checking threads (shared with POP3).
+    pub checks: PasswordChecks,
 }
 
 /// One SMTP client connection.
@@ -195,18 +198,17 @@ impl SmtpConnection {
                 self.answer(reply, ctx)
             }
             Step::Authenticate { user, password } => {
-                let store = self.shared.store.clone();
+                let checks = self.shared.checks.clone();
                 let failures = self.shared.failures.clone();
                 let ip = self.peer.ip();
                 let canonical = user.to_ascii_lowercase();
                 let check = async move {
-                    // argon2 is deliberately slow: keep it off the actor's thread.
-                    let who = canonical.clone();
-                    let ok = tokio::task::spawn_blocking(move || {
-                        store.verify_password(&who, &password).unwrap_or(false)
-                    })
-                    .await
-                    .unwrap_or(false);
+                    // argon2 is deliberately slow: it runs on the checking
+                    // threads, a few at a time.
+                    let ok = checks
+                        .verify(canonical.clone(), password)
+                        .await
+                        .unwrap_or(false);
                     if ok {
                         failures.succeeded(ip);
                         return (Some(canonical), Duration::ZERO);

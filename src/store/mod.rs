@@ -71,6 +71,7 @@ use crate::message::MessageId;
 use crate::routing::Directory;
 
 pub use commit::Durable;
+pub use users::PasswordScratch;
 pub use mail::{LocalDelivery, MailEntry};
 pub use queue::{Notice, QueueEntry, QueueRecipient, RecipientState};
 

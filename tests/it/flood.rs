@@ -1,0 +1,156 @@
+//! Floods and slow clients (issue 9): a login flood must not exhaust the
+//! server's memory nor stop mail, and a client that drips bytes must not
+//! keep a session open past the timeout.
+
+use std::time::Instant;
+
+use crate::support::server::{python, TestServer};
+
+/// POP3 login flood: good and bad passwords mixed, 64 at a time, with the
+/// login cache off so that every login costs an argon2 check.
+const FLOOD: &str = r#"
+import poplib, sys, threading, time
+host, port, total, conc = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+lock = threading.Lock()
+state = {"left": total, "ok": 0, "bad": 0, "err": []}
+def worker():
+    while True:
+        with lock:
+            if state["left"] == 0:
+                return
+            state["left"] -= 1
+            n = state["left"]
+        user, good = "u%d@example.test" % (n % 4), n % 2 == 0
+        try:
+            p = poplib.POP3(host, port, timeout=120)
+            p.user(user)
+            try:
+                p.pass_("pw-%d" % (n % 4) if good else "wrong")
+                p.quit()
+                key = "ok" if good else "bad-accepted"
+            except poplib.error_proto as e:
+                p.close()
+                # [IN-USE]: the password was right, another session of the
+                # flood holds the maildrop.
+                in_use = b"[IN-USE]" in e.args[0]
+                key = "bad" if not good else "ok" if in_use else "ok-refused: %r" % e.args[0]
+            with lock:
+                if key in ("ok", "bad"):
+                    state[key] += 1
+                else:
+                    state["err"].append(key)
+        except Exception as e:
+            with lock:
+                state["err"].append(repr(e))
+start = time.time()
+threads = [threading.Thread(target=worker) for _ in range(conc)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(state["ok"], state["bad"], len(state["err"]), "%.1f" % (time.time() - start), state["err"][:3])
+"#;
+
+/// One SMTP transaction with smtplib: EHLO, MAIL, RCPT, DATA.
+const SEND: &str = r#"
+import smtplib, sys
+s = smtplib.SMTP(sys.argv[1], int(sys.argv[2]), timeout=300)
+code, reply = s.ehlo("client.test")
+assert code == 250, (code, reply)
+refused = s.sendmail("carol@elsewhere.test", ["u0@example.test"], b"Subject: during the flood\r\n\r\nhello\r\n")
+assert not refused, refused
+s.quit()
+print("sent")
+"#;
+
+/// A value from `/proc/PID/status` in KiB (`VmHWM`: peak RSS).
+fn status_kib(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {status}"))
+}
+
+/// A login flood is bounded in memory (argon2 checks run on a few threads
+/// with their memory reused: before, 100 logins 16 at a time took 1.4 GB),
+/// and mail still flows while it lasts. `POSTINO_FLOOD_LOGINS=10000` makes
+/// it the long measurement (peak RSS and logins/s on stderr).
+#[test]
+fn login_flood_keeps_memory_bounded_and_mail_flowing() {
+    let logins: usize = std::env::var("POSTINO_FLOOD_LOGINS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    let server = TestServer::start_with(
+        r#"hostname = "mx.example.test"
+data_dir = "data"
+[smtp]
+listen = ["127.0.0.1:0"]
+[pop3]
+listen = ["127.0.0.1:0"]
+auth_failure_delay = "10ms"
+max_auth_failure_delay = "40ms"
+# The flood comes from one address, 64 at a time.
+max_connections_per_ip = 100
+[routing]
+local_domains = ["example.test"]
+[auth]
+cache_ttl = "0s"
+"#,
+    );
+    for n in 0..4 {
+        server.add_user(&format!("u{n}@example.test"), &format!("pw-{n}"));
+    }
+    let pid = server.pid().expect("server running");
+    let pop3 = server.pop3;
+    let started = Instant::now();
+    let flood = std::thread::spawn(move || {
+        python(
+            FLOOD,
+            &[
+                &pop3.ip().to_string(),
+                &pop3.port().to_string(),
+                &logins.to_string(),
+                "64",
+            ],
+        )
+    });
+
+    // Mail while the flood is on: once logins are being answered.
+    assert!(
+        server.wait_for_log("pop3 login"),
+        "the flood never got an answer:\n{}",
+        server.log()
+    );
+    let sent = python(
+        SEND,
+        &[&server.smtp.ip().to_string(), &server.smtp.port().to_string()],
+    );
+    assert_eq!(sent.trim(), "sent");
+
+    let out = flood.join().expect("flood thread");
+    let elapsed = started.elapsed();
+    let fields: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(
+        fields[..3],
+        [
+            (logins / 2).to_string().as_str(),
+            (logins / 2).to_string().as_str(),
+            "0"
+        ],
+        "good logins, refused bad ones, errors: {out}"
+    );
+    let peak = status_kib(pid, "VmHWM");
+    eprintln!(
+        "{logins} logins in {:.1} s ({:.0}/s), peak RSS {} MiB, RSS now {} MiB",
+        elapsed.as_secs_f64(),
+        logins as f64 / elapsed.as_secs_f64(),
+        peak / 1024,
+        status_kib(pid, "VmRSS") / 1024
+    );
+    assert!(
+        peak < 256 * 1024,
+        "peak RSS {} MiB after {logins} logins",
+        peak / 1024
+    );
+}
