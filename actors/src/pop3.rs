@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use postino_core::pop3::{
@@ -42,6 +42,10 @@ pub struct Pop3Connection {
     lines: LineReceiver,
     /// The maildrop this session has locked, if logged in.
     mailbox: Option<String>,
+    /// When the command line being read must be complete: the timeout
+    /// counts for the whole line, not per read, so a client dripping bytes
+    /// is disconnected as an idle one is.
+    deadline: Option<Instant>,
     id: u64,
     peer: SocketAddr,
     span: tracing::Span,
@@ -68,6 +72,7 @@ impl Pop3Connection {
             io: Some(Io::new(stream, shutdown)),
             lines: LineReceiver::new(),
             mailbox: None,
+            deadline: None,
             id: SESSION_IDS.fetch_add(1, Ordering::Relaxed),
             span: tracing::info_span!("pop3", %peer),
             peer,
@@ -86,6 +91,7 @@ impl Pop3Connection {
                 Some(Ok(line)) => self.session.line(&line, &mut io.wbuf),
                 Some(Err(_)) => self.session.line_too_long(&mut io.wbuf),
             };
+            self.deadline = None;
             if !self.step(step, ctx) {
                 return;
             }
@@ -260,7 +266,11 @@ impl Pop3Connection {
 
     fn read(&mut self, ctx: &mut Context<Self>) {
         let Some(mut io) = self.io.take() else { return };
-        let timeout = self.shared.config.pop3.timeout;
+        let base = self.shared.config.pop3.timeout;
+        let deadline = *self.deadline.get_or_insert_with(|| Instant::now() + base);
+        let timeout = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
         let fut = async move {
             let outcome = io.flush_and_read(timeout).await;
             (io, outcome)

@@ -53,6 +53,11 @@ pub struct SmtpConnection {
     io: Option<Io>,
     lines: LineReceiver,
     data: Option<DataTransfer>,
+    /// When the command line being read must be complete: set when the
+    /// session starts waiting for one, cleared when it is taken. The
+    /// timeout counts for the whole line, not per read (Postfix's
+    /// `smtpd_per_record_deadline`).
+    deadline: Option<Instant>,
     peer: SocketAddr,
     span: tracing::Span,
     _guard: ConnectionGuard,
@@ -90,6 +95,7 @@ impl SmtpConnection {
             io: Some(Io::new(stream, shutdown)),
             lines,
             data: None,
+            deadline: None,
             span: tracing::info_span!("smtp", %peer),
             peer,
             shared,
@@ -116,7 +122,13 @@ impl SmtpConnection {
                 let transfer = self.data.take().expect("checked above");
                 return self.end_of_data(transfer.receiver, ctx);
             }
-            let line = match self.lines.next_line(&mut io.rbuf) {
+            let next = self.lines.next_line(&mut io.rbuf);
+            if !matches!(next, Ok(None)) {
+                // A whole line (or a line error): the next one gets its own
+                // deadline.
+                self.deadline = None;
+            }
+            let line = match next {
                 Ok(Some(line)) => line,
                 Ok(None) => return self.read(ctx),
                 Err(LineError::TooLong) => {
@@ -406,8 +418,9 @@ impl SmtpConnection {
         }));
     }
 
-    /// The idle timeout, or during DATA what the minimum data rate allows.
-    fn read_timeout(&self) -> Duration {
+    /// What is left of the command line's deadline, or during DATA what the
+    /// minimum data rate allows.
+    fn read_timeout(&mut self) -> Duration {
         let base = self.shared.config.smtp.timeout;
         let rate = self.shared.config.smtp.min_data_rate;
         match &self.data {
@@ -422,7 +435,14 @@ impl SmtpConnection {
                     .min(base)
                     .max(Duration::from_millis(1))
             }
-            _ => base,
+            // No minimum rate: each read may idle for the timeout.
+            Some(_) => base,
+            None => {
+                let deadline = *self.deadline.get_or_insert_with(|| Instant::now() + base);
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1))
+            }
         }
     }
 

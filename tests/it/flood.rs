@@ -2,9 +2,11 @@
 //! server's memory nor stop mail, and a client that drips bytes must not
 //! keep a session open past the timeout.
 
-use std::time::Instant;
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
 
-use crate::support::server::{python, TestServer};
+use crate::support::server::{config_text, python, TestServer};
 
 /// POP3 login flood: good and bad passwords mixed, 64 at a time, with the
 /// login cache off so that every login costs an argon2 check.
@@ -124,7 +126,10 @@ cache_ttl = "0s"
     );
     let sent = python(
         SEND,
-        &[&server.smtp.ip().to_string(), &server.smtp.port().to_string()],
+        &[
+            &server.smtp.ip().to_string(),
+            &server.smtp.port().to_string(),
+        ],
     );
     assert_eq!(sent.trim(), "sent");
 
@@ -153,4 +158,149 @@ cache_ttl = "0s"
         "peak RSS {} MiB after {logins} logins",
         peak / 1024
     );
+}
+
+/// Sends `bytes` one at a time, waiting up to `pause` for an answer after
+/// each (the pause is that wait). Returns what the server sent, once it sent
+/// a whole line, and whether it then closed the connection; `None` if it
+/// sent nothing while all of `bytes` went out.
+fn drip(stream: &mut TcpStream, bytes: &[u8], pause: Duration) -> Option<(String, bool)> {
+    stream.set_read_timeout(Some(pause)).unwrap();
+    let mut got = Vec::new();
+    for byte in bytes {
+        // Stop writing once the server has answered: writing to a closed
+        // socket could reset it and lose the answer still unread.
+        if stream.write_all(&[*byte]).is_err() {
+            break;
+        }
+        let mut buf = [0u8; 512];
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => panic!("read: {e}"),
+        }
+        if got.ends_with(b"\r\n") {
+            break;
+        }
+    }
+    if got.is_empty() {
+        return None;
+    }
+    // Then the connection must end (bounded: 20 s).
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = stream.read_to_end(&mut rest).is_ok();
+    got.extend_from_slice(&rest);
+    Some((String::from_utf8_lossy(&got).into_owned(), closed))
+}
+
+/// Reads one CRLF line.
+fn line(stream: &mut TcpStream) -> String {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => got.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&got).trim_end().to_owned()
+}
+
+/// Reads one whole SMTP reply (its last line starts `NNN `).
+fn smtp_reply(stream: &mut TcpStream) -> String {
+    crate::support::server::smtp_reply(|| line(stream))
+}
+
+/// A short timeout, so that dripping outlasts it quickly.
+fn slow_client_server() -> TestServer {
+    TestServer::start_with(
+        &config_text("", "timeout = \"2s\"", "", "")
+            .replace("[pop3]\n", "[pop3]\ntimeout = \"2s\"\n"),
+    )
+}
+
+/// SMTP: the timeout is per command line, not per read: a client that
+/// sends one byte every 250 ms (each well within the 2 s timeout) is cut
+/// off with `421 4.4.2` once the line has taken 2 s. Before, every byte
+/// restarted the timer and 2,000 such sessions outlived a 30 s timeout.
+#[test]
+fn smtp_client_dripping_a_command_is_cut_off() {
+    let server = slow_client_server();
+    let mut c = TcpStream::connect(server.smtp).unwrap();
+    assert!(smtp_reply(&mut c).starts_with("220 "));
+    c.write_all(b"EHLO client.test\r\n").unwrap();
+    assert!(smtp_reply(&mut c).starts_with("250"));
+    let command = b"MAIL FROM:<carol@elsewhere.test> SIZE=100 BODY=8BITMIME".repeat(2);
+    let (reply, closed) = drip(&mut c, &command, Duration::from_millis(250))
+        .expect("no reply while dripping a command for 27 s");
+    assert!(reply.starts_with("421 4.4.2 "), "{reply}");
+    assert!(reply.contains("timeout exceeded"), "{reply}");
+    assert!(closed, "connection left open after {reply}");
+}
+
+/// A command that is slow but complete within the timeout still works, and
+/// the next command gets its own deadline.
+#[test]
+fn smtp_slow_but_complete_command_works() {
+    let server = slow_client_server();
+    let mut c = TcpStream::connect(server.smtp).unwrap();
+    assert!(smtp_reply(&mut c).starts_with("220 "));
+    // Four commands of 600 ms each: 2.4 s in all, more than the timeout.
+    for _ in 0..4 {
+        // Three parts, 300 ms apart: nothing is answered before the CRLF.
+        for part in [&b"NO"[..], b"O", b"P\r\n"] {
+            c.write_all(part).unwrap();
+            if part.ends_with(b"\n") {
+                break;
+            }
+            c.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            let mut buf = [0u8; 64];
+            let early = c.read(&mut buf);
+            assert!(
+                matches!(&early, Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)),
+                "answered a partial line: {early:?}"
+            );
+        }
+        let reply = smtp_reply(&mut c);
+        assert!(reply.starts_with("250 "), "{reply}");
+    }
+    c.write_all(b"QUIT\r\n").unwrap();
+    assert!(smtp_reply(&mut c).starts_with("221 "));
+}
+
+/// POP3: the same per-line deadline; the client is told and disconnected as
+/// an idle one is.
+#[test]
+fn pop3_client_dripping_a_command_is_cut_off() {
+    let server = slow_client_server();
+    let mut c = TcpStream::connect(server.pop3).unwrap();
+    assert!(line(&mut c).starts_with("+OK"));
+    let command = b"USER a-rather-long-user-name@example.test".repeat(2);
+    let (reply, closed) = drip(&mut c, &command, Duration::from_millis(250))
+        .expect("no reply while dripping a command for 20 s");
+    assert!(reply.starts_with("-ERR "), "{reply}");
+    assert!(reply.contains("inactivity"), "{reply}");
+    assert!(closed, "connection left open after {reply}");
+
+    // Slow but complete within the timeout: answered.
+    let mut c = TcpStream::connect(server.pop3).unwrap();
+    assert!(line(&mut c).starts_with("+OK"));
+    for part in [&b"CA"[..], b"PA\r\n"] {
+        c.write_all(part).unwrap();
+        if !part.ends_with(b"\n") {
+            c.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            let mut buf = [0u8; 64];
+            assert!(c.read(&mut buf).is_err(), "answered a partial line");
+        }
+    }
+    assert!(line(&mut c).starts_with("+OK"));
 }
