@@ -81,7 +81,10 @@ impl PasswordChecks {
             .send(job)
             .await
             .map_err(|_| CheckError::Stopped)?;
-        answered.await.map_err(|_| CheckError::Stopped)?.map_err(Into::into)
+        answered
+            .await
+            .map_err(|_| CheckError::Stopped)?
+            .map_err(Into::into)
     }
 }
 
@@ -93,7 +96,9 @@ fn work(store: &Store, jobs: &Mutex<mpsc::Receiver<Job>>) {
         // One thread waits in `blocking_recv` while the others wait for the
         // lock; a job wakes the first, which lets go of the lock at once.
         let job = {
-            let mut jobs = jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut jobs = jobs
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             jobs.blocking_recv()
         };
         let Some(job) = job else { return };
