@@ -164,7 +164,8 @@ pub struct SmtpConfig {
     pub hard_error_limit: u32,
     #[serde(default = "default_error_delay", with = "humantime_serde")]
     pub error_delay: Duration,
-    /// Idle time allowed while waiting for a command (Postfix `smtpd_timeout`).
+    /// Time allowed for each command line, however slowly its bytes come
+    /// (Postfix `smtpd_timeout` with `smtpd_per_record_deadline`).
     #[serde(default = "default_smtp_timeout", with = "humantime_serde")]
     pub timeout: Duration,
     /// Minimum transfer rate in DATA, bytes per second (Postfix
@@ -208,7 +209,8 @@ pub struct Pop3Config {
     /// Implicit-TLS listeners (port 995). Needs `[tls]`.
     #[serde(default)]
     pub pop3s: Vec<SocketAddr>,
-    /// RFC 1939 autologout timer: at least 10 minutes.
+    /// RFC 1939 autologout timer: at least 10 minutes. Counts for each
+    /// command line, however slowly its bytes come.
     #[serde(default = "default_pop3_timeout", with = "humantime_serde")]
     pub timeout: Duration,
     /// First delay after a failed login; doubles per failure (Dovecot).
