@@ -20,6 +20,8 @@ pub const DEFAULT_MAX_RECIPIENTS: usize = 1000;
 pub const DEFAULT_MAX_LINE_LENGTH: usize = 2048;
 /// Postfix's `hopcount_limit`.
 pub const DEFAULT_HOP_LIMIT: usize = 50;
+/// Most password-checking threads (`auth.workers`): each may hold ~19 MiB.
+pub const MAX_AUTH_WORKERS: usize = 1024;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -66,6 +68,12 @@ pub struct AuthConfig {
     /// Most logins remembered at once.
     #[serde(default = "default_auth_cache_size")]
     pub cache_size: usize,
+    /// Password checks (argon2: tens of ms of CPU and ~19 MiB of memory
+    /// each) that run at once; more wait in line. Default: one per core.
+    /// As Dovecot's auth-worker `process_limit`; bounds the memory a login
+    /// flood can take.
+    #[serde(default = "default_auth_workers")]
+    pub workers: usize,
 }
 
 impl Default for AuthConfig {
@@ -79,6 +87,9 @@ fn default_auth_cache_ttl() -> Duration {
 }
 fn default_auth_cache_size() -> usize {
     10_000
+}
+fn default_auth_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// sled settings.
@@ -153,7 +164,8 @@ pub struct SmtpConfig {
     pub hard_error_limit: u32,
     #[serde(default = "default_error_delay", with = "humantime_serde")]
     pub error_delay: Duration,
-    /// Idle time allowed while waiting for a command (Postfix `smtpd_timeout`).
+    /// Time allowed for each command line, however slowly its bytes come
+    /// (Postfix `smtpd_timeout` with `smtpd_per_record_deadline`).
     #[serde(default = "default_smtp_timeout", with = "humantime_serde")]
     pub timeout: Duration,
     /// Minimum transfer rate in DATA, bytes per second (Postfix
@@ -197,7 +209,8 @@ pub struct Pop3Config {
     /// Implicit-TLS listeners (port 995). Needs `[tls]`.
     #[serde(default)]
     pub pop3s: Vec<SocketAddr>,
-    /// RFC 1939 autologout timer: at least 10 minutes.
+    /// RFC 1939 autologout timer: at least 10 minutes. Counts for each
+    /// command line, however slowly its bytes come.
     #[serde(default = "default_pop3_timeout", with = "humantime_serde")]
     pub timeout: Duration,
     /// First delay after a failed login; doubles per failure (Dovecot).
@@ -588,6 +601,12 @@ impl Config {
         if self.smtp.hard_error_limit == 0 {
             return Err(("smtp.hard_error_limit", "must be at least 1".into()));
         }
+        if self.auth.workers == 0 || self.auth.workers > MAX_AUTH_WORKERS {
+            return Err((
+                "auth.workers",
+                format!("must be between 1 and {MAX_AUTH_WORKERS}"),
+            ));
+        }
         if self.delivery.retry.is_empty() || self.delivery.retry.iter().any(|d| d.is_zero()) {
             return Err((
                 "delivery.retry",
@@ -760,6 +779,20 @@ mod tests {
         let err = parse("[delivery]\n\nretry = []\n").unwrap_err().to_string();
         assert!(err.contains("test.toml:3"), "{err}");
         assert!(err.contains("delivery.retry"), "{err}");
+    }
+
+    #[test]
+    fn auth_workers_default_to_cores_and_are_checked() {
+        let c = parse("").unwrap();
+        assert!(c.auth.workers >= 1);
+        assert_eq!(parse("[auth]\nworkers = 3\n").unwrap().auth.workers, 3);
+        for bad in ["0", "100000"] {
+            let err = parse(&format!("[auth]\ncache_ttl = \"0s\"\nworkers = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("test.toml:3"), "{err}");
+            assert!(err.contains("auth.workers"), "{err}");
+        }
     }
 
     #[test]

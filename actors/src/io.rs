@@ -22,6 +22,9 @@ use tokio_rustls::TlsAcceptor;
 /// it grows for larger ones. Small, since 10,000 sessions may be open.
 const READ_BUFFER: usize = 4 * 1024;
 
+/// Longest wait for the last reply and the shutdown of a closing connection.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Plain or TLS stream.
 pub enum Stream {
     Plain(TcpStream),
@@ -112,20 +115,19 @@ impl Io {
         Ok(())
     }
 
-    /// Flushes pending replies, then reads more input.
+    /// Flushes pending replies, then reads more input. `timeout` bounds
+    /// both together: a client that does not read its replies runs out of
+    /// time as one that does not send. Callers pass what is left of the
+    /// deadline of the command line being read (Postfix's
+    /// `smtpd_per_record_deadline`), not a fresh idle timeout per read, so a
+    /// client that drips one byte at a time cannot hold a session open.
     pub async fn flush_and_read(&mut self, timeout: Duration) -> ReadOutcome {
-        if let Err(e) = self.flush().await {
-            return ReadOutcome::Error(e);
-        }
         if *self.shutdown.borrow() {
             return ReadOutcome::Shutdown;
         }
-        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
-            self.rbuf.reserve(READ_BUFFER);
-        }
         let mut shutdown = self.shutdown.clone();
         tokio::select! {
-            r = tokio::time::timeout(timeout, self.stream.read_buf(&mut self.rbuf)) => match r {
+            r = tokio::time::timeout(timeout, self.flush_then_read()) => match r {
                 Ok(Ok(0)) => ReadOutcome::Closed,
                 Ok(Ok(_)) => ReadOutcome::Data,
                 Ok(Err(e)) => ReadOutcome::Error(e),
@@ -135,10 +137,22 @@ impl Io {
         }
     }
 
-    /// Flushes and closes the write side.
+    async fn flush_then_read(&mut self) -> io::Result<usize> {
+        self.flush().await?;
+        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
+            self.rbuf.reserve(READ_BUFFER);
+        }
+        self.stream.read_buf(&mut self.rbuf).await
+    }
+
+    /// Flushes and closes the write side; gives up after [`CLOSE_TIMEOUT`]
+    /// (a client that reads nothing must not hold the connection).
     pub async fn close(&mut self) {
-        let _ = self.flush().await;
-        let _ = self.stream.shutdown().await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            let _ = self.flush().await;
+            let _ = self.stream.shutdown().await;
+        })
+        .await;
     }
 
     /// Upgrades a plain stream to TLS. Input buffered before the handshake is

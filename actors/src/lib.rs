@@ -12,6 +12,7 @@
 //! - [`mailbox`]: the local-mailbox actor (deliveries, POP3 locks, deletions).
 //! - [`delivery`]: the delivery actor (queue manager), MX lookup and the
 //!   outbound SMTP client.
+//! - [`auth`]: password checks on a few dedicated threads (bounded memory).
 //! - [`control`]: the Unix control socket that the CLI uses.
 //! - [`io`], [`tls`]: sockets, buffers, rustls.
 //! - [`bench`]: the load harness behind `postino bench`.
@@ -22,6 +23,7 @@
 //! router as a `Recipient<RouteRecipient>` and returns the one to use; see
 //! `examples/custom_router.rs`.
 
+pub mod auth;
 pub mod bench;
 pub mod control;
 pub mod delivery;

@@ -2,7 +2,7 @@
 //! talk to a running server over its control socket, or open the store when
 //! none runs), and the `bench` load harness.
 
-use std::io::{BufRead, IsTerminal};
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -101,17 +101,21 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve => serve(config),
-        Command::CheckConfig => {
-            println!("{}", toml::to_string_pretty(&config).unwrap_or_default());
-            ExitCode::SUCCESS
-        }
-        Command::Bench(cmd) => match postino::bench::run(cmd) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("postino bench: {e}");
-                ExitCode::FAILURE
+        Command::CheckConfig => print_lines([toml::to_string_pretty(&config).unwrap_or_default()]),
+        Command::Bench(cmd) => {
+            // The load harness prints reports as it goes; a reader that
+            // stops early (`| head`) ends it as it ends `seq`: by SIGPIPE,
+            // which Rust programs ignore unless told (then `println!`
+            // panics). It holds no state that an early end could harm.
+            restore_sigpipe();
+            match postino::bench::run(cmd) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("postino bench: {e}");
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
         Command::User(cmd) => {
             let request = match cmd {
                 UserCommand::Add { address } => match read_password() {
@@ -211,13 +215,35 @@ fn run_control(config: &Config, request: Request) -> ExitCode {
         Err(e) => return fail(&format!("{}: {e}", socket.display())),
     };
     match response {
-        Response::Ok(lines) => {
-            for l in lines {
-                println!("{l}");
-            }
-            ExitCode::SUCCESS
-        }
+        Response::Ok(lines) => print_lines(lines),
         Response::Error(e) => fail(&e),
+    }
+}
+
+/// Writes the output of a command, a line each. A reader that stopped
+/// early (`postino queue list | head`) is not an error: the command's work
+/// is done (and flushed) before anything is printed, so it exits quietly
+/// with success, as ripgrep does, instead of panicking in `println!`. Any
+/// other write error (a full disk) is reported and fails.
+fn print_lines(lines: impl IntoIterator<Item = String>) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    let written = lines
+        .into_iter()
+        .try_for_each(|l| writeln!(out, "{l}"))
+        .and_then(|()| out.flush());
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("writing the output: {e}")),
+    }
+}
+
+/// Lets SIGPIPE end the process, as it does most Unix commands.
+fn restore_sigpipe() {
+    // SAFETY: setting a signal's disposition to its default, before any
+    // thread of ours runs, has no memory effects.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

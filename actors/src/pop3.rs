@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use postino_core::logsafe::escape;
@@ -16,6 +16,7 @@ use postino_core::pop3::{
 use postino_core::{Config, Store};
 use tracing::{debug, info, warn};
 
+use crate::auth::PasswordChecks;
 use crate::io::{Io, ReadOutcome, Stream, TlsSlot};
 use crate::mailbox::{Expunge, Mailbox, Open, Release};
 use crate::server::{AuthFailures, ConnectionGuard};
@@ -28,6 +29,8 @@ pub struct Pop3Shared {
     pub tls: TlsSlot,
     /// Failed logins per client address (shared with SMTP AUTH).
     pub failures: Arc<AuthFailures>,
+    /// The password-checking threads (shared with SMTP AUTH).
+    pub checks: PasswordChecks,
 }
 
 static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
@@ -40,6 +43,10 @@ pub struct Pop3Connection {
     lines: LineReceiver,
     /// The maildrop this session has locked, if logged in.
     mailbox: Option<String>,
+    /// When the command line being read must be complete: the timeout
+    /// counts for the whole line, not per read, so a client dripping bytes
+    /// is disconnected as an idle one is.
+    deadline: Option<Instant>,
     id: u64,
     peer: SocketAddr,
     span: tracing::Span,
@@ -66,6 +73,7 @@ impl Pop3Connection {
             io: Some(Io::new(stream, shutdown)),
             lines: LineReceiver::new(),
             mailbox: None,
+            deadline: None,
             id: SESSION_IDS.fetch_add(1, Ordering::Relaxed),
             span: tracing::info_span!("pop3", %peer),
             peer,
@@ -84,6 +92,7 @@ impl Pop3Connection {
                 Some(Ok(line)) => self.session.line(&line, &mut io.wbuf),
                 Some(Err(_)) => self.session.line_too_long(&mut io.wbuf),
             };
+            self.deadline = None;
             if !self.step(step, ctx) {
                 return;
             }
@@ -188,14 +197,13 @@ impl Pop3Connection {
         let canonical = user.to_ascii_lowercase();
         let fut = async move {
             let mut delay = Duration::ZERO;
-            let store = shared.store.clone();
-            let who = canonical.clone();
-            // argon2 is deliberately slow: not on the actor's thread.
-            let verified =
-                tokio::task::spawn_blocking(move || store.verify_password(&who, &password))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()));
+            // argon2 is deliberately slow: it runs on the checking
+            // threads, a few at a time.
+            let verified = shared
+                .checks
+                .verify(canonical.clone(), password)
+                .await
+                .map_err(|e| e.to_string());
             let result = match verified {
                 Ok(true) => match shared
                     .mailbox
@@ -259,7 +267,11 @@ impl Pop3Connection {
 
     fn read(&mut self, ctx: &mut Context<Self>) {
         let Some(mut io) = self.io.take() else { return };
-        let timeout = self.shared.config.pop3.timeout;
+        let base = self.shared.config.pop3.timeout;
+        let deadline = *self.deadline.get_or_insert_with(|| Instant::now() + base);
+        let timeout = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
         let fut = async move {
             let outcome = io.flush_and_read(timeout).await;
             (io, outcome)

@@ -28,6 +28,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
+use crate::auth::PasswordChecks;
 use crate::delivery::actor::Delivery;
 use crate::io::{Stream, TlsSlot};
 use crate::mailbox::Mailbox;
@@ -57,6 +58,8 @@ pub enum ServerError {
     Tls(#[from] crate::tls::TlsError),
     #[error("a worker thread stopped while the server was starting")]
     Worker,
+    #[error("cannot start the password-checking threads: {0}")]
+    AuthWorkers(std::io::Error),
 }
 
 /// Builds a [`Server`]; lets an embedder put its own routing actor in place.
@@ -261,6 +264,8 @@ impl ServerBuilder {
             config.pop3.auth_failure_delay,
             config.pop3.max_auth_failure_delay,
         ));
+        let checks = PasswordChecks::start(store.clone(), config.auth.workers)
+            .map_err(ServerError::AuthWorkers)?;
         let smtp_shared = |auth_required: bool,
                            route: Recipient<RouteRecipient>,
                            router: Addr<Router>| {
@@ -291,6 +296,7 @@ impl ServerBuilder {
                 queued: delivery.clone().recipient(),
                 tls: tls.clone(),
                 failures: failures.clone(),
+                checks: checks.clone(),
             })
         };
         // Each worker arbiter gets its own router and mailbox actor: the
@@ -358,6 +364,7 @@ impl ServerBuilder {
             mailbox: mailbox.clone(),
             tls: tls.clone(),
             failures: failures.clone(),
+            checks: checks.clone(),
         });
         for addr in config.pop3.listen.clone() {
             let bound = server

@@ -23,6 +23,7 @@ use postino_core::smtp::{request, Reply, Request, Session};
 use postino_core::Store;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::auth::PasswordChecks;
 use crate::delivery::actor::Queued;
 use crate::io::{Io, ReadOutcome, Stream, TlsSlot};
 use crate::router::{Dispatch, RouteRecipient, Submit, Submitted};
@@ -42,6 +43,8 @@ pub struct SmtpShared {
     pub tls: TlsSlot,
     /// Failed logins per client address (shared with POP3).
     pub failures: Arc<AuthFailures>,
+    /// The password-checking threads (shared with POP3).
+    pub checks: PasswordChecks,
 }
 
 /// One SMTP client connection.
@@ -51,6 +54,11 @@ pub struct SmtpConnection {
     io: Option<Io>,
     lines: LineReceiver,
     data: Option<DataTransfer>,
+    /// When the command line being read must be complete: set when the
+    /// session starts waiting for one, cleared when it is taken. The
+    /// timeout counts for the whole line, not per read (Postfix's
+    /// `smtpd_per_record_deadline`).
+    deadline: Option<Instant>,
     peer: SocketAddr,
     span: tracing::Span,
     _guard: ConnectionGuard,
@@ -88,6 +96,7 @@ impl SmtpConnection {
             io: Some(Io::new(stream, shutdown)),
             lines,
             data: None,
+            deadline: None,
             span: tracing::info_span!("smtp", %peer),
             peer,
             shared,
@@ -114,7 +123,13 @@ impl SmtpConnection {
                 let transfer = self.data.take().expect("checked above");
                 return self.end_of_data(transfer.receiver, ctx);
             }
-            let line = match self.lines.next_line(&mut io.rbuf) {
+            let next = self.lines.next_line(&mut io.rbuf);
+            if !matches!(next, Ok(None)) {
+                // A whole line (or a line error): the next one gets its own
+                // deadline.
+                self.deadline = None;
+            }
+            let line = match next {
                 Ok(Some(line)) => line,
                 Ok(None) => return self.read(ctx),
                 Err(LineError::TooLong) => {
@@ -196,20 +211,19 @@ impl SmtpConnection {
                 self.answer(reply, ctx)
             }
             Step::Authenticate { user, password } => {
-                let store = self.shared.store.clone();
+                let checks = self.shared.checks.clone();
                 let failures = self.shared.failures.clone();
                 let ip = self.peer.ip();
                 let canonical = user.to_ascii_lowercase();
                 // Named in the log when the login fails (Postfix's sasl_username).
                 let tried = canonical.clone();
                 let check = async move {
-                    // argon2 is deliberately slow: keep it off the actor's thread.
-                    let who = canonical.clone();
-                    let ok = tokio::task::spawn_blocking(move || {
-                        store.verify_password(&who, &password).unwrap_or(false)
-                    })
-                    .await
-                    .unwrap_or(false);
+                    // argon2 is deliberately slow: it runs on the checking
+                    // threads, a few at a time.
+                    let ok = checks
+                        .verify(canonical.clone(), password)
+                        .await
+                        .unwrap_or(false);
                     if ok {
                         failures.succeeded(ip);
                         return (Some(canonical), Duration::ZERO);
@@ -412,8 +426,9 @@ impl SmtpConnection {
         }));
     }
 
-    /// The idle timeout, or during DATA what the minimum data rate allows.
-    fn read_timeout(&self) -> Duration {
+    /// What is left of the command line's deadline, or during DATA what the
+    /// minimum data rate allows.
+    fn read_timeout(&mut self) -> Duration {
         let base = self.shared.config.smtp.timeout;
         let rate = self.shared.config.smtp.min_data_rate;
         match &self.data {
@@ -428,7 +443,14 @@ impl SmtpConnection {
                     .min(base)
                     .max(Duration::from_millis(1))
             }
-            _ => base,
+            // No minimum rate: each read may idle for the timeout.
+            Some(_) => base,
+            None => {
+                let deadline = *self.deadline.get_or_insert_with(|| Instant::now() + base);
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1))
+            }
         }
     }
 

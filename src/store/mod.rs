@@ -74,6 +74,7 @@ use crate::routing::Directory;
 pub use commit::Durable;
 pub use mail::{LocalDelivery, MailEntry};
 pub use queue::{Notice, QueueEntry, QueueRecipient, RecipientState};
+pub use users::PasswordScratch;
 
 /// Version of the on-disk layout; bincode records are not self-describing,
 /// so a database written by another layout is refused instead of misread.
@@ -163,6 +164,53 @@ struct Inner {
     /// the server" must not mistake new messages for ones they already have.
     uidl_epoch: u32,
     commit: commit::GroupCommit,
+    /// Last, so it is dropped after every sled handle (fields drop in
+    /// order): waits until sled has let go of the database's lock.
+    _released: Released,
+}
+
+/// Dropped with the last [`Store`] clone: returns only once the database
+/// can be opened again.
+///
+/// sled locks its `db` file (`flock`) for as long as that file is open,
+/// and more than the `Db` handles keep it open: sled's IO thread pool runs
+/// log writes and file truncations as jobs that own the file through sled's
+/// config, and a job drops it only after it has marked its write stable.
+/// Dropping the last `Db` flushes, which waits for the writes to be stable
+/// but not for the jobs to end, so for a moment after the last handle is
+/// gone an IO thread still holds the lock, and opening the database again
+/// at once failed with [`StoreError::Locked`] now and then (more often
+/// under load, when that thread is not scheduled). sled offers no way to
+/// wait for its pool, so this waits for the lock itself: it takes the
+/// `flock` on a descriptor of its own, which succeeds once sled's is
+/// closed, and lets it go.
+struct Released {
+    db_file: PathBuf,
+}
+
+/// Longest wait for sled's IO threads to let go of the database: they
+/// finish a write in milliseconds; anything longer is another process that
+/// took the lock meanwhile, and waiting for it would hang.
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Drop for Released {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        let Ok(file) = std::fs::File::open(&self.db_file) else {
+            return;
+        };
+        let fd = file.as_raw_fd();
+        let deadline = std::time::Instant::now() + RELEASE_WAIT;
+        // SAFETY: flock on a descriptor we own, closed when `file` drops
+        // (which also releases our lock).
+        while unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            if std::time::Instant::now() > deadline {
+                tracing::warn!(path = %self.db_file.display(), "the database is still locked after the store was closed");
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
 }
 
 impl fmt::Debug for Store {
@@ -244,6 +292,9 @@ impl Store {
             uidl_epoch,
             commit,
             db,
+            _released: Released {
+                db_file: dir.join("db"),
+            },
         };
         Ok(Store {
             inner: Arc::new(inner),

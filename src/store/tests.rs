@@ -700,6 +700,24 @@ fn delete_user_empties_the_mailbox() {
     assert_refs_consistent(&store);
 }
 
+/// Dropping the last handle releases the database at once, so it can be
+/// reopened right away (a restart in the same process, or the next test).
+/// sled's IO threads used to hold the locked file a moment longer:
+/// `reopen_keeps_mail_and_uidls` once failed with `Locked` under load.
+#[test]
+fn reopen_right_after_drop_is_never_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = vec![b'x'; 16 * 1024];
+    for round in 0..100 {
+        let store = Store::open(dir.path()).unwrap_or_else(|e| panic!("round {round}: {e:?}"));
+        // Writes and flushes, so that sled's IO threads have work at the end.
+        for _ in 0..8 {
+            spool(&store, &["alice@example.test"], &content);
+        }
+        drop(store);
+    }
+}
+
 #[test]
 fn reopen_keeps_mail_and_uidls() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,8 +1,9 @@
 //! Users (argon2id password hashes) and aliases.
 //!
-//! Password hashing and verification cost tens of milliseconds of CPU on
-//! purpose: call them from a blocking context (a sync actor or
-//! `spawn_blocking`), not from an async task.
+//! Password hashing and verification cost tens of milliseconds of CPU and
+//! ~19 MiB of memory on purpose: call them from a blocking context, not from
+//! an async task. The server checks passwords on a few dedicated threads,
+//! each reusing one [`PasswordScratch`] (see `actors/src/auth.rs`).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
@@ -12,8 +13,8 @@ use blake2::digest::{KeyInit, Mac};
 use blake2::Blake2sMac256;
 
 use argon2::password_hash::rand_core::OsRng;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
+use argon2::password_hash::{Output, PasswordHash, PasswordHasher, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use serde::{Deserialize, Serialize};
 
 use super::{abort, canonical, decode, encode, tx_done, utf8, Store, StoreError};
@@ -59,11 +60,76 @@ fn dummy_hash() -> &'static str {
     })
 }
 
-fn verify(hash: &str, password: &str) -> bool {
-    match PasswordHash::new(hash) {
-        Ok(parsed) => Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok(),
+/// argon2's working memory (`m_cost` KiB, 19 MiB by default), kept between
+/// verifications on one thread.
+///
+/// argon2's own `verify_password` allocates and frees it on every call. With
+/// glibc that is what made login floods eat gigabytes: the first free of
+/// such an mmap'd block raises the dynamic mmap threshold above 19 MiB, so
+/// later blocks come from the per-thread malloc arenas, and a freed block
+/// below the (also raised) trim threshold is kept by its arena for good;
+/// with up to 8 arenas per core and tokio's blocking threads coming and
+/// going, RSS grew by 19 MiB per arena and concurrent check, and stayed.
+/// Allocated once per checking thread, the memory is bounded by the number
+/// of threads.
+#[derive(Default)]
+pub struct PasswordScratch {
+    blocks: Vec<Block>,
+}
+
+impl PasswordScratch {
+    pub fn new() -> PasswordScratch {
+        PasswordScratch::default()
+    }
+
+    /// `count` blocks, growing (once) if a stored hash asks for more.
+    fn blocks(&mut self, count: usize) -> &mut [Block] {
+        if self.blocks.len() < count {
+            self.blocks = vec![Block::default(); count];
+        }
+        &mut self.blocks[..count]
+    }
+}
+
+impl std::fmt::Debug for PasswordScratch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PasswordScratch({} blocks)", self.blocks.len())
+    }
+}
+
+/// Whether `password` matches the PHC string `hash`: what argon2's
+/// `PasswordVerifier` does, with the caller's memory.
+fn verify(hash: &str, password: &str, scratch: &mut PasswordScratch) -> bool {
+    let checked = PasswordHash::new(hash).and_then(|parsed| {
+        let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else {
+            return Err(argon2::password_hash::Error::PhcStringField);
+        };
+        let algorithm = Algorithm::try_from(parsed.algorithm)?;
+        let version = parsed
+            .version
+            .map(Version::try_from)
+            .transpose()?
+            .unwrap_or_default();
+        let params = Params::try_from(&parsed)?;
+        let count = params.block_count();
+        let mut salt_buf = [0u8; 64];
+        let salt = salt.decode_b64(&mut salt_buf)?;
+        let computed = Output::init_with(expected.len(), |out| {
+            Argon2::new(algorithm, version, params)
+                .hash_password_into_with_memory(
+                    password.as_bytes(),
+                    salt,
+                    out,
+                    scratch.blocks(count),
+                )
+                .map_err(Into::into)
+        })?;
+        // `Output`'s equality is constant-time.
+        Ok(computed == expected)
+    });
+    match checked {
+        Ok(matches) => matches,
+        // A wrong password is `Ok(false)`; an error here is the stored hash.
         Err(error) => {
             tracing::error!(%error, "stored password hash is unreadable");
             false
@@ -277,7 +343,21 @@ impl Store {
     /// Checks a password. False for unknown users too, after the same work.
     /// A login that succeeded within `[auth] cache_ttl` with the same
     /// password and the same stored hash is let in without argon2.
+    ///
+    /// Allocates argon2's memory for this one call; a thread that checks
+    /// many passwords should keep a [`PasswordScratch`] and use
+    /// [`Store::verify_password_with`].
     pub fn verify_password(&self, address: &str, password: &str) -> Result<bool, StoreError> {
+        self.verify_password_with(address, password, &mut PasswordScratch::new())
+    }
+
+    /// [`Store::verify_password`] with argon2's memory from `scratch`.
+    pub fn verify_password_with(
+        &self,
+        address: &str,
+        password: &str,
+        scratch: &mut PasswordScratch,
+    ) -> Result<bool, StoreError> {
         let (address, record) = match canonical(address) {
             Ok(a) => {
                 let record = self.inner.users.get(a.as_bytes())?;
@@ -292,14 +372,14 @@ impl Store {
                 if cache.is_some_and(|c| c.knows(&address, &record.password, password)) {
                     return Ok(true);
                 }
-                let ok = verify(&record.password, password);
+                let ok = verify(&record.password, password, scratch);
                 if let (true, Some(cache)) = (ok, cache) {
                     cache.remember(&address, &record.password, password);
                 }
                 Ok(ok)
             }
             None => {
-                let _ = verify(dummy_hash(), password);
+                let _ = verify(dummy_hash(), password, scratch);
                 Ok(false)
             }
         }

@@ -488,3 +488,57 @@ fn serve_exits_with_a_clear_message_when_a_port_is_taken() {
     // The first one is unharmed.
     assert!(rcpt_replies(&server, &["postmaster@example.test"])[0].starts_with("250"));
 }
+
+/// A pipe whose reading end is already closed: every write to it fails
+/// with EPIPE, as `postino … | head -1` does once `head` has its line. No
+/// race with a real reader: the end is closed before the command starts.
+fn closed_pipe() -> std::fs::File {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills both descriptors; we own them from here on.
+    unsafe {
+        assert_eq!(libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC), 0);
+        libc::close(fds[0]);
+        std::fs::File::from_raw_fd(fds[1])
+    }
+}
+
+/// Runs `postino ARGS --config CONFIG` with standard output into
+/// [`closed_pipe`].
+fn run_into_closed_pipe(config: &Path, args: &[&str]) -> Output {
+    Command::new(binary())
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(closed_pipe())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run postino")
+}
+
+/// `postino check-config | head -1`, `postino user list | head`: a reader
+/// that stops early ends the command quietly and successfully (it used to
+/// panic in `println!`), with the server stopped and running.
+#[test]
+fn output_into_a_closed_pipe_exits_quietly() {
+    let mut server = TestServer::start();
+    server.add_user("alice@example.test", "pw-alice");
+    ok(server.cli(
+        &["alias", "add", "info@example.test", "alice@example.test"],
+        "",
+    ));
+    let commands: [&[&str]; 3] = [&["check-config"], &["user", "list"], &["alias", "list"]];
+    for running in [true, false] {
+        for args in commands {
+            let out = run_into_closed_pipe(&server.config, args);
+            let err = stderr(&out);
+            assert!(
+                out.status.success() && err.is_empty(),
+                "{args:?} (server running: {running}): exit {:?}, stderr: {err}",
+                out.status
+            );
+        }
+        server.terminate();
+    }
+}

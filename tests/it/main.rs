@@ -7,6 +7,7 @@ mod delivery;
 mod delivery_client;
 mod durability;
 mod example;
+mod flood;
 mod hostile;
 mod pop3;
 mod security;
