@@ -104,6 +104,12 @@ pub struct StoreConfig {
     /// lone client, or flushes rarer than this, never wait.
     #[serde(default = "default_commit_delay", with = "humantime_serde")]
     pub commit_delay: Duration,
+    /// Free bytes in the data directory's file system below which `MAIL`
+    /// is refused with `452 4.3.1 Insufficient system storage` (Postfix
+    /// `queue_minfree`); 0 turns the check off. Unset: 1.5 ×
+    /// `smtp.max_message_size`, as Postfix requires at least.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_free: Option<u64>,
 }
 
 impl Default for StoreConfig {
@@ -487,6 +493,14 @@ fn invalid_message(path: &Path, line: Option<usize>, key: &Option<String>, msg: 
 }
 
 impl Config {
+    /// The free-space reserve in bytes: `store.min_free`, or by default
+    /// 1.5 × `smtp.max_message_size`.
+    pub fn min_free(&self) -> u64 {
+        self.store
+            .min_free
+            .unwrap_or(self.smtp.max_message_size.saturating_mul(3) / 2)
+    }
+
     /// Reads and validates a config file. Relative `data_dir` and TLS paths
     /// are resolved against the file's directory.
     ///

@@ -134,6 +134,9 @@ impl SmtpConnection {
                 match Request::parse(&line) {
                     Ok(request) => {
                         debug!(command = %String::from_utf8_lossy(&line[..line.len().min(64)]), "command");
+                        if matches!(request, Request::Mail { .. }) {
+                            self.session.set_storage_low(self.shared.store.space_low());
+                        }
                         self.session.command(request)
                     }
                     Err(e) => self.session.bad_line(e.reply()),

@@ -103,7 +103,7 @@ pub(super) fn schedule_key(next_attempt: u64, id: MessageId) -> [u8; 16] {
     k
 }
 
-fn parse_schedule_key(k: &[u8]) -> Result<(u64, MessageId), StoreError> {
+pub(super) fn parse_schedule_key(k: &[u8]) -> Result<(u64, MessageId), StoreError> {
     let bad = || StoreError::Codec(format!("bad schedule key {k:?}"));
     if k.len() != 16 {
         return Err(bad());
