@@ -187,6 +187,13 @@ struct Inner {
     space: std::sync::OnceLock<space::Monitor>,
 }
 
+impl StoreError {
+    /// sled found damage in its files (`Read corrupted data`).
+    pub fn is_corruption(&self) -> bool {
+        matches!(self, StoreError::Sled(sled::Error::Corruption { .. }))
+    }
+}
+
 impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Store")

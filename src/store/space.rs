@@ -139,8 +139,9 @@ impl Monitor {
         })
     }
 
-    /// Whether free space is below `store.min_free` (as of the last look,
-    /// at most [`TICK`] ago).
+    /// Whether free space is below `store.min_free` (plus the ballast's
+    /// size while there is no ballast), as of the last look, at most
+    /// [`TICK`] ago.
     pub(super) fn is_low(&self) -> bool {
         self.shared.low.load(Ordering::Relaxed)
     }
@@ -165,7 +166,15 @@ fn check(dir: &Path, min_free: u64, low: &AtomicBool) {
             return;
         }
     };
-    let is_low = min_free > 0 && avail < min_free;
+    // While the ballast is not in place, its room counts as reserved too:
+    // once given up for the store's own writes it must not be taken by
+    // new mail, and mail resumes only when it could be written again.
+    let ballast = if dir.join(BALLAST).exists() {
+        0
+    } else {
+        BALLAST_SIZE
+    };
+    let is_low = min_free > 0 && avail < min_free.saturating_add(ballast);
     if low.swap(is_low, Ordering::Relaxed) != is_low {
         if is_low {
             tracing::warn!(

@@ -68,10 +68,18 @@ impl TestServer {
 
     /// A server with this whole configuration file.
     pub fn start_with(config: &str) -> TestServer {
+        let mut server = TestServer::configured(config);
+        server.spawn();
+        server
+    }
+
+    /// Writes the configuration but starts nothing yet ([`TestServer::restart`]
+    /// starts it), e.g. to prepare the data directory with the CLI first.
+    pub fn configured(config: &str) -> TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("postino.toml");
         fs::write(&path, config).expect("write config");
-        let mut server = TestServer {
+        TestServer {
             dir,
             config: path,
             child: None,
@@ -81,9 +89,7 @@ impl TestServer {
             submissions: None,
             pop3: "0.0.0.0:0".parse().unwrap(),
             pop3s: None,
-        };
-        server.spawn();
-        server
+        }
     }
 
     /// Starts the binary and waits for its "postino started" log line.
