@@ -359,6 +359,9 @@ impl SmtpConnection {
                         Ok(()) => act.session.accepted(id),
                         Err(e) => {
                             warn!(%id, error = %e, "storing the message failed");
+                            // Whatever of it reached the disk must never be
+                            // delivered: the client will send it again.
+                            act.shared.store.reject(id);
                             act.session.storage_failed()
                         }
                     };

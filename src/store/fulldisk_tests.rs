@@ -153,9 +153,11 @@ fn fulldisk_child() {
     let store = Store::open(Path::new(&dir)).unwrap();
     let mut out = std::io::stdout().lock();
     let mut queued: Vec<MessageId> = Vec::new();
+    let mut current = None;
     let result = (|| -> Result<(), StoreError> {
         for n in 0u64.. {
             let id = store.new_id()?;
+            current = Some(id);
             let content = content_of(id.0);
             let kind = match n % 5 {
                 0 | 1 => {
@@ -198,6 +200,11 @@ fn fulldisk_child() {
         }
         Ok(())
     })();
+    if let Some(id) = current {
+        // As the SMTP server does when it answers 451.
+        store.reject(id);
+        writeln!(out, "rejected {}", id.0).unwrap();
+    }
     writeln!(out, "error {result:?}").unwrap();
     out.flush().unwrap();
     // Wait for SIGKILL: dropping the store could hang in sled (see the
@@ -217,7 +224,7 @@ fn mailbox(m: &str) -> LocalDelivery {
 /// Runs the child on `dir` until the disk is full; kills it with SIGKILL
 /// once it reports an error or makes no progress for a while (sled 0.34
 /// can hang on ENOSPC). Returns the acknowledged (kind, id) pairs.
-fn fill_with_child(dir: &Path) -> Vec<(String, u64)> {
+fn fill_with_child(dir: &Path) -> (Vec<(String, u64)>, Option<u64>) {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -241,7 +248,11 @@ fn fill_with_child(dir: &Path) -> Vec<(String, u64)> {
         }
     });
     let mut acked = Vec::new();
+    let mut rejected = None;
     while let Ok(line) = rx.recv_timeout(Duration::from_secs(3)) {
+        if let Some(at) = line.find("rejected ") {
+            rejected = Some(line[at + 9..].trim().parse().unwrap());
+        }
         if line.contains("error ") {
             break;
         }
@@ -261,7 +272,7 @@ fn fill_with_child(dir: &Path) -> Vec<(String, u64)> {
             acked.push((kind, parts.next().unwrap().parse().unwrap()));
         }
     }
-    acked
+    (acked, rejected)
 }
 
 /// Every acknowledged message reads back with its exact content.
@@ -308,10 +319,14 @@ fn acknowledged_mail_survives_full_disk() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(2);
     let mut stale_snapshots = 0;
+    let mut rejections = 0;
     for round in 0..rounds {
         let Some(fs) = Tmpfs::mount(12) else { return };
         let dir = fs.path().join("data");
-        let acked = fill_with_child(&dir);
+        // A ballast, as the server keeps one: room to record a rejection.
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(space::BALLAST), vec![0u8; 512 * 1024]).unwrap();
+        let (acked, rejected) = fill_with_child(&dir);
         assert!(
             acked.len() > 20,
             "round {round}: the child stored too little"
@@ -350,6 +365,19 @@ fn acknowledged_mail_survives_full_disk() {
         let store = Store::open(&dir)
             .unwrap_or_else(|e| panic!("round {round}: start after enlarging: {e}"));
         assert_all_readable(&store, &acked);
+        if let Some(id) = rejected {
+            assert!(!dir.join("rejected").exists());
+            for m in ["a@x.test", "b@x.test", "c@x.test"] {
+                assert_eq!(
+                    store.read_mail(m, id).unwrap(),
+                    None,
+                    "rejected {id} in {m}"
+                );
+            }
+            assert_eq!(store.queue_entry(MessageId(id)).unwrap(), None);
+            assert!(store.inbound().unwrap().iter().all(|e| e.id.0 != id));
+            rejections += 1;
+        }
         let report = store.check().unwrap();
         assert!(
             report.problems.is_empty(),
@@ -365,6 +393,7 @@ fn acknowledged_mail_survives_full_disk() {
         std::fs::remove_file(filler).unwrap();
     }
     eprintln!(
-        "{stale_snapshots} of {rounds} rounds left a half-written sled snapshot; Store::open recovered every one"
+        "{stale_snapshots} of {rounds} rounds left a half-written sled snapshot, Store::open recovered every one; \
+         {rejections} rounds ended in a failed write (the others in a hang) whose message was rejected and removed"
     );
 }

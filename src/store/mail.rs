@@ -420,14 +420,19 @@ impl Store {
             .map(|kv| {
                 let (k, v) = kv?;
                 let key = entry_key(&k)?;
+                // Answered 4xx: never shown (see `rejected.rs`).
+                if self.is_rejected(MessageId(key)) {
+                    return Ok(None);
+                }
                 let record: MailRecord = decode("mail", &v)?;
-                Ok(MailEntry {
+                Ok(Some(MailEntry {
                     key,
                     uidl: format!("{epoch:08x}.{key:x}"),
                     size: record.size,
                     id: MessageId(key),
-                })
+                }))
             })
+            .filter_map(Result::transpose)
             .collect()
     }
 

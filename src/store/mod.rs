@@ -53,6 +53,7 @@ mod backup;
 mod commit;
 mod mail;
 mod queue;
+mod rejected;
 mod space;
 mod users;
 
@@ -185,6 +186,8 @@ struct Inner {
     commit: commit::GroupCommit,
     /// Free-space monitor, once [`Store::watch_space`] started it.
     space: std::sync::OnceLock<space::Monitor>,
+    /// Messages answered 4xx after they were written (`rejected.rs`).
+    rejected: rejected::Rejected,
 }
 
 impl StoreError {
@@ -278,11 +281,14 @@ impl Store {
             uidl_epoch,
             commit,
             space: std::sync::OnceLock::new(),
+            rejected: rejected::Rejected::default(),
             db,
         };
-        Ok(Store {
+        let store = Store {
             inner: Arc::new(inner),
-        })
+        };
+        store.purge_rejected()?;
+        Ok(store)
     }
 
     /// A fresh message id from sled's persistent counter: never repeats, even

@@ -352,6 +352,8 @@ impl Store {
             let k = k?;
             let (_, id) = parse_schedule_key(&k)?;
             match self.queue_entry(id)? {
+                // Answered 4xx: never delivered (see `rejected.rs`).
+                Some(_) if self.is_rejected(id) => {}
                 Some(entry) => out.push(entry),
                 // Removed since the key was read, or a key a crash left
                 // without its entry: remove the key unless an entry is
