@@ -713,6 +713,15 @@ mod tests {
     }
 
     #[test]
+    fn min_free_defaults_to_one_and_a_half_message_sizes() {
+        let c = parse("[smtp]\nmax_message_size = 1000000\n").unwrap();
+        assert_eq!(c.min_free(), 1_500_000);
+        let c = parse("[store]\nmin_free = 0\n").unwrap();
+        assert_eq!(c.min_free(), 0);
+        assert!(parse("[store]\nmin_free = -1\n").is_err());
+    }
+
+    #[test]
     fn empty_config_has_postfix_defaults() {
         let c = parse("").unwrap();
         assert_eq!(c.smtp.max_message_size, 10_240_000);

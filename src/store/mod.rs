@@ -9,6 +9,9 @@
 //! - `users`: users (argon2id password hashes) and aliases.
 //! - `mail`: the intake spool, content reference counts and local mailboxes.
 //! - `queue`: the remote delivery queue and its schedule index.
+//! - `space`: free-space reserve, ballast file, monitor thread.
+//! - `rejected`: messages answered 4xx after they were written.
+//! - `backup`: `check`, `export` and `import` for the offline tools.
 //!
 //! # Durability
 //!
@@ -18,6 +21,62 @@
 //! call has completed. sled flushes with `sync_file_range`, not `fsync`: that
 //! survives a process crash (`kill -9`), not necessarily a power loss on a
 //! disk with a volatile write cache.
+//!
+//! # A full disk
+//!
+//! sled 0.34 does not survive running out of space gracefully: the first
+//! failed write is kept as a global error and fails every later operation
+//! of that `Db`, and a flush waiting for the failed buffer can hang for good
+//! (the stall watchdog in `commit` then aborts). Three defences:
+//!
+//! - **A reserve** (`space.rs`, `store.min_free`, Postfix's
+//!   `queue_minfree`): below it the SMTP server answers `MAIL` with `452
+//!   4.3.1`, so sled does not reach `ENOSPC` through mail postino accepts,
+//!   and service resumes by itself once space is free (a monitor thread
+//!   looks every 250 ms). A 4 MiB **ballast** file is kept while space is
+//!   plentiful and given up when it runs out or before opening on a full
+//!   disk, so that the store opens and POP3 users can read and delete.
+//! - **Rejections** (`rejected.rs`): a message answered 4xx after it was
+//!   written is hidden and removed at the next open, since a short write of
+//!   sled's log buffer can leave it recoverable although its flush failed.
+//! - **Opening on a full disk** (below).
+//!
+//! # Opening on a full disk (issue 14)
+//!
+//! What sled writes while opening (`sled::Config::open`, 0.34.7):
+//!
+//! - `conf`, in place, but only when it is missing or ≤ 8 bytes long;
+//! - `db` (the log): the tail of the last segment after the recovered tip
+//!   is overwritten with "corrupted" markers, and segments found torn are
+//!   zeroed; both only touch bytes past the last valid record, so a partial
+//!   write there loses nothing that was durable;
+//! - **a snapshot** whenever recovery got further than the last snapshot
+//!   (after any unclean stop, or a stop whose last flush failed): written to
+//!   `snap.<lsn>.generating`, synced, renamed to `snap.<lsn>`, then older
+//!   snapshots are removed.
+//!
+//! The last one is the trap. sled lists snapshot files by the prefix
+//! `snap.` and skips only names ending in `.in___motion`, so a
+//! `.generating` file counts as a snapshot, and it sorts after the finished
+//! one of the same lsn. A start with 0 bytes free fails halfway through
+//! writing it (`No space left on device`), leaving a truncated
+//! `.generating` file; every later start reads that file as the newest
+//! snapshot, finds its checksum wrong and fails with `Read corrupted data`
+//! — although the log, which holds every acknowledged message, is intact.
+//! The full-disk test (`fulldisk_tests.rs`) reproduces it in most rounds.
+//!
+//! postino's open (`prepare_open`) therefore, under sled's lock and before
+//! sled runs: removes every `snap.*.generating` (a finished snapshot is
+//! renamed only after its sync, and the previous one is removed only after
+//! the rename, so such a file is never the only copy of anything), and
+//! refuses with [`StoreError::NoSpace`] when free space is below what the
+//! open writes (a segment, twice the snapshot, slack), after giving up the
+//! ballast if that was not enough. Postino's own writes at open are
+//! conditional (schema, UIDL epoch and the obsolete queue length are
+//! written only when missing or outdated), and come after that check. A
+//! store that sled still reports as corrupt can be salvaged with
+//! `postino store export`, which opens a copy without sled's snapshots:
+//! sled then rebuilds its page table from the log alone.
 //!
 //! # Trees
 //!
