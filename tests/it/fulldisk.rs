@@ -308,3 +308,158 @@ fn store_export_and_import_round_trip() {
     );
     assert_eq!(pop_all(&imported, "alice@example.test", "pw").len(), 4);
 }
+
+/// One start of `postino serve` on the current data directory: `Ok` once
+/// it logs that it started (it is then killed), `Err(log)` if it exits.
+fn try_start(config: &Path) -> Result<(), String> {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(crate::support::server::binary())
+        .args(["serve", "--config"])
+        .arg(config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start postino");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut log = String::new();
+    let result = loop {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) if line.contains("postino started") => break Ok(()),
+            Ok(line) => {
+                log.push_str(&line);
+                log.push('\n');
+            }
+            // Closed: the process exited.
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break Err(log),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                break Err(format!("neither started nor exited in 30 s:\n{log}"))
+            }
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+/// What the filling client had acknowledged: (recipient, subject, queue id).
+type Acked = Vec<(String, String, String)>;
+
+/// Sends mail in one session until the server stops answering 250 (full
+/// disk: 451, or the stall watchdog aborting a hung flush).
+fn fill_over_smtp(server: &TestServer, round: usize) -> Acked {
+    let mut acked = Acked::new();
+    let mut c = Raw::connect(server.smtp);
+    assert!(c.reply().starts_with("220"));
+    assert!(c.cmd("EHLO client.test").starts_with("250"));
+    let to = ["alice@example.test", "ok@remote.test", "defer@remote.test"];
+    for n in 0.. {
+        let rcpt = to[n % 3];
+        let subject = format!("r{round} m{n}");
+        if !c.cmd("MAIL FROM:<s@example.test>").starts_with("250")
+            || !c.cmd(&format!("RCPT TO:<{rcpt}>")).starts_with("250")
+            || !c.cmd("DATA").starts_with("354")
+        {
+            break;
+        }
+        let body = format!("{subject} line\r\n").repeat(200 + (n * 37) % 1500);
+        let r = c.cmd(&format!("Subject: {subject}\r\n\r\n{body}."));
+        if !r.starts_with("250") {
+            break;
+        }
+        let id = r.rsplit(' ').next().unwrap().to_owned();
+        acked.push((rcpt.to_owned(), subject, id));
+    }
+    acked
+}
+
+/// Issue 14 end to end: fill a small tmpfs with local and relay mail while
+/// the queue churns (the smarthost accepts one recipient and defers the
+/// other, retried every second), kill -9, start twice with 0 bytes free,
+/// enlarge, start: every acknowledged message is readable over POP3,
+/// delivered, or still queued. `POSTINO_FULLDISK_SERVER_ROUNDS` rounds
+/// (default 1).
+#[test]
+fn full_disk_start_attempts_never_damage_the_store() {
+    let rounds: usize = std::env::var("POSTINO_FULLDISK_SERVER_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let ip = unique_loopback();
+    let port = free_tcp_port(&[ip]);
+    let sink = Sink::start(
+        ip,
+        port,
+        &SinkOptions {
+            rcpt: vec![("defer@remote.test".into(), "451 4.3.0 try later".into())],
+            ..SinkOptions::default()
+        },
+    );
+    let mut refused_starts = 0;
+    for round in 0..rounds {
+        let Some(fs) = Tmpfs::mount(16) else { return };
+        let data = fs.path().join("data");
+        // No reserve: the disk really fills, as in the issue.
+        let config = config_at(
+            &data,
+            "max_message_size = 1000000",
+            &format!("smarthost = \"{ip}:{port}\""),
+            "min_free = 0\nstall_abort = \"2s\"\n[delivery]\nretry = [\"1s\"]\n",
+        );
+        let mut server = TestServer::start_with(&config);
+        server.add_user("alice@example.test", "pw");
+        let acked = fill_over_smtp(&server, round);
+        assert!(acked.len() > 30, "round {round}: only {} messages", acked.len());
+        server.kill9();
+
+        let filler = fs.fill_leaving(0);
+        for _ in 0..2 {
+            match try_start(&server.config) {
+                Ok(()) => {}
+                Err(log) => {
+                    assert!(log.contains("not enough free space"), "round {round}: {log}");
+                    refused_starts += 1;
+                }
+            }
+        }
+        fs.resize_to(64);
+        std::fs::remove_file(filler).unwrap();
+        let check = cli_with_config(&server.config, &["store", "check"], "");
+        assert!(check.status.success(), "round {round}: {}", text(&check));
+        server.restart();
+
+        let popped = pop_all(&server, "alice@example.test", "pw");
+        let mut missing = Vec::new();
+        let queue = text(&server.cli(&["queue", "list"], ""));
+        let delivered: Vec<String> = sink
+            .messages()
+            .iter()
+            .map(|m| String::from_utf8_lossy(&m.content).into_owned())
+            .collect();
+        for (rcpt, subject, id) in &acked {
+            let subject_line = format!("Subject: {subject}\r\n");
+            let found = if rcpt.starts_with("alice") {
+                popped.iter().any(|p| p.text.contains(&subject_line))
+            } else {
+                queue.contains(id.as_str())
+                    || delivered.iter().any(|d| d.contains(&subject_line))
+            };
+            if !found {
+                missing.push(format!("{rcpt} {subject} {id}"));
+            }
+        }
+        assert!(missing.is_empty(), "round {round}: lost {missing:?}");
+        eprintln!(
+            "round {round}: {} acknowledged messages all readable, delivered or queued",
+            acked.len()
+        );
+        server.kill9();
+    }
+    eprintln!("{refused_starts} start attempts on a full disk refused cleanly");
+}

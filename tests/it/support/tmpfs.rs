@@ -31,6 +31,16 @@ impl Tmpfs {
         self.dir.path()
     }
 
+    /// Remounts with a new size (grow it with space-starved data in place).
+    pub fn resize_to(&self, mib: u64) {
+        let ok = Command::new("mount")
+            .args(["-o", &format!("remount,size={mib}m")])
+            .arg(self.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "remount failed");
+    }
+
     /// Free bytes (statvfs, as postino sees them).
     pub fn available(&self) -> u64 {
         let out = Command::new("df")
