@@ -138,7 +138,6 @@ pub use backup::{BackupError, CheckReport, Counts, EXPORT_VERSION};
 pub use commit::Durable;
 pub use mail::{LocalDelivery, MailEntry};
 pub use queue::{Notice, QueueEntry, QueueRecipient, RecipientState};
-pub use space::{available, BALLAST_SIZE, OPEN_ROOM};
 
 /// Version of the on-disk layout; bincode records are not self-describing,
 /// so a database written by another layout is refused instead of misread.
