@@ -45,7 +45,9 @@
 //!
 //! What sled writes while opening (`sled::Config::open`, 0.34.7):
 //!
-//! - `conf`, in place, but only when it is missing or ≤ 8 bytes long;
+//! - `conf`, in place, but only when it is missing or ≤ 8 bytes long (a
+//!   fresh store); cut short by a full disk it would make the next open
+//!   fail to parse it, which the space check below prevents;
 //! - `db` (the log): the tail of the last segment after the recovered tip
 //!   is overwritten with "corrupted" markers, and segments found torn are
 //!   zeroed; both only touch bytes past the last valid record, so a partial

@@ -5,10 +5,16 @@
 //!
 //! Why a reserve at all: sled 0.34 keeps the first IO error it meets (a
 //! write or flush that got `ENOSPC`) as a global error and fails every later
-//! operation of that `Db`, reads of unflushed data included; only a new
-//! `Db` (a restart) clears it. Refusing new mail while free space is below
-//! `store.min_free` keeps sled from ever reaching `ENOSPC` through mail
-//! postino accepted itself, so service resumes by itself once space is free.
+//! write and flush of that `Db`, and every read of a page not in its cache
+//! (`Log::read` waits for the log to be stable first): that is why, in
+//! issue 9, freeing space did not help and POP3 logins failed with
+//! `[SYS/TEMP]` until a restart. Only a new `Db` clears it, and a flush
+//! waiting for the failed buffer can even hang. Refusing new mail while
+//! free space is below `store.min_free` keeps sled from reaching `ENOSPC`
+//! through mail postino accepts, so service resumes by itself once space is
+//! free. (Sessions already past `MAIL` may still write up to
+//! `smtp.max_message_size` each; the reserve and the ballast cover that,
+//! not other programs filling the disk.)
 //!
 //! The ballast is a file of [`BALLAST_SIZE`] bytes written (and synced)
 //! when space is plentiful. It is deleted when free space falls below
