@@ -429,18 +429,17 @@ impl Store {
             let b64 = |s: &str| B64.decode(s).map_err(|e| bad(format!("base64: {e}")));
             match line {
                 Line::Header {
-                    format, version, ..
+                    format,
+                    version,
+                    uidl_epoch,
+                    ..
                 } if n == 1 => {
                     if format != FORMAT || version != EXPORT_VERSION {
                         return Err(bad(format!(
                             "format {format} version {version}: this postino reads {FORMAT} version {EXPORT_VERSION}"
                         )));
                     }
-                    let Line::Header { uidl_epoch, .. } =
-                        serde_json::from_str(&buf).map_err(|e| bad(e.to_string()))?
-                    else {
-                        unreachable!("parsed as a header just above");
-                    };
+                    // The epoch is part of every UIDL: keep it.
                     store
                         .meta()?
                         .insert(META_UIDL_EPOCH, &uidl_epoch.to_be_bytes()[..])?;
