@@ -115,6 +115,12 @@ pub struct StoreConfig {
     /// lone client, or flushes rarer than this, never wait.
     #[serde(default = "default_commit_delay", with = "humantime_serde")]
     pub commit_delay: Duration,
+    /// Free bytes in the data directory's file system below which `MAIL`
+    /// is refused with `452 4.3.1 Insufficient system storage` (Postfix
+    /// `queue_minfree`); 0 turns the check off. Unset: 1.5 ×
+    /// `smtp.max_message_size`, as Postfix requires at least.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_free: Option<u64>,
 }
 
 impl Default for StoreConfig {
@@ -510,6 +516,14 @@ fn invalid_message(path: &Path, line: Option<usize>, key: &Option<String>, msg: 
 }
 
 impl Config {
+    /// The free-space reserve in bytes: `store.min_free`, or by default
+    /// 1.5 × `smtp.max_message_size`.
+    pub fn min_free(&self) -> u64 {
+        self.store
+            .min_free
+            .unwrap_or(self.smtp.max_message_size.saturating_mul(3) / 2)
+    }
+
     /// Reads and validates a config file. Relative `data_dir` and TLS paths
     /// are resolved against the file's directory.
     ///
@@ -725,6 +739,15 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn min_free_defaults_to_one_and_a_half_message_sizes() {
+        let c = parse("[smtp]\nmax_message_size = 1000000\n").unwrap();
+        assert_eq!(c.min_free(), 1_500_000);
+        let c = parse("[store]\nmin_free = 0\n").unwrap();
+        assert_eq!(c.min_free(), 0);
+        assert!(parse("[store]\nmin_free = -1\n").is_err());
     }
 
     #[test]

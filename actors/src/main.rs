@@ -1,6 +1,6 @@
 //! The `postino` command: `serve`, the `user`/`alias`/`queue` tools (which
 //! talk to a running server over its control socket, or open the store when
-//! none runs), and the `bench` load harness.
+//! none runs), the offline `store` tools, and the `bench` load harness.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use postino::control::{self, Request, Response};
 use postino::Server;
 use postino_core::logsafe::Secret;
+use postino_core::store::StoreError;
 use postino_core::{Config, Store};
 
 #[derive(Parser, Debug)]
@@ -42,9 +43,27 @@ enum Command {
     /// Inspect and act on the remote delivery queue.
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// Offline tools on the store: check, back up, restore (stop the server first).
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Load harness: SMTP and POP3 clients, and a receiving sink.
     #[command(subcommand)]
     Bench(postino::bench::BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum StoreCommand {
+    /// Verify every record and reference; exit status 1 and a report on damage.
+    Check,
+    /// Write users, aliases, mailboxes and the queue as JSON lines (see the
+    /// README). From a damaged store, writes what can be read and exits 1.
+    Export {
+        /// Write here instead of to standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Build the store in an empty data directory from an export.
+    Import { file: PathBuf },
 }
 
 #[derive(Subcommand, Debug)]
@@ -116,6 +135,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Store(cmd) => store_command(&config, cmd),
         Command::User(cmd) => {
             let request = match cmd {
                 UserCommand::Add { address } => match read_password() {
@@ -245,6 +265,166 @@ fn restore_sigpipe() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+}
+
+/// The offline `store` tools. They open the store themselves, so a
+/// running server (which holds sled's lock) makes them fail, naming the
+/// data directory.
+fn store_command(config: &Config, cmd: StoreCommand) -> ExitCode {
+    let dir = &config.data_dir;
+    match cmd {
+        StoreCommand::Check => {
+            let store = match open_existing(dir) {
+                Ok(s) => s,
+                Err(e) => return fail(&e),
+            };
+            let report = match store.check() {
+                Ok(r) => r,
+                Err(e) => return fail(&format!("checking {}: {e}", dir.display())),
+            };
+            let c = &report.counts;
+            let mut lines = vec![format!(
+                "{}: {} users, {} aliases, {} mailbox entries, {} queued, {} spooled",
+                dir.display(),
+                c.users,
+                c.aliases,
+                c.mail,
+                c.queue,
+                c.inbound
+            )];
+            lines.extend(report.notes.iter().map(|note| format!("note: {note}")));
+            lines.extend(report.problems.iter().map(|p| format!("DAMAGED: {p}")));
+            if report.problems.is_empty() {
+                lines.push("ok".into());
+                print_lines(lines)
+            } else {
+                lines.push(format!(
+                    "{} problems; 'postino store export' writes out what can be read",
+                    report.problems.len()
+                ));
+                // Damage is the answer, whether or not the reader saw it all.
+                print_lines(lines);
+                ExitCode::FAILURE
+            }
+        }
+        StoreCommand::Export { output } => {
+            let (store, _salvage) = match open_for_export(dir) {
+                Ok(s) => s,
+                Err(e) => return fail(&e),
+            };
+            let result = match &output {
+                Some(path) => std::fs::File::create(path)
+                    .map_err(|e| format!("{}: {e}", path.display()))
+                    .and_then(|file| {
+                        let mut out = std::io::BufWriter::new(file);
+                        let counts = store.export(&mut out).map_err(|e| e.to_string())?;
+                        let file = out.into_inner().map_err(|e| e.to_string())?;
+                        file.sync_all().map_err(|e| e.to_string())?;
+                        Ok(counts)
+                    }),
+                None => store
+                    .export(&mut std::io::BufWriter::new(std::io::stdout().lock()))
+                    .map_err(|e| e.to_string()),
+            };
+            match result {
+                Ok(c) => {
+                    eprintln!(
+                        "exported {} users, {} aliases, {} mailbox entries, {} queued, {} spooled; {} unreadable records skipped",
+                        c.users, c.aliases, c.mail, c.queue, c.inbound, c.skipped
+                    );
+                    if c.skipped > 0 {
+                        ExitCode::FAILURE
+                    } else {
+                        ExitCode::SUCCESS
+                    }
+                }
+                Err(e) => fail(&format!("export: {e}")),
+            }
+        }
+        StoreCommand::Import { file } => {
+            let input = match std::fs::File::open(&file) {
+                Ok(f) => f,
+                Err(e) => return fail(&format!("{}: {e}", file.display())),
+            };
+            match Store::import(dir, &mut std::io::BufReader::new(input)) {
+                Ok(c) => {
+                    println!(
+                        "imported {} users, {} aliases, {} mailbox entries, {} queued, {} spooled into {}",
+                        c.users,
+                        c.aliases,
+                        c.mail,
+                        c.queue,
+                        c.inbound,
+                        dir.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&format!("import from {}: {e}", file.display())),
+            }
+        }
+    }
+}
+
+/// Opens a store that must already exist (the tools never create one).
+fn open_existing(dir: &Path) -> Result<Store, String> {
+    try_open_existing(dir).map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+fn try_open_existing(dir: &Path) -> Result<Store, StoreError> {
+    if !dir.join("db").exists() {
+        return Err(StoreError::Prepare {
+            path: dir.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no store here"),
+        });
+    }
+    Store::open(dir)
+}
+
+/// Opens the store for export. If sled itself reports damage, opens a copy
+/// without sled's snapshot files instead: sled then rebuilds its page table
+/// from the log, which is where the data is (the snapshot only saves
+/// reading all of it). The copy (returned, removed on drop) lives in the
+/// temporary directory; the damaged store is left as it was.
+fn open_for_export(dir: &Path) -> Result<(Store, Option<SalvageCopy>), String> {
+    match try_open_existing(dir) {
+        Ok(s) => Ok((s, None)),
+        Err(e) if e.is_corruption() => {
+            eprintln!(
+                "postino: {}: {e}; reading a copy without sled's snapshot instead",
+                dir.display()
+            );
+            let copy = SalvageCopy(
+                std::env::temp_dir().join(format!("postino-salvage-{}", std::process::id())),
+            );
+            copy_store(dir, &copy.0).map_err(|e| format!("copying {}: {e}", dir.display()))?;
+            let store = Store::open(&copy.0).map_err(|e| format!("{}: {e}", dir.display()))?;
+            Ok((store, Some(copy)))
+        }
+        Err(e) => Err(format!("{}: {e}", dir.display())),
+    }
+}
+
+struct SalvageCopy(PathBuf);
+
+impl Drop for SalvageCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Copies sled's files except its snapshots.
+fn copy_store(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to.join("blobs"))?;
+    for name in ["db", "conf"] {
+        std::fs::copy(from.join(name), to.join(name))?;
+    }
+    if let Ok(blobs) = std::fs::read_dir(from.join("blobs")) {
+        for blob in blobs {
+            let blob = blob?;
+            std::fs::copy(blob.path(), to.join("blobs").join(blob.file_name()))?;
+        }
+    }
+    Ok(())
 }
 
 fn serve(config: Config) -> ExitCode {

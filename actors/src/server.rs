@@ -192,6 +192,7 @@ impl ServerBuilder {
         let config = Arc::new(self.config);
         let store = Store::open_configured(&config.data_dir, &config.store)?;
         store.remember_logins(config.auth.cache_ttl, config.auth.cache_size);
+        store.watch_space(config.min_free())?;
         let tls = TlsSlot::new(config.tls.as_ref().map(crate::tls::acceptor).transpose()?);
 
         // The core actors share one arbiter of their own, so that sled writes

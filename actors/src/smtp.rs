@@ -150,6 +150,9 @@ impl SmtpConnection {
                 match Request::parse(&line) {
                     Ok(request) => {
                         debug!(command = %request::loggable(&line), "command");
+                        if matches!(request, Request::Mail { .. }) {
+                            self.session.set_storage_low(self.shared.store.space_low());
+                        }
                         self.session.command(request)
                     }
                     Err(e) => self.session.bad_line(e.reply()),
@@ -378,6 +381,9 @@ impl SmtpConnection {
                         Ok(()) => act.session.accepted(id),
                         Err(e) => {
                             warn!(%id, error = %e, "storing the message failed");
+                            // Whatever of it reached the disk must never be
+                            // delivered: the client will send it again.
+                            act.shared.store.reject(id);
                             act.session.storage_failed()
                         }
                     };

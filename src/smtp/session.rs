@@ -168,6 +168,8 @@ pub struct Session {
     auth: AuthState,
     login_user: String,
     errors: u32,
+    /// Free space is below the reserve: `MAIL` gets `452 4.3.1`.
+    storage_low: bool,
 }
 
 const SYNTAX_HELO: &str = "Syntax: HELO hostname";
@@ -191,7 +193,14 @@ impl Session {
             auth: AuthState::None,
             login_user: String::new(),
             errors: 0,
+            storage_low: false,
         }
+    }
+
+    /// Tells the session whether free space is below the reserve; the
+    /// caller sets it before each `MAIL` (`store.min_free`).
+    pub fn set_storage_low(&mut self, low: bool) {
+        self.storage_low = low;
     }
 
     /// The `220` banner.
@@ -356,6 +365,11 @@ impl Session {
             .is_some_and(|s| s > self.config.max_message_size)
         {
             return self.error(Reply::new(552, "5.3.4", "Message size exceeds fixed limit"));
+        }
+        if self.storage_low {
+            // Postfix queue_minfree: refused before the client sends any
+            // content, and not counted as a client error.
+            return Step::Reply(Reply::new(452, "4.3.1", "Insufficient system storage"));
         }
         if let (Some(user), Some(sender)) = (&self.authenticated, &from) {
             let (user, sender) = (user.clone(), sender.canonical());

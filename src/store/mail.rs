@@ -53,9 +53,9 @@ pub(super) fn mail_is_inline(v: &[u8]) -> bool {
 
 /// The `mail` tree value.
 #[derive(Debug, Serialize, Deserialize)]
-struct MailRecord {
-    prefix: Vec<u8>,
-    size: u64,
+pub(super) struct MailRecord {
+    pub(super) prefix: Vec<u8>,
+    pub(super) size: u64,
 }
 
 /// The `progress` tree value: what dispatch of an inbound message has done.
@@ -85,7 +85,7 @@ impl Refs {
         b
     }
 
-    fn parse(id: MessageId, b: &[u8]) -> Result<Refs, StoreError> {
+    pub(super) fn parse(id: MessageId, b: &[u8]) -> Result<Refs, StoreError> {
         let bad = || StoreError::Codec(format!("refs record of {id}: not 16 bytes"));
         let (count, len) = b.split_at_checked(8).ok_or_else(bad)?;
         Ok(Refs {
@@ -180,7 +180,7 @@ pub(super) fn spool_in(
     Ok(())
 }
 
-fn mail_key(mailbox: &str, key: u64) -> Vec<u8> {
+pub(super) fn mail_key(mailbox: &str, key: u64) -> Vec<u8> {
     let mut k = mail_prefix(mailbox);
     k.extend_from_slice(&key.to_be_bytes());
     k
@@ -195,7 +195,7 @@ fn mail_prefix(mailbox: &str) -> Vec<u8> {
     k
 }
 
-fn entry_key(k: &[u8]) -> Result<u64, StoreError> {
+pub(super) fn entry_key(k: &[u8]) -> Result<u64, StoreError> {
     k.len()
         .checked_sub(8)
         .and_then(|at| k[at..].try_into().ok())
@@ -420,14 +420,19 @@ impl Store {
             .map(|kv| {
                 let (k, v) = kv?;
                 let key = entry_key(&k)?;
+                // Answered 4xx: never shown (see `rejected.rs`).
+                if self.is_rejected(MessageId(key)) {
+                    return Ok(None);
+                }
                 let record: MailRecord = decode("mail", &v)?;
-                Ok(MailEntry {
+                Ok(Some(MailEntry {
                     key,
                     uidl: format!("{epoch:08x}.{key:x}"),
                     size: record.size,
                     id: MessageId(key),
-                })
+                }))
             })
+            .filter_map(Result::transpose)
             .collect()
     }
 

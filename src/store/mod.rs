@@ -9,6 +9,9 @@
 //! - `users`: users (argon2id password hashes) and aliases.
 //! - `mail`: the intake spool, content reference counts and local mailboxes.
 //! - `queue`: the remote delivery queue and its schedule index.
+//! - `space`: free-space reserve, ballast file, monitor thread.
+//! - `rejected`: messages answered 4xx after they were written.
+//! - `backup`: `check`, `export` and `import` for the offline tools.
 //!
 //! # Durability
 //!
@@ -18,6 +21,64 @@
 //! call has completed. sled flushes with `sync_file_range`, not `fsync`: that
 //! survives a process crash (`kill -9`), not necessarily a power loss on a
 //! disk with a volatile write cache.
+//!
+//! # A full disk
+//!
+//! sled 0.34 does not survive running out of space gracefully: the first
+//! failed write is kept as a global error and fails every later operation
+//! of that `Db`, and a flush waiting for the failed buffer can hang for good
+//! (the stall watchdog in `commit` then aborts). Three defences:
+//!
+//! - **A reserve** (`space.rs`, `store.min_free`, Postfix's
+//!   `queue_minfree`): below it the SMTP server answers `MAIL` with `452
+//!   4.3.1`, so sled does not reach `ENOSPC` through mail postino accepts,
+//!   and service resumes by itself once space is free (a monitor thread
+//!   looks every 250 ms). A 4 MiB **ballast** file is kept while space is
+//!   plentiful and given up when it runs out or before opening on a full
+//!   disk, so that the store opens and POP3 users can read and delete.
+//! - **Rejections** (`rejected.rs`): a message answered 4xx after it was
+//!   written is hidden and removed at the next open, since a short write of
+//!   sled's log buffer can leave it recoverable although its flush failed.
+//! - **Opening on a full disk** (below).
+//!
+//! # Opening on a full disk (issue 14)
+//!
+//! What sled writes while opening (`sled::Config::open`, 0.34.7):
+//!
+//! - `conf`, in place, but only when it is missing or ≤ 8 bytes long (a
+//!   fresh store); cut short by a full disk it would make the next open
+//!   fail to parse it, which the space check below prevents;
+//! - `db` (the log): the tail of the last segment after the recovered tip
+//!   is overwritten with "corrupted" markers, and segments found torn are
+//!   zeroed; both only touch bytes past the last valid record, so a partial
+//!   write there loses nothing that was durable;
+//! - **a snapshot** whenever recovery got further than the last snapshot
+//!   (after any unclean stop, or a stop whose last flush failed): written to
+//!   `snap.<lsn>.generating`, synced, renamed to `snap.<lsn>`, then older
+//!   snapshots are removed.
+//!
+//! The last one is the trap. sled lists snapshot files by the prefix
+//! `snap.` and skips only names ending in `.in___motion`, so a
+//! `.generating` file counts as a snapshot, and it sorts after the finished
+//! one of the same lsn. A start with 0 bytes free fails halfway through
+//! writing it (`No space left on device`), leaving a truncated
+//! `.generating` file; every later start reads that file as the newest
+//! snapshot, finds its checksum wrong and fails with `Read corrupted data`
+//! — although the log, which holds every acknowledged message, is intact.
+//! The full-disk test (`fulldisk_tests.rs`) reproduces it in most rounds.
+//!
+//! postino's open (`prepare_open`) therefore, under sled's lock and before
+//! sled runs: removes every `snap.*.generating` (a finished snapshot is
+//! renamed only after its sync, and the previous one is removed only after
+//! the rename, so such a file is never the only copy of anything), and
+//! refuses with [`StoreError::NoSpace`] when free space is below what the
+//! open writes (a segment, twice the snapshot, slack), after giving up the
+//! ballast if that was not enough. Postino's own writes at open are
+//! conditional (schema, UIDL epoch and the obsolete queue length are
+//! written only when missing or outdated), and come after that check. A
+//! store that sled still reports as corrupt can be salvaged with
+//! `postino store export`, which opens a copy without sled's snapshots:
+//! sled then rebuilds its page table from the log alone.
 //!
 //! # Trees
 //!
@@ -49,11 +110,16 @@
 //! the buffer that the next group commit writes. Measured: local delivery
 //! 4,300 → 6,400 msg/s on 2 cores, a third less CPU per message.
 
+mod backup;
 mod commit;
 mod mail;
 mod queue;
+mod rejected;
+mod space;
 mod users;
 
+#[cfg(test)]
+mod fulldisk_tests;
 #[cfg(test)]
 mod tests;
 
@@ -71,6 +137,7 @@ use crate::logsafe::escape;
 use crate::message::MessageId;
 use crate::routing::Directory;
 
+pub use backup::{BackupError, CheckReport, Counts, EXPORT_VERSION};
 pub use commit::Durable;
 pub use mail::{LocalDelivery, MailEntry};
 pub use queue::{Notice, QueueEntry, QueueRecipient, RecipientState};
@@ -131,6 +198,21 @@ pub enum StoreError {
     InvalidAddress(String),
     #[error("password hashing failed: {0}")]
     Password(String),
+    /// Too little free space to open the database without risking a write
+    /// that cannot complete (see the module docs, "Opening on a full disk").
+    #[error("not enough free space to open the database at {}: {available} bytes free, {needed} needed (free some space; nothing was written)", path.display())]
+    NoSpace {
+        path: PathBuf,
+        available: u64,
+        needed: u64,
+    },
+    /// Preparing the data directory for opening failed (reading free
+    /// space, removing a stale snapshot).
+    #[error("{}: {source}", path.display())]
+    Prepare {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Handle to the database. Clones are cheap and share everything; the group
@@ -164,6 +246,10 @@ struct Inner {
     /// the server" must not mistake new messages for ones they already have.
     uidl_epoch: u32,
     commit: commit::GroupCommit,
+    /// Free-space monitor, once [`Store::watch_space`] started it.
+    space: std::sync::OnceLock<space::Monitor>,
+    /// Messages answered 4xx after they were written (`rejected.rs`).
+    rejected: rejected::Rejected,
     /// Last, so it is dropped after every sled handle (fields drop in
     /// order): waits until sled has let go of the database's lock.
     _released: Released,
@@ -210,6 +296,13 @@ impl Drop for Released {
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
+    }
+}
+
+impl StoreError {
+    /// sled found damage in its files (`Read corrupted data`).
+    pub fn is_corruption(&self) -> bool {
+        matches!(self, StoreError::Sled(sled::Error::Corruption { .. }))
     }
 }
 
@@ -262,6 +355,7 @@ impl Store {
             path: dir.to_owned(),
             source,
         })?;
+        prepare_open(dir)?;
         let db = config.path(dir).open().map_err(|e| match e {
             sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
                 StoreError::Locked {
@@ -274,7 +368,11 @@ impl Store {
         check_schema(&meta)?;
         let uidl_epoch = uidl_epoch(&meta)?;
         let queue = db.open_tree("queue")?;
-        meta.remove(META_QUEUE_LEN)?;
+        // Only if present: a remove is a write even when there is nothing
+        // to remove.
+        if meta.contains_key(META_QUEUE_LEN)? {
+            meta.remove(META_QUEUE_LEN)?;
+        }
         let commit = commit::GroupCommit::start(db.clone(), stall_limit, commit_delay)?;
         let inner = Inner {
             path: dir.to_owned(),
@@ -291,14 +389,18 @@ impl Store {
             auth_cache: std::sync::OnceLock::new(),
             uidl_epoch,
             commit,
+            space: std::sync::OnceLock::new(),
+            rejected: rejected::Rejected::default(),
             db,
             _released: Released {
                 db_file: dir.join("db"),
             },
         };
-        Ok(Store {
+        let store = Store {
             inner: Arc::new(inner),
-        })
+        };
+        store.purge_rejected()?;
+        Ok(store)
     }
 
     /// A fresh message id from sled's persistent counter: never repeats, even
@@ -316,6 +418,100 @@ impl Store {
     pub fn path(&self) -> &Path {
         &self.inner.path
     }
+
+    /// Starts watching free space in the data directory: below `min_free`
+    /// bytes, [`Store::space_low`] is true (the SMTP server then refuses
+    /// `MAIL` with `452 4.3.1`), and a ballast file is kept while space is
+    /// plentiful and given up when it runs out (see `space.rs`). Calling it
+    /// again changes nothing.
+    ///
+    /// # Errors
+    ///
+    /// The monitor thread cannot be started.
+    pub fn watch_space(&self, min_free: u64) -> Result<(), StoreError> {
+        if self.inner.space.get().is_none() {
+            let monitor =
+                space::Monitor::start(self.inner.path.clone(), min_free).map_err(|source| {
+                    StoreError::Prepare {
+                        path: self.inner.path.clone(),
+                        source,
+                    }
+                })?;
+            let _ = self.inner.space.set(monitor);
+        }
+        Ok(())
+    }
+
+    /// Whether free space is below the reserve given to
+    /// [`Store::watch_space`] (as of at most a quarter second ago); false
+    /// when nothing watches.
+    pub fn space_low(&self) -> bool {
+        self.inner.space.get().is_some_and(space::Monitor::is_low)
+    }
+
+    /// The `meta` tree (schema version, UIDL epoch).
+    fn meta(&self) -> Result<sled::Tree, StoreError> {
+        Ok(self.inner.db.open_tree("meta")?)
+    }
+}
+
+/// Makes the data directory safe to hand to sled: nothing here writes into
+/// the database, and sled is not opened where it could run out of space.
+///
+/// 1. Takes sled's lock (on the `db` file) for the duration, so nothing is
+///    touched in a directory a running server owns.
+/// 2. Removes `snap.*.generating` files: a snapshot sled could not finish
+///    (see the module docs, "Opening on a full disk"). A finished snapshot
+///    is renamed away from that name only after it was synced, and the
+///    previous snapshot is removed only after that rename, so a
+///    `.generating` file is never the only copy of anything.
+/// 3. Checks that free space covers what sled writes while opening;
+///    deletes the ballast file if it does not, and refuses if even that is
+///    not enough ([`StoreError::NoSpace`]).
+fn prepare_open(dir: &Path) -> Result<(), StoreError> {
+    let io_err = |source| StoreError::Prepare {
+        path: dir.to_owned(),
+        source,
+    };
+    let db_file = dir.join("db");
+    let _lock = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&db_file)
+    {
+        Ok(f) => {
+            if fs2::FileExt::try_lock_exclusive(&f).is_err() {
+                return Err(StoreError::Locked {
+                    path: dir.to_owned(),
+                });
+            }
+            Some(f)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_err(e)),
+    };
+    for entry in std::fs::read_dir(dir).map_err(io_err)? {
+        let entry = entry.map_err(io_err)?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            tracing::warn!(file = %name, "removing a snapshot sled could not finish writing (a full disk?)");
+            std::fs::remove_file(entry.path()).map_err(io_err)?;
+        }
+    }
+    let needed = space::room_to_open(dir);
+    let mut available = space::available(dir).map_err(io_err)?;
+    if available < needed && space::release_ballast(dir) {
+        available = space::available(dir).map_err(io_err)?;
+    }
+    if available < needed {
+        return Err(StoreError::NoSpace {
+            path: dir.to_owned(),
+            available,
+            needed,
+        });
+    }
+    Ok(())
 }
 
 fn check_schema(meta: &sled::Tree) -> Result<(), StoreError> {

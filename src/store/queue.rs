@@ -103,7 +103,7 @@ pub(super) fn schedule_key(next_attempt: u64, id: MessageId) -> [u8; 16] {
     k
 }
 
-fn parse_schedule_key(k: &[u8]) -> Result<(u64, MessageId), StoreError> {
+pub(super) fn parse_schedule_key(k: &[u8]) -> Result<(u64, MessageId), StoreError> {
     let bad = || StoreError::Codec(format!("bad schedule key {k:?}"));
     if k.len() != 16 {
         return Err(bad());
@@ -352,6 +352,8 @@ impl Store {
             let k = k?;
             let (_, id) = parse_schedule_key(&k)?;
             match self.queue_entry(id)? {
+                // Answered 4xx: never delivered (see `rejected.rs`).
+                Some(_) if self.is_rejected(id) => {}
                 Some(entry) => out.push(entry),
                 // Removed since the key was read, or a key a crash left
                 // without its entry: remove the key unless an entry is

@@ -1295,3 +1295,116 @@ fn a_stuck_flush_aborts_the_process() {
     assert_eq!(out.status.signal(), Some(6), "SIGABRT expected: {out:?}");
     assert!(!String::from_utf8_lossy(&out.stdout).contains("still alive"));
 }
+
+/// A store with a user, an alias, mail for one and for two mailboxes, a
+/// queued message and a spooled one.
+fn populated() -> (tempfile::TempDir, Store, MessageId) {
+    let (dir, store) = open();
+    store.add_user("a@x.test", "pw").unwrap();
+    store.add_alias("info@x.test", "a@x.test").unwrap();
+    let one = store.new_id().unwrap();
+    store
+        .accept_local(one, b"one\r\n", &[local("a@x.test", "P: a\r\n")])
+        .unwrap();
+    let two = store.new_id().unwrap();
+    store
+        .accept_local(
+            two,
+            b"two\r\n",
+            &[local("a@x.test", "P: a\r\n"), local("b@x.test", "P: b\r\n")],
+        )
+        .unwrap();
+    let q = store.new_id().unwrap();
+    store
+        .accept_remote(&queue_entry(q, 5), b"queued\r\n")
+        .unwrap();
+    spool(&store, &["c@x.test"], b"spooled\r\n");
+    block_on(store.durable()).unwrap();
+    (dir, store, q)
+}
+
+#[test]
+fn check_finds_a_sound_store_sound_and_reports_damage() {
+    let (_dir, store, _) = populated();
+    let report = store.check().unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.counts.mail, 3);
+    assert_eq!(report.counts.queue, 1);
+    assert_eq!(report.counts.inbound, 1);
+    // An undecodable mailbox entry and a reference count that lies.
+    store
+        .inner
+        .mail
+        .insert(
+            super::mail::mail_key("a@x.test", 999),
+            &[0xff, 0xff, 0xff][..],
+        )
+        .unwrap();
+    let (k, v) = store.inner.refs.first().unwrap().unwrap();
+    let mut bad = v.to_vec();
+    bad[7] += 5;
+    store.inner.refs.insert(k, bad).unwrap();
+    let report = store.check().unwrap();
+    assert_eq!(report.problems.len(), 2, "{:?}", report.problems);
+    assert!(report.problems.iter().any(|p| p.starts_with("mail:")));
+    assert!(report.problems.iter().any(|p| p.contains("references")));
+}
+
+#[test]
+fn export_skips_what_cannot_be_read_and_import_rebuilds_the_rest() {
+    let (_dir, store, q) = populated();
+    let before_a = store.maildrop("a@x.test").unwrap();
+    store
+        .inner
+        .mail
+        .insert(
+            super::mail::mail_key("a@x.test", 999),
+            &[0xff, 0xff, 0xff][..],
+        )
+        .unwrap();
+    let mut out = Vec::new();
+    let counts = store.export(&mut out).unwrap();
+    assert_eq!(counts.skipped, 1);
+    assert_eq!((counts.users, counts.aliases, counts.mail), (1, 1, 3));
+
+    let target = tempfile::tempdir().unwrap();
+    let dir = target.path().join("new");
+    let counts = Store::import(&dir, &mut out.as_slice()).unwrap();
+    assert_eq!(counts.skipped, 1);
+    let new = Store::open(&dir).unwrap();
+    let after_a = new.maildrop("a@x.test").unwrap();
+    let uidls = |m: &[MailEntry]| m.iter().map(|e| e.uidl.clone()).collect::<Vec<_>>();
+    assert_eq!(uidls(&after_a[..]), uidls(&before_a[..]));
+    for e in &after_a {
+        assert_eq!(
+            new.read_mail("a@x.test", e.key).unwrap(),
+            store.read_mail("a@x.test", e.key).unwrap()
+        );
+    }
+    assert!(new.verify_password("a@x.test", "pw").unwrap());
+    assert_eq!(
+        new.alias("info@x.test").unwrap(),
+        Some(vec!["a@x.test".into()])
+    );
+    assert_eq!(
+        new.queued_content(q).unwrap().as_deref(),
+        Some(&b"queued\r\n"[..])
+    );
+    assert_eq!(new.due(5, 10).unwrap().len(), 1);
+    assert_eq!(new.inbound().unwrap().len(), 1);
+    assert!(new.check().unwrap().problems.is_empty());
+    // New ids are past every imported one.
+    assert!(new.new_id().unwrap() > q);
+
+    // Never into a non-empty directory; never from a cut-short file.
+    assert!(matches!(
+        Store::import(&dir, &mut out.as_slice()),
+        Err(BackupError::NotEmpty(_))
+    ));
+    let cut = &out[..out.len() - 10];
+    let other = target.path().join("other");
+    let err = Store::import(&other, &mut &cut[..])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("line"), "{err}");
+}

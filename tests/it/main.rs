@@ -8,6 +8,7 @@ mod delivery_client;
 mod durability;
 mod example;
 mod flood;
+mod fulldisk;
 mod hostile;
 mod pop3;
 mod security;

@@ -456,3 +456,31 @@ fn debug_output_hides_credentials() {
     assert!(shown.contains("alice@example.test"), "{shown}");
     assert!(!shown.contains("secret"), "{shown}");
 }
+
+/// Below the free-space reserve MAIL gets 452 4.3.1 (Postfix
+/// queue_minfree) before any content is sent, without counting as a client
+/// error; once the flag clears, the next MAIL is accepted.
+#[test]
+fn mail_is_refused_while_storage_is_low() {
+    let mut s = session_with(config(), false);
+    let (got, _) = run(&mut s, b"EHLO c\r\n");
+    assert_eq!(got, ["250"]);
+    s.set_storage_low(true);
+    let (got, _) = run(
+        &mut s,
+        b"MAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.test>\r\n",
+    );
+    assert_eq!(got, ["452 4.3.1", "503 5.5.1"]);
+    // Ordering errors still come first.
+    let mut fresh = session_with(config(), false);
+    fresh.set_storage_low(true);
+    let (got, _) = run(&mut fresh, b"MAIL FROM:<a@b.test>\r\n");
+    assert_eq!(got, ["503 5.5.1"]);
+    s.set_storage_low(false);
+    let (got, accepted) = run(
+        &mut s,
+        b"MAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nhi\r\n.\r\n",
+    );
+    assert_eq!(got, ["250 2.1.0", "250 2.1.5", "354", "250 2.0.0"]);
+    assert_eq!(accepted.len(), 1);
+}

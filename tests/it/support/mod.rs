@@ -7,6 +7,7 @@
 pub mod dns;
 pub mod mx;
 pub mod server;
+pub mod tmpfs;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -76,23 +76,30 @@ impl TestServer {
     /// A server with this configuration file and this `RUST_LOG` filter
     /// (e.g. `"trace"` to see everything any crate logs).
     pub fn start_logging(config: &str, rust_log: &str) -> TestServer {
+        let mut server = TestServer::configured(config);
+        server.rust_log = rust_log.to_owned();
+        server.spawn();
+        server
+    }
+
+    /// Writes the configuration but starts nothing yet ([`TestServer::restart`]
+    /// starts it), e.g. to prepare the data directory with the CLI first.
+    pub fn configured(config: &str) -> TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("postino.toml");
         fs::write(&path, config).expect("write config");
-        let mut server = TestServer {
+        TestServer {
             dir,
             config: path,
             child: None,
             log: Arc::new(Mutex::new(String::new())),
-            rust_log: rust_log.to_owned(),
+            rust_log: "info,postino=debug".to_owned(),
             smtp: "0.0.0.0:0".parse().unwrap(),
             submission: None,
             submissions: None,
             pop3: "0.0.0.0:0".parse().unwrap(),
             pop3s: None,
-        };
-        server.spawn();
-        server
+        }
     }
 
     /// Starts the binary and waits for its "postino started" log line.
