@@ -38,6 +38,10 @@ pub enum Request {
     QueueFlush,
     QueueDelete { id: String },
     QueueBounce { id: String },
+    /// Sets a store failpoint (see `postino_core::failpoints`); only in
+    /// builds with the `failpoints` feature, which only the tests use.
+    #[cfg(feature = "failpoints")]
+    Failpoint { name: String, actions: String },
 }
 
 /// The answer: lines to print, or an error.
@@ -79,6 +83,7 @@ pub fn serve(
                                     Ok(r) => r,
                                     Err(e) => Response::Error(format!("delivery actor: {e}")),
                                 },
+                                None if !changes_store(&request) => execute(&store, request),
                                 None => {
                                     let done = store.clone();
                                     let response = tokio::task::spawn_blocking(move || {
@@ -119,6 +124,17 @@ fn queue_command(request: &Request) -> Option<QueueCommand> {
         Request::QueueBounce { id } => Some(QueueCommand::Bounce(id.clone())),
         _ => None,
     }
+}
+
+/// Whether the answer to `request` waits for a flush. Not for failpoints:
+/// turning off `store::durable` must not wait for a flush it fails.
+fn changes_store(request: &Request) -> bool {
+    #[cfg(feature = "failpoints")]
+    if let Request::Failpoint { .. } = request {
+        return false;
+    }
+    let _ = request;
+    true
 }
 
 /// Sends one request to a running server. `Ok(None)`: no server listens.
@@ -214,6 +230,16 @@ pub fn execute(store: &Store, request: Request) -> Response {
         },
         Request::QueueBounce { .. } => {
             return Response::Error("queue bounce needs the running server (it sends mail)".into())
+        }
+        #[cfg(feature = "failpoints")]
+        Request::Failpoint { name, actions } => {
+            return match postino_core::failpoints::configure(&name, &actions) {
+                Ok(()) => {
+                    warn!(%name, %actions, "failpoint set");
+                    Response::Ok(vec![format!("{name}={actions}")])
+                }
+                Err(e) => Response::Error(e),
+            };
         }
     };
     match result {

@@ -215,6 +215,9 @@ fn run_control(config: &Config, request: Request) -> ExitCode {
 }
 
 fn serve(config: Config) -> ExitCode {
+    // Test builds only: failpoints named in FAILPOINTS are set from the start.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = postino_core::failpoints::from_env();
     postino::init_logging();
     let system = actix::System::new();
     let result = system.block_on(async move {

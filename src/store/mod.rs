@@ -68,7 +68,7 @@ use serde::Serialize;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use crate::message::MessageId;
-use crate::routing::Directory;
+use crate::routing::{Directory, DirectoryError};
 
 pub use commit::Durable;
 pub use mail::{LocalDelivery, MailEntry};
@@ -392,20 +392,33 @@ fn tx_done<T>(r: Result<T, TransactionError<StoreError>>) -> Result<T, StoreErro
     })
 }
 
-/// Routing reads users and aliases through this. The trait cannot carry
-/// errors, so a storage failure is logged and reads as "no such user/alias".
+/// The error a failpoint hit returns (see [`crate::failpoints`]): an IO
+/// error, ENOSPC when the action says `return(enospc)`, else EIO.
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+fn injected(arg: Option<String>) -> StoreError {
+    const EIO: i32 = 5;
+    const ENOSPC: i32 = 28;
+    let code = match arg.as_deref() {
+        Some("enospc") => ENOSPC,
+        _ => EIO,
+    };
+    StoreError::Sled(sled::Error::Io(std::io::Error::from_raw_os_error(code)))
+}
+
+/// Routing reads users and aliases through this. A storage failure is an
+/// error, never "no such user": that would refuse good mail for good.
 impl Directory for Store {
-    fn is_user(&self, address: &str) -> bool {
-        Store::is_user(self, address).unwrap_or_else(|error| {
+    fn is_user(&self, address: &str) -> Result<bool, DirectoryError> {
+        Store::is_user(self, address).map_err(|error| {
             tracing::error!(%error, address, "user lookup failed");
-            false
+            DirectoryError::new(error)
         })
     }
 
-    fn alias(&self, address: &str) -> Option<Vec<String>> {
-        Store::alias(self, address).unwrap_or_else(|error| {
+    fn alias(&self, address: &str) -> Result<Option<Vec<String>>, DirectoryError> {
+        Store::alias(self, address).map_err(|error| {
             tracing::error!(%error, address, "alias lookup failed");
-            None
+            DirectoryError::new(error)
         })
     }
 }

@@ -259,6 +259,7 @@ impl Store {
     /// Whether `address` (case-insensitive) is a user. An invalid address is
     /// not a user.
     pub fn is_user(&self, address: &str) -> Result<bool, StoreError> {
+        fail::fail_point!("store::directory", |arg| Err(super::injected(arg)));
         match canonical(address) {
             Ok(a) => Ok(self.inner.users.contains_key(a.as_bytes())?),
             Err(_) => Ok(false),
@@ -269,6 +270,7 @@ impl Store {
     /// A login that succeeded within `[auth] cache_ttl` with the same
     /// password and the same stored hash is let in without argon2.
     pub fn verify_password(&self, address: &str, password: &str) -> Result<bool, StoreError> {
+        fail::fail_point!("store::directory", |arg| Err(super::injected(arg)));
         let (address, record) = match canonical(address) {
             Ok(a) => {
                 let record = self.inner.users.get(a.as_bytes())?;
@@ -326,6 +328,7 @@ impl Store {
 
     /// Targets of `alias`, if it is one.
     pub fn alias(&self, alias: &str) -> Result<Option<Vec<String>>, StoreError> {
+        fail::fail_point!("store::directory", |arg| Err(super::injected(arg)));
         let Ok(alias) = canonical(alias) else {
             return Ok(None);
         };

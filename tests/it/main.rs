@@ -7,6 +7,7 @@ mod delivery;
 mod delivery_client;
 mod durability;
 mod example;
+mod faults;
 mod pop3;
 mod security;
 mod smtp_local;

@@ -188,6 +188,22 @@ impl TestServer {
         );
     }
 
+    /// Sets a store failpoint in the running server (the test build has the
+    /// `failpoints` feature; see `postino_core::failpoints` for the names):
+    /// `actions` as the `fail` crate reads them, e.g. `"return"`,
+    /// `"return(enospc)"`, `"off"`.
+    pub fn failpoint(&self, name: &str, actions: &str) {
+        use postino::control::{call, Request, Response};
+        let request = Request::Failpoint {
+            name: name.to_owned(),
+            actions: actions.to_owned(),
+        };
+        match call(&self.data_dir().join("control.sock"), &request) {
+            Ok(Some(Response::Ok(_))) => {}
+            other => panic!("failpoint {name}={actions}: {other:?}"),
+        }
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
