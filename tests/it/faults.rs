@@ -2,8 +2,15 @@
 //! build of the binary has the `failpoints` feature) give temporary
 //! refusals, never permanent ones, and lose or half-store nothing.
 
+use std::time::Duration;
+
 use crate::smtp_local::pop_all;
+use crate::support::mx::{Sink, SinkOptions};
 use crate::support::server::{config_text, Raw, TestServer};
+use crate::support::{free_tcp_port, unique_loopback, wait_until};
+
+/// Longest wait for anything in these tests.
+const LIMIT: Duration = Duration::from_secs(30);
 
 /// base64("\0alice@example.test\0pw")
 const ALICE_PLAIN: &str = "AGFsaWNlQGV4YW1wbGUudGVzdABwdw==";
@@ -141,7 +148,7 @@ fn writes_that_fail_at_end_of_data_are_temporary_and_leave_nothing_half_stored()
         assert!(r.starts_with("451 4.3.0"), "{failpoint} {rcpts:?}: {r}");
     }
     assert!(
-        queue_list(&server).contains("0 message(s) in the queue"),
+        queue_list(&server).contains("-- 0 message(s) in the queue"),
         "nothing queued from a refused message"
     );
     for (n, (failpoint, rcpts)) in cases.iter().enumerate() {
@@ -180,7 +187,105 @@ fn writes_that_fail_at_end_of_data_are_temporary_and_leave_nothing_half_stored()
     assert_eq!(subjects("bob@example.test"), ["accepted 1"]);
     let queue = queue_list(&server);
     assert!(
-        queue.contains("2 message(s) in the queue"),
+        queue.contains("-- 2 message(s) in the queue"),
         "only the accepted remote messages are queued: {queue}"
+    );
+}
+
+/// How many times the sink received each of `subjects`.
+fn deliveries(sink: &Sink, subjects: &[String]) -> Vec<usize> {
+    let received = sink.messages();
+    subjects
+        .iter()
+        .map(|s| {
+            let header = format!("Subject: {s}\r\n");
+            received
+                .iter()
+                .filter(|m| String::from_utf8_lossy(&m.content).contains(&header))
+                .count()
+        })
+        .collect()
+}
+
+/// A relay on a full disk: the smarthost is down until the disk is full,
+/// then up; it accepts each message but the queue cannot record that
+/// (ENOSPC on the settle write). Each message goes out at most once more
+/// than it should (here: once), the actor says so once per retry rather
+/// than once per message, and once the disk has room the queue drains.
+#[test]
+fn a_full_disk_after_delivery_does_not_send_the_mail_again_and_again() {
+    let ip = unique_loopback();
+    let port = free_tcp_port(&[ip]);
+    let server = TestServer::start_with(&config_text(
+        "",
+        "",
+        &format!("smarthost = \"{ip}:{port}\""),
+        // No retry comes by itself: `queue flush` starts them all at once.
+        "[delivery]\nretry = [\"1h\"]\n[dns]\nnameservers = [\"127.0.0.1:9\"]",
+    ));
+    const N: usize = 10;
+    let subjects: Vec<String> = (0..N).map(|n| format!("full disk {n}")).collect();
+    for (n, subject) in subjects.iter().enumerate() {
+        let r = send(&server, &[&format!("r{n}@remote.test")], subject);
+        assert!(r.starts_with("250 2.0.0"), "{r}");
+    }
+    // Nobody listens yet: every message is deferred once.
+    assert!(wait_until(LIMIT, || server
+        .log()
+        .matches("deferred; will retry")
+        .count()
+        >= N));
+    server.failpoint("store::settle_queue", "return(enospc)");
+    let sink = Sink::start(ip, port, &SinkOptions::default());
+    let out = server.cli(&["queue", "flush"], "");
+    assert!(out.status.success(), "{out:?}");
+    assert!(wait_until(LIMIT, || sink.messages().len() >= N));
+    // An impatient postmaster (or any queue run) asks again meanwhile.
+    let out = server.cli(&["queue", "flush"], "");
+    assert!(out.status.success(), "{out:?}");
+    // Let the fault last: two failed retries (1 s, then 2 s) later…
+    wait_until(LIMIT, || {
+        server
+            .log()
+            .matches("still cannot record delivery outcomes")
+            .count()
+            >= 2
+    });
+    let during = deliveries(&sink, &subjects);
+    assert!(
+        during.iter().all(|&n| n <= 1),
+        "no message went out twice while the queue could not record it: {during:?}"
+    );
+
+    server.failpoint("store::settle_queue", "off");
+    assert!(
+        wait_until(LIMIT, || queue_list(&server)
+            .contains("-- 0 message(s) in the queue")),
+        "the queue drains once the store writes again; log:\n{}",
+        server.log()
+    );
+    assert!(
+        server
+            .log()
+            .contains("delivery outcomes recorded again; deliveries resume"),
+        "{}",
+        server.log()
+    );
+    let after = deliveries(&sink, &subjects);
+    assert!(
+        after.iter().all(|&n| (1..=2).contains(&n)),
+        "every message delivered, at most one extra copy: {after:?}"
+    );
+    // Warnings about it come once per retry interval, not per message.
+    let warnings = server
+        .log()
+        .lines()
+        .filter(|l| (l.contains(" WARN ") || l.contains(" ERROR ")) && l.contains("settle")
+            || l.contains("record delivery outcomes"))
+        .count();
+    assert!(
+        (1..N).contains(&warnings),
+        "{warnings} warnings for {N} messages; log:\n{}",
+        server.log()
     );
 }
