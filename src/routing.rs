@@ -240,7 +240,11 @@ mod tests {
             UnknownUser::Postmaster,
         ] {
             let (c, _) = setup(policy);
-            for rcpt in ["alice@example.test", "bob@example.test", "sales@example.test"] {
+            for rcpt in [
+                "alice@example.test",
+                "bob@example.test",
+                "sales@example.test",
+            ] {
                 assert!(decide(&c, &Broken, &addr(rcpt), false).is_err(), "{rcpt}");
             }
             let remote = decide(&c, &Broken, &addr("bob@remote.test"), true).unwrap();

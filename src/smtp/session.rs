@@ -672,11 +672,7 @@ impl Session {
     /// [`Step::Authenticate`] could not be answered (a store error): RFC
     /// 4954's temporary failure, so the client may try again later.
     pub fn authentication_unavailable(&self) -> Step {
-        Step::Reply(Reply::new(
-            454,
-            "4.7.0",
-            "Temporary authentication failure",
-        ))
+        Step::Reply(Reply::new(454, "4.7.0", "Temporary authentication failure"))
     }
 
     /// Whether recipients in other domains are allowed.

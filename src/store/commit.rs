@@ -340,7 +340,9 @@ impl Future for Durable {
     type Output = Result<(), StoreError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        fail::fail_point!("store::durable", |arg| Poll::Ready(Err(super::injected(arg))));
+        fail::fail_point!("store::durable", |arg| Poll::Ready(Err(super::injected(
+            arg
+        ))));
         let this = self.get_mut();
         let mut state = this.shared.lock();
         if this.ticket <= state.done {

@@ -123,12 +123,8 @@ fn queue_list(server: &TestServer) -> String {
 #[test]
 fn writes_that_fail_at_end_of_data_are_temporary_and_leave_nothing_half_stored() {
     // Remote mail is only queued here: nothing answers at the smarthost.
-    let mut server = TestServer::start_with(&config_text(
-        "",
-        "",
-        "smarthost = \"127.0.0.1:9\"",
-        "",
-    ));
+    let mut server =
+        TestServer::start_with(&config_text("", "", "smarthost = \"127.0.0.1:9\"", ""));
     server.add_user("alice@example.test", "pw");
     server.add_user("bob@example.test", "pw");
     let cases: &[(&str, &[&str])] = &[
@@ -280,8 +276,10 @@ fn a_full_disk_after_delivery_does_not_send_the_mail_again_and_again() {
     let warnings = server
         .log()
         .lines()
-        .filter(|l| (l.contains(" WARN ") || l.contains(" ERROR ")) && l.contains("settle")
-            || l.contains("record delivery outcomes"))
+        .filter(|l| {
+            (l.contains(" WARN ") || l.contains(" ERROR ")) && l.contains("settle")
+                || l.contains("record delivery outcomes")
+        })
         .count();
     assert!(
         (1..N).contains(&warnings),

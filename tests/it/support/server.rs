@@ -24,6 +24,8 @@ pub struct TestServer {
     pub dir: TempDir,
     pub config: PathBuf,
     child: Option<Child>,
+    /// Reads the running server's log until it exits.
+    reader: Option<std::thread::JoinHandle<()>>,
     /// Everything the server logged, across restarts.
     log: Arc<Mutex<String>>,
     pub smtp: SocketAddr,
@@ -75,6 +77,7 @@ impl TestServer {
             dir,
             config: path,
             child: None,
+            reader: None,
             log: Arc::new(Mutex::new(String::new())),
             smtp: "0.0.0.0:0".parse().unwrap(),
             submission: None,
@@ -100,7 +103,7 @@ impl TestServer {
         let stderr = child.stderr.take().expect("stderr piped");
         let log = self.log.clone();
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
@@ -115,6 +118,7 @@ impl TestServer {
             }
         });
         self.child = Some(child);
+        self.reader = Some(reader);
         let started = match rx.recv_timeout(Duration::from_secs(30)) {
             Ok(line) => line,
             Err(_) => panic!("postino did not start; log:\n{}", self.log()),
@@ -136,11 +140,15 @@ impl TestServer {
         wait_until(Duration::from_secs(20), || self.log().contains(needle))
     }
 
-    /// SIGKILL: no chance to flush or clean up.
+    /// SIGKILL: no chance to flush or clean up. Returns once everything
+    /// the process logged is in [`TestServer::log`].
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
         }
     }
 
