@@ -104,6 +104,12 @@ pub struct StoreConfig {
     /// lone client, or flushes rarer than this, never wait.
     #[serde(default = "default_commit_delay", with = "humantime_serde")]
     pub commit_delay: Duration,
+    /// `fdatasync` the database files after each group commit, before the
+    /// 250s it releases (as Postfix fsyncs its queue file): a 250 then
+    /// survives a power loss, not only a crash of postino. Off: sled's
+    /// `sync_file_range` only, faster, at the mercy of the disk's cache.
+    #[serde(default = "default_true")]
+    pub sync: bool,
 }
 
 impl Default for StoreConfig {
@@ -112,6 +118,9 @@ impl Default for StoreConfig {
     }
 }
 
+fn default_true() -> bool {
+    true
+}
 fn default_cache_size() -> u64 {
     64 * 1024 * 1024
 }

@@ -17,7 +17,8 @@
 //! a flush: [`Store::durable`] resolves once a flush that started after the
 //! call has completed. sled flushes with `sync_file_range`, not `fsync`: that
 //! survives a process crash (`kill -9`), not necessarily a power loss on a
-//! disk with a volatile write cache.
+//! disk with a volatile write cache; with `store.sync` (the default) the
+//! group commit then `fdatasync`s the files the flush wrote (`commit`).
 //!
 //! # Trees
 //!
@@ -161,6 +162,8 @@ struct Inner {
     /// again restarts sled's id counter, and POP3 clients that "leave mail on
     /// the server" must not mistake new messages for ones they already have.
     uidl_epoch: u32,
+    /// `store.sync`: group commits `fdatasync` the database files.
+    sync: bool,
     commit: commit::GroupCommit,
 }
 
@@ -194,13 +197,13 @@ impl Store {
             .cache_capacity(settings.cache_size)
             .flush_every_ms((interval > 0).then_some(interval));
         let stall = (!settings.stall_abort.is_zero()).then_some(settings.stall_abort);
-        Store::open_inner(dir, config, stall, settings.commit_delay)
+        Store::open_inner(dir, config, stall, settings.commit_delay, settings.sync)
     }
 
     /// Opens with a caller-made sled config (tests turn sled's own periodic
     /// flush off to prove that [`Store::durable`] alone makes data durable).
     fn open_with(dir: &Path, config: sled::Config) -> Result<Store, StoreError> {
-        Store::open_inner(dir, config, None, std::time::Duration::ZERO)
+        Store::open_inner(dir, config, None, std::time::Duration::ZERO, true)
     }
 
     fn open_inner(
@@ -208,6 +211,7 @@ impl Store {
         config: sled::Config,
         stall_limit: Option<std::time::Duration>,
         commit_delay: std::time::Duration,
+        sync: bool,
     ) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
             path: dir.to_owned(),
@@ -226,7 +230,11 @@ impl Store {
         let uidl_epoch = uidl_epoch(&meta)?;
         let queue = db.open_tree("queue")?;
         meta.remove(META_QUEUE_LEN)?;
-        let commit = commit::GroupCommit::start(db.clone(), stall_limit, commit_delay)?;
+        let syncer = match sync {
+            true => Some(commit::Syncer::open(dir).map_err(|e| StoreError::Sled(e.into()))?),
+            false => None,
+        };
+        let commit = commit::GroupCommit::start(db.clone(), syncer, stall_limit, commit_delay)?;
         let inner = Inner {
             path: dir.to_owned(),
             users: db.open_tree("users")?,
@@ -241,6 +249,7 @@ impl Store {
             queue_writes: std::sync::RwLock::new(()),
             auth_cache: std::sync::OnceLock::new(),
             uidl_epoch,
+            sync,
             commit,
             db,
         };

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::smtp_local::pop_all;
 use crate::support::mx::{Sink, SinkOptions};
-use crate::support::server::{Raw, TestServer};
+use crate::support::server::{config_text, Raw, TestServer};
 use crate::support::{free_tcp_port, unique_loopback, wait_until};
 
 fn send_raw(server: &TestServer, subject: &str) -> String {
@@ -317,4 +317,86 @@ nameservers = ["127.0.0.1:9"]
             in_flight.len()
         );
     }
+}
+
+/// Traces the running server with strace (Debian `strace`) while one
+/// message is sent; returns the trace: the socket reads and writes and
+/// the syncs, with file names (`-y`).
+fn trace_one_message(server: &TestServer) -> String {
+    use std::process::{Command, Stdio};
+    let pid = server.pid().expect("server runs").to_string();
+    let out = server.dir.path().join("strace.out");
+    let err = server.dir.path().join("strace.err");
+    let mut strace = Command::new("strace")
+        .args(["-f", "-y", "-s", "64", "-o"])
+        .arg(&out)
+        .args([
+            "-e",
+            "trace=read,recvfrom,write,writev,sendto,fsync,fdatasync",
+            "-p",
+            &pid,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).expect("strace log"))
+        .spawn()
+        .expect("run strace (Debian strace)");
+    assert!(
+        wait_until(Duration::from_secs(20), || std::fs::read_to_string(&err)
+            .unwrap_or_default()
+            .contains("attached")),
+        "strace did not attach: {}",
+        std::fs::read_to_string(&err).unwrap_or_default()
+    );
+    let mut c = Raw::connect(server.smtp);
+    c.reply();
+    c.cmd("EHLO c");
+    assert!(c.cmd("MAIL FROM:<a@b.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<alice@example.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    let r = c.cmd("Subject: power\r\n\r\nfinal dot next\r\n.");
+    assert!(r.starts_with("250 2.0.0"), "{r}");
+    c.cmd("QUIT");
+    // strace is ours: SIGINT makes it detach and write out what it has.
+    let _ = Command::new("kill")
+        .args(["-INT", &strace.id().to_string()])
+        .status();
+    let _ = strace.wait();
+    std::fs::read_to_string(&out).expect("strace output")
+}
+
+/// The lines of `trace` from the read that brought the final dot to the
+/// write of its 250.
+fn between_dot_and_250(trace: &str) -> Vec<&str> {
+    let lines: Vec<&str> = trace.lines().collect();
+    let dot = lines
+        .iter()
+        .position(|l| l.contains("final dot next\\r\\n.\\r\\n"))
+        .unwrap_or_else(|| panic!("no read of the final dot in:\n{trace}"));
+    let reply = lines[dot..]
+        .iter()
+        .position(|l| l.contains("250 2.0.0 Ok: queued as"))
+        .unwrap_or_else(|| panic!("no 250 written after the dot in:\n{trace}"));
+    lines[dot..dot + reply].to_vec()
+}
+
+/// A 250 to DATA means what Postfix's means: with `store.sync` (the
+/// default) the database file is `fdatasync`ed after the message is
+/// written and before the 250 goes out, as strace on the running server
+/// shows; with `sync = false` only sled's `sync_file_range` is left (which
+/// strace's filter here does not show), and no sync comes in between.
+#[test]
+fn the_250_waits_for_an_fdatasync_of_the_database() {
+    let synced = |sync: Option<bool>| -> bool {
+        let key = sync.map(|s| format!("sync = {s}")).unwrap_or_default();
+        let server = TestServer::start_with(&config_text("", "", "", &key));
+        server.add_user("alice@example.test", "pw");
+        let trace = trace_one_message(&server);
+        let db = format!("{}/db>)", server.data_dir().display());
+        between_dot_and_250(&trace)
+            .iter()
+            .any(|l| (l.contains("fdatasync(") || l.contains("fsync(")) && l.contains(&db))
+    };
+    assert!(synced(None), "store.sync is on by default");
+    assert!(!synced(Some(false)), "store.sync = false syncs nothing");
 }
