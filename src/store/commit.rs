@@ -345,7 +345,8 @@ fn flusher(
 
 impl Store {
     /// Resolves once every write this store made before the call is on disk
-    /// (as sled defines it: `sync_file_range`, see the module docs).
+    /// (sled's `sync_file_range`, then `fdatasync` with `store.sync`; see
+    /// the module docs).
     ///
     /// Concurrent callers share one flush (group commit). Works from any
     /// executor: nothing here depends on a runtime.
