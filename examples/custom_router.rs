@@ -21,7 +21,7 @@ use std::process::ExitCode;
 use actix::prelude::*;
 use postino::{RouteRecipient, Server};
 use postino_core::smtp::Reply;
-use postino_core::{Config, Route, Target};
+use postino_core::{Config, DirectoryError, Route, Target};
 
 /// Mail for this domain is refused, whatever the local part.
 const BLOCKED_DOMAIN: &str = "blocked.test";
@@ -53,7 +53,7 @@ impl PlusRouter {
 }
 
 impl Handler<RouteRecipient> for PlusRouter {
-    type Result = ResponseFuture<Route>;
+    type Result = ResponseFuture<Result<Route, DirectoryError>>;
 
     fn handle(&mut self, msg: RouteRecipient, _: &mut Self::Context) -> Self::Result {
         let RouteRecipient(mut query) = msg;
@@ -66,7 +66,7 @@ impl Handler<RouteRecipient> for PlusRouter {
                     query.recipient
                 ),
             );
-            return Box::pin(async move { Route::Reject(reply) });
+            return Box::pin(async move { Ok(Route::Reject(reply)) });
         }
 
         // Only our own domains: `bob+x@remote.test` is someone else's
@@ -84,18 +84,20 @@ impl Handler<RouteRecipient> for PlusRouter {
         let default = self.default.clone();
         Box::pin(async move {
             let route = match default.send(RouteRecipient(query)).await {
-                Ok(route) => route,
+                // A failed lookup passes through: the client is told to
+                // try again later (451), never that the user is unknown.
+                Ok(route) => route?,
                 // The default router is gone (shutting down): a temporary
                 // failure, so the client tries again later.
                 Err(_) => {
-                    return Route::Reject(Reply::new(
+                    return Ok(Route::Reject(Reply::new(
                         451,
                         "4.3.0",
                         "Routing is unavailable, try again later",
-                    ))
+                    )))
                 }
             };
-            match (route, original) {
+            Ok(match (route, original) {
                 // Record the address as given in `X-Original-To:`, as
                 // Postfix's local delivery does.
                 (Route::Deliver(targets), Some(original)) => Route::Deliver(
@@ -114,7 +116,7 @@ impl Handler<RouteRecipient> for PlusRouter {
                         .collect(),
                 ),
                 (route, _) => route,
-            }
+            })
         })
     }
 }

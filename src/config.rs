@@ -121,6 +121,12 @@ pub struct StoreConfig {
     /// `smtp.max_message_size`, as Postfix requires at least.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_free: Option<u64>,
+    /// `fdatasync` the database files after each group commit, before the
+    /// 250s it releases (as Postfix fsyncs its queue file): a 250 then
+    /// survives a power loss, not only a crash of postino. Off: sled's
+    /// `sync_file_range` only, faster, at the mercy of the disk's cache.
+    #[serde(default = "default_true")]
+    pub sync: bool,
 }
 
 impl Default for StoreConfig {
@@ -129,6 +135,9 @@ impl Default for StoreConfig {
     }
 }
 
+fn default_true() -> bool {
+    true
+}
 fn default_cache_size() -> u64 {
     64 * 1024 * 1024
 }

@@ -11,6 +11,8 @@
 //! - [`routing`]: where a recipient goes (local mailbox, remote, bounce,
 //!   reject), as a pure function over a [`routing::Directory`].
 //! - [`dsn`]: RFC 3464 delivery status notifications (bounces).
+//! - [`failpoints`]: fault injection in the store, for tests (compiled in
+//!   only with the `failpoints` feature).
 //! - [`logsafe`]: escaping of client-supplied values for log lines, and
 //!   [`logsafe::Secret`] for what must never be logged.
 //! - [`store`]: the only module that touches sled; a typed API over users,
@@ -23,6 +25,7 @@
 pub mod address;
 pub mod config;
 pub mod dsn;
+pub mod failpoints;
 pub mod logsafe;
 pub mod message;
 pub mod pop3;
@@ -33,5 +36,5 @@ pub mod store;
 pub use address::Address;
 pub use config::Config;
 pub use message::{Envelope, MessageId};
-pub use routing::{Directory, Route, Target};
+pub use routing::{Directory, DirectoryError, Route, Target};
 pub use store::Store;

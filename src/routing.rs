@@ -48,11 +48,27 @@ impl Route {
 }
 
 /// Read access to users and aliases, as the store provides it.
+///
+/// A lookup that fails (a storage error) must say so: "no such user" would
+/// make the caller refuse good mail for good (`550`), where a temporary
+/// refusal (`451`) has the sender try again.
 pub trait Directory {
     /// Whether a mailbox exists for this canonical (lower-case) address.
-    fn is_user(&self, address: &str) -> bool;
+    fn is_user(&self, address: &str) -> Result<bool, DirectoryError>;
     /// Targets of an alias, if `address` is one.
-    fn alias(&self, address: &str) -> Option<Vec<String>>;
+    fn alias(&self, address: &str) -> Result<Option<Vec<String>>, DirectoryError>;
+}
+
+/// A directory (or whatever a router consults) could not answer: a
+/// temporary failure. SMTP answers `451 4.3.0` to the recipient.
+#[derive(Debug, thiserror::Error)]
+#[error("directory lookup failed: {0}")]
+pub struct DirectoryError(#[source] pub Box<dyn std::error::Error + Send + Sync>);
+
+impl DirectoryError {
+    pub fn new(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> DirectoryError {
+        DirectoryError(error.into())
+    }
 }
 
 /// Most alias hops followed before giving up (alias loops).
@@ -62,27 +78,32 @@ pub const MAX_ALIAS_DEPTH: usize = 8;
 /// `virtual_alias_maps` and `smtpd_relay_restrictions` would decide.
 ///
 /// `may_relay` is true for clients in `relay_networks` or authenticated.
+///
+/// # Errors
+///
+/// A directory lookup failed: nothing is decided (the caller refuses the
+/// recipient temporarily).
 pub fn decide(
     config: &RoutingConfig,
     dir: &dyn Directory,
     rcpt: &Address,
     may_relay: bool,
-) -> Route {
+) -> Result<Route, DirectoryError> {
     let local = is_local(config, &rcpt.domain);
     if !local || rcpt.names_another_host() {
         if may_relay && !rcpt.names_another_host() {
-            return Route::Deliver(vec![Target::Remote {
+            return Ok(Route::Deliver(vec![Target::Remote {
                 address: rcpt.to_string(),
-            }]);
+            }]));
         }
-        return relay_denied(rcpt);
+        return Ok(relay_denied(rcpt));
     }
     let canonical = rcpt.canonical();
     let mut targets = Vec::new();
-    if !expand(config, dir, &canonical, 0, &mut targets) {
-        return unknown_user(config, rcpt, &canonical);
+    if !expand(config, dir, &canonical, 0, &mut targets)? {
+        return Ok(unknown_user(config, rcpt, &canonical));
     }
-    Route::Deliver(targets)
+    Ok(Route::Deliver(targets))
 }
 
 fn relay_denied(rcpt: &Address) -> Route {
@@ -108,16 +129,16 @@ fn expand(
     address: &str,
     depth: usize,
     out: &mut Vec<Target>,
-) -> bool {
+) -> Result<bool, DirectoryError> {
     if depth > MAX_ALIAS_DEPTH {
-        return false;
+        return Ok(false);
     }
-    if let Some(targets) = dir.alias(address) {
+    if let Some(targets) = dir.alias(address)? {
         for t in targets {
             let t = t.to_ascii_lowercase();
             let domain = t.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
             if is_local(config, domain) {
-                if !expand(config, dir, &t, depth + 1, out) {
+                if !expand(config, dir, &t, depth + 1, out)? {
                     // An alias to a missing local user: fall back to the postmaster.
                     push(out, postmaster_target(domain, Some(t.clone())));
                 }
@@ -125,9 +146,9 @@ fn expand(
                 push(out, Target::Remote { address: t });
             }
         }
-        return true;
+        return Ok(true);
     }
-    if dir.is_user(address) || is_postmaster(address) {
+    if is_postmaster(address) || dir.is_user(address)? {
         push(
             out,
             Target::Mailbox {
@@ -135,9 +156,9 @@ fn expand(
                 original: None,
             },
         );
-        return true;
+        return Ok(true);
     }
-    false
+    Ok(false)
 }
 
 fn push(out: &mut Vec<Target>, t: Target) {
@@ -189,11 +210,47 @@ mod tests {
     }
 
     impl Directory for Dir {
-        fn is_user(&self, a: &str) -> bool {
-            self.users.contains(&a)
+        fn is_user(&self, a: &str) -> Result<bool, DirectoryError> {
+            Ok(self.users.contains(&a))
         }
-        fn alias(&self, a: &str) -> Option<Vec<String>> {
-            self.aliases.get(a).cloned()
+        fn alias(&self, a: &str) -> Result<Option<Vec<String>>, DirectoryError> {
+            Ok(self.aliases.get(a).cloned())
+        }
+    }
+
+    /// A directory whose every lookup fails (a broken store).
+    struct Broken;
+
+    impl Directory for Broken {
+        fn is_user(&self, _: &str) -> Result<bool, DirectoryError> {
+            Err(DirectoryError::new("injected"))
+        }
+        fn alias(&self, _: &str) -> Result<Option<Vec<String>>, DirectoryError> {
+            Err(DirectoryError::new("injected"))
+        }
+    }
+
+    /// A failing lookup decides nothing (never "user unknown"), under
+    /// every unknown-user policy; routes that need no lookup still work.
+    #[test]
+    fn lookup_failures_decide_nothing() {
+        for policy in [
+            UnknownUser::Reject,
+            UnknownUser::Bounce,
+            UnknownUser::Postmaster,
+        ] {
+            let (c, _) = setup(policy);
+            for rcpt in [
+                "alice@example.test",
+                "bob@example.test",
+                "sales@example.test",
+            ] {
+                assert!(decide(&c, &Broken, &addr(rcpt), false).is_err(), "{rcpt}");
+            }
+            let remote = decide(&c, &Broken, &addr("bob@remote.test"), true).unwrap();
+            assert_eq!(describe(&remote), "remote bob@remote.test");
+            let denied = decide(&c, &Broken, &addr("bob@remote.test"), false).unwrap();
+            assert_eq!(describe(&denied), "reject 554 5.7.1");
         }
     }
 
@@ -248,7 +305,7 @@ mod tests {
             ),
         ];
         for (rcpt, relay, want) in cases {
-            let got = describe(&decide(&c, &d, &addr(rcpt), *relay));
+            let got = describe(&decide(&c, &d, &addr(rcpt), *relay).unwrap());
             assert_eq!(&got, want, "{rcpt} relay={relay}");
         }
     }
@@ -257,11 +314,11 @@ mod tests {
     fn unknown_user_policies() {
         let (c, d) = setup(UnknownUser::Bounce);
         assert!(matches!(
-            decide(&c, &d, &addr("bob@example.test"), false),
+            decide(&c, &d, &addr("bob@example.test"), false).unwrap(),
             Route::Bounce { .. }
         ));
         let (c, d) = setup(UnknownUser::Postmaster);
-        match decide(&c, &d, &addr("bob@example.test"), false) {
+        match decide(&c, &d, &addr("bob@example.test"), false).unwrap() {
             Route::Deliver(t) => assert_eq!(
                 t,
                 vec![Target::Mailbox {

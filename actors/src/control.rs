@@ -41,6 +41,9 @@ pub enum Request {
     QueueFlush,
     QueueDelete { id: String },
     QueueBounce { id: String },
+    // Sets a store failpoint (`postino_core::failpoints`); refused unless
+    // the build has the `failpoints` feature, which only the tests use.
+    Failpoint { name: String, actions: String },
 }
 
 /// The answer: lines to print, or an error.
@@ -82,6 +85,7 @@ pub fn serve(
                                     Ok(r) => r,
                                     Err(e) => Response::Error(format!("delivery actor: {e}")),
                                 },
+                                None if !changes_store(&request) => execute(&store, request),
                                 None => {
                                     let done = store.clone();
                                     let response = tokio::task::spawn_blocking(move || {
@@ -122,6 +126,12 @@ fn queue_command(request: &Request) -> Option<QueueCommand> {
         Request::QueueBounce { id } => Some(QueueCommand::Bounce(id.clone())),
         _ => None,
     }
+}
+
+/// Whether the answer to `request` waits for a flush. Not for failpoints:
+/// turning off `store::durable` must not wait for a flush it fails.
+fn changes_store(request: &Request) -> bool {
+    !matches!(request, Request::Failpoint { .. })
 }
 
 /// Sends one request to a running server. `Ok(None)`: no server listens.
@@ -217,6 +227,15 @@ pub fn execute(store: &Store, request: Request) -> Response {
         },
         Request::QueueBounce { .. } => {
             return Response::Error("queue bounce needs the running server (it sends mail)".into())
+        }
+        Request::Failpoint { name, actions } => {
+            return match postino_core::failpoints::configure(&name, &actions) {
+                Ok(()) => {
+                    warn!(%name, %actions, "failpoint set");
+                    Response::Ok(vec![format!("{name}={actions}")])
+                }
+                Err(e) => Response::Error(e),
+            };
         }
     };
     match result {

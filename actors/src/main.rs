@@ -428,6 +428,9 @@ fn copy_store(from: &Path, to: &Path) -> std::io::Result<()> {
 }
 
 fn serve(config: Config) -> ExitCode {
+    // Test builds only: failpoints named in FAILPOINTS are set from the start.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = postino_core::failpoints::from_env();
     postino::init_logging();
     let system = actix::System::new();
     let result = system.block_on(async move {

@@ -13,7 +13,7 @@ use actix::prelude::*;
 use postino_core::dsn::{self, RecipientStatus};
 use postino_core::logsafe::escape;
 use postino_core::message::{now_unix, Recipient as Rcpt};
-use postino_core::routing::{self, Target};
+use postino_core::routing::{self, DirectoryError, Target};
 use postino_core::smtp::session::RouteQuery;
 use postino_core::store::{LocalDelivery, Notice, StoreError};
 use postino_core::{Address, Config, Envelope, Route, Store};
@@ -22,9 +22,11 @@ use tracing::{info, warn};
 use crate::delivery::actor::{new_entry, Enqueue, Queued};
 use crate::mailbox::{Deliver, Mailbox, StoreLocal};
 
-/// Where does this recipient go? Asked once per `RCPT TO`.
+/// Where does this recipient go? Asked once per `RCPT TO`. An error (the
+/// directory could not be read) refuses the recipient temporarily
+/// (`451 4.3.0`), never for good.
 #[derive(Message, Debug, Clone)]
-#[rtype(result = "Route")]
+#[rtype(result = "Result<Route, DirectoryError>")]
 pub struct RouteRecipient(pub RouteQuery);
 
 /// A message is durably spooled: deliver it. Answered once every recipient
@@ -314,6 +316,15 @@ pub fn bounce_to(
     Ok(Some(bounce))
 }
 
+/// The store error behind a failed lookup in the store (the store's
+/// [`postino_core::Directory`] errors always wrap one).
+fn store_error(e: DirectoryError) -> StoreError {
+    match e.0.downcast::<StoreError>() {
+        Ok(e) => *e,
+        Err(other) => StoreError::Codec(other.to_string()),
+    }
+}
+
 /// Builds (without spooling) a delivery status notification of `kind`
 /// about `envelope`'s `recipients`, addressed to `to` and routed like any
 /// message to it. `None` when `to` cannot be routed. The delivery actor
@@ -349,7 +360,7 @@ pub fn notification(
         return Ok(None);
     };
     // The bounce goes wherever the sender's address leads, local or remote.
-    let route = routing::decide(&config.routing, store, &rcpt, true);
+    let route = routing::decide(&config.routing, store, &rcpt, true).map_err(store_error)?;
     if !route.is_accepted() {
         warn!(id = %envelope.id, sender = %escape(to), "bounce recipient not routable; dropped");
         return Ok(None);

@@ -196,7 +196,11 @@ impl SmtpConnection {
                 let fut = self.shared.router.send(RouteRecipient(query));
                 ctx.wait(fut.into_actor(self).map(|res, act, ctx| {
                     let reply = match res {
-                        Ok(route) => act.session.routed(route),
+                        Ok(Ok(route)) => act.session.routed(route),
+                        Ok(Err(e)) => {
+                            warn!(error = %e, "routing failed");
+                            act.session.route_failed()
+                        }
                         Err(e) => {
                             warn!(error = %e, "router unavailable");
                             act.session.route_failed()
@@ -209,8 +213,13 @@ impl SmtpConnection {
                 false
             }
             Step::CheckSender { user, sender } => {
-                let allowed = sender_allowed(&self.shared.store, &user, &sender);
-                let reply = self.session.sender_checked(allowed);
+                let reply = match sender_allowed(&self.shared.store, &user, &sender) {
+                    Ok(allowed) => self.session.sender_checked(allowed),
+                    Err(e) => {
+                        warn!(error = %e, "sender check failed");
+                        self.session.sender_check_failed()
+                    }
+                };
                 self.answer(reply, ctx)
             }
             Step::Authenticate { user, password } => {
@@ -223,31 +232,49 @@ impl SmtpConnection {
                 let check = async move {
                     // argon2 is deliberately slow: it runs on the checking
                     // threads, a few at a time.
-                    let ok = checks
-                        .verify(canonical.clone(), password)
-                        .await
-                        .unwrap_or(false);
-                    if ok {
-                        failures.succeeded(ip);
-                        return (Some(canonical), Duration::ZERO);
+                    match checks.verify(canonical.clone(), password).await {
+                        Ok(true) => {
+                            failures.succeeded(ip);
+                            Ok((Some(canonical), Duration::ZERO))
+                        }
+                        Ok(false) => {
+                            // Password guessing: the same growing delay per client
+                            // address as POP3 logins (Dovecot's auth_failure_delay).
+                            let delay = failures.failed(ip);
+                            tokio::time::sleep(delay).await;
+                            Ok((None, delay))
+                        }
+                        // The store could not say: not the client's fault,
+                        // so no delay and no 535.
+                        Err(e) => Err(e),
                     }
-                    // Password guessing: the same growing delay per client
-                    // address as POP3 logins (Dovecot's auth_failure_delay).
-                    let delay = failures.failed(ip);
-                    tokio::time::sleep(delay).await;
-                    (None, delay)
                 };
-                ctx.wait(check.into_actor(self).map(move |(user, delay), act, ctx| {
-                    match &user {
-                        Some(u) => info!(parent: &act.span, user = %escape(u), "smtp auth ok"),
-                        None => warn!(
-                            parent: &act.span,
-                            user = %escape(&tried),
-                            delay_ms = delay.as_millis() as u64,
-                            "smtp auth failed"
-                        ),
-                    }
-                    let step = act.session.authenticated(user);
+                ctx.wait(check.into_actor(self).map(move |checked, act, ctx| {
+                    let step = match checked {
+                        Ok((user, delay)) => {
+                            match &user {
+                                Some(u) => {
+                                    info!(parent: &act.span, user = %escape(u), "smtp auth ok")
+                                }
+                                None => warn!(
+                                    parent: &act.span,
+                                    user = %escape(&tried),
+                                    delay_ms = delay.as_millis() as u64,
+                                    "smtp auth failed"
+                                ),
+                            }
+                            act.session.authenticated(user)
+                        }
+                        Err(error) => {
+                            warn!(
+                                parent: &act.span,
+                                user = %escape(&tried),
+                                %error,
+                                "smtp auth: password check failed"
+                            );
+                            act.session.authentication_unavailable()
+                        }
+                    };
                     if act.step(step, ctx) {
                         act.drive(ctx);
                     }
@@ -477,12 +504,22 @@ impl SmtpConnection {
 
 /// Whether an authenticated `user` may use `sender` as envelope sender: their
 /// own address, or an alias that leads to them.
-fn sender_allowed(store: &Store, user: &str, sender: &str) -> bool {
+///
+/// # Errors
+///
+/// The alias lookup failed.
+fn sender_allowed(
+    store: &Store,
+    user: &str,
+    sender: &str,
+) -> Result<bool, postino_core::DirectoryError> {
     if user.eq_ignore_ascii_case(sender) {
-        return true;
+        return Ok(true);
     }
-    postino_core::Directory::alias(store, &sender.to_ascii_lowercase())
-        .is_some_and(|targets| targets.iter().any(|t| t.eq_ignore_ascii_case(user)))
+    Ok(
+        postino_core::Directory::alias(store, &sender.to_ascii_lowercase())?
+            .is_some_and(|targets| targets.iter().any(|t| t.eq_ignore_ascii_case(user))),
+    )
 }
 
 impl Actor for SmtpConnection {

@@ -402,6 +402,17 @@ impl Session {
         )
     }
 
+    /// [`Step::CheckSender`] could not be answered (a store error): the
+    /// MAIL command is refused for now, not for good.
+    pub fn sender_check_failed(&mut self) -> Reply {
+        self.tx = None;
+        Reply::new(
+            451,
+            "4.3.0",
+            "Error: temporary failure checking the sender, try again later",
+        )
+    }
+
     fn rcpt(&mut self, mut to: Address) -> Step {
         let Some(smtputf8) = self.tx.as_ref().map(|tx| tx.smtputf8) else {
             return self.error(Reply::new(503, "5.5.1", "Error: need MAIL command"));
@@ -708,6 +719,12 @@ impl Session {
             }
             None => self.error(Reply::new(535, "5.7.8", "Error: authentication failed")),
         }
+    }
+
+    /// [`Step::Authenticate`] could not be answered (a store error): RFC
+    /// 4954's temporary failure, so the client may try again later.
+    pub fn authentication_unavailable(&self) -> Step {
+        Step::Reply(Reply::new(454, "4.7.0", "Temporary authentication failure"))
     }
 
     /// Whether recipients in other domains are allowed.

@@ -212,6 +212,7 @@ impl Store {
     ///
     /// [`StoreError::Duplicate`] if the id is already in use.
     pub fn spool(&self, envelope: &Envelope, content: &[u8]) -> Result<(), StoreError> {
+        fail::fail_point!("store::spool", |arg| Err(super::injected(arg)));
         let record = encode("inbound", envelope)?;
         let i = &self.inner;
         tx_done(
@@ -239,6 +240,7 @@ impl Store {
         content: &[u8],
         deliveries: &[LocalDelivery],
     ) -> Result<(), StoreError> {
+        fail::fail_point!("store::accept_local", |arg| Err(super::injected(arg)));
         let mut mailboxes = Vec::with_capacity(deliveries.len());
         for d in deliveries {
             let mailbox = canonical(&d.mailbox)?;

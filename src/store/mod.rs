@@ -20,7 +20,8 @@
 //! a flush: [`Store::durable`] resolves once a flush that started after the
 //! call has completed. sled flushes with `sync_file_range`, not `fsync`: that
 //! survives a process crash (`kill -9`), not necessarily a power loss on a
-//! disk with a volatile write cache.
+//! disk with a volatile write cache; with `store.sync` (the default) the
+//! group commit then `fdatasync`s the files the flush wrote (`commit`).
 //!
 //! # A full disk
 //!
@@ -135,7 +136,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use crate::logsafe::escape;
 use crate::message::MessageId;
-use crate::routing::Directory;
+use crate::routing::{Directory, DirectoryError};
 
 pub use backup::{BackupError, CheckReport, Counts, EXPORT_VERSION};
 pub use commit::Durable;
@@ -245,6 +246,8 @@ struct Inner {
     /// again restarts sled's id counter, and POP3 clients that "leave mail on
     /// the server" must not mistake new messages for ones they already have.
     uidl_epoch: u32,
+    /// `store.sync`: group commits `fdatasync` the database files.
+    sync: bool,
     commit: commit::GroupCommit,
     /// Free-space monitor, once [`Store::watch_space`] started it.
     space: std::sync::OnceLock<space::Monitor>,
@@ -336,13 +339,13 @@ impl Store {
             .cache_capacity(settings.cache_size)
             .flush_every_ms((interval > 0).then_some(interval));
         let stall = (!settings.stall_abort.is_zero()).then_some(settings.stall_abort);
-        Store::open_inner(dir, config, stall, settings.commit_delay)
+        Store::open_inner(dir, config, stall, settings.commit_delay, settings.sync)
     }
 
     /// Opens with a caller-made sled config (tests turn sled's own periodic
     /// flush off to prove that [`Store::durable`] alone makes data durable).
     fn open_with(dir: &Path, config: sled::Config) -> Result<Store, StoreError> {
-        Store::open_inner(dir, config, None, std::time::Duration::ZERO)
+        Store::open_inner(dir, config, None, std::time::Duration::ZERO, true)
     }
 
     fn open_inner(
@@ -350,6 +353,7 @@ impl Store {
         config: sled::Config,
         stall_limit: Option<std::time::Duration>,
         commit_delay: std::time::Duration,
+        sync: bool,
     ) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
             path: dir.to_owned(),
@@ -373,7 +377,11 @@ impl Store {
         if meta.contains_key(META_QUEUE_LEN)? {
             meta.remove(META_QUEUE_LEN)?;
         }
-        let commit = commit::GroupCommit::start(db.clone(), stall_limit, commit_delay)?;
+        let syncer = match sync {
+            true => Some(commit::Syncer::open(dir).map_err(|e| StoreError::Sled(e.into()))?),
+            false => None,
+        };
+        let commit = commit::GroupCommit::start(db.clone(), syncer, stall_limit, commit_delay)?;
         let inner = Inner {
             path: dir.to_owned(),
             users: db.open_tree("users")?,
@@ -388,6 +396,7 @@ impl Store {
             queue_writes: std::sync::RwLock::new(()),
             auth_cache: std::sync::OnceLock::new(),
             uidl_epoch,
+            sync,
             commit,
             space: std::sync::OnceLock::new(),
             rejected: rejected::Rejected::default(),
@@ -640,20 +649,33 @@ fn tx_done<T>(r: Result<T, TransactionError<StoreError>>) -> Result<T, StoreErro
     })
 }
 
-/// Routing reads users and aliases through this. The trait cannot carry
-/// errors, so a storage failure is logged and reads as "no such user/alias".
+/// The error a failpoint hit returns (see [`crate::failpoints`]): an IO
+/// error, ENOSPC when the action says `return(enospc)`, else EIO.
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+fn injected(arg: Option<String>) -> StoreError {
+    const EIO: i32 = 5;
+    const ENOSPC: i32 = 28;
+    let code = match arg.as_deref() {
+        Some("enospc") => ENOSPC,
+        _ => EIO,
+    };
+    StoreError::Sled(sled::Error::Io(std::io::Error::from_raw_os_error(code)))
+}
+
+/// Routing reads users and aliases through this. A storage failure is an
+/// error, never "no such user": that would refuse good mail for good.
 impl Directory for Store {
-    fn is_user(&self, address: &str) -> bool {
-        Store::is_user(self, address).unwrap_or_else(|error| {
+    fn is_user(&self, address: &str) -> Result<bool, DirectoryError> {
+        Store::is_user(self, address).map_err(|error| {
             tracing::error!(%error, address = %escape(address), "user lookup failed");
-            false
+            DirectoryError::new(error)
         })
     }
 
-    fn alias(&self, address: &str) -> Option<Vec<String>> {
-        Store::alias(self, address).unwrap_or_else(|error| {
+    fn alias(&self, address: &str) -> Result<Option<Vec<String>>, DirectoryError> {
+        Store::alias(self, address).map_err(|error| {
             tracing::error!(%error, address = %escape(address), "alias lookup failed");
-            None
+            DirectoryError::new(error)
         })
     }
 }

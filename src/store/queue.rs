@@ -174,6 +174,9 @@ impl Store {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         i.schedule
             .insert(schedule_key(entry.next_attempt, id), &[])?;
+        // After the schedule key: a failure here leaves what a crash
+        // between the two writes leaves.
+        fail::fail_point!("store::accept_remote", |arg| Err(super::injected(arg)));
         match i
             .queue
             .compare_and_swap(id.to_key(), None as Option<&[u8]>, Some(value))?
@@ -262,6 +265,7 @@ impl Store {
         remove: bool,
         notices: &[Notice],
     ) -> Result<(), StoreError> {
+        fail::fail_point!("store::settle_queue", |arg| Err(super::injected(arg)));
         let id = entry.id;
         let key = id.to_key();
         let notice_records = notices

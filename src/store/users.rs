@@ -334,6 +334,7 @@ impl Store {
     /// Whether `address` (case-insensitive) is a user. An invalid address is
     /// not a user.
     pub fn is_user(&self, address: &str) -> Result<bool, StoreError> {
+        fail::fail_point!("store::directory", |arg| Err(super::injected(arg)));
         match canonical(address) {
             Ok(a) => Ok(self.inner.users.contains_key(a.as_bytes())?),
             Err(_) => Ok(false),
@@ -358,6 +359,7 @@ impl Store {
         password: &str,
         scratch: &mut PasswordScratch,
     ) -> Result<bool, StoreError> {
+        fail::fail_point!("store::directory", |arg| Err(super::injected(arg)));
         let (address, record) = match canonical(address) {
             Ok(a) => {
                 let record = self.inner.users.get(a.as_bytes())?;
@@ -415,6 +417,7 @@ impl Store {
 
     /// Targets of `alias`, if it is one.
     pub fn alias(&self, alias: &str) -> Result<Option<Vec<String>>, StoreError> {
+        fail::fail_point!("store::directory", |arg| Err(super::injected(arg)));
         let Ok(alias) = canonical(alias) else {
             return Ok(None);
         };

@@ -7,6 +7,7 @@ mod delivery;
 mod delivery_client;
 mod durability;
 mod example;
+mod faults;
 mod flood;
 mod fulldisk;
 mod hostile;

@@ -208,6 +208,15 @@ impl Sink {
         self.dir.path().join("mail")
     }
 
+    /// How many messages were received so far (cheap: no file is read).
+    pub fn count(&self) -> usize {
+        std::fs::read_dir(self.spool())
+            .expect("read spool")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.ends_with(".json") && !n.starts_with('.'))
+            .count()
+    }
+
     /// Every message received so far, oldest first. A message is stored
     /// before the server answers the final dot, so after the client has its
     /// reply there is nothing to wait for.

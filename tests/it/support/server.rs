@@ -24,6 +24,8 @@ pub struct TestServer {
     pub dir: TempDir,
     pub config: PathBuf,
     child: Option<Child>,
+    /// Reads the running server's log until it exits.
+    reader: Option<std::thread::JoinHandle<()>>,
     /// Everything the server logged, across restarts.
     log: Arc<Mutex<String>>,
     /// The server's `RUST_LOG`.
@@ -92,6 +94,7 @@ impl TestServer {
             dir,
             config: path,
             child: None,
+            reader: None,
             log: Arc::new(Mutex::new(String::new())),
             rust_log: "info,postino=debug".to_owned(),
             smtp: "0.0.0.0:0".parse().unwrap(),
@@ -116,7 +119,7 @@ impl TestServer {
         let stderr = child.stderr.take().expect("stderr piped");
         let log = self.log.clone();
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut tx = Some(tx);
             // Split on LF only and keep bytes that are not UTF-8 (as U+FFFD):
             // the log under test may hold anything a client sent.
@@ -134,6 +137,7 @@ impl TestServer {
             }
         });
         self.child = Some(child);
+        self.reader = Some(reader);
         let started = match rx.recv_timeout(Duration::from_secs(30)) {
             Ok(line) => line,
             Err(_) => panic!("postino did not start; log:\n{}", self.log()),
@@ -155,11 +159,15 @@ impl TestServer {
         wait_until(Duration::from_secs(20), || self.log().contains(needle))
     }
 
-    /// SIGKILL: no chance to flush or clean up.
+    /// SIGKILL: no chance to flush or clean up. Returns once everything
+    /// the process logged is in [`TestServer::log`].
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
         }
     }
 
@@ -205,6 +213,22 @@ impl TestServer {
             "user add failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// Sets a store failpoint in the running server (the test build has the
+    /// `failpoints` feature; see `postino_core::failpoints` for the names):
+    /// `actions` as the `fail` crate reads them, e.g. `"return"`,
+    /// `"return(enospc)"`, `"off"`.
+    pub fn failpoint(&self, name: &str, actions: &str) {
+        use postino::control::{call, Request, Response};
+        let request = Request::Failpoint {
+            name: name.to_owned(),
+            actions: actions.to_owned(),
+        };
+        match call(&self.data_dir().join("control.sock"), &request) {
+            Ok(Some(Response::Ok(_))) => {}
+            other => panic!("failpoint {name}={actions}: {other:?}"),
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {
