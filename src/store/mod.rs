@@ -55,6 +55,8 @@ mod queue;
 mod users;
 
 #[cfg(test)]
+mod churn_hang;
+#[cfg(test)]
 mod tests;
 
 use std::fmt;
