@@ -1,6 +1,6 @@
 //! The `postino` command: `serve`, the `user`/`alias`/`queue` tools (which
 //! talk to a running server over its control socket, or open the store when
-//! none runs), and the `bench` load harness.
+//! none runs), `store compact` (offline), and the `bench` load harness.
 
 use std::io::{BufRead, IsTerminal};
 use std::path::{Path, PathBuf};
@@ -44,6 +44,17 @@ enum Command {
     /// Load harness: SMTP and POP3 clients, and a receiving sink.
     #[command(subcommand)]
     Bench(postino::bench::BenchCommand),
+    /// Maintain the store (server stopped).
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum StoreCommand {
+    /// Rewrite the store with only its live records and swap it in, giving
+    /// back the space sled keeps after deleted mail. The server must be
+    /// stopped; an interrupted run loses nothing (the next start finishes it).
+    Compact,
 }
 
 #[derive(Subcommand, Debug)]
@@ -144,6 +155,26 @@ fn main() -> ExitCode {
                 QueueCommand::Bounce { id } => Request::QueueBounce { id },
             },
         ),
+        Command::Store(StoreCommand::Compact) => store_compact(&config),
+    }
+}
+
+/// `postino store compact`: offline, on the store itself.
+fn store_compact(config: &Config) -> ExitCode {
+    postino::init_logging();
+    match Store::compact(&config.data_dir) {
+        Ok(done) => {
+            let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+            println!(
+                "compacted {}: {:.1} MiB -> {:.1} MiB, {} records",
+                config.data_dir.display(),
+                mib(done.before),
+                mib(done.after),
+                done.records
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&format!("compacting {}: {e}", config.data_dir.display())),
     }
 }
 

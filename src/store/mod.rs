@@ -56,6 +56,7 @@ mod users;
 
 #[cfg(test)]
 mod churn_hang;
+mod compact;
 #[cfg(test)]
 mod tests;
 
@@ -73,6 +74,7 @@ use crate::message::MessageId;
 use crate::routing::Directory;
 
 pub use commit::Durable;
+pub use compact::Compacted;
 pub use mail::{LocalDelivery, MailEntry};
 pub use queue::{Notice, QueueEntry, QueueRecipient, RecipientState};
 
@@ -131,6 +133,12 @@ pub enum StoreError {
     InvalidAddress(String),
     #[error("password hashing failed: {0}")]
     Password(String),
+    /// A file system error while compacting ([`Store::compact`]).
+    #[error("compaction: {}: {source}", path.display())]
+    Compact {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Handle to the database. Clones are cheap and share everything; the group
@@ -215,6 +223,8 @@ impl Store {
             path: dir.to_owned(),
             source,
         })?;
+        // A compaction interrupted after its commit point is finished first.
+        compact::finish_interrupted(dir)?;
         let db = config.path(dir).open().map_err(|e| match e {
             sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
                 StoreError::Locked {
