@@ -10,9 +10,11 @@
 //! Why a child: a deadlocked sled cannot be unwound or dropped, so a hang
 //! must cost one process, never the test suite.
 //!
-//! The short default run is in every `cargo test`; the long one is
-//! `POSTINO_HANG_RUNS=20 POSTINO_HANG_SECS=10 cargo test -p postino-core
-//! --lib store::churn_hang -- --nocapture` (runs × seconds per run).
+//! The short default run (3 s of each mode) is in every `cargo test`; the
+//! long one is `POSTINO_HANG_RUNS=20 POSTINO_HANG_SECS=10 cargo test -p
+//! postino-core --lib store::churn_hang -- --nocapture` (runs × seconds per
+//! run; `--release` and `POSTINO_HANG_MODE=store POSTINO_HANG_SECS=60` for
+//! the truncation cycle, see `store_churn`).
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -23,6 +25,7 @@ use std::time::{Duration, Instant};
 
 const CHILD_DIR: &str = "POSTINO_HANG_CHILD_DIR";
 const CHILD_SECS: &str = "POSTINO_HANG_CHILD_SECS";
+const CHILD_MODE: &str = "POSTINO_HANG_CHILD_MODE";
 /// The child's exit code when its watchdog saw no progress.
 const HANG_EXIT: i32 = 42;
 /// No completed operation for this long is a hang: a flush of a few MiB
@@ -45,6 +48,9 @@ fn churn_child() {
         return;
     };
     let secs = env(CHILD_SECS, 5);
+    if std::env::var(CHILD_MODE).as_deref() == Ok("store") {
+        return store_churn(Path::new(&dir), secs);
+    }
     // Small segments: segments fill, empty and are truncated away at the
     // tip several times a second, which is what #1412's truncation cycle
     // needs (a truncation queued on the IO pool while the segment
@@ -56,25 +62,8 @@ fn churn_child() {
         .flush_every_ms(Some(1))
         .open()
         .unwrap();
-    let ops = Arc::new(AtomicU64::new(0));
+    let ops = watchdog();
     let stop = Arc::new(AtomicBool::new(false));
-    {
-        let ops = ops.clone();
-        std::thread::spawn(move || {
-            let mut seen = 0;
-            let mut since = Instant::now();
-            loop {
-                std::thread::sleep(Duration::from_millis(200));
-                let now = ops.load(Ordering::Relaxed);
-                if now != seen {
-                    (seen, since) = (now, Instant::now());
-                } else if since.elapsed() > STALL {
-                    println!("churn hang after {now} operations");
-                    std::process::exit(HANG_EXIT);
-                }
-            }
-        });
-    }
     // Twelve writers, each flushing after every entry: two in three with
     // `flush_async` (which waits on sled's threads for the log writes; in
     // stock 0.34.7 those writes queue behind it on the same pool), the
@@ -115,6 +104,103 @@ fn churn_child() {
     println!("churn ok {}", ops.load(Ordering::Relaxed));
 }
 
+/// Counts completed operations; exits the process with [`HANG_EXIT`] when
+/// the count stands still for [`STALL`].
+fn watchdog() -> Arc<AtomicU64> {
+    let ops = Arc::new(AtomicU64::new(0));
+    let counter = ops.clone();
+    std::thread::spawn(move || {
+        let mut seen = 0;
+        let mut since = Instant::now();
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = counter.load(Ordering::Relaxed);
+            if now != seen {
+                (seen, since) = (now, Instant::now());
+            } else if since.elapsed() > STALL {
+                println!("churn hang after {now} operations");
+                std::process::exit(HANG_EXIT);
+            }
+        }
+    });
+    ops
+}
+
+/// The relay queue through [`Store`] with sled's default settings, one
+/// writer: each 8 KiB message is spooled, queued, deferred once and
+/// delivered 5,000 messages later, with a flush every 64. On stock sled
+/// 0.34.7 (release build) about half the runs hang within a minute in #1412's
+/// truncation cycle itself: the writer waits in `SegmentAccountant::bump_tip`
+/// for a truncation while every IO thread waits in `sa_stabilize` for the
+/// accountant's mutex (seen with gdb).
+fn store_churn(dir: &Path, secs: u64) {
+    use crate::message::{Envelope, Recipient};
+    use crate::routing::{Route, Target};
+    use crate::store::{QueueEntry, QueueRecipient, RecipientState, Store};
+
+    let store = Store::open(dir).unwrap();
+    let ops = watchdog();
+    let content = vec![b'x'; 8192];
+    let mut live = std::collections::VecDeque::new();
+    let started = Instant::now();
+    let mut n: u64 = 0;
+    while started.elapsed() < Duration::from_secs(secs) {
+        n += 1;
+        let id = store.new_id().unwrap();
+        let route = Route::Deliver(vec![Target::Remote {
+            address: "bob@remote.test".into(),
+        }]);
+        let envelope = Envelope {
+            id,
+            sender: Some("sender@example.test".into()),
+            recipients: vec![Recipient {
+                address: "bob@remote.test".into(),
+                route,
+            }],
+            received_at: 100,
+            client: "127.0.0.1".into(),
+            helo: "client.test".into(),
+            size: content.len() as u64,
+        };
+        store.spool(&envelope, &content).unwrap();
+        let mut entry = QueueEntry {
+            id,
+            sender: Some("sender@example.test".into()),
+            received_at: 100,
+            next_attempt: n,
+            attempts: 0,
+            recipients: vec![QueueRecipient {
+                address: "bob@remote.test".into(),
+                state: RecipientState::Pending,
+            }],
+            client: "127.0.0.1".into(),
+            warned: false,
+        };
+        store.enqueue(&entry).unwrap();
+        store.finish_inbound(id).unwrap();
+        entry.attempts = 1;
+        entry.next_attempt = n + 300;
+        entry.recipients[0].state = RecipientState::Deferred {
+            last_error: "451 4.3.0 try again later".into(),
+        };
+        store.update_queue(&entry).unwrap();
+        live.push_back(entry);
+        if live.len() > 5000 {
+            let mut done = live.pop_front().unwrap();
+            done.recipients[0].state = RecipientState::Delivered {
+                reply: "250 2.0.0 Ok".into(),
+            };
+            store.settle_queue(&done, true, &[]).unwrap();
+        }
+        if n % 64 == 0 {
+            store.flush_blocking().unwrap();
+        }
+        ops.fetch_add(1, Ordering::Relaxed);
+    }
+    store.flush_blocking().unwrap();
+    println!("churn ok {}", ops.load(Ordering::Relaxed));
+}
+
 /// How one child run ended.
 #[derive(Debug, PartialEq)]
 enum Outcome {
@@ -122,7 +208,7 @@ enum Outcome {
     Hang,
 }
 
-fn run_child(secs: u64) -> Outcome {
+fn run_child(mode: &str, secs: u64) -> Outcome {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
@@ -134,6 +220,7 @@ fn run_child(secs: u64) -> Outcome {
         ])
         .env(CHILD_DIR, dir.path())
         .env(CHILD_SECS, secs.to_string())
+        .env(CHILD_MODE, mode)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -174,19 +261,28 @@ fn run_child(secs: u64) -> Outcome {
     }
 }
 
+/// Each run churns sled directly (`sled` mode, threads with `flush_async`
+/// and `flush`), then the queue through [`crate::Store`] (`store` mode).
+/// `POSTINO_HANG_MODE=sled` or `store` runs only one of them.
 #[test]
 fn queue_churn_never_hangs() {
     let runs = env("POSTINO_HANG_RUNS", 1);
     let secs = env("POSTINO_HANG_SECS", 3);
+    let only = std::env::var("POSTINO_HANG_MODE").ok();
     let mut hangs = 0;
     for run in 1..=runs {
-        let outcome = run_child(secs);
-        println!("churn run {run}/{runs}: {outcome:?}");
-        match outcome {
-            Outcome::Hang => hangs += 1,
-            // A run that did next to nothing proves nothing.
-            Outcome::Ok(ops) => assert!(ops > 100, "only {ops} operations"),
+        for mode in ["sled", "store"] {
+            if only.as_deref().is_some_and(|m| m != mode) {
+                continue;
+            }
+            let outcome = run_child(mode, secs);
+            println!("churn run {run}/{runs} ({mode}): {outcome:?}");
+            match outcome {
+                Outcome::Hang => hangs += 1,
+                // A run that did next to nothing proves nothing.
+                Outcome::Ok(ops) => assert!(ops > 100, "only {ops} operations"),
+            }
         }
     }
-    assert_eq!(hangs, 0, "{hangs} of {runs} churn runs hung");
+    assert_eq!(hangs, 0, "{hangs} churn runs hung");
 }
