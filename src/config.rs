@@ -104,8 +104,9 @@ pub struct StoreConfig {
     #[serde(default = "default_background_flush", with = "humantime_serde")]
     pub background_flush: Duration,
     /// Abort the process when one flush has been stuck this long ("0s":
-    /// never), so that a supervisor restarts it: sled 0.34 can deadlock
-    /// under load (sled #1412). A restart loses no acknowledged mail.
+    /// never), so that a supervisor restarts it: a last resort (stock sled
+    /// 0.34 could deadlock under load, sled #1412; the vendored sled is
+    /// fixed). A restart loses no acknowledged mail.
     #[serde(default = "default_stall_abort", with = "humantime_serde")]
     pub stall_abort: Duration,
     /// Shortest time between two group commits under load ("0s": flush as

@@ -1,6 +1,7 @@
 //! The `postino` command: `serve`, the `user`/`alias`/`queue` tools (which
 //! talk to a running server over its control socket, or open the store when
-//! none runs), the offline `store` tools, and the `bench` load harness.
+//! none runs), the offline `store` tools (`check`, `export`, `import`,
+//! `compact`), and the `bench` load harness.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -43,7 +44,8 @@ enum Command {
     /// Inspect and act on the remote delivery queue.
     #[command(subcommand)]
     Queue(QueueCommand),
-    /// Offline tools on the store: check, back up, restore (stop the server first).
+    /// Offline tools on the store: check, back up, restore, compact (stop
+    /// the server first).
     #[command(subcommand)]
     Store(StoreCommand),
     /// Load harness: SMTP and POP3 clients, and a receiving sink.
@@ -64,6 +66,10 @@ enum StoreCommand {
     },
     /// Build the store in an empty data directory from an export.
     Import { file: PathBuf },
+    /// Rewrite the store with only its live records and swap it in, giving
+    /// back the space sled keeps after deleted mail. The server must be
+    /// stopped; an interrupted run loses nothing (the next start finishes it).
+    Compact,
 }
 
 #[derive(Subcommand, Debug)]
@@ -175,6 +181,24 @@ fn main() -> ExitCode {
                 QueueCommand::Bounce { id } => Request::QueueBounce { id },
             },
         ),
+    }
+}
+
+/// `postino store compact`: offline, on the store itself.
+fn store_compact(config: &Config) -> ExitCode {
+    postino::init_logging();
+    match Store::compact(&config.data_dir) {
+        Ok(done) => {
+            let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+            print_lines([format!(
+                "compacted {}: {:.1} MiB -> {:.1} MiB, {} records",
+                config.data_dir.display(),
+                mib(done.before),
+                mib(done.after),
+                done.records
+            )])
+        }
+        Err(e) => fail(&format!("compacting {}: {e}", config.data_dir.display())),
     }
 }
 
@@ -341,6 +365,7 @@ fn store_command(config: &Config, cmd: StoreCommand) -> ExitCode {
                 Err(e) => fail(&format!("export: {e}")),
             }
         }
+        StoreCommand::Compact => store_compact(config),
         StoreCommand::Import { file } => {
             let input = match std::fs::File::open(&file) {
                 Ok(f) => f,

@@ -175,9 +175,10 @@ impl Syncer {
 
 impl GroupCommit {
     /// Starts the flush thread, and with `stall_limit` a watchdog that
-    /// aborts the process when one flush takes longer than that: sled 0.34
-    /// can deadlock under load (sled issues #1412 and #1269, fixed only in
-    /// unreleased code), and a server that hangs with mail in its clients is
+    /// aborts the process when one flush takes longer than that. Stock sled
+    /// 0.34.7 could deadlock under load (sled #1412; the vendored sled has
+    /// upstream's fix, vendor/sled/POSTINO.md): the watchdog stays as a
+    /// last resort, since a server that hangs with mail in its clients is
     /// worse than one that restarts; a kill loses no acknowledged mail.
     pub(super) fn start(
         db: sled::Db,

@@ -120,6 +120,9 @@ mod space;
 mod users;
 
 #[cfg(test)]
+mod churn_hang;
+mod compact;
+#[cfg(test)]
 mod fulldisk_tests;
 #[cfg(test)]
 mod tests;
@@ -140,6 +143,7 @@ use crate::routing::{Directory, DirectoryError};
 
 pub use backup::{BackupError, CheckReport, Counts, EXPORT_VERSION};
 pub use commit::Durable;
+pub use compact::Compacted;
 pub use mail::{LocalDelivery, MailEntry};
 pub use queue::{Notice, QueueEntry, QueueRecipient, RecipientState};
 pub use users::PasswordScratch;
@@ -211,6 +215,12 @@ pub enum StoreError {
     /// space, removing a stale snapshot).
     #[error("{}: {source}", path.display())]
     Prepare {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A file system error while compacting ([`Store::compact`]).
+    #[error("compaction: {}: {source}", path.display())]
+    Compact {
         path: PathBuf,
         source: std::io::Error,
     },
@@ -359,6 +369,8 @@ impl Store {
             path: dir.to_owned(),
             source,
         })?;
+        // A compaction interrupted after its commit point is finished first.
+        compact::finish_interrupted(dir)?;
         prepare_open(dir)?;
         let db = config.path(dir).open().map_err(|e| match e {
             sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {

@@ -613,12 +613,13 @@ mod tests {
     /// `POSTINO_QUEUE_BACKLOG` (default 1,000) and `POSTINO_QUEUE_SIZE`
     /// (default 2,048 octets) change the shape.
     ///
-    /// Run it under `timeout`: with 8 KiB messages and a backlog of 5,000,
-    /// about half the runs hang in sled 0.34.7 itself (sled #1412: a writer
-    /// holds the segment accountant's lock in `bump_tip`, waiting for a file
-    /// truncation queued on sled's IO pool behind stabilisations that wait
-    /// for that lock; fixed upstream by sled PR #1269, which is not in any
-    /// 0.34 release).
+    /// With stock sled 0.34.7, 8 KiB messages and a backlog of 5,000, about
+    /// half the runs hung (sled #1412: a writer holds the segment
+    /// accountant's lock in `bump_tip`, waiting for a file truncation queued
+    /// on sled's IO pool behind stabilisations that wait for that lock). The
+    /// vendored sled runs truncations on a thread of their own (upstream's
+    /// #1269, vendor/sled/POSTINO.md). `benches/queue_disk.rs` measures the
+    /// relay path with several writers.
     #[test]
     #[ignore = "measurement, prints numbers"]
     fn queue_churn_disk_growth() {

@@ -378,7 +378,10 @@ fn temporary_failures_are_retried_until_delivered_once() {
     // sleeping its maximum (MAX_SLEEP, 60 s): a schedule check, not a
     // speed check, so the upper bound is far from anything load can reach.
     assert!(gap >= 2.0, "retried after {gap} s");
-    assert!(gap < 30.0, "retried after {gap} s: the actor slept past the retry");
+    assert!(
+        gap < 30.0,
+        "retried after {gap} s: the actor slept past the retry"
+    );
     let shown = relay.queue(&["show", &id]);
     assert!(shown.contains("attempts: 2"), "{shown}");
     assert!(shown.contains("451 4.3.0"), "{shown}");
@@ -589,6 +592,69 @@ fn the_queue_survives_kill_9() {
     relay.wait_line(&["removed from queue", &format!("id={deferred}")]);
     relay.wait_line(&["removed from queue", &format!("id={fresh}")]);
     assert!(relay.queue(&["list"]).contains("0 message(s) in the queue"));
+}
+
+/// `postino store compact` with the server stopped: afterwards the server
+/// logs the same user in, serves the same mailbox over POP3 (same UIDLs,
+/// same octets) and delivers the message that was waiting in the queue.
+#[test]
+fn store_compact_keeps_users_mail_and_queue() {
+    let [ip] = loopbacks();
+    let port = free_tcp_port(&[ip]);
+    let mut relay = Relay::start(
+        &Zone::new("test")
+            .mx("compact.test", "mx.compact.test", 10)
+            .a("mx.compact.test", ip),
+        port,
+        r#"retry = ["1s"]"#,
+    );
+    for n in 0..3 {
+        send_from(
+            &relay.server,
+            "bob@remote.test",
+            &["alice@example.test"],
+            &format!("kept {n}"),
+        );
+    }
+    let before = relay.alice();
+    assert_eq!(before.len(), 3);
+    let queued = relay.send(&["kim@compact.test"], "queued across the compaction");
+    relay.wait_line(&[&format!("id={queued}"), "status=deferred"]);
+    assert_eq!(relay.server.terminate(), Some(0), "{}", relay.server.log());
+
+    let out = relay.server.cli(&["store", "compact"], "");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("compacted"),
+        "store compact failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let sink = Sink::start(ip, port, &SinkOptions::default());
+    relay.server.restart();
+    let after = relay.alice();
+    assert_eq!(
+        after.iter().map(|m| (&m.uidl, &m.text)).collect::<Vec<_>>(),
+        before
+            .iter()
+            .map(|m| (&m.uidl, &m.text))
+            .collect::<Vec<_>>(),
+    );
+    let got = wait_messages(&sink, 1);
+    assert!(String::from_utf8_lossy(&got[0].content)
+        .contains("Subject: queued across the compaction\r\n"));
+    relay.wait_line(&["removed from queue", &format!("id={queued}")]);
+    // New mail gets a new id and UIDL, never one from before.
+    send_from(
+        &relay.server,
+        "bob@remote.test",
+        &["alice@example.test"],
+        "after",
+    );
+    let mut uidls: Vec<String> = relay.alice().into_iter().map(|m| m.uidl).collect();
+    uidls.sort();
+    uidls.dedup();
+    assert_eq!(uidls.len(), 4, "{uidls:?}");
 }
 
 /// Mail from `<>` that fails is never bounced; the postmaster hears of it
