@@ -215,12 +215,30 @@ fn man_pages(dir: Option<&Path>) -> ExitCode {
         }
         return write_stdout(&page);
     };
-    let written = std::fs::create_dir_all(dir)
-        .and_then(|()| clap_mangen::generate_to(Cli::command(), dir));
+    let written = std::fs::create_dir_all(dir).and_then(|()| {
+        let mut cmd = Cli::command().disable_help_subcommand(true);
+        // Gives each subcommand its display name (postino-queue-list).
+        cmd.build();
+        write_man_pages(&cmd, dir)
+    });
     match written {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&format!("writing manual pages to {}: {e}", dir.display())),
     }
+}
+
+/// Writes the page of `cmd` and of each of its subcommands, every one
+/// footed "postino VERSION" (`clap_mangen::generate_to` puts the bare
+/// subcommand name there).
+fn write_man_pages(cmd: &clap::Command, dir: &Path) -> std::io::Result<()> {
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        write_man_pages(sub, dir)?;
+    }
+    let source = concat!("postino ", env!("CARGO_PKG_VERSION"));
+    clap_mangen::Man::new(cmd.clone())
+        .source(source)
+        .generate_to(dir)
+        .map(drop)
 }
 
 /// Writes generated text; a reader that stopped early is not an error

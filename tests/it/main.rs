@@ -9,6 +9,7 @@ mod durability;
 mod example;
 mod flood;
 mod hostile;
+mod packaging;
 mod pop3;
 mod security;
 mod smtp_local;
