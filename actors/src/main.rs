@@ -395,7 +395,8 @@ mod tests {
             }
             for arg in cmd.get_arguments() {
                 let id = arg.get_id().as_str();
-                if !arg.is_hide_set() && arg.get_help().is_none() && id != "help" && id != "version" {
+                if !arg.is_hide_set() && arg.get_help().is_none() && id != "help" && id != "version"
+                {
                     missing.push(format!("{path} {id}: no help"));
                 }
             }

@@ -172,7 +172,12 @@ fn unit_exposure_is_low_by_systemd_analyze_security() {
 fn bash_completion_parses_and_completes_subcommands() {
     let out = run(Command::new(binary())
         // Generating needs no configuration, not even a readable one.
-        .args(["--config", "/nonexistent/postino.toml", "completions", "bash"]));
+        .args([
+            "--config",
+            "/nonexistent/postino.toml",
+            "completions",
+            "bash",
+        ]));
     assert!(out.status.success(), "{}", text_of(&out));
     let dir = tempfile::tempdir().expect("temp dir");
     let script = dir.path().join("postino.bash");
@@ -187,7 +192,11 @@ fn bash_completion_parses_and_completes_subcommands() {
              COMP_CWORD=$((COMP_CWORD - 1)); _postino postino '' x; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
             script.display()
         )));
-        assert!(out.status.success(), "completing `{words}`: {}", text_of(&out));
+        assert!(
+            out.status.success(),
+            "completing `{words}`: {}",
+            text_of(&out)
+        );
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .map(str::to_owned)
@@ -205,11 +214,17 @@ fn bash_completion_parses_and_completes_subcommands() {
         "man",
         "--config",
     ] {
-        assert!(top.iter().any(|w| w == sub), "`postino ` offers {top:?}, not {sub}");
+        assert!(
+            top.iter().any(|w| w == sub),
+            "`postino ` offers {top:?}, not {sub}"
+        );
     }
     let queue = complete("postino queue");
     for sub in ["list", "show", "flush", "delete", "bounce"] {
-        assert!(queue.iter().any(|w| w == sub), "`postino queue ` offers {queue:?}");
+        assert!(
+            queue.iter().any(|w| w == sub),
+            "`postino queue ` offers {queue:?}"
+        );
     }
 
     for shell in ["zsh", "fish", "elvish", "powershell"] {
@@ -251,7 +266,8 @@ fn man_pages_cover_every_subcommand() {
         let path = man1.join(file);
         let page = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
         assert!(
-            page.lines().any(|l| l.starts_with(&format!(".TH {name} 1 "))),
+            page.lines()
+                .any(|l| l.starts_with(&format!(".TH {name} 1 "))),
             "{file}: no .TH line"
         );
         assert!(
@@ -275,7 +291,10 @@ fn man_pages_cover_every_subcommand() {
     let out = run(Command::new(binary()).arg("man"));
     // The footer names the program, also on subcommand pages.
     let bounce = std::fs::read_to_string(man1.join("postino-queue-bounce.1")).expect("page");
-    assert!(bounce.contains(concat!("\"postino ", env!("CARGO_PKG_VERSION"), "\"")), "{bounce}");
+    assert!(
+        bounce.contains(concat!("\"postino ", env!("CARGO_PKG_VERSION"), "\"")),
+        "{bounce}"
+    );
     assert!(
         out.status.success() && String::from_utf8_lossy(&out.stdout).contains(".TH postino 1 "),
         "{}",
