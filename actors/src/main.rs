@@ -1,13 +1,14 @@
 //! The `postino` command: `serve`, the `user`/`alias`/`queue` tools (which
 //! talk to a running server over its control socket, or open the store when
 //! none runs), the offline `store` tools (`check`, `export`, `import`,
-//! `compact`), and the `bench` load harness.
+//! `compact`), the `bench` load harness, and the `completions` and `man`
+//! generators for packagers.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use postino::control::{self, Request, Response};
 use postino::Server;
 use postino_core::logsafe::Secret;
@@ -51,6 +52,17 @@ enum Command {
     /// Load harness: SMTP and POP3 clients, and a receiving sink.
     #[command(subcommand)]
     Bench(postino::bench::BenchCommand),
+    /// Print a shell completion script (e.g. to /usr/share/bash-completion/completions/postino).
+    Completions {
+        /// The shell the script is for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the postino(1) manual page, or write it and one page per subcommand to a directory.
+    Man {
+        /// Write postino.1, postino-serve.1, postino-queue-list.1 ... here (created if missing).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -65,7 +77,10 @@ enum StoreCommand {
         output: Option<PathBuf>,
     },
     /// Build the store in an empty data directory from an export.
-    Import { file: PathBuf },
+    Import {
+        /// The file `postino store export` wrote.
+        file: PathBuf,
+    },
     /// Rewrite the store with only its live records and swap it in, giving
     /// back the space sled keeps after deleted mail. The server must be
     /// stopped; an interrupted run loses nothing (the next start finishes it).
@@ -75,11 +90,20 @@ enum StoreCommand {
 #[derive(Subcommand, Debug)]
 enum UserCommand {
     /// Add a mailbox; the password is read from standard input.
-    Add { address: String },
+    Add {
+        /// The mailbox address, in one of the local domains.
+        address: String,
+    },
     /// Change a password (read from standard input).
-    Passwd { address: String },
+    Passwd {
+        /// The mailbox address.
+        address: String,
+    },
     /// Delete a mailbox and the mail in it.
-    Del { address: String },
+    Del {
+        /// The mailbox address.
+        address: String,
+    },
     /// List mailboxes.
     List,
 }
@@ -88,12 +112,17 @@ enum UserCommand {
 enum AliasCommand {
     /// Deliver mail for ALIAS to TARGET (local or remote); repeat to add targets.
     Add {
+        /// The alias address, in one of the local domains.
         alias: String,
+        /// A local mailbox, another alias or a remote address.
         target: String,
     },
+    /// Delete an alias and all its targets.
     Del {
+        /// The alias address.
         alias: String,
     },
+    /// List aliases and their targets.
     List,
 }
 
@@ -101,22 +130,33 @@ enum AliasCommand {
 enum QueueCommand {
     /// Id, sender, attempts, next attempt, recipients and last error of each message.
     List,
+    /// Sender, arrival, client, attempts, next attempt and each recipient's state of one message.
     Show {
+        /// The message id, as `queue list` prints it.
         id: String,
     },
     /// Retry every queued message now.
     Flush,
+    /// Drop a message from the queue without telling its sender.
     Delete {
+        /// The message id, as `queue list` prints it.
         id: String,
     },
     /// Give up on a message and bounce it to its sender.
     Bounce {
+        /// The message id, as `queue list` prints it.
         id: String,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Generators need no configuration: a packager's build has none.
+    match &cli.command {
+        Command::Completions { shell } => return completions(*shell),
+        Command::Man { dir } => return man_pages(dir.as_deref()),
+        _ => {}
+    }
     let config = match load_config(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -181,6 +221,63 @@ fn main() -> ExitCode {
                 QueueCommand::Bounce { id } => Request::QueueBounce { id },
             },
         ),
+        Command::Completions { .. } | Command::Man { .. } => {
+            unreachable!("handled before the configuration is loaded")
+        }
+    }
+}
+
+/// `postino completions SHELL`: the script on standard output.
+fn completions(shell: clap_complete::Shell) -> ExitCode {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "postino", &mut script);
+    write_stdout(&script)
+}
+
+/// `postino man [--dir DIR]`: postino(1) on standard output, or every page
+/// (one per subcommand, as `git` ships them) written to DIR.
+fn man_pages(dir: Option<&Path>) -> ExitCode {
+    let Some(dir) = dir else {
+        let mut page = Vec::new();
+        if let Err(e) = clap_mangen::Man::new(Cli::command()).render(&mut page) {
+            return fail(&format!("rendering the manual page: {e}"));
+        }
+        return write_stdout(&page);
+    };
+    let written = std::fs::create_dir_all(dir).and_then(|()| {
+        let mut cmd = Cli::command().disable_help_subcommand(true);
+        // Gives each subcommand its display name (postino-queue-list).
+        cmd.build();
+        write_man_pages(&cmd, dir)
+    });
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("writing manual pages to {}: {e}", dir.display())),
+    }
+}
+
+/// Writes the page of `cmd` and of each of its subcommands, every one
+/// footed "postino VERSION" (`clap_mangen::generate_to` puts the bare
+/// subcommand name there).
+fn write_man_pages(cmd: &clap::Command, dir: &Path) -> std::io::Result<()> {
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        write_man_pages(sub, dir)?;
+    }
+    let source = concat!("postino ", env!("CARGO_PKG_VERSION"));
+    clap_mangen::Man::new(cmd.clone())
+        .source(source)
+        .generate_to(dir)
+        .map(drop)
+}
+
+/// Writes generated text; a reader that stopped early is not an error
+/// (as in [`print_lines`]).
+fn write_stdout(bytes: &[u8]) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("writing the output: {e}")),
     }
 }
 
@@ -491,5 +588,38 @@ async fn wait_for_signals(server: &Server) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every subcommand and argument has help text, so that `--help`, the
+    /// manual pages and the completions describe all of them.
+    #[test]
+    fn every_command_and_argument_is_documented() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            if cmd.get_about().is_none() {
+                missing.push(format!("{path}: no about"));
+            }
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if !arg.is_hide_set() && arg.get_help().is_none() && id != "help" && id != "version"
+                {
+                    missing.push(format!("{path} {id}: no help"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        Cli::command().debug_assert();
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        walk(&cmd, "postino", &mut missing);
+        assert!(missing.is_empty(), "undocumented: {missing:#?}");
     }
 }
