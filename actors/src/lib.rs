@@ -78,9 +78,7 @@ pub fn init_logging(format: postino_core::config::LogFormat) {
 
 /// Whether a `RUST_LOG` value has a directive for sled itself.
 fn names_sled(directives: &str) -> bool {
-    directives
-        .split(',')
-        .any(|d| d.trim().starts_with("sled"))
+    directives.split(',').any(|d| d.trim().starts_with("sled"))
 }
 
 /// Whether a record is one of sled's trace records. sled logs every record
