@@ -254,7 +254,7 @@ impl Pop3Connection {
                 // so no user name can forge either.
                 AuthResult::BadCredentials => warn!(
                     parent: &act.span,
-                    result = "BadCredentials",
+                    result = %"BadCredentials",
                     user = %escape(&user),
                     delay_ms = delay.as_millis() as u64,
                     "pop3 login failed"

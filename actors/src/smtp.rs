@@ -21,6 +21,7 @@ use postino_core::smtp::receiver::{DataReceiver, LineError, LineReceiver};
 use postino_core::smtp::session::{DataStep, Peer, SessionConfig, Step};
 use postino_core::smtp::{request, Reply, Request, Session};
 use postino_core::Store;
+use tracing::field::display;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::auth::PasswordChecks;
@@ -307,9 +308,9 @@ impl SmtpConnection {
         match &current.to {
             Some(to) => {
                 let to = format!("<{}>", escape(to));
-                info!(parent: &self.span, %from, %to, proto, %helo, "{message}");
+                info!(parent: &self.span, %from, %to, proto = %proto, %helo, "{message}");
             }
-            None => info!(parent: &self.span, %from, proto, %helo, "{message}"),
+            None => info!(parent: &self.span, %from, proto = %proto, %helo, "{message}"),
         }
     }
 
@@ -470,7 +471,7 @@ impl SmtpConnection {
                             match &user {
                                 Some(u) => info!(
                                     parent: &act.span,
-                                    mechanism,
+                                    mechanism = %mechanism,
                                     user = %escape(u),
                                     "smtp auth ok"
                                 ),
@@ -479,7 +480,7 @@ impl SmtpConnection {
                                 // before any client value.
                                 None => warn!(
                                     parent: &act.span,
-                                    mechanism,
+                                    mechanism = %mechanism,
                                     user = %escape(&tried),
                                     delay_ms = delay.as_millis() as u64,
                                     "smtp auth failed"
@@ -523,7 +524,12 @@ impl SmtpConnection {
                             act.shared.config.smtp.bare_lf,
                         );
                         let (protocol, cipher) = act.tls.clone().unzip();
-                        info!(parent: &act.span, protocol, cipher, "tls established");
+                        info!(
+                            parent: &act.span,
+                            protocol = protocol.as_ref().map(display),
+                            cipher = cipher.as_ref().map(display),
+                            "tls established"
+                        );
                         act.drive(ctx);
                     }
                     Err(e) => {
@@ -617,10 +623,10 @@ impl SmtpConnection {
                         from = %escape(&envelope.sender_display()),
                         nrcpt = rcpts,
                         size = envelope.size,
-                        message_id,
-                        sasl_username,
-                        tls_protocol,
-                        tls_cipher,
+                        message_id = message_id.as_ref().map(display),
+                        sasl_username = sasl_username.as_ref().map(display),
+                        tls_protocol = tls_protocol.as_ref().map(display),
+                        tls_cipher = tls_cipher.as_ref().map(display),
                         "message accepted"
                     );
                     if let Submitted::Queued(q) = submitted {
