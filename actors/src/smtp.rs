@@ -203,7 +203,11 @@ fn tls_description(io: &Io) -> Option<(String, String)> {
     let conn = tls.get_ref().1;
     let version = conn.protocol_version()?;
     let suite = conn.negotiated_cipher_suite()?.suite();
-    Some((format!("{version:?}"), format!("{suite:?}")))
+    // `TLSv1_3` is the enum variant's name; Postfix writes `TLSv1.3`.
+    Some((
+        format!("{version:?}").replace('_', "."),
+        format!("{suite:?}"),
+    ))
 }
 
 /// A DATA transfer in progress, with what the minimum-rate check needs.
