@@ -328,3 +328,29 @@ fn fail2ban_filter_matches_failed_logins_by_real_peer() {
         server.log()
     );
 }
+
+/// sled's debug records (page-cache bookkeeping) stay out of a plain
+/// `RUST_LOG=debug`, and appear when `RUST_LOG` names sled; its trace
+/// records never do.
+#[test]
+fn sled_debug_records_only_when_rust_log_names_sled() {
+    let sled_line = |l: &&str| l.contains(" sled::") || l.contains(" sled:");
+    let server = TestServer::start_logging(&config_text("", "", "", ""), "debug");
+    server.add_user(ALICE, "wonderland");
+    wait_count(&server, "control request", 1);
+    let log = server.log();
+    assert!(log.contains(" DEBUG "), "{log}");
+    let sled: Vec<&str> = log.lines().filter(sled_line).collect();
+    assert!(sled.is_empty(), "sled records at RUST_LOG=debug:\n{sled:?}");
+
+    let server = TestServer::start_logging(&config_text("", "", "", ""), "debug,sled=trace");
+    server.add_user(ALICE, "wonderland");
+    wait_count(&server, "control request", 1);
+    let log = server.log();
+    let sled: Vec<&str> = log.lines().filter(sled_line).collect();
+    assert!(
+        sled.iter().any(|l| l.contains(" DEBUG ")),
+        "no sled debug records with sled named:\n{log}"
+    );
+    assert!(!sled.iter().any(|l| l.contains(" TRACE ")), "{sled:?}");
+}
