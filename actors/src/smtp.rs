@@ -21,7 +21,6 @@ use postino_core::smtp::receiver::{DataReceiver, LineError, LineReceiver};
 use postino_core::smtp::session::{DataStep, Peer, SessionConfig, Step};
 use postino_core::smtp::{request, Reply, Request, Session};
 use postino_core::Store;
-use tracing::field::display;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::auth::PasswordChecks;
@@ -530,8 +529,8 @@ impl SmtpConnection {
                         let (protocol, cipher) = act.tls.clone().unzip();
                         info!(
                             parent: &act.span,
-                            protocol = protocol.as_ref().map(display),
-                            cipher = cipher.as_ref().map(display),
+                            protocol = protocol.as_ref().map(tracing::field::display),
+                            cipher = cipher.as_ref().map(tracing::field::display),
                             "tls established"
                         );
                         act.drive(ctx);
@@ -627,10 +626,10 @@ impl SmtpConnection {
                         from = %escape(&envelope.sender_display()),
                         nrcpt = rcpts,
                         size = envelope.size,
-                        message_id = message_id.as_ref().map(display),
-                        sasl_username = sasl_username.as_ref().map(display),
-                        tls_protocol = tls_protocol.as_ref().map(display),
-                        tls_cipher = tls_cipher.as_ref().map(display),
+                        message_id = message_id.as_ref().map(tracing::field::display),
+                        sasl_username = sasl_username.as_ref().map(tracing::field::display),
+                        tls_protocol = tls_protocol.as_ref().map(tracing::field::display),
+                        tls_cipher = tls_cipher.as_ref().map(tracing::field::display),
                         "message accepted"
                     );
                     if let Submitted::Queued(q) = submitted {
