@@ -787,3 +787,49 @@ impl Actor for SmtpConnection {
         info!(parent: &self.span, "disconnect from [{}] {}", self.peer.ip(), self.counts);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index(name: &str) -> usize {
+        COMMANDS.iter().position(|c| *c == name).unwrap()
+    }
+
+    #[test]
+    fn counts_print_as_postfix_does() {
+        let mut counts = CommandCounts::default();
+        assert_eq!(counts.to_string(), "commands=0");
+        for (name, ok) in [
+            ("quit", true),
+            ("rcpt", false),
+            ("ehlo", true),
+            ("rcpt", true),
+            ("mail", true),
+            ("unknown", false),
+        ] {
+            counts.record(index(name), ok);
+        }
+        assert_eq!(
+            counts.to_string(),
+            "ehlo=1 mail=1 rcpt=1/2 quit=1 unknown=0/1 commands=4/6"
+        );
+    }
+
+    #[test]
+    fn message_id_is_read_from_the_header_section_only() {
+        let cases: [(&[u8], Option<&str>); 5] = [
+            (
+                b"Subject: x\r\nMessage-ID: <a@b>\r\n\r\nbody",
+                Some("<a@b>"),
+            ),
+            (b"message-id:   <a@b>  \r\n\r\n", Some("<a@b>")),
+            (b"Message-Id:\r\n <folded@b>\r\n\r\n", Some("<folded@b>")),
+            (b"Subject: x\r\n\r\nMessage-ID: <in@body>\r\n", None),
+            (b"Message-IDs: <no@b>\n\n", None),
+        ];
+        for (content, want) in cases {
+            assert_eq!(message_id(content).as_deref(), want, "{content:?}");
+        }
+    }
+}
