@@ -186,7 +186,7 @@ async fn wait_for_stop() {
 }
 
 fn main() -> ExitCode {
-    postino::init_logging();
+    postino::init_logging(Default::default());
     let config = match std::env::args_os().nth(1) {
         Some(path) => match Config::load(Path::new(&path)) {
             Ok(config) => config,

@@ -52,6 +52,29 @@ pub struct Config {
     pub store: StoreConfig,
     #[serde(default)]
     pub auth: AuthConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// The log on standard error (`RUST_LOG` still chooses the levels).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `"text"`: one human line per record; `"json"`: one JSON object per
+    /// line, for log collectors.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// How log records are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// `2026-12-01T18:24:34.123456Z  INFO smtp{peer=…}: postino::smtp: message fields…`
+    #[default]
+    Text,
+    /// `{"timestamp":…,"level":…,"fields":{"message":…},"target":…,"span":…}`
+    Json,
 }
 
 /// Password checks, for POP3 logins and SMTP AUTH alike.
@@ -796,6 +819,18 @@ mod tests {
         assert!(err.contains("test.toml:3"), "{err}");
         assert!(err.contains("routing.unknown_user"), "{err}");
         assert!(err.contains("reject"), "{err}");
+    }
+
+    #[test]
+    fn log_format_parses_and_bad_value_names_key_and_line() {
+        let config = parse("[log]\nformat = \"json\"\n").unwrap();
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(parse("").unwrap().log.format, LogFormat::Text);
+        let err = parse("\n[log]\nformat = \"xml\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("test.toml:3"), "{err}");
+        assert!(err.contains("log.format"), "{err}");
     }
 
     #[test]

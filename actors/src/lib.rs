@@ -38,28 +38,63 @@ pub mod tls;
 pub use router::{Dispatch, RouteRecipient, Router};
 pub use server::{Server, ServerBuilder, ServerError};
 
-/// Logs to standard error; `RUST_LOG` filters (default `info`), except
-/// that sled's trace records never appear (see [`sled_trace`]).
-pub fn init_logging() {
+/// Logs to standard error, as text lines or JSON objects (`log.format`);
+/// `RUST_LOG` filters (default `info`). sled's trace records never appear
+/// (see [`sled_trace`]), and its debug records only when `RUST_LOG` names
+/// sled (`RUST_LOG=info,sled=debug`): a plain `RUST_LOG=debug` is for
+/// postino's own story, not sled's page bookkeeping.
+pub fn init_logging(format: postino_core::config::LogFormat) {
     use tracing_subscriber::filter::{filter_fn, EnvFilter};
     use tracing_subscriber::prelude::*;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let output = tracing_subscriber::fmt::layer()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .with_filter(filter_fn(|meta| !sled_trace(meta)));
+    let directives = std::env::var("RUST_LOG").unwrap_or_default();
+    let filter = EnvFilter::try_new(&directives)
+        .ok()
+        .filter(|_| !directives.trim().is_empty())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let sled_asked = names_sled(&directives);
+    let keep = filter_fn(move |meta| !sled_trace(meta) && (sled_asked || !sled_debug(meta)));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // Both layers are built and one is disabled: the subscriber's type
+    // stays the same either way.
+    let json = (format == postino_core::config::LogFormat::Json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .with_writer(std::io::stderr)
+    });
+    let text = (format != postino_core::config::LogFormat::Json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(std::io::stderr)
+    });
     let _ = tracing_subscriber::registry()
         .with(filter)
-        .with(output)
+        .with(keep)
+        .with(json)
+        .with(text)
         .try_init();
+}
+
+/// Whether a `RUST_LOG` value has a directive for sled itself.
+fn names_sled(directives: &str) -> bool {
+    directives.split(',').any(|d| d.trim().starts_with("sled"))
 }
 
 /// Whether a record is one of sled's trace records. sled logs every record
 /// it writes at trace level, value included (`linking pid 8 with Set(key,
 /// value)`): password hashes and mail content. No password hash may reach
 /// the log at any level, so these are dropped whatever `RUST_LOG` asks for.
-/// sled's debug records name trees and file offsets only and stay.
 pub fn sled_trace(meta: &tracing::Metadata<'_>) -> bool {
-    *meta.level() == tracing::Level::TRACE
-        && (meta.target() == "sled" || meta.target().starts_with("sled::"))
+    *meta.level() == tracing::Level::TRACE && is_sled(meta)
+}
+
+/// Whether a record is one of sled's debug records (trees and file
+/// offsets): kept only when `RUST_LOG` names sled.
+fn sled_debug(meta: &tracing::Metadata<'_>) -> bool {
+    *meta.level() == tracing::Level::DEBUG && is_sled(meta)
+}
+
+fn is_sled(meta: &tracing::Metadata<'_>) -> bool {
+    meta.target() == "sled" || meta.target().starts_with("sled::")
 }

@@ -283,7 +283,7 @@ fn write_stdout(bytes: &[u8]) -> ExitCode {
 
 /// `postino store compact`: offline, on the store itself.
 fn store_compact(config: &Config) -> ExitCode {
-    postino::init_logging();
+    postino::init_logging(config.log.format);
     match Store::compact(&config.data_dir) {
         Ok(done) => {
             let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
@@ -553,7 +553,7 @@ fn serve(config: Config) -> ExitCode {
     // Test builds only: failpoints named in FAILPOINTS are set from the start.
     #[cfg(feature = "failpoints")]
     let _failpoints = postino_core::failpoints::from_env();
-    postino::init_logging();
+    postino::init_logging(config.log.format);
     let system = actix::System::new();
     let result = system.block_on(async move {
         let server = Server::builder(config).start().await?;

@@ -248,11 +248,21 @@ impl Pop3Connection {
                     act.mailbox = Some(user);
                 }
                 // The delay is logged so a postmaster (and the tests) can see
-                // the tarpit growing per client address.
+                // the tarpit growing per client address. fail2ban's filter
+                // reads the wrong-password line: the client is the span's
+                // peer and `result` comes before the (escaped) user name,
+                // so no user name can forge either.
+                AuthResult::BadCredentials => warn!(
+                    parent: &act.span,
+                    result = %"BadCredentials",
+                    user = %escape(&user),
+                    delay_ms = delay.as_millis() as u64,
+                    "pop3 login failed"
+                ),
                 other => info!(
                     parent: &act.span,
-                    user = %escape(&user),
                     result = ?other,
+                    user = %escape(&user),
                     delay_ms = delay.as_millis() as u64,
                     "pop3 login failed"
                 ),

@@ -61,7 +61,152 @@ pub struct SmtpConnection {
     deadline: Option<Instant>,
     peer: SocketAddr,
     span: tracing::Span,
+    /// The command waiting for its final reply (for the counts and the
+    /// reject line).
+    current: Option<Current>,
+    counts: CommandCounts,
+    /// TLS protocol and cipher suite, once encrypted (for the accepted line).
+    tls: Option<(String, String)>,
     _guard: ConnectionGuard,
+}
+
+/// Commands as Postfix's smtpd counts them in its `disconnect from` line,
+/// in its order.
+const COMMANDS: [&str; 15] = [
+    "helo", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "bdat", "rset", "noop", "vrfy",
+    "expn", "help", "quit", "unknown",
+];
+const UNKNOWN: usize = 14;
+
+/// The command whose final reply is awaited.
+struct Current {
+    /// Index into [`COMMANDS`].
+    command: usize,
+    /// MAIL's sender, as the client gave it.
+    from: Option<String>,
+    /// RCPT's recipient, as the client gave it.
+    to: Option<String>,
+    /// AUTH's mechanism.
+    mechanism: Option<String>,
+    /// DATA got its 354: the next reply ends the message.
+    end_of_data: bool,
+}
+
+impl Current {
+    fn of(request: &Request) -> Current {
+        let name = match request {
+            Request::Helo { .. } => "helo",
+            Request::Ehlo { .. } => "ehlo",
+            Request::StartTls => "starttls",
+            Request::Auth { .. } => "auth",
+            Request::Mail { .. } => "mail",
+            Request::Rcpt { .. } => "rcpt",
+            Request::Data => "data",
+            Request::Bdat { .. } => "bdat",
+            Request::Rset => "rset",
+            Request::Noop => "noop",
+            Request::Vrfy(_) => "vrfy",
+            Request::Expn(_) => "expn",
+            Request::Help => "help",
+            Request::Quit => "quit",
+            Request::Unknown(_) => "unknown",
+        };
+        let mut current =
+            Current::named(COMMANDS.iter().position(|c| *c == name).unwrap_or(UNKNOWN));
+        match request {
+            Request::Mail { from, .. } => {
+                current.from = Some(from.as_ref().map(|a| a.to_string()).unwrap_or_default())
+            }
+            Request::Rcpt { to, .. } => current.to = Some(to.to_string()),
+            Request::Auth { mechanism, .. } => current.mechanism = Some(mechanism.clone()),
+            _ => {}
+        }
+        current
+    }
+
+    fn named(command: usize) -> Current {
+        Current {
+            command,
+            from: None,
+            to: None,
+            mechanism: None,
+            end_of_data: false,
+        }
+    }
+}
+
+/// Per command: how many succeeded, of how many sent.
+#[derive(Default)]
+struct CommandCounts([(u32, u32); COMMANDS.len()]);
+
+impl CommandCounts {
+    fn record(&mut self, command: usize, ok: bool) {
+        let (good, all) = &mut self.0[command];
+        *all += 1;
+        if ok {
+            *good += 1;
+        }
+    }
+}
+
+/// Postfix's form: `ehlo=1 mail=1 rcpt=1/2 data=1 quit=1 commands=5/6`
+/// (`n` when all n succeeded, `good/all` otherwise).
+impl std::fmt::Display for CommandCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let count = |f: &mut std::fmt::Formatter<'_>, name: &str, good: u32, all: u32| {
+            if good == all {
+                write!(f, "{name}={all}")
+            } else {
+                write!(f, "{name}={good}/{all}")
+            }
+        };
+        let (mut good, mut all) = (0, 0);
+        for (name, (g, a)) in COMMANDS.iter().zip(self.0) {
+            if a > 0 {
+                count(f, name, g, a)?;
+                f.write_str(" ")?;
+                good += g;
+                all += a;
+            }
+        }
+        count(f, "commands", good, all)
+    }
+}
+
+/// The `Message-ID` header's value, if the header section has one.
+fn message_id(content: &[u8]) -> Option<String> {
+    let mut lines = content
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    while let Some(line) = lines.next() {
+        if line.is_empty() {
+            break;
+        }
+        if line.len() >= 11 && line[..11].eq_ignore_ascii_case(b"message-id:") {
+            let mut value = line[11..].trim_ascii().to_vec();
+            if value.is_empty() {
+                // Folded onto the next line.
+                value = lines.next().unwrap_or_default().trim_ascii().to_vec();
+            }
+            return Some(String::from_utf8_lossy(&value).into_owned());
+        }
+    }
+    None
+}
+
+/// The TLS protocol version and cipher suite of an encrypted stream.
+fn tls_description(io: &Io) -> Option<(String, String)> {
+    let Stream::Tls(tls) = &io.stream else {
+        return None;
+    };
+    let conn = tls.get_ref().1;
+    let version = conn.protocol_version()?;
+    let suite = conn.negotiated_cipher_suite()?.suite();
+    // `TLSv1_3` is the enum variant's name; Postfix writes `TLSv1.3`.
+    Some((
+        format!("{version:?}").replace('_', "."),
+        format!("{suite:?}"),
+    ))
 }
 
 /// A DATA transfer in progress, with what the minimum-rate check needs.
@@ -91,9 +236,13 @@ impl SmtpConnection {
             shared.config.smtp.max_line_length,
             shared.config.smtp.bare_lf,
         );
+        let io = Io::new(stream, shutdown);
         SmtpConnection {
             session,
-            io: Some(Io::new(stream, shutdown)),
+            tls: tls_description(&io),
+            current: None,
+            counts: CommandCounts::default(),
+            io: Some(io),
             lines,
             data: None,
             deadline: None,
@@ -105,8 +254,66 @@ impl SmtpConnection {
     }
 
     fn queue(&mut self, reply: &Reply) {
+        self.settle(reply);
         if let Some(io) = &mut self.io {
             reply.write_to(&mut io.wbuf);
+        }
+    }
+
+    /// Counts the current command once its final reply is known, and logs
+    /// a refused HELO, MAIL, RCPT or DATA as Postfix's smtpd does.
+    fn settle(&mut self, reply: &Reply) {
+        if (300..400).contains(&reply.code) {
+            // 334 or 354: the command goes on.
+            if let Some(current) = &mut self.current {
+                current.end_of_data = COMMANDS[current.command] == "data";
+            }
+            return;
+        }
+        let Some(current) = self.current.take() else {
+            return;
+        };
+        let ok = reply.code < 400;
+        self.counts.record(current.command, ok);
+        if !ok
+            && matches!(
+                COMMANDS[current.command],
+                "helo" | "ehlo" | "mail" | "rcpt" | "data"
+            )
+        {
+            self.log_reject(&current, reply);
+        }
+    }
+
+    /// `NOQUEUE: reject: RCPT from [ip]: 550 5.1.1 <text>; from=<s> to=<r>
+    /// proto=ESMTP helo=<h>`, every client value escaped.
+    fn log_reject(&self, current: &Current, reply: &Reply) {
+        let verb = if current.end_of_data {
+            "END-OF-MESSAGE".to_owned()
+        } else {
+            COMMANDS[current.command].to_ascii_uppercase()
+        };
+        let status = reply
+            .status
+            .as_deref()
+            .map(|s| format!(" {s}"))
+            .unwrap_or_default();
+        let message = format!(
+            "NOQUEUE: reject: {verb} from [{ip}]: {code}{status} {text};",
+            ip = self.peer.ip(),
+            code = reply.code,
+            text = escape(reply.text.as_ref()),
+        );
+        let sender = current.from.clone().or_else(|| self.session.sender());
+        let from = format!("<{}>", escape(&sender.unwrap_or_default()));
+        let helo = format!("<{}>", escape(self.session.helo().unwrap_or_default()));
+        let proto = self.session.proto();
+        match &current.to {
+            Some(to) => {
+                let to = format!("<{}>", escape(to));
+                info!(parent: &self.span, %from, %to, proto = %proto, %helo, "{message}");
+            }
+            None => info!(parent: &self.span, %from, proto = %proto, %helo, "{message}"),
         }
     }
 
@@ -133,6 +340,9 @@ impl SmtpConnection {
                 Ok(Some(line)) => line,
                 Ok(None) => return self.read(ctx),
                 Err(LineError::TooLong) => {
+                    if !self.session.in_auth() {
+                        self.current = Some(Current::named(UNKNOWN));
+                    }
                     let step = self.session.line_too_long();
                     if !self.step(step, ctx) {
                         return;
@@ -150,12 +360,16 @@ impl SmtpConnection {
                 match Request::parse(&line) {
                     Ok(request) => {
                         debug!(command = %request::loggable(&line), "command");
+                        self.current = Some(Current::of(&request));
                         if matches!(request, Request::Mail { .. }) {
                             self.session.set_storage_low(self.shared.store.space_low());
                         }
                         self.session.command(request)
                     }
-                    Err(e) => self.session.bad_line(e.reply()),
+                    Err(e) => {
+                        self.current = Some(Current::named(UNKNOWN));
+                        self.session.bad_line(e.reply())
+                    }
                 }
             };
             if !self.step(step, ctx) {
@@ -229,6 +443,11 @@ impl SmtpConnection {
                 let canonical = user.to_ascii_lowercase();
                 // Named in the log when the login fails (Postfix's sasl_username).
                 let tried = canonical.clone();
+                let mechanism = self
+                    .current
+                    .as_ref()
+                    .and_then(|c| c.mechanism.clone())
+                    .unwrap_or_default();
                 let check = async move {
                     // argon2 is deliberately slow: it runs on the checking
                     // threads, a few at a time.
@@ -253,11 +472,18 @@ impl SmtpConnection {
                     let step = match checked {
                         Ok((user, delay)) => {
                             match &user {
-                                Some(u) => {
-                                    info!(parent: &act.span, user = %escape(u), "smtp auth ok")
-                                }
+                                Some(u) => info!(
+                                    parent: &act.span,
+                                    mechanism = %mechanism,
+                                    user = %escape(u),
+                                    "smtp auth ok"
+                                ),
+                                // fail2ban's filter reads this line: the
+                                // client is the span's peer, written
+                                // before any client value.
                                 None => warn!(
                                     parent: &act.span,
+                                    mechanism = %mechanism,
                                     user = %escape(&tried),
                                     delay_ms = delay.as_millis() as u64,
                                     "smtp auth failed"
@@ -293,13 +519,20 @@ impl SmtpConnection {
                 let fut = io.start_tls(acceptor, self.shared.config.smtp.timeout);
                 ctx.wait(fut.into_actor(self).map(|res, act, ctx| match res {
                     Ok(io) => {
+                        act.tls = tls_description(&io);
                         act.io = Some(io);
                         act.session.tls_started();
                         act.lines = LineReceiver::new(
                             act.shared.config.smtp.max_line_length,
                             act.shared.config.smtp.bare_lf,
                         );
-                        debug!("tls started");
+                        let (protocol, cipher) = act.tls.clone().unzip();
+                        info!(
+                            parent: &act.span,
+                            protocol = protocol.as_ref().map(tracing::field::display),
+                            cipher = cipher.as_ref().map(tracing::field::display),
+                            "tls established"
+                        );
                         act.drive(ctx);
                     }
                     Err(e) => {
@@ -355,6 +588,13 @@ impl SmtpConnection {
                 self.close_with(reply, ctx);
             }
             DataStep::Accept(accepted) => {
+                // For the accepted line (Postfix logs these in several).
+                let sasl_username = self
+                    .session
+                    .authenticated_user()
+                    .map(|u| escape(u).to_string());
+                let (tls_protocol, tls_cipher) = self.tls.clone().unzip();
+                let message_id = message_id(&accepted.content).map(|m| escape(&m).to_string());
                 let envelope = Envelope {
                     id,
                     sender: accepted.sender,
@@ -381,7 +621,17 @@ impl SmtpConnection {
                     // Postfix fsyncs first too).
                     store.durable().await.map_err(|e| e.to_string())?;
                     let rcpts = envelope.recipients.len();
-                    info!(%id, from = %escape(&envelope.sender_display()), nrcpt = rcpts, size = envelope.size, "message accepted");
+                    info!(
+                        %id,
+                        from = %escape(&envelope.sender_display()),
+                        nrcpt = rcpts,
+                        size = envelope.size,
+                        message_id = message_id.as_ref().map(tracing::field::display),
+                        sasl_username = sasl_username.as_ref().map(tracing::field::display),
+                        tls_protocol = tls_protocol.as_ref().map(tracing::field::display),
+                        tls_cipher = tls_cipher.as_ref().map(tracing::field::display),
+                        "message accepted"
+                    );
                     if let Submitted::Queued(q) = submitted {
                         // Nothing to wait for: the queue has it, and the
                         // next queue run tries it if this is lost.
@@ -533,6 +783,53 @@ impl Actor for SmtpConnection {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        debug!(parent: &self.span, "disconnected");
+        // Postfix's session summary, one line per connection.
+        info!(parent: &self.span, "disconnect from [{}] {}", self.peer.ip(), self.counts);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index(name: &str) -> usize {
+        COMMANDS.iter().position(|c| *c == name).unwrap()
+    }
+
+    #[test]
+    fn counts_print_as_postfix_does() {
+        let mut counts = CommandCounts::default();
+        assert_eq!(counts.to_string(), "commands=0");
+        for (name, ok) in [
+            ("quit", true),
+            ("rcpt", false),
+            ("ehlo", true),
+            ("rcpt", true),
+            ("mail", true),
+            ("unknown", false),
+        ] {
+            counts.record(index(name), ok);
+        }
+        assert_eq!(
+            counts.to_string(),
+            "ehlo=1 mail=1 rcpt=1/2 quit=1 unknown=0/1 commands=4/6"
+        );
+    }
+
+    #[test]
+    fn message_id_is_read_from_the_header_section_only() {
+        let cases: [(&[u8], Option<&str>); 5] = [
+            (
+                b"Subject: x\r\nMessage-ID: <a@b>\r\n\r\nbody",
+                Some("<a@b>"),
+            ),
+            (b"message-id:   <a@b>  \r\n\r\n", Some("<a@b>")),
+            (b"Message-Id:\r\n <folded@b>\r\n\r\n", Some("<folded@b>")),
+            (b"Subject: x\r\n\r\nMessage-ID: <in@body>\r\n", None),
+            (b"Message-IDs: <no@b>\n\n", None),
+        ];
+        for (content, want) in cases {
+            assert_eq!(message_id(content).as_deref(), want, "{content:?}");
+        }
     }
 }

@@ -213,6 +213,32 @@ impl Session {
         self.authenticated.as_deref()
     }
 
+    /// The HELO/EHLO name the client gave, if any (for logs).
+    pub fn helo(&self) -> Option<&str> {
+        self.helo.as_deref()
+    }
+
+    /// `"ESMTP"` after EHLO, `"SMTP"` otherwise (Postfix's `proto=`).
+    pub fn proto(&self) -> &'static str {
+        if self.esmtp {
+            "ESMTP"
+        } else {
+            "SMTP"
+        }
+    }
+
+    /// The current transaction's sender: `Some("")` for the null sender,
+    /// `None` outside a transaction (for logs).
+    pub fn sender(&self) -> Option<String> {
+        let tx = self.tx.as_ref()?;
+        Some(
+            tx.sender
+                .as_ref()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+        )
+    }
+
     /// Errors so far; past `soft_error_limit` the caller delays each reply.
     pub fn should_delay(&self) -> bool {
         self.errors > self.config.soft_error_limit

@@ -204,10 +204,10 @@ fn client_chosen_names_cannot_forge_log_lines() {
     // names lower-cased, as they are looked up).
     for escaped in [
         "user=mallory\\x0d2026-12-01t00:00:00.000000z  info pop3{peer=10.9.8.7:1}",
-        "\\x00 result=BadCredentials",
+        "pop3 login failed result=BadCredentials user=mallory\\x0d2026",
         "user=mallory\\x0a2026-12-01t00:00:00.000000z",
-        "smtp auth failed user=mallory\\x0a2026-12-01t00:00:00.000000z",
-        "smtp auth failed user=mallory\\x0a2026-12-01t00:00:00.000000z  info pop3{peer=10.9.8.7:1}: postino::pop3: pop3 login failed user=root result=badcredentials delay_ms=0\\x0d\\x00 delay_ms=",
+        "smtp auth failed mechanism=PLAIN user=mallory\\x0a2026-12-01t00:00:00.000000z",
+        "smtp auth failed mechanism=LOGIN user=mallory\\x0a2026-12-01t00:00:00.000000z  info pop3{peer=10.9.8.7:1}: postino::pop3: pop3 login failed user=root result=badcredentials delay_ms=0\\x0d\\x00 delay_ms=",
         "command=EHLO mallory\\u{2028}2026-12-01T00:00:00",
         "from=<mallory\\u{2028}x@example.test>",
     ] {

@@ -383,6 +383,28 @@ fn swaks_starttls_and_implicit_tls_deliver_over_tls() {
         .find(|m| m.contains("over implicit tls"))
         .unwrap();
     assert!(implicit.contains("with ESMTPSA id"), "{implicit}");
+
+    // The accepted lines say how each message came: TLS protocol and
+    // cipher, its Message-ID, and the SASL user where there was one.
+    let log = server.log();
+    let accepted: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("message accepted"))
+        .collect();
+    assert_eq!(accepted.len(), 2, "{log}");
+    for line in &accepted {
+        assert!(
+            line.contains("tls_protocol=TLSv1.3 tls_cipher=TLS13_"),
+            "{line}"
+        );
+        assert!(line.contains("message_id=<"), "{line}");
+    }
+    let sasl: Vec<&&str> = accepted
+        .iter()
+        .filter(|l| l.contains("sasl_username=alice@example.test"))
+        .collect();
+    assert_eq!(sasl.len(), 1, "{log}");
+    assert!(sasl[0].contains("from=<alice@example.test>"), "{log}");
 }
 
 #[test]

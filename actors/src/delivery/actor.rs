@@ -568,7 +568,7 @@ impl Delivery {
                 }
                 self.dispatch(notices.into_iter().map(|n| n.envelope).collect(), ctx);
                 if !remove {
-                    info!(%id, attempts = entry.attempts, next_attempt = entry.next_attempt, wait = %humantime::format_duration(wait), "deferred; will retry");
+                    info!(%id, attempts = entry.attempts, next_attempt = %humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(entry.next_attempt)), wait = %humantime::format_duration(wait), "deferred; will retry");
                     self.wake_at(entry.next_attempt as f64, ctx);
                 } else {
                     // Logged once flushed: from then on a crash cannot

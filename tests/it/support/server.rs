@@ -275,8 +275,12 @@ fn unsafe_kill(pid: u32, signal: &str) {
 
 /// Parses `name=[127.0.0.1:1234, ...]` out of the start line.
 fn first_addr(line: &str, name: &str) -> Option<SocketAddr> {
-    let key = format!(" {name}=[");
-    let start = line.find(&key)? + key.len();
+    // The text format writes ` smtp=[…]`, the JSON one `"smtp":"[…]"`.
+    let (text, json) = (format!(" {name}=["), format!("\"{name}\":\"["));
+    let start = match line.find(&text) {
+        Some(at) => at + text.len(),
+        None => line.find(&json)? + json.len(),
+    };
     let rest = &line[start..];
     let end = rest.find([']', ','])?;
     rest[..end].trim().parse().ok()
