@@ -203,6 +203,9 @@ impl Store {
             }
             new.flush()?;
         }
+        // sled's IO threads may hold the copy's lock a moment longer than
+        // its last handle (see `Released`): reopening at once could fail.
+        super::wait_released(&tmp.join("db"));
         {
             // A reopened sled database resumes its id counter at the last
             // persisted value plus twice the persist interval: here that is

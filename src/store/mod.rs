@@ -294,21 +294,28 @@ const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Drop for Released {
     fn drop(&mut self) {
-        use std::os::fd::AsRawFd;
-        let Ok(file) = std::fs::File::open(&self.db_file) else {
+        wait_released(&self.db_file);
+    }
+}
+
+/// Returns once no process holds the `flock` on sled's `db_file` (at most
+/// [`RELEASE_WAIT`]): after the last handle of a sled database is dropped,
+/// before it is opened again (see [`Released`]).
+fn wait_released(db_file: &Path) {
+    use std::os::fd::AsRawFd;
+    let Ok(file) = std::fs::File::open(db_file) else {
+        return;
+    };
+    let fd = file.as_raw_fd();
+    let deadline = std::time::Instant::now() + RELEASE_WAIT;
+    // SAFETY: flock on a descriptor we own, closed when `file` drops
+    // (which also releases our lock).
+    while unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if std::time::Instant::now() > deadline {
+            tracing::warn!(path = %db_file.display(), "the database is still locked after the store was closed");
             return;
-        };
-        let fd = file.as_raw_fd();
-        let deadline = std::time::Instant::now() + RELEASE_WAIT;
-        // SAFETY: flock on a descriptor we own, closed when `file` drops
-        // (which also releases our lock).
-        while unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            if std::time::Instant::now() > deadline {
-                tracing::warn!(path = %self.db_file.display(), "the database is still locked after the store was closed");
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
         }
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
 
