@@ -187,12 +187,12 @@ port_free $SINK_ADDR "$SINK_PORT" || die "port $SINK_ADDR:$SINK_PORT is in use (
 
 if [ "$BUILD" = 1 ]; then
     log "building postino (release)"
-    (cd "$ROOT" && timeout 3000 cargo build --release -p postino) || die "cargo build failed"
+    (cd "$ROOT" && timeout 3000 cargo build --release -p postino-cli) || die "cargo build failed"
 fi
 POSTINO=${POSTINO:-${CARGO_TARGET_DIR:-$ROOT/target}/release/postino}
 BENCH=${BENCH:-$POSTINO}
 [ -x "$BENCH" ] && "$BENCH" bench sink --help >/dev/null 2>&1 ||
-    die "no load harness: build postino (cargo build --release -p postino) or set BENCH=/path/to/binary with 'bench'"
+    die "no load harness: build postino (cargo build --release -p postino-cli) or set BENCH=/path/to/binary with 'bench'"
 
 WORK=$(mktemp -d /tmp/postino-compare.XXXXXX)
 # Postfix and Dovecot run as other users: they must reach into WORK.
@@ -432,7 +432,7 @@ postino_last() { echo "$POLL_START"; }
 if [ "$WITH_POSTINO" = 0 ]; then
     log "postino: skipped (--no-postino)"
 elif [ ! -x "$POSTINO" ]; then
-    log "postino: skipped ($POSTINO not built; cargo build --release -p postino)"
+    log "postino: skipped ($POSTINO not built; cargo build --release -p postino-cli)"
 elif ! "$POSTINO" serve --help >/dev/null 2>&1 || ! "$POSTINO" user add --help >/dev/null 2>&1; then
     log "postino: skipped ($POSTINO has no serve / user add command yet)"
 else

@@ -24,7 +24,7 @@ P=${PORT:-27100}
 case $MODE in local) RCPT=user1@example.test ;; relay) RCPT=user1@remote.test ;;
     *) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 2 ;; esac
 [[ $N =~ ^[0-9]+$ && $N -gt 0 ]] || { echo "load.sh: not a positive number: $N" >&2; exit 2; }
-[ -x "$BIN" ] || { echo "load.sh: no $BIN (cargo build --release -p postino)" >&2; exit 2; }
+[ -x "$BIN" ] || { echo "load.sh: no $BIN (cargo build --release -p postino-cli)" >&2; exit 2; }
 command -v smtp-source >/dev/null || { echo "load.sh: smtp-source missing (apt-get install postfix)" >&2; exit 2; }
 
 W=$(mktemp -d /tmp/postino-load.XXXXXX)

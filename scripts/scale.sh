@@ -39,7 +39,7 @@ done
 for n in "$FILL" "$MESSAGES"; do
     [[ $n =~ ^[0-9]+$ && $n -ge 2 ]] || { echo "scale.sh: not a number >= 2: $n" >&2; exit 2; }
 done
-[ -x "$B" ] || { echo "scale.sh: no $B (cargo build --release -p postino)" >&2; exit 2; }
+[ -x "$B" ] || { echo "scale.sh: no $B (cargo build --release -p postino-cli)" >&2; exit 2; }
 if [ -z "$DIR" ]; then DIR=$(mktemp -d /tmp/postino-scale.XXXXXX); else mkdir -p "$DIR"; fi
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 SINK=""; SRV=""

@@ -15,7 +15,6 @@
 //! - [`auth`]: password checks on a few dedicated threads (bounded memory).
 //! - [`control`]: the Unix control socket that the CLI uses.
 //! - [`io`], [`tls`]: sockets, buffers, rustls.
-//! - [`bench`]: the load harness behind `postino bench`.
 //!
 //! # Replacing the router
 //!
@@ -24,7 +23,6 @@
 //! `examples/custom_router.rs`.
 
 pub mod auth;
-pub mod bench;
 pub mod control;
 pub mod delivery;
 pub mod io;
@@ -37,6 +35,18 @@ pub mod tls;
 
 pub use router::{Dispatch, RouteRecipient, Router};
 pub use server::{Server, ServerBuilder, ServerError};
+
+/// Sets the store failpoints named in `FAILPOINTS` from the start (see
+/// [`postino_core::failpoints`]); keep the value for the life of the
+/// process. Only builds with the `failpoints` feature (the tests' builds)
+/// have failpoints; in any other this does nothing.
+#[must_use]
+pub fn failpoints_from_env() -> Option<Box<dyn std::any::Any>> {
+    #[cfg(feature = "failpoints")]
+    return Some(Box::new(postino_core::failpoints::from_env()));
+    #[cfg(not(feature = "failpoints"))]
+    None
+}
 
 /// Logs to standard error, as text lines or JSON objects (`log.format`);
 /// `RUST_LOG` filters (default `info`). sled's trace records never appear

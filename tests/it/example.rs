@@ -33,7 +33,7 @@ fn example_binary() -> &'static Path {
         let status = Command::new("timeout")
             .arg("1200")
             .arg(cargo)
-            .args(["build", "--offline", "--quiet", "-p", "postino"])
+            .args(["build", "--offline", "--quiet", "-p", "postino-cli"])
             .args(["--example", "custom_router", "--profile", profile])
             .arg("--manifest-path")
             .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))

@@ -51,7 +51,7 @@ enum Command {
     Store(StoreCommand),
     /// Load harness: SMTP and POP3 clients, and a receiving sink.
     #[command(subcommand)]
-    Bench(postino::bench::BenchCommand),
+    Bench(postino_bench::BenchCommand),
     /// Print a shell completion script (e.g. to /usr/share/bash-completion/completions/postino).
     Completions {
         /// The shell the script is for.
@@ -173,7 +173,7 @@ fn main() -> ExitCode {
             // which Rust programs ignore unless told (then `println!`
             // panics). It holds no state that an early end could harm.
             restore_sigpipe();
-            match postino::bench::run(cmd) {
+            match postino_bench::run(cmd) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("postino bench: {e}");
@@ -551,8 +551,7 @@ fn copy_store(from: &Path, to: &Path) -> std::io::Result<()> {
 
 fn serve(config: Config) -> ExitCode {
     // Test builds only: failpoints named in FAILPOINTS are set from the start.
-    #[cfg(feature = "failpoints")]
-    let _failpoints = postino_core::failpoints::from_env();
+    let _failpoints = postino::failpoints_from_env();
     postino::init_logging(config.log.format);
     let system = actix::System::new();
     let result = system.block_on(async move {
