@@ -14,9 +14,8 @@ use std::time::Duration;
 
 use futures_executor::block_on;
 
+use super::tests::envelope;
 use super::*;
-use crate::message::{Envelope, Recipient};
-use crate::routing::Route;
 
 /// A tmpfs mounted on a temporary directory, unmounted on drop.
 pub(crate) struct Tmpfs {
@@ -104,24 +103,6 @@ fn content_of(id: u64) -> Vec<u8> {
         .cycle()
         .take(size_of(id))
         .collect()
-}
-
-fn envelope(id: MessageId, rcpts: &[&str], size: usize) -> Envelope {
-    Envelope {
-        id,
-        sender: Some("s@remote.test".into()),
-        recipients: rcpts
-            .iter()
-            .map(|r| Recipient {
-                address: (*r).into(),
-                route: Route::mailbox(*r),
-            })
-            .collect(),
-        received_at: 1,
-        client: "127.0.0.1".into(),
-        helo: "h".into(),
-        size: size as u64,
-    }
 }
 
 fn entry(id: MessageId, next_attempt: u64) -> QueueEntry {

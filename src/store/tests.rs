@@ -16,7 +16,7 @@ fn open() -> (tempfile::TempDir, Store) {
     (dir, store)
 }
 
-fn envelope(id: MessageId, rcpts: &[&str], size: usize) -> Envelope {
+pub(super) fn envelope(id: MessageId, rcpts: &[&str], size: usize) -> Envelope {
     Envelope {
         id,
         sender: Some("sender@remote.test".into()),
