@@ -332,11 +332,20 @@ fn read_password() -> Result<String, String> {
 }
 
 /// Sends the request to the running server, or runs it on the store when
-/// no server runs.
+/// no server runs and the store exists.
 fn run_control(config: &Config, request: Request) -> ExitCode {
     let socket = config.control_socket();
     let response = match control::call(&socket, &request) {
         Ok(Some(r)) => r,
+        // Only `serve` creates a store: a tool run from the wrong directory
+        // (or without --config) must not make an empty one and report on it.
+        Ok(None) if !config.data_dir.join("db").exists() => {
+            return fail(&format!(
+                "no postino store at {} (and no server listening on {}); start the server with postino serve, or pass --config",
+                config.data_dir.display(),
+                socket.display()
+            ))
+        }
         Ok(None) => match Store::open_configured(&config.data_dir, &config.store) {
             Ok(store) => {
                 let r = control::execute(&store, request);

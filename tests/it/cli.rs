@@ -91,19 +91,83 @@ fn pop_login(server: &TestServer, user: &str, password: &str) -> bool {
     c.line().starts_with("+OK")
 }
 
+/// Only `serve` creates a store: the tools, run where there is none (no
+/// config file in the current directory, or a config whose server never
+/// ran), fail, name the data directory, and leave nothing behind.
 #[test]
-fn users_and_aliases_before_the_first_start() {
+fn tools_never_create_a_store() {
+    let cwd = tempfile::tempdir().expect("temp dir");
+    let in_cwd = |args: &[&str], stdin: &str| {
+        let mut child = Command::new("timeout")
+            .arg("60")
+            .arg(binary())
+            .args(args)
+            .current_dir(cwd.path())
+            .env_remove("POSTINO_CONFIG")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run postino");
+        std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), stdin.as_bytes())
+            .expect("write stdin");
+        child.wait_with_output().expect("postino output")
+    };
+    let has_etc = Path::new("/etc/postino/postino.toml").exists();
+    for (args, stdin) in [
+        (&["queue", "list"][..], ""),
+        (&["user", "list"][..], ""),
+        (&["user", "add", "alice@example.test"][..], "pw\n"),
+        (&["alias", "list"][..], ""),
+        (&["queue", "flush"][..], ""),
+    ] {
+        let out = in_cwd(args, stdin);
+        if has_etc {
+            continue; // the machine's own config decides; only the file check below holds
+        }
+        let err = fails(out);
+        assert!(
+            err.contains("no postino store at data")
+                && err.contains("postino serve")
+                && err.contains("--config"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(
+        !cwd.path().join("data").exists(),
+        "no data directory was created"
+    );
+
     let (dir, config) = fresh_config(&config_text("", "", "", ""));
+    let data = dir.path().join("data");
+    for (args, stdin) in [
+        (&["user", "add", "alice@example.test"][..], "pw\n"),
+        (
+            &["alias", "add", "a@example.test", "b@example.test"][..],
+            "",
+        ),
+        (&["queue", "list"][..], ""),
+    ] {
+        let err = fails(cli_with_config(&config, args, stdin));
+        assert!(
+            err.contains(&format!("no postino store at {}", data.display())),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(!data.exists(), "no data directory was created");
+}
+
+#[test]
+fn users_and_aliases_while_no_server_runs() {
+    let mut server = TestServer::start();
+    assert_eq!(server.terminate(), Some(0), "{}", server.log());
+    let config = server.config.clone();
     let out = ok(cli_with_config(
         &config,
         &["user", "add", "Alice@Example.test"],
         "secret\n",
     ));
     assert_eq!(out, "added Alice@Example.test\n");
-    assert!(
-        dir.path().join("data").is_dir(),
-        "data_dir is created, relative to the config file"
-    );
     ok(cli_with_config(
         &config,
         &["user", "add", "bob@example.test"],
@@ -299,8 +363,10 @@ fn users_and_aliases_take_effect_at_once_on_a_running_server() {
 
 #[test]
 fn config_option_is_accepted_before_and_after_the_subcommand() {
-    let (_dir, config) = fresh_config(&config_text("", "", "", ""));
-    let c = config.to_str().unwrap();
+    // A store made by a server that ran once (the tools make none).
+    let mut server = TestServer::start();
+    assert_eq!(server.terminate(), Some(0), "{}", server.log());
+    let c = server.config.to_str().unwrap();
     ok(postino(
         &["user", "add", "a@example.test", "--config", c],
         "pw\n",
