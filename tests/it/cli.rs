@@ -91,28 +91,101 @@ fn pop_login(server: &TestServer, user: &str, password: &str) -> bool {
     c.line().starts_with("+OK")
 }
 
+/// Runs `postino ARGS` in `cwd`, with `$POSTINO_CONFIG` set to `env_config`
+/// or unset, bounded in time.
+fn postino_in(cwd: &Path, env_config: Option<&Path>, args: &[&str], stdin: &str) -> Output {
+    let mut cmd = Command::new("timeout");
+    cmd.arg("60")
+        .arg(binary())
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("POSTINO_CONFIG");
+    if let Some(path) = env_config {
+        cmd.env("POSTINO_CONFIG", path);
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run postino");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), stdin.as_bytes())
+        .expect("write stdin");
+    child.wait_with_output().expect("postino output")
+}
+
+/// The configuration is `--config`, else `$POSTINO_CONFIG`, else
+/// `./postino.toml`, else `/etc/postino/postino.toml`, else the defaults;
+/// `check-config` says which on standard error, `serve` in its startup line.
+#[test]
+fn config_lookup_order_is_option_env_cwd_etc_defaults() {
+    let dirs: Vec<_> = (0..4)
+        .map(|_| tempfile::tempdir().expect("temp dir"))
+        .collect();
+    let [opt_dir, env_dir, cwd, empty] = &dirs[..] else {
+        unreachable!()
+    };
+    let write = |dir: &tempfile::TempDir, host: &str| {
+        let path = dir.path().join("postino.toml");
+        std::fs::write(&path, format!("hostname = \"{host}\"\n")).expect("write config");
+        path
+    };
+    let opt = write(opt_dir, "opt.example.test");
+    let env = write(env_dir, "env.example.test");
+    write(cwd, "cwd.example.test");
+    let check = |dir: &tempfile::TempDir, env: Option<&Path>, args: &[&str]| {
+        let out = postino_in(dir.path(), env, args, "");
+        let err = stderr(&out);
+        (ok(out), err)
+    };
+
+    let opt_arg = opt.to_str().expect("utf-8 path");
+    let (out, err) = check(cwd, Some(&env), &["check-config", "--config", opt_arg]);
+    assert!(out.contains("opt.example.test"), "{out}");
+    assert!(
+        err.contains(&format!("using configuration {opt_arg}")),
+        "{err}"
+    );
+
+    let (out, err) = check(cwd, Some(&env), &["check-config"]);
+    assert!(out.contains("env.example.test"), "{out}");
+    assert!(
+        err.contains(&format!("using configuration {}", env.display())),
+        "{err}"
+    );
+
+    let (out, err) = check(cwd, None, &["check-config"]);
+    assert!(out.contains("cwd.example.test"), "{out}");
+    assert!(err.contains("using configuration ./postino.toml"), "{err}");
+
+    let (out, err) = check(empty, None, &["check-config"]);
+    if Path::new("/etc/postino/postino.toml").exists() {
+        assert!(err.contains("/etc/postino/postino.toml"), "{err}");
+    } else {
+        assert!(err.contains("using the built-in defaults"), "{err}");
+        assert!(!out.contains("example.test"), "{out}");
+    }
+
+    let mut server = TestServer::start();
+    assert_eq!(server.terminate(), Some(0));
+    let log = server.log();
+    let started = log
+        .lines()
+        .find(|l| l.contains("postino started"))
+        .unwrap_or_else(|| panic!("no startup line: {log}"));
+    assert!(
+        started.contains(&format!("config={}", server.config.display())),
+        "{started}"
+    );
+}
+
 /// Only `serve` creates a store: the tools, run where there is none (no
 /// config file in the current directory, or a config whose server never
 /// ran), fail, name the data directory, and leave nothing behind.
 #[test]
 fn tools_never_create_a_store() {
     let cwd = tempfile::tempdir().expect("temp dir");
-    let in_cwd = |args: &[&str], stdin: &str| {
-        let mut child = Command::new("timeout")
-            .arg("60")
-            .arg(binary())
-            .args(args)
-            .current_dir(cwd.path())
-            .env_remove("POSTINO_CONFIG")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run postino");
-        std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), stdin.as_bytes())
-            .expect("write stdin");
-        child.wait_with_output().expect("postino output")
-    };
+    let in_cwd = |args: &[&str], stdin: &str| postino_in(cwd.path(), None, args, stdin);
     let has_etc = Path::new("/etc/postino/postino.toml").exists();
     for (args, stdin) in [
         (&["queue", "list"][..], ""),
@@ -599,8 +672,15 @@ fn output_into_a_closed_pipe_exits_quietly() {
         for args in commands {
             let out = run_into_closed_pipe(&server.config, args);
             let err = stderr(&out);
+            // check-config names its file, and says nothing else.
+            let named = format!("postino: using configuration {}\n", server.config.display());
+            let expected = if args == ["check-config"] {
+                named.as_str()
+            } else {
+                ""
+            };
             assert!(
-                out.status.success() && err.is_empty(),
+                out.status.success() && err == expected,
                 "{args:?} (server running: {running}): exit {:?}, stderr: {err}",
                 out.status
             );
