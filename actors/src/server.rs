@@ -389,12 +389,16 @@ impl ServerBuilder {
                 .await?;
             server.pop3s_addrs.push(bound);
         }
-        let control =
-            crate::control::serve(config.control_socket(), store.clone(), delivery.clone())
-                .map_err(|source| ServerError::Control {
-                    path: config.control_socket().display().to_string(),
-                    source,
-                })?;
+        let control = crate::control::serve(
+            config.control_socket(),
+            store.clone(),
+            config.clone(),
+            delivery.clone(),
+        )
+        .map_err(|source| ServerError::Control {
+            path: config.control_socket().display().to_string(),
+            source,
+        })?;
         server.tasks.push(control);
         info!(
             smtp = ?server.smtp_addrs,

@@ -379,7 +379,7 @@ fn run_control(config: &Config, config_file: Option<&Path>, request: Request) ->
         }
         Ok(None) => match Store::open_configured(&config.data_dir, &config.store) {
             Ok(store) => {
-                let r = control::execute(&store, request);
+                let r = control::execute(&store, config, request);
                 if let Err(e) = store.flush_blocking() {
                     return fail(&format!("flushing the store: {e}"));
                 }

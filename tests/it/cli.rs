@@ -230,6 +230,52 @@ fn tools_never_create_a_store() {
     assert!(!data.exists(), "no data directory was created");
 }
 
+/// `user add` and `alias add` take only RFC 5321 addresses in a local
+/// domain (an alias's target may be remote, but must be an address), both
+/// through a running server's socket and on the store when none runs.
+#[test]
+fn user_and_alias_add_refuse_bad_and_foreign_addresses() {
+    let mut server = TestServer::start();
+    let refused = |server: &TestServer, how: &str| {
+        for (name, why) in [
+            ("<carol@example.test>", "invalid address"),
+            ("bad..dots@example.test", "invalid address"),
+            ("a\"b@example.test", "invalid address"),
+            ("a\"b@", "invalid address"),
+            ("bad..dots@", "invalid address"),
+            ("postmaster", "invalid address"),
+            (
+                "carol@elsewhere.test",
+                "elsewhere.test is not a local domain",
+            ),
+            ("carol%other.test@example.test", "names another host"),
+        ] {
+            let err = fails(server.cli(&["user", "add", name], "pw\n"));
+            assert!(err.contains(why), "{how}: user add {name}: {err}");
+            let err = fails(server.cli(&["alias", "add", name, "alice@example.test"], ""));
+            assert!(err.contains(why), "{how}: alias add {name}: {err}");
+        }
+        for target in ["<bob@elsewhere.test>", "bad..dots@elsewhere.test", "bob"] {
+            let err = fails(server.cli(&["alias", "add", "sales@example.test", target], ""));
+            assert!(
+                err.contains("invalid address"),
+                "{how}: target {target}: {err}"
+            );
+        }
+        assert_eq!(ok(server.cli(&["user", "list"], "")), "", "{how}");
+        assert_eq!(ok(server.cli(&["alias", "list"], "")), "", "{how}");
+    };
+    refused(&server, "running");
+    assert_eq!(server.terminate(), Some(0), "{}", server.log());
+    refused(&server, "stopped");
+    // What is right still works, remote alias targets included.
+    ok(server.cli(&["user", "add", "Carol@EXAMPLE.test"], "pw\n"));
+    ok(server.cli(
+        &["alias", "add", "sales@example.test", "bob@elsewhere.test"],
+        "",
+    ));
+}
+
 #[test]
 fn users_and_aliases_while_no_server_runs() {
     let mut server = TestServer::start();
