@@ -220,10 +220,12 @@ pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
             lines
         }),
         Request::QueueShow { id } => match parse_id(&id) {
-            Ok(id) => store.queue_entry(id).map(|e| match e {
-                Some(entry) => queue_details(&entry),
-                None => vec![format!("no queued message {id}")],
-            }),
+            Ok(id) => match store.queue_entry(id) {
+                Ok(Some(entry)) => Ok(queue_details(&entry)),
+                // Not found is a failure, as `user del` of nobody is.
+                Ok(None) => return Response::Error(format!("no queued message {id}")),
+                Err(e) => Err(e),
+            },
             Err(e) => return Response::Error(e),
         },
         // Offline variants of what the delivery actor does when running.
@@ -236,9 +238,13 @@ pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
             Ok(vec!["all queued messages are due now".into()])
         }),
         Request::QueueDelete { id } => match parse_id(&id) {
-            Ok(id) => store
-                .remove_queue(id)
-                .map(|()| vec![format!("deleted {id}")]),
+            Ok(id) => match store.queue_entry(id) {
+                Ok(Some(_)) => store
+                    .remove_queue(id)
+                    .map(|()| vec![format!("deleted {id}")]),
+                Ok(None) => return Response::Error(format!("no queued message {id}")),
+                Err(e) => Err(e),
+            },
             Err(e) => return Response::Error(e),
         },
         Request::QueueBounce { .. } => {

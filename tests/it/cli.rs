@@ -276,6 +276,58 @@ fn user_and_alias_add_refuse_bad_and_foreign_addresses() {
     ));
 }
 
+/// Deleting or showing what does not exist exits 1 and says so, through a
+/// running server and on the store alike (a script must not read "done").
+#[test]
+fn not_found_is_exit_status_1_everywhere() {
+    let mut server = TestServer::start();
+    let missing = |server: &TestServer, how: &str| {
+        for (args, says) in [
+            (&["user", "del", "nobody@example.test"][..], "no such user"),
+            (
+                &["user", "passwd", "nobody@example.test"][..],
+                "no such user",
+            ),
+            (
+                &["alias", "del", "nothing@example.test"][..],
+                "no such alias",
+            ),
+            (
+                &["queue", "show", "00DEADBEEF"][..],
+                "no queued message 00DEADBEEF",
+            ),
+            (
+                &["queue", "delete", "00DEADBEEF"][..],
+                "no queued message 00DEADBEEF",
+            ),
+            (&["queue", "show", "not-an-id"][..], "not a queue id"),
+            (&["queue", "delete", "not-an-id"][..], "not a queue id"),
+            (&["queue", "bounce", "not-an-id"][..], ""),
+            (&["queue", "bounce", "00DEADBEEF"][..], ""),
+        ] {
+            let out = server.cli(args, "pw\n");
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "{how}: {args:?}: {}{}",
+                stdout(&out),
+                stderr(&out)
+            );
+            let err = stderr(&out);
+            assert!(
+                err.contains(says) && !err.is_empty(),
+                "{how}: {args:?}: {err}"
+            );
+        }
+    };
+    missing(&server, "running");
+    // Online, bounce says which message is missing.
+    let err = fails(server.cli(&["queue", "bounce", "00DEADBEEF"], ""));
+    assert!(err.contains("no queued message 00DEADBEEF"), "{err}");
+    assert_eq!(server.terminate(), Some(0), "{}", server.log());
+    missing(&server, "stopped");
+}
+
 #[test]
 fn users_and_aliases_while_no_server_runs() {
     let mut server = TestServer::start();
