@@ -595,11 +595,14 @@ fn serve(config: Config, config_file: Option<PathBuf>) -> ExitCode {
     postino::init_logging(config.log.format);
     let system = actix::System::new();
     let result = system.block_on(async move {
+        // Taken over before the server starts: a SIGTERM right after the
+        // "postino started" line must stop it gracefully, not kill it.
+        let signals = Signals::new();
         let server = Server::builder(config)
             .config_file(config_file)
             .start()
             .await?;
-        wait_for_signals(&server).await;
+        signals.wait(&server).await;
         server.stop().await;
         Ok::<(), postino::ServerError>(())
     });
@@ -609,17 +612,44 @@ fn serve(config: Config, config_file: Option<PathBuf>) -> ExitCode {
     }
 }
 
-/// Returns on SIGINT or SIGTERM; reloads TLS on SIGHUP.
-async fn wait_for_signals(server: &Server) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
+/// SIGTERM, SIGINT and SIGHUP, handled by postino from creation on.
+struct Signals(
+    Option<(
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+    )>,
+);
+
+impl Signals {
+    fn new() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(term), Ok(int), Ok(hup)) => Signals(Some((term, int, hup))),
+            _ => Signals(None),
+        }
+    }
+
+    /// Returns on SIGINT or SIGTERM; reloads TLS on SIGHUP.
+    async fn wait(self, server: &Server) {
+        let Some((mut term, mut int, mut hup)) = self.0 else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        wait_for_signals(server, &mut term, &mut int, &mut hup).await;
+    }
+}
+
+async fn wait_for_signals(
+    server: &Server,
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+    hup: &mut tokio::signal::unix::Signal,
+) {
     loop {
         tokio::select! {
             _ = term.recv() => return,
