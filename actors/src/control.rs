@@ -9,13 +9,15 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Addr;
+use postino_core::address::Address;
 use postino_core::logsafe::{escape, Secret};
 use postino_core::message::now_unix;
 use postino_core::store::{QueueEntry, RecipientState};
-use postino_core::{MessageId, Store};
+use postino_core::{Config, MessageId, Store};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
@@ -57,6 +59,7 @@ pub enum Response {
 pub fn serve(
     path: PathBuf,
     store: Store,
+    config: Arc<Config>,
     delivery: Addr<Delivery>,
 ) -> std::io::Result<JoinHandle<()>> {
     // We hold the sled lock on this data directory, so a socket file left
@@ -70,7 +73,7 @@ pub fn serve(
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
-            let (store, delivery) = (store.clone(), delivery.clone());
+            let (store, config, delivery) = (store.clone(), config.clone(), delivery.clone());
             actix_rt::spawn(async move {
                 let (read, mut write) = stream.into_split();
                 let mut lines = tokio::io::BufReader::new(read).lines();
@@ -78,18 +81,20 @@ pub fn serve(
                     let response = match serde_json::from_str::<Request>(&line) {
                         Ok(request) => {
                             debug!(?request, "control request");
-                            let store = store.clone();
+                            let (store, config) = (store.clone(), config.clone());
                             let queue_op = queue_command(&request);
                             match queue_op {
                                 Some(cmd) => match delivery.send(cmd).await {
                                     Ok(r) => r,
                                     Err(e) => Response::Error(format!("delivery actor: {e}")),
                                 },
-                                None if !changes_store(&request) => execute(&store, request),
+                                None if !changes_store(&request) => {
+                                    execute(&store, &config, request)
+                                }
                                 None => {
                                     let done = store.clone();
                                     let response = tokio::task::spawn_blocking(move || {
-                                        execute(&store, request)
+                                        execute(&store, &config, request)
                                     })
                                     .await
                                     .unwrap_or_else(|e| Response::Error(e.to_string()));
@@ -164,8 +169,19 @@ pub fn call(path: &Path, request: &Request) -> std::io::Result<Option<Response>>
 }
 
 /// Runs a request against the store (server side, or the CLI when no
-/// server runs).
-pub fn execute(store: &Store, request: Request) -> Response {
+/// server runs). `config` gives the local domains that new users and
+/// aliases must be in.
+pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
+    let checked = match &request {
+        Request::UserAdd { address, .. } => local_address(config, address),
+        Request::AliasAdd { alias, target } => {
+            local_address(config, alias).and_then(|()| address(target).map(drop))
+        }
+        _ => Ok(()),
+    };
+    if let Err(e) = checked {
+        return Response::Error(e);
+    }
     let result = match request {
         Request::UserAdd { address, password } => store
             .add_user(&address.to_ascii_lowercase(), password.expose())
@@ -204,10 +220,12 @@ pub fn execute(store: &Store, request: Request) -> Response {
             lines
         }),
         Request::QueueShow { id } => match parse_id(&id) {
-            Ok(id) => store.queue_entry(id).map(|e| match e {
-                Some(entry) => queue_details(&entry),
-                None => vec![format!("no queued message {id}")],
-            }),
+            Ok(id) => match store.queue_entry(id) {
+                Ok(Some(entry)) => Ok(queue_details(&entry)),
+                // Not found is a failure, as `user del` of nobody is.
+                Ok(None) => return Response::Error(format!("no queued message {id}")),
+                Err(e) => Err(e),
+            },
             Err(e) => return Response::Error(e),
         },
         // Offline variants of what the delivery actor does when running.
@@ -220,9 +238,13 @@ pub fn execute(store: &Store, request: Request) -> Response {
             Ok(vec!["all queued messages are due now".into()])
         }),
         Request::QueueDelete { id } => match parse_id(&id) {
-            Ok(id) => store
-                .remove_queue(id)
-                .map(|()| vec![format!("deleted {id}")]),
+            Ok(id) => match store.queue_entry(id) {
+                Ok(Some(_)) => store
+                    .remove_queue(id)
+                    .map(|()| vec![format!("deleted {id}")]),
+                Ok(None) => return Response::Error(format!("no queued message {id}")),
+                Err(e) => Err(e),
+            },
             Err(e) => return Response::Error(e),
         },
         Request::QueueBounce { .. } => {
@@ -245,6 +267,35 @@ pub fn execute(store: &Store, request: Request) -> Response {
             Response::Error(e.to_string())
         }
     }
+}
+
+/// `address` as RFC 5321 allows it in a path (UTF-8 too, as with SMTPUTF8).
+fn address(address: &str) -> Result<Address, String> {
+    match Address::parse(address, true) {
+        Ok(a) if !a.domain.is_empty() => Ok(a),
+        Ok(_) => Err(format!("invalid address {address}: no domain")),
+        Err(e) => Err(format!("invalid address {address}: {e}")),
+    }
+}
+
+/// A new mailbox or alias: an address in one of the local domains that the
+/// router would deliver here (no `%`, `!` or `@` in the local part, which it
+/// refuses as relaying attempts).
+fn local_address(config: &Config, name: &str) -> Result<(), String> {
+    let a = address(name)?;
+    if !config.is_local_domain(&a.domain) {
+        return Err(format!(
+            "{name}: {} is not a local domain (routing.local_domains: {})",
+            a.domain,
+            config.routing.local_domains.join(", ")
+        ));
+    }
+    if a.names_another_host() {
+        return Err(format!(
+            "invalid address {name}: a local part with %, ! or @ names another host"
+        ));
+    }
+    Ok(())
 }
 
 pub fn parse_id(id: &str) -> Result<MessageId, String> {

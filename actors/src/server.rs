@@ -66,6 +66,8 @@ pub enum ServerError {
 pub struct ServerBuilder {
     config: Config,
     router: Option<RouterFactory>,
+    /// Where `config` was read from, for the startup line.
+    config_file: Option<std::path::PathBuf>,
 }
 
 /// Makes the routing actor of one worker from that worker's default router.
@@ -97,6 +99,7 @@ impl Server {
         ServerBuilder {
             config,
             router: None,
+            config_file: None,
         }
     }
 
@@ -169,6 +172,13 @@ impl Server {
 }
 
 impl ServerBuilder {
+    /// The file the configuration came from (`None`: the built-in
+    /// defaults), named in the startup log line.
+    pub fn config_file(mut self, path: Option<std::path::PathBuf>) -> Self {
+        self.config_file = path;
+        self
+    }
+
     /// Replace the routing decision. The closure receives the default
     /// router, so a custom router can delegate what it does not handle. It
     /// is called once per worker thread (connections ask the router of their
@@ -379,12 +389,16 @@ impl ServerBuilder {
                 .await?;
             server.pop3s_addrs.push(bound);
         }
-        let control =
-            crate::control::serve(config.control_socket(), store.clone(), delivery.clone())
-                .map_err(|source| ServerError::Control {
-                    path: config.control_socket().display().to_string(),
-                    source,
-                })?;
+        let control = crate::control::serve(
+            config.control_socket(),
+            store.clone(),
+            config.clone(),
+            delivery.clone(),
+        )
+        .map_err(|source| ServerError::Control {
+            path: config.control_socket().display().to_string(),
+            source,
+        })?;
         server.tasks.push(control);
         info!(
             smtp = ?server.smtp_addrs,
@@ -393,6 +407,10 @@ impl ServerBuilder {
             pop3 = ?server.pop3_addrs,
             pop3s = ?server.pop3s_addrs,
             data_dir = %config.data_dir.display(),
+            config = %self
+                .config_file
+                .as_deref()
+                .map_or("built-in defaults".into(), |p| p.display().to_string()),
             "postino started"
         );
         Ok(server)

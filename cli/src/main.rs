@@ -22,8 +22,9 @@ use postino_core::{Config, Store};
     about = "A mail server: SMTP in, local mailboxes over POP3, relay via MX"
 )]
 struct Cli {
-    /// Configuration file. Without it, ./postino.toml if present, else the
-    /// built-in defaults (data in ./data, SMTP 127.0.0.1:2525, POP3 127.0.0.1:1110).
+    /// Configuration file. Without it (nor $POSTINO_CONFIG), ./postino.toml
+    /// if present, else /etc/postino/postino.toml if present, else the built-in
+    /// defaults (data in ./data, SMTP 127.0.0.1:2525, POP3 127.0.0.1:1110).
     #[arg(long, short, global = true, env = "POSTINO_CONFIG")]
     config: Option<PathBuf>,
     #[command(subcommand)]
@@ -157,7 +158,8 @@ fn main() -> ExitCode {
         Command::Man { dir } => return man_pages(dir.as_deref()),
         _ => {}
     }
-    let config = match load_config(cli.config.as_deref()) {
+    let config_file = find_config(cli.config.as_deref());
+    let config = match load_config(config_file.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("postino: {e}");
@@ -165,8 +167,11 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Serve => serve(config),
-        Command::CheckConfig => print_lines([toml::to_string_pretty(&config).unwrap_or_default()]),
+        Command::Serve => serve(config, config_file),
+        Command::CheckConfig => {
+            eprintln!("postino: using {}", describe_config(config_file.as_deref()));
+            print_lines([toml::to_string_pretty(&config).unwrap_or_default()])
+        }
         Command::Bench(cmd) => {
             // The load harness prints reports as it goes; a reader that
             // stops early (`| head`) ends it as it ends `seq`: by SIGPIPE,
@@ -201,10 +206,11 @@ fn main() -> ExitCode {
                 UserCommand::Del { address } => Request::UserDel { address },
                 UserCommand::List => Request::UserList,
             };
-            run_control(&config, request)
+            run_control(&config, config_file.as_deref(), request)
         }
         Command::Alias(cmd) => run_control(
             &config,
+            config_file.as_deref(),
             match cmd {
                 AliasCommand::Add { alias, target } => Request::AliasAdd { alias, target },
                 AliasCommand::Del { alias } => Request::AliasDel { alias },
@@ -213,6 +219,7 @@ fn main() -> ExitCode {
         ),
         Command::Queue(cmd) => run_control(
             &config,
+            config_file.as_deref(),
             match cmd {
                 QueueCommand::List => Request::QueueList,
                 QueueCommand::Show { id } => Request::QueueShow { id },
@@ -304,12 +311,35 @@ fn fail(message: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// Where the system-wide configuration lives (as Postfix's /etc/postfix).
+const ETC_CONFIG: &str = "/etc/postino/postino.toml";
+
+/// The configuration file to use: `--config` or `$POSTINO_CONFIG` (clap
+/// reads both, the option first), else `./postino.toml`, else
+/// [`ETC_CONFIG`], each only if it exists; `None`: the built-in defaults.
+fn find_config(given: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = given {
+        return Some(p.to_owned());
+    }
+    [Path::new("./postino.toml"), Path::new(ETC_CONFIG)]
+        .into_iter()
+        .find(|p| p.exists())
+        .map(Path::to_owned)
+}
+
+/// Names the configuration's source for messages.
+fn describe_config(file: Option<&Path>) -> String {
+    match file {
+        Some(p) => format!("configuration {}", p.display()),
+        None => format!(
+            "the built-in defaults (no --config, $POSTINO_CONFIG, ./postino.toml or {ETC_CONFIG})"
+        ),
+    }
+}
+
 fn load_config(path: Option<&Path>) -> Result<Config, String> {
     match path {
         Some(p) => Config::load(p).map_err(|e| e.to_string()),
-        None if Path::new("postino.toml").exists() => {
-            Config::load(Path::new("postino.toml")).map_err(|e| e.to_string())
-        }
         None => Ok(Config::default()),
     }
 }
@@ -332,14 +362,24 @@ fn read_password() -> Result<String, String> {
 }
 
 /// Sends the request to the running server, or runs it on the store when
-/// no server runs.
-fn run_control(config: &Config, request: Request) -> ExitCode {
+/// no server runs and the store exists.
+fn run_control(config: &Config, config_file: Option<&Path>, request: Request) -> ExitCode {
     let socket = config.control_socket();
     let response = match control::call(&socket, &request) {
         Ok(Some(r)) => r,
+        // Only `serve` creates a store: a tool run from the wrong directory
+        // (or without --config) must not make an empty one and report on it.
+        Ok(None) if !config.data_dir.join("db").exists() => {
+            return fail(&format!(
+                "no postino store at {} (and no server listening on {}); start the server with postino serve, or pass --config (this used {})",
+                config.data_dir.display(),
+                socket.display(),
+                describe_config(config_file)
+            ))
+        }
         Ok(None) => match Store::open_configured(&config.data_dir, &config.store) {
             Ok(store) => {
-                let r = control::execute(&store, request);
+                let r = control::execute(&store, config, request);
                 if let Err(e) = store.flush_blocking() {
                     return fail(&format!("flushing the store: {e}"));
                 }
@@ -549,14 +589,20 @@ fn copy_store(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn serve(config: Config) -> ExitCode {
+fn serve(config: Config, config_file: Option<PathBuf>) -> ExitCode {
     // Test builds only: failpoints named in FAILPOINTS are set from the start.
     let _failpoints = postino::failpoints_from_env();
     postino::init_logging(config.log.format);
     let system = actix::System::new();
     let result = system.block_on(async move {
-        let server = Server::builder(config).start().await?;
-        wait_for_signals(&server).await;
+        // Taken over before the server starts: a SIGTERM right after the
+        // "postino started" line must stop it gracefully, not kill it.
+        let signals = Signals::new();
+        let server = Server::builder(config)
+            .config_file(config_file)
+            .start()
+            .await?;
+        signals.wait(&server).await;
         server.stop().await;
         Ok::<(), postino::ServerError>(())
     });
@@ -566,17 +612,44 @@ fn serve(config: Config) -> ExitCode {
     }
 }
 
-/// Returns on SIGINT or SIGTERM; reloads TLS on SIGHUP.
-async fn wait_for_signals(server: &Server) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
+/// SIGTERM, SIGINT and SIGHUP, handled by postino from creation on.
+struct Signals(
+    Option<(
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+    )>,
+);
+
+impl Signals {
+    fn new() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(term), Ok(int), Ok(hup)) => Signals(Some((term, int, hup))),
+            _ => Signals(None),
+        }
+    }
+
+    /// Returns on SIGINT or SIGTERM; reloads TLS on SIGHUP.
+    async fn wait(self, server: &Server) {
+        let Some((mut term, mut int, mut hup)) = self.0 else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        wait_for_signals(server, &mut term, &mut int, &mut hup).await;
+    }
+}
+
+async fn wait_for_signals(
+    server: &Server,
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+    hup: &mut tokio::signal::unix::Signal,
+) {
     loop {
         tokio::select! {
             _ = term.recv() => return,

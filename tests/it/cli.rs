@@ -91,19 +91,254 @@ fn pop_login(server: &TestServer, user: &str, password: &str) -> bool {
     c.line().starts_with("+OK")
 }
 
+/// Runs `postino ARGS` in `cwd`, with `$POSTINO_CONFIG` set to `env_config`
+/// or unset, bounded in time.
+fn postino_in(cwd: &Path, env_config: Option<&Path>, args: &[&str], stdin: &str) -> Output {
+    let mut cmd = Command::new("timeout");
+    cmd.arg("60")
+        .arg(binary())
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("POSTINO_CONFIG");
+    if let Some(path) = env_config {
+        cmd.env("POSTINO_CONFIG", path);
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run postino");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), stdin.as_bytes())
+        .expect("write stdin");
+    child.wait_with_output().expect("postino output")
+}
+
+/// The configuration is `--config`, else `$POSTINO_CONFIG`, else
+/// `./postino.toml`, else `/etc/postino/postino.toml`, else the defaults;
+/// `check-config` says which on standard error, `serve` in its startup line.
 #[test]
-fn users_and_aliases_before_the_first_start() {
+fn config_lookup_order_is_option_env_cwd_etc_defaults() {
+    let dirs: Vec<_> = (0..4)
+        .map(|_| tempfile::tempdir().expect("temp dir"))
+        .collect();
+    let [opt_dir, env_dir, cwd, empty] = &dirs[..] else {
+        unreachable!()
+    };
+    let write = |dir: &tempfile::TempDir, host: &str| {
+        let path = dir.path().join("postino.toml");
+        std::fs::write(&path, format!("hostname = \"{host}\"\n")).expect("write config");
+        path
+    };
+    let opt = write(opt_dir, "opt.example.test");
+    let env = write(env_dir, "env.example.test");
+    write(cwd, "cwd.example.test");
+    let check = |dir: &tempfile::TempDir, env: Option<&Path>, args: &[&str]| {
+        let out = postino_in(dir.path(), env, args, "");
+        let err = stderr(&out);
+        (ok(out), err)
+    };
+
+    let opt_arg = opt.to_str().expect("utf-8 path");
+    let (out, err) = check(cwd, Some(&env), &["check-config", "--config", opt_arg]);
+    assert!(out.contains("opt.example.test"), "{out}");
+    assert!(
+        err.contains(&format!("using configuration {opt_arg}")),
+        "{err}"
+    );
+
+    let (out, err) = check(cwd, Some(&env), &["check-config"]);
+    assert!(out.contains("env.example.test"), "{out}");
+    assert!(
+        err.contains(&format!("using configuration {}", env.display())),
+        "{err}"
+    );
+
+    let (out, err) = check(cwd, None, &["check-config"]);
+    assert!(out.contains("cwd.example.test"), "{out}");
+    assert!(err.contains("using configuration ./postino.toml"), "{err}");
+
+    let (out, err) = check(empty, None, &["check-config"]);
+    if Path::new("/etc/postino/postino.toml").exists() {
+        assert!(err.contains("/etc/postino/postino.toml"), "{err}");
+    } else {
+        assert!(err.contains("using the built-in defaults"), "{err}");
+        assert!(!out.contains("example.test"), "{out}");
+    }
+
+    let mut server = TestServer::start();
+    assert_eq!(server.terminate(), Some(0));
+    let log = server.log();
+    let started = log
+        .lines()
+        .find(|l| l.contains("postino started"))
+        .unwrap_or_else(|| panic!("no startup line: {log}"));
+    assert!(
+        started.contains(&format!("config={}", server.config.display())),
+        "{started}"
+    );
+}
+
+/// Only `serve` creates a store: the tools, run where there is none (no
+/// config file in the current directory, or a config whose server never
+/// ran), fail, name the data directory, and leave nothing behind.
+#[test]
+fn tools_never_create_a_store() {
+    let cwd = tempfile::tempdir().expect("temp dir");
+    let in_cwd = |args: &[&str], stdin: &str| postino_in(cwd.path(), None, args, stdin);
+    let has_etc = Path::new("/etc/postino/postino.toml").exists();
+    for (args, stdin) in [
+        (&["queue", "list"][..], ""),
+        (&["user", "list"][..], ""),
+        (&["user", "add", "alice@example.test"][..], "pw\n"),
+        (&["alias", "list"][..], ""),
+        (&["queue", "flush"][..], ""),
+    ] {
+        let out = in_cwd(args, stdin);
+        if has_etc {
+            continue; // the machine's own config decides; only the file check below holds
+        }
+        let err = fails(out);
+        assert!(
+            err.contains("no postino store at data")
+                && err.contains("postino serve")
+                && err.contains("--config"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(
+        !cwd.path().join("data").exists(),
+        "no data directory was created"
+    );
+
     let (dir, config) = fresh_config(&config_text("", "", "", ""));
+    let data = dir.path().join("data");
+    for (args, stdin) in [
+        (&["user", "add", "alice@example.test"][..], "pw\n"),
+        (
+            &["alias", "add", "a@example.test", "b@example.test"][..],
+            "",
+        ),
+        (&["queue", "list"][..], ""),
+    ] {
+        let err = fails(cli_with_config(&config, args, stdin));
+        assert!(
+            err.contains(&format!("no postino store at {}", data.display())),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(!data.exists(), "no data directory was created");
+}
+
+/// `user add` and `alias add` take only RFC 5321 addresses in a local
+/// domain (an alias's target may be remote, but must be an address), both
+/// through a running server's socket and on the store when none runs.
+#[test]
+fn user_and_alias_add_refuse_bad_and_foreign_addresses() {
+    let mut server = TestServer::start();
+    let refused = |server: &TestServer, how: &str| {
+        for (name, why) in [
+            ("<carol@example.test>", "invalid address"),
+            ("bad..dots@example.test", "invalid address"),
+            ("a\"b@example.test", "invalid address"),
+            ("a\"b@", "invalid address"),
+            ("bad..dots@", "invalid address"),
+            ("postmaster", "invalid address"),
+            (
+                "carol@elsewhere.test",
+                "elsewhere.test is not a local domain",
+            ),
+            ("carol%other.test@example.test", "names another host"),
+        ] {
+            let err = fails(server.cli(&["user", "add", name], "pw\n"));
+            assert!(err.contains(why), "{how}: user add {name}: {err}");
+            let err = fails(server.cli(&["alias", "add", name, "alice@example.test"], ""));
+            assert!(err.contains(why), "{how}: alias add {name}: {err}");
+        }
+        for target in ["<bob@elsewhere.test>", "bad..dots@elsewhere.test", "bob"] {
+            let err = fails(server.cli(&["alias", "add", "sales@example.test", target], ""));
+            assert!(
+                err.contains("invalid address"),
+                "{how}: target {target}: {err}"
+            );
+        }
+        assert_eq!(ok(server.cli(&["user", "list"], "")), "", "{how}");
+        assert_eq!(ok(server.cli(&["alias", "list"], "")), "", "{how}");
+    };
+    refused(&server, "running");
+    assert_eq!(server.terminate(), Some(0), "{}", server.log());
+    refused(&server, "stopped");
+    // What is right still works, remote alias targets included.
+    ok(server.cli(&["user", "add", "Carol@EXAMPLE.test"], "pw\n"));
+    ok(server.cli(
+        &["alias", "add", "sales@example.test", "bob@elsewhere.test"],
+        "",
+    ));
+}
+
+/// Deleting or showing what does not exist exits 1 and says so, through a
+/// running server and on the store alike (a script must not read "done").
+#[test]
+fn not_found_is_exit_status_1_everywhere() {
+    let mut server = TestServer::start();
+    let missing = |server: &TestServer, how: &str| {
+        for (args, says) in [
+            (&["user", "del", "nobody@example.test"][..], "no such user"),
+            (
+                &["user", "passwd", "nobody@example.test"][..],
+                "no such user",
+            ),
+            (
+                &["alias", "del", "nothing@example.test"][..],
+                "no such alias",
+            ),
+            (
+                &["queue", "show", "00DEADBEEF"][..],
+                "no queued message 00DEADBEEF",
+            ),
+            (
+                &["queue", "delete", "00DEADBEEF"][..],
+                "no queued message 00DEADBEEF",
+            ),
+            (&["queue", "show", "not-an-id"][..], "not a queue id"),
+            (&["queue", "delete", "not-an-id"][..], "not a queue id"),
+            (&["queue", "bounce", "not-an-id"][..], ""),
+            (&["queue", "bounce", "00DEADBEEF"][..], ""),
+        ] {
+            let out = server.cli(args, "pw\n");
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "{how}: {args:?}: {}{}",
+                stdout(&out),
+                stderr(&out)
+            );
+            let err = stderr(&out);
+            assert!(
+                err.contains(says) && !err.is_empty(),
+                "{how}: {args:?}: {err}"
+            );
+        }
+    };
+    missing(&server, "running");
+    // Online, bounce says which message is missing.
+    let err = fails(server.cli(&["queue", "bounce", "00DEADBEEF"], ""));
+    assert!(err.contains("no queued message 00DEADBEEF"), "{err}");
+    assert_eq!(server.terminate(), Some(0), "{}", server.log());
+    missing(&server, "stopped");
+}
+
+#[test]
+fn users_and_aliases_while_no_server_runs() {
+    let mut server = TestServer::start();
+    assert_eq!(server.terminate(), Some(0), "{}", server.log());
+    let config = server.config.clone();
     let out = ok(cli_with_config(
         &config,
         &["user", "add", "Alice@Example.test"],
         "secret\n",
     ));
     assert_eq!(out, "added Alice@Example.test\n");
-    assert!(
-        dir.path().join("data").is_dir(),
-        "data_dir is created, relative to the config file"
-    );
     ok(cli_with_config(
         &config,
         &["user", "add", "bob@example.test"],
@@ -299,8 +534,10 @@ fn users_and_aliases_take_effect_at_once_on_a_running_server() {
 
 #[test]
 fn config_option_is_accepted_before_and_after_the_subcommand() {
-    let (_dir, config) = fresh_config(&config_text("", "", "", ""));
-    let c = config.to_str().unwrap();
+    // A store made by a server that ran once (the tools make none).
+    let mut server = TestServer::start();
+    assert_eq!(server.terminate(), Some(0), "{}", server.log());
+    let c = server.config.to_str().unwrap();
     ok(postino(
         &["user", "add", "a@example.test", "--config", c],
         "pw\n",
@@ -533,8 +770,15 @@ fn output_into_a_closed_pipe_exits_quietly() {
         for args in commands {
             let out = run_into_closed_pipe(&server.config, args);
             let err = stderr(&out);
+            // check-config names its file, and says nothing else.
+            let named = format!("postino: using configuration {}\n", server.config.display());
+            let expected = if args == ["check-config"] {
+                named.as_str()
+            } else {
+                ""
+            };
             assert!(
-                out.status.success() && err.is_empty(),
+                out.status.success() && err == expected,
                 "{args:?} (server running: {running}): exit {:?}, stderr: {err}",
                 out.status
             );
