@@ -91,52 +91,27 @@ fn sigterm_stops_gracefully() {
 /// store's unit tests prove the flush ordering itself with a crashing child.)
 #[test]
 fn kill9_under_concurrent_load_loses_no_acknowledged_message() {
-    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
 
     let mut server = TestServer::start();
     server.add_user("alice@example.test", "pw");
     let acked = Arc::new(Mutex::new(Vec::<String>::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let addr = server.smtp;
-    let clients: Vec<_> = (0..8)
-        .map(|c| {
-            let (acked, stop) = (acked.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut conn = Raw::connect(addr);
-                conn.reply();
-                conn.cmd("EHLO load");
-                // Bounded: at most 200 messages per client.
-                for n in 0..200 {
-                    if stop.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    let subject = format!("load {c}-{n}");
-                    // Pipelined, as a busy relay would send.
-                    conn.send(
-                        format!("MAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nSubject: {subject}\r\n\r\nx\r\n.\r\n")
-                            .as_bytes(),
-                    );
-                    let replies: Vec<String> = (0..4).map(|_| conn.reply()).collect();
-                    if replies[3].starts_with("250") {
-                        acked.lock().unwrap().push(subject);
-                    } else {
-                        return; // the server died mid-transaction
-                    }
-                }
-            })
-        })
-        .collect();
+    let sink = acked.clone();
+    // Bounded: at most 200 messages per client.
+    let load = Load::start(
+        server.smtp,
+        8,
+        200,
+        |c, n| (format!("load {c}-{n}"), "alice@example.test".to_owned()),
+        move |subject, _id| sink.lock().unwrap().push(subject),
+    );
     // Let some messages through, then kill while the rest are in flight.
     assert!(crate::support::wait_until(
         std::time::Duration::from_secs(30),
         || acked.lock().unwrap().len() >= 100
     ));
     server.kill9();
-    stop.store(true, Ordering::SeqCst);
-    for c in clients {
-        let _ = c.join();
-    }
+    load.stop();
     let acked = acked.lock().unwrap().clone();
     server.restart();
     let msgs = pop_all(&server, "alice@example.test", "pw");
@@ -154,6 +129,65 @@ fn kill9_under_concurrent_load_loses_no_acknowledged_message() {
         missing.len(),
         acked.len()
     );
+}
+
+/// SMTP clients sending pipelined messages (as a busy relay would) until
+/// stopped, until each has sent its share, or until the server dies.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    clients: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    /// `clients` sessions of at most `per_client` messages each;
+    /// `message(client, n)` gives the subject and the recipient, and
+    /// `acked(subject, queue_id)` is called for every `250` to DATA.
+    fn start(
+        addr: std::net::SocketAddr,
+        clients: usize,
+        per_client: usize,
+        message: impl Fn(usize, usize) -> (String, String) + Send + Sync + 'static,
+        acked: impl Fn(String, String) + Send + Sync + 'static,
+    ) -> Load {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (message, acked) = (Arc::new(message), Arc::new(acked));
+        let clients = (0..clients)
+            .map(|c| {
+                let (stop, message, acked) = (stop.clone(), message.clone(), acked.clone());
+                std::thread::spawn(move || {
+                    let mut conn = Raw::connect(addr);
+                    conn.reply();
+                    conn.cmd("EHLO load");
+                    for n in 0..per_client {
+                        if stop.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        let (subject, rcpt) = message(c, n);
+                        conn.send(
+                            format!("MAIL FROM:<a@b.test>\r\nRCPT TO:<{rcpt}>\r\nDATA\r\nSubject: {subject}\r\n\r\nx\r\n.\r\n")
+                                .as_bytes(),
+                        );
+                        let replies: Vec<String> = (0..4).map(|_| conn.reply()).collect();
+                        match replies[3].strip_prefix("250 2.0.0 Ok: queued as ") {
+                            Some(id) => acked(subject, id.to_owned()),
+                            None => return, // the server died mid-transaction
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load { stop, clients }
+    }
+
+    /// Tells every client to stop and waits for them.
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for c in self.clients {
+            let _ = c.join();
+        }
+    }
 }
 
 /// Rounds of [`kill9_under_relay_load_sends_again_only_what_was_in_flight`];
@@ -188,7 +222,6 @@ fn sink_counts(sink: &Sink) -> HashMap<String, usize> {
 #[test]
 fn kill9_under_relay_load_sends_again_only_what_was_in_flight() {
     use std::collections::HashSet;
-    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
 
     let ip = unique_loopback();
@@ -215,48 +248,31 @@ nameservers = ["127.0.0.1:9"]
     // Per round: sink counts at the kill, and the subjects in flight then.
     let mut kills: Vec<(HashMap<String, usize>, HashSet<String>)> = Vec::new();
     for round in 0..kill_rounds() {
-        let stop = Arc::new(AtomicBool::new(false));
         let before = sink.count();
-        let addr = server.smtp;
-        let clients: Vec<_> = (0..4)
-            .map(|c| {
-                let (acked, stop) = (acked.clone(), stop.clone());
-                std::thread::spawn(move || {
-                    let mut conn = Raw::connect(addr);
-                    conn.reply();
-                    conn.cmd("EHLO load");
-                    // Bounded: at most 50 messages per client and round,
-                    // so that the backlog stays small enough to drain.
-                    for n in 0..50 {
-                        if stop.load(Ordering::SeqCst) {
-                            return;
-                        }
-                        let subject = format!("relay {round}-{c}-{n}");
-                        conn.send(
-                            format!("MAIL FROM:<a@b.test>\r\nRCPT TO:<r{c}@remote.test>\r\nDATA\r\nSubject: {subject}\r\n\r\nx\r\n.\r\n")
-                                .as_bytes(),
-                        );
-                        let replies: Vec<String> = (0..4).map(|_| conn.reply()).collect();
-                        match replies[3].strip_prefix("250 2.0.0 Ok: queued as ") {
-                            Some(id) => {
-                                acked.lock().unwrap().insert(subject, id.to_owned());
-                            }
-                            None => return, // the server died mid-transaction
-                        }
-                    }
-                })
-            })
-            .collect();
+        let record = acked.clone();
+        // Bounded: at most 50 messages per client and round, so that the
+        // backlog stays small enough to drain.
+        let load = Load::start(
+            server.smtp,
+            4,
+            50,
+            move |c, n| {
+                (
+                    format!("relay {round}-{c}-{n}"),
+                    format!("r{c}@remote.test"),
+                )
+            },
+            move |subject, id| {
+                record.lock().unwrap().insert(subject, id);
+            },
+        );
         assert!(
             wait_until(Duration::from_secs(60), || sink.count() >= before + 80),
             "relaying under load; log:\n{}",
             server.log()
         );
         server.kill9();
-        stop.store(true, Ordering::SeqCst);
-        for c in clients {
-            let _ = c.join();
-        }
+        load.stop();
         let counts = sink_counts(&sink);
         let log = server.log();
         let removed: HashSet<&str> = log
