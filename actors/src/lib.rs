@@ -22,10 +22,13 @@
 //! router as a `Recipient<RouteRecipient>` and returns the one to use; see
 //! `examples/custom_router.rs`.
 
+mod accept;
 pub mod auth;
 pub mod control;
 pub mod delivery;
 pub mod io;
+mod limits;
+mod login_delay;
 pub mod mailbox;
 pub mod pop3;
 pub mod router;
