@@ -33,11 +33,13 @@ pub mod mailbox;
 pub mod pop3;
 pub mod router;
 pub mod server;
+mod signals;
 pub mod smtp;
 pub mod tls;
 
 pub use router::{Dispatch, RouteRecipient, Router};
-pub use server::{Server, ServerBuilder, ServerError};
+pub use server::{Server, ServerBuilder, ServerError, TlsReloader};
+pub use signals::Signals;
 
 /// Sets the store failpoints named in `FAILPOINTS` from the start (see
 /// [`postino_core::failpoints`]); keep the value for the life of the

@@ -63,6 +63,28 @@ pub enum ServerError {
     AuthWorkers(std::io::Error),
 }
 
+/// Reloads a running server's TLS certificate; see [`Server::tls_reloader`].
+#[derive(Clone)]
+pub struct TlsReloader {
+    tls: TlsSlot,
+    config: Arc<Config>,
+}
+
+impl TlsReloader {
+    /// Reads the TLS certificate and key again, for new handshakes. Without
+    /// TLS in the configuration, does nothing.
+    ///
+    /// # Errors
+    /// The old certificate stays in use when the new one cannot be read.
+    pub fn reload(&self) -> Result<(), ServerError> {
+        if let Some(tls) = &self.config.tls {
+            self.tls.set(crate::tls::acceptor(tls)?);
+            info!("tls certificate reloaded");
+        }
+        Ok(())
+    }
+}
+
 /// Builds a [`Server`]; lets an embedder put its own routing actor in place.
 pub struct ServerBuilder {
     config: Config,
@@ -146,11 +168,34 @@ impl Server {
     /// # Errors
     /// The old certificate stays in use when the new one cannot be read.
     pub fn reload_tls(&self) -> Result<(), ServerError> {
-        if let Some(tls) = &self.config.tls {
-            self.tls.set(crate::tls::acceptor(tls)?);
-            info!("tls certificate reloaded");
+        self.tls_reloader().reload()
+    }
+
+    /// A handle that does [`Server::reload_tls`] and outlives the borrow of
+    /// the server (e.g. inside the future given to [`Server::run_until`]).
+    pub fn tls_reloader(&self) -> TlsReloader {
+        TlsReloader {
+            tls: self.tls.clone(),
+            config: self.config.clone(),
         }
-        Ok(())
+    }
+
+    /// Runs until `shutdown` completes, then stops gracefully
+    /// ([`Server::stop`]: sessions are asked to finish, idle ones get
+    /// `421`, a command in progress gets its answer).
+    ///
+    /// ```no_run
+    /// # async fn run(config: postino_core::Config) -> Result<(), postino::ServerError> {
+    /// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    /// let server = postino::Server::builder(config).start().await?;
+    /// // … hand `stop` to whatever decides when to stop …
+    /// # drop(stop);
+    /// server.run_until(async { let _ = stopped.await; }).await;
+    /// # Ok(()) }
+    /// ```
+    pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()>) {
+        shutdown.await;
+        self.stop().await
     }
 
     /// Stops accepting, asks every session to finish (idle ones get `421`),
