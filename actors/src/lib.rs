@@ -4,7 +4,10 @@
 //! # Layout
 //!
 //! - [`server`]: [`Server`] and its builder: opens the store, starts the core
-//!   actors, binds listeners, enforces connection limits, stops gracefully.
+//!   actors, binds listeners, stops gracefully ([`Server::run_until`]).
+//!   Beside it, private: `accept` (the accept loop of a listener), `limits`
+//!   (connection limits), `login_delay` (failed-login delays), `signals`
+//!   ([`Signals`], `postino serve`'s SIGTERM/SIGINT/SIGHUP handling).
 //! - [`smtp`]: the SMTP connection actor (one per client).
 //! - [`pop3`]: the POP3 connection actor (one per client).
 //! - [`router`]: the router actor: per-recipient decisions at RCPT time, and

@@ -13,7 +13,7 @@ use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 /// Every open connection also holds a token of one [`TaskTracker`], so
 /// that a stopping server can wait for the last one ([`Limits::idle`]).
 #[derive(Default)]
-pub struct Limits {
+pub(crate) struct Limits {
     per_ip: Mutex<HashMap<(IpAddr, &'static str), usize>>,
     total: Mutex<HashMap<&'static str, usize>>,
     open: TaskTracker,

@@ -1,6 +1,7 @@
-//! Starting and stopping a server: the store, the core actors, the listeners,
-//! connection limits, and the control socket. This is the library API that
-//! `postino serve` and embedders use.
+//! Starting and stopping a server: wires the store, the core actors, the
+//! listeners (`accept.rs`, with the limits of `limits.rs` and the login
+//! delays of `login_delay.rs`) and the control socket. This is the library
+//! API that `postino serve` and embedders use.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), postino::ServerError> {

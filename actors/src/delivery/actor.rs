@@ -139,9 +139,12 @@ pub enum QueueChanged {
     /// Queued messages now due: those made due, already due, or in a
     /// delivery round right now.
     Flushed {
+        /// How many.
         due: usize,
     },
+    /// The message is out of the queue.
     Deleted(MessageId),
+    /// The message's open recipients failed; the bounce is on its way.
     Bounced(MessageId),
 }
 
@@ -152,6 +155,7 @@ pub enum QueueError {
     /// No message with this id is in the queue.
     #[error("no queued message {0}")]
     NotQueued(MessageId),
+    /// The store could not be read or written.
     #[error(transparent)]
     Store(#[from] StoreError),
 }
