@@ -146,6 +146,9 @@ fn joined(addrs: &[SocketAddr]) -> String {
 
 async fn run(config: Config) -> Result<(), postino::ServerError> {
     let local_domains = config.routing.local_domains.clone();
+    // `postino serve`'s signal handling: SIGTERM/SIGINT stop gracefully,
+    // SIGHUP reloads TLS. Installed before the server starts.
+    let signals = postino::Signals::install();
     let server = Server::builder(config)
         .router(move |default| {
             PlusRouter {
@@ -164,25 +167,8 @@ async fn run(config: Config) -> Result<(), postino::ServerError> {
         joined(server.pop3_addrs()),
         server.config().control_socket().display()
     );
-    wait_for_stop().await;
-    server.stop().await;
+    server.run_until_signal(signals).await;
     Ok(())
-}
-
-/// Returns on SIGINT (ctrl-c) or SIGTERM.
-async fn wait_for_stop() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 fn main() -> ExitCode {

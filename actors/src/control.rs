@@ -5,6 +5,10 @@
 //!
 //! Wire format: one JSON [`Request`] per line, one JSON [`Response`] per line.
 //! The socket is created with mode 0600: whoever can use it can add users.
+//!
+//! Queue changes go to the delivery actor while it runs, as typed
+//! [`ChangeQueue`] messages (ids parsed here); its typed answers, and those
+//! of the offline variants, are worded here, in one place.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -12,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::Addr;
+use actix::Recipient;
 use postino_core::address::Address;
 use postino_core::logsafe::{escape, Secret};
 use postino_core::message::now_unix;
@@ -21,10 +25,10 @@ use postino_core::{Config, MessageId, Store};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
-use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::delivery::actor::{Delivery, QueueCommand};
+use crate::delivery::actor::{ChangeQueue, QueueChanged, QueueError};
 
 /// A command for the server. Passwords are [`Secret`]s: requests are logged
 /// with `Debug`, which shows `<redacted>` for them (the JSON wire form is the
@@ -55,25 +59,50 @@ pub enum Response {
     Error(String),
 }
 
-/// Starts serving the control socket at `path`.
-pub fn serve(
+/// The bound control socket of a running server.
+pub(crate) struct ControlSocket {
+    listener: UnixListener,
+    store: Store,
+    config: Arc<Config>,
+    queue: Recipient<ChangeQueue>,
+}
+
+/// Binds the control socket at `path` (mode 0600); queue changes go to
+/// `queue` (the delivery actor).
+pub(crate) fn bind(
     path: PathBuf,
     store: Store,
     config: Arc<Config>,
-    delivery: Addr<Delivery>,
-) -> std::io::Result<JoinHandle<()>> {
+    queue: Recipient<ChangeQueue>,
+) -> std::io::Result<ControlSocket> {
     // We hold the sled lock on this data directory, so a socket file left
     // here belongs to a server that is gone.
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(actix_rt::spawn(async move {
+    Ok(ControlSocket {
+        listener,
+        store,
+        config,
+        queue,
+    })
+}
+
+impl ControlSocket {
+    /// Answers clients until `stop` is cancelled. A client connected
+    /// before that is answered to its end.
+    pub(crate) async fn run(self, stop: CancellationToken) {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => return,
+                accepted = self.listener.accept() => accepted,
+            };
+            let Ok((stream, _)) = accepted else {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
-            let (store, config, delivery) = (store.clone(), config.clone(), delivery.clone());
+            let (store, config, queue) =
+                (self.store.clone(), self.config.clone(), self.queue.clone());
             actix_rt::spawn(async move {
                 let (read, mut write) = stream.into_split();
                 let mut lines = tokio::io::BufReader::new(read).lines();
@@ -81,33 +110,7 @@ pub fn serve(
                     let response = match serde_json::from_str::<Request>(&line) {
                         Ok(request) => {
                             debug!(?request, "control request");
-                            let (store, config) = (store.clone(), config.clone());
-                            let queue_op = queue_command(&request);
-                            match queue_op {
-                                Some(cmd) => match delivery.send(cmd).await {
-                                    Ok(r) => r,
-                                    Err(e) => Response::Error(format!("delivery actor: {e}")),
-                                },
-                                None if !changes_store(&request) => {
-                                    execute(&store, &config, request)
-                                }
-                                None => {
-                                    let done = store.clone();
-                                    let response = tokio::task::spawn_blocking(move || {
-                                        execute(&store, &config, request)
-                                    })
-                                    .await
-                                    .unwrap_or_else(|e| Response::Error(e.to_string()));
-                                    // The CLI prints "added …" on this answer: make the change
-                                    // survive a crash first, as the offline CLI's flush does.
-                                    match done.durable().await {
-                                        Ok(()) => response,
-                                        Err(e) => {
-                                            Response::Error(format!("flushing the store: {e}"))
-                                        }
-                                    }
-                                }
-                            }
+                            answer(&store, &config, &queue, request).await
                         }
                         Err(e) => Response::Error(format!("bad request: {e}")),
                     };
@@ -119,17 +122,65 @@ pub fn serve(
                 }
             });
         }
-    }))
+    }
 }
 
-/// Queue changes go through the delivery actor when it runs, so that its
-/// schedule and the store never disagree.
-fn queue_command(request: &Request) -> Option<QueueCommand> {
+/// Answers one request of a running server.
+async fn answer(
+    store: &Store,
+    config: &Arc<Config>,
+    queue: &Recipient<ChangeQueue>,
+    request: Request,
+) -> Response {
+    match queue_change(&request) {
+        Some(Ok(change)) => match queue.send(change).await {
+            Ok(changed) => queue_response(changed),
+            Err(e) => Response::Error(format!("delivery actor: {e}")),
+        },
+        Some(Err(e)) => Response::Error(e),
+        None if !changes_store(&request) => execute(store, config, request),
+        None => {
+            let (store, config) = (store.clone(), config.clone());
+            let done = store.clone();
+            let response = tokio::task::spawn_blocking(move || execute(&store, &config, request))
+                .await
+                .unwrap_or_else(|e| Response::Error(e.to_string()));
+            // The CLI prints "added …" on this answer: make the change
+            // survive a crash first, as the offline CLI's flush does.
+            match done.durable().await {
+                Ok(()) => response,
+                Err(e) => Response::Error(format!("flushing the store: {e}")),
+            }
+        }
+    }
+}
+
+/// The queue change the delivery actor makes for `request`, if it is one;
+/// `Err` for an id that is not one.
+fn queue_change(request: &Request) -> Option<Result<ChangeQueue, String>> {
     match request {
-        Request::QueueFlush => Some(QueueCommand::Flush),
-        Request::QueueDelete { id } => Some(QueueCommand::Delete(id.clone())),
-        Request::QueueBounce { id } => Some(QueueCommand::Bounce(id.clone())),
+        Request::QueueFlush => Some(Ok(ChangeQueue::Flush)),
+        Request::QueueDelete { id } => Some(parse_id(id).map(ChangeQueue::Delete)),
+        Request::QueueBounce { id } => Some(parse_id(id).map(ChangeQueue::Bounce)),
         _ => None,
+    }
+}
+
+/// Words a queue change's outcome for the CLI.
+fn queue_response(changed: Result<QueueChanged, QueueError>) -> Response {
+    match changed {
+        Ok(changed) => Response::Ok(queue_lines(&changed)),
+        Err(e) => Response::Error(e.to_string()),
+    }
+}
+
+fn queue_lines(changed: &QueueChanged) -> Vec<String> {
+    match changed {
+        QueueChanged::Flushed { due } => {
+            vec![format!("{due} message(s) scheduled for delivery now")]
+        }
+        QueueChanged::Deleted(id) => vec![format!("deleted {id}")],
+        QueueChanged::Bounced(id) => vec![format!("bounced {id}")],
     }
 }
 
@@ -223,7 +274,7 @@ pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
             Ok(id) => match store.queue_entry(id) {
                 Ok(Some(entry)) => Ok(queue_details(&entry)),
                 // Not found is a failure, as `user del` of nobody is.
-                Ok(None) => return Response::Error(format!("no queued message {id}")),
+                Ok(None) => return Response::Error(QueueError::NotQueued(id).to_string()),
                 Err(e) => Err(e),
             },
             Err(e) => return Response::Error(e),
@@ -238,12 +289,10 @@ pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
             Ok(vec!["all queued messages are due now".into()])
         }),
         Request::QueueDelete { id } => match parse_id(&id) {
-            Ok(id) => match store.queue_entry(id) {
-                Ok(Some(_)) => store
-                    .remove_queue(id)
-                    .map(|()| vec![format!("deleted {id}")]),
-                Ok(None) => return Response::Error(format!("no queued message {id}")),
-                Err(e) => Err(e),
+            Ok(id) => match delete_offline(store, id) {
+                Ok(changed) => Ok(queue_lines(&changed)),
+                Err(QueueError::Store(e)) => Err(e),
+                Err(e) => return Response::Error(e.to_string()),
             },
             Err(e) => return Response::Error(e),
         },
@@ -267,6 +316,15 @@ pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
             Response::Error(e.to_string())
         }
     }
+}
+
+/// [`ChangeQueue::Delete`] without the server.
+fn delete_offline(store: &Store, id: MessageId) -> Result<QueueChanged, QueueError> {
+    if store.queue_entry(id)?.is_none() {
+        return Err(QueueError::NotQueued(id));
+    }
+    store.remove_queue(id)?;
+    Ok(QueueChanged::Deleted(id))
 }
 
 /// `address` as RFC 5321 allows it in a path (UTF-8 too, as with SMTPUTF8).
@@ -298,6 +356,10 @@ fn local_address(config: &Config, name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A queue id as the CLI gives it.
+///
+/// # Errors
+/// The text that the CLI prints when it is not one.
 pub fn parse_id(id: &str) -> Result<MessageId, String> {
     id.parse().map_err(|_| format!("`{id}` is not a queue id"))
 }

@@ -4,7 +4,10 @@
 //! # Layout
 //!
 //! - [`server`]: [`Server`] and its builder: opens the store, starts the core
-//!   actors, binds listeners, enforces connection limits, stops gracefully.
+//!   actors, binds listeners, stops gracefully ([`Server::run_until`]).
+//!   Beside it, private: `accept` (the accept loop of a listener), `limits`
+//!   (connection limits), `login_delay` (failed-login delays), `signals`
+//!   ([`Signals`], `postino serve`'s SIGTERM/SIGINT/SIGHUP handling).
 //! - [`smtp`]: the SMTP connection actor (one per client).
 //! - [`pop3`]: the POP3 connection actor (one per client).
 //! - [`router`]: the router actor: per-recipient decisions at RCPT time, and
@@ -22,19 +25,24 @@
 //! router as a `Recipient<RouteRecipient>` and returns the one to use; see
 //! `examples/custom_router.rs`.
 
+mod accept;
 pub mod auth;
 pub mod control;
 pub mod delivery;
 pub mod io;
+mod limits;
+mod login_delay;
 pub mod mailbox;
 pub mod pop3;
 pub mod router;
 pub mod server;
+mod signals;
 pub mod smtp;
 pub mod tls;
 
 pub use router::{Dispatch, RouteRecipient, Router};
-pub use server::{Server, ServerBuilder, ServerError};
+pub use server::{Server, ServerBuilder, ServerError, TlsReloader};
+pub use signals::Signals;
 
 /// Sets the store failpoints named in `FAILPOINTS` from the start (see
 /// [`postino_core::failpoints`]); keep the value for the life of the

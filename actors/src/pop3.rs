@@ -18,8 +18,9 @@ use tracing::{debug, info, warn};
 
 use crate::auth::PasswordChecks;
 use crate::io::{Io, ReadOutcome, Stream, TlsSlot};
+use crate::limits::ConnectionGuard;
+use crate::login_delay::AuthFailures;
 use crate::mailbox::{Expunge, Mailbox, Open, Release};
-use crate::server::{AuthFailures, ConnectionGuard};
 
 /// What every POP3 connection shares.
 pub struct Pop3Shared {

@@ -1,6 +1,7 @@
-//! Starting and stopping a server: the store, the core actors, the listeners,
-//! connection limits, and the control socket. This is the library API that
-//! `postino serve` and embedders use.
+//! Starting and stopping a server: wires the store, the core actors, the
+//! listeners (`accept.rs`, with the limits of `limits.rs` and the login
+//! delays of `login_delay.rs`) and the control socket. This is the library
+//! API that `postino serve` and embedders use.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), postino::ServerError> {
@@ -11,30 +12,31 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use postino_core::config::ConfigError;
 use postino_core::smtp::session::SessionConfig;
 use postino_core::store::StoreError;
 use postino_core::{Config, Store};
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify};
-use tokio::task::JoinHandle;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+pub use crate::accept::LISTEN_BACKLOG;
+use crate::accept::{bind, Acceptor, Kind};
 use crate::auth::PasswordChecks;
 use crate::delivery::actor::Delivery;
-use crate::io::{Stream, TlsSlot};
+use crate::io::TlsSlot;
+use crate::limits::Limits;
+use crate::login_delay::AuthFailures;
 use crate::mailbox::Mailbox;
-use crate::pop3::{Pop3Connection, Pop3Shared};
+use crate::pop3::Pop3Shared;
 use crate::router::{Dispatch, RouteRecipient, Router};
-use crate::smtp::{SmtpConnection, SmtpShared};
+use crate::smtp::SmtpShared;
 
 /// Errors that stop a server from starting.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +62,28 @@ pub enum ServerError {
     Worker,
     #[error("cannot start the password-checking threads: {0}")]
     AuthWorkers(std::io::Error),
+}
+
+/// Reloads a running server's TLS certificate; see [`Server::tls_reloader`].
+#[derive(Clone)]
+pub struct TlsReloader {
+    tls: TlsSlot,
+    config: Arc<Config>,
+}
+
+impl TlsReloader {
+    /// Reads the TLS certificate and key again, for new handshakes. Without
+    /// TLS in the configuration, does nothing.
+    ///
+    /// # Errors
+    /// The old certificate stays in use when the new one cannot be read.
+    pub fn reload(&self) -> Result<(), ServerError> {
+        if let Some(tls) = &self.config.tls {
+            self.tls.set(crate::tls::acceptor(tls)?);
+            info!("tls certificate reloaded");
+        }
+        Ok(())
+    }
 }
 
 /// Builds a [`Server`]; lets an embedder put its own routing actor in place.
@@ -88,9 +112,15 @@ pub struct Server {
     delivery: Addr<Delivery>,
     tls: TlsSlot,
     config: Arc<Config>,
+    /// Tells every session to finish (they wait on a `watch`, see
+    /// [`crate::io::Io`]).
     shutdown: watch::Sender<bool>,
+    /// Ends the accept loops and the control socket's.
+    stop: CancellationToken,
+    /// The accept loops and the control socket's loop.
+    tasks: TaskTracker,
+    /// Open connections; [`Limits::idle`] when the last one ends.
     connections: Arc<Limits>,
-    tasks: Vec<JoinHandle<()>>,
     workers: Vec<Arbiter>,
 }
 
@@ -139,11 +169,34 @@ impl Server {
     /// # Errors
     /// The old certificate stays in use when the new one cannot be read.
     pub fn reload_tls(&self) -> Result<(), ServerError> {
-        if let Some(tls) = &self.config.tls {
-            self.tls.set(crate::tls::acceptor(tls)?);
-            info!("tls certificate reloaded");
+        self.tls_reloader().reload()
+    }
+
+    /// A handle that does [`Server::reload_tls`] and outlives the borrow of
+    /// the server (e.g. inside the future given to [`Server::run_until`]).
+    pub fn tls_reloader(&self) -> TlsReloader {
+        TlsReloader {
+            tls: self.tls.clone(),
+            config: self.config.clone(),
         }
-        Ok(())
+    }
+
+    /// Runs until `shutdown` completes, then stops gracefully
+    /// ([`Server::stop`]: sessions are asked to finish, idle ones get
+    /// `421`, a command in progress gets its answer).
+    ///
+    /// ```no_run
+    /// # async fn run(config: postino_core::Config) -> Result<(), postino::ServerError> {
+    /// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    /// let server = postino::Server::builder(config).start().await?;
+    /// // … hand `stop` to whatever decides when to stop …
+    /// # drop(stop);
+    /// server.run_until(async { let _ = stopped.await; }).await;
+    /// # Ok(()) }
+    /// ```
+    pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()>) {
+        shutdown.await;
+        self.stop().await
     }
 
     /// Stops accepting, asks every session to finish (idle ones get `421`),
@@ -151,9 +204,10 @@ impl Server {
     pub async fn stop_within(mut self, grace: Duration) {
         info!("stopping");
         let _ = self.shutdown.send(true);
-        for t in self.tasks.drain(..) {
-            t.abort();
-        }
+        self.stop.cancel();
+        // The listening sockets are closed once their loops are back.
+        self.tasks.close();
+        self.tasks.wait().await;
         let _ = tokio::time::timeout(grace, self.connections.idle()).await;
         if let Err(e) = self.store.flush_blocking() {
             error!(error = %e, "final flush failed");
@@ -266,8 +320,9 @@ impl ServerBuilder {
             tls: tls.clone(),
             config: config.clone(),
             shutdown,
+            stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
             connections,
-            tasks: Vec::new(),
             workers,
         };
 
@@ -389,17 +444,17 @@ impl ServerBuilder {
                 .await?;
             server.pop3s_addrs.push(bound);
         }
-        let control = crate::control::serve(
+        let control = crate::control::bind(
             config.control_socket(),
             store.clone(),
             config.clone(),
-            delivery.clone(),
+            delivery.clone().recipient(),
         )
         .map_err(|source| ServerError::Control {
             path: config.control_socket().display().to_string(),
             source,
         })?;
-        server.tasks.push(control);
+        actix_rt::spawn(server.tasks.track_future(control.run(server.stop.clone())));
         info!(
             smtp = ?server.smtp_addrs,
             submission = ?server.submission_addrs,
@@ -417,14 +472,8 @@ impl ServerBuilder {
     }
 }
 
-#[derive(Clone)]
-enum Kind {
-    /// One shared state per worker arbiter, in worker order.
-    Smtp(Arc<Vec<Arc<SmtpShared>>>),
-    Pop3(Arc<Pop3Shared>),
-}
-
 impl Server {
+    /// Binds `addr` and starts its accept loop (see [`crate::accept`]).
     async fn listen(
         &mut self,
         addr: SocketAddr,
@@ -435,246 +484,25 @@ impl Server {
         let bound = listener
             .local_addr()
             .map_err(|source| ServerError::Bind { addr, source })?;
-        let workers: Vec<ArbiterHandle> = self.workers.iter().map(|w| w.handle()).collect();
-        let shutdown = self.shutdown.subscribe();
-        let limits = self.connections.clone();
-        let config = self.config.clone();
-        let tls = self.tls.clone();
-        let task = actix_rt::spawn(async move {
-            let mut next = 0usize;
-            let mut backoff = Duration::from_millis(5);
-            loop {
-                let (stream, peer) = match listener.accept().await {
-                    Ok(accepted) => {
-                        backoff = Duration::from_millis(5);
-                        accepted
-                    }
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning or
-                        // giving up (mini-redis does the same).
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
-                        continue;
-                    }
-                };
-                let (per_ip, total, name) = match &kind {
-                    Kind::Smtp(_) => (
-                        config.smtp.max_connections_per_ip,
-                        config.smtp.max_connections,
-                        "smtp",
-                    ),
-                    Kind::Pop3(_) => (
-                        config.pop3.max_connections_per_ip,
-                        config.pop3.max_connections,
-                        "pop3",
-                    ),
-                };
-                let Some(guard) = limits.try_acquire(peer.ip(), per_ip, total, name) else {
-                    warn!(%peer, "too many connections; refused");
-                    actix_rt::spawn(refuse(
-                        stream,
-                        matches!(kind, Kind::Smtp(_)),
-                        config.hostname.clone(),
-                    ));
-                    continue;
-                };
-                let Ok(std) = stream.into_std() else { continue };
-                let index = next % workers.len();
-                let worker = &workers[index];
-                next = next.wrapping_add(1);
-                let kind = kind.clone();
-                let shutdown = shutdown.clone();
-                let acceptor = implicit_tls.then(|| tls.get()).flatten();
-                let handshake_timeout = config.smtp.timeout.min(Duration::from_secs(60));
-                worker.spawn(async move {
-                    // Registered with this worker's reactor, not the acceptor's.
-                    let Ok(tcp) = TcpStream::from_std(std) else {
-                        return;
-                    };
-                    let _ = tcp.set_nodelay(true);
-                    let stream = match acceptor {
-                        Some(acceptor) => {
-                            match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp))
-                                .await
-                            {
-                                Ok(Ok(tls)) => Stream::Tls(Box::new(tls)),
-                                _ => return,
-                            }
-                        }
-                        None => Stream::Plain(tcp),
-                    };
-                    match kind {
-                        Kind::Smtp(shared) => {
-                            let shared = shared[index % shared.len()].clone();
-                            SmtpConnection::new(shared, stream, peer, shutdown, guard).start();
-                        }
-                        Kind::Pop3(shared) => {
-                            Pop3Connection::new(shared, stream, peer, shutdown, guard).start();
-                        }
-                    }
-                });
-            }
-        });
-        self.tasks.push(task);
+        let acceptor = Acceptor {
+            kind,
+            implicit_tls,
+            workers: self.workers.iter().map(|w| w.handle()).collect(),
+            limits: self.connections.clone(),
+            config: self.config.clone(),
+            tls: self.tls.clone(),
+            shutdown: self.shutdown.subscribe(),
+        };
+        actix_rt::spawn(
+            self.tasks
+                .track_future(acceptor.run(listener, self.stop.clone())),
+        );
         Ok(bound)
     }
-}
-
-/// Listen backlog: thousands of clients may connect at once (an ISP relay,
-/// `postino bench smtp --hold`); the default 1024 made some of 10,000 hang.
-/// The kernel caps it at `net.core.somaxconn` (4096 here).
-pub const LISTEN_BACKLOG: u32 = 8192;
-
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    // Restarts must not wait for TIME_WAIT sockets to expire.
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
-}
-
-/// Answers a connection over the limits with a 421 (SMTP) or -ERR (POP3).
-async fn refuse(mut stream: TcpStream, smtp: bool, hostname: String) {
-    let line = if smtp {
-        format!("421 4.7.0 {hostname} Error: too many connections\r\n")
-    } else {
-        "-ERR [SYS/TEMP] Too many connections\r\n".to_owned()
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(line.as_bytes())).await;
-    let _ = stream.shutdown().await;
 }
 
 fn worker_count() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
-}
-
-/// Failed logins per client address, POP3 and SMTP AUTH alike, for
-/// Dovecot's growing delay: `pop3.auth_failure_delay` after the first
-/// failure, doubling per further recent failure from the same address, up to
-/// `pop3.max_auth_failure_delay` (Dovecot's `auth_failure_delay` covers the
-/// SMTP AUTH that Postfix hands it too). A successful login forgets them.
-pub struct AuthFailures {
-    table: Mutex<HashMap<IpAddr, (u32, Instant)>>,
-    base: Duration,
-    max: Duration,
-}
-
-impl AuthFailures {
-    pub fn new(base: Duration, max: Duration) -> AuthFailures {
-        AuthFailures {
-            table: Mutex::new(HashMap::new()),
-            base,
-            max,
-        }
-    }
-
-    /// Records a failed login from `ip`; returns how long to wait before
-    /// answering it.
-    pub fn failed(&self, ip: IpAddr) -> Duration {
-        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        // Forget addresses quiet for a while, so the table stays small.
-        table.retain(|_, (_, last)| now.duration_since(*last) < Duration::from_secs(300));
-        let entry = table.entry(ip).or_insert((0, now));
-        entry.0 = entry.0.saturating_add(1);
-        entry.1 = now;
-        let factor = 1u32 << (entry.0 - 1).min(16);
-        self.base.saturating_mul(factor).min(self.max)
-    }
-
-    pub fn succeeded(&self, ip: IpAddr) {
-        self.table
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&ip);
-    }
-}
-
-/// Connection counts per client address and in total (Postfix anvil).
-#[derive(Default)]
-pub struct Limits {
-    per_ip: Mutex<HashMap<(IpAddr, &'static str), usize>>,
-    total: Mutex<HashMap<&'static str, usize>>,
-    all: AtomicUsize,
-    idle: Notify,
-}
-
-impl Limits {
-    fn try_acquire(
-        self: &Arc<Self>,
-        ip: IpAddr,
-        per_ip: usize,
-        total: usize,
-        kind: &'static str,
-    ) -> Option<ConnectionGuard> {
-        let mut totals = self.total.lock().unwrap_or_else(|e| e.into_inner());
-        let mut ips = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        let t = totals.entry(kind).or_default();
-        let n = ips.entry((ip, kind)).or_default();
-        if *t >= total || *n >= per_ip {
-            if *n == 0 {
-                ips.remove(&(ip, kind));
-            }
-            return None;
-        }
-        *t += 1;
-        *n += 1;
-        self.all.fetch_add(1, Ordering::SeqCst);
-        Some(ConnectionGuard {
-            limits: self.clone(),
-            ip,
-            kind,
-        })
-    }
-
-    /// Resolves when no connection is open.
-    async fn idle(&self) {
-        loop {
-            let notified = self.idle.notified();
-            if self.all.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-
-    /// Open connections right now.
-    pub fn open(&self) -> usize {
-        self.all.load(Ordering::SeqCst)
-    }
-}
-
-/// Held by a connection actor; releases its slot when the actor is dropped.
-pub struct ConnectionGuard {
-    limits: Arc<Limits>,
-    ip: IpAddr,
-    kind: &'static str,
-}
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        {
-            let mut totals = self.limits.total.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(t) = totals.get_mut(self.kind) {
-                *t = t.saturating_sub(1);
-            }
-            let mut ips = self.limits.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(n) = ips.get_mut(&(self.ip, self.kind)) {
-                *n -= 1;
-                if *n == 0 {
-                    ips.remove(&(self.ip, self.kind));
-                }
-            }
-        }
-        if self.limits.all.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.limits.idle.notify_waiters();
-        }
-    }
 }

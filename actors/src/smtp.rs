@@ -26,8 +26,9 @@ use tracing::{debug, info, warn, Instrument};
 use crate::auth::PasswordChecks;
 use crate::delivery::actor::Queued;
 use crate::io::{Io, ReadOutcome, Stream, TlsSlot};
+use crate::limits::ConnectionGuard;
+use crate::login_delay::AuthFailures;
 use crate::router::{Dispatch, RouteRecipient, Submit, Submitted};
-use crate::server::{AuthFailures, ConnectionGuard};
 
 /// What every SMTP connection of one listener shares.
 pub struct SmtpShared {

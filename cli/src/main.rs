@@ -597,69 +597,17 @@ fn serve(config: Config, config_file: Option<PathBuf>) -> ExitCode {
     let result = system.block_on(async move {
         // Taken over before the server starts: a SIGTERM right after the
         // "postino started" line must stop it gracefully, not kill it.
-        let signals = Signals::new();
+        let signals = postino::Signals::install();
         let server = Server::builder(config)
             .config_file(config_file)
             .start()
             .await?;
-        signals.wait(&server).await;
-        server.stop().await;
+        server.run_until_signal(signals).await;
         Ok::<(), postino::ServerError>(())
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e.to_string()),
-    }
-}
-
-/// SIGTERM, SIGINT and SIGHUP, handled by postino from creation on.
-struct Signals(
-    Option<(
-        tokio::signal::unix::Signal,
-        tokio::signal::unix::Signal,
-        tokio::signal::unix::Signal,
-    )>,
-);
-
-impl Signals {
-    fn new() -> Signals {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::hangup()),
-        ) {
-            (Ok(term), Ok(int), Ok(hup)) => Signals(Some((term, int, hup))),
-            _ => Signals(None),
-        }
-    }
-
-    /// Returns on SIGINT or SIGTERM; reloads TLS on SIGHUP.
-    async fn wait(self, server: &Server) {
-        let Some((mut term, mut int, mut hup)) = self.0 else {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        };
-        wait_for_signals(server, &mut term, &mut int, &mut hup).await;
-    }
-}
-
-async fn wait_for_signals(
-    server: &Server,
-    term: &mut tokio::signal::unix::Signal,
-    int: &mut tokio::signal::unix::Signal,
-    hup: &mut tokio::signal::unix::Signal,
-) {
-    loop {
-        tokio::select! {
-            _ = term.recv() => return,
-            _ = int.recv() => return,
-            _ = hup.recv() => {
-                if let Err(e) = server.reload_tls() {
-                    tracing::error!(error = %e, "tls reload failed; keeping the old certificate");
-                }
-            }
-        }
     }
 }
 

@@ -6,6 +6,7 @@ mod cli;
 mod delivery;
 mod delivery_client;
 mod durability;
+mod embed;
 mod example;
 mod faults;
 mod flood;

@@ -55,7 +55,6 @@ use postino_core::{Config, Envelope, MessageId, Store};
 use tokio::sync::Semaphore;
 use tracing::{debug, error, info, warn};
 
-use crate::control::{parse_id, Response};
 use crate::router::{notification, Dispatch};
 
 use super::attempt::{self, Outcome, RcptResult};
@@ -117,13 +116,48 @@ pub fn new_entry(envelope: &Envelope, recipients: Vec<String>) -> QueueEntry {
 #[rtype(result = "()")]
 pub struct SetRouter(pub Recipient<Dispatch>);
 
-/// `postino queue flush|delete|bounce` from the control socket.
-#[derive(Message, Debug)]
-#[rtype(result = "Response")]
-pub enum QueueCommand {
+/// An administrator's change to the queue (`postino queue
+/// flush|delete|bounce` on the control socket): made by this actor while it
+/// runs, so that its schedule and the store never disagree. The answer is
+/// typed; the control socket words it.
+#[derive(Message, Debug, Clone, PartialEq, Eq)]
+#[rtype(result = "Result<QueueChanged, QueueError>")]
+#[non_exhaustive]
+pub enum ChangeQueue {
+    /// Make every queued message due now.
     Flush,
-    Delete(String),
-    Bounce(String),
+    /// Remove a message from the queue without a notice.
+    Delete(MessageId),
+    /// Fail a message's open recipients and send the sender a bounce.
+    Bounce(MessageId),
+}
+
+/// What a [`ChangeQueue`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum QueueChanged {
+    /// Queued messages now due: those made due, already due, or in a
+    /// delivery round right now.
+    Flushed {
+        /// How many.
+        due: usize,
+    },
+    /// The message is out of the queue.
+    Deleted(MessageId),
+    /// The message's open recipients failed; the bounce is on its way.
+    Bounced(MessageId),
+}
+
+/// Why a [`ChangeQueue`] did nothing.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QueueError {
+    /// No message with this id is in the queue.
+    #[error("no queued message {0}")]
+    NotQueued(MessageId),
+    /// The store could not be read or written.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// The queue manager.
@@ -720,18 +754,18 @@ impl Delivery {
         backoff(&self.config.delivery.retry, attempts)
     }
 
-    fn command(&mut self, cmd: QueueCommand, ctx: &mut Context<Self>) -> Response {
-        match cmd {
-            QueueCommand::Flush => {
+    fn change_queue(
+        &mut self,
+        change: ChangeQueue,
+        ctx: &mut Context<Self>,
+    ) -> Result<QueueChanged, QueueError> {
+        match change {
+            ChangeQueue::Flush => {
                 let now = now_unix();
-                let entries = match self.store.queue() {
-                    Ok(all) => all,
-                    Err(e) => return Response::Error(e.to_string()),
-                };
-                let mut n = 0;
-                for mut e in entries {
+                let mut due = 0;
+                for mut e in self.store.queue()? {
                     if self.busy(e.id) {
-                        n += 1;
+                        due += 1;
                         continue;
                     }
                     if e.next_attempt > now {
@@ -741,59 +775,42 @@ impl Delivery {
                             continue;
                         }
                     }
-                    n += 1;
+                    due += 1;
                 }
-                info!(messages = n, "queue flushed by the administrator");
+                info!(messages = due, "queue flushed by the administrator");
                 self.poll(ctx);
-                Response::Ok(vec![format!("{n} message(s) scheduled for delivery now")])
+                Ok(QueueChanged::Flushed { due })
             }
-            QueueCommand::Delete(id) => {
-                let id = match parse_id(&id) {
-                    Ok(id) => id,
-                    Err(e) => return Response::Error(e),
-                };
-                match self.store.queue_entry(id) {
-                    Ok(Some(_)) => {}
-                    Ok(None) => return Response::Error(format!("no queued message {id}")),
-                    Err(e) => return Response::Error(e.to_string()),
+            ChangeQueue::Delete(id) => {
+                if self.store.queue_entry(id)?.is_none() {
+                    return Err(QueueError::NotQueued(id));
                 }
-                match self.store.remove_queue(id) {
-                    Ok(()) => {
-                        drop(self.flush_soon());
-                        info!(%id, status = "deleted", "deleted from the queue by the administrator");
-                        Response::Ok(vec![format!("deleted {id}")])
-                    }
-                    Err(e) => Response::Error(e.to_string()),
-                }
+                self.store.remove_queue(id)?;
+                drop(self.flush_soon());
+                info!(%id, status = "deleted", "deleted from the queue by the administrator");
+                Ok(QueueChanged::Deleted(id))
             }
-            QueueCommand::Bounce(id) => {
-                let id = match parse_id(&id) {
-                    Ok(id) => id,
-                    Err(e) => return Response::Error(e),
+            ChangeQueue::Bounce(id) => {
+                let Some(mut entry) = self.store.queue_entry(id)? else {
+                    return Err(QueueError::NotQueued(id));
                 };
-                match self.store.queue_entry(id) {
-                    Ok(Some(mut entry)) => {
-                        for r in entry.recipients.iter_mut().filter(|r| r.state.is_open()) {
-                            let last = match &r.state {
-                                RecipientState::Deferred { last_error } => {
-                                    format!("; last error: {last_error}")
-                                }
-                                _ => String::new(),
-                            };
-                            r.state = RecipientState::Failed {
-                                reply: format!(
-                                    "5.0.0 message returned by the postmaster of {}{last}",
-                                    self.config.hostname
-                                ),
-                            };
+                for r in entry.recipients.iter_mut().filter(|r| r.state.is_open()) {
+                    let last = match &r.state {
+                        RecipientState::Deferred { last_error } => {
+                            format!("; last error: {last_error}")
                         }
-                        info!(%id, status = "bounced", "bounced by the administrator");
-                        self.finalize(entry, false, ctx);
-                        Response::Ok(vec![format!("bounced {id}")])
-                    }
-                    Ok(None) => Response::Error(format!("no queued message {id}")),
-                    Err(e) => Response::Error(e.to_string()),
+                        _ => String::new(),
+                    };
+                    r.state = RecipientState::Failed {
+                        reply: format!(
+                            "5.0.0 message returned by the postmaster of {}{last}",
+                            self.config.hostname
+                        ),
+                    };
                 }
+                info!(%id, status = "bounced", "bounced by the administrator");
+                self.finalize(entry, false, ctx);
+                Ok(QueueChanged::Bounced(id))
             }
         }
     }
@@ -969,11 +986,11 @@ impl Handler<SetRouter> for Delivery {
     }
 }
 
-impl Handler<QueueCommand> for Delivery {
-    type Result = MessageResult<QueueCommand>;
+impl Handler<ChangeQueue> for Delivery {
+    type Result = Result<QueueChanged, QueueError>;
 
-    fn handle(&mut self, msg: QueueCommand, ctx: &mut Self::Context) -> Self::Result {
-        MessageResult(self.command(msg, ctx))
+    fn handle(&mut self, msg: ChangeQueue, ctx: &mut Self::Context) -> Self::Result {
+        self.change_queue(msg, ctx)
     }
 }
 
