@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::delivery::actor::{Delivery, QueueCommand};
+use crate::sessions::{Pop3Sessions, SessionInfo};
 
 /// A command for the server. Passwords are [`Secret`]s: requests are logged
 /// with `Debug`, which shows `<redacted>` for them (the JSON wire form is the
@@ -43,6 +44,11 @@ pub enum Request {
     QueueFlush,
     QueueDelete { id: String },
     QueueBounce { id: String },
+    /// The live POP3 sessions (`postino who`).
+    Who,
+    /// Ends POP3 sessions: `target` is a session id from `Who`, or a user
+    /// whose every session ends (`postino kick`).
+    Kick { target: String },
     // Sets a store failpoint (`postino_core::failpoints`); refused unless
     // the build has the `failpoints` feature, which only the tests use.
     Failpoint { name: String, actions: String },
@@ -55,13 +61,19 @@ pub enum Response {
     Error(String),
 }
 
+/// What requests act on in a running server: shared by the control socket
+/// and the admin HTTP API ([`crate::admin`]), which both go through
+/// [`answer`].
+#[derive(Clone)]
+pub struct Live {
+    pub store: Store,
+    pub config: Arc<Config>,
+    pub delivery: Addr<Delivery>,
+    pub sessions: Arc<Pop3Sessions>,
+}
+
 /// Starts serving the control socket at `path`.
-pub fn serve(
-    path: PathBuf,
-    store: Store,
-    config: Arc<Config>,
-    delivery: Addr<Delivery>,
-) -> std::io::Result<JoinHandle<()>> {
+pub fn serve(path: PathBuf, live: Live) -> std::io::Result<JoinHandle<()>> {
     // We hold the sled lock on this data directory, so a socket file left
     // here belongs to a server that is gone.
     let _ = std::fs::remove_file(&path);
@@ -73,42 +85,13 @@ pub fn serve(
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
-            let (store, config, delivery) = (store.clone(), config.clone(), delivery.clone());
+            let live = live.clone();
             actix_rt::spawn(async move {
                 let (read, mut write) = stream.into_split();
                 let mut lines = tokio::io::BufReader::new(read).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     let response = match serde_json::from_str::<Request>(&line) {
-                        Ok(request) => {
-                            debug!(?request, "control request");
-                            let (store, config) = (store.clone(), config.clone());
-                            let queue_op = queue_command(&request);
-                            match queue_op {
-                                Some(cmd) => match delivery.send(cmd).await {
-                                    Ok(r) => r,
-                                    Err(e) => Response::Error(format!("delivery actor: {e}")),
-                                },
-                                None if !changes_store(&request) => {
-                                    execute(&store, &config, request)
-                                }
-                                None => {
-                                    let done = store.clone();
-                                    let response = tokio::task::spawn_blocking(move || {
-                                        execute(&store, &config, request)
-                                    })
-                                    .await
-                                    .unwrap_or_else(|e| Response::Error(e.to_string()));
-                                    // The CLI prints "added …" on this answer: make the change
-                                    // survive a crash first, as the offline CLI's flush does.
-                                    match done.durable().await {
-                                        Ok(()) => response,
-                                        Err(e) => {
-                                            Response::Error(format!("flushing the store: {e}"))
-                                        }
-                                    }
-                                }
-                            }
-                        }
+                        Ok(request) => answer(&live, request).await,
                         Err(e) => Response::Error(format!("bad request: {e}")),
                     };
                     let mut out = serde_json::to_vec(&response).unwrap_or_default();
@@ -122,6 +105,76 @@ pub fn serve(
     }))
 }
 
+/// Answers one request in the running server: queue changes through the
+/// delivery actor, POP3 sessions through the registry, the rest with
+/// [`execute`] (off the async threads when it writes, then flushed).
+pub async fn answer(live: &Live, request: Request) -> Response {
+    debug!(?request, "control request");
+    match &request {
+        Request::Who => return Response::Ok(who_lines(&live.sessions.list())),
+        Request::Kick { target } => return kick(&live.sessions, target),
+        _ => {}
+    }
+    let (store, config) = (live.store.clone(), live.config.clone());
+    match queue_command(&request) {
+        Some(cmd) => match live.delivery.send(cmd).await {
+            Ok(r) => r,
+            Err(e) => Response::Error(format!("delivery actor: {e}")),
+        },
+        None if !changes_store(&request) => execute(&store, &config, request),
+        None => {
+            let done = store.clone();
+            let response = tokio::task::spawn_blocking(move || execute(&store, &config, request))
+                .await
+                .unwrap_or_else(|e| Response::Error(e.to_string()));
+            // The CLI prints "added …" on this answer: make the change
+            // survive a crash first, as the offline CLI's flush does.
+            match done.durable().await {
+                Ok(()) => response,
+                Err(e) => Response::Error(format!("flushing the store: {e}")),
+            }
+        }
+    }
+}
+
+/// `postino who`: one line per live POP3 session.
+fn who_lines(sessions: &[SessionInfo]) -> Vec<String> {
+    let mut lines = vec![format!(
+        "{:<8} {:<40} {:<25} {}",
+        "ID", "USER", "SINCE", "CLIENT"
+    )];
+    lines.extend(sessions.iter().map(|s| {
+        format!(
+            "{:<8} {:<40} {:<25} {}",
+            s.id,
+            s.user.as_deref().unwrap_or("-"),
+            postino_core::dsn::rfc5322_date(s.since),
+            s.peer
+        )
+    }));
+    lines.push(format!("-- {} POP3 session(s)", sessions.len()));
+    lines
+}
+
+/// `postino kick ID|USER`.
+fn kick(sessions: &Pop3Sessions, target: &str) -> Response {
+    if let Ok(id) = target.parse::<u64>() {
+        return if sessions.kick(id) {
+            info!(session = id, "pop3 session kicked by the administrator");
+            Response::Ok(vec![format!("kicked session {id}")])
+        } else {
+            Response::Error(format!("no POP3 session {id}"))
+        };
+    }
+    match sessions.kick_user(target) {
+        0 => Response::Error(format!("no POP3 session of {target}")),
+        n => {
+            info!(user = %escape(target), sessions = n, "pop3 sessions kicked by the administrator");
+            Response::Ok(vec![format!("kicked {n} session(s) of {target}")])
+        }
+    }
+}
+
 /// Queue changes go through the delivery actor when it runs, so that its
 /// schedule and the store never disagree.
 fn queue_command(request: &Request) -> Option<QueueCommand> {
@@ -133,10 +186,14 @@ fn queue_command(request: &Request) -> Option<QueueCommand> {
     }
 }
 
-/// Whether the answer to `request` waits for a flush. Not for failpoints:
+/// Whether the answer to `request` waits for a flush. Not for failpoints
+/// (nor for reads, which have nothing to flush):
 /// turning off `store::durable` must not wait for a flush it fails.
 fn changes_store(request: &Request) -> bool {
-    !matches!(request, Request::Failpoint { .. })
+    !matches!(
+        request,
+        Request::Failpoint { .. } | Request::Who | Request::Kick { .. }
+    )
 }
 
 /// Sends one request to a running server. `Ok(None)`: no server listens.
@@ -249,6 +306,9 @@ pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
         },
         Request::QueueBounce { .. } => {
             return Response::Error("queue bounce needs the running server (it sends mail)".into())
+        }
+        Request::Who | Request::Kick { .. } => {
+            return Response::Error("no server runs, so no POP3 session either".into())
         }
         Request::Failpoint { name, actions } => {
             return match postino_core::failpoints::configure(&name, &actions) {

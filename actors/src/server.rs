@@ -92,6 +92,9 @@ pub struct Server {
     connections: Arc<Limits>,
     tasks: Vec<JoinHandle<()>>,
     workers: Vec<Arbiter>,
+    /// The admin HTTP listener's address, with `[admin] listen`.
+    admin_addr: Option<SocketAddr>,
+    admin: Option<crate::admin::Admin>,
 }
 
 impl Server {
@@ -118,6 +121,10 @@ impl Server {
     }
     pub fn pop3s_addrs(&self) -> &[SocketAddr] {
         &self.pop3s_addrs
+    }
+    /// Where the admin HTTP listener is bound, if `[admin] listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
     pub fn store(&self) -> &Store {
         &self.store
@@ -153,6 +160,9 @@ impl Server {
         let _ = self.shutdown.send(true);
         for t in self.tasks.drain(..) {
             t.abort();
+        }
+        if let Some(admin) = self.admin.take() {
+            admin.stop().await;
         }
         let _ = tokio::time::timeout(grace, self.connections.idle()).await;
         if let Err(e) = self.store.flush_blocking() {
@@ -269,6 +279,8 @@ impl ServerBuilder {
             connections,
             tasks: Vec::new(),
             workers,
+            admin_addr: None,
+            admin: None,
         };
 
         let failures = Arc::new(AuthFailures::new(
@@ -277,6 +289,7 @@ impl ServerBuilder {
         ));
         let checks = PasswordChecks::start(store.clone(), config.auth.workers)
             .map_err(ServerError::AuthWorkers)?;
+        let sessions = Arc::new(crate::sessions::Pop3Sessions::default());
         let smtp_shared = |auth_required: bool,
                            route: Recipient<RouteRecipient>,
                            router: Addr<Router>| {
@@ -376,6 +389,7 @@ impl ServerBuilder {
             tls: tls.clone(),
             failures: failures.clone(),
             checks: checks.clone(),
+            sessions: sessions.clone(),
         });
         for addr in config.pop3.listen.clone() {
             let bound = server
@@ -389,23 +403,32 @@ impl ServerBuilder {
                 .await?;
             server.pop3s_addrs.push(bound);
         }
-        let control = crate::control::serve(
-            config.control_socket(),
-            store.clone(),
-            config.clone(),
-            delivery.clone(),
-        )
-        .map_err(|source| ServerError::Control {
-            path: config.control_socket().display().to_string(),
-            source,
-        })?;
+        let live = crate::control::Live {
+            store: store.clone(),
+            config: config.clone(),
+            delivery: delivery.clone(),
+            sessions,
+        };
+        let control = crate::control::serve(config.control_socket(), live.clone()).map_err(
+            |source| ServerError::Control {
+                path: config.control_socket().display().to_string(),
+                source,
+            },
+        )?;
         server.tasks.push(control);
+        if let Some(addr) = config.admin.listen {
+            let admin = crate::admin::serve(addr, live)
+                .map_err(|source| ServerError::Bind { addr, source })?;
+            server.admin_addr = Some(admin.addr);
+            server.admin = Some(admin);
+        }
         info!(
             smtp = ?server.smtp_addrs,
             submission = ?server.submission_addrs,
             submissions = ?server.submissions_addrs,
             pop3 = ?server.pop3_addrs,
             pop3s = ?server.pop3s_addrs,
+            admin = ?server.admin_addr.as_slice(),
             data_dir = %config.data_dir.display(),
             config = %self
                 .config_file
@@ -627,6 +650,7 @@ impl Limits {
         *t += 1;
         *n += 1;
         self.all.fetch_add(1, Ordering::SeqCst);
+        postino_core::metrics::session_opened(kind);
         Some(ConnectionGuard {
             limits: self.clone(),
             ip,
@@ -673,6 +697,7 @@ impl Drop for ConnectionGuard {
                 }
             }
         }
+        postino_core::metrics::session_closed(self.kind);
         if self.limits.all.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.limits.idle.notify_waiters();
         }
