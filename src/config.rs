@@ -410,7 +410,10 @@ impl std::fmt::Debug for AdminConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AdminConfig")
             .field("listen", &self.listen)
-            .field("token", &self.token.as_ref().map(|_| crate::logsafe::Secret::new(())))
+            .field(
+                "token",
+                &self.token.as_ref().map(|_| crate::logsafe::Secret::new(())),
+            )
             .finish()
     }
 }

@@ -32,26 +32,50 @@ use crate::sessions::{Pop3Sessions, SessionInfo};
 /// plain string).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Request {
-    UserAdd { address: String, password: Secret },
-    UserPasswd { address: String, password: Secret },
-    UserDel { address: String },
+    UserAdd {
+        address: String,
+        password: Secret,
+    },
+    UserPasswd {
+        address: String,
+        password: Secret,
+    },
+    UserDel {
+        address: String,
+    },
     UserList,
-    AliasAdd { alias: String, target: String },
-    AliasDel { alias: String },
+    AliasAdd {
+        alias: String,
+        target: String,
+    },
+    AliasDel {
+        alias: String,
+    },
     AliasList,
     QueueList,
-    QueueShow { id: String },
+    QueueShow {
+        id: String,
+    },
     QueueFlush,
-    QueueDelete { id: String },
-    QueueBounce { id: String },
+    QueueDelete {
+        id: String,
+    },
+    QueueBounce {
+        id: String,
+    },
     /// The live POP3 sessions (`postino who`).
     Who,
     /// Ends POP3 sessions: `target` is a session id from `Who`, or a user
     /// whose every session ends (`postino kick`).
-    Kick { target: String },
+    Kick {
+        target: String,
+    },
     // Sets a store failpoint (`postino_core::failpoints`); refused unless
     // the build has the `failpoints` feature, which only the tests use.
-    Failpoint { name: String, actions: String },
+    Failpoint {
+        name: String,
+        actions: String,
+    },
 }
 
 /// The answer: lines to print, or an error.

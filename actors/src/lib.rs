@@ -25,8 +25,8 @@
 //! router as a `Recipient<RouteRecipient>` and returns the one to use; see
 //! `examples/custom_router.rs`.
 
-pub mod auth;
 pub mod admin;
+pub mod auth;
 pub mod control;
 pub mod delivery;
 pub mod io;

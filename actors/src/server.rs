@@ -409,12 +409,13 @@ impl ServerBuilder {
             delivery: delivery.clone(),
             sessions,
         };
-        let control = crate::control::serve(config.control_socket(), live.clone()).map_err(
-            |source| ServerError::Control {
-                path: config.control_socket().display().to_string(),
-                source,
-            },
-        )?;
+        let control =
+            crate::control::serve(config.control_socket(), live.clone()).map_err(|source| {
+                ServerError::Control {
+                    path: config.control_socket().display().to_string(),
+                    source,
+                }
+            })?;
         server.tasks.push(control);
         if let Some(addr) = config.admin.listen {
             let admin = crate::admin::serve(addr, live)

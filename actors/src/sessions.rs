@@ -79,7 +79,11 @@ impl Pop3Sessions {
         let live = self.lock();
         let mut n = 0;
         for l in live.values() {
-            if l.info.user.as_deref().is_some_and(|u| u.eq_ignore_ascii_case(user)) {
+            if l.info
+                .user
+                .as_deref()
+                .is_some_and(|u| u.eq_ignore_ascii_case(user))
+            {
                 l.kick.do_send(Kick);
                 n += 1;
             }
