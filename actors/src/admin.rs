@@ -24,7 +24,6 @@ use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, App, HttpResponse, HttpServer};
 use postino_core::message::now_unix;
 use postino_core::store::{QueueEntry, RecipientState};
-use postino_core::MessageId;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -292,15 +291,15 @@ struct QueuePage {
     next: Option<String>,
 }
 
-fn parse_id(id: &str) -> Result<MessageId, HttpResponse> {
-    control::parse_id(id).map_err(|e| error(actix_web::http::StatusCode::BAD_REQUEST, e))
+fn bad_request(message: String) -> HttpResponse {
+    error(actix_web::http::StatusCode::BAD_REQUEST, message)
 }
 
 async fn queue_list(state: web::Data<State>, page: web::Query<Page>) -> HttpResponse {
     let limit = page.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
-    let after = match page.after.as_deref().map(parse_id).transpose() {
+    let after = match page.after.as_deref().map(control::parse_id).transpose() {
         Ok(a) => a,
-        Err(r) => return r,
+        Err(e) => return bad_request(e),
     };
     let store = state.live.store.clone();
     // One more than asked says whether another page follows.
@@ -322,9 +321,9 @@ async fn queue_list(state: web::Data<State>, page: web::Query<Page>) -> HttpResp
 }
 
 async fn queue_show(state: web::Data<State>, id: web::Path<String>) -> HttpResponse {
-    let id = match parse_id(&id) {
+    let id = match control::parse_id(&id) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(e) => return bad_request(e),
     };
     let store = state.live.store.clone();
     match blocking(move || store.queue_entry(id)).await {
