@@ -90,9 +90,13 @@ pub enum Response {
 /// [`answer`].
 #[derive(Clone)]
 pub struct Live {
+    /// The open store.
     pub store: Store,
+    /// The configuration the server runs with.
     pub config: Arc<Config>,
+    /// The queue manager, which carries out queue changes.
     pub delivery: Addr<Delivery>,
+    /// The live POP3 sessions (`Who`, `Kick`).
     pub sessions: Arc<Pop3Sessions>,
 }
 
