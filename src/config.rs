@@ -48,6 +48,10 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     #[serde(default)]
     pub control: ControlConfig,
+    /// The HTTP admin listener (`/metrics`, `/healthz`, the JSON API); off
+    /// unless `admin.listen` is set.
+    #[serde(default)]
+    pub admin: AdminConfig,
     #[serde(default)]
     pub store: StoreConfig,
     #[serde(default)]
@@ -386,6 +390,34 @@ pub struct ControlConfig {
     pub socket: Option<PathBuf>,
 }
 
+/// The HTTP admin listener: Prometheus `/metrics`, `/healthz` and the JSON
+/// API for the queue, users and POP3 sessions.
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address to serve on, e.g. `127.0.0.1:9025`; unset: no listener.
+    /// Anything but a loopback address needs `token`.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Bearer token every request must carry (`Authorization: Bearer …`);
+    /// unset on loopback: anyone who can connect may use the API.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+/// The token is left out: a `Debug` of the configuration may be logged.
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("listen", &self.listen)
+            .field(
+                "token",
+                &self.token.as_ref().map(|_| crate::logsafe::Secret::new(())),
+            )
+            .finish()
+    }
+}
+
 fn default_hostname() -> String {
     "localhost".into()
 }
@@ -675,6 +707,22 @@ impl Config {
                 return Err(("routing.smarthost", format!("`{host}` is not host:port")));
             }
         }
+        if let Some(token) = &self.admin.token {
+            if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err((
+                    "admin.token",
+                    "must be non-empty printable ASCII without spaces".into(),
+                ));
+            }
+        }
+        if let Some(addr) = self.admin.listen {
+            if !addr.ip().is_loopback() && self.admin.token.is_none() {
+                return Err((
+                    "admin.listen",
+                    format!("{addr} is not a loopback address: set admin.token too"),
+                ));
+            }
+        }
         let needs_tls = !self.smtp.submissions.is_empty() || !self.pop3.pop3s.is_empty();
         if needs_tls && self.tls.is_none() {
             return Err((
@@ -861,6 +909,35 @@ mod tests {
             assert!(err.contains("test.toml:3"), "{err}");
             assert!(err.contains("auth.workers"), "{err}");
         }
+    }
+
+    #[test]
+    fn admin_is_off_by_default_and_needs_a_token_off_loopback() {
+        let c = parse("").unwrap();
+        assert!(c.admin.listen.is_none());
+        let c = parse("[admin]\nlisten = \"127.0.0.1:9025\"\n").unwrap();
+        assert_eq!(c.admin.listen, Some("127.0.0.1:9025".parse().unwrap()));
+        assert!(parse("[admin]\nlisten = \"[::1]:9025\"\n").is_ok());
+        let err = parse("\n[admin]\nlisten = \"0.0.0.0:9025\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("test.toml:3"), "{err}");
+        assert!(err.contains("admin.listen"), "{err}");
+        assert!(err.contains("admin.token"), "{err}");
+        let c = parse("[admin]\nlisten = \"0.0.0.0:9025\"\ntoken = \"s3cret\"\n").unwrap();
+        assert!(!format!("{c:?}").contains("s3cret"));
+        let err = parse("[admin]\nlisten = \"127.0.0.1:9025\"\ntoken = \"a b\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("test.toml:3"), "{err}");
+        assert!(err.contains("admin.token"), "{err}");
+        let err = parse("[admin]\nlisten = \"localhost\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("test.toml:2"), "{err}");
+        assert!(err.contains("admin.listen"), "{err}");
+        let err = parse("[admin]\nport = 9025\n").unwrap_err().to_string();
+        assert!(err.contains("test.toml:2") && err.contains("port"), "{err}");
     }
 
     #[test]

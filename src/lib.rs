@@ -15,6 +15,8 @@
 //!   only with the `failpoints` feature).
 //! - [`logsafe`]: escaping of client-supplied values for log lines, and
 //!   [`logsafe::Secret`] for what must never be logged.
+//! - [`metrics`]: the process's counters and histograms for Prometheus,
+//!   one call per event.
 //! - [`store`]: the only module that touches sled; a typed API over users,
 //!   aliases, mailboxes, the intake spool and the delivery queue, with group
 //!   commit.
@@ -28,6 +30,7 @@ pub mod dsn;
 pub mod failpoints;
 pub mod logsafe;
 pub mod message;
+pub mod metrics;
 pub mod pop3;
 pub mod routing;
 pub mod smtp;

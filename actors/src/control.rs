@@ -29,27 +29,57 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::delivery::actor::{ChangeQueue, QueueChanged, QueueError};
+use crate::sessions::{Pop3Sessions, SessionInfo};
 
 /// A command for the server. Passwords are [`Secret`]s: requests are logged
 /// with `Debug`, which shows `<redacted>` for them (the JSON wire form is the
 /// plain string).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Request {
-    UserAdd { address: String, password: Secret },
-    UserPasswd { address: String, password: Secret },
-    UserDel { address: String },
+    UserAdd {
+        address: String,
+        password: Secret,
+    },
+    UserPasswd {
+        address: String,
+        password: Secret,
+    },
+    UserDel {
+        address: String,
+    },
     UserList,
-    AliasAdd { alias: String, target: String },
-    AliasDel { alias: String },
+    AliasAdd {
+        alias: String,
+        target: String,
+    },
+    AliasDel {
+        alias: String,
+    },
     AliasList,
     QueueList,
-    QueueShow { id: String },
+    QueueShow {
+        id: String,
+    },
     QueueFlush,
-    QueueDelete { id: String },
-    QueueBounce { id: String },
+    QueueDelete {
+        id: String,
+    },
+    QueueBounce {
+        id: String,
+    },
+    /// The live POP3 sessions (`postino who`).
+    Who,
+    /// Ends POP3 sessions: `target` is a session id from `Who`, or a user
+    /// whose every session ends (`postino kick`).
+    Kick {
+        target: String,
+    },
     // Sets a store failpoint (`postino_core::failpoints`); refused unless
     // the build has the `failpoints` feature, which only the tests use.
-    Failpoint { name: String, actions: String },
+    Failpoint {
+        name: String,
+        actions: String,
+    },
 }
 
 /// The answer: lines to print, or an error.
@@ -59,33 +89,35 @@ pub enum Response {
     Error(String),
 }
 
+/// What requests act on in a running server: shared by the control socket
+/// and the admin HTTP API ([`crate::admin`]), which both go through
+/// [`answer`].
+#[derive(Clone)]
+pub struct Live {
+    /// The open store.
+    pub store: Store,
+    /// The configuration the server runs with.
+    pub config: Arc<Config>,
+    /// The queue manager (the delivery actor), which carries out queue changes.
+    pub queue: Recipient<ChangeQueue>,
+    /// The live POP3 sessions (`Who`, `Kick`).
+    pub sessions: Arc<Pop3Sessions>,
+}
+
 /// The bound control socket of a running server.
 pub(crate) struct ControlSocket {
     listener: UnixListener,
-    store: Store,
-    config: Arc<Config>,
-    queue: Recipient<ChangeQueue>,
+    live: Live,
 }
 
-/// Binds the control socket at `path` (mode 0600); queue changes go to
-/// `queue` (the delivery actor).
-pub(crate) fn bind(
-    path: PathBuf,
-    store: Store,
-    config: Arc<Config>,
-    queue: Recipient<ChangeQueue>,
-) -> std::io::Result<ControlSocket> {
+/// Binds the control socket at `path` (mode 0600); requests act on `live`.
+pub(crate) fn bind(path: PathBuf, live: Live) -> std::io::Result<ControlSocket> {
     // We hold the sled lock on this data directory, so a socket file left
     // here belongs to a server that is gone.
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(ControlSocket {
-        listener,
-        store,
-        config,
-        queue,
-    })
+    Ok(ControlSocket { listener, live })
 }
 
 impl ControlSocket {
@@ -101,17 +133,13 @@ impl ControlSocket {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
-            let (store, config, queue) =
-                (self.store.clone(), self.config.clone(), self.queue.clone());
+            let live = self.live.clone();
             actix_rt::spawn(async move {
                 let (read, mut write) = stream.into_split();
                 let mut lines = tokio::io::BufReader::new(read).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     let response = match serde_json::from_str::<Request>(&line) {
-                        Ok(request) => {
-                            debug!(?request, "control request");
-                            answer(&store, &config, &queue, request).await
-                        }
+                        Ok(request) => answer(&live, request).await,
                         Err(e) => Response::Error(format!("bad request: {e}")),
                     };
                     let mut out = serde_json::to_vec(&response).unwrap_or_default();
@@ -125,22 +153,25 @@ impl ControlSocket {
     }
 }
 
-/// Answers one request of a running server.
-async fn answer(
-    store: &Store,
-    config: &Arc<Config>,
-    queue: &Recipient<ChangeQueue>,
-    request: Request,
-) -> Response {
+/// Answers one request in the running server: queue changes through the
+/// delivery actor, POP3 sessions through the registry, the rest with
+/// [`execute`] (off the async threads when it writes, then flushed).
+pub async fn answer(live: &Live, request: Request) -> Response {
+    debug!(?request, "control request");
+    match &request {
+        Request::Who => return Response::Ok(who_lines(&live.sessions.list())),
+        Request::Kick { target } => return kick(&live.sessions, target),
+        _ => {}
+    }
+    let (store, config) = (live.store.clone(), live.config.clone());
     match queue_change(&request) {
-        Some(Ok(change)) => match queue.send(change).await {
+        Some(Ok(change)) => match live.queue.send(change).await {
             Ok(changed) => queue_response(changed),
             Err(e) => Response::Error(format!("delivery actor: {e}")),
         },
         Some(Err(e)) => Response::Error(e),
-        None if !changes_store(&request) => execute(store, config, request),
+        None if !changes_store(&request) => execute(&store, &config, request),
         None => {
-            let (store, config) = (store.clone(), config.clone());
             let done = store.clone();
             let response = tokio::task::spawn_blocking(move || execute(&store, &config, request))
                 .await
@@ -151,6 +182,44 @@ async fn answer(
                 Ok(()) => response,
                 Err(e) => Response::Error(format!("flushing the store: {e}")),
             }
+        }
+    }
+}
+
+/// `postino who`: one line per live POP3 session.
+fn who_lines(sessions: &[SessionInfo]) -> Vec<String> {
+    let mut lines = vec![format!(
+        "{:<8} {:<40} {:<25} {}",
+        "ID", "USER", "SINCE", "CLIENT"
+    )];
+    lines.extend(sessions.iter().map(|s| {
+        format!(
+            "{:<8} {:<40} {:<25} {}",
+            s.id,
+            s.user.as_deref().unwrap_or("-"),
+            postino_core::dsn::rfc5322_date(s.since),
+            s.peer
+        )
+    }));
+    lines.push(format!("-- {} POP3 session(s)", sessions.len()));
+    lines
+}
+
+/// `postino kick ID|USER`.
+fn kick(sessions: &Pop3Sessions, target: &str) -> Response {
+    if let Ok(id) = target.parse::<u64>() {
+        return if sessions.kick(id) {
+            info!(session = id, "pop3 session kicked by the administrator");
+            Response::Ok(vec![format!("kicked session {id}")])
+        } else {
+            Response::Error(format!("no POP3 session {id}"))
+        };
+    }
+    match sessions.kick_user(target) {
+        0 => Response::Error(format!("no POP3 session of {target}")),
+        n => {
+            info!(user = %escape(target), sessions = n, "pop3 sessions kicked by the administrator");
+            Response::Ok(vec![format!("kicked {n} session(s) of {target}")])
         }
     }
 }
@@ -184,10 +253,14 @@ fn queue_lines(changed: &QueueChanged) -> Vec<String> {
     }
 }
 
-/// Whether the answer to `request` waits for a flush. Not for failpoints:
+/// Whether the answer to `request` waits for a flush. Not for failpoints
+/// (nor for reads, which have nothing to flush):
 /// turning off `store::durable` must not wait for a flush it fails.
 fn changes_store(request: &Request) -> bool {
-    !matches!(request, Request::Failpoint { .. })
+    !matches!(
+        request,
+        Request::Failpoint { .. } | Request::Who | Request::Kick { .. }
+    )
 }
 
 /// Sends one request to a running server. `Ok(None)`: no server listens.
@@ -298,6 +371,9 @@ pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
         },
         Request::QueueBounce { .. } => {
             return Response::Error("queue bounce needs the running server (it sends mail)".into())
+        }
+        Request::Who | Request::Kick { .. } => {
+            return Response::Error("no server runs, so no POP3 session either".into())
         }
         Request::Failpoint { name, actions } => {
             return match postino_core::failpoints::configure(&name, &actions) {

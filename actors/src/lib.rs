@@ -17,6 +17,9 @@
 //!   outbound SMTP client.
 //! - [`auth`]: password checks on a few dedicated threads (bounded memory).
 //! - [`control`]: the Unix control socket that the CLI uses.
+//! - [`admin`]: the HTTP admin listener (Prometheus `/metrics`, `/healthz`,
+//!   the JSON API), a thin translation onto [`control::answer`].
+//! - [`sessions`]: the live POP3 sessions, for `who` and `kick`.
 //! - [`io`], [`tls`]: sockets, buffers, rustls.
 //!
 //! # Replacing the router
@@ -26,6 +29,7 @@
 //! `examples/custom_router.rs`.
 
 mod accept;
+pub mod admin;
 pub mod auth;
 pub mod control;
 pub mod delivery;
@@ -36,6 +40,7 @@ pub mod mailbox;
 pub mod pop3;
 pub mod router;
 pub mod server;
+pub mod sessions;
 mod signals;
 pub mod smtp;
 pub mod tls;

@@ -42,6 +42,7 @@ impl Limits {
         }
         *t += 1;
         *n += 1;
+        postino_core::metrics::session_opened(kind);
         Some(ConnectionGuard {
             limits: self.clone(),
             ip,
@@ -96,6 +97,7 @@ impl Drop for ConnectionGuard {
                 ips.remove(&(self.ip, self.kind));
             }
         }
+        postino_core::metrics::session_closed(self.kind);
     }
 }
 

@@ -21,6 +21,7 @@ use crate::io::{Io, ReadOutcome, Stream, TlsSlot};
 use crate::limits::ConnectionGuard;
 use crate::login_delay::AuthFailures;
 use crate::mailbox::{Expunge, Mailbox, Open, Release};
+use crate::sessions::{Kick, Pop3Sessions};
 
 /// What every POP3 connection shares.
 pub struct Pop3Shared {
@@ -32,6 +33,8 @@ pub struct Pop3Shared {
     pub failures: Arc<AuthFailures>,
     /// The password-checking threads (shared with SMTP AUTH).
     pub checks: PasswordChecks,
+    /// The live sessions, for `postino who` and `kick`.
+    pub sessions: Arc<Pop3Sessions>,
 }
 
 static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
@@ -216,6 +219,7 @@ impl Pop3Connection {
                 {
                     Ok(Ok(Some(entries))) => {
                         shared.failures.succeeded(ip);
+                        postino_core::metrics::login("pop3", true);
                         AuthResult::Ok(Maildrop(
                             entries
                                 .into_iter()
@@ -231,6 +235,7 @@ impl Pop3Connection {
                     _ => AuthResult::TemporaryFailure,
                 },
                 Ok(false) => {
+                    postino_core::metrics::login("pop3", false);
                     delay = shared.failures.failed(ip);
                     tokio::time::sleep(delay).await;
                     AuthResult::BadCredentials
@@ -246,6 +251,7 @@ impl Pop3Connection {
             match &result {
                 AuthResult::Ok(drop) => {
                     info!(parent: &act.span, user = %escape(&user), messages = drop.0.len(), "pop3 login");
+                    act.shared.sessions.logged_in(act.id, &user);
                     act.mailbox = Some(user);
                 }
                 // The delay is logged so a postmaster (and the tests) can see
@@ -340,6 +346,8 @@ impl Actor for Pop3Connection {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         debug!(parent: &self.span, "connected");
+        let kick = ctx.address().recipient();
+        self.shared.sessions.connected(self.id, self.peer, kick);
         if let Some(io) = self.io.as_mut() {
             self.session.greeting(&mut io.wbuf);
         }
@@ -349,6 +357,18 @@ impl Actor for Pop3Connection {
     fn stopped(&mut self, _: &mut Self::Context) {
         // A dropped connection deletes nothing; it only gives up the lock.
         self.release();
+        self.shared.sessions.disconnected(self.id);
         debug!(parent: &self.span, "disconnected");
+    }
+}
+
+impl Handler<Kick> for Pop3Connection {
+    type Result = ();
+
+    /// Drops the connection: deletions marked in it are not made, the
+    /// maildrop lock goes (`stopped`).
+    fn handle(&mut self, _: Kick, ctx: &mut Self::Context) {
+        info!(parent: &self.span, user = %escape(self.mailbox.as_deref().unwrap_or("")), "pop3 session ended by the administrator");
+        ctx.stop();
     }
 }

@@ -122,6 +122,9 @@ pub struct Server {
     /// Open connections; [`Limits::idle`] when the last one ends.
     connections: Arc<Limits>,
     workers: Vec<Arbiter>,
+    /// The admin HTTP listener's address, with `[admin] listen`.
+    admin_addr: Option<SocketAddr>,
+    admin: Option<crate::admin::Admin>,
 }
 
 impl Server {
@@ -148,6 +151,10 @@ impl Server {
     }
     pub fn pop3s_addrs(&self) -> &[SocketAddr] {
         &self.pop3s_addrs
+    }
+    /// Where the admin HTTP listener is bound, if `[admin] listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
     pub fn store(&self) -> &Store {
         &self.store
@@ -208,6 +215,9 @@ impl Server {
         // The listening sockets are closed once their loops are back.
         self.tasks.close();
         self.tasks.wait().await;
+        if let Some(admin) = self.admin.take() {
+            admin.stop().await;
+        }
         let _ = tokio::time::timeout(grace, self.connections.idle()).await;
         if let Err(e) = self.store.flush_blocking() {
             error!(error = %e, "final flush failed");
@@ -324,6 +334,8 @@ impl ServerBuilder {
             tasks: TaskTracker::new(),
             connections,
             workers,
+            admin_addr: None,
+            admin: None,
         };
 
         let failures = Arc::new(AuthFailures::new(
@@ -332,6 +344,7 @@ impl ServerBuilder {
         ));
         let checks = PasswordChecks::start(store.clone(), config.auth.workers)
             .map_err(ServerError::AuthWorkers)?;
+        let sessions = Arc::new(crate::sessions::Pop3Sessions::default());
         let smtp_shared = |auth_required: bool,
                            route: Recipient<RouteRecipient>,
                            router: Addr<Router>| {
@@ -431,6 +444,7 @@ impl ServerBuilder {
             tls: tls.clone(),
             failures: failures.clone(),
             checks: checks.clone(),
+            sessions: sessions.clone(),
         });
         for addr in config.pop3.listen.clone() {
             let bound = server
@@ -444,23 +458,33 @@ impl ServerBuilder {
                 .await?;
             server.pop3s_addrs.push(bound);
         }
-        let control = crate::control::bind(
-            config.control_socket(),
-            store.clone(),
-            config.clone(),
-            delivery.clone().recipient(),
-        )
-        .map_err(|source| ServerError::Control {
-            path: config.control_socket().display().to_string(),
-            source,
-        })?;
+        let live = crate::control::Live {
+            store: store.clone(),
+            config: config.clone(),
+            queue: delivery.clone().recipient(),
+            sessions,
+        };
+        let control =
+            crate::control::bind(config.control_socket(), live.clone()).map_err(|source| {
+                ServerError::Control {
+                    path: config.control_socket().display().to_string(),
+                    source,
+                }
+            })?;
         actix_rt::spawn(server.tasks.track_future(control.run(server.stop.clone())));
+        if let Some(addr) = config.admin.listen {
+            let admin = crate::admin::serve(addr, live)
+                .map_err(|source| ServerError::Bind { addr, source })?;
+            server.admin_addr = Some(admin.addr);
+            server.admin = Some(admin);
+        }
         info!(
             smtp = ?server.smtp_addrs,
             submission = ?server.submission_addrs,
             submissions = ?server.submissions_addrs,
             pop3 = ?server.pop3_addrs,
             pop3s = ?server.pop3s_addrs,
+            admin = ?server.admin_addr.as_slice(),
             data_dir = %config.data_dir.display(),
             config = %self
                 .config_file

@@ -282,6 +282,7 @@ impl SmtpConnection {
                 "helo" | "ehlo" | "mail" | "rcpt" | "data"
             )
         {
+            postino_core::metrics::message_rejected(reply.code, reply.status.as_deref());
             self.log_reject(&current, reply);
         }
     }
@@ -455,11 +456,13 @@ impl SmtpConnection {
                     match checks.verify(canonical.clone(), password).await {
                         Ok(true) => {
                             failures.succeeded(ip);
+                            postino_core::metrics::login("smtp", true);
                             Ok((Some(canonical), Duration::ZERO))
                         }
                         Ok(false) => {
                             // Password guessing: the same growing delay per client
                             // address as POP3 logins (Dovecot's auth_failure_delay).
+                            postino_core::metrics::login("smtp", false);
                             let delay = failures.failed(ip);
                             tokio::time::sleep(delay).await;
                             Ok((None, delay))
@@ -633,6 +636,7 @@ impl SmtpConnection {
                         tls_cipher = tls_cipher.as_ref().map(tracing::field::display),
                         "message accepted"
                     );
+                    postino_core::metrics::message_accepted(envelope.size as usize);
                     if let Submitted::Queued(q) = submitted {
                         // Nothing to wait for: the queue has it, and the
                         // next queue run tries it if this is lost.
@@ -659,6 +663,7 @@ impl SmtpConnection {
                         Ok(()) => act.session.accepted(id),
                         Err(e) => {
                             warn!(%id, error = %e, "storing the message failed");
+                            postino_core::metrics::store_error("accept");
                             // Whatever of it reached the disk must never be
                             // delivered: the client will send it again.
                             act.shared.store.reject(id);

@@ -46,6 +46,14 @@ enum Command {
     /// Inspect and act on the remote delivery queue.
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// List the live POP3 sessions of the running server: id, user, since, client.
+    Who,
+    /// End POP3 sessions of the running server without QUIT (nothing they
+    /// marked deleted is removed).
+    Kick {
+        /// A session id as `postino who` prints it, or a user: all of their sessions.
+        target: String,
+    },
     /// Offline tools on the store: check, back up, restore, compact (stop
     /// the server first).
     #[command(subcommand)]
@@ -228,6 +236,10 @@ fn main() -> ExitCode {
                 QueueCommand::Bounce { id } => Request::QueueBounce { id },
             },
         ),
+        Command::Who => run_control(&config, config_file.as_deref(), Request::Who),
+        Command::Kick { target } => {
+            run_control(&config, config_file.as_deref(), Request::Kick { target })
+        }
         Command::Completions { .. } | Command::Man { .. } => {
             unreachable!("handled before the configuration is loaded")
         }

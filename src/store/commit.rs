@@ -288,12 +288,14 @@ fn flusher(
         // this flush covers them all.
         let target = state.issued;
         let shared_flush = target - state.done > 1;
+        let batch = target - state.done;
         #[cfg(test)]
         let start = {
             state.started += 1;
             state.started
         };
-        state.flushing_since = Some(std::time::Instant::now());
+        let began = std::time::Instant::now();
+        state.flushing_since = Some(began);
         drop(state);
         let result = db.flush().and_then(|_| match syncer.as_deref_mut() {
             // A failed fdatasync is not retried: after one, the kernel may
@@ -304,6 +306,7 @@ fn flusher(
             None => Ok(()),
         });
         let ended = shared_flush.then(std::time::Instant::now);
+        crate::metrics::commit(batch as usize, began.elapsed().as_secs_f64());
         shared.flushes.fetch_add(1, Ordering::Relaxed);
         state = shared.lock();
         state.flushing_since = None;
@@ -317,6 +320,7 @@ fn flusher(
             }
             Err(error) => {
                 tracing::error!(%error, "flush failed; accepted mail can no longer be made durable");
+                crate::metrics::store_error("flush");
                 state.failed = Some(error);
                 true
             }

@@ -344,6 +344,39 @@ impl Store {
             .collect()
     }
 
+    /// Up to `limit` queue entries with ids above `after`, in id order
+    /// (oldest first): one page of the queue in O(limit), for the admin API.
+    pub fn queue_page(
+        &self,
+        after: Option<MessageId>,
+        limit: usize,
+    ) -> Result<Vec<QueueEntry>, StoreError> {
+        let start = match after {
+            Some(id) => match id.0.checked_add(1) {
+                Some(next) => MessageId(next).to_key(),
+                None => return Ok(Vec::new()),
+            },
+            None => MessageId(0).to_key(),
+        };
+        self.inner
+            .queue
+            .range(start..)
+            .values()
+            .take(limit)
+            .map(|v| decode("queue", &v?))
+            .collect()
+    }
+
+    /// When (unix seconds) the oldest queued message arrived. Ids are
+    /// allocated in arrival order and are the queue's keys, so it is the
+    /// first entry: O(log queue), cheap enough for every metrics scrape.
+    pub fn oldest_queued(&self) -> Result<Option<u64>, StoreError> {
+        match self.inner.queue.first()? {
+            Some((_, v)) => Ok(Some(decode::<QueueEntry>("queue", &v)?.received_at)),
+            None => Ok(None),
+        }
+    }
+
     /// Up to `limit` entries whose next attempt is at or before `now`, the
     /// earliest first (ties in id order). Costs O(returned entries).
     pub fn due(&self, now: u64, limit: usize) -> Result<Vec<QueueEntry>, StoreError> {

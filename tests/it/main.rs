@@ -2,6 +2,7 @@
 //! clients, real DNS and MX servers, all on loopback. One test binary, so
 //! it links once (matklad's "one integration test crate").
 
+mod admin;
 mod cli;
 mod delivery;
 mod delivery_client;

@@ -483,6 +483,7 @@ impl Delivery {
                 detail = %escape(&text),
                 "delivery attempt"
             );
+            postino_core::metrics::delivery(status);
             r.state = state;
         }
     }

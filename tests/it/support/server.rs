@@ -35,6 +35,8 @@ pub struct TestServer {
     pub submissions: Option<SocketAddr>,
     pub pop3: SocketAddr,
     pub pop3s: Option<SocketAddr>,
+    /// The admin HTTP listener, with `[admin] listen`.
+    pub admin: Option<SocketAddr>,
 }
 
 /// The base configuration: every listener on port 0, local domain
@@ -102,6 +104,7 @@ impl TestServer {
             submissions: None,
             pop3: "0.0.0.0:0".parse().unwrap(),
             pop3s: None,
+            admin: None,
         }
     }
 
@@ -147,6 +150,7 @@ impl TestServer {
         self.submission = first_addr(&started, "submission");
         self.submissions = first_addr(&started, "submissions");
         self.pop3s = first_addr(&started, "pop3s");
+        self.admin = first_addr(&started, "admin");
     }
 
     /// Everything logged so far.
