@@ -21,7 +21,7 @@ use postino_core::config::{BareLf, RoutingConfig, UnknownUser};
 use postino_core::dsn::{Kind, RecipientStatus, Report};
 use postino_core::message::MessageId;
 use postino_core::routing::{self, Directory, DirectoryError, Route, Target};
-use postino_core::smtp::session::{DataStep, Peer, SessionConfig, Step};
+use postino_core::smtp::session::{Peer, SessionConfig, Step};
 use postino_core::smtp::{self, DataReceiver, LineReceiver, Reply};
 use postino_core::{pop3, Address};
 
@@ -252,13 +252,16 @@ fn smtp_session_config() -> Arc<SessionConfig> {
         auth_required: false,
         allow_plaintext_auth: false,
         postmaster_domain: "example.test".into(),
+        max_line_length: MAX_LINE,
+        bare_lf: BareLf::Normalize,
+        error_delay: Duration::from_secs(1),
     })
 }
 
 /// One connection's worth of work, driven as the connection actor drives
-/// it: bytes through the [`LineReceiver`], [`smtp::Request::parse`], the
-/// [`smtp::Session`], the [`DataReceiver`] for the content, and every reply
-/// written to `out`. Returns the number of messages accepted.
+/// it: bytes through [`smtp::Session::ingest`] (its receivers, the request
+/// parser and the state machine), and every reply written to `out`.
+/// Returns the number of messages accepted.
 fn smtp_connection(
     config: &Arc<SessionConfig>,
     input: &mut BytesMut,
@@ -275,45 +278,29 @@ fn smtp_connection(
         },
     );
     session.greeting().write_to(out);
-    let mut lines = LineReceiver::new(MAX_LINE, BareLf::Normalize);
-    let mut data: Option<DataReceiver> = None;
     let mut accepted = 0;
+    let mut step = session.ingest(input);
     loop {
-        if let Some(receiver) = &mut data {
-            if !receiver.ingest(input) {
-                return accepted;
+        step = match step {
+            Step::Read => return accepted,
+            Step::Command(_) => session.ingest(input),
+            Step::Reply { reply, .. } => {
+                reply.write_to(out);
+                session.ingest(input)
             }
-            let receiver = data.take().expect("checked above");
-            match session.data_done(receiver.finish(), id, DATE) {
-                DataStep::Accept(message) => {
-                    black_box(&message);
-                    // Here the actor stores the message and waits for the
-                    // group commit; the store bench measures that part.
-                    session.accepted(message.id).write_to(out);
-                    accepted += 1;
-                }
-                DataStep::Reply(r) | DataStep::Close(r) => panic!("refused: {r}"),
-            }
-            continue;
-        }
-        let Some(line) = lines.next_line(input).expect("well-formed input") else {
-            return accepted;
-        };
-        let step = match smtp::Request::parse(&line) {
-            Ok(request) => session.command(request),
-            Err(e) => session.bad_line(e.reply()),
-        };
-        match step {
-            Step::Reply(r) => r.write_to(out),
             Step::Route(query) => {
                 // The router's answer for a local user; the routing bench
                 // measures the decision itself.
-                let route = Route::mailbox(query.recipient.canonical());
-                session.routed(route).write_to(out);
+                session.routed(Route::mailbox(query.recipient.canonical()))
             }
-            Step::Data(r) => {
-                r.write_to(out);
-                data = Some(DataReceiver::new(session.data_limit(), BareLf::Normalize));
+            Step::EndOfData => session.data_done(id, DATE),
+            Step::Message(message) => {
+                black_box(&message);
+                // Here the actor stores the message and waits for the
+                // group commit; the store bench measures that part.
+                session.accepted(message.id).write_to(out);
+                accepted += 1;
+                session.ingest(input)
             }
             Step::Close(r) => {
                 r.write_to(out);

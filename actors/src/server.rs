@@ -367,6 +367,9 @@ impl ServerBuilder {
                         .first()
                         .cloned()
                         .unwrap_or_else(|| config.hostname.clone()),
+                    max_line_length: config.smtp.max_line_length,
+                    bare_lf: config.smtp.bare_lf,
+                    error_delay: config.smtp.error_delay,
                 }),
                 store: store.clone(),
                 router: route,

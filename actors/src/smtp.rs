@@ -1,10 +1,12 @@
 //! The SMTP connection actor: one per client, a thin shell around
 //! [`postino_core::smtp::Session`] that does the IO the session asks for.
 //!
-//! Flow: read → frame lines ([`LineReceiver`]) → [`Session::command`] → act on
-//! the [`Step`]. Replies collect in the write buffer and are flushed when no
-//! complete command is buffered, so pipelined commands (RFC 2920) get their
-//! replies in order and in one write. While the actor waits for the router, a
+//! Flow: read into the buffer → [`Session::ingest`] → act on the [`Step`],
+//! until the session asks for more input. The session frames commands, SASL
+//! responses and message content itself and applies the error limits; this
+//! actor only does the IO. Replies collect in the write buffer and are
+//! flushed when no complete command is buffered, so pipelined commands (RFC
+//! 2920) get their replies in order and in one write. While the actor waits for the router, a
 //! TLS handshake or the group commit, it reads nothing more: that is the
 //! back-pressure from the store to the socket.
 
@@ -17,9 +19,8 @@ use postino_core::config::Config;
 use postino_core::dsn::rfc5322_date;
 use postino_core::logsafe::escape;
 use postino_core::message::{now_unix, Envelope};
-use postino_core::smtp::receiver::{DataReceiver, LineError, LineReceiver};
-use postino_core::smtp::session::{DataStep, Peer, SessionConfig, Step};
-use postino_core::smtp::{request, Reply, Request, Session};
+use postino_core::smtp::session::{Accepted, Command, Peer, SessionConfig, Step};
+use postino_core::smtp::{request, Reply, Session};
 use postino_core::Store;
 use tracing::{debug, info, warn, Instrument};
 
@@ -53,8 +54,9 @@ pub struct SmtpConnection {
     shared: Arc<SmtpShared>,
     session: Session,
     io: Option<Io>,
-    lines: LineReceiver,
-    data: Option<DataTransfer>,
+    /// When the content after the current DATA began to arrive, for the
+    /// minimum data rate.
+    data_started: Option<Instant>,
     /// When the command line being read must be complete: set when the
     /// session starts waiting for one, cleared when it is taken. The
     /// timeout counts for the whole line, not per read (Postfix's
@@ -94,43 +96,15 @@ struct Current {
 }
 
 impl Current {
-    fn of(request: &Request) -> Current {
-        let name = match request {
-            Request::Helo { .. } => "helo",
-            Request::Ehlo { .. } => "ehlo",
-            Request::StartTls => "starttls",
-            Request::Auth { .. } => "auth",
-            Request::Mail { .. } => "mail",
-            Request::Rcpt { .. } => "rcpt",
-            Request::Data => "data",
-            Request::Bdat { .. } => "bdat",
-            Request::Rset => "rset",
-            Request::Noop => "noop",
-            Request::Vrfy(_) => "vrfy",
-            Request::Expn(_) => "expn",
-            Request::Help => "help",
-            Request::Quit => "quit",
-            Request::Unknown(_) => "unknown",
-        };
-        let mut current =
-            Current::named(COMMANDS.iter().position(|c| *c == name).unwrap_or(UNKNOWN));
-        match request {
-            Request::Mail { from, .. } => {
-                current.from = Some(from.as_ref().map(|a| a.to_string()).unwrap_or_default())
-            }
-            Request::Rcpt { to, .. } => current.to = Some(to.to_string()),
-            Request::Auth { mechanism, .. } => current.mechanism = Some(mechanism.clone()),
-            _ => {}
-        }
-        current
-    }
-
-    fn named(command: usize) -> Current {
+    fn of(command: Command) -> Current {
         Current {
-            command,
-            from: None,
-            to: None,
-            mechanism: None,
+            command: COMMANDS
+                .iter()
+                .position(|c| *c == command.name)
+                .unwrap_or(UNKNOWN),
+            from: command.from,
+            to: command.to,
+            mechanism: command.mechanism,
             end_of_data: false,
         }
     }
@@ -210,12 +184,6 @@ fn tls_description(io: &Io) -> Option<(String, String)> {
     ))
 }
 
-/// A DATA transfer in progress, with what the minimum-rate check needs.
-struct DataTransfer {
-    receiver: DataReceiver,
-    started: Instant,
-}
-
 impl SmtpConnection {
     pub fn new(
         shared: Arc<SmtpShared>,
@@ -233,10 +201,6 @@ impl SmtpConnection {
                 tls,
             },
         );
-        let lines = LineReceiver::new(
-            shared.config.smtp.max_line_length,
-            shared.config.smtp.bare_lf,
-        );
         let io = Io::new(stream, shutdown);
         SmtpConnection {
             session,
@@ -244,8 +208,7 @@ impl SmtpConnection {
             current: None,
             counts: CommandCounts::default(),
             io: Some(io),
-            lines,
-            data: None,
+            data_started: None,
             deadline: None,
             span: tracing::info_span!("smtp", %peer),
             peer,
@@ -325,55 +288,12 @@ impl SmtpConnection {
         let _enter = self.span.clone().entered();
         loop {
             let Some(io) = self.io.as_mut() else { return };
-            if let Some(transfer) = &mut self.data {
-                if !transfer.receiver.ingest(&mut io.rbuf) {
-                    return self.read(ctx);
-                }
-                let transfer = self.data.take().expect("checked above");
-                return self.end_of_data(transfer.receiver, ctx);
-            }
-            let next = self.lines.next_line(&mut io.rbuf);
-            if !matches!(next, Ok(None)) {
-                // A whole line (or a line error): the next one gets its own
-                // deadline.
+            let step = self.session.ingest(&mut io.rbuf);
+            if !matches!(step, Step::Read) {
+                // A whole line (or a line error, or the end of the content):
+                // the next one gets its own deadline.
                 self.deadline = None;
             }
-            let line = match next {
-                Ok(Some(line)) => line,
-                Ok(None) => return self.read(ctx),
-                Err(LineError::TooLong) => {
-                    if !self.session.in_auth() {
-                        self.current = Some(Current::named(UNKNOWN));
-                    }
-                    let step = self.session.line_too_long();
-                    if !self.step(step, ctx) {
-                        return;
-                    }
-                    continue;
-                }
-                Err(e @ LineError::BareLineEnding) => {
-                    self.close_with(e.reply(), ctx);
-                    return;
-                }
-            };
-            let step = if self.session.in_auth() {
-                self.session.auth_response(&line)
-            } else {
-                match Request::parse(&line) {
-                    Ok(request) => {
-                        debug!(command = %request::loggable(&line), "command");
-                        self.current = Some(Current::of(&request));
-                        if matches!(request, Request::Mail { .. }) {
-                            self.session.set_storage_low(self.shared.store.space_low());
-                        }
-                        self.session.command(request)
-                    }
-                    Err(e) => {
-                        self.current = Some(Current::named(UNKNOWN));
-                        self.session.bad_line(e.reply())
-                    }
-                }
-            };
             if !self.step(step, ctx) {
                 return;
             }
@@ -383,35 +303,34 @@ impl SmtpConnection {
     /// Acts on a step; returns whether `drive` may go on at once.
     fn step(&mut self, step: Step, ctx: &mut Context<Self>) -> bool {
         match step {
-            Step::Reply(reply) => {
+            Step::Read => {
+                self.read(ctx);
+                false
+            }
+            Step::Command(command) => {
+                if let Some(line) = &command.line {
+                    debug!(command = %request::loggable(line), "command");
+                }
+                let mail = command.name == "mail";
+                self.current = Some(Current::of(command));
+                if mail {
+                    self.session.set_storage_low(self.shared.store.space_low());
+                }
+                true
+            }
+            Step::Reply { reply, delay } => {
                 self.queue(&reply);
-                if reply.code >= 400 && self.session.should_delay() {
+                if let Some(delay) = delay {
                     // Tarpit (Postfix smtpd_error_sleep_time): flush, then wait.
-                    let delay = self.shared.config.smtp.error_delay;
                     ctx.run_later(delay, |act, ctx| act.drive(ctx));
                     return false;
                 }
                 true
             }
-            Step::AuthChallenge(reply) => {
-                self.queue(&reply);
-                true
-            }
-            Step::Data(reply) => {
-                self.queue(&reply);
-                self.data = Some(DataTransfer {
-                    receiver: DataReceiver::new(
-                        self.session.data_limit(),
-                        self.shared.config.smtp.bare_lf,
-                    ),
-                    started: Instant::now(),
-                });
-                true
-            }
             Step::Route(query) => {
                 let fut = self.shared.router.send(RouteRecipient(query));
                 ctx.wait(fut.into_actor(self).map(|res, act, ctx| {
-                    let reply = match res {
+                    let step = match res {
                         Ok(Ok(route)) => act.session.routed(route),
                         Ok(Err(e)) => {
                             warn!(error = %e, "routing failed");
@@ -422,21 +341,21 @@ impl SmtpConnection {
                             act.session.route_failed()
                         }
                     };
-                    if act.answer(reply, ctx) {
+                    if act.step(step, ctx) {
                         act.drive(ctx);
                     }
                 }));
                 false
             }
             Step::CheckSender { user, sender } => {
-                let reply = match sender_allowed(&self.shared.store, &user, &sender) {
+                let step = match sender_allowed(&self.shared.store, &user, &sender) {
                     Ok(allowed) => self.session.sender_checked(allowed),
                     Err(e) => {
                         warn!(error = %e, "sender check failed");
                         self.session.sender_check_failed()
                     }
                 };
-                self.answer(reply, ctx)
+                self.step(step, ctx)
             }
             Step::Authenticate { user, password } => {
                 let checks = self.shared.checks.clone();
@@ -526,10 +445,6 @@ impl SmtpConnection {
                         act.tls = tls_description(&io);
                         act.io = Some(io);
                         act.session.tls_started();
-                        act.lines = LineReceiver::new(
-                            act.shared.config.smtp.max_line_length,
-                            act.shared.config.smtp.bare_lf,
-                        );
                         let (protocol, cipher) = act.tls.clone().unzip();
                         info!(
                             parent: &act.span,
@@ -546,6 +461,21 @@ impl SmtpConnection {
                 }));
                 false
             }
+            Step::EndOfData => {
+                self.data_started = None;
+                let step = match self.shared.store.new_id() {
+                    Ok(id) => self.session.data_done(id, &rfc5322_date(now_unix())),
+                    Err(e) => {
+                        warn!(error = %e, "cannot allocate a message id");
+                        self.session.id_unavailable()
+                    }
+                };
+                self.step(step, ctx)
+            }
+            Step::Message(accepted) => {
+                self.submit(accepted, ctx);
+                false
+            }
             Step::Close(reply) => {
                 self.close_with(reply, ctx);
                 false
@@ -553,128 +483,92 @@ impl SmtpConnection {
         }
     }
 
-    /// Sends a reply that did not come as a [`Step`] (a routing decision,
-    /// the sender check, the end of DATA) with the error handling of
-    /// [`Step::Reply`]: past the soft error limit it is delayed, and at the
-    /// hard limit it is followed by `421` and the session ends. Returns
-    /// whether `drive` may go on at once.
-    fn answer(&mut self, reply: Reply, ctx: &mut Context<Self>) -> bool {
-        if reply.code >= 400 {
-            if let Some(close) = self.session.error_limit_reply() {
-                self.queue(&reply);
-                self.close_with(close, ctx);
-                return false;
-            }
-        }
-        self.step(Step::Reply(reply), ctx)
-    }
-
-    fn end_of_data(&mut self, receiver: DataReceiver, ctx: &mut Context<Self>) {
-        let result = receiver.finish();
-        let id = match self.shared.store.new_id() {
-            Ok(id) => id,
-            Err(e) => {
-                warn!(error = %e, "cannot allocate a message id");
-                self.session.abort_transaction();
-                let reply = self.session.storage_failed();
-                self.queue(&reply);
-                return self.drive(ctx);
-            }
+    /// The end of DATA: stores an accepted message, waits until it is
+    /// durable, hands it on, and sends the final reply (`250 … queued as`
+    /// or a `451`); then reads on.
+    fn submit(&mut self, accepted: Accepted, ctx: &mut Context<Self>) {
+        let id = accepted.id;
+        // For the accepted line (Postfix logs these in several).
+        let sasl_username = self
+            .session
+            .authenticated_user()
+            .map(|u| escape(u).to_string());
+        let (tls_protocol, tls_cipher) = self.tls.clone().unzip();
+        let message_id = message_id(&accepted.content).map(|m| escape(&m).to_string());
+        let envelope = Envelope {
+            id,
+            sender: accepted.sender,
+            recipients: accepted.recipients,
+            received_at: now_unix(),
+            client: self.peer.ip().to_string(),
+            helo: accepted.helo,
+            size: accepted.content.len() as u64,
         };
-        let date = rfc5322_date(now_unix());
-        match self.session.data_done(result, id, &date) {
-            DataStep::Reply(reply) => {
-                if self.answer(reply, ctx) {
-                    self.drive(ctx);
+        let submit = self.shared.submit.send(Submit {
+            envelope: envelope.clone(),
+            content: accepted.content,
+        });
+        let store = self.shared.store.clone();
+        let dispatch = self.shared.dispatch.clone();
+        let queued = self.shared.queued.clone();
+        let fut = async move {
+            let submitted = submit
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            // The 250 is written only once a group commit that
+            // started after the write has flushed (REFERENCE.md:
+            // Postfix fsyncs first too).
+            store.durable().await.map_err(|e| e.to_string())?;
+            let rcpts = envelope.recipients.len();
+            info!(
+                %id,
+                from = %escape(&envelope.sender_display()),
+                nrcpt = rcpts,
+                size = envelope.size,
+                message_id = message_id.as_ref().map(tracing::field::display),
+                sasl_username = sasl_username.as_ref().map(tracing::field::display),
+                tls_protocol = tls_protocol.as_ref().map(tracing::field::display),
+                tls_cipher = tls_cipher.as_ref().map(tracing::field::display),
+                "message accepted"
+            );
+            postino_core::metrics::message_accepted(envelope.size as usize);
+            if let Submitted::Queued(q) = submitted {
+                // Nothing to wait for: the queue has it, and the
+                // next queue run tries it if this is lost.
+                queued.do_send(q);
+            } else if matches!(submitted, Submitted::Spooled) {
+                // Hand it on before answering, so that a client that
+                // reads its mailbox right after the 250 finds the
+                // message. A failed dispatch is retried at restart
+                // from the spool; the message is safe either way.
+                if let Err(e) = dispatch
+                    .send(Dispatch(envelope))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+                {
+                    warn!(%id, error = %e, "dispatch failed; will retry at restart");
                 }
             }
-            DataStep::Close(reply) => {
-                self.close_with(reply, ctx);
-            }
-            DataStep::Accept(accepted) => {
-                // For the accepted line (Postfix logs these in several).
-                let sasl_username = self
-                    .session
-                    .authenticated_user()
-                    .map(|u| escape(u).to_string());
-                let (tls_protocol, tls_cipher) = self.tls.clone().unzip();
-                let message_id = message_id(&accepted.content).map(|m| escape(&m).to_string());
-                let envelope = Envelope {
-                    id,
-                    sender: accepted.sender,
-                    recipients: accepted.recipients,
-                    received_at: now_unix(),
-                    client: self.peer.ip().to_string(),
-                    helo: accepted.helo,
-                    size: accepted.content.len() as u64,
-                };
-                let submit = self.shared.submit.send(Submit {
-                    envelope: envelope.clone(),
-                    content: accepted.content,
-                });
-                let store = self.shared.store.clone();
-                let dispatch = self.shared.dispatch.clone();
-                let queued = self.shared.queued.clone();
-                let fut = async move {
-                    let submitted = submit
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .map_err(|e| e.to_string())?;
-                    // The 250 is written only once a group commit that
-                    // started after the write has flushed (REFERENCE.md:
-                    // Postfix fsyncs first too).
-                    store.durable().await.map_err(|e| e.to_string())?;
-                    let rcpts = envelope.recipients.len();
-                    info!(
-                        %id,
-                        from = %escape(&envelope.sender_display()),
-                        nrcpt = rcpts,
-                        size = envelope.size,
-                        message_id = message_id.as_ref().map(tracing::field::display),
-                        sasl_username = sasl_username.as_ref().map(tracing::field::display),
-                        tls_protocol = tls_protocol.as_ref().map(tracing::field::display),
-                        tls_cipher = tls_cipher.as_ref().map(tracing::field::display),
-                        "message accepted"
-                    );
-                    postino_core::metrics::message_accepted(envelope.size as usize);
-                    if let Submitted::Queued(q) = submitted {
-                        // Nothing to wait for: the queue has it, and the
-                        // next queue run tries it if this is lost.
-                        queued.do_send(q);
-                    } else if matches!(submitted, Submitted::Spooled) {
-                        // Hand it on before answering, so that a client that
-                        // reads its mailbox right after the 250 finds the
-                        // message. A failed dispatch is retried at restart
-                        // from the spool; the message is safe either way.
-                        if let Err(e) = dispatch
-                            .send(Dispatch(envelope))
-                            .await
-                            .map_err(|e| e.to_string())
-                            .and_then(|r| r.map_err(|e| e.to_string()))
-                        {
-                            warn!(%id, error = %e, "dispatch failed; will retry at restart");
-                        }
-                    }
-                    Ok::<(), String>(())
-                }
-                .instrument(self.span.clone());
-                ctx.wait(fut.into_actor(self).map(move |res, act, ctx| {
-                    let reply = match res {
-                        Ok(()) => act.session.accepted(id),
-                        Err(e) => {
-                            warn!(%id, error = %e, "storing the message failed");
-                            postino_core::metrics::store_error("accept");
-                            // Whatever of it reached the disk must never be
-                            // delivered: the client will send it again.
-                            act.shared.store.reject(id);
-                            act.session.storage_failed()
-                        }
-                    };
-                    act.queue(&reply);
-                    act.drive(ctx);
-                }));
-            }
+            Ok::<(), String>(())
         }
+        .instrument(self.span.clone());
+        ctx.wait(fut.into_actor(self).map(move |res, act, ctx| {
+            let reply = match res {
+                Ok(()) => act.session.accepted(id),
+                Err(e) => {
+                    warn!(%id, error = %e, "storing the message failed");
+                    postino_core::metrics::store_error("accept");
+                    // Whatever of it reached the disk must never be
+                    // delivered: the client will send it again.
+                    act.shared.store.reject(id);
+                    act.session.storage_failed()
+                }
+            };
+            act.queue(&reply);
+            act.drive(ctx);
+        }));
     }
 
     /// Flushes replies and waits for more input (or a timeout, or shutdown).
@@ -720,15 +614,18 @@ impl SmtpConnection {
     fn read_timeout(&mut self) -> Duration {
         let base = self.shared.config.smtp.timeout;
         let rate = self.shared.config.smtp.min_data_rate;
-        match &self.data {
-            Some(t) if rate > 0 => {
+        match self.session.data_received() {
+            Some(received) if rate > 0 => {
                 // Postfix's smtpd_min_data_rate: the deadline grows with the
                 // bytes received, so a slow trickle runs out of time.
                 // It never exceeds the idle timeout, though: a client that
-                // sent a large part fast must not earn a long stall.
-                let allowed = base + Duration::from_secs(t.receiver.received() / rate);
+                // sent a large part fast must not earn a long stall. The
+                // clock starts at the first read after the 354 (nothing is
+                // awaited between the two).
+                let started = *self.data_started.get_or_insert_with(Instant::now);
+                let allowed = base + Duration::from_secs(received / rate);
                 allowed
-                    .saturating_sub(t.started.elapsed())
+                    .saturating_sub(started.elapsed())
                     .min(base)
                     .max(Duration::from_millis(1))
             }

@@ -1,6 +1,7 @@
 //! The SMTP session driven as the connection actor drives it: a byte stream
-//! in fragments through the line and DATA receivers into the session, with a
-//! toy router and password check, under configurations picked by the input.
+//! in fragments into [`Session::ingest`] (which frames lines, SASL responses
+//! and DATA itself), with a toy router and password check, under
+//! configurations picked by the input.
 //! Invariants: no panic; every reply is well formed; accepted content starts
 //! with our `Received:` header and, under `Normalize`, has no bare CR or LF.
 
@@ -8,15 +9,14 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use postino_core::config::BareLf;
 use postino_core::message::MessageId;
 use postino_core::routing::{Route, Target};
-use postino_core::smtp::receiver::{DataReceiver, LineError, LineReceiver};
-use postino_core::smtp::request::Request;
-use postino_core::smtp::session::{DataStep, Peer, RouteQuery, SessionConfig, Step};
+use postino_core::smtp::session::{Peer, RouteQuery, SessionConfig, Step};
 use postino_core::smtp::{Reply, Session};
 
 fn route(q: &RouteQuery) -> Route {
@@ -76,6 +76,9 @@ fuzz_target!(|data: &[u8]| {
         auth_required: ctl & 8 != 0,
         allow_plaintext_auth: ctl & 16 != 0,
         postmaster_domain: "example.test".into(),
+        max_line_length: 512,
+        bare_lf,
+        error_delay: Duration::from_secs(1),
     });
     let ip: IpAddr = "192.0.2.7".parse().unwrap();
     let mut session = Session::new(
@@ -88,87 +91,54 @@ fuzz_target!(|data: &[u8]| {
     );
     check_reply(&session.greeting());
     let chunk = usize::from(ctl >> 4) + 1;
-    let mut lines = LineReceiver::new(512, bare_lf);
-    let mut data_rx: Option<DataReceiver> = None;
     let mut buf = BytesMut::new();
     let mut next_id = 1;
     'feed: for piece in input.chunks(chunk) {
         buf.extend_from_slice(piece);
-        // Bounded: every round consumes input or leaves the inner loop.
-        for _ in 0..=buf.len() + 2 {
-            if let Some(rx) = &mut data_rx {
-                if !rx.ingest(&mut buf) {
-                    break;
+        // Bounded: every step consumes input, answers a pending command or
+        // an outstanding request, or ends the round.
+        let mut step = session.ingest(&mut buf);
+        for _ in 0..=4 * buf.len() + 8 {
+            step = match step {
+                Step::Read => continue 'feed,
+                Step::Command(_) => session.ingest(&mut buf),
+                Step::Reply { reply, .. } => {
+                    check_reply(&reply);
+                    session.ingest(&mut buf)
                 }
-                let rx = data_rx.take().unwrap();
-                match session.data_done(rx.finish(), MessageId(next_id), "date") {
-                    DataStep::Accept(a) => {
-                        next_id += 1;
-                        assert!(a.content.starts_with(b"Received: from "));
-                        if bare_lf == BareLf::Normalize {
-                            assert!(only_crlf(&a.content), "{:?}", a.content);
-                        }
-                        assert!(!a.recipients.is_empty());
-                        check_reply(&session.accepted(a.id));
-                    }
-                    DataStep::Reply(r) => check_reply(&r),
-                    DataStep::Close(r) => {
-                        check_reply(&r);
-                        break 'feed;
-                    }
+                Step::Route(q) => session.routed(route(&q)),
+                Step::Authenticate { user, password } => {
+                    let ok = user == "alice@example.test" && password == "secret";
+                    session.authenticated(ok.then_some(user))
                 }
-                continue;
-            }
-            let line = match lines.next_line(&mut buf) {
-                Ok(Some(line)) => line,
-                Ok(None) => break,
-                Err(e @ LineError::TooLong) => {
-                    if let Step::Close(r) = session.bad_line(e.reply()) {
-                        check_reply(&r);
-                        break 'feed;
-                    }
-                    continue;
+                Step::CheckSender { user, sender } => session.sender_checked(user == sender),
+                Step::StartTls(reply) => {
+                    check_reply(&reply);
+                    // Input sent before the handshake is discarded.
+                    buf.clear();
+                    session.tls_started();
+                    session.ingest(&mut buf)
                 }
-                Err(LineError::BareLineEnding) => break 'feed,
-            };
-            let mut step = if session.in_auth() {
-                session.auth_response(&line)
-            } else {
-                match Request::parse(&line) {
-                    Ok(r) => session.command(r),
-                    Err(e) => session.bad_line(e.reply()),
+                Step::EndOfData => {
+                    let id = MessageId(next_id);
+                    next_id += 1;
+                    session.data_done(id, "date")
+                }
+                Step::Message(a) => {
+                    assert!(a.content.starts_with(b"Received: from "));
+                    if bare_lf == BareLf::Normalize {
+                        assert!(only_crlf(&a.content), "{:?}", a.content);
+                    }
+                    assert!(!a.recipients.is_empty());
+                    check_reply(&session.accepted(a.id));
+                    session.ingest(&mut buf)
+                }
+                Step::Close(reply) => {
+                    check_reply(&reply);
+                    break 'feed;
                 }
             };
-            loop {
-                match step {
-                    Step::Reply(r) | Step::AuthChallenge(r) => check_reply(&r),
-                    Step::Route(q) => check_reply(&session.routed(route(&q))),
-                    Step::Data(r) => {
-                        check_reply(&r);
-                        data_rx = Some(DataReceiver::new(session.data_limit(), bare_lf));
-                    }
-                    Step::Authenticate { user, password } => {
-                        let ok = user == "alice@example.test" && password == "secret";
-                        step = session.authenticated(ok.then_some(user));
-                        continue;
-                    }
-                    Step::CheckSender { user, sender } => {
-                        check_reply(&session.sender_checked(user == sender))
-                    }
-                    Step::StartTls(r) => {
-                        check_reply(&r);
-                        // Input sent before the handshake is discarded.
-                        buf.clear();
-                        lines.reset();
-                        session.tls_started();
-                    }
-                    Step::Close(r) => {
-                        check_reply(&r);
-                        break 'feed;
-                    }
-                }
-                break;
-            }
         }
+        panic!("the session did not ask for input: {step:?}");
     }
 });

@@ -2,9 +2,11 @@
 //!
 //! [`LineReceiver`] and [`DataReceiver`] frame bytes into command lines and
 //! message content; [`Request::parse`] turns a line into a command;
-//! [`Session`] decides what each command means in the current state and
-//! answers with a [`Reply`] or asks its caller for something (a routing
-//! decision, storing the message, a TLS handshake).
+//! [`Session`] owns both receivers, takes the client's bytes with
+//! [`Session::ingest`], decides what each command means in the current
+//! state and answers with one [`session::Step`]: a [`Reply`] to send, or
+//! something to ask its caller for (a routing decision, storing the message,
+//! a TLS handshake).
 
 pub mod receiver;
 pub mod reply;

@@ -1,21 +1,28 @@
 //! The SMTP server session state machine (RFC 5321, 1869, 2920, 3207, 4954,
 //! 6409): commands in, replies and requests for the caller out. No IO.
 //!
-//! The caller (an actor) frames lines with a [`LineReceiver`], feeds each to
-//! [`Session::command`], and acts on the returned [`Step`]: send a reply, ask
-//! the router where a recipient goes, receive DATA, verify credentials, start
-//! TLS, or close. Pipelined commands are simply fed one after another; the
-//! caller flushes its replies when no complete command is buffered.
-//!
-//! [`LineReceiver`]: super::LineReceiver
+//! The session owns its receiving mode: command lines ([`LineReceiver`]),
+//! SASL responses after a `334`, and message content after a `354`
+//! ([`DataReceiver`]). The caller reads bytes into one buffer and calls
+//! [`Session::ingest`] until it answers [`Step::Read`]; every other answer is
+//! one [`Step`]: send a reply (perhaps after a delay), ask the router where a
+//! recipient goes, verify credentials, start TLS, take a finished message, or
+//! close. The caller never switches modes, and error limits (too many errors,
+//! overlong lines, overlong SASL responses) are applied here, whatever
+//! answer ends in an error. Pipelined commands are simply taken one after
+//! another from the buffer; the caller flushes its replies when it reads.
 
 use std::net::IpAddr;
+use std::time::Duration;
+
+use bytes::BytesMut;
 
 use crate::address::Address;
+use crate::config::BareLf;
 use crate::logsafe::Secret;
 use crate::message::{MessageId, Recipient};
 use crate::routing::Route;
-use crate::smtp::receiver::{DataError, LineError};
+use crate::smtp::receiver::{DataError, DataReceiver, LineError, LineReceiver};
 use crate::smtp::request::{MailParams, Request, RequestError};
 use crate::smtp::Reply;
 
@@ -38,6 +45,13 @@ pub struct SessionConfig {
     pub allow_plaintext_auth: bool,
     /// Domain for a bare `RCPT TO:<postmaster>` (the first local domain).
     pub postmaster_domain: String,
+    /// Longest command line, CRLF included (`smtp.max_line_length`).
+    pub max_line_length: usize,
+    /// Bare CR or LF in commands and content (`smtp.bare_lf`).
+    pub bare_lf: BareLf,
+    /// Past `soft_error_limit`, how long each error reply is held back
+    /// (`smtp.error_delay`, Postfix's `smtpd_error_sleep_time`).
+    pub error_delay: Duration,
 }
 
 /// The client as the listener saw it.
@@ -50,28 +64,46 @@ pub struct Peer {
     pub tls: bool,
 }
 
-/// What the caller must do next. `Debug` leaves the password out.
+/// What the caller must do next: the session's one answer to
+/// [`Session::ingest`] and to every result the caller hands back. `Debug`
+/// leaves the password out.
+#[must_use]
 pub enum Step {
-    /// Send this reply and read the next command.
-    Reply(Reply),
+    /// No complete command (or, during DATA, not the end of the content) is
+    /// buffered: flush the replies, read more input, call
+    /// [`Session::ingest`] again.
+    Read,
+    /// A command line was taken from the buffer, about to be carried out:
+    /// count or log it, then call [`Session::ingest`] again, which answers
+    /// it. Lines sent as SASL responses are not commands and come without.
+    Command(Command),
+    /// Send this reply, then (after `delay`, when there is one: the tarpit
+    /// for a client past the soft error limit) call [`Session::ingest`]
+    /// again.
+    Reply {
+        reply: Reply,
+        delay: Option<Duration>,
+    },
     /// Ask the router where this recipient goes, then pass the answer to
-    /// [`Session::routed`] and send the reply it returns.
+    /// [`Session::routed`] (or [`Session::route_failed`]).
     Route(RouteQuery),
-    /// Send this `354` reply, then receive the content with a
-    /// [`DataReceiver`](super::DataReceiver) limited to
-    /// [`Session::data_limit`] and hand the result to [`Session::data_done`].
-    Data(Reply),
-    /// Check these credentials, then call [`Session::authenticated`].
+    /// Check these credentials, then call [`Session::authenticated`] (or
+    /// [`Session::authentication_unavailable`]).
     Authenticate { user: String, password: String },
-    /// Send this `334` challenge and pass the client's next line to
-    /// [`Session::auth_response`] instead of [`Session::command`].
-    AuthChallenge(Reply),
     /// The sender of an authenticated client must be one of its addresses:
-    /// check it, then call [`Session::sender_checked`].
+    /// check it, then call [`Session::sender_checked`] (or
+    /// [`Session::sender_check_failed`]).
     CheckSender { user: String, sender: String },
     /// Send this `220` reply, discard any input buffered so far, run the TLS
     /// handshake, then call [`Session::tls_started`].
     StartTls(Reply),
+    /// The content after DATA is complete: allocate the message's queue id
+    /// and call [`Session::data_done`] (or [`Session::id_unavailable`]).
+    EndOfData,
+    /// The message is accepted for storage: store it durably, then send
+    /// [`Session::accepted`]'s reply (or [`Session::storage_failed`]'s) and
+    /// call [`Session::ingest`] again.
+    Message(Accepted),
     /// Send this reply and close the connection.
     Close(Reply),
 }
@@ -79,22 +111,91 @@ pub enum Step {
 impl std::fmt::Debug for Step {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Step::Reply(r) => f.debug_tuple("Reply").field(r).finish(),
+            Step::Read => f.write_str("Read"),
+            Step::Command(c) => f.debug_tuple("Command").field(c).finish(),
+            Step::Reply { reply, delay } => f
+                .debug_struct("Reply")
+                .field("reply", reply)
+                .field("delay", delay)
+                .finish(),
             Step::Route(q) => f.debug_tuple("Route").field(q).finish(),
-            Step::Data(r) => f.debug_tuple("Data").field(r).finish(),
             Step::Authenticate { user, .. } => f
                 .debug_struct("Authenticate")
                 .field("user", user)
                 .field("password", &Secret::new(()))
                 .finish(),
-            Step::AuthChallenge(r) => f.debug_tuple("AuthChallenge").field(r).finish(),
             Step::CheckSender { user, sender } => f
                 .debug_struct("CheckSender")
                 .field("user", user)
                 .field("sender", sender)
                 .finish(),
             Step::StartTls(r) => f.debug_tuple("StartTls").field(r).finish(),
+            Step::EndOfData => f.write_str("EndOfData"),
+            Step::Message(m) => f.debug_tuple("Message").field(m).finish(),
             Step::Close(r) => f.debug_tuple("Close").field(r).finish(),
+        }
+    }
+}
+
+/// A command line as the session took it, for the caller's counters and
+/// logs ([`Step::Command`]).
+#[derive(Debug)]
+pub struct Command {
+    /// The command's name as Postfix's smtpd counts it in its `disconnect
+    /// from` line (`helo`, `ehlo`, `mail`, `rcpt`, `data`, …); `unknown`
+    /// for an unrecognised, unparseable or overlong line.
+    pub name: &'static str,
+    /// MAIL's sender as the client gave it (`""` for the null sender).
+    pub from: Option<String>,
+    /// RCPT's recipient as the client gave it.
+    pub to: Option<String>,
+    /// AUTH's mechanism.
+    pub mechanism: Option<String>,
+    /// The line that parsed, for [`request::loggable`](super::request::loggable);
+    /// `None` when it did not parse.
+    pub line: Option<BytesMut>,
+}
+
+impl Command {
+    fn of(request: &Request, line: BytesMut) -> Command {
+        let name = match request {
+            Request::Helo { .. } => "helo",
+            Request::Ehlo { .. } => "ehlo",
+            Request::StartTls => "starttls",
+            Request::Auth { .. } => "auth",
+            Request::Mail { .. } => "mail",
+            Request::Rcpt { .. } => "rcpt",
+            Request::Data => "data",
+            Request::Bdat { .. } => "bdat",
+            Request::Rset => "rset",
+            Request::Noop => "noop",
+            Request::Vrfy(_) => "vrfy",
+            Request::Expn(_) => "expn",
+            Request::Help => "help",
+            Request::Quit => "quit",
+            Request::Unknown(_) => "unknown",
+        };
+        let mut command = Command::unknown();
+        command.name = name;
+        command.line = Some(line);
+        match request {
+            Request::Mail { from, .. } => {
+                command.from = Some(from.as_ref().map(|a| a.to_string()).unwrap_or_default())
+            }
+            Request::Rcpt { to, .. } => command.to = Some(to.to_string()),
+            Request::Auth { mechanism, .. } => command.mechanism = Some(mechanism.clone()),
+            _ => {}
+        }
+        command
+    }
+
+    fn unknown() -> Command {
+        Command {
+            name: "unknown",
+            from: None,
+            to: None,
+            mechanism: None,
+            line: None,
         }
     }
 }
@@ -108,17 +209,6 @@ pub struct RouteQuery {
     pub may_relay: bool,
     pub client: IpAddr,
     pub authenticated: Option<String>,
-}
-
-/// What [`Session::data_done`] asks of the caller.
-#[derive(Debug)]
-pub enum DataStep {
-    /// Store this message durably, then send [`Session::accepted`]'s reply.
-    Accept(Accepted),
-    /// Refuse it with this reply; the session goes on.
-    Reply(Reply),
-    /// Refuse it and close.
-    Close(Reply),
 }
 
 /// A complete, accepted-for-storage message.
@@ -155,7 +245,17 @@ enum AuthState {
     LoginPassword,
 }
 
-/// One SMTP server session.
+/// A line taken from the buffer and announced as a [`Step::Command`], to be
+/// answered at the next [`Session::ingest`].
+#[derive(Debug)]
+enum Pending {
+    Request(Request),
+    /// The line could not be taken as a command: this error reply.
+    Bad(Reply),
+}
+
+/// One SMTP server session. Does no IO: the caller feeds it bytes and
+/// carries out the [`Step`]s it returns.
 #[derive(Debug)]
 pub struct Session {
     config: std::sync::Arc<SessionConfig>,
@@ -170,6 +270,17 @@ pub struct Session {
     errors: u32,
     /// Free space is below the reserve: `MAIL` gets `452 4.3.1`.
     storage_low: bool,
+    /// Frames command lines and SASL responses.
+    lines: LineReceiver,
+    /// After a `354`: receives the content instead of lines.
+    data: Option<DataReceiver>,
+    /// Content received to its end, waiting for its queue id.
+    finished: Option<Result<Vec<u8>, DataError>>,
+    /// A command announced but not answered yet.
+    pending: Option<Pending>,
+    /// A reply just sent reached the hard error limit: this `421` closes
+    /// the session at the next [`Session::ingest`].
+    closing: Option<Reply>,
 }
 
 const SYNTAX_HELO: &str = "Syntax: HELO hostname";
@@ -180,8 +291,10 @@ fn ok() -> Reply {
 }
 
 impl Session {
+    /// A session for a new connection; send [`Session::greeting`] first.
     pub fn new(config: std::sync::Arc<SessionConfig>, peer: Peer) -> Session {
         let tls = peer.tls;
+        let lines = LineReceiver::new(config.max_line_length, config.bare_lf);
         Session {
             config,
             peer,
@@ -194,11 +307,67 @@ impl Session {
             login_user: String::new(),
             errors: 0,
             storage_low: false,
+            lines,
+            data: None,
+            finished: None,
+            pending: None,
+            closing: None,
+        }
+    }
+
+    /// Takes what it can from the front of `buf` (everything the client
+    /// sent so far, as read) and answers with the next [`Step`]. Call it
+    /// again after carrying out each step, until it answers [`Step::Read`];
+    /// feed it nothing while a step that asks for an answer (routing,
+    /// credentials, the sender check, TLS, the queue id, storage) is
+    /// outstanding.
+    pub fn ingest(&mut self, buf: &mut BytesMut) -> Step {
+        if let Some(close) = self.closing.take() {
+            return Step::Close(close);
+        }
+        if let Some(pending) = self.pending.take() {
+            return match pending {
+                Pending::Request(request) => self.command(request),
+                Pending::Bad(reply) => self.error(reply),
+            };
+        }
+        if let Some(data) = &mut self.data {
+            if !data.ingest(buf) {
+                return Step::Read;
+            }
+            let data = self.data.take().expect("checked above");
+            self.finished = Some(data.finish());
+            return Step::EndOfData;
+        }
+        let line = match self.lines.next_line(buf) {
+            Ok(Some(line)) => line,
+            Ok(None) => return Step::Read,
+            Err(LineError::TooLong) if self.in_auth() => return self.sasl_too_long(),
+            Err(e @ LineError::TooLong) => {
+                self.pending = Some(Pending::Bad(e.reply()));
+                return Step::Command(Command::unknown());
+            }
+            Err(e @ LineError::BareLineEnding) => return Step::Close(e.reply()),
+        };
+        if self.in_auth() {
+            return self.auth_response(&line);
+        }
+        match Request::parse(&line) {
+            Ok(request) => {
+                let command = Command::of(&request, line);
+                self.pending = Some(Pending::Request(request));
+                Step::Command(command)
+            }
+            Err(e) => {
+                self.pending = Some(Pending::Bad(e.reply()));
+                Step::Command(Command::unknown())
+            }
         }
     }
 
     /// Tells the session whether free space is below the reserve; the
-    /// caller sets it before each `MAIL` (`store.min_free`).
+    /// caller sets it when a `MAIL` [`Step::Command`] comes
+    /// (`store.min_free`).
     pub fn set_storage_low(&mut self, low: bool) {
         self.storage_low = low;
     }
@@ -239,14 +408,10 @@ impl Session {
         )
     }
 
-    /// Errors so far; past `soft_error_limit` the caller delays each reply.
-    pub fn should_delay(&self) -> bool {
-        self.errors > self.config.soft_error_limit
-    }
-
-    /// The content size limit for the DATA receiver.
-    pub fn data_limit(&self) -> u64 {
-        self.config.max_message_size
+    /// While content after DATA is being received: the octets taken so
+    /// far (for the caller's minimum data rate); `None` otherwise.
+    pub fn data_received(&self) -> Option<u64> {
+        self.data.as_ref().map(DataReceiver::received)
     }
 
     /// Whether the session is inside a transaction (for the idle timeout
@@ -260,25 +425,43 @@ impl Session {
         self.tls
     }
 
-    /// Counts an error reply; past the hard limit the session ends.
+    /// A reply the session goes on after; error replies are held back
+    /// past the soft error limit (the tarpit).
+    fn reply(&self, reply: Reply) -> Step {
+        let delay = (reply.code >= 400 && self.errors > self.config.soft_error_limit)
+            .then_some(self.config.error_delay);
+        Step::Reply { reply, delay }
+    }
+
+    /// Counts an error reply; at the hard limit the session ends with
+    /// `421` instead.
     fn error(&mut self, reply: Reply) -> Step {
         self.errors += 1;
         match self.error_limit_reply() {
             Some(close) => Step::Close(close),
-            None => Step::Reply(reply),
+            None => self.reply(reply),
         }
     }
 
+    /// The answer to something the caller looked up (a routing decision,
+    /// the sender check, the end of DATA), already counted if it is an
+    /// error: once that reaches the hard limit the reply is sent all the
+    /// same and the session closes with `421` after it, so that a client
+    /// probing addresses with RCPT (a directory harvest) is cut off like any
+    /// other.
+    fn answer(&mut self, reply: Reply) -> Step {
+        if reply.code >= 400 {
+            if let Some(close) = self.error_limit_reply() {
+                self.closing = Some(close);
+                return Step::Reply { reply, delay: None };
+            }
+        }
+        self.reply(reply)
+    }
+
     /// The `421` that ends the session once the hard error limit is
-    /// reached. Replies that do not come as a [`Step`] (to [`routed`],
-    /// [`sender_checked`], [`data_done`]) count errors too: after sending
-    /// one, the caller checks this, so that a client probing addresses with
-    /// RCPT (a directory harvest) is cut off like any other.
-    ///
-    /// [`routed`]: Session::routed
-    /// [`sender_checked`]: Session::sender_checked
-    /// [`data_done`]: Session::data_done
-    pub fn error_limit_reply(&self) -> Option<Reply> {
+    /// reached.
+    fn error_limit_reply(&self) -> Option<Reply> {
         (self.errors >= self.config.hard_error_limit).then(|| {
             Reply::new(
                 421,
@@ -288,25 +471,15 @@ impl Session {
         })
     }
 
-    /// An unparseable line, as the [`LineReceiver`](super::LineReceiver)
-    /// or [`Request::parse`] reported it.
-    pub fn bad_line(&mut self, reply: Reply) -> Step {
-        self.error(reply)
-    }
-
-    /// The [`LineReceiver`](super::LineReceiver) dropped a line longer than
-    /// its limit ([`LineError::TooLong`]). Inside an AUTH exchange that line
-    /// was the client's SASL response: the exchange ends there with
-    /// `500 5.5.6` (as Postfix answers, RFC 4954 §4), so that the next line
-    /// is read as a command again and not as a credential. It counts as a
-    /// protocol error, not as a failed login.
-    pub fn line_too_long(&mut self) -> Step {
-        if self.in_auth() {
-            self.auth = AuthState::None;
-            self.login_user.clear();
-            return self.error(Reply::new(500, "5.5.6", "SASL response limit exceeded"));
-        }
-        self.error(LineError::TooLong.reply())
+    /// The [`LineReceiver`] dropped a line longer than its limit inside an
+    /// AUTH exchange: that line was the client's SASL response. The
+    /// exchange ends there with `500 5.5.6` (as Postfix answers, RFC 4954
+    /// §4), so that the next line is read as a command again and not as a
+    /// credential. It counts as a protocol error, not as a failed login.
+    fn sasl_too_long(&mut self) -> Step {
+        self.auth = AuthState::None;
+        self.login_user.clear();
+        self.error(Reply::new(500, "5.5.6", "SASL response limit exceeded"))
     }
 
     fn auth_offered(&self) -> bool {
@@ -318,7 +491,7 @@ impl Session {
     }
 
     /// Handles one parsed command.
-    pub fn command(&mut self, request: Request) -> Step {
+    fn command(&mut self, request: Request) -> Step {
         match request {
             Request::Ehlo { host } => self.hello(host, true),
             Request::Helo { host } => self.hello(host, false),
@@ -327,17 +500,17 @@ impl Session {
             Request::Data => self.data(),
             Request::Rset => {
                 self.tx = None;
-                Step::Reply(ok())
+                self.reply(ok())
             }
-            Request::Noop => Step::Reply(ok()),
+            Request::Noop => self.reply(ok()),
             Request::Quit => Step::Close(Reply::new(221, "2.0.0", "Bye")),
-            Request::Help => Step::Reply(Reply::new(
+            Request::Help => self.reply(Reply::new(
                 214,
                 "2.0.0",
                 "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY STARTTLS AUTH",
             )),
             Request::Vrfy(_) => {
-                Step::Reply(Reply::new(252, "2.0.0", "Send some mail, I'll try my best"))
+                self.reply(Reply::new(252, "2.0.0", "Send some mail, I'll try my best"))
             }
             Request::Expn(_) => self.error(Reply::new(502, "5.5.1", "EXPN not available")),
             Request::StartTls => self.starttls(),
@@ -360,7 +533,7 @@ impl Session {
         self.esmtp = esmtp;
         self.tx = None;
         if !esmtp {
-            return Step::Reply(Reply::plain(250, self.config.hostname.clone()));
+            return self.reply(Reply::plain(250, self.config.hostname.clone()));
         }
         let mut text = format!(
             "{}\nPIPELINING\nSIZE {}",
@@ -373,7 +546,7 @@ impl Session {
             text.push_str("\nAUTH PLAIN LOGIN");
         }
         text.push_str("\nENHANCEDSTATUSCODES\n8BITMIME\nSMTPUTF8");
-        Step::Reply(Reply::plain(250, text))
+        self.reply(Reply::plain(250, text))
     }
 
     fn mail(&mut self, from: Option<Address>, params: MailParams) -> Step {
@@ -395,7 +568,7 @@ impl Session {
         if self.storage_low {
             // Postfix queue_minfree: refused before the client sends any
             // content, and not counted as a client error.
-            return Step::Reply(Reply::new(452, "4.3.1", "Insufficient system storage"));
+            return self.reply(Reply::new(452, "4.3.1", "Insufficient system storage"));
         }
         if let (Some(user), Some(sender)) = (&self.authenticated, &from) {
             let (user, sender) = (user.clone(), sender.canonical());
@@ -403,13 +576,13 @@ impl Session {
             return Step::CheckSender { user, sender };
         }
         self.tx = Some(Transaction::new(from, params.smtputf8));
-        Step::Reply(Reply::new(250, "2.1.0", "Ok"))
+        self.reply(Reply::new(250, "2.1.0", "Ok"))
     }
 
-    /// The answer to [`Step::CheckSender`].
-    pub fn sender_checked(&mut self, allowed: bool) -> Reply {
+    /// The answer to [`Step::CheckSender`]: the MAIL reply.
+    pub fn sender_checked(&mut self, allowed: bool) -> Step {
         if allowed {
-            return Reply::new(250, "2.1.0", "Ok");
+            return self.answer(Reply::new(250, "2.1.0", "Ok"));
         }
         let sender = self
             .tx
@@ -418,25 +591,26 @@ impl Session {
             .map(|a| a.to_string())
             .unwrap_or_default();
         self.errors += 1;
-        Reply::new(
+        let reply = Reply::new(
             553,
             "5.7.1",
             format!(
                 "<{sender}>: Sender address rejected: not owned by user {}",
                 self.authenticated.as_deref().unwrap_or("")
             ),
-        )
+        );
+        self.answer(reply)
     }
 
     /// [`Step::CheckSender`] could not be answered (a store error): the
     /// MAIL command is refused for now, not for good.
-    pub fn sender_check_failed(&mut self) -> Reply {
+    pub fn sender_check_failed(&mut self) -> Step {
         self.tx = None;
-        Reply::new(
+        self.answer(Reply::new(
             451,
             "4.3.0",
             "Error: temporary failure checking the sender, try again later",
-        )
+        ))
     }
 
     fn rcpt(&mut self, mut to: Address) -> Step {
@@ -453,7 +627,7 @@ impl Session {
         };
         if tx.rcpt_commands >= self.config.max_recipients {
             // Not counted as an error: clients are expected to send the rest later.
-            return Step::Reply(Reply::new(452, "4.5.3", "Error: too many recipients"));
+            return self.reply(Reply::new(452, "4.5.3", "Error: too many recipients"));
         }
         tx.rcpt_commands += 1;
         if to.domain.is_empty() {
@@ -474,15 +648,15 @@ impl Session {
         })
     }
 
-    /// The router's answer to [`Step::Route`]; returns the RCPT reply.
-    pub fn routed(&mut self, route: Route) -> Reply {
+    /// The router's answer to [`Step::Route`]: the RCPT reply.
+    pub fn routed(&mut self, route: Route) -> Step {
         let Some(tx) = &mut self.tx else {
-            return Reply::new(503, "5.5.1", "Error: need MAIL command");
+            return self.answer(Reply::new(503, "5.5.1", "Error: need MAIL command"));
         };
         let Some(address) = tx.pending.take() else {
-            return Reply::new(503, "5.5.1", "Error: no recipient pending");
+            return self.answer(Reply::new(503, "5.5.1", "Error: no recipient pending"));
         };
-        match route {
+        let reply = match route {
             Route::Reject(reply) => {
                 self.errors += 1;
                 reply
@@ -494,19 +668,20 @@ impl Session {
                 });
                 Reply::new(250, "2.1.5", "Ok")
             }
-        }
+        };
+        self.answer(reply)
     }
 
     /// The router failed (actor gone, store error): a temporary refusal.
-    pub fn route_failed(&mut self) -> Reply {
+    pub fn route_failed(&mut self) -> Step {
         if let Some(tx) = &mut self.tx {
             tx.pending = None;
         }
-        Reply::new(
+        self.answer(Reply::new(
             451,
             "4.3.0",
             "Error: temporary routing failure, try again later",
-        )
+        ))
     }
 
     fn data(&mut self) -> Step {
@@ -520,28 +695,29 @@ impl Session {
             }
             return self.error(Reply::new(503, "5.5.1", "Error: need RCPT command"));
         }
-        Step::Data(Reply::plain(354, "End data with <CR><LF>.<CR><LF>"))
+        self.data = Some(DataReceiver::new(
+            self.config.max_message_size,
+            self.config.bare_lf,
+        ));
+        self.reply(Reply::plain(354, "End data with <CR><LF>.<CR><LF>"))
     }
 
-    /// The DATA receiver finished. On success the caller allocated `id` for
+    /// The answer to [`Step::EndOfData`]: the caller allocated `id` for
     /// the message; `date` is the RFC 5322 date for the `Received:` header.
-    pub fn data_done(
-        &mut self,
-        result: Result<Vec<u8>, DataError>,
-        id: MessageId,
-        date: &str,
-    ) -> DataStep {
-        let Some(tx) = self.tx.take() else {
-            return DataStep::Reply(Reply::new(503, "5.5.1", "Error: need MAIL command"));
+    /// Answers [`Step::Message`] for content to store, or the refusal.
+    pub fn data_done(&mut self, id: MessageId, date: &str) -> Step {
+        let result = self.finished.take();
+        let (Some(tx), Some(result)) = (self.tx.take(), result) else {
+            return self.answer(Reply::new(503, "5.5.1", "Error: need MAIL command"));
         };
         let content = match result {
             Ok(content) => content,
             Err(DataError::TooBig) => {
                 self.errors += 1;
-                return DataStep::Reply(Reply::new(552, "5.3.4", "Error: message file too big"));
+                return self.answer(Reply::new(552, "5.3.4", "Error: message file too big"));
             }
             Err(DataError::BareLineEnding) => {
-                return DataStep::Close(Reply::new(
+                return Step::Close(Reply::new(
                     550,
                     "5.5.2",
                     "Error: bare <CR> or <LF> received; closing (see RFC 5321 section 2.3.8)",
@@ -550,14 +726,14 @@ impl Session {
         };
         if count_received(&content) >= self.config.hop_limit {
             self.errors += 1;
-            return DataStep::Reply(Reply::new(554, "5.4.0", "Error: too many hops"));
+            return self.answer(Reply::new(554, "5.4.0", "Error: too many hops"));
         }
         let helo = self.helo.clone().unwrap_or_default();
         let received = self.received_header(&helo, id, &tx, date);
         let mut full = Vec::with_capacity(received.len() + content.len());
         full.extend_from_slice(received.as_bytes());
         full.extend_from_slice(&content);
-        DataStep::Accept(Accepted {
+        Step::Message(Accepted {
             id,
             sender: tx.sender.as_ref().map(|a| a.to_string()),
             recipients: tx.recipients,
@@ -566,9 +742,15 @@ impl Session {
         })
     }
 
-    /// Forgets the transaction (storage could not even start).
-    pub fn abort_transaction(&mut self) {
+    /// No queue id could be allocated for [`Step::EndOfData`] (a store
+    /// error): the transaction is dropped with a temporary refusal.
+    pub fn id_unavailable(&mut self) -> Step {
         self.tx = None;
+        self.finished = None;
+        Step::Reply {
+            reply: self.storage_failed(),
+            delay: None,
+        }
     }
 
     /// The reply once the message is durably stored.
@@ -617,8 +799,11 @@ impl Session {
         Step::StartTls(Reply::new(220, "2.0.0", "Ready to start TLS"))
     }
 
-    /// TLS is up: forget everything learned before it (RFC 3207 §4.2).
+    /// TLS is up: forget everything learned before it (RFC 3207 §4.2),
+    /// including a partly received line (the caller discarded the input
+    /// buffered before the handshake).
     pub fn tls_started(&mut self) {
+        self.lines.reset();
         self.tls = true;
         self.helo = None;
         self.esmtp = false;
@@ -660,7 +845,7 @@ impl Session {
                 Some(resp) => self.auth_plain(resp.expose()),
                 None => {
                     self.auth = AuthState::Plain;
-                    Step::AuthChallenge(Reply::plain(334, ""))
+                    self.reply(Reply::plain(334, ""))
                 }
             },
             "LOGIN" => match initial {
@@ -670,7 +855,7 @@ impl Session {
                 }
                 None => {
                     self.auth = AuthState::LoginUser;
-                    Step::AuthChallenge(Reply::plain(334, "VXNlcm5hbWU6"))
+                    self.reply(Reply::plain(334, "VXNlcm5hbWU6"))
                 }
             },
             _ => self.error(Reply::new(
@@ -682,12 +867,12 @@ impl Session {
     }
 
     /// Whether the next line is an AUTH continuation, not a command.
-    pub fn in_auth(&self) -> bool {
+    fn in_auth(&self) -> bool {
         self.auth != AuthState::None
     }
 
     /// A client line sent in answer to a `334` challenge.
-    pub fn auth_response(&mut self, line: &[u8]) -> Step {
+    fn auth_response(&mut self, line: &[u8]) -> Step {
         let state = std::mem::replace(&mut self.auth, AuthState::None);
         if line == b"*" {
             return self.error(Reply::new(501, "5.7.0", "Authentication aborted"));
@@ -704,7 +889,7 @@ impl Session {
             AuthState::LoginUser => {
                 self.login_user = String::from_utf8_lossy(&decoded).into_owned();
                 self.auth = AuthState::LoginPassword;
-                Step::AuthChallenge(Reply::plain(334, "UGFzc3dvcmQ6"))
+                self.reply(Reply::plain(334, "UGFzc3dvcmQ6"))
             }
             AuthState::LoginPassword => Step::Authenticate {
                 user: std::mem::take(&mut self.login_user),
@@ -741,7 +926,7 @@ impl Session {
         match user {
             Some(user) => {
                 self.authenticated = Some(user);
-                Step::Reply(Reply::new(235, "2.7.0", "Authentication successful"))
+                self.reply(Reply::new(235, "2.7.0", "Authentication successful"))
             }
             None => self.error(Reply::new(535, "5.7.8", "Error: authentication failed")),
         }
@@ -750,7 +935,7 @@ impl Session {
     /// [`Step::Authenticate`] could not be answered (a store error): RFC
     /// 4954's temporary failure, so the client may try again later.
     pub fn authentication_unavailable(&self) -> Step {
-        Step::Reply(Reply::new(454, "4.7.0", "Temporary authentication failure"))
+        self.reply(Reply::new(454, "4.7.0", "Temporary authentication failure"))
     }
 
     /// Whether recipients in other domains are allowed.

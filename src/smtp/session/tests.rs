@@ -1,15 +1,15 @@
 //! Session scripts: each line of input with the reply code (and enhanced
-//! status) it must get, driven exactly as the connection actor drives it.
+//! status) it must get, driven through [`Session::ingest`] as the connection
+//! actor drives it.
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 
 use super::*;
-use crate::config::BareLf;
 use crate::routing::Target;
-use crate::smtp::receiver::{DataReceiver, LineError, LineReceiver};
 
 fn config() -> SessionConfig {
     SessionConfig {
@@ -24,6 +24,9 @@ fn config() -> SessionConfig {
         auth_required: false,
         allow_plaintext_auth: true,
         postmaster_domain: "example.test".into(),
+        max_line_length: 512,
+        bare_lf: BareLf::Normalize,
+        error_delay: Duration::from_secs(1),
     }
 }
 
@@ -53,98 +56,90 @@ fn route(q: &RouteQuery) -> Route {
     }
 }
 
-/// Feeds `input` (raw bytes, possibly many pipelined commands) through the
-/// receivers and the session, as the actor does; returns the replies as
-/// "code status" strings, and the accepted messages.
-fn run(session: &mut Session, input: &[u8]) -> (Vec<String>, Vec<Accepted>) {
-    let mut lines = LineReceiver::new(512, BareLf::Normalize);
-    let mut buf = BytesMut::from(input);
-    let mut data: Option<DataReceiver> = None;
-    let mut replies = Vec::new();
-    let mut accepted = Vec::new();
-    let mut next_id = 1;
-    let show = |r: &Reply| {
-        format!("{} {}", r.code, r.status.as_deref().unwrap_or(""))
-            .trim()
-            .to_owned()
-    };
-    loop {
-        if let Some(d) = &mut data {
-            if !d.ingest(&mut buf) {
-                break;
-            }
-            let d = data.take().unwrap();
-            match session.data_done(
-                d.finish(),
-                MessageId(next_id),
-                "Sat, 28 Nov 2026 00:00:00 +0000",
-            ) {
-                DataStep::Accept(a) => {
-                    next_id += 1;
-                    replies.push(show(&session.accepted(a.id)));
-                    accepted.push(a);
-                }
-                DataStep::Reply(r) => replies.push(show(&r)),
-                DataStep::Close(r) => {
-                    replies.push(show(&r));
-                    return (replies, accepted);
-                }
-            }
-            continue;
-        }
-        let line = match lines.next_line(&mut buf) {
-            Ok(Some(l)) => Some(l),
-            Ok(None) => break,
-            // As the actor does: the session decides what an overlong line means.
-            Err(LineError::TooLong) => None,
-            Err(LineError::BareLineEnding) => {
-                replies.push("line-error".into());
-                continue;
-            }
-        };
-        let mut step = if let Some(line) = line {
-            session_line(session, &line)
-        } else {
-            session.line_too_long()
-        };
-        loop {
-            match step {
-                Step::Reply(r) | Step::AuthChallenge(r) => replies.push(show(&r)),
-                Step::Route(q) => replies.push(show(&session.routed(route(&q)))),
-                Step::Data(r) => {
-                    replies.push(show(&r));
-                    data = Some(DataReceiver::new(session.data_limit(), BareLf::Normalize));
-                }
-                Step::Authenticate { user, password } => {
-                    let ok = user == "alice@example.test" && password == "secret";
-                    step = session.authenticated(ok.then_some(user));
-                    continue;
-                }
-                Step::CheckSender { user, sender } => {
-                    replies.push(show(&session.sender_checked(user == sender)))
-                }
-                Step::StartTls(r) => replies.push(show(&r)),
-                Step::Close(r) => {
-                    replies.push(show(&r));
-                    return (replies, accepted);
-                }
-            }
-            break;
-        }
-    }
-    (replies, accepted)
+/// What a script saw: the replies in order, the messages accepted, and
+/// whether the session closed.
+#[derive(Default)]
+struct Transcript {
+    replies: Vec<Reply>,
+    accepted: Vec<Accepted>,
+    closed: bool,
 }
 
-/// One complete line, as the actor hands it to the session.
-fn session_line(session: &mut Session, line: &[u8]) -> Step {
-    if session.in_auth() {
-        session.auth_response(line)
-    } else {
-        match Request::parse(line) {
-            Ok(r) => session.command(r),
-            Err(e) => session.bad_line(e.reply()),
-        }
+/// Carries out the session's steps with a toy router, password check and
+/// queue, until it wants more input or closes: what the connection actor
+/// does with the real ones.
+fn drive(session: &mut Session, buf: &mut BytesMut, out: &mut Transcript, next_id: &mut u64) {
+    let mut step = session.ingest(buf);
+    loop {
+        step = match step {
+            Step::Read => return,
+            Step::Command(_) => session.ingest(buf),
+            Step::Reply { reply, .. } => {
+                out.replies.push(reply);
+                session.ingest(buf)
+            }
+            Step::StartTls(reply) => {
+                // The handshake: what was buffered before it is dropped.
+                out.replies.push(reply);
+                buf.clear();
+                session.tls_started();
+                session.ingest(buf)
+            }
+            Step::Route(q) => session.routed(route(&q)),
+            Step::Authenticate { user, password } => {
+                let ok = user == "alice@example.test" && password == "secret";
+                session.authenticated(ok.then_some(user))
+            }
+            Step::CheckSender { user, sender } => session.sender_checked(user == sender),
+            Step::EndOfData => {
+                let id = MessageId(*next_id);
+                *next_id += 1;
+                session.data_done(id, "Sat, 28 Nov 2026 00:00:00 +0000")
+            }
+            Step::Message(message) => {
+                out.replies.push(session.accepted(message.id));
+                out.accepted.push(message);
+                session.ingest(buf)
+            }
+            Step::Close(reply) => {
+                out.replies.push(reply);
+                out.closed = true;
+                return;
+            }
+        };
     }
+}
+
+/// "code status" of a reply, as the scripts write it.
+fn show(r: &Reply) -> String {
+    format!("{} {}", r.code, r.status.as_deref().unwrap_or(""))
+        .trim()
+        .to_owned()
+}
+
+/// Feeds `input` (raw bytes, possibly many pipelined commands) to the
+/// session in one piece; returns the replies as "code status" strings, and
+/// the accepted messages.
+fn run(session: &mut Session, input: &[u8]) -> (Vec<String>, Vec<Accepted>) {
+    let mut out = Transcript::default();
+    drive(session, &mut BytesMut::from(input), &mut out, &mut 1);
+    (out.replies.iter().map(show).collect(), out.accepted)
+}
+
+/// The same, one octet at a time through one session: the receivers keep
+/// their state between reads.
+fn run_fragmented(session: &mut Session, input: &[u8]) -> (Vec<String>, Vec<Accepted>) {
+    let mut out = Transcript::default();
+    let mut buf = BytesMut::new();
+    let mut next_id = 1;
+    for &b in input {
+        if out.closed {
+            break;
+        }
+        buf.extend_from_slice(&[b]);
+        drive(session, &mut buf, &mut out, &mut next_id);
+    }
+    (out.replies.iter().map(show).collect(), out.accepted)
 }
 
 fn script(trusted: bool, input: &str, want: &[&str]) -> Vec<Accepted> {
@@ -223,46 +218,15 @@ fn fragments_give_the_same_replies() {
     let input = b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n..dot\r\nline\r\n.\r\nQUIT\r\n";
     let mut whole = session_with(config(), false);
     let (want, _) = run(&mut whole, input);
-    // One byte at a time through a persistent session and receivers.
     let mut s = session_with(config(), false);
-    let mut lines = LineReceiver::new(512, BareLf::Normalize);
-    let mut data: Option<DataReceiver> = None;
-    let mut buf = BytesMut::new();
-    let mut got = Vec::new();
-    for &b in input.iter() {
-        buf.extend_from_slice(&[b]);
-        loop {
-            if let Some(d) = &mut data {
-                if !d.ingest(&mut buf) {
-                    break;
-                }
-                let d = data.take().unwrap();
-                if let DataStep::Accept(a) = s.data_done(d.finish(), MessageId(1), "date") {
-                    assert!(
-                        a.content.ends_with(b"\r\n.dot\r\nline\r\n"),
-                        "{:?}",
-                        String::from_utf8_lossy(&a.content)
-                    );
-                    got.push(s.accepted(a.id).code);
-                }
-                continue;
-            }
-            let Ok(Some(line)) = lines.next_line(&mut buf) else {
-                break;
-            };
-            match s.command(Request::parse(&line).unwrap()) {
-                Step::Reply(r) | Step::Close(r) => got.push(r.code),
-                Step::Route(q) => got.push(s.routed(route(&q)).code),
-                Step::Data(r) => {
-                    got.push(r.code);
-                    data = Some(DataReceiver::new(1000, BareLf::Normalize));
-                }
-                other => panic!("{other:?}"),
-            }
-        }
-    }
-    let want: Vec<u16> = want.iter().map(|w| w[..3].parse().unwrap()).collect();
+    let (got, accepted) = run_fragmented(&mut s, input);
     assert_eq!(got, want);
+    assert_eq!(accepted.len(), 1);
+    assert!(
+        accepted[0].content.ends_with(b"\r\n.dot\r\nline\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&accepted[0].content)
+    );
 }
 
 #[test]
@@ -283,7 +247,7 @@ fn received_header_is_prepended() {
 #[test]
 fn ehlo_advertises_extensions() {
     let mut s = session_with(config(), false);
-    let Step::Reply(r) = s.command(Request::parse(b"EHLO c").unwrap()) else {
+    let Step::Reply { reply: r, .. } = s.command(Request::parse(b"EHLO c").unwrap()) else {
         panic!()
     };
     for ext in [
@@ -304,7 +268,7 @@ fn ehlo_advertises_extensions() {
     c.tls_available = true;
     c.allow_plaintext_auth = false;
     let mut s = session_with(c, false);
-    let Step::Reply(r) = s.command(Request::parse(b"EHLO c").unwrap()) else {
+    let Step::Reply { reply: r, .. } = s.command(Request::parse(b"EHLO c").unwrap()) else {
         panic!()
     };
     assert!(r.text.contains("STARTTLS"));
@@ -318,7 +282,7 @@ fn starttls_resets_the_session() {
     let mut s = session_with(c, false);
     let (got, _) = run(&mut s, b"EHLO c\r\nSTARTTLS\r\n");
     assert_eq!(got, ["250", "220 2.0.0"]);
-    s.tls_started();
+    assert!(s.is_tls());
     // EHLO is forgotten: MAIL needs a new one.
     let (got, _) = run(&mut s, b"MAIL FROM:<>\r\nEHLO c\r\nSTARTTLS\r\n");
     assert_eq!(got, ["503 5.5.1", "250", "554 5.5.1"]);
@@ -344,30 +308,65 @@ fn count_received_stops_at_body() {
 #[test]
 fn refused_recipients_count_towards_the_error_limit() {
     // hard_error_limit is 5: four refused RCPTs leave the session open, the
-    // fifth makes the caller close it (a directory harvest is cut off).
+    // fifth gets its 550 and then the 421 that closes the session (a
+    // directory harvest is cut off).
     let mut c = config();
     c.max_recipients = 100;
     let mut s = session_with(c, false);
     let (got, _) = run(&mut s, b"HELO c\r\nMAIL FROM:<>\r\n");
     assert_eq!(got, ["250", "250 2.1.0"]);
     for n in 1..=5 {
-        let (got, _) = run(
-            &mut s,
-            format!("RCPT TO:<nobody{n}@example.test>\r\n").as_bytes(),
-        );
-        assert_eq!(got, ["550 5.1.1"]);
-        let limit = s
-            .error_limit_reply()
-            .map(|r| format!("{} {}", r.code, r.text));
+        let mut out = Transcript::default();
+        let mut buf = BytesMut::from(format!("RCPT TO:<nobody{n}@example.test>\r\n").as_bytes());
+        drive(&mut s, &mut buf, &mut out, &mut 1);
+        let got: Vec<String> = out
+            .replies
+            .iter()
+            .map(|r| format!("{} {}", r.code, r.text))
+            .collect();
         if n < 5 {
-            assert_eq!(limit, None, "after {n}");
+            assert_eq!(got, ["550 user unknown"], "after {n}");
+            assert!(!out.closed);
         } else {
             assert_eq!(
-                limit.as_deref(),
-                Some("421 mx.example.test Error: too many errors")
+                got,
+                [
+                    "550 user unknown",
+                    "421 mx.example.test Error: too many errors"
+                ]
             );
+            assert!(out.closed);
         }
     }
+}
+
+/// Past the soft error limit, error replies come with the tarpit delay;
+/// good replies never do.
+#[test]
+fn error_replies_are_delayed_past_the_soft_limit() {
+    let mut c = config();
+    c.soft_error_limit = 1;
+    let delay = c.error_delay;
+    let mut s = session_with(c, false);
+    let mut buf = BytesMut::from(&b"FOO\r\nFOO\r\nNOOP\r\nFOO\r\n"[..]);
+    let mut delays = Vec::new();
+    loop {
+        match s.ingest(&mut buf) {
+            Step::Command(_) => {}
+            Step::Reply { reply, delay } => delays.push((reply.code, delay)),
+            Step::Read => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        delays,
+        [
+            (502, None),
+            (502, Some(delay)),
+            (250, None),
+            (502, Some(delay))
+        ]
+    );
 }
 
 /// Issue 15: a SASL response longer than the line limit ends the AUTH
@@ -411,32 +410,8 @@ fn overlong_sasl_response_ends_the_exchange() {
         script(false, &input, want);
         // In one-octet fragments: the limit applies to the line, not the read.
         let mut s = session_with(config(), false);
-        let mut got = Vec::new();
-        let mut lines = LineReceiver::new(512, BareLf::Normalize);
-        let mut buf = BytesMut::new();
-        for &b in input.as_bytes() {
-            buf.extend_from_slice(&[b]);
-            loop {
-                let step = match lines.next_line(&mut buf) {
-                    Ok(Some(line)) => session_line(&mut s, &line),
-                    Ok(None) => break,
-                    Err(_) => s.line_too_long(),
-                };
-                match step {
-                    Step::Reply(r) | Step::AuthChallenge(r) => got.push(r.code),
-                    Step::Authenticate { user, password } => {
-                        let ok = user == "alice@example.test" && password == "secret";
-                        match s.authenticated(ok.then_some(user)) {
-                            Step::Reply(r) => got.push(r.code),
-                            other => panic!("{other:?}"),
-                        }
-                    }
-                    other => panic!("{other:?}"),
-                }
-            }
-        }
-        let want: Vec<u16> = want.iter().map(|w| w[..3].parse().unwrap()).collect();
-        assert_eq!(got, want, "fragmented: {input:?}");
+        let (got, _) = run_fragmented(&mut s, input.as_bytes());
+        assert_eq!(&got, want, "fragmented: {input:?}");
     }
 }
 
