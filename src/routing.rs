@@ -172,8 +172,7 @@ fn decide_traced(
             }]));
         }
         trace.note(0, || {
-            "relay denied: the client is not in routing.relay_networks and not authenticated"
-                .into()
+            "relay denied: the client is not in routing.relay_networks and not authenticated".into()
         });
         return Ok(relay_denied(rcpt));
     }
@@ -497,11 +496,18 @@ mod tests {
             ("sales@example.test", None),
             ("bob@example.test", None),
             ("bob@remote.test", None),
-            ("bob@remote.test", Some("client 127.0.0.1 is in routing.relay_networks")),
+            (
+                "bob@remote.test",
+                Some("client 127.0.0.1 is in routing.relay_networks"),
+            ),
             ("loop1@example.test", None),
         ] {
             let (route, _) = explain(&c, &d, &addr(rcpt), relay).unwrap();
-            assert_eq!(route, decide(&c, &d, &addr(rcpt), relay.is_some()).unwrap(), "{rcpt}");
+            assert_eq!(
+                route,
+                decide(&c, &d, &addr(rcpt), relay.is_some()).unwrap(),
+                "{rcpt}"
+            );
         }
         let (_, steps) = explain(&c, &d, &addr("sales@example.test"), None).unwrap();
         assert_eq!(
@@ -518,9 +524,17 @@ mod tests {
             steps.last().unwrap(),
             "bob@example.test: no such user or alias; routing.unknown_user = reject"
         );
-        let (_, steps) =
-            explain(&c, &d, &addr("bob@remote.test"), Some("authenticated as alice")).unwrap();
-        assert_eq!(steps.last().unwrap(), "relay permitted: authenticated as alice");
+        let (_, steps) = explain(
+            &c,
+            &d,
+            &addr("bob@remote.test"),
+            Some("authenticated as alice"),
+        )
+        .unwrap();
+        assert_eq!(
+            steps.last().unwrap(),
+            "relay permitted: authenticated as alice"
+        );
     }
 
     #[test]

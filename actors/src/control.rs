@@ -31,21 +31,63 @@ use crate::delivery::actor::{Delivery, QueueCommand};
 /// plain string).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Request {
-    UserAdd { address: String, password: Secret },
-    UserPasswd { address: String, password: Secret },
-    UserDel { address: String },
+    UserAdd {
+        address: String,
+        password: Secret,
+    },
+    UserPasswd {
+        address: String,
+        password: Secret,
+    },
+    /// Deletes a user. Without `force`, refused (saying what would happen)
+    /// when the mailbox holds mail or aliases point at the user.
+    UserDel {
+        address: String,
+        #[serde(default)]
+        force: bool,
+    },
     UserList,
-    AliasAdd { alias: String, target: String },
-    AliasDel { alias: String },
+    AliasAdd {
+        alias: String,
+        target: String,
+    },
+    AliasDel {
+        alias: String,
+    },
     AliasList,
     QueueList,
-    QueueShow { id: String },
+    QueueShow {
+        id: String,
+    },
     QueueFlush,
-    QueueDelete { id: String },
-    QueueBounce { id: String },
+    QueueDelete {
+        id: String,
+    },
+    QueueBounce {
+        id: String,
+    },
+    /// Explains where mail to `address` would go (`crate::inspect`).
+    RouteExplain {
+        address: String,
+        from: Option<String>,
+        client: Option<String>,
+        auth: Option<String>,
+    },
+    /// Messages and octets of one mailbox, or of all.
+    MailboxStats {
+        address: Option<String>,
+    },
+    /// Checks a password without logging in (as `doveadm auth test`).
+    AuthTest {
+        address: String,
+        password: Secret,
+    },
     // Sets a store failpoint (`postino_core::failpoints`); refused unless
     // the build has the `failpoints` feature, which only the tests use.
-    Failpoint { name: String, actions: String },
+    Failpoint {
+        name: String,
+        actions: String,
+    },
 }
 
 /// The answer: lines to print, or an error.
@@ -84,6 +126,9 @@ pub fn serve(
                             let (store, config) = (store.clone(), config.clone());
                             let queue_op = queue_command(&request);
                             match queue_op {
+                                None if crate::inspect::handles(&request) => {
+                                    crate::inspect::answer(&store, &config, request).await
+                                }
                                 Some(cmd) => match delivery.send(cmd).await {
                                     Ok(r) => r,
                                     Err(e) => Response::Error(format!("delivery actor: {e}")),
@@ -192,7 +237,14 @@ pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
         Request::UserPasswd { address, password } => store
             .set_password(&address.to_ascii_lowercase(), password.expose())
             .map(|()| vec![format!("password of {address} changed")]),
-        Request::UserDel { address } => {
+        Request::UserDel { address, force } => {
+            if !force {
+                match what_user_del_removes(store, &address.to_ascii_lowercase()) {
+                    Ok(None) => {}
+                    Ok(Some(what)) => return Response::Error(what),
+                    Err(e) => return Response::Error(e.to_string()),
+                }
+            }
             store.delete_user(&address.to_ascii_lowercase()).map(|()| {
                 info!(user = %escape(&address), "user deleted");
                 vec![format!("deleted {address}")]
@@ -250,6 +302,9 @@ pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
         Request::QueueBounce { .. } => {
             return Response::Error("queue bounce needs the running server (it sends mail)".into())
         }
+        Request::RouteExplain { .. } | Request::MailboxStats { .. } | Request::AuthTest { .. } => {
+            return crate::inspect::answer_offline(store, config, request)
+        }
         Request::Failpoint { name, actions } => {
             return match postino_core::failpoints::configure(&name, &actions) {
                 Ok(()) => {
@@ -267,6 +322,46 @@ pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
             Response::Error(e.to_string())
         }
     }
+}
+
+/// What deleting user `address` would take with it, when that is more
+/// than the user: `None` when the mailbox is empty and no alias points at
+/// it (or there is no such user: the delete then says so).
+fn what_user_del_removes(
+    store: &Store,
+    address: &str,
+) -> Result<Option<String>, postino_core::store::StoreError> {
+    if !store.is_user(address)? {
+        return Ok(None);
+    }
+    let mail = store.maildrop(address)?;
+    let aliases: Vec<String> = store
+        .aliases()?
+        .into_iter()
+        .filter(|(_, targets)| targets.iter().any(|t| t == address))
+        .map(|(alias, _)| alias)
+        .collect();
+    if mail.is_empty() && aliases.is_empty() {
+        return Ok(None);
+    }
+    let mut what = Vec::new();
+    if !mail.is_empty() {
+        let octets: u64 = mail.iter().map(|m| m.size).sum();
+        what.push(format!(
+            "its {} message(s) ({octets} octets) would be deleted",
+            mail.len()
+        ));
+    }
+    if !aliases.is_empty() {
+        what.push(format!(
+            "aliases pointing at it ({}) would send their mail to the postmaster",
+            aliases.join(", ")
+        ));
+    }
+    Ok(Some(format!(
+        "{address}: {}; repeat with --force to delete",
+        what.join(", and ")
+    )))
 }
 
 /// `address` as RFC 5321 allows it in a path (UTF-8 too, as with SMTPUTF8).

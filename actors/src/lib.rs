@@ -14,6 +14,7 @@
 //!   outbound SMTP client.
 //! - [`auth`]: password checks on a few dedicated threads (bounded memory).
 //! - [`control`]: the Unix control socket that the CLI uses.
+//! - [`inspect`]: `route explain`, `mailbox stats`, `auth test` answers.
 //! - [`io`], [`tls`]: sockets, buffers, rustls.
 //!
 //! # Replacing the router
@@ -25,6 +26,7 @@
 pub mod auth;
 pub mod control;
 pub mod delivery;
+pub mod inspect;
 pub mod io;
 pub mod mailbox;
 pub mod pop3;

@@ -192,6 +192,9 @@ pub enum StoreError {
     NoSuchUser(String),
     #[error("no such alias: {0}")]
     NoSuchAlias(String),
+    /// An alias would lead back to itself: the chain, `a -> b -> a`.
+    #[error("alias loop: {0} (mail to it could never be delivered)")]
+    AliasLoop(String),
     /// A record the operation needs is missing, e.g. the inbound record of a
     /// message that was already finished, or content that was never spooled.
     #[error("no {what} record for message {id}")]

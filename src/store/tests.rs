@@ -223,6 +223,33 @@ fn remembered_logins_end_with_the_password() {
     assert_eq!(store.inner.auth_cache.get().unwrap().len(), 2);
 }
 
+/// An alias that would lead back to itself is refused, naming the chain;
+/// the aliases stay as they were.
+#[test]
+fn alias_loops_are_refused() {
+    let (_dir, store) = open();
+    store.add_alias("loop1@x.test", "loop2@x.test").unwrap();
+    store.add_alias("loop2@x.test", "a@x.test").unwrap();
+    match store.add_alias("loop2@x.test", "Loop1@x.test") {
+        Err(StoreError::AliasLoop(chain)) => {
+            assert_eq!(chain, "loop2@x.test -> loop1@x.test -> loop2@x.test")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        store.add_alias("self@x.test", "self@x.test"),
+        Err(StoreError::AliasLoop(c)) if c == "self@x.test -> self@x.test"
+    ));
+    // Two ways to one target is no loop.
+    store.add_alias("both@x.test", "loop1@x.test").unwrap();
+    store.add_alias("both@x.test", "loop2@x.test").unwrap();
+    assert_eq!(
+        store.alias("loop2@x.test").unwrap(),
+        Some(vec!["a@x.test".to_string()])
+    );
+    assert_eq!(store.alias("self@x.test").unwrap(), None);
+}
+
 #[test]
 fn aliases_crud() {
     let (_dir, store) = open();
