@@ -54,6 +54,90 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub mailbox: MailboxConfig,
+}
+
+/// Mailbox quotas, as Dovecot's quota plugin with `quota_full_tempfail =
+/// no`: a recipient whose mailbox is at or over its quota is refused at
+/// RCPT with `552 5.2.2`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MailboxConfig {
+    /// Default quota in octets for every mailbox (`"1G"`, `"500M"`, or a
+    /// number); none by default. `postino user set --quota` overrides it
+    /// per user.
+    #[serde(default, with = "size_option", skip_serializing_if = "Option::is_none")]
+    pub quota: Option<u64>,
+    /// Percent of the quota at which a delivery that crosses it logs a
+    /// warning (Dovecot's `quota_warning`); 0 turns it off.
+    #[serde(default = "default_quota_warning")]
+    pub quota_warning: u8,
+}
+
+impl Default for MailboxConfig {
+    fn default() -> Self {
+        from_empty_table()
+    }
+}
+
+fn default_quota_warning() -> u8 {
+    90
+}
+
+/// Parses a size: octets, or a number with `K`, `M`, `G` or `T` (powers of
+/// 1024, as Dovecot reads them; a trailing `B` or `iB` is allowed).
+///
+/// # Errors
+///
+/// Not a number with one of those suffixes, or too large.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 10),
+        Some('m' | 'M') => (&t[..t.len() - 1], 20),
+        Some('g' | 'G') => (&t[..t.len() - 1], 30),
+        Some('t' | 'T') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (e.g. 1048576, \"500M\", \"1G\")"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// An optional size given as a number of octets or a string [`parse_size`]
+/// reads; written back as a number.
+mod size_option {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(n) => s.serialize_u64(*n),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Size {
+            Octets(u64),
+            Text(String),
+        }
+        match Size::deserialize(d)? {
+            Size::Octets(n) => Ok(Some(n)),
+            Size::Text(t) => super::parse_size(&t)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 /// The log on standard error (`RUST_LOG` still chooses the levels).
@@ -632,6 +716,12 @@ impl Config {
             if d.is_empty() || d.contains(['@', ' ']) || d.len() > 255 {
                 return Err(("routing.local_domains", format!("`{d}` is not a domain")));
             }
+        }
+        if self.mailbox.quota_warning > 100 {
+            return Err((
+                "mailbox.quota_warning",
+                "a percentage: 0 (off) to 100".into(),
+            ));
         }
         if self.smtp.max_line_length < 512 {
             return Err((

@@ -57,6 +57,12 @@ pub trait Directory {
     fn is_user(&self, address: &str) -> Result<bool, DirectoryError>;
     /// Targets of an alias, if `address` is one.
     fn alias(&self, address: &str) -> Result<Option<Vec<String>>, DirectoryError>;
+    /// Whether the mailbox of user `address` is at or over its quota (new
+    /// mail is refused, `552 5.2.2`). No quotas unless a directory says so.
+    fn is_full(&self, address: &str) -> Result<bool, DirectoryError> {
+        let _ = address;
+        Ok(false)
+    }
 }
 
 /// A directory (or whatever a router consults) could not answer: a
@@ -200,6 +206,15 @@ fn decide_traced(
             });
             Ok(unknown_user(config, rcpt, &canonical))
         }
+        Expanded::Full(mailbox) => {
+            trace.note(0, || format!("{mailbox}: mailbox is at or over its quota"));
+            let text = if mailbox == canonical {
+                format!("<{rcpt}>: Mailbox is full")
+            } else {
+                format!("<{rcpt}>: Mailbox is full ({mailbox})")
+            };
+            Ok(Route::Reject(Reply::new(552, "5.2.2", text)))
+        }
         Expanded::Loop(chain) => {
             let chain = chain.join(" -> ");
             trace.note(0, || format!("alias loop: {chain}"));
@@ -235,6 +250,8 @@ enum Expanded {
     /// An alias leads back to itself: the addresses from the first
     /// occurrence to the repeat.
     Loop(Vec<String>),
+    /// This mailbox is at or over its quota.
+    Full(String),
 }
 
 /// Follows aliases to mailboxes and remote addresses. `chain` holds the
@@ -277,7 +294,7 @@ fn expand(
                         });
                         push(out, postmaster_target(domain, Some(t.clone())));
                     }
-                    looped @ Expanded::Loop(_) => return Ok(looped),
+                    stop @ (Expanded::Loop(_) | Expanded::Full(_)) => return Ok(stop),
                 }
             } else {
                 trace.note(depth + 1, || format!("{t}: remote"));
@@ -293,6 +310,9 @@ fn expand(
         });
     } else if dir.is_user(address)? {
         trace.note(depth, || format!("{address}: local user: mailbox"));
+        if dir.is_full(address)? {
+            return Ok(Expanded::Full(address.to_owned()));
+        }
     } else {
         return Ok(Expanded::Unknown);
     }

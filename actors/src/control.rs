@@ -16,7 +16,7 @@ use actix::Addr;
 use postino_core::address::Address;
 use postino_core::logsafe::{escape, Secret};
 use postino_core::message::now_unix;
-use postino_core::store::{QueueEntry, RecipientState};
+use postino_core::store::{QueueEntry, QuotaSetting, RecipientState};
 use postino_core::{Config, MessageId, Store};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
@@ -34,6 +34,14 @@ pub enum Request {
     UserAdd {
         address: String,
         password: Secret,
+        /// The user's quota (`"1G"`, `"unlimited"`, `"default"`).
+        #[serde(default)]
+        quota: Option<String>,
+    },
+    /// Changes a user's settings (today: the quota).
+    UserSet {
+        address: String,
+        quota: Option<String>,
     },
     UserPasswd {
         address: String,
@@ -218,6 +226,11 @@ pub fn call(path: &Path, request: &Request) -> std::io::Result<Option<Response>>
 /// aliases must be in.
 pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
     let checked = match &request {
+        Request::UserAdd {
+            address,
+            quota: Some(q),
+            ..
+        } => local_address(config, address).and_then(|()| quota_setting(q).map(drop)),
         Request::UserAdd { address, .. } => local_address(config, address),
         Request::AliasAdd { alias, target } => {
             local_address(config, alias).and_then(|()| address(target).map(drop))
@@ -228,12 +241,32 @@ pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
         return Response::Error(e);
     }
     let result = match request {
-        Request::UserAdd { address, password } => store
+        Request::UserAdd {
+            address,
+            password,
+            quota,
+        } => store
             .add_user(&address.to_ascii_lowercase(), password.expose())
+            .and_then(|()| match quota.as_deref().map(quota_setting) {
+                Some(Ok(q)) => store.set_quota(&address, q),
+                _ => Ok(()),
+            })
             .map(|()| {
                 info!(user = %escape(&address), "user added");
                 vec![format!("added {address}")]
             }),
+        Request::UserSet { address, quota } => {
+            let Some(quota) = quota else {
+                return Response::Error("nothing to set (--quota)".into());
+            };
+            match quota_setting(&quota) {
+                Ok(q) => store.set_quota(&address, q).map(|()| {
+                    info!(user = %escape(&address), quota = %escape(&quota), "quota set");
+                    vec![format!("quota of {address}: {quota}")]
+                }),
+                Err(e) => return Response::Error(e),
+            }
+        }
         Request::UserPasswd { address, password } => store
             .set_password(&address.to_ascii_lowercase(), password.expose())
             .map(|()| vec![format!("password of {address} changed")]),
@@ -321,6 +354,18 @@ pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
             warn!(error = %escape(&e.to_string()), "control request failed");
             Response::Error(e.to_string())
         }
+    }
+}
+
+/// A quota as the CLI gives it: a size (`"500M"`), `unlimited` or
+/// `default` (`[mailbox] quota` applies).
+fn quota_setting(text: &str) -> Result<QuotaSetting, String> {
+    match text {
+        "default" => Ok(QuotaSetting::Default),
+        "unlimited" | "none" => Ok(QuotaSetting::Unlimited),
+        size => postino_core::config::parse_size(size)
+            .map(QuotaSetting::Octets)
+            .map_err(|e| format!("--quota: {e}, unlimited or default")),
     }
 }
 

@@ -199,8 +199,8 @@ fn relay_reason(
     )))
 }
 
-/// `postino mailbox stats [ADDR]`: messages and octets of one mailbox, or
-/// of every user's.
+/// `postino mailbox stats [ADDR]`: messages, octets and quota of one
+/// mailbox, or of every user's; usage as the store keeps it (no scan).
 fn mailbox_stats(store: &Store, address: Option<String>) -> Response {
     let users = match address {
         Some(a) => match store.is_user(&a) {
@@ -214,14 +214,27 @@ fn mailbox_stats(store: &Store, address: Option<String>) -> Response {
         },
     };
     let mut lines = vec![format!(
-        "{:<40} {:>10} {:>14}",
-        "MAILBOX", "MESSAGES", "OCTETS"
+        "{:<40} {:>10} {:>14} {:>14} {:>6}",
+        "MAILBOX", "MESSAGES", "OCTETS", "QUOTA", "USED"
     )];
     for user in users {
-        match store.maildrop(&user) {
-            Ok(entries) => {
-                let octets: u64 = entries.iter().map(|e| e.size).sum();
-                lines.push(format!("{user:<40} {:>10} {octets:>14}", entries.len()));
+        let stats = store
+            .usage(&user)
+            .and_then(|u| Ok((u, store.quota(&user)?)));
+        match stats {
+            Ok((usage, quota)) => {
+                let (limit, used) = match quota {
+                    Some(q) if q > 0 => (
+                        q.to_string(),
+                        format!("{}%", u128::from(usage.octets) * 100 / u128::from(q)),
+                    ),
+                    Some(q) => (q.to_string(), "-".into()),
+                    None => ("unlimited".into(), "-".into()),
+                };
+                lines.push(format!(
+                    "{user:<40} {:>10} {:>14} {limit:>14} {used:>6}",
+                    usage.messages, usage.octets
+                ));
             }
             Err(e) => return Response::Error(format!("{user}: {e}")),
         }

@@ -103,6 +103,19 @@ enum UserCommand {
     Add {
         /// The mailbox address, in one of the local domains.
         address: String,
+        /// The mailbox's quota: a size (1048576, 500M, 1G), unlimited, or
+        /// default ([mailbox] quota applies; the default).
+        #[arg(long, value_name = "SIZE")]
+        quota: Option<String>,
+    },
+    /// Change a mailbox's settings.
+    Set {
+        /// The mailbox address.
+        address: String,
+        /// The mailbox's quota: a size (1048576, 500M, 1G), unlimited, or
+        /// default ([mailbox] quota applies).
+        #[arg(long, value_name = "SIZE")]
+        quota: Option<String>,
     },
     /// Change a password (read from standard input).
     Passwd {
@@ -245,10 +258,11 @@ fn main() -> ExitCode {
         Command::Store(cmd) => store_command(&config, cmd),
         Command::User(cmd) => {
             let request = match cmd {
-                UserCommand::Add { address } => match read_password() {
+                UserCommand::Add { address, quota } => match read_password() {
                     Ok(password) => Request::UserAdd {
                         address,
                         password: Secret::new(password),
+                        quota,
                     },
                     Err(e) => return fail(&e),
                 },
@@ -259,6 +273,7 @@ fn main() -> ExitCode {
                     },
                     Err(e) => return fail(&e),
                 },
+                UserCommand::Set { address, quota } => Request::UserSet { address, quota },
                 UserCommand::Del { address, force } => Request::UserDel { address, force },
                 UserCommand::List => Request::UserList,
             };
@@ -531,6 +546,7 @@ fn run_control(config: &Config, config_file: Option<&Path>, request: Request) ->
         }
         Ok(None) => match Store::open_configured(&config.data_dir, &config.store) {
             Ok(store) => {
+                store.set_quota_policy(config.mailbox.quota, config.mailbox.quota_warning);
                 let r = control::execute(&store, config, request);
                 if let Err(e) = store.flush_blocking() {
                     return fail(&format!("flushing the store: {e}"));

@@ -537,6 +537,7 @@ impl Store {
         // sled's id counter only counts up: take ids until it is past every
         // imported one, so new mail never reuses a key (and a UIDL).
         while store.new_id()?.0 <= max_id {}
+        store.recompute_usage()?;
         store.flush_blocking()?;
         Ok(c)
     }

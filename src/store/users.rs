@@ -344,6 +344,7 @@ impl Store {
         if self.inner.users.remove(address.as_bytes())?.is_none() {
             return Err(StoreError::NoSuchUser(address));
         }
+        self.inner.quotas.remove(address.as_bytes())?;
         self.purge_mailbox(&address)
     }
 
