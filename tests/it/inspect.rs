@@ -417,3 +417,83 @@ fn check_config_reads_the_tls_files() {
         stderr(&out)
     );
 }
+
+/// Quotas as Dovecot's quota plugin with `quota_full_tempfail = no`: the
+/// default from `[mailbox] quota`, a per-user override, a warning logged
+/// when a delivery crosses `quota_warning`, `552 5.2.2` at RCPT once the
+/// mailbox is full (smtplib), and room again after POP3 DELE + QUIT.
+#[test]
+fn quota_refuses_at_rcpt_when_the_mailbox_is_full() {
+    let server = TestServer::start_with(&config_text(
+        "",
+        "",
+        "",
+        "[mailbox]\nquota = \"1K\"\nquota_warning = 50\n",
+    ));
+    server.add_user("alice@example.test", "pw");
+    ok(server.cli(
+        &["user", "add", "--quota", "unlimited", "bob@example.test"],
+        "pw\n",
+    ));
+    let body = format!("Subject: big\r\n\r\n{}\r\n", "x".repeat(600));
+    let send = |to: &str| smtplib_send(&server, "x@remote.test", &[to], &body);
+    assert!(send("alice@example.test").starts_with("OK {}"));
+    assert!(server.wait_for_log("mailbox crossed its quota warning threshold"));
+    // 600 + headers < 1024 < twice that: full after the second.
+    assert!(send("alice@example.test").starts_with("OK {}"));
+    assert!(server.wait_for_log("mailbox is full"));
+    let refused = send("alice@example.test");
+    assert!(
+        refused.starts_with("REFUSED") && refused.contains("552") && refused.contains("5.2.2"),
+        "{refused}"
+    );
+    // An alias to a full mailbox is refused too; others are not.
+    ok(server.cli(
+        &["alias", "add", "info@example.test", "alice@example.test"],
+        "",
+    ));
+    assert!(send("info@example.test").contains("552"));
+    for _ in 0..3 {
+        assert!(send("bob@example.test").starts_with("OK {}"));
+    }
+    let out = ok(server.cli(&["mailbox", "stats", "alice@example.test"], ""));
+    assert!(out.contains(" 1024 ") && out.contains('%'), "{out}");
+    let err = fails(server.cli(&["route", "explain", "alice@example.test"], ""));
+    assert!(
+        err.contains("mailbox is at or over its quota") && err.contains("552 5.2.2"),
+        "{err}"
+    );
+
+    // A larger quota for alice lets mail in at once.
+    ok(server.cli(&["user", "set", "alice@example.test", "--quota", "1M"], ""));
+    assert!(send("alice@example.test").starts_with("OK {}"));
+    ok(server.cli(
+        &["user", "set", "alice@example.test", "--quota", "default"],
+        "",
+    ));
+    assert!(send("alice@example.test").contains("552"));
+    // Deleting mail over POP3 makes room.
+    python(
+        r#"
+import poplib, sys
+p = poplib.POP3(sys.argv[1], int(sys.argv[2]), timeout=20)
+p.user("alice@example.test"); p.pass_("pw")
+count, _ = p.stat()
+for n in range(1, count + 1):
+    p.dele(n)
+p.quit()
+"#,
+        &[
+            &server.pop3.ip().to_string(),
+            &server.pop3.port().to_string(),
+        ],
+    );
+    assert!(send("alice@example.test").starts_with("OK {}"));
+    let err = fails(server.cli(
+        &["user", "set", "alice@example.test", "--quota", "lots"],
+        "",
+    ));
+    assert!(err.contains("not a size"), "{err}");
+    let err = fails(server.cli(&["user", "set", "nobody@example.test", "--quota", "1M"], ""));
+    assert!(err.contains("no such user"), "{err}");
+}
