@@ -865,6 +865,23 @@ mod tests {
     }
 
     #[test]
+    fn mailbox_quota_sizes() {
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("500M"), Ok(500 << 20));
+        assert_eq!(parse_size("2KiB"), Ok(2048));
+        assert_eq!(parse_size("1234"), Ok(1234));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("99999999T").is_err());
+        let c = parse("[mailbox]\nquota = \"1K\"\nquota_warning = 80\n").unwrap();
+        assert_eq!((c.mailbox.quota, c.mailbox.quota_warning), (Some(1024), 80));
+        let c = parse("[mailbox]\nquota = 5000\n").unwrap();
+        assert_eq!(c.mailbox.quota, Some(5000));
+        assert_eq!(Config::default().mailbox.quota, None);
+        assert!(parse("[mailbox]\nquota_warning = 101\n").is_err());
+        assert!(parse("[mailbox]\nquota = \"big\"\n").is_err());
+    }
+
+    #[test]
     fn min_free_defaults_to_one_and_a_half_message_sizes() {
         let c = parse("[smtp]\nmax_message_size = 1000000\n").unwrap();
         assert_eq!(c.min_free(), 1_500_000);

@@ -372,6 +372,7 @@ mod tests {
     struct Dir {
         users: Vec<&'static str>,
         aliases: HashMap<&'static str, Vec<String>>,
+        full: Vec<&'static str>,
     }
 
     impl Directory for Dir {
@@ -380,6 +381,9 @@ mod tests {
         }
         fn alias(&self, a: &str) -> Result<Option<Vec<String>>, DirectoryError> {
             Ok(self.aliases.get(a).cloned())
+        }
+        fn is_full(&self, a: &str) -> Result<bool, DirectoryError> {
+            Ok(self.full.contains(&a))
         }
     }
 
@@ -447,6 +451,7 @@ mod tests {
             Dir {
                 users: vec!["alice@example.test"],
                 aliases,
+                full: Vec::new(),
             },
         )
     }
@@ -555,6 +560,35 @@ mod tests {
             steps.last().unwrap(),
             "relay permitted: authenticated as alice"
         );
+    }
+
+    /// A full mailbox is refused at RCPT with 552 5.2.2, directly or
+    /// through an alias (naming the mailbox); the postmaster never is.
+    #[test]
+    fn full_mailboxes_are_refused() {
+        let (c, mut d) = setup(UnknownUser::Reject);
+        d.full = vec!["alice@example.test", "postmaster@example.test"];
+        for (rcpt, text) in [
+            (
+                "alice@example.test",
+                "<alice@example.test>: Mailbox is full",
+            ),
+            (
+                "sales@example.test",
+                "<sales@example.test>: Mailbox is full (alice@example.test)",
+            ),
+        ] {
+            match decide(&c, &d, &addr(rcpt), false).unwrap() {
+                Route::Reject(r) => {
+                    assert_eq!((r.code, r.status.as_deref()), (552, Some("5.2.2")));
+                    assert_eq!(r.text, text);
+                }
+                other => panic!("{rcpt}: {other:?}"),
+            }
+        }
+        assert!(decide(&c, &d, &addr("postmaster@example.test"), false)
+            .unwrap()
+            .is_accepted());
     }
 
     #[test]
