@@ -55,6 +55,10 @@ enum Line {
     User {
         address: String,
         hash: String,
+        /// The user's own quota in octets, `u64::MAX` for unlimited;
+        /// absent: `[mailbox] quota` applies (and in older exports).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        quota: Option<u64>,
     },
     Alias {
         alias: String,
@@ -291,11 +295,19 @@ impl Store {
                 .and_then(|(k, v)| Ok((utf8("user", &k)?, decode::<UserRecord>("user", &v)?)))
             {
                 Ok((address, rec)) => {
+                    let quota = match i.quotas.get(address.as_bytes()) {
+                        Ok(q) => q.and_then(|q| q.as_ref().try_into().ok().map(u64::from_be_bytes)),
+                        Err(e) => {
+                            skip(&mut c, "quota", &StoreError::from(e));
+                            None
+                        }
+                    };
                     write_line(
                         out,
                         &Line::User {
                             address,
                             hash: rec.password,
+                            quota,
                         },
                     )?;
                     c.users += 1;
@@ -446,10 +458,17 @@ impl Store {
                 }
                 _ if n == 1 => return Err(bad("not a postino store export (no header)".into())),
                 Line::Header { .. } => return Err(bad("a second header".into())),
-                Line::User { address, hash } => {
+                Line::User {
+                    address,
+                    hash,
+                    quota,
+                } => {
                     let address = super::canonical(&address)?;
                     let rec = encode("user", &UserRecord { password: hash })?;
                     i.users.insert(address.as_bytes(), rec)?;
+                    if let Some(q) = quota {
+                        i.quotas.insert(address.as_bytes(), &q.to_be_bytes())?;
+                    }
                     c.users += 1;
                 }
                 Line::Alias { alias, targets } => {

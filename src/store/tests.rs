@@ -1576,3 +1576,38 @@ fn schema_2_store_gets_its_usage_computed_on_open() {
         Some(&super::SCHEMA_VERSION.to_be_bytes()[..])
     );
 }
+
+/// An export carries each user's own quota, and an import brings it back
+/// and computes usage from the imported mail.
+#[test]
+fn export_and_import_keep_quotas_and_usage() {
+    let (_dir, store) = open();
+    for u in ["a@x.test", "b@x.test", "c@x.test"] {
+        store.add_user(u, "pw").unwrap();
+    }
+    store
+        .set_quota("a@x.test", super::QuotaSetting::Octets(5000))
+        .unwrap();
+    store
+        .set_quota("b@x.test", super::QuotaSetting::Unlimited)
+        .unwrap();
+    let id = store.new_id().unwrap();
+    store
+        .accept_local(id, b"Subject: q\r\n\r\nq\r\n", &[local("a@x.test", "")])
+        .unwrap();
+    let mut out = Vec::new();
+    store.export(&mut out).unwrap();
+    let to = tempfile::tempdir().unwrap();
+    let dir = to.path().join("new");
+    Store::import(&dir, &mut &out[..]).unwrap();
+    let new = Store::open(&dir).unwrap();
+    new.set_quota_policy(Some(7), 0);
+    assert_eq!(new.quota("a@x.test").unwrap(), Some(5000));
+    assert_eq!(new.quota("b@x.test").unwrap(), None);
+    assert_eq!(new.quota("c@x.test").unwrap(), Some(7));
+    assert_eq!(
+        new.usage("a@x.test").unwrap(),
+        store.usage("a@x.test").unwrap()
+    );
+    assert_eq!(new.usage("a@x.test").unwrap().messages, 1);
+}
