@@ -9,8 +9,8 @@
 //! header prefixes) are standard base64.
 //!
 //! ```text
-//! {"type":"header","format":"postino-store","version":1,"schema":2,"uidl_epoch":1234}
-//! {"type":"user","address":"a@x.test","hash":"$argon2id$..."}
+//! {"type":"header","format":"postino-store","version":1,"schema":3,"uidl_epoch":1234}
+//! {"type":"user","address":"a@x.test","hash":"$argon2id$...","quota":1073741824}
 //! {"type":"alias","alias":"b@x.test","targets":["a@x.test"]}
 //! {"type":"mail","mailbox":"a@x.test","key":17,"prefix":"...","content":"..."}
 //! {"type":"queue","entry":{..QueueEntry..},"content":"..."}
@@ -130,7 +130,8 @@ impl From<sled::Error> for BackupError {
 impl Store {
     /// Verifies every record: each decodes, each mailbox entry, queue entry
     /// and inbound record that shares content finds it, reference counts
-    /// match the records that hold them, every queue entry is scheduled.
+    /// match the records that hold them, every queue entry is scheduled,
+    /// every mailbox's kept usage matches its entries.
     pub fn check(&self) -> Result<CheckReport, StoreError> {
         let i = &self.inner;
         let mut r = CheckReport::default();
@@ -167,6 +168,9 @@ impl Store {
                 }
                 (Err(e), _) | (_, Err(e)) => r.problems.push(format!("mail: {e}")),
             }
+        }
+        for problem in self.check_usage()? {
+            r.problems.push(problem);
         }
         for kv in i.queue.iter() {
             let (k, v) = kv?;

@@ -195,21 +195,67 @@ impl Store {
         }
     }
 
-    /// Computes every mailbox's usage from its entries and writes it over
-    /// the `usage` tree: once, when a store from before usage was kept is
-    /// opened, and after an import.
-    pub(super) fn recompute_usage(&self) -> Result<(), StoreError> {
+    /// Every mailbox's usage as its entries add up.
+    fn usage_from_mail(&self) -> Result<BTreeMap<Vec<u8>, Usage>, StoreError> {
         let mut sums: BTreeMap<Vec<u8>, Usage> = BTreeMap::new();
         for kv in self.inner.mail.iter() {
             let (k, v) = kv?;
             let Some(nul) = k.iter().position(|&b| b == 0) else {
                 continue;
             };
-            let record: MailRecord = decode("mail", &v)?;
+            // An unreadable entry counts for nothing (`store check` names it).
+            let Ok(record) = decode::<MailRecord>("mail", &v) else {
+                continue;
+            };
             let u = sums.entry(k[..nul].to_vec()).or_default();
             u.messages += 1;
             u.octets += record.size;
         }
+        Ok(sums)
+    }
+
+    /// `store check`: mailboxes whose kept usage differs from their entries.
+    pub(super) fn check_usage(&self) -> Result<Vec<String>, StoreError> {
+        let sums = self.usage_from_mail()?;
+        let mut problems = Vec::new();
+        let mut kept = BTreeMap::new();
+        for kv in self.inner.usage.iter() {
+            let (k, v) = kv?;
+            match Usage::parse(&v) {
+                Ok(u) => {
+                    kept.insert(k.to_vec(), u);
+                }
+                Err(e) => problems.push(format!("usage: {e}")),
+            }
+        }
+        for mailbox in sums
+            .keys()
+            .chain(kept.keys())
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            let (want, have) = (
+                sums.get(mailbox).copied().unwrap_or_default(),
+                kept.get(mailbox).copied().unwrap_or_default(),
+            );
+            if want != have {
+                problems.push(format!(
+                    "usage of {}: kept {} messages, {} octets; the mailbox holds {} messages, {} octets",
+                    String::from_utf8_lossy(mailbox),
+                    have.messages,
+                    have.octets,
+                    want.messages,
+                    want.octets
+                ));
+            }
+        }
+        Ok(problems)
+    }
+
+    /// Computes every mailbox's usage from its entries and writes it over
+    /// the `usage` tree: once, when a store from before usage was kept is
+    /// opened, and after an import.
+    pub(super) fn recompute_usage(&self) -> Result<(), StoreError> {
+        let sums = self.usage_from_mail()?;
         self.inner.usage.clear()?;
         for (mailbox, u) in &sums {
             self.inner.usage.insert(mailbox.as_slice(), &u.to_bytes())?;

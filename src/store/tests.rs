@@ -1501,6 +1501,18 @@ fn usage_follows_deliveries_and_deletions() {
         super::Usage::default()
     );
     assert_usage_matches(&store, "b@example.test");
+    assert!(store.check().unwrap().problems.is_empty());
+    // `store check` finds usage that does not add up.
+    store
+        .inner
+        .usage
+        .insert("b@example.test", &[0u8; 16][..])
+        .unwrap();
+    let problems = store.check().unwrap().problems;
+    assert!(
+        problems.len() == 1 && problems[0].starts_with("usage of b@example.test: kept 0 messages"),
+        "{problems:?}"
+    );
 }
 
 /// Quotas: the default, a user's own, unlimited; full at or over it.
