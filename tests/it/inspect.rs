@@ -81,17 +81,21 @@ fn route_explain_shows_the_decision_and_the_exchangers() {
         .mx("remote.test", "mx1.remote.test", 10)
         .mx("remote.test", "mx2.remote.test", 20)
         .a("mx1.remote.test", Ipv4Addr::new(127, 0, 0, 1))
-        .a("mx2.remote.test", Ipv4Addr::new(127, 0, 0, 2));
+        .a("mx2.remote.test", Ipv4Addr::new(127, 0, 0, 2))
+        .a("relay.remote.test", Ipv4Addr::new(127, 0, 0, 3));
     let dns = Dnsmasq::start(&zone);
-    let mut server = TestServer::start_with(&config_text(
-        "",
-        "",
-        "",
-        &format!(
-            "[delivery]\nmx_port = 2526\n[dns]\nnameservers = [\"{}\"]\ntimeout = \"2s\"\n",
-            dns.addr
-        ),
-    ));
+    let config = |routing: &str| {
+        config_text(
+            "",
+            "",
+            routing,
+            &format!(
+                "[delivery]\nmx_port = 2526\n[dns]\nnameservers = [\"{}\"]\ntimeout = \"2s\"\n",
+                dns.addr
+            ),
+        )
+    };
+    let mut server = TestServer::start_with(&config(""));
     server.add_user("alice@example.test", "pw");
     ok(server.cli(
         &["alias", "add", "sales@example.test", "alice@example.test"],
@@ -177,6 +181,15 @@ fn route_explain_shows_the_decision_and_the_exchangers() {
         );
         server.terminate();
     }
+    // With a smarthost, remote mail goes there, whatever the domain's MX.
+    server.set_config(&config("smarthost = \"relay.remote.test:2527\""));
+    let out = ok(server.cli(&["route", "explain", "sales@example.test"], ""));
+    assert!(
+        out.contains("via routing.smarthost relay.remote.test:2527")
+            && out.contains("relay.remote.test [127.0.0.3:2527]")
+            && !out.contains("mx1.remote.test"),
+        "{out}"
+    );
 }
 
 /// `alias add` refuses a loop naming the chain; a loop that arrives
