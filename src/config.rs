@@ -58,6 +58,90 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub mailbox: MailboxConfig,
+}
+
+/// Mailbox quotas, as Dovecot's quota plugin with `quota_full_tempfail =
+/// no`: a recipient whose mailbox is at or over its quota is refused at
+/// RCPT with `552 5.2.2`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MailboxConfig {
+    /// Default quota in octets for every mailbox (`"1G"`, `"500M"`, or a
+    /// number); none by default. `postino user set --quota` overrides it
+    /// per user.
+    #[serde(default, with = "size_option", skip_serializing_if = "Option::is_none")]
+    pub quota: Option<u64>,
+    /// Percent of the quota at which a delivery that crosses it logs a
+    /// warning (Dovecot's `quota_warning`); 0 turns it off.
+    #[serde(default = "default_quota_warning")]
+    pub quota_warning: u8,
+}
+
+impl Default for MailboxConfig {
+    fn default() -> Self {
+        from_empty_table()
+    }
+}
+
+fn default_quota_warning() -> u8 {
+    90
+}
+
+/// Parses a size: octets, or a number with `K`, `M`, `G` or `T` (powers of
+/// 1024, as Dovecot reads them; a trailing `B` or `iB` is allowed).
+///
+/// # Errors
+///
+/// Not a number with one of those suffixes, or too large.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 10),
+        Some('m' | 'M') => (&t[..t.len() - 1], 20),
+        Some('g' | 'G') => (&t[..t.len() - 1], 30),
+        Some('t' | 'T') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (e.g. 1048576, \"500M\", \"1G\")"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// An optional size given as a number of octets or a string [`parse_size`]
+/// reads; written back as a number.
+mod size_option {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(n) => s.serialize_u64(*n),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Size {
+            Octets(u64),
+            Text(String),
+        }
+        match Size::deserialize(d)? {
+            Size::Octets(n) => Ok(Some(n)),
+            Size::Text(t) => super::parse_size(&t)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 /// The log on standard error (`RUST_LOG` still chooses the levels).
@@ -665,6 +749,12 @@ impl Config {
                 return Err(("routing.local_domains", format!("`{d}` is not a domain")));
             }
         }
+        if self.mailbox.quota_warning > 100 {
+            return Err((
+                "mailbox.quota_warning",
+                "a percentage: 0 (off) to 100".into(),
+            ));
+        }
         if self.smtp.max_line_length < 512 {
             return Err((
                 "smtp.max_line_length",
@@ -820,6 +910,23 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn mailbox_quota_sizes() {
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("500M"), Ok(500 << 20));
+        assert_eq!(parse_size("2KiB"), Ok(2048));
+        assert_eq!(parse_size("1234"), Ok(1234));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("99999999T").is_err());
+        let c = parse("[mailbox]\nquota = \"1K\"\nquota_warning = 80\n").unwrap();
+        assert_eq!((c.mailbox.quota, c.mailbox.quota_warning), (Some(1024), 80));
+        let c = parse("[mailbox]\nquota = 5000\n").unwrap();
+        assert_eq!(c.mailbox.quota, Some(5000));
+        assert_eq!(Config::default().mailbox.quota, None);
+        assert!(parse("[mailbox]\nquota_warning = 101\n").is_err());
+        assert!(parse("[mailbox]\nquota = \"big\"\n").is_err());
     }
 
     #[test]

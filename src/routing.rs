@@ -57,6 +57,12 @@ pub trait Directory {
     fn is_user(&self, address: &str) -> Result<bool, DirectoryError>;
     /// Targets of an alias, if `address` is one.
     fn alias(&self, address: &str) -> Result<Option<Vec<String>>, DirectoryError>;
+    /// Whether the mailbox of user `address` is at or over its quota (new
+    /// mail is refused, `552 5.2.2`). No quotas unless a directory says so.
+    fn is_full(&self, address: &str) -> Result<bool, DirectoryError> {
+        let _ = address;
+        Ok(false)
+    }
 }
 
 /// A directory (or whatever a router consults) could not answer: a
@@ -74,6 +80,15 @@ impl DirectoryError {
 /// Most alias hops followed before giving up (alias loops).
 pub const MAX_ALIAS_DEPTH: usize = 8;
 
+/// Enhanced status of a recipient whose alias expansion loops (Postfix:
+/// "mail forwarding loop").
+pub const LOOP_STATUS: &str = "5.4.6";
+
+/// Why a client may send to a non-local domain, in words, for
+/// [`explain`]: e.g. `client 127.0.0.1 is in routing.relay_networks
+/// (127.0.0.0/8)` or `authenticated as alice@example.test`. `None`: it may not.
+pub type RelayReason<'a> = Option<&'a str>;
+
 /// The default routing policy, as Postfix's `local_recipient_maps`,
 /// `virtual_alias_maps` and `smtpd_relay_restrictions` would decide.
 ///
@@ -89,21 +104,126 @@ pub fn decide(
     rcpt: &Address,
     may_relay: bool,
 ) -> Result<Route, DirectoryError> {
+    let route = decide_traced(
+        config,
+        dir,
+        rcpt,
+        may_relay.then_some("permitted"),
+        &mut Trace(None),
+    )?;
+    if let Route::Bounce { status, reason } = &route {
+        if status == LOOP_STATUS {
+            tracing::warn!(status = %status, reason = %crate::logsafe::escape(reason), "alias loop; the recipient is bounced");
+        }
+    }
+    Ok(route)
+}
+
+/// [`decide`], recording each step that led to the route: what `postino
+/// route explain` prints (as `sendmail -bv`). It is the same code, so the
+/// explanation cannot drift from the decision. `relay` says why the client
+/// may relay, if it may.
+///
+/// # Errors
+///
+/// As [`decide`].
+pub fn explain(
+    config: &RoutingConfig,
+    dir: &dyn Directory,
+    rcpt: &Address,
+    relay: RelayReason<'_>,
+) -> Result<(Route, Vec<String>), DirectoryError> {
+    let mut trace = Trace(Some(Vec::new()));
+    let route = decide_traced(config, dir, rcpt, relay, &mut trace)?;
+    Ok((route, trace.0.unwrap_or_default()))
+}
+
+/// The steps of a decision, when someone asks for them (formatting costs
+/// nothing otherwise).
+struct Trace(Option<Vec<String>>);
+
+impl Trace {
+    fn note(&mut self, depth: usize, step: impl FnOnce() -> String) {
+        if let Some(steps) = &mut self.0 {
+            steps.push(format!("{}{}", "  ".repeat(depth), step()));
+        }
+    }
+}
+
+fn decide_traced(
+    config: &RoutingConfig,
+    dir: &dyn Directory,
+    rcpt: &Address,
+    relay: RelayReason<'_>,
+    trace: &mut Trace,
+) -> Result<Route, DirectoryError> {
     let local = is_local(config, &rcpt.domain);
     if !local || rcpt.names_another_host() {
-        if may_relay && !rcpt.names_another_host() {
+        if rcpt.names_another_host() {
+            trace.note(0, || {
+                format!("<{rcpt}>: the local part names another host (%, ! or @): a relay attempt")
+            });
+        } else {
+            trace.note(0, || {
+                format!(
+                    "<{rcpt}>: domain {} is not in routing.local_domains: remote",
+                    rcpt.domain
+                )
+            });
+        }
+        if let (Some(reason), false) = (relay, rcpt.names_another_host()) {
+            trace.note(0, || format!("relay permitted: {reason}"));
             return Ok(Route::Deliver(vec![Target::Remote {
                 address: rcpt.to_string(),
             }]));
         }
+        trace.note(0, || {
+            "relay denied: the client is not in routing.relay_networks and not authenticated".into()
+        });
         return Ok(relay_denied(rcpt));
     }
+    trace.note(0, || {
+        format!(
+            "<{rcpt}>: domain {} is in routing.local_domains",
+            rcpt.domain
+        )
+    });
     let canonical = rcpt.canonical();
     let mut targets = Vec::new();
-    if !expand(config, dir, &canonical, 0, &mut targets)? {
-        return Ok(unknown_user(config, rcpt, &canonical));
+    let mut chain = Vec::new();
+    match expand(config, dir, &canonical, &mut chain, trace, &mut targets)? {
+        Expanded::Found => Ok(Route::Deliver(targets)),
+        Expanded::Unknown => {
+            trace.note(0, || {
+                format!(
+                    "{canonical}: no such user or alias; routing.unknown_user = {}",
+                    match config.unknown_user {
+                        UnknownUser::Reject => "reject",
+                        UnknownUser::Bounce => "bounce",
+                        UnknownUser::Postmaster => "postmaster",
+                    }
+                )
+            });
+            Ok(unknown_user(config, rcpt, &canonical))
+        }
+        Expanded::Full(mailbox) => {
+            trace.note(0, || format!("{mailbox}: mailbox is at or over its quota"));
+            let text = if mailbox == canonical {
+                format!("<{rcpt}>: Mailbox is full")
+            } else {
+                format!("<{rcpt}>: Mailbox is full ({mailbox})")
+            };
+            Ok(Route::Reject(Reply::new(552, "5.2.2", text)))
+        }
+        Expanded::Loop(chain) => {
+            let chain = chain.join(" -> ");
+            trace.note(0, || format!("alias loop: {chain}"));
+            Ok(Route::Bounce {
+                status: LOOP_STATUS.into(),
+                reason: format!("<{rcpt}>: mail forwarding loop ({chain})"),
+            })
+        }
     }
-    Ok(Route::Deliver(targets))
 }
 
 fn relay_denied(rcpt: &Address) -> Route {
@@ -121,44 +241,89 @@ fn is_local(config: &RoutingConfig, domain: &str) -> bool {
         .any(|d| d.eq_ignore_ascii_case(domain))
 }
 
-/// Follows aliases to mailboxes and remote addresses. Returns false when the
-/// address is neither a user, an alias nor a postmaster.
+/// What following an address led to.
+enum Expanded {
+    /// Targets were added.
+    Found,
+    /// Neither a user, an alias nor a postmaster.
+    Unknown,
+    /// An alias leads back to itself: the addresses from the first
+    /// occurrence to the repeat.
+    Loop(Vec<String>),
+    /// This mailbox is at or over its quota.
+    Full(String),
+}
+
+/// Follows aliases to mailboxes and remote addresses. `chain` holds the
+/// aliases being expanded above `address`.
 fn expand(
     config: &RoutingConfig,
     dir: &dyn Directory,
     address: &str,
-    depth: usize,
+    chain: &mut Vec<String>,
+    trace: &mut Trace,
     out: &mut Vec<Target>,
-) -> Result<bool, DirectoryError> {
+) -> Result<Expanded, DirectoryError> {
+    let depth = chain.len();
+    if let Some(at) = chain.iter().position(|a| a == address) {
+        let mut looped = chain[at..].to_vec();
+        looped.push(address.to_owned());
+        return Ok(Expanded::Loop(looped));
+    }
     if depth > MAX_ALIAS_DEPTH {
-        return Ok(false);
+        trace.note(depth, || {
+            format!("{address}: more than {MAX_ALIAS_DEPTH} alias hops; not followed")
+        });
+        return Ok(Expanded::Unknown);
     }
     if let Some(targets) = dir.alias(address)? {
+        trace.note(depth, || {
+            format!("{address}: alias -> {}", targets.join(", "))
+        });
+        chain.push(address.to_owned());
         for t in targets {
             let t = t.to_ascii_lowercase();
             let domain = t.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
             if is_local(config, domain) {
-                if !expand(config, dir, &t, depth + 1, out)? {
-                    // An alias to a missing local user: fall back to the postmaster.
-                    push(out, postmaster_target(domain, Some(t.clone())));
+                match expand(config, dir, &t, chain, trace, out)? {
+                    Expanded::Found => {}
+                    Expanded::Unknown => {
+                        // An alias to a missing local user: fall back to the postmaster.
+                        trace.note(depth + 1, || {
+                            format!("{t}: no such user or alias; to postmaster@{domain}")
+                        });
+                        push(out, postmaster_target(domain, Some(t.clone())));
+                    }
+                    stop @ (Expanded::Loop(_) | Expanded::Full(_)) => return Ok(stop),
                 }
             } else {
+                trace.note(depth + 1, || format!("{t}: remote"));
                 push(out, Target::Remote { address: t });
             }
         }
-        return Ok(true);
+        chain.pop();
+        return Ok(Expanded::Found);
     }
-    if is_postmaster(address) || dir.is_user(address)? {
-        push(
-            out,
-            Target::Mailbox {
-                mailbox: address.to_owned(),
-                original: None,
-            },
-        );
-        return Ok(true);
+    if is_postmaster(address) {
+        trace.note(depth, || {
+            format!("{address}: postmaster, always accepted (RFC 5321 4.5.1): local mailbox")
+        });
+    } else if dir.is_user(address)? {
+        trace.note(depth, || format!("{address}: local user: mailbox"));
+        if dir.is_full(address)? {
+            return Ok(Expanded::Full(address.to_owned()));
+        }
+    } else {
+        return Ok(Expanded::Unknown);
     }
-    Ok(false)
+    push(
+        out,
+        Target::Mailbox {
+            mailbox: address.to_owned(),
+            original: None,
+        },
+    );
+    Ok(Expanded::Found)
 }
 
 fn push(out: &mut Vec<Target>, t: Target) {
@@ -207,6 +372,7 @@ mod tests {
     struct Dir {
         users: Vec<&'static str>,
         aliases: HashMap<&'static str, Vec<String>>,
+        full: Vec<&'static str>,
     }
 
     impl Directory for Dir {
@@ -215,6 +381,9 @@ mod tests {
         }
         fn alias(&self, a: &str) -> Result<Option<Vec<String>>, DirectoryError> {
             Ok(self.aliases.get(a).cloned())
+        }
+        fn is_full(&self, a: &str) -> Result<bool, DirectoryError> {
+            Ok(self.full.contains(&a))
         }
     }
 
@@ -266,11 +435,23 @@ mod tests {
             vec!["alice@example.test".into(), "x@remote.test".into()],
         );
         aliases.insert("loop@example.test", vec!["loop@example.test".into()]);
+        aliases.insert("loop1@example.test", vec!["loop2@example.test".into()]);
+        aliases.insert(
+            "loop2@example.test",
+            vec!["alice@example.test".into(), "loop1@example.test".into()],
+        );
+        aliases.insert("into-loop@example.test", vec!["loop1@example.test".into()]);
+        // Two paths to one mailbox is not a loop.
+        aliases.insert(
+            "twice@example.test",
+            vec!["sales@example.test".into(), "alice@example.test".into()],
+        );
         (
             c,
             Dir {
                 users: vec!["alice@example.test"],
                 aliases,
+                full: Vec::new(),
             },
         )
     }
@@ -298,16 +479,116 @@ mod tests {
                 false,
                 "deliver alice@example.test remote x@remote.test",
             ),
+            ("loop@example.test", false, "bounce 5.4.6"),
+            ("loop1@example.test", false, "bounce 5.4.6"),
+            ("into-loop@example.test", false, "bounce 5.4.6"),
             (
-                "loop@example.test",
+                "twice@example.test",
                 false,
-                "deliver postmaster@example.test",
+                "deliver alice@example.test remote x@remote.test",
             ),
         ];
         for (rcpt, relay, want) in cases {
             let got = describe(&decide(&c, &d, &addr(rcpt), *relay).unwrap());
             assert_eq!(&got, want, "{rcpt} relay={relay}");
         }
+    }
+
+    /// A loop bounces naming the chain from the address that repeats.
+    #[test]
+    fn loops_name_their_chain() {
+        let (c, d) = setup(UnknownUser::Reject);
+        match decide(&c, &d, &addr("into-loop@example.test"), false).unwrap() {
+            Route::Bounce { status, reason } => {
+                assert_eq!(status, "5.4.6");
+                assert!(
+                    reason.contains(
+                        "mail forwarding loop (loop1@example.test -> loop2@example.test -> loop1@example.test)"
+                    ),
+                    "{reason}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// `explain` gives the same route as `decide`, with the steps.
+    #[test]
+    fn explain_records_each_step() {
+        let (c, d) = setup(UnknownUser::Reject);
+        for (rcpt, relay) in [
+            ("alice@example.test", None),
+            ("sales@example.test", None),
+            ("bob@example.test", None),
+            ("bob@remote.test", None),
+            (
+                "bob@remote.test",
+                Some("client 127.0.0.1 is in routing.relay_networks"),
+            ),
+            ("loop1@example.test", None),
+        ] {
+            let (route, _) = explain(&c, &d, &addr(rcpt), relay).unwrap();
+            assert_eq!(
+                route,
+                decide(&c, &d, &addr(rcpt), relay.is_some()).unwrap(),
+                "{rcpt}"
+            );
+        }
+        let (_, steps) = explain(&c, &d, &addr("sales@example.test"), None).unwrap();
+        assert_eq!(
+            steps,
+            [
+                "<sales@example.test>: domain example.test is in routing.local_domains",
+                "sales@example.test: alias -> alice@example.test, x@remote.test",
+                "  alice@example.test: local user: mailbox",
+                "  x@remote.test: remote",
+            ]
+        );
+        let (_, steps) = explain(&c, &d, &addr("bob@example.test"), None).unwrap();
+        assert_eq!(
+            steps.last().unwrap(),
+            "bob@example.test: no such user or alias; routing.unknown_user = reject"
+        );
+        let (_, steps) = explain(
+            &c,
+            &d,
+            &addr("bob@remote.test"),
+            Some("authenticated as alice"),
+        )
+        .unwrap();
+        assert_eq!(
+            steps.last().unwrap(),
+            "relay permitted: authenticated as alice"
+        );
+    }
+
+    /// A full mailbox is refused at RCPT with 552 5.2.2, directly or
+    /// through an alias (naming the mailbox); the postmaster never is.
+    #[test]
+    fn full_mailboxes_are_refused() {
+        let (c, mut d) = setup(UnknownUser::Reject);
+        d.full = vec!["alice@example.test", "postmaster@example.test"];
+        for (rcpt, text) in [
+            (
+                "alice@example.test",
+                "<alice@example.test>: Mailbox is full",
+            ),
+            (
+                "sales@example.test",
+                "<sales@example.test>: Mailbox is full (alice@example.test)",
+            ),
+        ] {
+            match decide(&c, &d, &addr(rcpt), false).unwrap() {
+                Route::Reject(r) => {
+                    assert_eq!((r.code, r.status.as_deref()), (552, Some("5.2.2")));
+                    assert_eq!(r.text, text);
+                }
+                other => panic!("{rcpt}: {other:?}"),
+            }
+        }
+        assert!(decide(&c, &d, &addr("postmaster@example.test"), false)
+            .unwrap()
+            .is_accepted());
     }
 
     #[test]
@@ -356,7 +637,7 @@ mod tests {
                 }
                 s
             }
-            Route::Bounce { .. } => "bounce".into(),
+            Route::Bounce { status, .. } => format!("bounce {status}"),
             Route::Reject(r) => format!("reject {} {}", r.code, r.status.as_deref().unwrap_or("")),
         }
     }

@@ -20,7 +20,7 @@ use actix::Recipient;
 use postino_core::address::Address;
 use postino_core::logsafe::{escape, Secret};
 use postino_core::message::now_unix;
-use postino_core::store::{QueueEntry, RecipientState};
+use postino_core::store::{QueueEntry, QuotaSetting, RecipientState};
 use postino_core::{Config, MessageId, Store};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
@@ -39,13 +39,25 @@ pub enum Request {
     UserAdd {
         address: String,
         password: Secret,
+        /// The user's quota (`"1G"`, `"unlimited"`, `"default"`).
+        #[serde(default)]
+        quota: Option<String>,
+    },
+    /// Changes a user's settings (today: the quota).
+    UserSet {
+        address: String,
+        quota: Option<String>,
     },
     UserPasswd {
         address: String,
         password: Secret,
     },
+    /// Deletes a user. Without `force`, refused (saying what would happen)
+    /// when the mailbox holds mail or aliases point at the user.
     UserDel {
         address: String,
+        #[serde(default)]
+        force: bool,
     },
     UserList,
     AliasAdd {
@@ -73,6 +85,22 @@ pub enum Request {
     /// whose every session ends (`postino kick`).
     Kick {
         target: String,
+    },
+    /// Explains where mail to `address` would go (`crate::inspect`).
+    RouteExplain {
+        address: String,
+        from: Option<String>,
+        client: Option<String>,
+        auth: Option<String>,
+    },
+    /// Messages and octets of one mailbox, or of all.
+    MailboxStats {
+        address: Option<String>,
+    },
+    /// Checks a password without logging in (as `doveadm auth test`).
+    AuthTest {
+        address: String,
+        password: Secret,
     },
     // Sets a store failpoint (`postino_core::failpoints`); refused unless
     // the build has the `failpoints` feature, which only the tests use.
@@ -164,6 +192,9 @@ pub async fn answer(live: &Live, request: Request) -> Response {
         _ => {}
     }
     let (store, config) = (live.store.clone(), live.config.clone());
+    if crate::inspect::handles(&request) {
+        return crate::inspect::answer(&store, &config, request).await;
+    }
     match queue_change(&request) {
         Some(Ok(change)) => match live.queue.send(change).await {
             Ok(changed) => queue_response(changed),
@@ -297,6 +328,11 @@ pub fn call(path: &Path, request: &Request) -> std::io::Result<Option<Response>>
 /// aliases must be in.
 pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
     let checked = match &request {
+        Request::UserAdd {
+            address,
+            quota: Some(q),
+            ..
+        } => local_address(config, address).and_then(|()| quota_setting(q).map(drop)),
         Request::UserAdd { address, .. } => local_address(config, address),
         Request::AliasAdd { alias, target } => {
             local_address(config, alias).and_then(|()| address(target).map(drop))
@@ -307,16 +343,43 @@ pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
         return Response::Error(e);
     }
     let result = match request {
-        Request::UserAdd { address, password } => store
+        Request::UserAdd {
+            address,
+            password,
+            quota,
+        } => store
             .add_user(&address.to_ascii_lowercase(), password.expose())
+            .and_then(|()| match quota.as_deref().map(quota_setting) {
+                Some(Ok(q)) => store.set_quota(&address, q),
+                _ => Ok(()),
+            })
             .map(|()| {
                 info!(user = %escape(&address), "user added");
                 vec![format!("added {address}")]
             }),
+        Request::UserSet { address, quota } => {
+            let Some(quota) = quota else {
+                return Response::Error("nothing to set (--quota)".into());
+            };
+            match quota_setting(&quota) {
+                Ok(q) => store.set_quota(&address, q).map(|()| {
+                    info!(user = %escape(&address), quota = %escape(&quota), "quota set");
+                    vec![format!("quota of {address}: {quota}")]
+                }),
+                Err(e) => return Response::Error(e),
+            }
+        }
         Request::UserPasswd { address, password } => store
             .set_password(&address.to_ascii_lowercase(), password.expose())
             .map(|()| vec![format!("password of {address} changed")]),
-        Request::UserDel { address } => {
+        Request::UserDel { address, force } => {
+            if !force {
+                match what_user_del_removes(store, &address.to_ascii_lowercase()) {
+                    Ok(None) => {}
+                    Ok(Some(what)) => return Response::Error(what),
+                    Err(e) => return Response::Error(e.to_string()),
+                }
+            }
             store.delete_user(&address.to_ascii_lowercase()).map(|()| {
                 info!(user = %escape(&address), "user deleted");
                 vec![format!("deleted {address}")]
@@ -375,6 +438,9 @@ pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
         Request::Who | Request::Kick { .. } => {
             return Response::Error("no server runs, so no POP3 session either".into())
         }
+        Request::RouteExplain { .. } | Request::MailboxStats { .. } | Request::AuthTest { .. } => {
+            return crate::inspect::answer_offline(store, config, request)
+        }
         Request::Failpoint { name, actions } => {
             return match postino_core::failpoints::configure(&name, &actions) {
                 Ok(()) => {
@@ -401,6 +467,58 @@ fn delete_offline(store: &Store, id: MessageId) -> Result<QueueChanged, QueueErr
     }
     store.remove_queue(id)?;
     Ok(QueueChanged::Deleted(id))
+}
+
+/// A quota as the CLI gives it: a size (`"500M"`), `unlimited` or
+/// `default` (`[mailbox] quota` applies).
+fn quota_setting(text: &str) -> Result<QuotaSetting, String> {
+    match text {
+        "default" => Ok(QuotaSetting::Default),
+        "unlimited" | "none" => Ok(QuotaSetting::Unlimited),
+        size => postino_core::config::parse_size(size)
+            .map(QuotaSetting::Octets)
+            .map_err(|e| format!("--quota: {e}, unlimited or default")),
+    }
+}
+
+/// What deleting user `address` would take with it, when that is more
+/// than the user: `None` when the mailbox is empty and no alias points at
+/// it (or there is no such user: the delete then says so).
+fn what_user_del_removes(
+    store: &Store,
+    address: &str,
+) -> Result<Option<String>, postino_core::store::StoreError> {
+    if !store.is_user(address)? {
+        return Ok(None);
+    }
+    let mail = store.maildrop(address)?;
+    let aliases: Vec<String> = store
+        .aliases()?
+        .into_iter()
+        .filter(|(_, targets)| targets.iter().any(|t| t == address))
+        .map(|(alias, _)| alias)
+        .collect();
+    if mail.is_empty() && aliases.is_empty() {
+        return Ok(None);
+    }
+    let mut what = Vec::new();
+    if !mail.is_empty() {
+        let octets: u64 = mail.iter().map(|m| m.size).sum();
+        what.push(format!(
+            "its {} message(s) ({octets} octets) would be deleted",
+            mail.len()
+        ));
+    }
+    if !aliases.is_empty() {
+        what.push(format!(
+            "aliases pointing at it ({}) would send their mail to the postmaster",
+            aliases.join(", ")
+        ));
+    }
+    Ok(Some(format!(
+        "{address}: {}; repeat with --force to delete",
+        what.join(", and ")
+    )))
 }
 
 /// `address` as RFC 5321 allows it in a path (UTF-8 too, as with SMTPUTF8).

@@ -20,6 +20,7 @@
 //! - [`admin`]: the HTTP admin listener (Prometheus `/metrics`, `/healthz`,
 //!   the JSON API), a thin translation onto [`control::answer`].
 //! - [`sessions`]: the live POP3 sessions, for `who` and `kick`.
+//! - [`inspect`]: `route explain`, `mailbox stats`, `auth test` answers.
 //! - [`io`], [`tls`]: sockets, buffers, rustls.
 //!
 //! # Replacing the router
@@ -33,6 +34,7 @@ pub mod admin;
 pub mod auth;
 pub mod control;
 pub mod delivery;
+pub mod inspect;
 pub mod io;
 mod limits;
 mod login_delay;

@@ -266,6 +266,7 @@ impl ServerBuilder {
         let config = Arc::new(self.config);
         let store = Store::open_configured(&config.data_dir, &config.store)?;
         store.remember_logins(config.auth.cache_ttl, config.auth.cache_size);
+        store.set_quota_policy(config.mailbox.quota, config.mailbox.quota_warning);
         store.watch_space(config.min_free())?;
         let tls = TlsSlot::new(config.tls.as_ref().map(crate::tls::acceptor).transpose()?);
 

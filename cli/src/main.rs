@@ -43,6 +43,15 @@ enum Command {
     /// Manage aliases.
     #[command(subcommand)]
     Alias(AliasCommand),
+    /// Explain routing decisions.
+    #[command(subcommand)]
+    Route(RouteCommand),
+    /// Mailbox usage.
+    #[command(subcommand)]
+    Mailbox(MailboxCommand),
+    /// Check credentials.
+    #[command(subcommand)]
+    Auth(AuthCommand),
     /// Inspect and act on the remote delivery queue.
     #[command(subcommand)]
     Queue(QueueCommand),
@@ -102,6 +111,19 @@ enum UserCommand {
     Add {
         /// The mailbox address, in one of the local domains.
         address: String,
+        /// The mailbox's quota: a size (1048576, 500M, 1G), unlimited, or
+        /// default ([mailbox] quota applies; the default).
+        #[arg(long, value_name = "SIZE")]
+        quota: Option<String>,
+    },
+    /// Change a mailbox's settings.
+    Set {
+        /// The mailbox address.
+        address: String,
+        /// The mailbox's quota: a size (1048576, 500M, 1G), unlimited, or
+        /// default ([mailbox] quota applies).
+        #[arg(long, value_name = "SIZE")]
+        quota: Option<String>,
     },
     /// Change a password (read from standard input).
     Passwd {
@@ -112,6 +134,10 @@ enum UserCommand {
     Del {
         /// The mailbox address.
         address: String,
+        /// Delete even if the mailbox holds mail or aliases point at it
+        /// (without it, the command says what would happen and fails).
+        #[arg(long)]
+        force: bool,
     },
     /// List mailboxes.
     List,
@@ -133,6 +159,45 @@ enum AliasCommand {
     },
     /// List aliases and their targets.
     List,
+}
+
+#[derive(Subcommand, Debug)]
+enum RouteCommand {
+    /// Say where mail to ADDRESS would go and which rule decided (as
+    /// `sendmail -bv`): local user, alias chain, unknown-user policy, relay
+    /// permission, and the smarthost or the exchangers resolved now.
+    Explain {
+        /// The recipient address.
+        address: String,
+        /// The envelope sender (where a bounce would go).
+        #[arg(long, value_name = "SENDER")]
+        from: Option<String>,
+        /// The client's IP address (relay permission by routing.relay_networks).
+        #[arg(long, value_name = "IP")]
+        client: Option<String>,
+        /// Assume the client authenticated as USER (relay permission).
+        #[arg(long, value_name = "USER")]
+        auth: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum MailboxCommand {
+    /// Messages and octets in one mailbox, or in every user's.
+    Stats {
+        /// The mailbox address; all mailboxes without it.
+        address: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuthCommand {
+    /// Check a password (read from standard input, never echoed or logged)
+    /// as a login would (as `doveadm auth test`); exit status 1 if wrong.
+    Test {
+        /// The mailbox address to log in as.
+        address: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -178,6 +243,10 @@ fn main() -> ExitCode {
         Command::Serve => serve(config, config_file),
         Command::CheckConfig => {
             eprintln!("postino: using {}", describe_config(config_file.as_deref()));
+            if let Err(e) = check_files(&config) {
+                eprintln!("postino: {e}");
+                return ExitCode::from(2);
+            }
             print_lines([toml::to_string_pretty(&config).unwrap_or_default()])
         }
         Command::Bench(cmd) => {
@@ -197,10 +266,11 @@ fn main() -> ExitCode {
         Command::Store(cmd) => store_command(&config, cmd),
         Command::User(cmd) => {
             let request = match cmd {
-                UserCommand::Add { address } => match read_password() {
+                UserCommand::Add { address, quota } => match read_password() {
                     Ok(password) => Request::UserAdd {
                         address,
                         password: Secret::new(password),
+                        quota,
                     },
                     Err(e) => return fail(&e),
                 },
@@ -211,7 +281,8 @@ fn main() -> ExitCode {
                     },
                     Err(e) => return fail(&e),
                 },
-                UserCommand::Del { address } => Request::UserDel { address },
+                UserCommand::Set { address, quota } => Request::UserSet { address, quota },
+                UserCommand::Del { address, force } => Request::UserDel { address, force },
                 UserCommand::List => Request::UserList,
             };
             run_control(&config, config_file.as_deref(), request)
@@ -225,6 +296,37 @@ fn main() -> ExitCode {
                 AliasCommand::List => Request::AliasList,
             },
         ),
+        Command::Route(RouteCommand::Explain {
+            address,
+            from,
+            client,
+            auth,
+        }) => run_control(
+            &config,
+            config_file.as_deref(),
+            Request::RouteExplain {
+                address,
+                from,
+                client,
+                auth,
+            },
+        ),
+        Command::Mailbox(MailboxCommand::Stats { address }) => run_control(
+            &config,
+            config_file.as_deref(),
+            Request::MailboxStats { address },
+        ),
+        Command::Auth(AuthCommand::Test { address }) => match read_password() {
+            Ok(password) => run_control(
+                &config,
+                config_file.as_deref(),
+                Request::AuthTest {
+                    address,
+                    password: Secret::new(password),
+                },
+            ),
+            Err(e) => fail(&e),
+        },
         Command::Queue(cmd) => run_control(
             &config,
             config_file.as_deref(),
@@ -356,11 +458,45 @@ fn load_config(path: Option<&Path>) -> Result<Config, String> {
     }
 }
 
-/// One line from standard input (the password), without its line end.
-fn read_password() -> Result<String, String> {
-    if std::io::stdin().is_terminal() {
-        eprint!("Password: ");
+/// `check-config`: the files the configuration names can be used. Today
+/// the `[tls]` certificate chain and key: readable, parseable PEM, and a
+/// key that goes with the certificate; the error names the key.
+fn check_files(config: &Config) -> Result<(), String> {
+    let Some(tls) = &config.tls else {
+        return Ok(());
+    };
+    for (key, path) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+        if let Err(e) = std::fs::File::open(path) {
+            return Err(format!("{key} = {}: {e}", path.display()));
+        }
     }
+    postino::tls::acceptor(tls).map(drop).map_err(|e| match e {
+        postino::tls::TlsError::Pem { path, message } => {
+            let key = if Path::new(&path) == tls.key {
+                "tls.key"
+            } else {
+                "tls.cert"
+            };
+            format!("{key} = {path}: {message}")
+        }
+        other => format!(
+            "tls.cert = {}, tls.key = {}: {other}",
+            tls.cert.display(),
+            tls.key.display()
+        ),
+    })
+}
+
+/// One line from standard input (the password), without its line end. On
+/// a terminal it prompts and turns echo off while the line is typed.
+fn read_password() -> Result<String, String> {
+    let _echo_off = match std::io::stdin().is_terminal() {
+        true => {
+            eprint!("Password: ");
+            EchoOff::new()
+        }
+        false => None,
+    };
     let mut line = String::new();
     std::io::stdin()
         .lock()
@@ -371,6 +507,37 @@ fn read_password() -> Result<String, String> {
         return Err("empty password (give it on standard input)".into());
     }
     Ok(password)
+}
+
+/// Terminal echo turned off on standard input until dropped.
+struct EchoOff(libc::termios);
+
+impl EchoOff {
+    fn new() -> Option<EchoOff> {
+        // SAFETY: termios is plain data; tcgetattr fills it or fails.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(libc::STDIN_FILENO, &mut t) != 0 {
+                return None;
+            }
+            let saved = t;
+            t.c_lflag &= !libc::ECHO;
+            t.c_lflag |= libc::ECHONL;
+            if libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &t) != 0 {
+                return None;
+            }
+            Some(EchoOff(saved))
+        }
+    }
+}
+
+impl Drop for EchoOff {
+    fn drop(&mut self) {
+        // SAFETY: restores the settings read in `new`.
+        unsafe {
+            libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.0);
+        }
+    }
 }
 
 /// Sends the request to the running server, or runs it on the store when
@@ -391,6 +558,7 @@ fn run_control(config: &Config, config_file: Option<&Path>, request: Request) ->
         }
         Ok(None) => match Store::open_configured(&config.data_dir, &config.store) {
             Ok(store) => {
+                store.set_quota_policy(config.mailbox.quota, config.mailbox.quota_warning);
                 let r = control::execute(&store, config, request);
                 if let Err(e) = store.flush_blocking() {
                     return fail(&format!("flushing the store: {e}"));

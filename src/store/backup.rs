@@ -9,8 +9,8 @@
 //! header prefixes) are standard base64.
 //!
 //! ```text
-//! {"type":"header","format":"postino-store","version":1,"schema":2,"uidl_epoch":1234}
-//! {"type":"user","address":"a@x.test","hash":"$argon2id$..."}
+//! {"type":"header","format":"postino-store","version":1,"schema":3,"uidl_epoch":1234}
+//! {"type":"user","address":"a@x.test","hash":"$argon2id$...","quota":1073741824}
 //! {"type":"alias","alias":"b@x.test","targets":["a@x.test"]}
 //! {"type":"mail","mailbox":"a@x.test","key":17,"prefix":"...","content":"..."}
 //! {"type":"queue","entry":{..QueueEntry..},"content":"..."}
@@ -55,6 +55,10 @@ enum Line {
     User {
         address: String,
         hash: String,
+        /// The user's own quota in octets, `u64::MAX` for unlimited;
+        /// absent: `[mailbox] quota` applies (and in older exports).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        quota: Option<u64>,
     },
     Alias {
         alias: String,
@@ -126,7 +130,8 @@ impl From<sled::Error> for BackupError {
 impl Store {
     /// Verifies every record: each decodes, each mailbox entry, queue entry
     /// and inbound record that shares content finds it, reference counts
-    /// match the records that hold them, every queue entry is scheduled.
+    /// match the records that hold them, every queue entry is scheduled,
+    /// every mailbox's kept usage matches its entries.
     pub fn check(&self) -> Result<CheckReport, StoreError> {
         let i = &self.inner;
         let mut r = CheckReport::default();
@@ -163,6 +168,9 @@ impl Store {
                 }
                 (Err(e), _) | (_, Err(e)) => r.problems.push(format!("mail: {e}")),
             }
+        }
+        for problem in self.check_usage()? {
+            r.problems.push(problem);
         }
         for kv in i.queue.iter() {
             let (k, v) = kv?;
@@ -291,11 +299,19 @@ impl Store {
                 .and_then(|(k, v)| Ok((utf8("user", &k)?, decode::<UserRecord>("user", &v)?)))
             {
                 Ok((address, rec)) => {
+                    let quota = match i.quotas.get(address.as_bytes()) {
+                        Ok(q) => q.and_then(|q| q.as_ref().try_into().ok().map(u64::from_be_bytes)),
+                        Err(e) => {
+                            skip(&mut c, "quota", &StoreError::from(e));
+                            None
+                        }
+                    };
                     write_line(
                         out,
                         &Line::User {
                             address,
                             hash: rec.password,
+                            quota,
                         },
                     )?;
                     c.users += 1;
@@ -446,10 +462,17 @@ impl Store {
                 }
                 _ if n == 1 => return Err(bad("not a postino store export (no header)".into())),
                 Line::Header { .. } => return Err(bad("a second header".into())),
-                Line::User { address, hash } => {
+                Line::User {
+                    address,
+                    hash,
+                    quota,
+                } => {
                     let address = super::canonical(&address)?;
                     let rec = encode("user", &UserRecord { password: hash })?;
                     i.users.insert(address.as_bytes(), rec)?;
+                    if let Some(q) = quota {
+                        i.quotas.insert(address.as_bytes(), &q.to_be_bytes())?;
+                    }
                     c.users += 1;
                 }
                 Line::Alias { alias, targets } => {
@@ -537,6 +560,7 @@ impl Store {
         // sled's id counter only counts up: take ids until it is past every
         // imported one, so new mail never reuses a key (and a UIDL).
         while store.new_id()?.0 <= max_id {}
+        store.recompute_usage()?;
         store.flush_blocking()?;
         Ok(c)
     }

@@ -14,6 +14,7 @@ use sled::Transactional;
 
 #[cfg(test)]
 use super::id_from_key;
+use super::quota::add_usage;
 use super::{
     abort, canonical, decode, encode, encode_inline, split_inline, tx_done, Store, StoreError,
     TxResult,
@@ -253,15 +254,21 @@ impl Store {
                 prefix: prefix.to_vec(),
                 size: prefix.len() as u64 + content.len() as u64,
             };
+            let size = record.size as i64;
             let value = encode_inline("mail", &record, Some(content))?;
-            return match self.inner.mail.compare_and_swap(
-                mail_key(mailbox, id.0),
-                None as Option<&[u8]>,
-                Some(value),
-            )? {
-                Ok(()) => Ok(()),
-                Err(_) => Err(StoreError::Duplicate(id)),
-            };
+            let key = mail_key(mailbox, id.0);
+            // The entry and the mailbox's usage, in one transaction.
+            let (before, after) = tx_done((&self.inner.mail, &self.inner.usage).transaction(
+                |(mail, usage)| {
+                    if mail.get(&key)?.is_some() {
+                        return abort(StoreError::Duplicate(id));
+                    }
+                    mail.insert(key.as_slice(), value.as_slice())?;
+                    add_usage(usage, mailbox, 1, size)
+                },
+            ))?;
+            self.warn_if_crossed(mailbox, before, after);
+            return Ok(());
         }
         let records = mailboxes
             .iter()
@@ -270,7 +277,12 @@ impl Store {
                     prefix: prefix.to_vec(),
                     size: prefix.len() as u64 + content.len() as u64,
                 };
-                Ok((mail_key(mailbox, id.0), encode("mail", &record)?))
+                Ok((
+                    mailbox.as_str(),
+                    mail_key(mailbox, id.0),
+                    record.size as i64,
+                    encode("mail", &record)?,
+                ))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
         let key = id.to_key();
@@ -279,19 +291,28 @@ impl Store {
             len: content.len() as u64,
         };
         let i = &self.inner;
-        tx_done((&i.content, &i.refs, &i.inbound, &i.mail).transaction(
-            |(c, refs, inbound, mail)| {
-                if refs.get(key)?.is_some() || inbound.get(key)?.is_some() {
-                    return abort(StoreError::Duplicate(id));
-                }
-                c.insert(&key, content)?;
-                refs.insert(&key, &r.to_bytes())?;
-                for (k, v) in &records {
-                    mail.insert(k.as_slice(), v.as_slice())?;
-                }
-                Ok(())
-            },
-        ))
+        let crossed = tx_done(
+            (&i.content, &i.refs, &i.inbound, &i.mail, &i.usage).transaction(
+                |(c, refs, inbound, mail, usage)| {
+                    if refs.get(key)?.is_some() || inbound.get(key)?.is_some() {
+                        return abort(StoreError::Duplicate(id));
+                    }
+                    c.insert(&key, content)?;
+                    refs.insert(&key, &r.to_bytes())?;
+                    let mut crossed = Vec::with_capacity(records.len());
+                    for (mailbox, k, size, v) in &records {
+                        mail.insert(k.as_slice(), v.as_slice())?;
+                        let (before, after) = add_usage(usage, mailbox, 1, *size)?;
+                        crossed.push((*mailbox, before, after));
+                    }
+                    Ok(crossed)
+                },
+            ),
+        )?;
+        for (mailbox, before, after) in crossed {
+            self.warn_if_crossed(mailbox, before, after);
+        }
+        Ok(())
     }
 
     /// Spools a bounce (or any message made from an inbound one) once per
@@ -383,32 +404,42 @@ impl Store {
             .collect::<Result<Vec<_>, _>>()?;
         let key = id.to_key();
         let i = &self.inner;
-        tx_done((&i.inbound, &i.progress, &i.mail, &i.refs).transaction(
-            |(inbound, progress, mail, refs)| {
-                let mut done = progress_of(inbound, progress, id)?;
-                let mut changed = false;
-                for (mailbox, delivery) in mailboxes.iter().zip(deliveries) {
-                    if done.local.contains(mailbox) {
-                        continue;
+        let crossed = tx_done(
+            (&i.inbound, &i.progress, &i.mail, &i.refs, &i.usage).transaction(
+                |(inbound, progress, mail, refs, usage)| {
+                    let mut done = progress_of(inbound, progress, id)?;
+                    let mut changed = false;
+                    let mut crossed = Vec::new();
+                    for (mailbox, delivery) in mailboxes.iter().zip(deliveries) {
+                        if done.local.contains(mailbox) {
+                            continue;
+                        }
+                        let mk = mail_key(mailbox, id.0);
+                        if mail.get(&mk)?.is_none() {
+                            let r = acquire(refs, id)?;
+                            let record = MailRecord {
+                                prefix: delivery.prefix.clone(),
+                                size: delivery.prefix.len() as u64 + r.len,
+                            };
+                            let size = record.size as i64;
+                            mail.insert(mk, encode("mail", &record).or_else(abort)?)?;
+                            let (before, after) = add_usage(usage, mailbox, 1, size)?;
+                            crossed.push((mailbox.as_str(), before, after));
+                        }
+                        done.local.push(mailbox.clone());
+                        changed = true;
                     }
-                    let mk = mail_key(mailbox, id.0);
-                    if mail.get(&mk)?.is_none() {
-                        let r = acquire(refs, id)?;
-                        let record = MailRecord {
-                            prefix: delivery.prefix.clone(),
-                            size: delivery.prefix.len() as u64 + r.len,
-                        };
-                        mail.insert(mk, encode("mail", &record).or_else(abort)?)?;
+                    if changed {
+                        progress.insert(&key, encode("progress", &done).or_else(abort)?)?;
                     }
-                    done.local.push(mailbox.clone());
-                    changed = true;
-                }
-                if changed {
-                    progress.insert(&key, encode("progress", &done).or_else(abort)?)?;
-                }
-                Ok(())
-            },
-        ))
+                    Ok(crossed)
+                },
+            ),
+        )?;
+        for (mailbox, before, after) in crossed {
+            self.warn_if_crossed(mailbox, before, after);
+        }
+        Ok(())
     }
 
     /// The messages in a mailbox, oldest first. A mailbox nobody delivered
@@ -471,23 +502,28 @@ impl Store {
     pub fn delete_mail(&self, mailbox: &str, keys: &[u64]) -> Result<usize, StoreError> {
         let mailbox = canonical(mailbox)?;
         let i = &self.inner;
-        tx_done(
-            (&i.mail, &i.refs, &i.content).transaction(|(mail, refs, content)| {
+        tx_done((&i.mail, &i.refs, &i.content, &i.usage).transaction(
+            |(mail, refs, content, usage)| {
                 let mut deleted = 0;
+                let mut octets = 0;
                 for &key in keys {
                     if let Some(old) = mail.remove(mail_key(&mailbox, key))? {
-                        let (_, inline): (MailRecord, _) =
+                        let (record, inline): (MailRecord, _) =
                             split_inline("mail", &old).or_else(abort)?;
                         // Inline content goes with its record.
                         if inline.is_none() {
                             release(refs, content, MessageId(key))?;
                         }
                         deleted += 1;
+                        octets += record.size as i64;
                     }
                 }
+                if deleted > 0 {
+                    add_usage(usage, &mailbox, -(deleted as i64), -octets)?;
+                }
                 Ok(deleted)
-            }),
-        )
+            },
+        ))
     }
 
     /// Up to `limit` entry keys of a mailbox.

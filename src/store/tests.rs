@@ -223,6 +223,33 @@ fn remembered_logins_end_with_the_password() {
     assert_eq!(store.inner.auth_cache.get().unwrap().len(), 2);
 }
 
+/// An alias that would lead back to itself is refused, naming the chain;
+/// the aliases stay as they were.
+#[test]
+fn alias_loops_are_refused() {
+    let (_dir, store) = open();
+    store.add_alias("loop1@x.test", "loop2@x.test").unwrap();
+    store.add_alias("loop2@x.test", "a@x.test").unwrap();
+    match store.add_alias("loop2@x.test", "Loop1@x.test") {
+        Err(StoreError::AliasLoop(chain)) => {
+            assert_eq!(chain, "loop2@x.test -> loop1@x.test -> loop2@x.test")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        store.add_alias("self@x.test", "self@x.test"),
+        Err(StoreError::AliasLoop(c)) if c == "self@x.test -> self@x.test"
+    ));
+    // Two ways to one target is no loop.
+    store.add_alias("both@x.test", "loop1@x.test").unwrap();
+    store.add_alias("both@x.test", "loop2@x.test").unwrap();
+    assert_eq!(
+        store.alias("loop2@x.test").unwrap(),
+        Some(vec!["a@x.test".to_string()])
+    );
+    assert_eq!(store.alias("self@x.test").unwrap(), None);
+}
+
 #[test]
 fn aliases_crud() {
     let (_dir, store) = open();
@@ -1410,4 +1437,189 @@ fn export_skips_what_cannot_be_read_and_import_rebuilds_the_rest() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("line"), "{err}");
+}
+
+/// Usage the store keeps matches what the mailboxes hold.
+fn assert_usage_matches(store: &Store, mailbox: &str) {
+    let entries = store.maildrop(mailbox).unwrap();
+    let want = super::Usage {
+        messages: entries.len() as u64,
+        octets: entries.iter().map(|e| e.size).sum(),
+    };
+    assert_eq!(store.usage(mailbox).unwrap(), want, "{mailbox}");
+}
+
+/// Every way mail enters or leaves a mailbox updates its usage in the same
+/// transaction: accept_local for one and for several mailboxes,
+/// deliver_local (and its repeat), delete_mail, delete_user.
+#[test]
+fn usage_follows_deliveries_and_deletions() {
+    let (_dir, store) = open();
+    store.add_user("a@example.test", "pw").unwrap();
+    let one = store.new_id().unwrap();
+    store
+        .accept_local(
+            one,
+            b"Subject: 1\r\n\r\n1\r\n",
+            &[local("a@example.test", "P: 1\r\n")],
+        )
+        .unwrap();
+    let two = store.new_id().unwrap();
+    store
+        .accept_local(
+            two,
+            b"Subject: 2\r\n\r\n22\r\n",
+            &[
+                local("a@example.test", ""),
+                local("b@example.test", "X: y\r\n"),
+            ],
+        )
+        .unwrap();
+    let content = b"Subject: 3\r\n\r\n333\r\n";
+    let three = spool(&store, &["a@example.test"], content);
+    for _ in 0..2 {
+        store
+            .deliver_local(three, &[local("A@example.test", "")])
+            .unwrap();
+    }
+    store.finish_inbound(three).unwrap();
+    for m in ["a@example.test", "b@example.test"] {
+        assert_usage_matches(&store, m);
+    }
+    assert_eq!(store.usage("a@example.test").unwrap().messages, 3);
+    assert_eq!(
+        store
+            .delete_mail("a@example.test", &[one.0, 12345])
+            .unwrap(),
+        1
+    );
+    assert_usage_matches(&store, "a@example.test");
+    assert_eq!(store.usage("a@example.test").unwrap().messages, 2);
+    store.delete_user("a@example.test").unwrap();
+    assert_eq!(
+        store.usage("a@example.test").unwrap(),
+        super::Usage::default()
+    );
+    assert_usage_matches(&store, "b@example.test");
+    assert!(store.check().unwrap().problems.is_empty());
+    // `store check` finds usage that does not add up.
+    store
+        .inner
+        .usage
+        .insert("b@example.test", &[0u8; 16][..])
+        .unwrap();
+    let problems = store.check().unwrap().problems;
+    assert!(
+        problems.len() == 1 && problems[0].starts_with("usage of b@example.test: kept 0 messages"),
+        "{problems:?}"
+    );
+}
+
+/// Quotas: the default, a user's own, unlimited; full at or over it.
+#[test]
+fn quotas_and_over_quota() {
+    let (_dir, store) = open();
+    store.add_user("a@example.test", "pw").unwrap();
+    assert_eq!(store.quota("a@example.test").unwrap(), None);
+    store.set_quota_policy(Some(10), 90);
+    assert_eq!(store.quota("a@example.test").unwrap(), Some(10));
+    assert_eq!(store.over_quota("a@example.test").unwrap(), None);
+    let id = store.new_id().unwrap();
+    store
+        .accept_local(id, b"0123456789", &[local("a@example.test", "")])
+        .unwrap();
+    assert!(store.over_quota("a@example.test").unwrap().is_some());
+    assert!(Directory::is_full(&store, "a@example.test").unwrap());
+    store
+        .set_quota("a@example.test", super::QuotaSetting::Octets(11))
+        .unwrap();
+    assert_eq!(store.over_quota("a@example.test").unwrap(), None);
+    store
+        .set_quota("a@example.test", super::QuotaSetting::Unlimited)
+        .unwrap();
+    assert_eq!(store.quota("a@example.test").unwrap(), None);
+    store
+        .set_quota("a@example.test", super::QuotaSetting::Default)
+        .unwrap();
+    assert_eq!(store.quota("a@example.test").unwrap(), Some(10));
+    assert!(matches!(
+        store.set_quota("nobody@example.test", super::QuotaSetting::Unlimited),
+        Err(StoreError::NoSuchUser(_))
+    ));
+}
+
+/// A store from before usage was kept (schema 2) opens: its usage is
+/// computed once, and the schema number raised after that.
+#[test]
+fn schema_2_store_gets_its_usage_computed_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        for n in 0..3 {
+            let id = store.new_id().unwrap();
+            store
+                .accept_local(id, &vec![b'x'; 10 + n], &[local("a@example.test", "")])
+                .unwrap();
+        }
+        // What a version 2 postino left: no usage, schema 2.
+        store.inner.usage.clear().unwrap();
+        store
+            .meta()
+            .unwrap()
+            .insert(super::META_SCHEMA, &2u32.to_be_bytes()[..])
+            .unwrap();
+        store.flush_blocking().unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(
+        store.usage("a@example.test").unwrap(),
+        super::Usage {
+            messages: 3,
+            octets: 33
+        }
+    );
+    assert_eq!(
+        store
+            .meta()
+            .unwrap()
+            .get(super::META_SCHEMA)
+            .unwrap()
+            .as_deref(),
+        Some(&super::SCHEMA_VERSION.to_be_bytes()[..])
+    );
+}
+
+/// An export carries each user's own quota, and an import brings it back
+/// and computes usage from the imported mail.
+#[test]
+fn export_and_import_keep_quotas_and_usage() {
+    let (_dir, store) = open();
+    for u in ["a@x.test", "b@x.test", "c@x.test"] {
+        store.add_user(u, "pw").unwrap();
+    }
+    store
+        .set_quota("a@x.test", super::QuotaSetting::Octets(5000))
+        .unwrap();
+    store
+        .set_quota("b@x.test", super::QuotaSetting::Unlimited)
+        .unwrap();
+    let id = store.new_id().unwrap();
+    store
+        .accept_local(id, b"Subject: q\r\n\r\nq\r\n", &[local("a@x.test", "")])
+        .unwrap();
+    let mut out = Vec::new();
+    store.export(&mut out).unwrap();
+    let to = tempfile::tempdir().unwrap();
+    let dir = to.path().join("new");
+    Store::import(&dir, &mut &out[..]).unwrap();
+    let new = Store::open(&dir).unwrap();
+    new.set_quota_policy(Some(7), 0);
+    assert_eq!(new.quota("a@x.test").unwrap(), Some(5000));
+    assert_eq!(new.quota("b@x.test").unwrap(), None);
+    assert_eq!(new.quota("c@x.test").unwrap(), Some(7));
+    assert_eq!(
+        new.usage("a@x.test").unwrap(),
+        store.usage("a@x.test").unwrap()
+    );
+    assert_eq!(new.usage("a@x.test").unwrap().messages, 1);
 }

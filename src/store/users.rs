@@ -233,6 +233,45 @@ impl AuthCache {
     }
 }
 
+/// Aliases followed from `from` that reach `to`: the path `from … to`, or
+/// `None`. Bounded like routing's expansion.
+fn path_back(
+    aliases: &sled::transaction::TransactionalTree,
+    from: &str,
+    to: &str,
+) -> super::TxResult<Option<Vec<String>>> {
+    fn walk(
+        aliases: &sled::transaction::TransactionalTree,
+        path: &mut Vec<String>,
+        to: &str,
+        seen: &mut Vec<String>,
+    ) -> super::TxResult<bool> {
+        let here = path.last().cloned().unwrap_or_default();
+        if here == to {
+            return Ok(true);
+        }
+        if seen.contains(&here) || path.len() > crate::routing::MAX_ALIAS_DEPTH + 1 {
+            return Ok(false);
+        }
+        seen.push(here.clone());
+        let Some(bytes) = aliases.get(here.as_bytes())? else {
+            return Ok(false);
+        };
+        let targets: Vec<String> = decode("alias", &bytes).or_else(abort)?;
+        for t in targets {
+            path.push(t);
+            if walk(aliases, path, to, seen)? {
+                return Ok(true);
+            }
+            path.pop();
+        }
+        Ok(false)
+    }
+    let mut path = vec![from.to_owned()];
+    let found = walk(aliases, &mut path, to, &mut Vec::new())?;
+    Ok(found.then_some(path))
+}
+
 impl Store {
     /// Remembers successful logins for `ttl` (at most `capacity` at once),
     /// like Dovecot's auth cache: a keyed digest of the password, good only
@@ -305,6 +344,7 @@ impl Store {
         if self.inner.users.remove(address.as_bytes())?.is_none() {
             return Err(StoreError::NoSuchUser(address));
         }
+        self.inner.quotas.remove(address.as_bytes())?;
         self.purge_mailbox(&address)
     }
 
@@ -389,10 +429,20 @@ impl Store {
 
     /// Adds `target` to the targets of `alias` (creating the alias); adding
     /// a target twice changes nothing. `target` may be local or remote.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::AliasLoop`] if `target` leads back to `alias` (checked
+    /// in the same transaction as the write).
     pub fn add_alias(&self, alias: &str, target: &str) -> Result<(), StoreError> {
         let alias = canonical(alias)?;
         let target = canonical(target)?;
         tx_done(self.inner.aliases.transaction(|aliases| {
+            if let Some(chain) = path_back(aliases, &target, &alias)? {
+                let mut looped = vec![alias.clone()];
+                looped.extend(chain);
+                return abort(StoreError::AliasLoop(looped.join(" -> ")));
+            }
             let mut targets: Vec<String> = match aliases.get(alias.as_bytes())? {
                 Some(bytes) => decode("alias", &bytes).or_else(abort)?,
                 None => Vec::new(),

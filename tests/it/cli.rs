@@ -419,9 +419,19 @@ fn users_and_aliases_while_no_server_runs() {
         &["user", "passwd", "bob@example.test"],
         "newpw\n",
     ));
-    ok(cli_with_config(
+    // An alias still points at bob: the delete says so and needs --force.
+    let err = fails(cli_with_config(
         &config,
         &["user", "del", "bob@example.test"],
+        "",
+    ));
+    assert!(
+        err.contains("sales@example.test") && err.contains("--force"),
+        "{err}"
+    );
+    ok(cli_with_config(
+        &config,
+        &["user", "del", "--force", "bob@example.test"],
         "",
     ));
     assert_eq!(

@@ -13,6 +13,7 @@ mod faults;
 mod flood;
 mod fulldisk;
 mod hostile;
+mod inspect;
 mod logs;
 mod packaging;
 mod pop3;
