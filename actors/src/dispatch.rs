@@ -14,6 +14,7 @@ use postino_core::message::{now_unix, Recipient as Rcpt};
 use postino_core::routing::Target;
 use postino_core::store::{LocalDelivery, QueueEntry, QueueRecipient, RecipientState, StoreError};
 use postino_core::{Config, Envelope, MessageId, Route, Store};
+use tracing::warn;
 
 use crate::bounce::bounce_envelope;
 use crate::mailbox;
@@ -87,7 +88,7 @@ fn dispatch_into(
             // dispatch of it is retried at the next start, like any.
             let plan = Plan::of(&bounce);
             if let Err(e) = dispatch_into(config, store, &bounce, plan, queued) {
-                tracing::warn!(id = %bounce.id, error = %e, "notification dispatch failed; retried at restart");
+                warn!(id = %bounce.id, error = %e, "notification dispatch failed; retried at restart");
             }
         }
     }
