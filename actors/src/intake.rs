@@ -149,8 +149,13 @@ impl Intake {
     /// the queue has it, and a queue run tries it if this is dropped. A full
     /// mailbox drops it rather than growing without bound (network input).
     fn try_now(&self, id: MessageId, content: Option<Bytes>) {
-        if self.delivery.try_send(Queued { id, content }).is_err() {
-            debug!(%id, "delivery actor busy; left to the next queue run");
+        match self.delivery.try_send(Queued { id, content }) {
+            Ok(()) => {}
+            Err(SendError::Full(_)) => {
+                debug!(%id, "delivery actor busy; left to the next queue run")
+            }
+            // Stopping: the queue has it for the next start.
+            Err(SendError::Closed(_)) => debug!(%id, "delivery actor stopped"),
         }
     }
 }
