@@ -10,8 +10,12 @@
 //!   ([`Signals`], `postino serve`'s SIGTERM/SIGINT/SIGHUP handling).
 //! - [`smtp`]: the SMTP connection actor (one per client).
 //! - [`pop3`]: the POP3 connection actor (one per client).
-//! - [`router`]: the router actor: per-recipient decisions at RCPT time, and
-//!   dispatch of accepted messages to mailboxes, the queue, or bounces.
+//! - [`router`]: the router actor: per-recipient decisions at RCPT time.
+//! - [`intake`]: stores a message received whole, awaits the group commit
+//!   and hands it on; the one place a 250 to DATA comes from.
+//! - [`dispatch`], [`bounce`]: plain functions over the store that hand a
+//!   spooled message to mailboxes, the queue or a bounce, and build
+//!   bounces and other notifications.
 //! - [`mailbox`]: the local-mailbox actor (deliveries, POP3 locks, deletions).
 //! - [`delivery`]: the delivery actor (queue manager), MX lookup and the
 //!   outbound SMTP client.
@@ -32,9 +36,12 @@
 mod accept;
 pub mod admin;
 pub mod auth;
+pub mod bounce;
 pub mod control;
 pub mod delivery;
+pub mod dispatch;
 pub mod inspect;
+pub mod intake;
 pub mod io;
 mod limits;
 mod login_delay;
@@ -47,7 +54,8 @@ mod signals;
 pub mod smtp;
 pub mod tls;
 
-pub use router::{Dispatch, RouteRecipient, Router};
+pub use intake::Intake;
+pub use router::{RouteRecipient, Router};
 pub use server::{Server, ServerBuilder, ServerError, TlsReloader};
 pub use signals::Signals;
 

@@ -1,8 +1,10 @@
-//! The local-mailbox actor: stores deliveries in mailboxes, and serialises
-//! what POP3 sessions change (the maildrop lock, deletions at QUIT).
+//! The local-mailbox actor: serialises what POP3 sessions change (the
+//! maildrop lock, deletions at QUIT); and the functions that store
+//! deliveries in mailboxes.
 //!
-//! Reading a message does not go through this actor: sled reads are safe
-//! from any thread, and RETR is the hot path of a POP3 server.
+//! Neither reading nor delivering a message goes through this actor: sled
+//! reads and transactions are safe from any thread, RETR is the hot path of
+//! a POP3 server, and delivery that of intake.
 
 use std::collections::HashMap;
 
@@ -32,52 +34,50 @@ impl Actor for Mailbox {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        // Deliveries arrive from every SMTP session; senders await them, so
-        // the mailbox itself needs room rather than a small bound.
+        // Every POP3 session sends here and awaits the answer (`send`, never
+        // `do_send`), so this bound is back-pressure, not loss.
         ctx.set_mailbox_capacity(4096);
     }
 }
 
-/// Store a message in local mailboxes (idempotent per mailbox and message).
-#[derive(Message)]
-#[rtype(result = "Result<(), StoreError>")]
-pub struct Deliver {
-    pub id: MessageId,
-    pub deliveries: Vec<LocalDelivery>,
+/// Delivers a spooled message to local mailboxes, in one transaction
+/// ([`Store::deliver_local`]: idempotent per mailbox and message). A plain
+/// function, not a message: any thread may write mailbox entries; only the
+/// POP3 side needs this actor.
+///
+/// # Errors
+///
+/// The store's, when the transaction fails.
+pub fn deliver_local(
+    store: &Store,
+    id: MessageId,
+    deliveries: &[LocalDelivery],
+) -> Result<(), StoreError> {
+    store.deliver_local(id, deliveries)?;
+    delivered(id, deliveries);
+    Ok(())
 }
 
-impl Handler<Deliver> for Mailbox {
-    type Result = Result<(), StoreError>;
-
-    fn handle(&mut self, msg: Deliver, _: &mut Self::Context) -> Self::Result {
-        self.store.deliver_local(msg.id, &msg.deliveries)?;
-        for d in &msg.deliveries {
-            info!(id = %msg.id, to = %escape(&d.mailbox), status = "delivered", relay = "local", "delivered to mailbox");
-        }
-        Ok(())
-    }
+/// Stores a message that goes only to local mailboxes: content and entries
+/// at once ([`Store::accept_local`]).
+///
+/// # Errors
+///
+/// The store's, when the write fails.
+pub fn accept_local(
+    store: &Store,
+    id: MessageId,
+    content: &[u8],
+    deliveries: &[LocalDelivery],
+) -> Result<(), StoreError> {
+    store.accept_local(id, content, deliveries)?;
+    delivered(id, deliveries);
+    Ok(())
 }
 
-/// Store a message that goes only to local mailboxes: content and entries
-/// in one transaction ([`Store::accept_local`]).
-#[derive(Message)]
-#[rtype(result = "Result<(), StoreError>")]
-pub struct StoreLocal {
-    pub id: MessageId,
-    pub content: Vec<u8>,
-    pub deliveries: Vec<LocalDelivery>,
-}
-
-impl Handler<StoreLocal> for Mailbox {
-    type Result = Result<(), StoreError>;
-
-    fn handle(&mut self, msg: StoreLocal, _: &mut Self::Context) -> Self::Result {
-        self.store
-            .accept_local(msg.id, &msg.content, &msg.deliveries)?;
-        for d in &msg.deliveries {
-            info!(id = %msg.id, to = %escape(&d.mailbox), status = "delivered", relay = "local", "delivered to mailbox");
-        }
-        Ok(())
+fn delivered(id: MessageId, deliveries: &[LocalDelivery]) {
+    for d in deliveries {
+        info!(%id, to = %escape(&d.mailbox), status = "delivered", relay = "local", "delivered to mailbox");
     }
 }
 

@@ -29,13 +29,15 @@ use tracing::{error, info, warn};
 pub use crate::accept::LISTEN_BACKLOG;
 use crate::accept::{bind, Acceptor, Kind};
 use crate::auth::PasswordChecks;
-use crate::delivery::actor::Delivery;
+use crate::delivery::actor::{Delivery, Queued};
+use crate::dispatch::dispatch;
+use crate::intake::Intake;
 use crate::io::TlsSlot;
 use crate::limits::Limits;
 use crate::login_delay::AuthFailures;
 use crate::mailbox::Mailbox;
 use crate::pop3::Pop3Shared;
-use crate::router::{Dispatch, RouteRecipient, Router};
+use crate::router::{RouteRecipient, Router};
 use crate::smtp::SmtpShared;
 
 /// Errors that stop a server from starting.
@@ -273,28 +275,20 @@ impl ServerBuilder {
         // The core actors share one arbiter of their own, so that sled writes
         // never stall a connection's thread.
         let core = Arbiter::new();
+        let workers: Vec<Arbiter> = (0..worker_count()).map(|_| Arbiter::new()).collect();
         let mailbox = {
             let store = store.clone();
             Mailbox::start_in_arbiter(&core.handle(), move |_| Mailbox::new(store))
         };
         let delivery = {
             let (store, config) = (store.clone(), config.clone());
-            Delivery::start_in_arbiter(&core.handle(), move |_| Delivery::new(config, store))
+            let io = workers.iter().map(|w| w.handle()).collect();
+            Delivery::start_in_arbiter(&core.handle(), move |_| Delivery::new(config, store, io))
         };
         let router = {
-            let (store, config, mailbox, delivery) = (
-                store.clone(),
-                config.clone(),
-                mailbox.clone(),
-                delivery.clone().recipient(),
-            );
-            Router::start_in_arbiter(&core.handle(), move |_| {
-                Router::new(config, store, mailbox, delivery)
-            })
+            let (store, config) = (store.clone(), config.clone());
+            Router::start_in_arbiter(&core.handle(), move |_| Router::new(config, store))
         };
-        delivery.do_send(crate::delivery::actor::SetRouter(
-            router.clone().recipient(),
-        ));
 
         // Messages spooled but not yet handed on before a stop or crash.
         let pending = store.inbound()?;
@@ -303,22 +297,20 @@ impl ServerBuilder {
         }
         for envelope in pending {
             let id = envelope.id;
-            if let Err(e) = router
-                .send(Dispatch(envelope))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()))
-            {
-                warn!(%id, error = %e, "re-dispatch failed");
+            match dispatch(&config, &store, &envelope) {
+                Ok(queued) => {
+                    for id in queued {
+                        // Awaited: nothing here comes from the network, and
+                        // none of it may be dropped before the first poll.
+                        let _ = delivery.send(Queued { id, content: None }).await;
+                    }
+                }
+                Err(e) => warn!(%id, error = %e, "re-dispatch failed"),
             }
         }
 
         let (shutdown, _) = watch::channel(false);
         let connections = Arc::new(Limits::default());
-        let workers: Vec<Arbiter> = (0..worker_count()).map(|_| Arbiter::new()).collect();
-        delivery.do_send(crate::delivery::actor::SetIoArbiters(
-            workers.iter().map(|w| w.handle()).collect(),
-        ));
         let mut server = Server {
             smtp_addrs: Vec::new(),
             submission_addrs: Vec::new(),
@@ -348,7 +340,7 @@ impl ServerBuilder {
         let sessions = Arc::new(crate::sessions::Pop3Sessions::default());
         let smtp_shared = |auth_required: bool,
                            route: Recipient<RouteRecipient>,
-                           router: Addr<Router>| {
+                           intake: Intake| {
             Arc::new(SmtpShared {
                 config: config.clone(),
                 session: Arc::new(SessionConfig {
@@ -374,32 +366,24 @@ impl ServerBuilder {
                 }),
                 store: store.clone(),
                 router: route,
-                submit: router.clone().recipient(),
-                dispatch: router.recipient(),
-                queued: delivery.clone().recipient(),
+                intake,
                 tls: tls.clone(),
                 failures: failures.clone(),
                 checks: checks.clone(),
             })
         };
-        // Each worker arbiter gets its own router and mailbox actor: the
-        // connections it runs route and deliver without a thread switch (the
-        // per-message cost on 2 cores was dominated by wake-ups). POP3
+        // Each worker arbiter gets its own router actor and intake: the
+        // connections it runs route and store mail without a thread switch
+        // (the per-message cost on 2 cores was dominated by wake-ups). POP3
         // sessions all use the core mailbox actor, which owns the locks.
         let mut per_worker = Vec::new();
         for worker in &server.workers {
             let handle = worker.handle();
-            let local_mailbox = {
-                let store = store.clone();
-                Mailbox::start_in_arbiter(&handle, move |_| Mailbox::new(store))
-            };
             let local_router = {
-                let (store, config, delivery) =
-                    (store.clone(), config.clone(), delivery.clone().recipient());
-                Router::start_in_arbiter(&handle, move |_| {
-                    Router::new(config, store, local_mailbox, delivery)
-                })
+                let (store, config) = (store.clone(), config.clone());
+                Router::start_in_arbiter(&handle, move |_| Router::new(config, store))
             };
+            let intake = Intake::new(config.clone(), store.clone(), delivery.clone().recipient());
             let route: Recipient<RouteRecipient> = match &self.router {
                 Some(make) => {
                     let (make, default) = (make.clone(), local_router.clone().recipient());
@@ -409,16 +393,16 @@ impl ServerBuilder {
                     });
                     rx.await.map_err(|_| ServerError::Worker)?
                 }
-                None => local_router.clone().recipient(),
+                None => local_router.recipient(),
             };
-            per_worker.push((route, local_router));
+            per_worker.push((route, intake));
         }
         let smtp_shared = |auth_required: bool| {
             Arc::new(
                 per_worker
                     .iter()
-                    .map(|(route, router)| {
-                        smtp_shared(auth_required, route.clone(), router.clone())
+                    .map(|(route, intake)| {
+                        smtp_shared(auth_required, route.clone(), intake.clone())
                     })
                     .collect::<Vec<_>>(),
             )

@@ -25,11 +25,11 @@ use postino_core::Store;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::auth::PasswordChecks;
-use crate::delivery::actor::Queued;
+use crate::intake::Intake;
 use crate::io::{Io, ReadOutcome, Stream, TlsSlot};
 use crate::limits::ConnectionGuard;
 use crate::login_delay::AuthFailures;
-use crate::router::{Dispatch, RouteRecipient, Submit, Submitted};
+use crate::router::RouteRecipient;
 
 /// What every SMTP connection of one listener shares.
 pub struct SmtpShared {
@@ -37,11 +37,8 @@ pub struct SmtpShared {
     pub session: Arc<SessionConfig>,
     pub store: Store,
     pub router: Recipient<RouteRecipient>,
-    /// The router of this connection's worker: stores accepted messages.
-    pub submit: Recipient<Submit>,
-    pub dispatch: Recipient<Dispatch>,
-    /// The delivery actor, for remote-only mail queued at once.
-    pub queued: Recipient<Queued>,
+    /// The intake of this connection's worker: stores accepted messages.
+    pub intake: Intake,
     pub tls: TlsSlot,
     /// Failed logins per client address (shared with POP3).
     pub failures: Arc<AuthFailures>,
@@ -483,9 +480,9 @@ impl SmtpConnection {
         }
     }
 
-    /// The end of DATA: stores an accepted message, waits until it is
-    /// durable, hands it on, and sends the final reply (`250 … queued as`
-    /// or a `451`); then reads on.
+    /// The end of DATA: hands the accepted message to [`Intake`] (store,
+    /// wait until durable, hand on) and sends the final reply (`250 …
+    /// queued as` or a `451`); then reads on.
     fn submit(&mut self, accepted: Accepted, ctx: &mut Context<Self>) {
         let id = accepted.id;
         // For the accepted line (Postfix logs these in several).
@@ -504,65 +501,34 @@ impl SmtpConnection {
             helo: accepted.helo,
             size: accepted.content.len() as u64,
         };
-        let submit = self.shared.submit.send(Submit {
-            envelope: envelope.clone(),
-            content: accepted.content,
-        });
-        let store = self.shared.store.clone();
-        let dispatch = self.shared.dispatch.clone();
-        let queued = self.shared.queued.clone();
+        let shared = self.shared.clone();
         let fut = async move {
-            let submitted = submit
+            let logged = |envelope: &Envelope| {
+                info!(
+                    %id,
+                    from = %escape(&envelope.sender_display()),
+                    nrcpt = envelope.recipients.len(),
+                    size = envelope.size,
+                    message_id = message_id.as_ref().map(tracing::field::display),
+                    sasl_username = sasl_username.as_ref().map(tracing::field::display),
+                    tls_protocol = tls_protocol.as_ref().map(tracing::field::display),
+                    tls_cipher = tls_cipher.as_ref().map(tracing::field::display),
+                    "message accepted"
+                );
+                postino_core::metrics::message_accepted(envelope.size as usize);
+            };
+            shared
+                .intake
+                .accept(envelope, accepted.content, logged)
                 .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
-            // The 250 is written only once a group commit that
-            // started after the write has flushed (REFERENCE.md:
-            // Postfix fsyncs first too).
-            store.durable().await.map_err(|e| e.to_string())?;
-            let rcpts = envelope.recipients.len();
-            info!(
-                %id,
-                from = %escape(&envelope.sender_display()),
-                nrcpt = rcpts,
-                size = envelope.size,
-                message_id = message_id.as_ref().map(tracing::field::display),
-                sasl_username = sasl_username.as_ref().map(tracing::field::display),
-                tls_protocol = tls_protocol.as_ref().map(tracing::field::display),
-                tls_cipher = tls_cipher.as_ref().map(tracing::field::display),
-                "message accepted"
-            );
-            postino_core::metrics::message_accepted(envelope.size as usize);
-            if let Submitted::Queued(q) = submitted {
-                // Nothing to wait for: the queue has it, and the
-                // next queue run tries it if this is lost.
-                queued.do_send(q);
-            } else if matches!(submitted, Submitted::Spooled) {
-                // Hand it on before answering, so that a client that
-                // reads its mailbox right after the 250 finds the
-                // message. A failed dispatch is retried at restart
-                // from the spool; the message is safe either way.
-                if let Err(e) = dispatch
-                    .send(Dispatch(envelope))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()))
-                {
-                    warn!(%id, error = %e, "dispatch failed; will retry at restart");
-                }
-            }
-            Ok::<(), String>(())
         }
         .instrument(self.span.clone());
         ctx.wait(fut.into_actor(self).map(move |res, act, ctx| {
             let reply = match res {
-                Ok(()) => act.session.accepted(id),
+                Ok(id) => act.session.accepted(id),
                 Err(e) => {
                     warn!(%id, error = %e, "storing the message failed");
                     postino_core::metrics::store_error("accept");
-                    // Whatever of it reached the disk must never be
-                    // delivered: the client will send it again.
-                    act.shared.store.reject(id);
                     act.session.storage_failed()
                 }
             };

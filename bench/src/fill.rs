@@ -6,7 +6,7 @@
 //! Each message goes through the same public store calls, in the same order,
 //! as one that came in over SMTP for a remote recipient and failed its first
 //! attempt: queued with a pending recipient and its content inline
-//! (`Store::accept_remote`, as the router does), then its round settled as
+//! (`Store::accept_remote`, as intake does), then its round settled as
 //! deferred (`Store::settle_queue`, as the delivery actor's `finalize` does).
 //! So the server sees records it could have written itself.
 

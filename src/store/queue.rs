@@ -476,7 +476,7 @@ mod tests {
     }
 
     /// Spools a message for `bob@remote.test`, queues it and finishes its
-    /// dispatch, as the router does.
+    /// dispatch, as the server's dispatch does.
     fn queued(store: &Store, next_attempt: u64, content: &[u8]) -> QueueEntry {
         let id = store.new_id().unwrap();
         let route = Route::Deliver(vec![crate::routing::Target::Remote {

@@ -55,7 +55,8 @@ use postino_core::{Config, Envelope, MessageId, Store};
 use tokio::sync::Semaphore;
 use tracing::{debug, error, info, warn};
 
-use crate::router::{notification, Dispatch};
+use crate::bounce::notification;
+use crate::dispatch::dispatch;
 
 use super::attempt::{self, Outcome, RcptResult};
 
@@ -71,50 +72,18 @@ pub const SETTLE_RETRY: Duration = Duration::from_secs(1);
 /// Longest wait between two tries to write unsettled outcomes.
 pub const MAX_SETTLE_RETRY: Duration = Duration::from_secs(30);
 
-/// Queue these remote recipients of a spooled message.
-#[derive(Message, Debug)]
-#[rtype(result = "Result<(), StoreError>")]
-pub struct Enqueue {
-    pub envelope: Envelope,
-    pub recipients: Vec<String>,
-}
-
-/// A message the router has just queued with [`Store::accept_remote`] and
-/// made durable: try it now, with the content in hand (no read back from
-/// the store). If the actor is busy, the entry waits in the queue for the
-/// next poll like any other.
+/// A message intake has just put in the delivery queue and made durable
+/// (with [`Store::accept_remote`], or by dispatching it): try it now, with
+/// the content in hand when there is one (no read back from the store). If
+/// the actor is busy, the entry waits in the queue for the next poll like
+/// any other.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct Queued {
     pub id: MessageId,
-    pub content: Bytes,
+    /// The message; `None`: read it from the queue.
+    pub content: Option<Bytes>,
 }
-
-/// A new queue entry for `recipients` of `envelope`, due now.
-pub fn new_entry(envelope: &Envelope, recipients: Vec<String>) -> QueueEntry {
-    QueueEntry {
-        id: envelope.id,
-        sender: envelope.sender.clone(),
-        received_at: envelope.received_at,
-        next_attempt: now_unix(),
-        attempts: 0,
-        recipients: recipients
-            .into_iter()
-            .map(|address| QueueRecipient {
-                address,
-                state: RecipientState::Pending,
-            })
-            .collect(),
-        client: envelope.client.clone(),
-        warned: false,
-    }
-}
-
-/// Tells the delivery actor where notifications go (the router starts after
-/// it). Notifications made before this arrives wait for it.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct SetRouter(pub Recipient<Dispatch>);
 
 /// An administrator's change to the queue (`postino queue
 /// flush|delete|bounce` on the control socket): made by this actor while it
@@ -164,9 +133,6 @@ pub enum QueueError {
 pub struct Delivery {
     config: Arc<Config>,
     store: Store,
-    router: Option<Recipient<Dispatch>>,
-    /// Notifications spooled before the router was known.
-    undispatched: Vec<Envelope>,
     /// Entries in a round, with the number of destination tasks still out.
     in_flight: HashMap<MessageId, usize>,
     /// Entries whose round is over but whose outcome the store refused
@@ -202,27 +168,14 @@ struct Settlement {
     wait: Duration,
 }
 
-/// Where the SMTP client sessions of delivery attempts run.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct SetIoArbiters(pub Vec<ArbiterHandle>);
-
-impl Handler<SetIoArbiters> for Delivery {
-    type Result = ();
-
-    fn handle(&mut self, msg: SetIoArbiters, _: &mut Self::Context) {
-        self.io = msg.0;
-    }
-}
-
 impl Delivery {
-    pub fn new(config: Arc<Config>, store: Store) -> Delivery {
+    /// A queue manager over `store`'s queue whose SMTP client sessions run
+    /// on the `io` arbiters, in turn (empty: on its own).
+    pub fn new(config: Arc<Config>, store: Store, io: Vec<ArbiterHandle>) -> Delivery {
         let attempt = Arc::new(attempt::Attempt::new(config.clone()));
         Delivery {
             config,
             store,
-            router: None,
-            undispatched: Vec::new(),
             in_flight: HashMap::new(),
             unsettled: HashMap::new(),
             unwritten: HashMap::new(),
@@ -230,7 +183,7 @@ impl Delivery {
             destinations: HashMap::new(),
             wakeup: None,
             attempt,
-            io: Vec::new(),
+            io,
             next_io: 0,
         }
     }
@@ -728,26 +681,42 @@ impl Delivery {
         format!("postmaster@{domain}")
     }
 
-    /// Hands spooled notifications to the router (or keeps them until it is
-    /// known). One that fails to dispatch stays in the spool and is
-    /// dispatched at the next start.
+    /// Dispatches spooled notifications ([`dispatch`]) and tries at once
+    /// those that went to the queue. One that fails to dispatch stays in
+    /// the spool and is dispatched at the next start.
     fn dispatch(&mut self, envelopes: Vec<Envelope>, ctx: &mut Context<Self>) {
-        let Some(router) = self.router.clone() else {
-            self.undispatched.extend(envelopes);
-            return;
-        };
         for envelope in envelopes {
-            let id = envelope.id;
-            let router = router.clone();
-            ctx.spawn(
-                async move { router.send(Dispatch(envelope)).await }
-                    .into_actor(self)
-                    .map(move |result, _, _| match result {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => warn!(%id, error = %e, "notification dispatch failed; retried at restart"),
-                        Err(e) => warn!(%id, error = %e, "notification dispatch failed; retried at restart"),
-                    }),
-            );
+            match dispatch(&self.config, &self.store, &envelope) {
+                Ok(queued) => {
+                    for id in queued {
+                        self.try_now(id, None, ctx);
+                    }
+                }
+                Err(e) => {
+                    warn!(id = %envelope.id, error = %e, "notification dispatch failed; retried at restart")
+                }
+            }
+        }
+    }
+
+    /// Starts a round for a message just queued, if there is room and no
+    /// queue run has tried it yet.
+    fn try_now(&mut self, id: MessageId, content: Option<Bytes>, ctx: &mut Context<Self>) {
+        if self.busy(id) || self.in_flight.len() >= MAX_IN_FLIGHT || self.settle_retry.is_some() {
+            // Started by a poll that found it due, or no room: the poll
+            // after the next finished round picks it up.
+            return;
+        }
+        // A poll may also have found it due and finished a whole round
+        // before this arrived: only an untried entry is started here, so
+        // nobody gets a second copy.
+        match self.store.queue_entry(id) {
+            Ok(Some(entry)) if entry.attempts == 0 => match content {
+                Some(content) => self.start_with(entry, content, ctx),
+                None => self.start(entry, ctx),
+            },
+            Ok(_) => debug!(%id, "already tried by a queue run"),
+            Err(e) => error!(%id, error = %e, "cannot read queue entry"),
         }
     }
 
@@ -905,8 +874,8 @@ impl Actor for Delivery {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        // The router awaits every Enqueue (`send`), so this bound is
-        // back-pressure on dispatch, not loss.
+        // Intake sends `Queued` with `try_send`: when this is full, the
+        // entry waits in the queue for a poll instead of piling up here.
         ctx.set_mailbox_capacity(4096);
         // Counting walks the schedule index (a second for a million
         // entries): off this thread, so that delivery starts at once.
@@ -931,59 +900,11 @@ impl Actor for Delivery {
     }
 }
 
-impl Handler<Enqueue> for Delivery {
-    type Result = Result<(), StoreError>;
-
-    fn handle(&mut self, msg: Enqueue, ctx: &mut Self::Context) -> Self::Result {
-        let entry = new_entry(&msg.envelope, msg.recipients);
-        self.store.enqueue(&entry)?;
-        if self.busy(entry.id) || self.settle_retry.is_some() {
-            return Ok(());
-        }
-        // A repeat of an enqueue whose entry was already delivered and
-        // removed (a re-dispatch after a crash) finds nothing: nothing to do.
-        let Some(entry) = self.store.queue_entry(entry.id)? else {
-            return Ok(());
-        };
-        if self.in_flight.len() < MAX_IN_FLIGHT {
-            // The fast path: try at once, without waiting for the next poll.
-            // A crash before the queue record is flushed is covered by the
-            // spool record, which is only finished after this returns.
-            self.start(entry, ctx);
-        }
-        // Else the poll after the next finished round picks it up.
-        Ok(())
-    }
-}
-
 impl Handler<Queued> for Delivery {
     type Result = ();
 
     fn handle(&mut self, msg: Queued, ctx: &mut Self::Context) {
-        let id = msg.id;
-        if self.busy(id) || self.in_flight.len() >= MAX_IN_FLIGHT || self.settle_retry.is_some() {
-            // Started by a poll that found it due, or no room: the poll
-            // after the next finished round picks it up.
-            return;
-        }
-        // A poll may also have found it due and finished a whole round
-        // before this arrived: only an untried entry is started here, so
-        // nobody gets a second copy.
-        match self.store.queue_entry(id) {
-            Ok(Some(entry)) if entry.attempts == 0 => self.start_with(entry, msg.content, ctx),
-            Ok(_) => debug!(%id, "already tried by a queue run"),
-            Err(e) => error!(%id, error = %e, "cannot read queue entry"),
-        }
-    }
-}
-
-impl Handler<SetRouter> for Delivery {
-    type Result = ();
-
-    fn handle(&mut self, msg: SetRouter, ctx: &mut Self::Context) {
-        self.router = Some(msg.0);
-        let waiting = std::mem::take(&mut self.undispatched);
-        self.dispatch(waiting, ctx);
+        self.try_now(msg.id, msg.content, ctx);
     }
 }
 

@@ -1,0 +1,137 @@
+//! Bounces and other delivery status notifications: built from the store
+//! and spooled, then dispatched like any accepted message
+//! ([`crate::dispatch::dispatch`]). Plain functions over the store, used by
+//! dispatch (recipients refused at routing) and by the delivery actor
+//! (failures and delay warnings after delivery rounds).
+
+use postino_core::dsn::{self, RecipientStatus};
+use postino_core::logsafe::escape;
+use postino_core::message::{now_unix, Recipient as Rcpt};
+use postino_core::routing::{self, DirectoryError};
+use postino_core::store::{Notice, StoreError};
+use postino_core::{Address, Config, Envelope, Store};
+use tracing::{info, warn};
+
+/// Spools a bounce for `failed` recipients of `envelope` and returns its
+/// envelope, or `None` when no bounce may be sent (null sender).
+pub fn bounce_envelope(
+    config: &Config,
+    store: &Store,
+    envelope: &Envelope,
+    failed: &[RecipientStatus],
+) -> Result<Option<Envelope>, StoreError> {
+    let Some(sender) = envelope.sender.as_deref() else {
+        // Never bounce a bounce (RFC 5321 §4.5.5).
+        warn!(id = %envelope.id, "not bouncing a message from <>; dropped");
+        return Ok(None);
+    };
+    bounce_to(
+        config,
+        store,
+        envelope,
+        failed,
+        sender,
+        dsn::Kind::Failure,
+        true,
+    )
+}
+
+/// Spools a delivery status notification of `kind` addressed to `to`.
+/// `inbound`: the original is still in the intake spool (a bounce made at
+/// dispatch), so the store marks it and a re-dispatch after a crash does not
+/// bounce twice.
+pub fn bounce_to(
+    config: &Config,
+    store: &Store,
+    envelope: &Envelope,
+    recipients: &[RecipientStatus],
+    to: &str,
+    kind: dsn::Kind,
+    inbound: bool,
+) -> Result<Option<Envelope>, StoreError> {
+    let Some(Notice {
+        envelope: bounce,
+        content,
+    }) = notification(config, store, envelope, recipients, to, kind)?
+    else {
+        return Ok(None);
+    };
+    if inbound {
+        if !store.spool_bounce(envelope.id, &bounce, &content)? {
+            // Spooled by a dispatch before a crash; it is dispatched from
+            // the spool on its own.
+            return Ok(None);
+        }
+    } else {
+        store.spool(&bounce, &content)?;
+    }
+    info!(id = %bounce.id, orig_id = %envelope.id, to = %escape(to), kind = ?kind, "notification created");
+    Ok(Some(bounce))
+}
+
+/// The store error behind a failed lookup in the store (the store's
+/// [`postino_core::Directory`] errors always wrap one).
+fn store_error(e: DirectoryError) -> StoreError {
+    match e.0.downcast::<StoreError>() {
+        Ok(e) => *e,
+        Err(other) => StoreError::Codec(other.to_string()),
+    }
+}
+
+/// Builds (without spooling) a delivery status notification of `kind`
+/// about `envelope`'s `recipients`, addressed to `to` and routed like any
+/// message to it. `None` when `to` cannot be routed. The delivery actor
+/// spools it together with its queue change ([`Store::settle_queue`]).
+pub fn notification(
+    config: &Config,
+    store: &Store,
+    envelope: &Envelope,
+    recipients: &[RecipientStatus],
+    to: &str,
+    kind: dsn::Kind,
+) -> Result<Option<Notice>, StoreError> {
+    // Queued mail may hold its content inline; spooled mail shares it.
+    let original = match store.queued_content(envelope.id)? {
+        Some(c) => c,
+        None => store.content(envelope.id)?.unwrap_or_default(),
+    };
+    let id = store.new_id()?;
+    let now = now_unix();
+    let content = dsn::Report {
+        kind,
+        hostname: &config.hostname,
+        id: envelope.id,
+        sender: to,
+        arrival_date: &dsn::rfc5322_date(envelope.received_at),
+        date: &dsn::rfc5322_date(now),
+        recipients,
+        original: &original,
+    }
+    .build();
+    let Ok(rcpt) = Address::parse(to, true) else {
+        warn!(id = %envelope.id, sender = %escape(to), "unparseable sender; bounce dropped");
+        return Ok(None);
+    };
+    // The bounce goes wherever the sender's address leads, local or remote.
+    let route = routing::decide(&config.routing, store, &rcpt, true).map_err(store_error)?;
+    if !route.is_accepted() {
+        warn!(id = %envelope.id, sender = %escape(to), "bounce recipient not routable; dropped");
+        return Ok(None);
+    }
+    let bounce = Envelope {
+        id,
+        sender: None,
+        recipients: vec![Rcpt {
+            address: to.to_owned(),
+            route,
+        }],
+        received_at: now,
+        client: "local".into(),
+        helo: config.hostname.clone(),
+        size: content.len() as u64,
+    };
+    Ok(Some(Notice {
+        envelope: bounce,
+        content,
+    }))
+}

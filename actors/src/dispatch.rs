@@ -1,0 +1,186 @@
+//! Dispatch: hands a durably spooled message on to its local mailboxes, the
+//! delivery queue and, for recipients refused at routing, a bounce. Plain
+//! functions over the store, used by intake (mail for local and remote
+//! recipients together), by the server at startup (messages spooled but not
+//! finished before a stop or crash) and by the delivery actor (its
+//! notifications). Each step is idempotent (a progress record in the
+//! store), so a dispatch cut short is simply done again.
+//!
+//! [`Plan`] sorts a message's recipients once; intake uses the same plan to
+//! choose how to store the message in the first place.
+
+use postino_core::dsn::RecipientStatus;
+use postino_core::message::{now_unix, Recipient as Rcpt};
+use postino_core::routing::Target;
+use postino_core::store::{LocalDelivery, QueueEntry, QueueRecipient, RecipientState, StoreError};
+use postino_core::{Config, Envelope, MessageId, Route, Store};
+use tracing::warn;
+
+use crate::bounce::bounce_envelope;
+use crate::mailbox;
+
+/// Why a dispatch did not finish. The message stays in the spool and is
+/// dispatched again at the next start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DispatchError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Dispatches a spooled `envelope` (durable, or at least written before the
+/// group commit its caller awaits), and the bounce it makes, then finishes
+/// it in the spool. Returns the ids it put in the delivery queue: send each
+/// to the delivery actor ([`crate::delivery::actor::Queued`]) to try it at
+/// once; the queue has them anyway.
+///
+/// # Errors
+///
+/// A store error; the message stays in the spool and the steps already
+/// done are not done again (see the module docs).
+pub fn dispatch(
+    config: &Config,
+    store: &Store,
+    envelope: &Envelope,
+) -> Result<Vec<MessageId>, DispatchError> {
+    dispatch_planned(config, store, envelope, Plan::of(envelope))
+}
+
+/// [`dispatch`] by a plan already made (intake makes one to choose how to
+/// store the message).
+///
+/// # Errors
+///
+/// As [`dispatch`].
+pub fn dispatch_planned(
+    config: &Config,
+    store: &Store,
+    envelope: &Envelope,
+    plan: Plan,
+) -> Result<Vec<MessageId>, DispatchError> {
+    let mut queued = Vec::new();
+    dispatch_into(config, store, envelope, plan, &mut queued)?;
+    Ok(queued)
+}
+
+fn dispatch_into(
+    config: &Config,
+    store: &Store,
+    envelope: &Envelope,
+    plan: Plan,
+    queued: &mut Vec<MessageId>,
+) -> Result<(), DispatchError> {
+    let id = envelope.id;
+    if !plan.local.is_empty() {
+        mailbox::deliver_local(store, id, &plan.local)?;
+    }
+    if !plan.remote.is_empty() {
+        // Written before the spool record is finished: a crash in between
+        // dispatches again, and the store queues it only once.
+        store.enqueue(&new_entry(envelope, plan.remote))?;
+        queued.push(id);
+    }
+    if !plan.bounced.is_empty() {
+        if let Some(bounce) = bounce_envelope(config, store, envelope, &plan.bounced)? {
+            // Spooled before the original is finished: a crash in between
+            // re-dispatches the original, never loses the bounce. A bounce
+            // has no sender, so it never makes a bounce itself. A failed
+            // dispatch of it is retried at the next start, like any.
+            let plan = Plan::of(&bounce);
+            if let Err(e) = dispatch_into(config, store, &bounce, plan, queued) {
+                warn!(id = %bounce.id, error = %e, "notification dispatch failed; retried at restart");
+            }
+        }
+    }
+    store.finish_inbound(id)?;
+    Ok(())
+}
+
+/// A new queue entry for `recipients` of `envelope`, due now.
+pub fn new_entry(envelope: &Envelope, recipients: Vec<String>) -> QueueEntry {
+    QueueEntry {
+        id: envelope.id,
+        sender: envelope.sender.clone(),
+        received_at: envelope.received_at,
+        next_attempt: now_unix(),
+        attempts: 0,
+        recipients: recipients
+            .into_iter()
+            .map(|address| QueueRecipient {
+                address,
+                state: RecipientState::Pending,
+            })
+            .collect(),
+        client: envelope.client.clone(),
+        warned: false,
+    }
+}
+
+/// A message's recipients sorted by where they go.
+pub struct Plan {
+    /// Local mailboxes, each once, with the headers its copy gets.
+    pub local: Vec<LocalDelivery>,
+    /// Remote addresses, each once.
+    pub remote: Vec<String>,
+    /// Recipients that routing bounces.
+    pub bounced: Vec<RecipientStatus>,
+}
+
+impl Plan {
+    /// Sorts `envelope`'s recipients by their routes.
+    pub fn of(envelope: &Envelope) -> Plan {
+        let mut plan = Plan {
+            local: Vec::new(),
+            remote: Vec::new(),
+            bounced: Vec::new(),
+        };
+        for Rcpt { address, route } in &envelope.recipients {
+            match route {
+                Route::Deliver(targets) => {
+                    for t in targets {
+                        match t {
+                            Target::Mailbox { mailbox, original } => {
+                                if plan.local.iter().any(|d| &d.mailbox == mailbox) {
+                                    continue;
+                                }
+                                plan.local.push(LocalDelivery {
+                                    mailbox: mailbox.clone(),
+                                    prefix: delivery_headers(
+                                        envelope,
+                                        mailbox,
+                                        original.as_deref(),
+                                    ),
+                                });
+                            }
+                            Target::Remote { address } => {
+                                if !plan.remote.contains(address) {
+                                    plan.remote.push(address.clone());
+                                }
+                            }
+                        }
+                    }
+                }
+                Route::Bounce { status, reason } => plan.bounced.push(RecipientStatus {
+                    address: address.clone(),
+                    status: status.clone(),
+                    diagnostic: format!("550 {status} {reason}"),
+                    remote_mta: None,
+                }),
+                Route::Reject(_) => {}
+            }
+        }
+        plan
+    }
+}
+
+/// Headers a local delivery adds, as Postfix's local(8) does.
+fn delivery_headers(envelope: &Envelope, mailbox: &str, original: Option<&str>) -> Vec<u8> {
+    let mut h = format!(
+        "Return-Path: {}\r\nDelivered-To: {mailbox}\r\n",
+        envelope.sender_display()
+    );
+    if let Some(original) = original {
+        h.push_str(&format!("X-Original-To: {original}\r\n"));
+    }
+    h.into_bytes()
+}

@@ -1,0 +1,361 @@
+//! Intake: takes a message whose DATA has been received whole, stores it
+//! and answers only once it is on disk. This is where "a 250 means
+//! flushed" is kept, in one place.
+//!
+//! [`Intake::accept`] sorts the recipients once ([`Plan`]) and writes the
+//! message the cheapest way that plan allows:
+//!
+//! - only local mailboxes (the common case): straight into them
+//!   ([`Store::accept_local`]);
+//! - only remote recipients: straight into the delivery queue
+//!   ([`Store::accept_remote`]);
+//! - anything else (local and remote together, recipients that bounce):
+//!   into the intake spool ([`Store::spool`]).
+//!
+//! It then awaits the group commit ([`Store::durable`]) and hands the
+//! message on: queued mail to the delivery actor ([`Queued`], not awaited:
+//! the queue has it anyway), spooled mail to [`dispatch`] (its mailboxes,
+//! the queue, a bounce), before the caller answers, so that a client that
+//! reads its mailbox right after the 250 finds the message.
+//!
+//! Every worker thread has its own `Intake` beside its connections: writes
+//! from different connections never wait for each other here, and each
+//! awaits its own group commit, so many messages share one flush.
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+use bytes::Bytes;
+use postino_core::store::StoreError;
+use postino_core::{Config, Envelope, MessageId, Store};
+use tracing::{debug, warn};
+
+use crate::delivery::actor::Queued;
+use crate::dispatch::{dispatch_planned, new_entry, Plan};
+use crate::mailbox;
+
+/// Why a message was not taken in. Whatever of it reached the disk is never
+/// delivered ([`Store::reject`]); the client is told to try again later
+/// (4xx) and sends it again.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IntakeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Stores accepted messages and hands them on (see the module docs).
+#[derive(Clone)]
+pub struct Intake {
+    config: Arc<Config>,
+    store: Store,
+    delivery: Recipient<Queued>,
+}
+
+/// How [`Intake::accept`] wrote a message, and so what is left to do.
+enum Written {
+    /// In its mailboxes: nothing.
+    Delivered,
+    /// In the delivery queue: tell the delivery actor.
+    Queued,
+    /// In the spool: dispatch it, by this plan.
+    Spooled(Plan),
+}
+
+impl Intake {
+    /// An intake writing to `store`; remote mail is announced to `delivery`.
+    pub fn new(config: Arc<Config>, store: Store, delivery: Recipient<Queued>) -> Intake {
+        Intake {
+            config,
+            store,
+            delivery,
+        }
+    }
+
+    /// Takes in a message received whole: writes it, awaits the group
+    /// commit, calls `durable` (where the caller logs the acceptance, before
+    /// the message moves on), hands it on, and returns its id for the `250
+    /// … queued as ID` reply. Nothing else may answer a message 250.
+    ///
+    /// # Errors
+    ///
+    /// [`IntakeError`] when the write or the flush failed; the message is
+    /// then marked rejected, so that nothing of it is ever delivered. A
+    /// dispatch that fails after the flush is not an error: the message is
+    /// safe in the spool and dispatched again at the next start.
+    pub async fn accept(
+        &self,
+        envelope: Envelope,
+        content: Vec<u8>,
+        durable: impl FnOnce(&Envelope),
+    ) -> Result<MessageId, IntakeError> {
+        let id = envelope.id;
+        let result = self.store_durably(&envelope, content, durable).await;
+        if result.is_err() {
+            // Whatever of it reached the disk must never be delivered: the
+            // client will send it again.
+            self.store.reject(id);
+        }
+        result.map(|()| id)
+    }
+
+    async fn store_durably(
+        &self,
+        envelope: &Envelope,
+        content: Vec<u8>,
+        durable: impl FnOnce(&Envelope),
+    ) -> Result<(), IntakeError> {
+        let id = envelope.id;
+        let plan = Plan::of(envelope);
+        let written = if plan.remote.is_empty() && plan.bounced.is_empty() && !plan.local.is_empty()
+        {
+            mailbox::accept_local(&self.store, id, &content, &plan.local)?;
+            Written::Delivered
+        } else if plan.local.is_empty() && plan.bounced.is_empty() && !plan.remote.is_empty() {
+            self.store
+                .accept_remote(&new_entry(envelope, plan.remote), &content)?;
+            Written::Queued
+        } else {
+            self.store.spool(envelope, &content)?;
+            Written::Spooled(plan)
+        };
+        // The 250 is written only once a group commit that started after
+        // the write has flushed (REFERENCE.md: Postfix fsyncs first too).
+        self.store.durable().await?;
+        durable(envelope);
+        match written {
+            Written::Delivered => {}
+            Written::Queued => self.try_now(id, Some(content.into())),
+            Written::Spooled(plan) => {
+                match dispatch_planned(&self.config, &self.store, envelope, plan) {
+                    Ok(queued) => {
+                        // The original's content is in hand; a bounce's the
+                        // delivery actor reads.
+                        let mut content = Some(content);
+                        for q in queued {
+                            let content = if q == id { content.take() } else { None };
+                            self.try_now(q, content.map(Bytes::from));
+                        }
+                    }
+                    // The message is safe in the spool either way.
+                    Err(e) => warn!(%id, error = %e, "dispatch failed; will retry at restart"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks the delivery actor to try a queued message now. Not awaited:
+    /// the queue has it, and a queue run tries it if this is dropped. A full
+    /// mailbox drops it rather than growing without bound (network input).
+    fn try_now(&self, id: MessageId, content: Option<Bytes>) {
+        match self.delivery.try_send(Queued { id, content }) {
+            Ok(()) => {}
+            Err(SendError::Full(_)) => {
+                debug!(%id, "delivery actor busy; left to the next queue run")
+            }
+            // Stopping: the queue has it for the next start.
+            Err(SendError::Closed(_)) => debug!(%id, "delivery actor stopped"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use postino_core::message::Recipient as Rcpt;
+    use postino_core::routing::Target;
+    use postino_core::Route;
+
+    use super::*;
+
+    /// Stands in for the delivery actor: keeps every `Queued` it is sent.
+    struct Recorder(Arc<Mutex<Vec<Queued>>>);
+
+    impl Actor for Recorder {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<Queued> for Recorder {
+        type Result = ();
+
+        fn handle(&mut self, msg: Queued, _: &mut Self::Context) {
+            self.0.lock().unwrap().push(msg);
+        }
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        store: Store,
+        intake: Intake,
+        sent: Arc<Mutex<Vec<Queued>>>,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let recorder = Recorder(sent.clone()).start();
+        let intake = Intake::new(
+            Arc::new(Config::default()),
+            store.clone(),
+            recorder.recipient(),
+        );
+        Fixture {
+            _dir: dir,
+            store,
+            intake,
+            sent,
+        }
+    }
+
+    fn mailbox(m: &str) -> Target {
+        Target::Mailbox {
+            mailbox: m.into(),
+            original: None,
+        }
+    }
+
+    fn remote(a: &str) -> Target {
+        Target::Remote { address: a.into() }
+    }
+
+    fn envelope(store: &Store, recipients: Vec<(&str, Route)>) -> Envelope {
+        Envelope {
+            id: store.new_id().unwrap(),
+            sender: Some("bob@remote.test".into()),
+            recipients: recipients
+                .into_iter()
+                .map(|(address, route)| Rcpt {
+                    address: address.into(),
+                    route,
+                })
+                .collect(),
+            received_at: postino_core::message::now_unix(),
+            client: "127.0.0.1".into(),
+            helo: "client.test".into(),
+            size: 7,
+        }
+    }
+
+    /// Accepts `envelope`; returns how often the durable hook ran.
+    async fn accept(f: &Fixture, envelope: Envelope) -> usize {
+        let id = envelope.id;
+        let mut hooked = 0;
+        let got = f
+            .intake
+            .accept(envelope, b"hello\r\n".to_vec(), |e| {
+                assert_eq!(e.id, id);
+                hooked += 1;
+            })
+            .await
+            .unwrap();
+        assert_eq!(got, id);
+        hooked
+    }
+
+    /// What the recorder has been sent, once it has `want` (bounded: the
+    /// messages are in its mailbox already; it only needs turns to run).
+    async fn sent(f: &Fixture, want: usize) -> Vec<Queued> {
+        for _ in 0..100 {
+            if f.sent.lock().unwrap().len() >= want {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        std::mem::take(&mut *f.sent.lock().unwrap())
+    }
+
+    fn in_mailbox(store: &Store, mailbox: &str, id: MessageId) -> bool {
+        store.maildrop(mailbox).unwrap().iter().any(|m| m.id == id)
+    }
+
+    #[actix_rt::test]
+    async fn local_only_mail_goes_straight_to_its_mailboxes() {
+        let f = fixture();
+        let e = envelope(
+            &f.store,
+            vec![
+                (
+                    "alice@localhost",
+                    Route::Deliver(vec![mailbox("alice@localhost")]),
+                ),
+                // An alias to the same mailbox: one copy.
+                (
+                    "al@localhost",
+                    Route::Deliver(vec![mailbox("alice@localhost")]),
+                ),
+            ],
+        );
+        let id = e.id;
+        assert_eq!(accept(&f, e).await, 1);
+        assert_eq!(f.store.maildrop("alice@localhost").unwrap().len(), 1);
+        assert!(in_mailbox(&f.store, "alice@localhost", id));
+        assert!(f.store.inbound().unwrap().is_empty(), "never spooled");
+        assert!(f.store.queue_entry(id).unwrap().is_none());
+        assert!(sent(&f, 1).await.is_empty(), "nothing for delivery");
+    }
+
+    #[actix_rt::test]
+    async fn remote_only_mail_is_queued_and_announced_once_with_its_content() {
+        let f = fixture();
+        let e = envelope(
+            &f.store,
+            vec![(
+                "carol@far.test",
+                Route::Deliver(vec![remote("carol@far.test")]),
+            )],
+        );
+        let id = e.id;
+        assert_eq!(accept(&f, e).await, 1);
+        let entry = f.store.queue_entry(id).unwrap().expect("queued");
+        assert_eq!(entry.recipients.len(), 1);
+        assert!(f.store.inbound().unwrap().is_empty(), "never spooled");
+        let sent = sent(&f, 1).await;
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        assert_eq!(sent[0].id, id);
+        assert_eq!(sent[0].content.as_deref(), Some(&b"hello\r\n"[..]));
+    }
+
+    #[actix_rt::test]
+    async fn mixed_mail_is_spooled_dispatched_and_bounced_in_one_pass() {
+        let f = fixture();
+        let e = envelope(
+            &f.store,
+            vec![
+                (
+                    "alice@localhost",
+                    Route::Deliver(vec![mailbox("alice@localhost")]),
+                ),
+                (
+                    "carol@far.test",
+                    Route::Deliver(vec![remote("carol@far.test")]),
+                ),
+                (
+                    "gone@localhost",
+                    Route::Bounce {
+                        status: "5.1.1".into(),
+                        reason: "no such user".into(),
+                    },
+                ),
+            ],
+        );
+        let id = e.id;
+        assert_eq!(accept(&f, e).await, 1);
+        assert!(in_mailbox(&f.store, "alice@localhost", id));
+        assert!(f.store.queue_entry(id).unwrap().is_some());
+        // Dispatch finished both the message and its bounce.
+        assert!(f.store.inbound().unwrap().is_empty());
+        let sent = sent(&f, 2).await;
+        assert_eq!(sent.len(), 2, "the message and its bounce: {sent:?}");
+        assert_eq!(sent[0].id, id);
+        assert_eq!(sent[0].content.as_deref(), Some(&b"hello\r\n"[..]));
+        // The bounce goes back to bob@remote.test; its content is read
+        // from the queue by the delivery actor.
+        let bounce = f.store.queue_entry(sent[1].id).unwrap().expect("queued");
+        assert_eq!(bounce.sender, None);
+        assert_eq!(bounce.recipients[0].address, "bob@remote.test");
+        assert!(sent[1].content.is_none());
+    }
+}
