@@ -5,12 +5,18 @@
 //! [`Session`] decides what each command means in the current state and
 //! answers with a [`Reply`] or asks its caller for something (a routing
 //! decision, storing the message, a TLS handshake).
+//!
+//! [`client`] is the other side, for outbound delivery and the load
+//! harness: replies read incrementally ([`ReplyReceiver`]), EHLO extensions
+//! and enhanced status codes.
 
+pub mod client;
 pub mod receiver;
 pub mod reply;
 pub mod request;
 pub mod session;
 
+pub use client::{RemoteHost, ReplyReceiver};
 pub use receiver::{DataReceiver, LineReceiver};
 pub use reply::Reply;
 pub use request::Request;

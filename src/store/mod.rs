@@ -145,14 +145,18 @@ pub use backup::{BackupError, CheckReport, Counts, EXPORT_VERSION};
 pub use commit::Durable;
 pub use compact::Compacted;
 pub use mail::{LocalDelivery, MailEntry};
-pub use queue::{Notice, QueueEntry, QueueRecipient, RecipientState};
+pub use queue::{DeliveryDiagnostic, Notice, QueueEntry, QueueRecipient, RecipientState};
 pub use users::PasswordScratch;
 
 /// Version of the on-disk layout; bincode records are not self-describing,
 /// so a database written by another layout is refused instead of misread.
 /// Version 2 added inline content; a version 1 database has none and is
 /// upgraded by writing the new number (an older postino then refuses it).
-const SCHEMA_VERSION: u32 = 2;
+/// Version 3 added typed diagnostics to queue recipients (new variants at
+/// the end of their state, see `queue.rs`); records of versions 1 and 2
+/// read as before, their texts taken apart once when read, so that upgrade
+/// too is only the new number.
+const SCHEMA_VERSION: u32 = 3;
 
 /// Marks content stored inline after a record (see the module docs).
 const INLINE: u8 = 1;
@@ -555,9 +559,9 @@ fn check_schema(meta: &sled::Tree) -> Result<(), StoreError> {
                 .unwrap_or(0);
             if found == SCHEMA_VERSION {
                 Ok(())
-            } else if found == 1 {
-                // Version 1 records read the same; only new ones may carry
-                // inline content.
+            } else if found == 1 || found == 2 {
+                // Version 1 and 2 records read the same; only new ones may
+                // carry inline content (2) or typed diagnostics (3).
                 meta.insert(META_SCHEMA, &want[..])?;
                 Ok(())
             } else {
