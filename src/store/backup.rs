@@ -9,7 +9,7 @@
 //! header prefixes) are standard base64.
 //!
 //! ```text
-//! {"type":"header","format":"postino-store","version":1,"schema":2,"uidl_epoch":1234}
+//! {"type":"header","format":"postino-store","version":1,"schema":3,"uidl_epoch":1234}
 //! {"type":"user","address":"a@x.test","hash":"$argon2id$..."}
 //! {"type":"alias","alias":"b@x.test","targets":["a@x.test"]}
 //! {"type":"mail","mailbox":"a@x.test","key":17,"prefix":"...","content":"..."}

@@ -839,6 +839,30 @@ mod tests {
         }
     }
 
+    /// `postino store export` lines: one written before schema 3 (a text)
+    /// still imports; a new one keeps the parts.
+    #[test]
+    fn export_json_old_and_new() {
+        let old = r#"{"Deferred":{"last_error":"host mx[127.0.0.2]:25 said: 451 4.3.0 busy"}}"#;
+        let state: RecipientState = serde_json::from_str(old).unwrap();
+        let want = diag(
+            remote("mx", "127.0.0.2:25"),
+            Some(451),
+            Some("4.3.0"),
+            "busy",
+        );
+        assert_eq!(state, RecipientState::Deferred { last_error: want });
+        let json = serde_json::to_string(&state).unwrap();
+        assert_eq!(
+            json,
+            r#"{"DeferredWith":{"last_error":{"remote":{"host":"mx","addr":"127.0.0.2:25"},"code":451,"status":"4.3.0","text":"busy"}}}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<RecipientState>(&json).unwrap(),
+            state
+        );
+    }
+
     /// The texts schema 1 and 2 wrote come apart into the fields the
     /// reports need, and show as they were written.
     #[test]
