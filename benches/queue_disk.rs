@@ -25,7 +25,8 @@ use std::time::Instant;
 use futures_executor::block_on;
 
 use postino_core::message::now_unix;
-use postino_core::store::{QueueEntry, QueueRecipient, RecipientState};
+use postino_core::smtp::Reply;
+use postino_core::store::{DeliveryDiagnostic, QueueEntry, QueueRecipient, RecipientState};
 use postino_core::Store;
 
 fn env(name: &str, default: u64) -> u64 {
@@ -88,7 +89,7 @@ fn churn(store: &Store, cycles: u64, writers: u64, backlog: u64, content: &[u8],
                     if queued.len() as u64 > backlog {
                         let mut delivered = queued.pop_front().unwrap();
                         delivered.recipients[0].state = RecipientState::Delivered {
-                            reply: "250 2.0.0 Ok".into(),
+                            reply: DeliveryDiagnostic::reply(None, &Reply::new(250, "2.0.0", "Ok")),
                         };
                         store.settle_queue(&delivered, true, &[]).expect("settle");
                     }
@@ -96,7 +97,7 @@ fn churn(store: &Store, cycles: u64, writers: u64, backlog: u64, content: &[u8],
                 }
                 for mut delivered in queued {
                     delivered.recipients[0].state = RecipientState::Delivered {
-                        reply: "250 2.0.0 Ok".into(),
+                        reply: DeliveryDiagnostic::reply(None, &Reply::new(250, "2.0.0", "Ok")),
                     };
                     store.settle_queue(&delivered, true, &[]).expect("settle");
                 }

@@ -244,9 +244,12 @@ struct RecipientView {
     /// `pending`, `deferred`, `delivered`, `failed` (bounce not yet sent)
     /// or `bounced`.
     state: &'static str,
-    /// The last error or the final reply, if any.
+    /// The last error or the final reply, if any, as `queue show` words it.
     #[serde(skip_serializing_if = "Option::is_none")]
     detail: Option<String>,
+    /// The same, typed: remote host, reply code, enhanced status, text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    diagnostic: Option<postino_core::store::DeliveryDiagnostic>,
 }
 
 impl From<&QueueEntry> for QueueView {
@@ -274,7 +277,8 @@ impl From<&QueueEntry> for QueueView {
                     RecipientView {
                         address: r.address.clone(),
                         state,
-                        detail,
+                        detail: detail.as_ref().map(|d| d.to_string()),
+                        diagnostic: detail,
                     }
                 })
                 .collect(),

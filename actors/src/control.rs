@@ -574,10 +574,10 @@ fn queue_line(e: &QueueEntry) -> String {
         .recipients
         .iter()
         .find_map(|r| match &r.state {
-            RecipientState::Deferred { last_error } => Some(last_error.as_str()),
+            RecipientState::Deferred { last_error } => Some(last_error.to_string()),
             _ => None,
         })
-        .unwrap_or("");
+        .unwrap_or_default();
     format!(
         "{:<10} {:<30} {:>8} {:<25} {:<20} {}",
         e.id.to_string(),
@@ -605,7 +605,7 @@ fn queue_details(e: &QueueEntry) -> Vec<String> {
         ),
     ];
     for r in &e.recipients {
-        lines.push(format!("recipient: {} {:?}", r.address, r.state));
+        lines.push(format!("recipient: {} {}", r.address, r.state));
     }
     lines
 }

@@ -14,7 +14,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
-use super::proto::{self, Pop3Status, ProtoError, SmtpReply};
+use super::proto::{self, Pop3Status, ProtoError, ReplyReceiver, SmtpReply};
 
 /// Why a connection failed. [`ClientError::kind`] names it in reports.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +104,8 @@ impl AsyncWrite for Stream {
 pub struct Client {
     stream: Stream,
     rbuf: BytesMut,
+    /// Lines of a reply not yet whole.
+    replies: ReplyReceiver,
     timeout: Duration,
 }
 
@@ -121,6 +123,7 @@ impl Client {
         Ok(Self {
             stream: Stream::Plain(stream),
             rbuf: BytesMut::with_capacity(8192),
+            replies: proto::reply_receiver(),
             timeout,
         })
     }
@@ -154,8 +157,11 @@ impl Client {
     /// Reads one complete SMTP reply.
     pub async fn smtp_reply(&mut self) -> Result<SmtpReply, ClientError> {
         loop {
-            if let Some((reply, used)) = proto::parse_reply(&self.rbuf)? {
-                self.rbuf.advance(used);
+            if let Some(reply) = self
+                .replies
+                .next_reply(&mut self.rbuf)
+                .map_err(ProtoError::from)?
+            {
                 return Ok(reply);
             }
             self.fill("SMTP reply").await?;
@@ -205,6 +211,7 @@ impl Client {
         // Anything the server sent before the handshake must not be read as if
         // it came over TLS (the mirror image of CVE-2011-0411).
         self.rbuf.clear();
+        self.replies = proto::reply_receiver();
         let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Gone) else {
             return Err(ClientError::Tls(io::Error::other("TLS already active")));
         };

@@ -10,6 +10,7 @@
 //! deferred (`Store::settle_queue`, as the delivery actor's `finalize` does).
 //! So the server sees records it could have written itself.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,7 +19,10 @@ use std::time::{Duration, Instant};
 use postino_core::config::ConfigError;
 use postino_core::dsn::rfc5322_date;
 use postino_core::message::now_unix;
-use postino_core::store::{QueueEntry, QueueRecipient, RecipientState, StoreError};
+use postino_core::smtp::RemoteHost;
+use postino_core::store::{
+    DeliveryDiagnostic, QueueEntry, QueueRecipient, RecipientState, StoreError,
+};
 use postino_core::{Address, Config, Store};
 
 use super::{BenchError, Progress};
@@ -263,10 +267,15 @@ fn write_one(
     entry.attempts = 1;
     entry.next_attempt = now + plan.defer.as_secs();
     entry.recipients[0].state = RecipientState::Deferred {
-        last_error: format!(
-            "host mx.{}[127.0.0.2]:25 said: 451 4.3.0 try again later (postino bench fill-queue)",
-            plan.domain
-        ),
+        last_error: DeliveryDiagnostic {
+            remote: Some(RemoteHost {
+                host: format!("mx.{}", plan.domain),
+                addr: SocketAddr::from(([127, 0, 0, 2], 25)),
+            }),
+            code: Some(451),
+            status: Some("4.3.0".into()),
+            text: "try again later (postino bench fill-queue)".into(),
+        },
     };
     store.settle_queue(&entry, false, &[])
 }

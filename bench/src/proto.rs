@@ -1,60 +1,61 @@
-//! Wire parsing the harness needs, without IO: SMTP replies, POP3 status lines
-//! and multi-line ends, the SMTP end-of-data scanner, and address patterns.
+//! Wire parsing the harness needs, without IO: SMTP replies (the core's
+//! [`ReplyReceiver`], the one the delivery client uses, with the harness's
+//! own limits), POP3 status lines and multi-line ends, the SMTP end-of-data
+//! scanner, and address patterns.
 //!
 //! The harness talks to servers it does not trust to be correct (that is what it
 //! tests), so every parser here bounds what it buffers and reports malformed
 //! input as an error instead of waiting for more.
 
-use std::fmt;
+pub use postino_core::smtp::client::{ReplyError, ReplyReceiver};
+/// One complete SMTP reply: its code, enhanced status and lines.
+pub use postino_core::smtp::Reply as SmtpReply;
 
-/// Longest reply line accepted from a server, CRLF included. RFC 5321 allows
-/// 512; real servers stay well under this.
+/// Longest reply or status line accepted from a server, CRLF included.
+/// RFC 5321 allows 512; real servers stay well under this, and the harness
+/// is lenient where that costs nothing.
 pub const MAX_REPLY_LINE: usize = 4096;
 /// Most lines in one multi-line SMTP reply (EHLO answers have a dozen).
 pub const MAX_REPLY_LINES: usize = 128;
 
-/// A malformed reply from the server under test.
+/// A malformed reply from the server under test, or a bad pattern.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProtoError {
+    #[error(transparent)]
+    Reply(#[from] ReplyError),
     #[error("malformed reply line {0:?}")]
     Malformed(String),
     #[error("reply line longer than {MAX_REPLY_LINE} octets")]
     LineTooLong,
-    #[error("reply has more than {MAX_REPLY_LINES} lines")]
-    TooManyLines,
-    #[error("continuation line code {got} differs from first line code {first}")]
-    CodeMismatch { first: u16, got: u16 },
     #[error("bad pattern {0:?}: {1}")]
     Pattern(String, &'static str),
 }
 
-/// One complete SMTP reply: its code and the text of each line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SmtpReply {
-    pub code: u16,
-    pub lines: Vec<String>,
+/// A reply receiver with the harness's limits.
+pub fn reply_receiver() -> ReplyReceiver {
+    ReplyReceiver::with_limits(MAX_REPLY_LINE, MAX_REPLY_LINES)
 }
 
-impl SmtpReply {
+/// What the harness asks of a reply.
+pub trait ReplyExt {
     /// 2xx.
-    pub fn is_ok(&self) -> bool {
+    fn is_ok(&self) -> bool;
+    /// Whether an EHLO reply advertises `keyword` (case-insensitive, first
+    /// word of a line after the greeting line).
+    fn has_extension(&self, keyword: &str) -> bool;
+}
+
+impl ReplyExt for SmtpReply {
+    fn is_ok(&self) -> bool {
         (200..300).contains(&self.code)
     }
 
-    /// Whether an EHLO reply advertises `keyword` (case-insensitive, first word
-    /// of a line after the greeting line).
-    pub fn has_extension(&self, keyword: &str) -> bool {
-        self.lines.iter().skip(1).any(|l| {
+    fn has_extension(&self, keyword: &str) -> bool {
+        self.text.split('\n').skip(1).any(|l| {
             l.split_ascii_whitespace()
                 .next()
                 .is_some_and(|w| w.eq_ignore_ascii_case(keyword))
         })
-    }
-}
-
-impl fmt::Display for SmtpReply {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.code, self.lines.join(" / "))
     }
 }
 
@@ -72,53 +73,6 @@ fn take_line(buf: &[u8]) -> Result<Option<(&[u8], usize)>, ProtoError> {
         }
         None if buf.len() >= MAX_REPLY_LINE => Err(ProtoError::LineTooLong),
         None => Ok(None),
-    }
-}
-
-/// Parses one complete SMTP reply from the front of `buf`.
-///
-/// Returns `Ok(None)` while the reply is incomplete, otherwise the reply and
-/// how many octets it used.
-///
-/// # Errors
-/// A line that is not `DDD`, `DDD text` or `DDD-text`, a continuation with
-/// another code, or a reply past [`MAX_REPLY_LINE`]/[`MAX_REPLY_LINES`].
-pub fn parse_reply(buf: &[u8]) -> Result<Option<(SmtpReply, usize)>, ProtoError> {
-    let mut pos = 0;
-    let mut code = None;
-    let mut lines = Vec::new();
-    loop {
-        let Some((line, used)) = take_line(&buf[pos..])? else {
-            return Ok(None);
-        };
-        pos += used;
-        let malformed = || ProtoError::Malformed(String::from_utf8_lossy(line).into_owned());
-        if line.len() < 3 || !line[..3].iter().all(u8::is_ascii_digit) {
-            return Err(malformed());
-        }
-        let this: u16 = (u16::from(line[0] - b'0') * 100)
-            + (u16::from(line[1] - b'0') * 10)
-            + u16::from(line[2] - b'0');
-        if !(200..600).contains(&this) && !(100..200).contains(&this) {
-            return Err(malformed());
-        }
-        let first = *code.get_or_insert(this);
-        if first != this {
-            return Err(ProtoError::CodeMismatch { first, got: this });
-        }
-        let last = match line.get(3) {
-            None | Some(b' ') => true,
-            Some(b'-') => false,
-            Some(_) => return Err(malformed()),
-        };
-        let text = line.get(4..).unwrap_or_default();
-        lines.push(String::from_utf8_lossy(text).into_owned());
-        if last {
-            return Ok(Some((SmtpReply { code: first, lines }, pos)));
-        }
-        if lines.len() >= MAX_REPLY_LINES {
-            return Err(ProtoError::TooManyLines);
-        }
     }
 }
 
@@ -285,7 +239,7 @@ mod tests {
 
     /// Feeds `input` split at every possible point and checks that the parser
     /// gives the same answer as for the whole input.
-    fn fragmented<T: PartialEq + fmt::Debug>(
+    fn fragmented<T: PartialEq + std::fmt::Debug>(
         input: &[u8],
         parse: impl Fn(&[u8]) -> Result<Option<(T, usize)>, ProtoError>,
     ) -> Result<Option<(T, usize)>, ProtoError> {
@@ -301,69 +255,72 @@ mod tests {
         whole
     }
 
-    /// Input, and the expected (code, lines, octets used) if complete.
-    type ReplyCase<'a> = (&'a [u8], Option<(u16, &'a [&'a str], usize)>);
     /// Input, and the expected (ok, text, octets used) if complete.
     type StatusCase<'a> = (&'a [u8], Option<(bool, &'a str, usize)>);
 
-    #[test]
-    fn smtp_replies() {
-        let cases: &[ReplyCase] = &[
-            (b"250 ok\r\n", Some((250, &["ok"], 8))),
-            (b"250\r\n", Some((250, &[""], 5))),
-            (b"220 mx ESMTP\n", Some((220, &["mx ESMTP"], 13))),
-            (
-                b"250-mx\r\n250-PIPELINING\r\n250 SIZE 100\r\nrest",
-                Some((250, &["mx", "PIPELINING", "SIZE 100"], 38)),
-            ),
-            (
-                b"354 go ahead\r\n250 next\r\n",
-                Some((354, &["go ahead"], 14)),
-            ),
-            (b"250-mx\r\n", None),
-            (b"25", None),
-        ];
-        for (input, want) in cases {
-            let got = fragmented(input, parse_reply).unwrap();
-            let got = got.map(|(r, n)| (r.code, r.lines, n));
-            let want = want.map(|(c, l, n)| (c, l.iter().map(|s| s.to_string()).collect(), n));
-            assert_eq!(got, want, "{:?}", String::from_utf8_lossy(input));
+    /// Reads every reply in `input` with the harness's receiver, in pieces
+    /// of `size` octets.
+    fn replies(input: &[u8], size: usize) -> Result<Vec<SmtpReply>, ReplyError> {
+        let mut rx = reply_receiver();
+        let mut buf = bytes::BytesMut::new();
+        let mut out = Vec::new();
+        for piece in input.chunks(size) {
+            buf.extend_from_slice(piece);
+            while let Some(r) = rx.next_reply(&mut buf)? {
+                out.push(r);
+            }
         }
+        Ok(out)
     }
 
     #[test]
-    fn smtp_reply_errors() {
-        let cases: &[(&[u8], ProtoError)] = &[
-            (b"hello\r\n", ProtoError::Malformed("hello".into())),
-            (b"25x ok\r\n", ProtoError::Malformed("25x ok".into())),
-            (b"250_ok\r\n", ProtoError::Malformed("250_ok".into())),
-            (b"999 ok\r\n", ProtoError::Malformed("999 ok".into())),
-            (
-                b"250-a\r\n251 b\r\n",
-                ProtoError::CodeMismatch {
-                    first: 250,
-                    got: 251,
-                },
-            ),
+    fn smtp_replies() {
+        let input = b"250 ok\r\n250\r\n220 mx ESMTP\n250-mx\r\n250-PIPELINING\r\n250 SIZE 100\r\n354 go ahead\r\n";
+        let want: &[(u16, &str)] = &[
+            (250, "ok"),
+            (250, ""),
+            (220, "mx ESMTP"),
+            (250, "mx\nPIPELINING\nSIZE 100"),
+            (354, "go ahead"),
         ];
-        for (input, want) in cases {
-            assert_eq!(parse_reply(input), Err(want.clone()));
+        for size in 1..=input.len() {
+            let got = replies(input, size).unwrap();
+            let got: Vec<(u16, &str)> = got.iter().map(|r| (r.code, &*r.text)).collect();
+            assert_eq!(got, want, "pieces of {size}");
         }
+    }
+
+    /// The harness's limits: longer lines and more of them than RFC 5321's.
+    #[test]
+    fn smtp_reply_limits() {
+        let long = format!("250 {}\r\n", "x".repeat(3000));
+        assert_eq!(replies(long.as_bytes(), 512).unwrap()[0].text.len(), 3000);
         assert_eq!(
-            parse_reply(&[b'2'; MAX_REPLY_LINE]),
-            Err(ProtoError::LineTooLong)
+            replies(&[b'2'; MAX_REPLY_LINE], 64),
+            Err(ReplyError::LineTooLong(MAX_REPLY_LINE))
         );
-        let many = b"250-x\r\n".repeat(MAX_REPLY_LINES + 1);
-        assert_eq!(parse_reply(&many), Err(ProtoError::TooManyLines));
+        let many = "250-x\r\n".repeat(MAX_REPLY_LINES);
+        assert_eq!(
+            replies(many.as_bytes(), 100),
+            Err(ReplyError::TooManyLines(MAX_REPLY_LINES))
+        );
+        assert_eq!(
+            replies(b"250-a\r\n251 b\r\n", 3),
+            Err(ReplyError::CodeChanged(250, 251))
+        );
+        assert_eq!(
+            replies(b"999 ok\r\n", 3),
+            Err(ReplyError::Malformed("999 ok".into()))
+        );
     }
 
     #[test]
     fn ehlo_extensions() {
-        let (r, _) = parse_reply(
+        let r = &replies(
             b"250-mx.test hello\r\n250-pipelining\r\n250-SIZE 10240000\r\n250 STARTTLS\r\n",
+            7,
         )
-        .unwrap()
-        .unwrap();
+        .unwrap()[0];
         assert!(r.is_ok());
         assert!(r.has_extension("PIPELINING"));
         assert!(r.has_extension("size"));

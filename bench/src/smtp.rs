@@ -11,7 +11,7 @@ use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
 use super::client::{Client, ClientError};
-use super::proto::{Pattern, SmtpReply};
+use super::proto::{Pattern, ReplyExt, SmtpReply};
 use super::report::SharedRecorder;
 use super::{plot, BenchError, Progress};
 

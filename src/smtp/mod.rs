@@ -7,12 +7,18 @@
 //! state and answers with one [`session::Step`]: a [`Reply`] to send, or
 //! something to ask its caller for (a routing decision, storing the message,
 //! a TLS handshake).
+//!
+//! [`client`] is the other side, for outbound delivery and the load
+//! harness: replies read incrementally ([`ReplyReceiver`]), EHLO extensions
+//! and enhanced status codes.
 
+pub mod client;
 pub mod receiver;
 pub mod reply;
 pub mod request;
 pub mod session;
 
+pub use client::{RemoteHost, ReplyReceiver};
 pub use receiver::{DataReceiver, LineReceiver};
 pub use reply::Reply;
 pub use request::Request;

@@ -181,14 +181,20 @@ fn store_churn(dir: &Path, secs: u64) {
         entry.attempts = 1;
         entry.next_attempt = n + 300;
         entry.recipients[0].state = RecipientState::Deferred {
-            last_error: "451 4.3.0 try again later".into(),
+            last_error: crate::store::DeliveryDiagnostic::reply(
+                None,
+                &crate::smtp::Reply::new(451, "4.3.0", "try again later"),
+            ),
         };
         store.update_queue(&entry).unwrap();
         live.push_back(entry);
         if live.len() > 5000 {
             let mut done = live.pop_front().unwrap();
             done.recipients[0].state = RecipientState::Delivered {
-                reply: "250 2.0.0 Ok".into(),
+                reply: crate::store::DeliveryDiagnostic::reply(
+                    None,
+                    &crate::smtp::Reply::new(250, "2.0.0", "Ok"),
+                ),
             };
             store.settle_queue(&done, true, &[]).unwrap();
         }

@@ -171,7 +171,10 @@ fn fulldisk_child() {
                 let mut e = entry(*old, n * 10 + k as u64);
                 e.attempts = n as u32;
                 e.recipients[0].state = RecipientState::Deferred {
-                    last_error: "451 4.3.0 try again".repeat(1 + n as usize % 7),
+                    last_error: crate::store::DeliveryDiagnostic::local(
+                        "4.3.0",
+                        "try again".repeat(1 + n as usize % 7),
+                    ),
                 };
                 store.update_queue(&e)?;
             }

@@ -151,7 +151,7 @@ pub use backup::{BackupError, CheckReport, Counts, EXPORT_VERSION};
 pub use commit::Durable;
 pub use compact::Compacted;
 pub use mail::{LocalDelivery, MailEntry};
-pub use queue::{Notice, QueueEntry, QueueRecipient, RecipientState};
+pub use queue::{DeliveryDiagnostic, Notice, QueueEntry, QueueRecipient, RecipientState};
 pub use quota::{QuotaSetting, Usage};
 pub use users::PasswordScratch;
 
@@ -159,8 +159,11 @@ pub use users::PasswordScratch;
 /// so a database written by another layout is refused instead of misread.
 /// Version 2 added inline content; a version 1 database has none and is
 /// upgraded by writing the new number (an older postino then refuses it).
-/// Version 3 keeps mailbox usage (`quota.rs`); opening an older database
-/// computes it once, then writes the new number.
+/// Version 3 keeps mailbox usage (`quota.rs`; opening an older database
+/// computes it once, then writes the new number) and typed diagnostics in
+/// queue recipients (new variants at the end of their state, see
+/// `queue.rs`: records of versions 1 and 2 read as before, their texts
+/// taken apart once when read).
 const SCHEMA_VERSION: u32 = 3;
 
 /// Marks content stored inline after a record (see the module docs).
@@ -586,7 +589,8 @@ fn check_schema(meta: &sled::Tree) -> Result<bool, StoreError> {
                 Ok(false)
             } else if found == 1 || found == 2 {
                 // Version 1 and 2 records read the same; only version 2 on
-                // may carry inline content, only version 3 keeps usage.
+                // may carry inline content, only version 3 keeps usage and
+                // typed diagnostics.
                 Ok(true)
             } else {
                 Err(StoreError::Schema {

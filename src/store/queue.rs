@@ -16,6 +16,9 @@
 //! warning) are one transaction, so a crash can neither lose a bounce nor
 //! send one twice.
 
+use std::fmt::{self, Write as _};
+use std::net::{IpAddr, SocketAddr};
+
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
 
@@ -26,6 +29,8 @@ use super::{
     abort, decode, encode, encode_inline, id_from_key, split_inline, tx_done, Store, StoreError,
 };
 use crate::message::{Envelope, MessageId};
+use crate::smtp::client::{enhanced_status, RemoteHost};
+use crate::smtp::Reply;
 
 /// A message waiting for remote delivery.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,28 +58,232 @@ pub struct QueueRecipient {
     pub state: RecipientState,
 }
 
+/// How delivery to one recipient stands. The diagnostics are kept in
+/// parts ([`DeliveryDiagnostic`]), so a bounce or `postino queue show` never has to
+/// parse a text back.
+///
+/// On disk this is [`StoredState`]: records written before schema 3 hold
+/// texts, and read as [`DeliveryDiagnostic::from_legacy`] makes them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "StoredState", into = "StoredState")]
 pub enum RecipientState {
     /// Not tried yet.
     Pending,
     /// Tried; a temporary failure. Retried later.
     Deferred {
-        last_error: String,
+        last_error: DeliveryDiagnostic,
     },
     Delivered {
-        reply: String,
+        reply: DeliveryDiagnostic,
     },
     /// A permanent failure; the sender gets a bounce at the end of the
     /// delivery round.
     Failed {
-        reply: String,
+        reply: DeliveryDiagnostic,
     },
     /// A permanent failure the sender has been sent a bounce about (in the
-    /// same transaction that made this state). Added after `Failed`: bincode
-    /// numbers variants in order, so records written before it still read.
+    /// same transaction that made this state).
     Bounced {
-        reply: String,
+        reply: DeliveryDiagnostic,
     },
+}
+
+/// [`RecipientState`] as records hold it. bincode numbers variants in
+/// order, so variants are only ever added at the end: the first five are
+/// what schema 1 and 2 wrote (`Bounced` came last of them), the typed ones
+/// came with schema 3.
+#[derive(Serialize, Deserialize)]
+enum StoredState {
+    Pending,
+    Deferred { last_error: String },
+    Delivered { reply: String },
+    Failed { reply: String },
+    Bounced { reply: String },
+    DeferredWith { last_error: DeliveryDiagnostic },
+    DeliveredWith { reply: DeliveryDiagnostic },
+    FailedWith { reply: DeliveryDiagnostic },
+    BouncedWith { reply: DeliveryDiagnostic },
+}
+
+impl From<StoredState> for RecipientState {
+    fn from(s: StoredState) -> Self {
+        let old = DeliveryDiagnostic::from_legacy;
+        match s {
+            StoredState::Pending => RecipientState::Pending,
+            StoredState::Deferred { last_error } => RecipientState::Deferred {
+                last_error: old(&last_error),
+            },
+            StoredState::Delivered { reply } => RecipientState::Delivered { reply: old(&reply) },
+            StoredState::Failed { reply } => RecipientState::Failed { reply: old(&reply) },
+            StoredState::Bounced { reply } => RecipientState::Bounced { reply: old(&reply) },
+            StoredState::DeferredWith { last_error } => RecipientState::Deferred { last_error },
+            StoredState::DeliveredWith { reply } => RecipientState::Delivered { reply },
+            StoredState::FailedWith { reply } => RecipientState::Failed { reply },
+            StoredState::BouncedWith { reply } => RecipientState::Bounced { reply },
+        }
+    }
+}
+
+impl From<RecipientState> for StoredState {
+    fn from(s: RecipientState) -> Self {
+        match s {
+            RecipientState::Pending => StoredState::Pending,
+            RecipientState::Deferred { last_error } => StoredState::DeferredWith { last_error },
+            RecipientState::Delivered { reply } => StoredState::DeliveredWith { reply },
+            RecipientState::Failed { reply } => StoredState::FailedWith { reply },
+            RecipientState::Bounced { reply } => StoredState::BouncedWith { reply },
+        }
+    }
+}
+
+/// Why a recipient stands where it does, in parts: a remote server's reply
+/// (which server, its code, enhanced status and text), or our own reason
+/// (a status and a text; a failed lookup is given a reply code too).
+///
+/// Shown (Display) as Postfix words it, and as postino's queue, logs and
+/// bounces always showed it: `host mx.example[192.0.2.1]:25 said: 550 5.1.1
+/// <a@example>: unknown` for a remote reply, `556 5.1.10 example: …` or
+/// `4.4.1 connect to …: Connection refused` for ours.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryDiagnostic {
+    /// The exchanger that gave the reply; `None` for our own reasons.
+    pub remote: Option<RemoteHost>,
+    /// The reply code: the remote's, or the one our reason is given as.
+    pub code: Option<u16>,
+    /// RFC 3463 enhanced status code, when known.
+    pub status: Option<String>,
+    /// The reply's lines joined by `\n`, or our reason.
+    pub text: String,
+}
+
+impl DeliveryDiagnostic {
+    /// A remote server's (or our own) reply.
+    pub fn reply(remote: Option<RemoteHost>, reply: &Reply) -> DeliveryDiagnostic {
+        DeliveryDiagnostic {
+            remote,
+            code: Some(reply.code),
+            status: reply.status.as_deref().map(str::to_owned),
+            text: reply.text.to_string(),
+        }
+    }
+
+    /// Our own reason: an enhanced status code and a text.
+    pub fn local(status: impl Into<String>, text: impl Into<String>) -> DeliveryDiagnostic {
+        DeliveryDiagnostic {
+            remote: None,
+            code: None,
+            status: Some(status.into()),
+            text: text.into(),
+        }
+    }
+
+    /// The reply (or reason) without the `host … said:` prefix: what a
+    /// bounce's `DeliveryDiagnostic-Code: smtp;` carries. Lines are joined by ` / `.
+    pub fn reply_text(&self) -> String {
+        let mut out = String::with_capacity(self.text.len() + 16);
+        let text = self.text.replace('\n', " / ");
+        match (self.code, &self.status) {
+            (Some(code), Some(status)) => {
+                let _ = write!(out, "{code} {status} {text}");
+            }
+            (Some(code), None) => {
+                let _ = write!(out, "{code} {text}");
+            }
+            (None, Some(status)) => {
+                let _ = write!(out, "{status} {text}");
+            }
+            (None, None) => out.push_str(&text),
+        }
+        out
+    }
+
+    /// The exchanger's name, for `Remote-MTA: dns;`.
+    pub fn remote_mta(&self) -> Option<&str> {
+        self.remote.as_ref().map(|r| r.host.as_str())
+    }
+
+    /// Reads a text written before schema 3, in the forms postino wrote:
+    /// `host NAME[IP]:PORT said: REPLY` for a remote server's reply, else
+    /// `CODE STATUS TEXT` (a reply, or a failed lookup), `CODE TEXT` or
+    /// `STATUS TEXT`. The enhanced status is the first or second word when
+    /// it looks like one, as the reports then took it. Shown, the result
+    /// is the text again; one in no known form is kept whole as `text`.
+    pub fn from_legacy(old: &str) -> DeliveryDiagnostic {
+        let (remote, reply) = match old
+            .strip_prefix("host ")
+            .and_then(|rest| rest.split_once(" said: "))
+            .and_then(|(host, reply)| Some((legacy_host(host)?, reply)))
+        {
+            Some((host, reply)) => (Some(host), reply),
+            None => (None, old),
+        };
+        let mut d = DeliveryDiagnostic {
+            remote,
+            code: None,
+            status: None,
+            text: reply.to_owned(),
+        };
+        let mut rest = reply;
+        if let Some((word, after)) = rest.split_once(' ') {
+            if word.len() == 3 && word.bytes().all(|b| b.is_ascii_digit()) {
+                d.code = word.parse().ok();
+                rest = after;
+            }
+        }
+        if let Some((word, after)) = rest.split_once(' ') {
+            if let Some(status) = enhanced_status(word) {
+                d.status = Some(status.to_owned());
+                rest = after;
+            }
+        }
+        d.text = rest.to_owned();
+        let shown = d.to_string();
+        if shown != old {
+            // A form of its own: keep it as it was, whole.
+            d = DeliveryDiagnostic {
+                remote: None,
+                code: None,
+                status: None,
+                text: old.to_owned(),
+            };
+        }
+        d
+    }
+}
+
+/// `NAME[IP]:PORT` as [`RemoteHost`] shows itself.
+fn legacy_host(s: &str) -> Option<RemoteHost> {
+    let (left, port) = s.rsplit_once("]:")?;
+    let (host, ip) = left.split_once('[')?;
+    let ip: IpAddr = ip.parse().ok()?;
+    Some(RemoteHost {
+        host: host.to_owned(),
+        addr: SocketAddr::new(ip, port.parse().ok()?),
+    })
+}
+
+impl fmt::Display for DeliveryDiagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(remote) = &self.remote {
+            write!(f, "host {remote} said: ")?;
+        }
+        f.write_str(&self.reply_text())
+    }
+}
+
+/// `Pending`, or the state's name and its diagnostic: `Deferred: host
+/// mx.example[192.0.2.1]:25 said: 451 4.3.0 busy` (`postino queue show`).
+impl fmt::Display for RecipientState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (name, d) = match self {
+            RecipientState::Pending => return f.write_str("Pending"),
+            RecipientState::Deferred { last_error } => ("Deferred", last_error),
+            RecipientState::Delivered { reply } => ("Delivered", reply),
+            RecipientState::Failed { reply } => ("Failed", reply),
+            RecipientState::Bounced { reply } => ("Bounced", reply),
+        };
+        write!(f, "{name}: {d}")
+    }
 }
 
 impl RecipientState {
@@ -523,7 +732,7 @@ mod tests {
         let (_dir, store) = open();
         let mut entry = queued(&store, 10, b"original");
         entry.recipients[0].state = RecipientState::Bounced {
-            reply: "550 5.1.1 no".into(),
+            reply: DeliveryDiagnostic::reply(None, &Reply::new(550, "5.1.1", "no")),
         };
         let bounce = notice(&store, "bounce");
         store
@@ -568,7 +777,7 @@ mod tests {
         entry.next_attempt = 30;
         entry.warned = true;
         entry.recipients[0].state = RecipientState::Deferred {
-            last_error: "451 4.3.0 later".into(),
+            last_error: DeliveryDiagnostic::local("4.3.0", "later"),
         };
         let warning = notice(&store, "delay");
         store
@@ -606,35 +815,289 @@ mod tests {
         );
     }
 
-    /// Records written before `Bounced` existed still decode: the new
-    /// variant only adds a number at the end.
+    fn remote(host: &str, addr: &str) -> Option<RemoteHost> {
+        Some(RemoteHost {
+            host: host.into(),
+            addr: addr.parse().unwrap(),
+        })
+    }
+
+    fn diag(
+        remote: Option<RemoteHost>,
+        code: Option<u16>,
+        status: Option<&str>,
+        text: &str,
+    ) -> DeliveryDiagnostic {
+        DeliveryDiagnostic {
+            remote,
+            code,
+            status: status.map(str::to_owned),
+            text: text.into(),
+        }
+    }
+
+    /// The state numbers of schema 1 and 2 (texts) still decode, and mean
+    /// the same; schema 3 writes the typed variants after them.
     #[test]
     fn states_keep_their_encoding() {
-        let cases = [
+        let x = || DeliveryDiagnostic::from_legacy("x");
+        let old = [
             (RecipientState::Pending, vec![0u8]),
             (
-                RecipientState::Deferred {
-                    last_error: "x".into(),
-                },
+                RecipientState::Deferred { last_error: x() },
                 vec![1, 1, b'x'],
             ),
-            (
-                RecipientState::Delivered { reply: "x".into() },
-                vec![2, 1, b'x'],
-            ),
-            (
-                RecipientState::Failed { reply: "x".into() },
-                vec![3, 1, b'x'],
-            ),
-            (
-                RecipientState::Bounced { reply: "x".into() },
-                vec![4, 1, b'x'],
-            ),
+            (RecipientState::Delivered { reply: x() }, vec![2, 1, b'x']),
+            (RecipientState::Failed { reply: x() }, vec![3, 1, b'x']),
+            (RecipientState::Bounced { reply: x() }, vec![4, 1, b'x']),
         ];
-        for (state, bytes) in cases {
+        for (state, bytes) in old {
+            assert_eq!(decode::<RecipientState>("state", &bytes).unwrap(), state);
+        }
+        assert_eq!(encode("state", &RecipientState::Pending).unwrap(), [0]);
+        // remote: None, code: Some(250), status: None, text: "x".
+        let typed = [0u8, 1, 250, 0, 1, b'x'];
+        let d = || diag(None, Some(250), None, "x");
+        let new = [
+            (RecipientState::Deferred { last_error: d() }, 5u8),
+            (RecipientState::Delivered { reply: d() }, 6),
+            (RecipientState::Failed { reply: d() }, 7),
+            (RecipientState::Bounced { reply: d() }, 8),
+        ];
+        for (state, tag) in new {
+            let mut bytes = vec![tag];
+            bytes.extend_from_slice(&typed);
             assert_eq!(encode("state", &state).unwrap(), bytes, "{state:?}");
             assert_eq!(decode::<RecipientState>("state", &bytes).unwrap(), state);
         }
+    }
+
+    /// `postino store export` lines: one written before schema 3 (a text)
+    /// still imports; a new one keeps the parts.
+    #[test]
+    fn export_json_old_and_new() {
+        let old = r#"{"Deferred":{"last_error":"host mx[127.0.0.2]:25 said: 451 4.3.0 busy"}}"#;
+        let state: RecipientState = serde_json::from_str(old).unwrap();
+        let want = diag(
+            remote("mx", "127.0.0.2:25"),
+            Some(451),
+            Some("4.3.0"),
+            "busy",
+        );
+        assert_eq!(state, RecipientState::Deferred { last_error: want });
+        let json = serde_json::to_string(&state).unwrap();
+        assert_eq!(
+            json,
+            r#"{"DeferredWith":{"last_error":{"remote":{"host":"mx","addr":"127.0.0.2:25"},"code":451,"status":"4.3.0","text":"busy"}}}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<RecipientState>(&json).unwrap(),
+            state
+        );
+    }
+
+    /// The texts schema 1 and 2 wrote come apart into the fields the
+    /// reports need, and show as they were written.
+    #[test]
+    fn legacy_texts_come_apart() {
+        let mx = || remote("mx1.dest.test", "127.0.0.2:2525");
+        let cases = [
+            (
+                "host mx1.dest.test[127.0.0.2]:2525 said: 550 5.1.1 <a@dest.test>: no such user",
+                diag(mx(), Some(550), Some("5.1.1"), "<a@dest.test>: no such user"),
+            ),
+            (
+                "host mx[::1]:25 said: 554 go away / really",
+                diag(remote("mx", "[::1]:25"), Some(554), None, "go away / really"),
+            ),
+            (
+                "556 5.1.10 null.test: domain does not accept mail (null MX)",
+                diag(
+                    None,
+                    Some(556),
+                    Some("5.1.10"),
+                    "null.test: domain does not accept mail (null MX)",
+                ),
+            ),
+            (
+                "4.4.1 connect to mx[127.0.0.2]:25: Connection refused",
+                diag(
+                    None,
+                    None,
+                    Some("4.4.1"),
+                    "connect to mx[127.0.0.2]:25: Connection refused",
+                ),
+            ),
+            // An expiry quotes the last error; its "said:" is not ours.
+            (
+                "4.4.7 message expired after 5s in the queue (3 attempts); last error: host mx[127.0.0.2]:25 said: 451 busy",
+                diag(
+                    None,
+                    None,
+                    Some("4.4.7"),
+                    "message expired after 5s in the queue (3 attempts); last error: host mx[127.0.0.2]:25 said: 451 busy",
+                ),
+            ),
+            ("250 ", diag(None, Some(250), None, "")),
+            ("250 2.0.0 Ok", diag(None, Some(250), Some("2.0.0"), "Ok")),
+            // A status of another class counted as the status then.
+            ("550 4.1.1 odd", diag(None, Some(550), Some("4.1.1"), "odd")),
+            ("weird", diag(None, None, None, "weird")),
+            ("", diag(None, None, None, "")),
+            // Not in a form postino wrote: taken apart only where that
+            // shows the same text again.
+            (
+                "550  5.1.1 two spaces",
+                diag(None, Some(550), None, " 5.1.1 two spaces"),
+            ),
+            (
+                "host nobody said: 550 no",
+                diag(None, None, None, "host nobody said: 550 no"),
+            ),
+        ];
+        for (text, want) in cases {
+            let got = DeliveryDiagnostic::from_legacy(text);
+            assert_eq!(got, want, "{text}");
+            assert_eq!(got.to_string(), text, "shows as written");
+        }
+        let d = DeliveryDiagnostic::from_legacy(
+            "host mx1.dest.test[127.0.0.2]:2525 said: 550 5.1.1 <a@dest.test>: no such user",
+        );
+        assert_eq!(d.remote_mta(), Some("mx1.dest.test"));
+        assert_eq!(d.reply_text(), "550 5.1.1 <a@dest.test>: no such user");
+    }
+
+    #[test]
+    fn typed_diagnostics_show_as_postfix_words_them() {
+        let reply = Reply::new(451, "4.3.0", "busy\ntry later");
+        let d = DeliveryDiagnostic::reply(remote("mx", "127.0.0.2:25"), &reply);
+        assert_eq!(
+            d.to_string(),
+            "host mx[127.0.0.2]:25 said: 451 4.3.0 busy / try later"
+        );
+        assert_eq!(d.reply_text(), "451 4.3.0 busy / try later");
+        let d = DeliveryDiagnostic::local("4.4.1", "refused");
+        assert_eq!(d.to_string(), "4.4.1 refused");
+        assert_eq!(d.remote_mta(), None);
+        let d = DeliveryDiagnostic::reply(None, &Reply::plain(250, ""));
+        assert_eq!(d.to_string(), "250 ");
+        assert_eq!(RecipientState::Pending.to_string(), "Pending");
+        let state = RecipientState::Deferred {
+            last_error: DeliveryDiagnostic::local("4.4.1", "refused"),
+        };
+        assert_eq!(state.to_string(), "Deferred: 4.4.1 refused");
+    }
+
+    /// A queue record as schema 2 wrote it (texts in the recipient states),
+    /// in a store of schema 2: the store opens (upgraded to 3 by the new
+    /// number alone), the record reads with its texts taken apart, and once
+    /// rewritten it is in the new form.
+    #[test]
+    fn a_schema_2_queue_record_reads() {
+        /// The schema 2 layout of `QueueEntry`, field for field.
+        #[derive(Serialize)]
+        struct OldEntry {
+            id: MessageId,
+            sender: Option<String>,
+            received_at: u64,
+            next_attempt: u64,
+            attempts: u32,
+            recipients: Vec<(String, StoredState)>,
+            client: String,
+            warned: bool,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let id = MessageId(0xABC);
+        let deferred = "host mx.dest.test[127.0.0.2]:25 said: 451 4.3.0 busy";
+        let failed = "host mx.dest.test[127.0.0.2]:25 said: 550 5.1.1 <b@dest.test>: unknown";
+        {
+            let db = sled::open(dir.path()).unwrap();
+            db.open_tree("meta")
+                .unwrap()
+                .insert(super::super::META_SCHEMA, &2u32.to_be_bytes())
+                .unwrap();
+            let old = OldEntry {
+                id,
+                sender: Some("alice@example.test".into()),
+                received_at: 100,
+                next_attempt: 200,
+                attempts: 2,
+                recipients: vec![
+                    (
+                        "a@dest.test".into(),
+                        StoredState::Deferred {
+                            last_error: deferred.into(),
+                        },
+                    ),
+                    (
+                        "b@dest.test".into(),
+                        StoredState::Failed {
+                            reply: failed.into(),
+                        },
+                    ),
+                    (
+                        "c@dest.test".into(),
+                        StoredState::Delivered {
+                            reply: "250 2.0.0 Ok: queued as 1".into(),
+                        },
+                    ),
+                ],
+                client: "127.0.0.1".into(),
+                warned: false,
+            };
+            let value = encode_inline("queue", &old, Some(b"content")).unwrap();
+            db.open_tree("queue")
+                .unwrap()
+                .insert(id.to_key(), value)
+                .unwrap();
+            db.open_tree("schedule")
+                .unwrap()
+                .insert(schedule_key(200, id), &[])
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let mut entry = store.queue_entry(id).unwrap().unwrap();
+        assert_eq!(entry.attempts, 2);
+        let mx = || remote("mx.dest.test", "127.0.0.2:25");
+        assert_eq!(
+            entry.recipients[0].state,
+            RecipientState::Deferred {
+                last_error: diag(mx(), Some(451), Some("4.3.0"), "busy")
+            }
+        );
+        assert_eq!(
+            entry.recipients[1].state,
+            RecipientState::Failed {
+                reply: diag(mx(), Some(550), Some("5.1.1"), "<b@dest.test>: unknown")
+            }
+        );
+        assert_eq!(
+            entry.recipients[2].state,
+            RecipientState::Delivered {
+                reply: diag(None, Some(250), Some("2.0.0"), "Ok: queued as 1")
+            }
+        );
+        assert_eq!(store.due(300, 10).unwrap(), vec![entry.clone()]);
+        assert_eq!(
+            store.queued_content(id).unwrap().as_deref(),
+            Some(&b"content"[..])
+        );
+        // Rewritten: the new form, the same meaning, the content kept.
+        entry.attempts = 3;
+        store.update_queue(&entry).unwrap();
+        assert_eq!(store.queue_entry(id).unwrap(), Some(entry));
+        let raw = store.inner.queue.get(id.to_key()).unwrap().unwrap();
+        let (_, inline): (QueueEntry, _) = split_inline("queue", &raw).unwrap();
+        assert_eq!(inline, Some(&b"content"[..]));
+        drop(store);
+        let db = sled::open(dir.path()).unwrap();
+        let meta = db.open_tree("meta").unwrap();
+        assert_eq!(
+            meta.get(super::super::META_SCHEMA).unwrap().as_deref(),
+            Some(&3u32.to_be_bytes()[..]),
+            "upgraded by the number"
+        );
     }
 
     /// Disk use under queue churn (sled #1333: space is not reclaimed under
@@ -680,14 +1143,17 @@ mod tests {
                 entry.attempts = 1;
                 entry.next_attempt = n as u64 + 300;
                 entry.recipients[0].state = RecipientState::Deferred {
-                    last_error: "451 4.3.0 try again later".into(),
+                    last_error: DeliveryDiagnostic::reply(
+                        None,
+                        &Reply::new(451, "4.3.0", "try again later"),
+                    ),
                 };
                 store.update_queue(&entry).unwrap();
                 live.push_back(entry);
                 if live.len() > backlog {
                     let mut done = live.pop_front().unwrap();
                     done.recipients[0].state = RecipientState::Delivered {
-                        reply: "250 2.0.0 Ok".into(),
+                        reply: DeliveryDiagnostic::reply(None, &Reply::new(250, "2.0.0", "Ok")),
                     };
                     store.settle_queue(&done, true, &[]).unwrap();
                 }

@@ -854,7 +854,10 @@ fn queue_schedule() {
     entry.attempts += 1;
     entry.next_attempt = 60;
     entry.recipients[0].state = RecipientState::Deferred {
-        last_error: "451 4.3.0 try later".into(),
+        last_error: crate::store::DeliveryDiagnostic::reply(
+            None,
+            &crate::smtp::Reply::new(451, "4.3.0", "try later"),
+        ),
     };
     store.update_queue(&entry).unwrap();
     assert_eq!(store.queue_entry(first).unwrap(), Some(entry.clone()));

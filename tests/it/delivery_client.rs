@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use postino::delivery::{
     deliver, ClientSettings, Diagnostic, Exchanger, LookupError, MxResolver, RcptOutcome,
-    SmtpConnection, Transaction,
+    SmtpClient, Transaction,
 };
 use postino_core::config::{DeliveryConfig, DnsConfig, SmarthostAuth};
 use tokio::sync::mpsc;
@@ -104,7 +104,7 @@ async fn mx_order_and_fallback_to_the_next_exchanger() {
     };
     let delivery = deliver(&exchangers, &settings(), &tx).await;
     assert!(delivery.outcomes[0].is_delivered(), "{delivery:?}");
-    assert_eq!(delivery.server.unwrap().host, "mx2.order.test");
+    assert_eq!(delivery.remote.unwrap().host, "mx2.order.test");
     let got = sink.messages();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].rcpt_tos, ["user@order.test"]);
@@ -328,7 +328,7 @@ async fn hanging_servers_time_out_and_defer() {
         content: &content,
     };
     let settings = settings_with(Duration::from_secs(5), short);
-    let mut conn = SmtpConnection::connect(
+    let mut conn = SmtpClient::connect(
         &direct("mx.dest.test", SocketAddr::from((ip, port))),
         &settings,
     )
@@ -493,7 +493,7 @@ async fn one_connection_carries_several_transactions() {
         },
     );
     let settings = settings();
-    let mut conn = SmtpConnection::connect(
+    let mut conn = SmtpClient::connect(
         &direct("mx.dest.test", SocketAddr::from((ip, port))),
         &settings,
     )
@@ -569,9 +569,7 @@ async fn size_limit_of_the_server_fails_the_message() {
         recipients: &recipients,
         content: &big,
     };
-    let mut conn = SmtpConnection::connect(&exchangers, &settings())
-        .await
-        .unwrap();
+    let mut conn = SmtpClient::connect(&exchangers, &settings()).await.unwrap();
     assert_eq!(conn.extensions().size_limit, Some(2000));
     let outcomes = conn.send(&tx).await;
     match &outcomes[0] {

@@ -49,7 +49,7 @@ use postino_core::dsn::{self, RecipientStatus};
 use postino_core::logsafe::escape;
 use postino_core::message::now_unix;
 use postino_core::store::{
-    Durable, Notice, QueueEntry, QueueRecipient, RecipientState, StoreError,
+    DeliveryDiagnostic, Durable, Notice, QueueEntry, QueueRecipient, RecipientState, StoreError,
 };
 use postino_core::{Config, Envelope, MessageId, Store};
 use tokio::sync::Semaphore;
@@ -408,27 +408,32 @@ impl Delivery {
             else {
                 continue;
             };
-            let (state, status, text) = match o.result {
+            let relay = o.relay_text();
+            // The reply of a delivery is logged without the server, which
+            // `relay=` names: as Postfix logs `status=sent (250 …)`.
+            let (state, status, text, dsn) = match o.result {
                 RcptResult::Delivered(reply) => {
-                    let text = reply.clone();
-                    (RecipientState::Delivered { reply }, "sent", text)
+                    let (text, dsn) = (reply.reply_text(), dsn_status(&reply, "2.0.0"));
+                    (RecipientState::Delivered { reply }, "sent", text, dsn)
                 }
                 RcptResult::Deferred(last_error) => {
-                    let text = last_error.clone();
-                    (RecipientState::Deferred { last_error }, "deferred", text)
+                    let (text, dsn) = (last_error.to_string(), dsn_status(&last_error, "4.0.0"));
+                    (
+                        RecipientState::Deferred { last_error },
+                        "deferred",
+                        text,
+                        dsn,
+                    )
                 }
                 RcptResult::Failed(reply) => {
-                    let text = reply.clone();
-                    (RecipientState::Failed { reply }, "bounced", text)
+                    let (text, dsn) = (reply.to_string(), dsn_status(&reply, "5.0.0"));
+                    (RecipientState::Failed { reply }, "bounced", text, dsn)
                 }
             };
-            let dsn = text_parts(&text)
-                .status
-                .unwrap_or_else(|| status_class(status).to_owned());
             info!(
                 id = %entry.id,
                 to = %escape(&o.recipient),
-                relay = %escape(&o.relay),
+                relay = %escape(&relay),
                 delay,
                 attempt,
                 dsn = %dsn,
@@ -456,14 +461,17 @@ impl Delivery {
         if open && age >= lifetime {
             for r in entry.recipients.iter_mut().filter(|r| r.state.is_open()) {
                 let last = match &r.state {
-                    RecipientState::Deferred { last_error } => last_error.as_str(),
-                    _ => "never tried",
+                    RecipientState::Deferred { last_error } => last_error.to_string(),
+                    _ => "never tried".to_owned(),
                 };
                 r.state = RecipientState::Failed {
-                    reply: format!(
-                        "4.4.7 message expired after {} in the queue ({} attempts); last error: {last}",
-                        humantime::format_duration(Duration::from_secs(age)),
-                        entry.attempts
+                    reply: DeliveryDiagnostic::local(
+                        "4.4.7",
+                        format!(
+                            "message expired after {} in the queue ({} attempts); last error: {last}",
+                            humantime::format_duration(Duration::from_secs(age)),
+                            entry.attempts
+                        ),
                     ),
                 };
             }
@@ -772,9 +780,12 @@ impl Delivery {
                         _ => String::new(),
                     };
                     r.state = RecipientState::Failed {
-                        reply: format!(
-                            "5.0.0 message returned by the postmaster of {}{last}",
-                            self.config.hostname
+                        reply: DeliveryDiagnostic::local(
+                            "5.0.0",
+                            format!(
+                                "message returned by the postmaster of {}{last}",
+                                self.config.hostname
+                            ),
                         ),
                     };
                 }
@@ -806,67 +817,25 @@ fn sender_text(entry: &QueueEntry) -> String {
     format!("<{}>", entry.sender.as_deref().unwrap_or(""))
 }
 
-fn status_class(status: &str) -> &'static str {
-    match status {
-        "sent" => "2.0.0",
-        "deferred" => "4.0.0",
-        _ => "5.0.0",
-    }
+/// The enhanced status code for the log and a report: the diagnostic's,
+/// else `default` (the class of what happened).
+fn dsn_status(d: &DeliveryDiagnostic, default: &str) -> String {
+    d.status.clone().unwrap_or_else(|| default.to_owned())
 }
 
-/// A recipient's state text taken apart for a report.
-#[derive(Debug, PartialEq, Eq)]
-struct TextParts<'a> {
-    /// The exchanger's name, when a remote server gave the reply.
-    remote_mta: Option<&'a str>,
-    /// The reply (or our reason) without the `host … said:` prefix.
-    diagnostic: &'a str,
-    status: Option<String>,
-}
-
-/// Splits `host mx.example[192.0.2.1]:25 said: 550 5.1.1 …` (a remote
-/// reply) or `556 5.1.10 …`/`4.4.1 …` (our own reason), the two forms
-/// [`attempt::RcptResult`] texts take.
-fn text_parts(text: &str) -> TextParts<'_> {
-    let (remote_mta, diagnostic) = match text
-        .strip_prefix("host ")
-        .and_then(|rest| rest.split_once(" said: "))
-    {
-        Some((host, reply)) => (Some(host.split('[').next().unwrap_or(host)), reply),
-        None => (None, text),
-    };
-    TextParts {
-        remote_mta,
-        diagnostic,
-        status: enhanced_status(diagnostic).map(str::to_owned),
-    }
-}
-
-/// The DSN line for a recipient, if it belongs in a report of `kind`.
+/// The DSN line for a recipient, if it belongs in a report of `kind`: the
+/// typed diagnostic's parts, no text taken apart.
 fn status_of(r: &QueueRecipient, kind: dsn::Kind) -> Option<RecipientStatus> {
-    let (text, default_status) = match (&r.state, kind) {
+    let (diagnostic, default_status) = match (&r.state, kind) {
         (RecipientState::Failed { reply }, dsn::Kind::Failure) => (reply, "5.0.0"),
         (RecipientState::Deferred { last_error }, dsn::Kind::Delay) => (last_error, "4.0.0"),
         _ => return None,
     };
-    let parts = text_parts(text);
     Some(RecipientStatus {
         address: r.address.clone(),
-        status: parts.status.unwrap_or_else(|| default_status.to_owned()),
-        diagnostic: parts.diagnostic.to_owned(),
-        remote_mta: parts.remote_mta.map(str::to_owned),
-    })
-}
-
-/// The enhanced status code in a reply text such as `550 5.1.1 …` or `5.1.10 …`.
-fn enhanced_status(text: &str) -> Option<&str> {
-    text.split_whitespace().take(2).find(|w| {
-        let parts: Vec<&str> = w.split('.').collect();
-        parts.len() == 3
-            && matches!(parts[0], "2" | "4" | "5")
-            && parts[1..]
-                .iter()
-                .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
+        status: dsn_status(diagnostic, default_status),
+        diagnostic: diagnostic.reply_text(),
+        remote_mta: diagnostic.remote_mta().map(str::to_owned),
     })
 }
 
@@ -939,92 +908,106 @@ mod tests {
         assert_eq!(backoff(&[], 1), s(300));
     }
 
-    #[test]
-    fn enhanced_status_is_found() {
-        assert_eq!(enhanced_status("550 5.1.1 <a@b>: no"), Some("5.1.1"));
-        assert_eq!(enhanced_status("5.1.10 null MX"), Some("5.1.10"));
-        assert_eq!(
-            enhanced_status("556 5.1.10 x.test: null MX"),
-            Some("5.1.10")
-        );
-        assert_eq!(enhanced_status("550 no such user"), None);
-        assert_eq!(enhanced_status("550 user 5.1.1"), None);
+    fn recipient(state: RecipientState) -> QueueRecipient {
+        QueueRecipient {
+            address: "a@dest.test".into(),
+            state,
+        }
     }
 
+    /// Texts of records written before diagnostics were typed (schema 2)
+    /// make the report lines they always made: the fields the reports used
+    /// to take out of the text, now read once when the record is.
     #[test]
-    fn state_texts_split_into_report_fields() {
-        let cases: &[(&str, Option<&str>, &str, Option<&str>)] = &[
+    fn old_state_texts_make_the_same_report_lines() {
+        let cases: &[(&str, Option<&str>, &str, &str)] = &[
             (
                 "host mx1.dest.test[127.0.0.2]:2525 said: 550 5.1.1 <a@dest.test>: no such user",
                 Some("mx1.dest.test"),
                 "550 5.1.1 <a@dest.test>: no such user",
-                Some("5.1.1"),
+                "5.1.1",
             ),
             (
                 "556 5.1.10 null.test: domain does not accept mail (null MX)",
                 None,
                 "556 5.1.10 null.test: domain does not accept mail (null MX)",
-                Some("5.1.10"),
+                "5.1.10",
             ),
             (
                 "4.4.1 connect to mx[127.0.0.2]:25: Connection refused",
                 None,
                 "4.4.1 connect to mx[127.0.0.2]:25: Connection refused",
-                Some("4.4.1"),
+                "4.4.1",
             ),
             // An expiry quotes the last error; its "said:" is not ours.
             (
                 "4.4.7 message expired after 5s in the queue (3 attempts); last error: host mx[127.0.0.2]:25 said: 451 busy",
                 None,
                 "4.4.7 message expired after 5s in the queue (3 attempts); last error: host mx[127.0.0.2]:25 said: 451 busy",
-                Some("4.4.7"),
+                "4.4.7",
             ),
             (
                 "host mx[127.0.0.2]:25 said: 554 go away",
                 Some("mx"),
                 "554 go away",
-                None,
+                "5.0.0",
             ),
         ];
         for (text, mta, diagnostic, status) in cases {
-            let got = text_parts(text);
-            assert_eq!(got.remote_mta, *mta, "{text}");
-            assert_eq!(got.diagnostic, *diagnostic, "{text}");
-            assert_eq!(got.status.as_deref(), *status, "{text}");
+            let failed = recipient(RecipientState::Failed {
+                reply: DeliveryDiagnostic::from_legacy(text),
+            });
+            let line = status_of(&failed, dsn::Kind::Failure).unwrap();
+            assert_eq!(line.remote_mta.as_deref(), *mta, "{text}");
+            assert_eq!(line.diagnostic, *diagnostic, "{text}");
+            assert_eq!(line.status, *status, "{text}");
         }
     }
 
     #[test]
     fn only_matching_states_make_report_lines() {
-        let r = |state| QueueRecipient {
-            address: "a@dest.test".into(),
-            state,
+        let mx = postino_core::smtp::RemoteHost {
+            host: "mx".into(),
+            addr: "127.0.0.2:25".parse().unwrap(),
         };
-        let failed = r(RecipientState::Failed {
-            reply: "host mx[127.0.0.2]:25 said: 554 go away".into(),
+        let reply = |code, status: Option<&str>, text: &str| DeliveryDiagnostic {
+            remote: Some(mx.clone()),
+            code: Some(code),
+            status: status.map(str::to_owned),
+            text: text.into(),
+        };
+        let failed = recipient(RecipientState::Failed {
+            reply: reply(554, None, "go\naway"),
         });
         let line = status_of(&failed, dsn::Kind::Failure).unwrap();
         assert_eq!(line.status, "5.0.0", "default for a reply without one");
         assert_eq!(line.remote_mta.as_deref(), Some("mx"));
+        assert_eq!(line.diagnostic, "554 go / away");
         assert!(status_of(&failed, dsn::Kind::Delay).is_none());
-        let deferred = r(RecipientState::Deferred {
-            last_error: "host mx[127.0.0.2]:25 said: 451 4.3.0 later".into(),
+        let deferred = recipient(RecipientState::Deferred {
+            last_error: reply(451, Some("4.3.0"), "later"),
         });
-        assert_eq!(
-            status_of(&deferred, dsn::Kind::Delay).unwrap().status,
-            "4.3.0"
-        );
+        let line = status_of(&deferred, dsn::Kind::Delay).unwrap();
+        assert_eq!(line.status, "4.3.0");
+        assert_eq!(line.diagnostic, "451 4.3.0 later");
         assert!(status_of(&deferred, dsn::Kind::Failure).is_none());
+        let ours = recipient(RecipientState::Deferred {
+            last_error: DeliveryDiagnostic::local("4.4.1", "connect to mx: refused"),
+        });
+        let line = status_of(&ours, dsn::Kind::Delay).unwrap();
+        assert_eq!(line.status, "4.4.1");
+        assert_eq!(line.remote_mta, None);
+        assert_eq!(line.diagnostic, "4.4.1 connect to mx: refused");
         for state in [
             RecipientState::Pending,
             RecipientState::Delivered {
-                reply: "250 ok".into(),
+                reply: reply(250, None, "ok"),
             },
             RecipientState::Bounced {
-                reply: "550 no".into(),
+                reply: reply(550, None, "no"),
             },
         ] {
-            let rcpt = r(state);
+            let rcpt = recipient(state);
             assert!(status_of(&rcpt, dsn::Kind::Failure).is_none());
             assert!(status_of(&rcpt, dsn::Kind::Delay).is_none());
         }

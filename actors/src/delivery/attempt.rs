@@ -8,10 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use postino_core::logsafe::escape;
+use postino_core::smtp::RemoteHost;
+use postino_core::store::DeliveryDiagnostic;
 use postino_core::{Config, MessageId};
 use tracing::{debug, warn};
 
-use super::client::{ClientSettings, RcptOutcome, SmtpConnection, Transaction};
+use super::client::{ClientSettings, Diagnostic, RcptOutcome, SmtpClient, Transaction};
 use super::mx::{Exchanger, LookupError, MxResolver};
 
 /// How long an idle connection is kept for reuse (Postfix's
@@ -20,23 +22,33 @@ pub const CONNECTION_CACHE_TIME: Duration = Duration::from_secs(2);
 /// Idle connections kept per destination.
 pub const MAX_CACHED_PER_DESTINATION: usize = 8;
 
-/// What happened to one recipient, in the words that go into the queue
-/// record and a bounce.
+/// What happened to one recipient, as the queue record and a bounce keep
+/// it.
 #[derive(Debug, Clone)]
 pub struct Outcome {
     pub recipient: String,
-    /// `host[addr]:port` of the server, or `none`.
-    pub relay: String,
+    /// The server talked to last, if any (`relay=` in the log).
+    pub relay: Option<RemoteHost>,
     pub result: RcptResult,
 }
 
-/// Texts are `host H[addr]:port said: <reply>` for a remote server's reply,
-/// else `<reply code> <status> <reason>` or `<status> <reason>`.
+impl Outcome {
+    /// `host[addr]:port` of the server, or `none`, for the log.
+    pub fn relay_text(&self) -> String {
+        self.relay
+            .as_ref()
+            .map_or_else(|| "none".to_owned(), RemoteHost::to_string)
+    }
+}
+
+/// The remote server's reply (with the server), or our own reason; a
+/// failed lookup is given a reply code (`556 5.1.10`, `550 5.1.2`, `451
+/// 4.4.3`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RcptResult {
-    Delivered(String),
-    Deferred(String),
-    Failed(String),
+    Delivered(DeliveryDiagnostic),
+    Deferred(DeliveryDiagnostic),
+    Failed(DeliveryDiagnostic),
 }
 
 /// Shared by every attempt: the resolver, client settings and the cache
@@ -45,7 +57,7 @@ pub struct Attempt {
     config: Arc<Config>,
     resolver: Result<MxResolver, String>,
     settings: ClientSettings,
-    idle: Mutex<HashMap<String, Vec<(Instant, SmtpConnection)>>>,
+    idle: Mutex<HashMap<String, Vec<(Instant, SmtpClient)>>>,
 }
 
 impl Attempt {
@@ -95,14 +107,14 @@ impl Attempt {
         let exchangers = match self.exchangers(domain).await {
             Ok(found) => found,
             Err(e) => {
-                let text = lookup_text(domain, &e);
-                debug!(%id, domain = %escape(domain), error = %escape(&text), "no exchanger");
+                let diagnostic = lookup_diagnostic(domain, &e);
+                debug!(%id, domain = %escape(domain), error = %escape(&diagnostic.to_string()), "no exchanger");
                 let result = if e.is_permanent() {
-                    RcptResult::Failed(text)
+                    RcptResult::Failed(diagnostic)
                 } else {
-                    RcptResult::Deferred(text)
+                    RcptResult::Deferred(diagnostic)
                 };
-                return every(recipients, "none", &result);
+                return every(recipients, None, &result);
             }
         };
         let key = self.destination(domain);
@@ -124,30 +136,25 @@ impl Attempt {
             }
             let mut conn = match cached {
                 Some(conn) => conn,
-                None => match SmtpConnection::connect(&exchangers, &self.settings).await {
+                None => match SmtpClient::connect(&exchangers, &self.settings).await {
                     Ok(conn) => conn,
                     Err(e) => {
                         // No exchanger takes a connection now: the next
                         // batches would only wait for the same timeouts.
-                        let relay = e
-                            .server
-                            .as_ref()
-                            .map(|s| s.to_string())
-                            .unwrap_or_else(|| "none".into());
-                        let result = convert(&relay, &e.outcome());
+                        let result = convert(e.remote.as_ref(), &e.outcome());
                         let rest = &recipients[outcomes.len()..];
-                        outcomes.extend(every(rest, &relay, &result));
+                        outcomes.extend(every(rest, e.remote.as_ref(), &result));
                         break;
                     }
                 },
             };
-            let relay = conn.server().to_string();
+            let relay = conn.remote().clone();
             let results = conn.send(&tx).await;
             for (r, o) in chunk.iter().zip(results.iter()) {
                 outcomes.push(Outcome {
                     recipient: r.clone(),
-                    relay: relay.clone(),
-                    result: convert(&relay, o),
+                    relay: Some(relay.clone()),
+                    result: convert(Some(&relay), o),
                 });
             }
             let spare = if conn.is_reusable() {
@@ -166,7 +173,7 @@ impl Attempt {
     /// out of the cache, for the caller to close with QUIT. Without this
     /// sweep, a connection to a destination that gets no more mail would
     /// hold its socket until the process ends.
-    pub fn expired(&self) -> Vec<SmtpConnection> {
+    pub fn expired(&self) -> Vec<SmtpClient> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::new();
         idle.retain(|_, conns| {
@@ -194,7 +201,7 @@ impl Attempt {
     }
 
     /// An idle connection to `key` young enough to be trusted, if any.
-    fn take(&self, key: &str) -> Option<SmtpConnection> {
+    fn take(&self, key: &str) -> Option<SmtpClient> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let conns = idle.get_mut(key)?;
         while let Some((since, conn)) = conns.pop() {
@@ -209,7 +216,7 @@ impl Attempt {
     /// Keeps `conn` for the next message to `key`, or gives it back (for
     /// QUIT) when the destination already has [`MAX_CACHED_PER_DESTINATION`]
     /// idle ones.
-    fn put(&self, key: &str, conn: SmtpConnection) -> Option<SmtpConnection> {
+    fn put(&self, key: &str, conn: SmtpClient) -> Option<SmtpClient> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let conns = idle.entry(key.to_owned()).or_default();
         if conns.len() < MAX_CACHED_PER_DESTINATION {
@@ -222,12 +229,12 @@ impl Attempt {
 }
 
 /// The same result for every recipient.
-fn every(recipients: &[String], relay: &str, result: &RcptResult) -> Vec<Outcome> {
+fn every(recipients: &[String], relay: Option<&RemoteHost>, result: &RcptResult) -> Vec<Outcome> {
     recipients
         .iter()
         .map(|r| Outcome {
             recipient: r.clone(),
-            relay: relay.to_owned(),
+            relay: relay.cloned(),
             result: result.clone(),
         })
         .collect()
@@ -237,24 +244,104 @@ fn every(recipients: &[String], relay: &str, result: &RcptResult) -> Vec<Outcome
 /// log and a bounce's `Diagnostic-Code: smtp;` show it: `556 5.1.10` for a
 /// null MX (RFC 7505 §4.2), `550 5.1.2`/`5.4.4` for a domain that does not
 /// exist or has no address, `451 4.4.3` for DNS trouble.
-fn lookup_text(domain: &str, e: &LookupError) -> String {
+fn lookup_diagnostic(domain: &str, e: &LookupError) -> DeliveryDiagnostic {
     let code = match e {
         LookupError::NullMx => 556,
         e if e.is_permanent() => 550,
         _ => 451,
     };
-    format!("{code} {} {domain}: {e}", e.status())
+    DeliveryDiagnostic {
+        remote: None,
+        code: Some(code),
+        status: Some(e.status().to_owned()),
+        text: format!("{domain}: {e}"),
+    }
 }
 
-fn convert(relay: &str, outcome: &RcptOutcome) -> RcptResult {
-    use super::client::Diagnostic;
-    let text = |d: &Diagnostic| match d {
-        Diagnostic::Remote(reply) => format!("host {relay} said: {reply}"),
-        Diagnostic::Local { .. } => d.to_string(),
+/// The client's outcome as the queue keeps it: a remote reply names the
+/// server (`relay`) that gave it.
+fn convert(relay: Option<&RemoteHost>, outcome: &RcptOutcome) -> RcptResult {
+    let typed = |d: &Diagnostic| match d {
+        Diagnostic::Remote(reply) => DeliveryDiagnostic::reply(relay.cloned(), reply),
+        Diagnostic::Local { status, text } => DeliveryDiagnostic::local(status.as_ref(), text),
     };
     match outcome {
-        RcptOutcome::Delivered(reply) => RcptResult::Delivered(reply.to_string()),
-        RcptOutcome::Deferred(d) => RcptResult::Deferred(text(d)),
-        RcptOutcome::Failed(d) => RcptResult::Failed(text(d)),
+        RcptOutcome::Delivered(reply) => {
+            RcptResult::Delivered(DeliveryDiagnostic::reply(relay.cloned(), reply))
+        }
+        RcptOutcome::Deferred(d) => RcptResult::Deferred(typed(d)),
+        RcptOutcome::Failed(d) => RcptResult::Failed(typed(d)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postino_core::smtp::Reply;
+    use std::borrow::Cow;
+
+    /// The queue's diagnostics show as the texts the queue kept before
+    /// they were typed: the same log lines, `queue list` and bounces.
+    #[test]
+    fn outcomes_show_as_before() {
+        let mx = RemoteHost {
+            host: "mx.dest.test".into(),
+            addr: "127.0.0.2:25".parse().unwrap(),
+        };
+        let reply = Reply::new(550, "5.1.1", "<a@dest.test>: no such user");
+        let cases = [
+            (
+                convert(
+                    Some(&mx),
+                    &RcptOutcome::Failed(Diagnostic::Remote(reply.clone())),
+                ),
+                "host mx.dest.test[127.0.0.2]:25 said: 550 5.1.1 <a@dest.test>: no such user",
+            ),
+            (
+                convert(
+                    Some(&mx),
+                    &RcptOutcome::Deferred(Diagnostic::Remote(Reply::plain(451, "busy\nlater"))),
+                ),
+                "host mx.dest.test[127.0.0.2]:25 said: 451 busy / later",
+            ),
+            (
+                convert(
+                    Some(&mx),
+                    &RcptOutcome::Deferred(Diagnostic::Local {
+                        status: Cow::Borrowed("4.4.2"),
+                        text:
+                            "lost connection with mx.dest.test[127.0.0.2]:25 while sending RCPT TO"
+                                .into(),
+                    }),
+                ),
+                "4.4.2 lost connection with mx.dest.test[127.0.0.2]:25 while sending RCPT TO",
+            ),
+            (
+                RcptResult::Failed(lookup_diagnostic("null.test", &LookupError::NullMx)),
+                "556 5.1.10 null.test: domain does not accept mail (null MX)",
+            ),
+            (
+                RcptResult::Deferred(lookup_diagnostic(
+                    "t.test",
+                    &LookupError::Temporary("SERVFAIL".into()),
+                )),
+                "451 4.4.3 t.test: temporary DNS failure: SERVFAIL",
+            ),
+        ];
+        for (result, want) in cases {
+            let d = match result {
+                RcptResult::Deferred(d) | RcptResult::Failed(d) => d,
+                RcptResult::Delivered(d) => panic!("{d}"),
+            };
+            assert_eq!(d.to_string(), want);
+        }
+        let RcptResult::Delivered(done) = convert(
+            Some(&mx),
+            &RcptOutcome::Delivered(Reply::new(250, "2.0.0", "Ok: queued as 1")),
+        ) else {
+            panic!("not delivered");
+        };
+        assert_eq!(done.remote_mta(), Some("mx.dest.test"));
+        assert_eq!(done.reply_text(), "250 2.0.0 Ok: queued as 1");
     }
 }

@@ -1,16 +1,19 @@
 //! The SMTP client side of remote delivery: one connection to the first
 //! exchanger that answers, then one or more mail transactions on it.
 //!
-//! [`SmtpConnection::connect`] walks the exchangers in order and stops at the
-//! first server that greets and answers EHLO (or HELO).
-//! [`SmtpConnection::send`] runs one transaction (MAIL, RCPT…, DATA) and
+//! [`SmtpClient::connect`] walks the exchangers in order and stops at the
+//! first server ([`RemoteHost`]: one exchanger, one address) that greets
+//! and answers EHLO (or HELO).
+//! [`SmtpClient::send`] runs one transaction (MAIL, RCPT…, DATA) and
 //! says, per recipient, whether the message was delivered, deferred or
 //! failed. A connection stays usable for further transactions while
-//! [`SmtpConnection::is_reusable`] is true, so the delivery actor can keep a
+//! [`SmtpClient::is_reusable`] is true, so the delivery actor can keep a
 //! few per destination. [`deliver`] does connect, send and QUIT in one call.
 //!
-//! Replies are parsed strictly by [`parse_reply`] (no IO), and message
-//! content is dot-stuffed and line-end normalised by [`encode_content`].
+//! The protocol parts without IO live in the core crate
+//! (`postino_core::smtp::client`): replies are read by a [`ReplyReceiver`],
+//! EHLO keywords by [`Extensions::parse`], and message content is
+//! dot-stuffed and line-end normalised by [`encode_content`].
 
 use std::borrow::Cow;
 use std::fmt;
@@ -19,21 +22,17 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use base64::Engine as _;
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use postino_core::config::{DeliveryConfig, SmarthostAuth};
 use postino_core::logsafe::escape;
-use postino_core::smtp::Reply;
+use postino_core::smtp::client::{encode_content, Extensions, ReplyError, ReplyReceiver};
+use postino_core::smtp::{RemoteHost, Reply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, Instrument};
 
 use super::mx::Exchanger;
 
-/// Longest reply line accepted, CRLF included (RFC 5321 §4.5.3.1.5).
-pub const MAX_REPLY_LINE: usize = 512;
-/// Most lines in one reply; a longer one is a protocol error, which bounds
-/// what a hostile server can make us buffer.
-pub const MAX_REPLY_LINES: usize = 100;
 /// Postfix's `smtp_mx_address_limit`: addresses tried per delivery.
 pub const DEFAULT_MAX_ADDRESSES: usize = 5;
 /// Postfix's `smtp_mx_session_limit`: servers that got as far as a greeting
@@ -80,7 +79,7 @@ pub struct ClientSettings {
     /// does not offer AUTH PLAIN or rejects the credentials is skipped like
     /// one that is down: relaying unauthenticated would only be refused.
     pub auth: Option<SmarthostAuth>,
-    /// Addresses tried at most per [`SmtpConnection::connect`].
+    /// Addresses tried at most per [`SmtpClient::connect`].
     pub max_addresses: usize,
     /// Servers that greeted (or refused to) tried at most per connect.
     pub max_sessions: usize,
@@ -106,20 +105,6 @@ pub struct Transaction<'a> {
     pub sender: Option<&'a str>,
     pub recipients: &'a [String],
     pub content: &'a [u8],
-}
-
-/// The server a connection talks to: `mx.example[192.0.2.1]:25` in logs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Server {
-    /// Exchanger name (for `Remote-MTA: dns; …` in a bounce).
-    pub host: String,
-    pub addr: SocketAddr,
-}
-
-impl fmt::Display for Server {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}[{}]:{}", self.host, self.addr.ip(), self.addr.port())
-    }
 }
 
 /// Why a recipient was not delivered: the remote server's reply, or what went
@@ -202,7 +187,7 @@ impl RcptOutcome {
 #[error("{diagnostic}")]
 pub struct ConnectError {
     /// The last server tried, when any address was tried.
-    pub server: Option<Server>,
+    pub remote: Option<RemoteHost>,
     /// True when the last server tried refused for good (5xx greeting or
     /// HELO): as Postfix, the final server's answer decides.
     pub permanent: bool,
@@ -218,199 +203,6 @@ impl ConnectError {
             RcptOutcome::Deferred(self.diagnostic.clone())
         }
     }
-}
-
-/// SMTP service extensions the server announced in its EHLO reply.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Extensions {
-    pub pipelining: bool,
-    /// `SIZE` was announced (then MAIL carries `SIZE=n`).
-    pub size: bool,
-    /// The server's fixed limit from `SIZE n`; `None` for no limit (`SIZE`
-    /// or `SIZE 0`, RFC 1870).
-    pub size_limit: Option<u64>,
-    pub eight_bit_mime: bool,
-    pub smtputf8: bool,
-    pub starttls: bool,
-    pub enhanced_status_codes: bool,
-    pub auth_plain: bool,
-}
-
-impl Extensions {
-    /// Reads the keywords of an EHLO reply (every line after the first).
-    pub fn parse(ehlo: &Reply) -> Extensions {
-        let mut ext = Extensions::default();
-        for line in ehlo.text.split('\n').skip(1) {
-            let mut words = line.split([' ', '=']).filter(|w| !w.is_empty());
-            let Some(keyword) = words.next() else {
-                continue;
-            };
-            match keyword.to_ascii_uppercase().as_str() {
-                "PIPELINING" => ext.pipelining = true,
-                "SIZE" => {
-                    ext.size = true;
-                    ext.size_limit = words
-                        .next()
-                        .and_then(|n| n.parse::<u64>().ok())
-                        .filter(|n| *n > 0);
-                }
-                "8BITMIME" => ext.eight_bit_mime = true,
-                "SMTPUTF8" => ext.smtputf8 = true,
-                "STARTTLS" => ext.starttls = true,
-                "ENHANCEDSTATUSCODES" => ext.enhanced_status_codes = true,
-                // `AUTH=PLAIN LOGIN` is the pre-standard form some servers
-                // still send next to `AUTH PLAIN LOGIN`.
-                "AUTH" => ext.auth_plain |= words.any(|m| m.eq_ignore_ascii_case("PLAIN")),
-                _ => {}
-            }
-        }
-        ext
-    }
-}
-
-/// A reply that breaks RFC 5321 §4.2 syntax.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum ReplyError {
-    #[error("reply line longer than {MAX_REPLY_LINE} octets")]
-    LineTooLong,
-    #[error("reply of more than {MAX_REPLY_LINES} lines")]
-    TooManyLines,
-    #[error("malformed reply line {0:?}")]
-    Malformed(String),
-    #[error("reply code changed within a multi-line reply ({0} then {1})")]
-    CodeChanged(u16, u16),
-}
-
-/// Parses one complete reply from the front of `buf`.
-///
-/// Returns the reply and the number of octets it took, or `Ok(None)` when
-/// more input is needed. Lines are `NNN-text` except the last, `NNN text` or
-/// `NNN`, all with one code; a leading enhanced status code (`5.1.1`) of the
-/// reply's class is taken out of each line into [`Reply::status`]. A bare LF
-/// ends a line too (servers that send one are common and harmless here).
-///
-/// # Errors
-///
-/// Anything else: the conversation cannot be trusted to stay in step.
-pub fn parse_reply(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
-    let mut pos = 0;
-    let mut code = None;
-    let mut status: Option<String> = None;
-    let mut text = String::new();
-    for n in 0.. {
-        if n == MAX_REPLY_LINES {
-            return Err(ReplyError::TooManyLines);
-        }
-        let rest = &buf[pos..];
-        let window = &rest[..rest.len().min(MAX_REPLY_LINE)];
-        let Some(lf) = window.iter().position(|&b| b == b'\n') else {
-            if rest.len() >= MAX_REPLY_LINE {
-                return Err(ReplyError::LineTooLong);
-            }
-            return Ok(None);
-        };
-        let line = &rest[..lf];
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        pos += lf + 1;
-
-        let malformed = || ReplyError::Malformed(String::from_utf8_lossy(line).into_owned());
-        let digits = line.get(..3).ok_or_else(malformed)?;
-        let valid = matches!(digits[0], b'2'..=b'5')
-            && matches!(digits[1], b'0'..=b'5')
-            && digits[2].is_ascii_digit();
-        if !valid {
-            return Err(malformed());
-        }
-        let this = u16::from(digits[0] - b'0') * 100
-            + u16::from(digits[1] - b'0') * 10
-            + u16::from(digits[2] - b'0');
-        match code {
-            Some(c) if c != this => return Err(ReplyError::CodeChanged(c, this)),
-            _ => code = Some(this),
-        }
-        let last = match line.get(3) {
-            None | Some(b' ') => true,
-            Some(b'-') => false,
-            Some(_) => return Err(malformed()),
-        };
-        let body = String::from_utf8_lossy(line.get(4..).unwrap_or_default());
-        let (line_status, body) = split_status(digits[0], &body);
-        if n == 0 {
-            status = line_status.map(str::to_string);
-        } else {
-            text.push('\n');
-        }
-        text.push_str(body);
-        if last {
-            let reply = Reply {
-                code: this,
-                status: status.map(Cow::Owned),
-                text: Cow::Owned(text),
-            };
-            return Ok(Some((reply, pos)));
-        }
-    }
-    unreachable!("the loop returns by MAX_REPLY_LINES")
-}
-
-/// Splits `5.1.1 text` into the status and the text when the status is of the
-/// reply's class (RFC 2034 §4).
-fn split_status(class: u8, line: &str) -> (Option<&str>, &str) {
-    let end = line.find(' ').unwrap_or(line.len());
-    let candidate = &line[..end];
-    let mut parts = candidate.split('.');
-    let ok = matches!(class, b'2' | b'4' | b'5')
-        && parts.next().is_some_and(|p| p.as_bytes() == [class])
-        && parts
-            .next()
-            .is_some_and(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
-        && parts
-            .next()
-            .is_some_and(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
-        && parts.next().is_none();
-    if ok {
-        (Some(candidate), line[end..].trim_start_matches(' '))
-    } else {
-        (None, line)
-    }
-}
-
-/// Message content as it goes on the wire after DATA: every line end made
-/// CRLF (a bare CR or LF becomes one), lines starting with `.` get another
-/// (RFC 5321 §4.5.2), the last line is ended, and `.CRLF` follows.
-pub fn encode_content(content: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(content.len() + content.len() / 32 + 5);
-    let mut line_start = true;
-    let mut i = 0;
-    while i < content.len() {
-        match content[i] {
-            b'\r' => {
-                out.extend_from_slice(b"\r\n");
-                line_start = true;
-                if content.get(i + 1) == Some(&b'\n') {
-                    i += 1;
-                }
-            }
-            b'\n' => {
-                out.extend_from_slice(b"\r\n");
-                line_start = true;
-            }
-            b => {
-                if line_start && b == b'.' {
-                    out.push(b'.');
-                }
-                out.push(b);
-                line_start = false;
-            }
-        }
-        i += 1;
-    }
-    if !line_start {
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b".\r\n");
-    out
 }
 
 /// Where in the conversation something went wrong, for diagnostics in
@@ -462,24 +254,24 @@ enum SessionError {
 }
 
 impl SessionError {
-    fn diagnostic(&self, server: &Server, stage: Stage) -> Diagnostic {
+    fn diagnostic(&self, remote: &RemoteHost, stage: Stage) -> Diagnostic {
         let what = stage.describe();
         match self {
             SessionError::Timeout => Diagnostic::local(
                 "4.4.2",
-                format!("conversation with {server} timed out while {what}"),
+                format!("conversation with {remote} timed out while {what}"),
             ),
             SessionError::Closed => Diagnostic::local(
                 "4.4.2",
-                format!("lost connection with {server} while {what}"),
+                format!("lost connection with {remote} while {what}"),
             ),
             SessionError::Io(e) => Diagnostic::local(
                 "4.4.2",
-                format!("lost connection with {server} while {what}: {e}"),
+                format!("lost connection with {remote} while {what}: {e}"),
             ),
             SessionError::Protocol(e) => Diagnostic::local(
                 "4.5.0",
-                format!("protocol error from {server} while {what}: {e}"),
+                format!("protocol error from {remote} while {what}: {e}"),
             ),
         }
     }
@@ -496,10 +288,11 @@ async fn within<T>(
 
 /// An open SMTP session past EHLO (and AUTH), ready for transactions.
 #[derive(Debug)]
-pub struct SmtpConnection {
+pub struct SmtpClient {
     stream: TcpStream,
     rbuf: BytesMut,
-    server: Server,
+    replies: ReplyReceiver,
+    remote: RemoteHost,
     ext: Extensions,
     timeouts: Timeouts,
     stage: Stage,
@@ -518,7 +311,7 @@ struct OpenError {
     session: bool,
 }
 
-impl SmtpConnection {
+impl SmtpClient {
     /// Connects to the first exchanger address that greets and answers EHLO
     /// (or HELO after a 5xx to EHLO), in the given order: a refused or timed
     /// out connect, a 4xx/5xx greeting, a rejected EHLO and HELO, a failed
@@ -531,7 +324,7 @@ impl SmtpConnection {
     pub async fn connect(
         exchangers: &[Exchanger],
         settings: &ClientSettings,
-    ) -> Result<SmtpConnection, ConnectError> {
+    ) -> Result<SmtpClient, ConnectError> {
         let mut last = None;
         let mut sessions = 0;
         // Collected first: an iterator of closures held across the awaits
@@ -547,12 +340,12 @@ impl SmtpConnection {
             if tried >= settings.max_addresses || sessions >= settings.max_sessions {
                 break;
             }
-            let server = Server {
+            let remote = RemoteHost {
                 host: host.to_string(),
                 addr,
             };
-            let span = tracing::debug_span!("smtp_client", server = %escape(&server.to_string()));
-            match Self::open(server, settings, span.clone())
+            let span = tracing::debug_span!("smtp_client", server = %escape(&remote.to_string()));
+            match Self::open(remote, settings, span.clone())
                 .instrument(span)
                 .await
             {
@@ -565,35 +358,36 @@ impl SmtpConnection {
             }
         }
         Err(last.unwrap_or_else(|| ConnectError {
-            server: None,
+            remote: None,
             permanent: false,
             diagnostic: Diagnostic::local("4.4.4", "no mail exchanger address to try"),
         }))
     }
 
     async fn open(
-        server: Server,
+        remote: RemoteHost,
         settings: &ClientSettings,
         span: tracing::Span,
-    ) -> Result<SmtpConnection, OpenError> {
+    ) -> Result<SmtpClient, OpenError> {
         let t = settings.timeouts;
-        let stream = match tokio::time::timeout(t.connect, TcpStream::connect(server.addr)).await {
+        let stream = match tokio::time::timeout(t.connect, TcpStream::connect(remote.addr)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
-                let text = format!("connect to {server}: {e}");
-                return Err(OpenError::local(server, "4.4.1", text, false));
+                let text = format!("connect to {remote}: {e}");
+                return Err(OpenError::local(remote, "4.4.1", text, false));
             }
             Err(_) => {
-                let text = format!("connect to {server}: connection timed out");
-                return Err(OpenError::local(server, "4.4.1", text, false));
+                let text = format!("connect to {remote}: connection timed out");
+                return Err(OpenError::local(remote, "4.4.1", text, false));
             }
         };
         // Commands are written whole; Nagle would only delay them.
         let _ = stream.set_nodelay(true);
-        let mut conn = SmtpConnection {
+        let mut conn = SmtpClient {
             stream,
             rbuf: BytesMut::with_capacity(4096),
-            server,
+            replies: ReplyReceiver::new(),
+            remote,
             ext: Extensions::default(),
             timeouts: t,
             stage: Stage::Greeting,
@@ -608,11 +402,11 @@ impl SmtpConnection {
                 // The server answered but refused: say goodbye politely
                 // (RFC 5321 §3.1), then let the caller try the next one.
                 let permanent = reply.code >= 500;
-                let server = conn.server.clone();
+                let remote = conn.remote.clone();
                 conn.quit().await;
                 Err(OpenError {
                     error: ConnectError {
-                        server: Some(server),
+                        remote: Some(remote),
                         permanent,
                         diagnostic: Diagnostic::Remote(reply),
                     },
@@ -620,10 +414,10 @@ impl SmtpConnection {
                 })
             }
             Err(e) => {
-                let diagnostic = e.diagnostic(&conn.server, conn.stage);
+                let diagnostic = e.diagnostic(&conn.remote, conn.stage);
                 Err(OpenError {
                     error: ConnectError {
-                        server: Some(conn.server),
+                        remote: Some(conn.remote),
                         permanent: false,
                         diagnostic,
                     },
@@ -674,7 +468,7 @@ impl SmtpConnection {
                     "4.7.0",
                     format!(
                         "{} does not offer AUTH PLAIN; credentials are configured",
-                        self.server
+                        self.remote
                     ),
                 )));
             }
@@ -723,7 +517,7 @@ impl SmtpConnection {
         if !self.reusable {
             let diag = Diagnostic::local(
                 "4.4.2",
-                format!("connection with {} is no longer usable", self.server),
+                format!("connection with {} is no longer usable", self.remote),
             );
             return vec![RcptOutcome::Deferred(diag); n];
         }
@@ -734,7 +528,7 @@ impl SmtpConnection {
         if !valid.is_empty() {
             if let Err(e) = self.transaction(tx, &valid, &mut outcomes).await {
                 self.reusable = false;
-                let diag = e.diagnostic(&self.server, self.stage);
+                let diag = e.diagnostic(&self.remote, self.stage);
                 debug!(error = %escape(&diag.to_string()), "transaction aborted");
                 for o in outcomes.iter_mut().filter(|o| o.is_none()) {
                     *o = Some(RcptOutcome::Deferred(diag.clone()));
@@ -768,7 +562,7 @@ impl SmtpConnection {
                     format!(
                         "message size {} exceeds size limit {limit} of server {}",
                         tx.content.len(),
-                        self.server
+                        self.remote
                     ),
                 )));
             }
@@ -786,7 +580,7 @@ impl SmtpConnection {
                 "5.6.7",
                 format!(
                     "SMTPUTF8 is required, but was not offered by host {}",
-                    self.server
+                    self.remote
                 ),
             )));
         }
@@ -1014,8 +808,9 @@ impl SmtpConnection {
         self.transactions
     }
 
-    pub fn server(&self) -> &Server {
-        &self.server
+    /// The server this connection talks to.
+    pub fn remote(&self) -> &RemoteHost {
+        &self.remote
     }
 
     pub fn extensions(&self) -> &Extensions {
@@ -1051,10 +846,10 @@ impl SmtpConnection {
     async fn read_reply(&mut self, limit: Duration) -> Result<Reply, SessionError> {
         let stream = &mut self.stream;
         let rbuf = &mut self.rbuf;
+        let replies = &mut self.replies;
         let reply = within(limit, async move {
             loop {
-                if let Some((reply, used)) = parse_reply(rbuf)? {
-                    rbuf.advance(used);
+                if let Some(reply) = replies.next_reply(rbuf)? {
                     return Ok(reply);
                 }
                 if stream.read_buf(rbuf).await? == 0 {
@@ -1069,10 +864,10 @@ impl SmtpConnection {
 }
 
 impl OpenError {
-    fn local(server: Server, status: &'static str, text: String, session: bool) -> OpenError {
+    fn local(remote: RemoteHost, status: &'static str, text: String, session: bool) -> OpenError {
         OpenError {
             error: ConnectError {
-                server: Some(server),
+                remote: Some(remote),
                 permanent: false,
                 diagnostic: Diagnostic::local(status, text),
             },
@@ -1093,9 +888,9 @@ fn valid_path(path: &str) -> bool {
 
 /// The result of one delivery attempt with [`deliver`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Delivery {
+pub struct SessionOutcome {
     /// The server that was talked to last (`None` if no address was tried).
-    pub server: Option<Server>,
+    pub remote: Option<RemoteHost>,
     /// One outcome per recipient, in order.
     pub outcomes: Vec<RcptOutcome>,
 }
@@ -1105,17 +900,17 @@ pub async fn deliver(
     exchangers: &[Exchanger],
     settings: &ClientSettings,
     tx: &Transaction<'_>,
-) -> Delivery {
-    match SmtpConnection::connect(exchangers, settings).await {
-        Err(e) => Delivery {
+) -> SessionOutcome {
+    match SmtpClient::connect(exchangers, settings).await {
+        Err(e) => SessionOutcome {
             outcomes: vec![e.outcome(); tx.recipients.len()],
-            server: e.server,
+            remote: e.remote,
         },
         Ok(mut conn) => {
             let outcomes = conn.send(tx).await;
-            let server = Some(conn.server().clone());
+            let remote = Some(conn.remote().clone());
             conn.quit().await;
-            Delivery { server, outcomes }
+            SessionOutcome { remote, outcomes }
         }
     }
 }
@@ -1130,141 +925,6 @@ mod tests {
             status: status.map(|s| Cow::Owned(s.to_string())),
             text: Cow::Owned(text.to_string()),
         }
-    }
-
-    /// Feeds `input` in every two-piece split and checks that the parse
-    /// waits for more until the reply is complete, then gives `want`.
-    #[test]
-    fn replies_in_fragments() {
-        let cases: &[(&[u8], Reply)] = &[
-            (b"220 mx.test ESMTP\r\n", r(220, None, "mx.test ESMTP")),
-            (b"250 2.1.0 Ok\r\n", r(250, Some("2.1.0"), "Ok")),
-            (b"354\r\n", r(354, None, "")),
-            (b"250 \r\n", r(250, None, "")),
-            (
-                b"250-mx.test\r\n250-PIPELINING\r\n250 SIZE 100\r\n",
-                r(250, None, "mx.test\nPIPELINING\nSIZE 100"),
-            ),
-            (
-                b"550-5.1.1 no such\r\n550 5.1.1 user here\r\n",
-                r(550, Some("5.1.1"), "no such\nuser here"),
-            ),
-            // A status of another class is text, not a status.
-            (b"550 4.1.1 odd\r\n", r(550, None, "4.1.1 odd")),
-            (
-                b"250 2.0 not a status\r\n",
-                r(250, None, "2.0 not a status"),
-            ),
-            (b"421 4.4.2 bye\n", r(421, Some("4.4.2"), "bye")),
-        ];
-        for (input, want) in cases {
-            for split in 0..input.len() {
-                assert_eq!(
-                    parse_reply(&input[..split]),
-                    Ok(None),
-                    "{input:?} cut at {split}"
-                );
-            }
-            let mut more = input.to_vec();
-            more.extend_from_slice(b"250 next\r\n");
-            assert_eq!(
-                parse_reply(&more),
-                Ok(Some((want.clone(), input.len()))),
-                "{:?}",
-                String::from_utf8_lossy(input)
-            );
-        }
-    }
-
-    #[test]
-    fn malformed_replies() {
-        let long = format!("250 {}\r\n", "x".repeat(MAX_REPLY_LINE));
-        let many = "250-x\r\n".repeat(MAX_REPLY_LINES + 1);
-        let cases: &[(&[u8], ReplyError)] = &[
-            (b"hello\r\n", ReplyError::Malformed("hello".into())),
-            (b"25\r\n", ReplyError::Malformed("25".into())),
-            (b"650 no\r\n", ReplyError::Malformed("650 no".into())),
-            (b"190 no\r\n", ReplyError::Malformed("190 no".into())),
-            (b"2a0 no\r\n", ReplyError::Malformed("2a0 no".into())),
-            (b"250_x\r\n", ReplyError::Malformed("250_x".into())),
-            (b"250-a\r\n251 b\r\n", ReplyError::CodeChanged(250, 251)),
-            (long.as_bytes(), ReplyError::LineTooLong),
-            (many.as_bytes(), ReplyError::TooManyLines),
-        ];
-        for (input, want) in cases {
-            assert_eq!(
-                parse_reply(input),
-                Err(want.clone()),
-                "{:?}",
-                String::from_utf8_lossy(input)
-            );
-        }
-        // An over-long line is refused before its end arrives.
-        assert_eq!(
-            parse_reply(&vec![b'2'; MAX_REPLY_LINE]),
-            Err(ReplyError::LineTooLong)
-        );
-        // 511 octets plus CRLF... is 513; 510 plus CRLF is the most.
-        let max = format!("250 {}\r\n", "x".repeat(MAX_REPLY_LINE - 6));
-        assert!(parse_reply(max.as_bytes()).unwrap().is_some());
-    }
-
-    #[test]
-    fn content_encoding() {
-        let cases: &[(&[u8], &[u8])] = &[
-            (b"", b".\r\n"),
-            (b"a\r\n", b"a\r\n.\r\n"),
-            (b"a", b"a\r\n.\r\n"),
-            (b".\r\n", b"..\r\n.\r\n"),
-            (b"a\r\n.b\r\n..c\r\n", b"a\r\n..b\r\n...c\r\n.\r\n"),
-            (b"a.b\r\n", b"a.b\r\n.\r\n"),
-            (b"a\nb\n", b"a\r\nb\r\n.\r\n"),
-            (b"a\rb", b"a\r\nb\r\n.\r\n"),
-            (b"a\r\r\nb", b"a\r\n\r\nb\r\n.\r\n"),
-            (b"a\n.\n", b"a\r\n..\r\n.\r\n"),
-            (b"\r\n.\r\n", b"\r\n..\r\n.\r\n"),
-            (b"caf\xc3\xa9\r\n", b"caf\xc3\xa9\r\n.\r\n"),
-        ];
-        for (input, want) in cases {
-            assert_eq!(
-                encode_content(input),
-                *want,
-                "{:?}",
-                String::from_utf8_lossy(input)
-            );
-        }
-    }
-
-    #[test]
-    fn ehlo_keywords() {
-        let reply = r(
-            250,
-            None,
-            "mx.test greets you\npipelining\nSIZE 10240000\n8BITMIME\nAUTH LOGIN PLAIN\nSTARTTLS\nENHANCEDSTATUSCODES\nSMTPUTF8",
-        );
-        let ext = Extensions::parse(&reply);
-        assert_eq!(
-            ext,
-            Extensions {
-                pipelining: true,
-                size: true,
-                size_limit: Some(10_240_000),
-                eight_bit_mime: true,
-                smtputf8: true,
-                starttls: true,
-                enhanced_status_codes: true,
-                auth_plain: true,
-            }
-        );
-        let ext = Extensions::parse(&r(250, None, "mx.test\nSIZE\nAUTH=LOGIN PLAIN"));
-        assert!(ext.size && ext.size_limit.is_none() && ext.auth_plain);
-        let ext = Extensions::parse(&r(250, None, "mx.test\nSIZE 0\nAUTH LOGIN"));
-        assert!(ext.size && ext.size_limit.is_none() && !ext.auth_plain);
-        // The greeting line is not a keyword.
-        assert_eq!(
-            Extensions::parse(&r(250, None, "PIPELINING")),
-            Extensions::default()
-        );
     }
 
     #[test]

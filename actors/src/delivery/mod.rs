@@ -3,12 +3,16 @@
 //!
 //! - [`mx`]: [`MxResolver`] turns a domain (or the smarthost) into an ordered
 //!   list of [`Exchanger`]s, or a [`LookupError`] that says whether to bounce.
-//! - [`client`]: [`SmtpConnection`] connects to the first exchanger that
-//!   answers and runs mail transactions on it, one [`RcptOutcome`] per
-//!   recipient; [`deliver`] is connect, send and QUIT in one call.
+//! - [`client`]: [`SmtpClient`] connects to the first exchanger that
+//!   answers (a [`RemoteHost`]: one name, one address) and runs mail
+//!   transactions on it, one [`RcptOutcome`] per recipient; [`deliver`] is
+//!   connect, send and QUIT in one call ([`SessionOutcome`]). Reply
+//!   parsing and EHLO keywords are the core's, without IO
+//!   (`postino_core::smtp::client`).
 //! - [`attempt`]: one delivery attempt for one destination's recipients:
 //!   lookup (or the smarthost), a cached connection or a new one, batches of
-//!   `recipients_per_delivery`, and the per-recipient [`attempt::Outcome`].
+//!   `recipients_per_delivery`, and the per-recipient [`attempt::Outcome`]
+//!   with a typed diagnostic (`DeliveryDiagnostic`) for the queue record.
 //! - [`actor`]: the queue manager ([`actor::Delivery`]): schedule, retries,
 //!   per-destination concurrency, expiry, delay warnings and bounces, and the
 //!   `postino queue` commands of a running server.
@@ -25,7 +29,9 @@ pub mod client;
 pub mod mx;
 
 pub use client::{
-    deliver, ClientSettings, ConnectError, Delivery, Diagnostic, Extensions, RcptOutcome, Server,
-    SmtpConnection, Timeouts, Transaction,
+    deliver, ClientSettings, ConnectError, Diagnostic, RcptOutcome, SessionOutcome, SmtpClient,
+    Timeouts, Transaction,
 };
 pub use mx::{Exchanger, LookupError, MxResolver, ResolverError};
+pub use postino_core::smtp::client::Extensions;
+pub use postino_core::smtp::RemoteHost;
