@@ -24,28 +24,54 @@ use tokio::net::UnixListener;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::delivery::actor::{Delivery, QueueCommand};
+use crate::delivery::actor::{ActiveIds, Delivery, QueueAdmin, QueueCommand};
+use crate::queue_tools::{self, QueueRequest};
 
 /// A command for the server. Passwords are [`Secret`]s: requests are logged
 /// with `Debug`, which shows `<redacted>` for them (the JSON wire form is the
 /// plain string).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Request {
-    UserAdd { address: String, password: Secret },
-    UserPasswd { address: String, password: Secret },
-    UserDel { address: String },
+    UserAdd {
+        address: String,
+        password: Secret,
+    },
+    UserPasswd {
+        address: String,
+        password: Secret,
+    },
+    UserDel {
+        address: String,
+    },
     UserList,
-    AliasAdd { alias: String, target: String },
-    AliasDel { alias: String },
+    AliasAdd {
+        alias: String,
+        target: String,
+    },
+    AliasDel {
+        alias: String,
+    },
     AliasList,
     QueueList,
-    QueueShow { id: String },
+    QueueShow {
+        id: String,
+    },
     QueueFlush,
-    QueueDelete { id: String },
-    QueueBounce { id: String },
+    QueueDelete {
+        id: String,
+    },
+    QueueBounce {
+        id: String,
+    },
+    /// Listings, `cat` and bulk actions (`queue_tools.rs`), answered in
+    /// chunks: [`Response::More`] lines, then the last [`Response::Ok`].
+    Queue(QueueRequest),
     // Sets a store failpoint (`postino_core::failpoints`); refused unless
     // the build has the `failpoints` feature, which only the tests use.
-    Failpoint { name: String, actions: String },
+    Failpoint {
+        name: String,
+        actions: String,
+    },
 }
 
 /// The answer: lines to print, or an error.
@@ -53,6 +79,9 @@ pub enum Request {
 pub enum Response {
     Ok(Vec<String>),
     Error(String),
+    /// Lines of a streamed answer ([`Request::Queue`]); more follow, up to
+    /// an `Ok` or `Error`.
+    More(Vec<String>),
 }
 
 /// Starts serving the control socket at `path`.
@@ -78,6 +107,17 @@ pub fn serve(
                 let (read, mut write) = stream.into_split();
                 let mut lines = tokio::io::BufReader::new(read).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
+                    if let Ok(Request::Queue(request)) = serde_json::from_str::<Request>(&line) {
+                        debug!(?request, "control request");
+                        let (store, delivery) = (store.clone(), delivery.clone());
+                        if stream_queue(request, store, delivery, &mut write)
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                        continue;
+                    }
                     let response = match serde_json::from_str::<Request>(&line) {
                         Ok(request) => {
                             debug!(?request, "control request");
@@ -120,6 +160,122 @@ pub fn serve(
             });
         }
     }))
+}
+
+/// Answers a [`Request::Queue`]: listings and `cat` are read on a
+/// blocking thread and sent in chunks of [`queue_tools::CHUNK`] lines
+/// through a channel of two chunks, so a listing of any length takes
+/// bounded memory; actions are the delivery actor's.
+async fn stream_queue(
+    request: QueueRequest,
+    store: Store,
+    delivery: Addr<Delivery>,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+) -> std::io::Result<()> {
+    async fn send(
+        write: &mut tokio::net::unix::OwnedWriteHalf,
+        response: &Response,
+    ) -> std::io::Result<()> {
+        let mut out = serde_json::to_vec(response).map_err(std::io::Error::other)?;
+        out.push(b'\n');
+        write.write_all(&out).await
+    }
+    let active = match &request {
+        // The state column shows which are being tried.
+        QueueRequest::List { .. } => delivery.send(ActiveIds).await.unwrap_or_default(),
+        _ => Default::default(),
+    };
+    let (action, filter) = match request {
+        QueueRequest::Act { action, filter } => (action, filter),
+        read => {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<String>>(2);
+            let reader = tokio::task::spawn_blocking(move || {
+                let mut chunk = Vec::with_capacity(queue_tools::CHUNK);
+                let mut emit = |line: String| {
+                    chunk.push(line);
+                    if chunk.len() < queue_tools::CHUNK {
+                        return true;
+                    }
+                    let full =
+                        std::mem::replace(&mut chunk, Vec::with_capacity(queue_tools::CHUNK));
+                    tx.blocking_send(full).is_ok()
+                };
+                let done = match read {
+                    QueueRequest::List { filter, json } => {
+                        queue_tools::list(&store, &filter, json, &active, &mut emit)
+                    }
+                    QueueRequest::Cat { id, part } => {
+                        queue_tools::cat(&store, &id, part, &mut emit)
+                    }
+                    QueueRequest::Act { .. } => unreachable!("matched above"),
+                };
+                (done, chunk)
+            });
+            while let Some(chunk) = rx.recv().await {
+                send(write, &Response::More(chunk)).await?;
+            }
+            let last = match reader.await {
+                Ok((Ok(()), rest)) => Response::Ok(rest),
+                Ok((Err(e), rest)) => {
+                    send(write, &Response::More(rest)).await?;
+                    Response::Error(e)
+                }
+                Err(e) => Response::Error(e.to_string()),
+            };
+            return send(write, &last).await;
+        }
+    };
+    let answer = match delivery.send(QueueAdmin { action, filter }).await {
+        Ok(Ok(line)) => match store.durable().await {
+            Ok(()) => Response::Ok(vec![line]),
+            Err(e) => Response::Error(format!("flushing the store: {e}")),
+        },
+        Ok(Err(e)) => Response::Error(e),
+        Err(e) => Response::Error(format!("delivery actor: {e}")),
+    };
+    send(write, &answer).await
+}
+
+/// Sends a [`Request::Queue`] to a running server, handing each chunk of
+/// lines to `lines` as it arrives. `Ok(None)`: no server listens; else the
+/// last answer (`Ok` with the last lines, which were not handed over, or
+/// `Error`).
+///
+/// # Errors
+/// IO errors other than "nobody listens", and those of `lines`.
+pub fn call_streaming(
+    path: &Path,
+    request: &Request,
+    mut lines: impl FnMut(Vec<String>) -> std::io::Result<()>,
+) -> std::io::Result<Option<Response>> {
+    let stream = match std::os::unix::net::UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut line = serde_json::to_vec(request).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    (&stream).write_all(&line)?;
+    let mut reader = BufReader::new(&stream);
+    let mut answer = String::new();
+    loop {
+        answer.clear();
+        if reader.read_line(&mut answer)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        match serde_json::from_str(&answer).map_err(std::io::Error::other)? {
+            Response::More(chunk) => lines(chunk)?,
+            last => return Ok(Some(last)),
+        }
+    }
 }
 
 /// Queue changes go through the delivery actor when it runs, so that its
@@ -249,6 +405,29 @@ pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
         },
         Request::QueueBounce { .. } => {
             return Response::Error("queue bounce needs the running server (it sends mail)".into())
+        }
+        Request::Queue(request) => {
+            // Collected: the CLI streams these itself (`queue_tools`).
+            let mut lines = Vec::new();
+            let done = match request {
+                QueueRequest::List { filter, json } => {
+                    queue_tools::list(store, &filter, json, &Default::default(), |l| {
+                        lines.push(l);
+                        true
+                    })
+                }
+                QueueRequest::Cat { id, part } => queue_tools::cat(store, &id, part, |l| {
+                    lines.push(l);
+                    true
+                }),
+                QueueRequest::Act { action, filter } => {
+                    queue_tools::act_offline(store, action, &filter).map(|l| lines.push(l))
+                }
+            };
+            return match done {
+                Ok(()) => Response::Ok(lines),
+                Err(e) => Response::Error(e),
+            };
         }
         Request::Failpoint { name, actions } => {
             return match postino_core::failpoints::configure(&name, &actions) {

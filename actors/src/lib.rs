@@ -14,6 +14,7 @@
 //!   outbound SMTP client.
 //! - [`auth`]: password checks on a few dedicated threads (bounded memory).
 //! - [`control`]: the Unix control socket that the CLI uses.
+//! - [`queue_tools`]: queue listings, filters and bulk actions behind it.
 //! - [`io`], [`tls`]: sockets, buffers, rustls.
 //!
 //! # Replacing the router
@@ -28,6 +29,7 @@ pub mod delivery;
 pub mod io;
 pub mod mailbox;
 pub mod pop3;
+pub mod queue_tools;
 pub mod router;
 pub mod server;
 pub mod smtp;

@@ -94,7 +94,8 @@
 //! | `progress` | id BE | what dispatch of an inbound message has done |
 //! | `mail` | mailbox ++ NUL ++ id BE | prefix and size of one mailbox entry [++ inline content] |
 //! | `queue` | id BE | [`QueueEntry`] [++ inline content] |
-//! | `schedule` | next attempt BE ++ id BE | empty: index of the queue by due time |
+//! | `schedule` | next attempt BE ++ id BE | empty: index of the queue by due time (held entries have none) |
+//! | `held` | id BE | unix seconds BE when the entry was put on hold (`hold.rs`) |
 //!
 //! Content references: the inbound record holds one from [`Store::spool`]
 //! until [`Store::finish_inbound`]; each mailbox entry and each queue entry
@@ -113,6 +114,7 @@
 
 mod backup;
 mod commit;
+mod hold;
 mod mail;
 mod queue;
 mod rejected;
@@ -144,6 +146,7 @@ use crate::routing::{Directory, DirectoryError};
 pub use backup::{BackupError, CheckReport, Counts, EXPORT_VERSION};
 pub use commit::Durable;
 pub use compact::Compacted;
+pub use hold::{QueueItem, Rescheduled};
 pub use mail::{LocalDelivery, MailEntry};
 pub use queue::{Notice, QueueEntry, QueueRecipient, RecipientState};
 pub use users::PasswordScratch;
@@ -245,6 +248,8 @@ struct Inner {
     mail: sled::Tree,
     queue: sled::Tree,
     schedule: sled::Tree,
+    /// Queue entries on hold (`hold.rs`).
+    held: sled::Tree,
     /// Writers that add a schedule key before its queue entry (not in one
     /// transaction) hold this shared; removing a schedule key whose entry
     /// is missing (left by a crash) takes it exclusively, so it never
@@ -412,6 +417,7 @@ impl Store {
             mail: db.open_tree("mail")?,
             queue,
             schedule: db.open_tree("schedule")?,
+            held: db.open_tree("held")?,
             queue_writes: std::sync::RwLock::new(()),
             auth_cache: std::sync::OnceLock::new(),
             uidl_epoch,

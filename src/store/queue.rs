@@ -212,20 +212,23 @@ impl Store {
         let id = entry.id;
         let key = id.to_key();
         let i = &self.inner;
-        tx_done((&i.queue, &i.schedule).transaction(|(queue, schedule)| {
-            let Some(old) = queue.get(key)? else {
-                return abort(StoreError::NotFound { what: "queue", id });
-            };
-            // Rewriting an entry keeps its inline content.
-            let (old, inline): (QueueEntry, _) = split_inline("queue", &old).or_else(abort)?;
-            let value = encode_inline("queue", entry, inline).or_else(abort)?;
-            if old.next_attempt != entry.next_attempt {
-                schedule.remove(&schedule_key(old.next_attempt, id))?;
-                schedule.insert(&schedule_key(entry.next_attempt, id), &[])?;
-            }
-            queue.insert(&key, value)?;
-            Ok(())
-        }))
+        tx_done(
+            (&i.queue, &i.schedule, &i.held).transaction(|(queue, schedule, held)| {
+                let Some(old) = queue.get(key)? else {
+                    return abort(StoreError::NotFound { what: "queue", id });
+                };
+                // Rewriting an entry keeps its inline content.
+                let (old, inline): (QueueEntry, _) = split_inline("queue", &old).or_else(abort)?;
+                let value = encode_inline("queue", entry, inline).or_else(abort)?;
+                // A held entry stays off the schedule (`hold.rs`).
+                if old.next_attempt != entry.next_attempt && held.get(key)?.is_none() {
+                    schedule.remove(&schedule_key(old.next_attempt, id))?;
+                    schedule.insert(&schedule_key(entry.next_attempt, id), &[])?;
+                }
+                queue.insert(&key, value)?;
+                Ok(())
+            }),
+        )
     }
 
     /// Removes a queue entry (delivered, or bounced) and releases its
@@ -233,19 +236,23 @@ impl Store {
     pub fn remove_queue(&self, id: MessageId) -> Result<(), StoreError> {
         let key = id.to_key();
         let i = &self.inner;
-        tx_done((&i.queue, &i.schedule, &i.refs, &i.content).transaction(
-            |(queue, schedule, refs, content)| {
-                let Some(old) = queue.remove(&key)? else {
-                    return Ok(());
-                };
-                let (old, inline): (QueueEntry, _) = split_inline("queue", &old).or_else(abort)?;
-                schedule.remove(&schedule_key(old.next_attempt, id))?;
-                if inline.is_none() {
-                    release(refs, content, id)?;
-                }
-                Ok(())
-            },
-        ))
+        tx_done(
+            (&i.queue, &i.schedule, &i.refs, &i.content, &i.held).transaction(
+                |(queue, schedule, refs, content, held)| {
+                    let Some(old) = queue.remove(&key)? else {
+                        return Ok(());
+                    };
+                    let (old, inline): (QueueEntry, _) =
+                        split_inline("queue", &old).or_else(abort)?;
+                    schedule.remove(&schedule_key(old.next_attempt, id))?;
+                    held.remove(&key)?;
+                    if inline.is_none() {
+                        release(refs, content, id)?;
+                    }
+                    Ok(())
+                },
+            ),
+        )
     }
 
     /// Ends a delivery round in one transaction: spools `notices` (each
@@ -280,7 +287,10 @@ impl Store {
                 return Err(StoreError::NotFound { what: "queue", id });
             };
             let (entry, inline): (QueueEntry, _) = split_inline("queue", &old)?;
+            // A held entry (its round ran when it was put on hold) takes
+            // the transaction below, which also ends the hold.
             if inline.is_some()
+                && !i.held.contains_key(key)?
                 && i.queue
                     .compare_and_swap(key, Some(&old), None as Option<&[u8]>)?
                     .is_ok()
@@ -290,8 +300,15 @@ impl Store {
             }
         }
         tx_done(
-            (&i.queue, &i.schedule, &i.refs, &i.content, &i.inbound).transaction(
-                |(queue, schedule, refs, content, inbound)| {
+            (
+                &i.queue,
+                &i.schedule,
+                &i.refs,
+                &i.content,
+                &i.inbound,
+                &i.held,
+            )
+                .transaction(|(queue, schedule, refs, content, inbound, held)| {
                     let Some(old) = queue.get(key)? else {
                         return abort(StoreError::NotFound { what: "queue", id });
                     };
@@ -310,11 +327,13 @@ impl Store {
                     if remove {
                         queue.remove(&key)?;
                         schedule.remove(&schedule_key(old.next_attempt, id))?;
+                        held.remove(&key)?;
                         if inline.is_none() {
                             release(refs, content, id)?;
                         }
                     } else {
-                        if old.next_attempt != entry.next_attempt {
+                        // A held entry stays off the schedule (`hold.rs`).
+                        if old.next_attempt != entry.next_attempt && held.get(key)?.is_none() {
                             schedule.remove(&schedule_key(old.next_attempt, id))?;
                             schedule.insert(&schedule_key(entry.next_attempt, id), &[])?;
                         }
@@ -322,8 +341,7 @@ impl Store {
                             .insert(&key, encode_inline("queue", entry, inline).or_else(abort)?)?;
                     }
                     Ok(())
-                },
-            ),
+                }),
         )
     }
 
@@ -403,10 +421,11 @@ impl Store {
     }
 
     /// Number of queue entries: a walk over the schedule index's keys,
-    /// O(queue) (about a second for a million entries); a counter kept in
-    /// the store would need a transaction per message.
+    /// O(queue) (about a second for a million entries), plus the held
+    /// entries, which have none; a counter kept in the store would need a
+    /// transaction per message.
     pub fn queue_len(&self) -> Result<usize, StoreError> {
-        let mut n = 0;
+        let mut n = self.inner.held.len();
         for k in self.inner.schedule.iter().keys() {
             k?;
             n += 1;

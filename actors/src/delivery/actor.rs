@@ -60,6 +60,9 @@ use crate::router::{notification, Dispatch};
 
 use super::attempt::{self, Outcome, RcptResult};
 
+mod admin;
+pub use admin::{ActiveIds, QueueAdmin};
+
 /// Most messages being tried at once (each may hold several connections).
 pub const MAX_IN_FLIGHT: usize = 512;
 /// Longest sleep between two looks at the queue.
