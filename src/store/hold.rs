@@ -212,3 +212,124 @@ impl Store {
         self.inner.held.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{QueueRecipient, RecipientState};
+
+    fn open() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    /// A remote-only message as the router stores it, due at `at`.
+    fn accepted(store: &Store, at: u64) -> QueueEntry {
+        let entry = QueueEntry {
+            id: store.new_id().unwrap(),
+            sender: Some("sender@example.test".into()),
+            received_at: 100,
+            next_attempt: at,
+            attempts: 0,
+            recipients: vec![QueueRecipient {
+                address: "bob@remote.test".into(),
+                state: RecipientState::Pending,
+            }],
+            client: "127.0.0.1".into(),
+            warned: false,
+        };
+        store
+            .accept_remote(&entry, b"Subject: x\r\n\r\nbody\r\n")
+            .unwrap();
+        entry
+    }
+
+    fn due(store: &Store) -> Vec<MessageId> {
+        store
+            .due(1_000, 10)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect()
+    }
+
+    #[test]
+    fn a_held_entry_is_never_due_until_released() {
+        let (_dir, store) = open();
+        let a = accepted(&store, 10);
+        let b = accepted(&store, 20);
+        assert!(store.hold(a.id, 50).unwrap());
+        assert!(!store.hold(a.id, 50).unwrap(), "already held");
+        assert_eq!(due(&store), [b.id]);
+        assert_eq!(store.next_due_time().unwrap(), Some(20));
+        assert_eq!(store.queue_len().unwrap(), 2, "held entries count");
+        assert!(store.check().unwrap().problems.is_empty());
+
+        // A round that ends while the entry is held leaves it unscheduled.
+        let mut deferred = a.clone();
+        deferred.attempts = 1;
+        deferred.next_attempt = 30;
+        deferred.recipients[0].state = RecipientState::Deferred {
+            last_error: "451 later".into(),
+        };
+        store.settle_queue(&deferred, false, &[]).unwrap();
+        store.update_queue(&deferred).unwrap();
+        assert_eq!(due(&store), [b.id]);
+        assert_eq!(
+            store.reschedule(a.id, 5, true).unwrap(),
+            Rescheduled::Held,
+            "a flush leaves it held"
+        );
+
+        let items: Vec<QueueItem> = store.queue_items().map(Result::unwrap).collect();
+        assert_eq!(items.len(), 2);
+        assert!(items[0].held && !items[1].held);
+        assert_eq!(items[0].entry, deferred);
+        assert_eq!(items[0].size, 20);
+
+        assert!(store.release(a.id, 5).unwrap());
+        assert!(!store.release(a.id, 5).unwrap(), "not held any more");
+        assert_eq!(due(&store), [a.id, b.id]);
+        assert_eq!(store.queue_entry(a.id).unwrap().unwrap().attempts, 1);
+        assert!(!store.queue_item(a.id).unwrap().unwrap().held);
+    }
+
+    #[test]
+    fn the_end_of_a_held_entry_ends_its_hold() {
+        let (_dir, store) = open();
+        let a = accepted(&store, 10);
+        let b = accepted(&store, 10);
+        store.hold(a.id, 50).unwrap();
+        store.hold(b.id, 50).unwrap();
+        // Delivered in a round that ran when it was held.
+        store.settle_queue(&a, true, &[]).unwrap();
+        store.remove_queue(b.id).unwrap();
+        assert_eq!(store.held_len(), 0);
+        assert_eq!(store.queue_len().unwrap(), 0);
+        assert!(matches!(
+            store.hold(a.id, 50),
+            Err(StoreError::NotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn requeue_starts_the_schedule_again() {
+        let (_dir, store) = open();
+        let mut a = accepted(&store, 10);
+        a.attempts = 3;
+        a.warned = true;
+        a.next_attempt = 900;
+        store.update_queue(&a).unwrap();
+        assert_eq!(due(&store), [a.id]);
+        assert_eq!(store.reschedule(a.id, 20, true).unwrap(), Rescheduled::Done);
+        let now = store.queue_entry(a.id).unwrap().unwrap();
+        assert_eq!((now.next_attempt, now.attempts, now.warned), (20, 0, false));
+        assert_eq!(store.due(15, 10).unwrap(), []);
+        assert_eq!(due(&store), [a.id]);
+        assert!(matches!(
+            store.reschedule(MessageId(1), 20, false),
+            Err(StoreError::NotFound { .. })
+        ));
+    }
+}

@@ -14,6 +14,7 @@ mod hostile;
 mod logs;
 mod packaging;
 mod pop3;
+mod queue_tools;
 mod security;
 mod smtp_local;
 mod support;
