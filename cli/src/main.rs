@@ -261,16 +261,12 @@ fn queue_request(cmd: QueueCommand) -> Request {
         QueueCommand::Hold(sel) => act(Action::Hold, sel),
         QueueCommand::Release(sel) => act(Action::Release, sel),
         QueueCommand::Requeue(sel) => act(Action::Requeue, sel),
-        QueueCommand::Flush { filter } => {
-            let filter = filter.into_filter(Vec::new());
-            match filter.is_empty() {
-                true => Request::QueueFlush,
-                false => Request::Queue(QueueRequest::Act {
-                    action: Action::Flush,
-                    filter,
-                }),
-            }
-        }
+        // Also without filters: the walk is streamed and leaves held
+        // messages alone (the older `QueueFlush` request loads the queue).
+        QueueCommand::Flush { filter } => Request::Queue(QueueRequest::Act {
+            action: Action::Flush,
+            filter: filter.into_filter(Vec::new()),
+        }),
         // One id and no filter: the single-message request (its answer
         // names the message).
         QueueCommand::Delete(sel) if sel.ids.len() == 1 && sel.filter.is_empty() => {
@@ -552,13 +548,10 @@ fn run_queue(
     use queue_tools::QueueRequest;
     let socket = config.control_socket();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let request = Request::Queue(request);
-    let answer = control::call_streaming(&socket, &request, |lines| {
+    let wire = Request::Queue(request.clone());
+    let answer = control::call_streaming(&socket, &wire, |lines| {
         lines.iter().try_for_each(|l| writeln!(out, "{l}"))
     });
-    let Request::Queue(request) = request else {
-        unreachable!("built above")
-    };
     let finished = match answer {
         Ok(Some(Response::Ok(lines) | Response::More(lines))) => lines
             .iter()
