@@ -32,46 +32,24 @@ use crate::queue_tools::{self, QueueRequest};
 /// plain string).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Request {
-    UserAdd {
-        address: String,
-        password: Secret,
-    },
-    UserPasswd {
-        address: String,
-        password: Secret,
-    },
-    UserDel {
-        address: String,
-    },
+    UserAdd { address: String, password: Secret },
+    UserPasswd { address: String, password: Secret },
+    UserDel { address: String },
     UserList,
-    AliasAdd {
-        alias: String,
-        target: String,
-    },
-    AliasDel {
-        alias: String,
-    },
+    AliasAdd { alias: String, target: String },
+    AliasDel { alias: String },
     AliasList,
     QueueList,
-    QueueShow {
-        id: String,
-    },
+    QueueShow { id: String },
     QueueFlush,
-    QueueDelete {
-        id: String,
-    },
-    QueueBounce {
-        id: String,
-    },
-    /// Listings, `cat` and bulk actions (`queue_tools.rs`), answered in
-    /// chunks: [`Response::More`] lines, then the last [`Response::Ok`].
+    QueueDelete { id: String },
+    QueueBounce { id: String },
+    // Listings, `cat` and bulk actions (`queue_tools.rs`), answered in
+    // chunks: `Response::More` lines, then the last `Response::Ok`.
     Queue(QueueRequest),
     // Sets a store failpoint (`postino_core::failpoints`); refused unless
     // the build has the `failpoints` feature, which only the tests use.
-    Failpoint {
-        name: String,
-        actions: String,
-    },
+    Failpoint { name: String, actions: String },
 }
 
 /// The answer: lines to print, or an error.
@@ -260,7 +238,9 @@ pub fn call_streaming(
         }
         Err(e) => return Err(e),
     };
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    // A bulk action on a deep queue answers once, at the end: a million
+    // entries take a while.
+    stream.set_read_timeout(Some(Duration::from_secs(600)))?;
     let mut line = serde_json::to_vec(request).map_err(std::io::Error::other)?;
     line.push(b'\n');
     (&stream).write_all(&line)?;

@@ -212,23 +212,22 @@ impl Store {
         let id = entry.id;
         let key = id.to_key();
         let i = &self.inner;
-        tx_done(
-            (&i.queue, &i.schedule, &i.held).transaction(|(queue, schedule, held)| {
-                let Some(old) = queue.get(key)? else {
-                    return abort(StoreError::NotFound { what: "queue", id });
-                };
-                // Rewriting an entry keeps its inline content.
-                let (old, inline): (QueueEntry, _) = split_inline("queue", &old).or_else(abort)?;
-                let value = encode_inline("queue", entry, inline).or_else(abort)?;
-                // A held entry stays off the schedule (`hold.rs`).
-                if old.next_attempt != entry.next_attempt && held.get(key)?.is_none() {
-                    schedule.remove(&schedule_key(old.next_attempt, id))?;
-                    schedule.insert(&schedule_key(entry.next_attempt, id), &[])?;
-                }
-                queue.insert(&key, value)?;
-                Ok(())
-            }),
-        )
+        let trees = (&i.queue, &i.schedule, &i.held);
+        tx_done(trees.transaction(|(queue, schedule, held)| {
+            let Some(old) = queue.get(key)? else {
+                return abort(StoreError::NotFound { what: "queue", id });
+            };
+            // Rewriting an entry keeps its inline content.
+            let (old, inline): (QueueEntry, _) = split_inline("queue", &old).or_else(abort)?;
+            let value = encode_inline("queue", entry, inline).or_else(abort)?;
+            // A held entry stays off the schedule (`hold.rs`).
+            if old.next_attempt != entry.next_attempt && held.get(key)?.is_none() {
+                schedule.remove(&schedule_key(old.next_attempt, id))?;
+                schedule.insert(&schedule_key(entry.next_attempt, id), &[])?;
+            }
+            queue.insert(&key, value)?;
+            Ok(())
+        }))
     }
 
     /// Removes a queue entry (delivered, or bounced) and releases its
@@ -236,23 +235,19 @@ impl Store {
     pub fn remove_queue(&self, id: MessageId) -> Result<(), StoreError> {
         let key = id.to_key();
         let i = &self.inner;
-        tx_done(
-            (&i.queue, &i.schedule, &i.refs, &i.content, &i.held).transaction(
-                |(queue, schedule, refs, content, held)| {
-                    let Some(old) = queue.remove(&key)? else {
-                        return Ok(());
-                    };
-                    let (old, inline): (QueueEntry, _) =
-                        split_inline("queue", &old).or_else(abort)?;
-                    schedule.remove(&schedule_key(old.next_attempt, id))?;
-                    held.remove(&key)?;
-                    if inline.is_none() {
-                        release(refs, content, id)?;
-                    }
-                    Ok(())
-                },
-            ),
-        )
+        let trees = (&i.queue, &i.schedule, &i.refs, &i.content, &i.held);
+        tx_done(trees.transaction(|(queue, schedule, refs, content, held)| {
+            let Some(old) = queue.remove(&key)? else {
+                return Ok(());
+            };
+            let (old, inline): (QueueEntry, _) = split_inline("queue", &old).or_else(abort)?;
+            schedule.remove(&schedule_key(old.next_attempt, id))?;
+            held.remove(&key)?;
+            if inline.is_none() {
+                release(refs, content, id)?;
+            }
+            Ok(())
+        }))
     }
 
     /// Ends a delivery round in one transaction: spools `notices` (each
@@ -299,49 +294,47 @@ impl Store {
                 return Ok(());
             }
         }
+        let trees = (
+            &i.queue,
+            &i.schedule,
+            &i.refs,
+            &i.content,
+            &i.inbound,
+            &i.held,
+        );
         tx_done(
-            (
-                &i.queue,
-                &i.schedule,
-                &i.refs,
-                &i.content,
-                &i.inbound,
-                &i.held,
-            )
-                .transaction(|(queue, schedule, refs, content, inbound, held)| {
-                    let Some(old) = queue.get(key)? else {
-                        return abort(StoreError::NotFound { what: "queue", id });
-                    };
-                    let (old, inline): (QueueEntry, _) =
-                        split_inline("queue", &old).or_else(abort)?;
-                    for (notice, record) in notices.iter().zip(&notice_records) {
-                        spool_in(
-                            content,
-                            refs,
-                            inbound,
-                            notice.envelope.id,
-                            record,
-                            &notice.content,
-                        )?;
+            trees.transaction(|(queue, schedule, refs, content, inbound, held)| {
+                let Some(old) = queue.get(key)? else {
+                    return abort(StoreError::NotFound { what: "queue", id });
+                };
+                let (old, inline): (QueueEntry, _) = split_inline("queue", &old).or_else(abort)?;
+                for (notice, record) in notices.iter().zip(&notice_records) {
+                    spool_in(
+                        content,
+                        refs,
+                        inbound,
+                        notice.envelope.id,
+                        record,
+                        &notice.content,
+                    )?;
+                }
+                if remove {
+                    queue.remove(&key)?;
+                    schedule.remove(&schedule_key(old.next_attempt, id))?;
+                    held.remove(&key)?;
+                    if inline.is_none() {
+                        release(refs, content, id)?;
                     }
-                    if remove {
-                        queue.remove(&key)?;
+                } else {
+                    // A held entry stays off the schedule (`hold.rs`).
+                    if old.next_attempt != entry.next_attempt && held.get(key)?.is_none() {
                         schedule.remove(&schedule_key(old.next_attempt, id))?;
-                        held.remove(&key)?;
-                        if inline.is_none() {
-                            release(refs, content, id)?;
-                        }
-                    } else {
-                        // A held entry stays off the schedule (`hold.rs`).
-                        if old.next_attempt != entry.next_attempt && held.get(key)?.is_none() {
-                            schedule.remove(&schedule_key(old.next_attempt, id))?;
-                            schedule.insert(&schedule_key(entry.next_attempt, id), &[])?;
-                        }
-                        queue
-                            .insert(&key, encode_inline("queue", entry, inline).or_else(abort)?)?;
+                        schedule.insert(&schedule_key(entry.next_attempt, id), &[])?;
                     }
-                    Ok(())
-                }),
+                    queue.insert(&key, encode_inline("queue", entry, inline).or_else(abort)?)?;
+                }
+                Ok(())
+            }),
         )
     }
 
