@@ -154,7 +154,9 @@ fn error(status: actix_web::http::StatusCode, message: impl Into<String>) -> Htt
 fn reply(response: Response) -> HttpResponse {
     use actix_web::http::StatusCode;
     match response {
-        Response::Ok(lines) => HttpResponse::Ok().json(OkBody { ok: lines }),
+        Response::Ok(lines) | Response::More(lines) => {
+            HttpResponse::Ok().json(OkBody { ok: lines })
+        }
         Response::Error(e) if e.starts_with("no ") => error(StatusCode::NOT_FOUND, e),
         Response::Error(e) if e.contains("is not a queue id") => error(StatusCode::BAD_REQUEST, e),
         Response::Error(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),

@@ -28,7 +28,9 @@ use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::delivery::actor::{ActiveIds, QueueAdmin};
 use crate::delivery::actor::{ChangeQueue, QueueChanged, QueueError};
+use crate::queue_tools::{self, QueueRequest};
 use crate::sessions::{Pop3Sessions, SessionInfo};
 
 /// A command for the server. Passwords are [`Secret`]s: requests are logged
@@ -102,6 +104,9 @@ pub enum Request {
         address: String,
         password: Secret,
     },
+    /// Listings, `cat` and bulk actions (`queue_tools.rs`), answered in
+    /// chunks: `Response::More` lines, then the last `Response::Ok`.
+    Queue(QueueRequest),
     // Sets a store failpoint (`postino_core::failpoints`); refused unless
     // the build has the `failpoints` feature, which only the tests use.
     Failpoint {
@@ -115,6 +120,9 @@ pub enum Request {
 pub enum Response {
     Ok(Vec<String>),
     Error(String),
+    /// Lines of a streamed answer ([`Request::Queue`]); more follow, up to
+    /// an `Ok` or `Error`.
+    More(Vec<String>),
 }
 
 /// What requests act on in a running server: shared by the control socket
@@ -128,6 +136,10 @@ pub struct Live {
     pub config: Arc<Config>,
     /// The queue manager (the delivery actor), which carries out queue changes.
     pub queue: Recipient<ChangeQueue>,
+    /// The same actor's bulk queue actions (`queue_tools`).
+    pub queue_admin: Recipient<QueueAdmin>,
+    /// The same actor's list of messages being tried now.
+    pub active: Recipient<ActiveIds>,
     /// The live POP3 sessions (`Who`, `Kick`).
     pub sessions: Arc<Pop3Sessions>,
 }
@@ -166,6 +178,13 @@ impl ControlSocket {
                 let (read, mut write) = stream.into_split();
                 let mut lines = tokio::io::BufReader::new(read).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
+                    if let Ok(Request::Queue(request)) = serde_json::from_str::<Request>(&line) {
+                        debug!(?request, "control request");
+                        if stream_queue(request, &live, &mut write).await.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
                     let response = match serde_json::from_str::<Request>(&line) {
                         Ok(request) => answer(&live, request).await,
                         Err(e) => Response::Error(format!("bad request: {e}")),
@@ -213,6 +232,125 @@ pub async fn answer(live: &Live, request: Request) -> Response {
                 Ok(()) => response,
                 Err(e) => Response::Error(format!("flushing the store: {e}")),
             }
+        }
+    }
+}
+
+/// Answers a [`Request::Queue`]: listings and `cat` are read on a
+/// blocking thread and sent in chunks of [`queue_tools::CHUNK`] lines
+/// through a channel of two chunks, so a listing of any length takes
+/// bounded memory; actions are the delivery actor's.
+async fn stream_queue(
+    request: QueueRequest,
+    live: &Live,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+) -> std::io::Result<()> {
+    async fn send(
+        write: &mut tokio::net::unix::OwnedWriteHalf,
+        response: &Response,
+    ) -> std::io::Result<()> {
+        let mut out = serde_json::to_vec(response).map_err(std::io::Error::other)?;
+        out.push(b'\n');
+        write.write_all(&out).await
+    }
+    let active = match &request {
+        // The state column shows which are being tried.
+        QueueRequest::List { .. } => live.active.send(ActiveIds).await.unwrap_or_default(),
+        _ => Default::default(),
+    };
+    let (action, filter) = match request {
+        QueueRequest::Act { action, filter } => (action, filter),
+        read => {
+            let store = live.store.clone();
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<String>>(2);
+            let reader = tokio::task::spawn_blocking(move || {
+                let mut chunk = Vec::with_capacity(queue_tools::CHUNK);
+                let mut emit = |line: String| {
+                    chunk.push(line);
+                    if chunk.len() < queue_tools::CHUNK {
+                        return true;
+                    }
+                    let full =
+                        std::mem::replace(&mut chunk, Vec::with_capacity(queue_tools::CHUNK));
+                    tx.blocking_send(full).is_ok()
+                };
+                let done = match read {
+                    QueueRequest::List { filter, json } => {
+                        queue_tools::list(&store, &filter, json, &active, &mut emit)
+                    }
+                    QueueRequest::Cat { id, part } => {
+                        queue_tools::cat(&store, &id, part, &mut emit)
+                    }
+                    QueueRequest::Act { .. } => unreachable!("matched above"),
+                };
+                (done, chunk)
+            });
+            while let Some(chunk) = rx.recv().await {
+                send(write, &Response::More(chunk)).await?;
+            }
+            let last = match reader.await {
+                Ok((Ok(()), rest)) => Response::Ok(rest),
+                Ok((Err(e), rest)) => {
+                    send(write, &Response::More(rest)).await?;
+                    Response::Error(e)
+                }
+                Err(e) => Response::Error(e.to_string()),
+            };
+            return send(write, &last).await;
+        }
+    };
+    let store = live.store.clone();
+    let answer = match live.queue_admin.send(QueueAdmin { action, filter }).await {
+        Ok(Ok(line)) => match store.durable().await {
+            Ok(()) => Response::Ok(vec![line]),
+            Err(e) => Response::Error(format!("flushing the store: {e}")),
+        },
+        Ok(Err(e)) => Response::Error(e),
+        Err(e) => Response::Error(format!("delivery actor: {e}")),
+    };
+    send(write, &answer).await
+}
+
+/// Sends a [`Request::Queue`] to a running server, handing each chunk of
+/// lines to `lines` as it arrives. `Ok(None)`: no server listens; else the
+/// last answer (`Ok` with the last lines, which were not handed over, or
+/// `Error`).
+///
+/// # Errors
+/// IO errors other than "nobody listens", and those of `lines`.
+pub fn call_streaming(
+    path: &Path,
+    request: &Request,
+    mut lines: impl FnMut(Vec<String>) -> std::io::Result<()>,
+) -> std::io::Result<Option<Response>> {
+    let stream = match std::os::unix::net::UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    // A bulk action on a deep queue answers once, at the end: a million
+    // entries take a while.
+    stream.set_read_timeout(Some(Duration::from_secs(600)))?;
+    let mut line = serde_json::to_vec(request).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    (&stream).write_all(&line)?;
+    let mut reader = BufReader::new(&stream);
+    let mut answer = String::new();
+    loop {
+        answer.clear();
+        if reader.read_line(&mut answer)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        match serde_json::from_str(&answer).map_err(std::io::Error::other)? {
+            Response::More(chunk) => lines(chunk)?,
+            last => return Ok(Some(last)),
         }
     }
 }
@@ -440,6 +578,29 @@ pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
         }
         Request::RouteExplain { .. } | Request::MailboxStats { .. } | Request::AuthTest { .. } => {
             return crate::inspect::answer_offline(store, config, request)
+        }
+        Request::Queue(request) => {
+            // Collected: the CLI streams these itself (`queue_tools`).
+            let mut lines = Vec::new();
+            let done = match request {
+                QueueRequest::List { filter, json } => {
+                    queue_tools::list(store, &filter, json, &Default::default(), |l| {
+                        lines.push(l);
+                        true
+                    })
+                }
+                QueueRequest::Cat { id, part } => queue_tools::cat(store, &id, part, |l| {
+                    lines.push(l);
+                    true
+                }),
+                QueueRequest::Act { action, filter } => {
+                    queue_tools::act_offline(store, action, &filter).map(|l| lines.push(l))
+                }
+            };
+            return match done {
+                Ok(()) => Response::Ok(lines),
+                Err(e) => Response::Error(e),
+            };
         }
         Request::Failpoint { name, actions } => {
             return match postino_core::failpoints::configure(&name, &actions) {

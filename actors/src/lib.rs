@@ -25,6 +25,7 @@
 //!   the JSON API), a thin translation onto [`control::answer`].
 //! - [`sessions`]: the live POP3 sessions, for `who` and `kick`.
 //! - [`inspect`]: `route explain`, `mailbox stats`, `auth test` answers.
+//! - [`queue_tools`]: queue listings, filters and bulk actions behind it.
 //! - [`io`], [`tls`]: sockets, buffers, rustls.
 //!
 //! # Replacing the router
@@ -47,6 +48,7 @@ mod limits;
 mod login_delay;
 pub mod mailbox;
 pub mod pop3;
+pub mod queue_tools;
 pub mod router;
 pub mod server;
 pub mod sessions;

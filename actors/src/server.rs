@@ -450,6 +450,8 @@ impl ServerBuilder {
             store: store.clone(),
             config: config.clone(),
             queue: delivery.clone().recipient(),
+            queue_admin: delivery.clone().recipient(),
+            active: delivery.clone().recipient(),
             sessions,
         };
         let control =

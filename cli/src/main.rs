@@ -10,6 +10,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use postino::control::{self, Request, Response};
+use postino::queue_tools;
 use postino::Server;
 use postino_core::logsafe::Secret;
 use postino_core::store::StoreError;
@@ -202,25 +203,167 @@ enum AuthCommand {
 
 #[derive(Subcommand, Debug)]
 enum QueueCommand {
-    /// Id, sender, attempts, next attempt, recipients and last error of each message.
-    List,
+    /// One line per message: id, state, size, sender, attempts, next
+    /// attempt, recipients still to do and the last error (as mailq).
+    List {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// One JSON object per message and line (NDJSON), no header or
+        /// count line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Sender, arrival, client, attempts, next attempt and each recipient's state of one message.
     Show {
         /// The message id, as `queue list` prints it.
         id: String,
     },
-    /// Retry every queued message now.
-    Flush,
-    /// Drop a message from the queue without telling its sender.
-    Delete {
+    /// Print a queued message: headers and body (as postcat -q).
+    Cat {
         /// The message id, as `queue list` prints it.
         id: String,
+        /// Only the header section (as postcat -h).
+        #[arg(long, conflicts_with = "body")]
+        headers: bool,
+        /// Only the body (as postcat -b).
+        #[arg(long)]
+        body: bool,
     },
-    /// Give up on a message and bounce it to its sender.
-    Bounce {
-        /// The message id, as `queue list` prints it.
-        id: String,
+    /// Keep messages queued but do not try them until released (as postsuper -h).
+    Hold(Selection),
+    /// End the hold of messages; they are tried at once (as postsuper -H).
+    Release(Selection),
+    /// Retry messages now and start their retry schedule again (as postsuper -r).
+    Requeue(Selection),
+    /// Retry queued messages now: all of them, or those the filters select
+    /// (--domain D as postqueue -s D). Held messages stay held.
+    Flush {
+        #[command(flatten)]
+        filter: FilterArgs,
     },
+    /// Drop messages from the queue without telling their senders (as postsuper -d).
+    Delete(Selection),
+    /// Give up on messages and bounce them to their senders.
+    Bounce(Selection),
+}
+
+/// The messages an action is for: ids, or filters (at least one of them).
+#[derive(clap::Args, Debug)]
+struct Selection {
+    /// Message ids, as `queue list` prints them.
+    ids: Vec<String>,
+    #[command(flatten)]
+    filter: FilterArgs,
+}
+
+/// Filters of the queue commands; a message must pass all that are given.
+#[derive(clap::Args, Debug, Default)]
+struct FilterArgs {
+    /// Only messages with a recipient still to deliver in this domain.
+    #[arg(long, value_name = "DOMAIN")]
+    domain: Option<String>,
+    /// Only messages from this envelope sender (case-insensitive);
+    /// @DOMAIN: any sender in DOMAIN; "" or <>: the null sender.
+    #[arg(long, value_name = "ADDRESS")]
+    sender: Option<String>,
+    /// Only messages received at least this long ago (e.g. 30m, 2h, 3days).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    older_than: Option<std::time::Duration>,
+    /// Only messages in these states (repeat or separate with commas).
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "STATE")]
+    state: Vec<StateArg>,
+}
+
+/// `--state` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum StateArg {
+    /// Being tried right now (running server only).
+    Active,
+    /// On hold (queue hold).
+    Held,
+    /// Tried at least once, waiting for the next attempt.
+    Deferred,
+    /// Not tried yet.
+    Incoming,
+}
+
+impl FilterArgs {
+    fn into_filter(self, ids: Vec<String>) -> queue_tools::Filter {
+        queue_tools::Filter {
+            ids,
+            domain: self.domain,
+            sender: self.sender,
+            older_than: self.older_than.map(|d| d.as_secs()),
+            states: self
+                .state
+                .into_iter()
+                .map(|s| match s {
+                    StateArg::Active => queue_tools::State::Active,
+                    StateArg::Held => queue_tools::State::Held,
+                    StateArg::Deferred => queue_tools::State::Deferred,
+                    StateArg::Incoming => queue_tools::State::Incoming,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The request for a queue command.
+fn queue_request(cmd: QueueCommand) -> Request {
+    use queue_tools::{Action, Part, QueueRequest};
+    let act = |action, sel: Selection| {
+        Request::Queue(QueueRequest::Act {
+            action,
+            filter: sel.filter.into_filter(sel.ids),
+        })
+    };
+    match cmd {
+        QueueCommand::List { filter, json } => Request::Queue(QueueRequest::List {
+            filter: filter.into_filter(Vec::new()),
+            json,
+        }),
+        QueueCommand::Show { id } => Request::QueueShow { id },
+        QueueCommand::Cat { id, headers, body } => Request::Queue(QueueRequest::Cat {
+            id,
+            part: match (headers, body) {
+                (true, _) => Part::Headers,
+                (_, true) => Part::Body,
+                _ => Part::All,
+            },
+        }),
+        QueueCommand::Hold(sel) => act(Action::Hold, sel),
+        QueueCommand::Release(sel) => act(Action::Release, sel),
+        QueueCommand::Requeue(sel) => act(Action::Requeue, sel),
+        // Also without filters: the walk is streamed and leaves held
+        // messages alone (the older `QueueFlush` request loads the queue).
+        QueueCommand::Flush { filter } => Request::Queue(QueueRequest::Act {
+            action: Action::Flush,
+            filter: filter.into_filter(Vec::new()),
+        }),
+        // One id and no filter: the single-message request (its answer
+        // names the message).
+        QueueCommand::Delete(sel) if sel.ids.len() == 1 && sel.filter.is_empty() => {
+            Request::QueueDelete {
+                id: sel.ids.into_iter().next().unwrap_or_default(),
+            }
+        }
+        QueueCommand::Bounce(sel) if sel.ids.len() == 1 && sel.filter.is_empty() => {
+            Request::QueueBounce {
+                id: sel.ids.into_iter().next().unwrap_or_default(),
+            }
+        }
+        QueueCommand::Delete(sel) => act(Action::Delete, sel),
+        QueueCommand::Bounce(sel) => act(Action::Bounce, sel),
+    }
+}
+
+impl FilterArgs {
+    fn is_empty(&self) -> bool {
+        self.domain.is_none()
+            && self.sender.is_none()
+            && self.older_than.is_none()
+            && self.state.is_empty()
+    }
 }
 
 fn main() -> ExitCode {
@@ -327,17 +470,10 @@ fn main() -> ExitCode {
             ),
             Err(e) => fail(&e),
         },
-        Command::Queue(cmd) => run_control(
-            &config,
-            config_file.as_deref(),
-            match cmd {
-                QueueCommand::List => Request::QueueList,
-                QueueCommand::Show { id } => Request::QueueShow { id },
-                QueueCommand::Flush => Request::QueueFlush,
-                QueueCommand::Delete { id } => Request::QueueDelete { id },
-                QueueCommand::Bounce { id } => Request::QueueBounce { id },
-            },
-        ),
+        Command::Queue(cmd) => match queue_request(cmd) {
+            Request::Queue(request) => run_queue(&config, config_file.as_deref(), request),
+            request => run_control(&config, config_file.as_deref(), request),
+        },
         Command::Who => run_control(&config, config_file.as_deref(), Request::Who),
         Command::Kick { target } => {
             run_control(&config, config_file.as_deref(), Request::Kick { target })
@@ -576,8 +712,87 @@ fn run_control(config: &Config, config_file: Option<&Path>, request: Request) ->
         Err(e) => return fail(&format!("{}: {e}", socket.display())),
     };
     match response {
-        Response::Ok(lines) => print_lines(lines),
+        Response::Ok(lines) | Response::More(lines) => print_lines(lines),
         Response::Error(e) => fail(&e),
+    }
+}
+
+/// [`run_control`] for the queue tools: the server's answer is printed
+/// chunk by chunk as it comes, and without a server the store is walked
+/// and printed line by line, so a listing takes bounded memory.
+fn run_queue(
+    config: &Config,
+    config_file: Option<&Path>,
+    request: queue_tools::QueueRequest,
+) -> ExitCode {
+    use queue_tools::QueueRequest;
+    let socket = config.control_socket();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let wire = Request::Queue(request.clone());
+    let answer = control::call_streaming(&socket, &wire, |lines| {
+        lines.iter().try_for_each(|l| writeln!(out, "{l}"))
+    });
+    let finished = match answer {
+        Ok(Some(Response::Ok(lines) | Response::More(lines))) => lines
+            .iter()
+            .try_for_each(|l| writeln!(out, "{l}"))
+            .map(|()| Ok(())),
+        Ok(Some(Response::Error(e))) => Ok(Err(e)),
+        // A reader that stopped early: the server stops when we hang up.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return ExitCode::SUCCESS,
+        Err(e) => return fail(&format!("{}: {e}", socket.display())),
+        Ok(None) if !config.data_dir.join("db").exists() => {
+            return fail(&format!(
+                "no postino store at {} (and no server listening on {}); start the server with postino serve, or pass --config (this used {})",
+                config.data_dir.display(),
+                socket.display(),
+                describe_config(config_file)
+            ))
+        }
+        Ok(None) => {
+            let store = match Store::open_configured(&config.data_dir, &config.store) {
+                Ok(s) => s,
+                Err(e) => {
+                    return fail(&format!(
+                        "{e} (no server answers on {}; is another process using {}?)",
+                        socket.display(),
+                        config.data_dir.display()
+                    ))
+                }
+            };
+            let mut broken = None;
+            let mut emit = |line: String| match writeln!(out, "{line}") {
+                Ok(()) => true,
+                Err(e) => {
+                    broken = Some(e);
+                    false
+                }
+            };
+            let done = match request {
+                QueueRequest::List { filter, json } => {
+                    queue_tools::list(&store, &filter, json, &Default::default(), &mut emit)
+                }
+                QueueRequest::Cat { id, part } => queue_tools::cat(&store, &id, part, &mut emit),
+                QueueRequest::Act { action, filter } => {
+                    queue_tools::act_offline(&store, action, &filter).map(|l| {
+                        emit(l);
+                    })
+                }
+            };
+            if let Err(e) = store.flush_blocking() {
+                return fail(&format!("flushing the store: {e}"));
+            }
+            match broken {
+                Some(e) => Err(e),
+                None => Ok(done),
+            }
+        }
+    };
+    match finished.and_then(|done| out.flush().map(|()| done)) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => fail(&e),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("writing the output: {e}")),
     }
 }
 

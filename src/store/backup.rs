@@ -180,9 +180,11 @@ impl Store {
                     if inline.is_none() {
                         *holders.entry(id).or_default() += 1;
                     }
+                    // A held entry has no schedule key (`hold.rs`).
                     if !i
                         .schedule
                         .contains_key(schedule_key(entry.next_attempt, id))?
+                        && !i.held.contains_key(id.to_key())?
                     {
                         r.problems
                             .push(format!("queue: message {id} is not in the schedule"));

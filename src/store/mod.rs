@@ -94,7 +94,8 @@
 //! | `progress` | id BE | what dispatch of an inbound message has done |
 //! | `mail` | mailbox ++ NUL ++ id BE | prefix and size of one mailbox entry [++ inline content] |
 //! | `queue` | id BE | [`QueueEntry`] [++ inline content] |
-//! | `schedule` | next attempt BE ++ id BE | empty: index of the queue by due time |
+//! | `schedule` | next attempt BE ++ id BE | empty: index of the queue by due time (held entries have none) |
+//! | `held` | id BE | unix seconds BE when the entry was put on hold (`hold.rs`) |
 //! | `usage` | mailbox | messages BE ++ octets BE, kept with every mailbox change |
 //! | `quotas` | address | a user's own quota in octets BE (`u64::MAX`: unlimited) |
 //!
@@ -118,6 +119,7 @@
 
 mod backup;
 mod commit;
+mod hold;
 mod mail;
 mod queue;
 mod quota;
@@ -150,6 +152,7 @@ use crate::routing::{Directory, DirectoryError};
 pub use backup::{BackupError, CheckReport, Counts, EXPORT_VERSION};
 pub use commit::Durable;
 pub use compact::Compacted;
+pub use hold::{QueueItem, Rescheduled};
 pub use mail::{LocalDelivery, MailEntry};
 pub use queue::{DeliveryDiagnostic, Notice, QueueEntry, QueueRecipient, RecipientState};
 pub use quota::{QuotaSetting, Usage};
@@ -264,6 +267,8 @@ struct Inner {
     quotas: sled::Tree,
     /// `[mailbox]` quotas, once [`Store::set_quota_policy`] set them.
     quota_policy: std::sync::OnceLock<quota::QuotaPolicy>,
+    /// Queue entries on hold (`hold.rs`).
+    held: sled::Tree,
     /// Writers that add a schedule key before its queue entry (not in one
     /// transaction) hold this shared; removing a schedule key whose entry
     /// is missing (left by a crash) takes it exclusively, so it never
@@ -434,6 +439,7 @@ impl Store {
             usage: db.open_tree("usage")?,
             quotas: db.open_tree("quotas")?,
             quota_policy: std::sync::OnceLock::new(),
+            held: db.open_tree("held")?,
             queue_writes: std::sync::RwLock::new(()),
             auth_cache: std::sync::OnceLock::new(),
             uidl_epoch,

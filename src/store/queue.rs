@@ -421,14 +421,16 @@ impl Store {
         let id = entry.id;
         let key = id.to_key();
         let i = &self.inner;
-        tx_done((&i.queue, &i.schedule).transaction(|(queue, schedule)| {
+        let trees = (&i.queue, &i.schedule, &i.held);
+        tx_done(trees.transaction(|(queue, schedule, held)| {
             let Some(old) = queue.get(key)? else {
                 return abort(StoreError::NotFound { what: "queue", id });
             };
             // Rewriting an entry keeps its inline content.
             let (old, inline): (QueueEntry, _) = split_inline("queue", &old).or_else(abort)?;
             let value = encode_inline("queue", entry, inline).or_else(abort)?;
-            if old.next_attempt != entry.next_attempt {
+            // A held entry stays off the schedule (`hold.rs`).
+            if old.next_attempt != entry.next_attempt && held.get(key)?.is_none() {
                 schedule.remove(&schedule_key(old.next_attempt, id))?;
                 schedule.insert(&schedule_key(entry.next_attempt, id), &[])?;
             }
@@ -442,19 +444,19 @@ impl Store {
     pub fn remove_queue(&self, id: MessageId) -> Result<(), StoreError> {
         let key = id.to_key();
         let i = &self.inner;
-        tx_done((&i.queue, &i.schedule, &i.refs, &i.content).transaction(
-            |(queue, schedule, refs, content)| {
-                let Some(old) = queue.remove(&key)? else {
-                    return Ok(());
-                };
-                let (old, inline): (QueueEntry, _) = split_inline("queue", &old).or_else(abort)?;
-                schedule.remove(&schedule_key(old.next_attempt, id))?;
-                if inline.is_none() {
-                    release(refs, content, id)?;
-                }
-                Ok(())
-            },
-        ))
+        let trees = (&i.queue, &i.schedule, &i.refs, &i.content, &i.held);
+        tx_done(trees.transaction(|(queue, schedule, refs, content, held)| {
+            let Some(old) = queue.remove(&key)? else {
+                return Ok(());
+            };
+            let (old, inline): (QueueEntry, _) = split_inline("queue", &old).or_else(abort)?;
+            schedule.remove(&schedule_key(old.next_attempt, id))?;
+            held.remove(&key)?;
+            if inline.is_none() {
+                release(refs, content, id)?;
+            }
+            Ok(())
+        }))
     }
 
     /// Ends a delivery round in one transaction: spools `notices` (each
@@ -489,7 +491,10 @@ impl Store {
                 return Err(StoreError::NotFound { what: "queue", id });
             };
             let (entry, inline): (QueueEntry, _) = split_inline("queue", &old)?;
+            // A held entry (its round ran when it was put on hold) takes
+            // the transaction below, which also ends the hold.
             if inline.is_some()
+                && !i.held.contains_key(key)?
                 && i.queue
                     .compare_and_swap(key, Some(&old), None as Option<&[u8]>)?
                     .is_ok()
@@ -498,41 +503,47 @@ impl Store {
                 return Ok(());
             }
         }
+        let trees = (
+            &i.queue,
+            &i.schedule,
+            &i.refs,
+            &i.content,
+            &i.inbound,
+            &i.held,
+        );
         tx_done(
-            (&i.queue, &i.schedule, &i.refs, &i.content, &i.inbound).transaction(
-                |(queue, schedule, refs, content, inbound)| {
-                    let Some(old) = queue.get(key)? else {
-                        return abort(StoreError::NotFound { what: "queue", id });
-                    };
-                    let (old, inline): (QueueEntry, _) =
-                        split_inline("queue", &old).or_else(abort)?;
-                    for (notice, record) in notices.iter().zip(&notice_records) {
-                        spool_in(
-                            content,
-                            refs,
-                            inbound,
-                            notice.envelope.id,
-                            record,
-                            &notice.content,
-                        )?;
+            trees.transaction(|(queue, schedule, refs, content, inbound, held)| {
+                let Some(old) = queue.get(key)? else {
+                    return abort(StoreError::NotFound { what: "queue", id });
+                };
+                let (old, inline): (QueueEntry, _) = split_inline("queue", &old).or_else(abort)?;
+                for (notice, record) in notices.iter().zip(&notice_records) {
+                    spool_in(
+                        content,
+                        refs,
+                        inbound,
+                        notice.envelope.id,
+                        record,
+                        &notice.content,
+                    )?;
+                }
+                if remove {
+                    queue.remove(&key)?;
+                    schedule.remove(&schedule_key(old.next_attempt, id))?;
+                    held.remove(&key)?;
+                    if inline.is_none() {
+                        release(refs, content, id)?;
                     }
-                    if remove {
-                        queue.remove(&key)?;
+                } else {
+                    // A held entry stays off the schedule (`hold.rs`).
+                    if old.next_attempt != entry.next_attempt && held.get(key)?.is_none() {
                         schedule.remove(&schedule_key(old.next_attempt, id))?;
-                        if inline.is_none() {
-                            release(refs, content, id)?;
-                        }
-                    } else {
-                        if old.next_attempt != entry.next_attempt {
-                            schedule.remove(&schedule_key(old.next_attempt, id))?;
-                            schedule.insert(&schedule_key(entry.next_attempt, id), &[])?;
-                        }
-                        queue
-                            .insert(&key, encode_inline("queue", entry, inline).or_else(abort)?)?;
+                        schedule.insert(&schedule_key(entry.next_attempt, id), &[])?;
                     }
-                    Ok(())
-                },
-            ),
+                    queue.insert(&key, encode_inline("queue", entry, inline).or_else(abort)?)?;
+                }
+                Ok(())
+            }),
         )
     }
 
@@ -645,10 +656,11 @@ impl Store {
     }
 
     /// Number of queue entries: a walk over the schedule index's keys,
-    /// O(queue) (about a second for a million entries); a counter kept in
-    /// the store would need a transaction per message.
+    /// O(queue) (about a second for a million entries), plus the held
+    /// entries, which have none; a counter kept in the store would need a
+    /// transaction per message.
     pub fn queue_len(&self) -> Result<usize, StoreError> {
-        let mut n = 0;
+        let mut n = self.inner.held.len();
         for k in self.inner.schedule.iter().keys() {
             k?;
             n += 1;

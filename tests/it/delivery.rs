@@ -25,7 +25,12 @@ struct Relay {
 
 /// Settings shared by every test: the MX port, DNS, short timeouts and
 /// `extra` lines for `[delivery]`; `routing` lines for `[routing]`.
-fn relay_config(dns: Option<&Dnsmasq>, port: u16, delivery: &str, routing: &str) -> String {
+pub(crate) fn relay_config(
+    dns: Option<&Dnsmasq>,
+    port: u16,
+    delivery: &str,
+    routing: &str,
+) -> String {
     let nameservers = dns.map(|d| format!("\"{}\"", d.addr)).unwrap_or_default();
     config_text(
         "",
@@ -125,7 +130,7 @@ fn send_content(server: &TestServer, from: &str, to: &[&str], content: &str) -> 
     r.rsplit(' ').next().unwrap().to_owned()
 }
 
-fn wait_line(server: &TestServer, parts: &[&str]) -> String {
+pub(crate) fn wait_line(server: &TestServer, parts: &[&str]) -> String {
     let mut found = None;
     wait_until(LIMIT, || {
         found = server
@@ -185,7 +190,7 @@ fn field<'a>(line: &'a str, name: &str) -> &'a str {
     line[start..].split(' ').next().unwrap()
 }
 
-fn wait_messages(sink: &Sink, n: usize) -> Vec<crate::support::mx::Received> {
+pub(crate) fn wait_messages(sink: &Sink, n: usize) -> Vec<crate::support::mx::Received> {
     wait_until(LIMIT, || sink.messages().len() >= n);
     sink.messages()
 }

@@ -17,6 +17,7 @@ mod inspect;
 mod logs;
 mod packaging;
 mod pop3;
+mod queue_tools;
 mod security;
 mod smtp_local;
 mod support;

@@ -60,6 +60,9 @@ use crate::dispatch::dispatch;
 
 use super::attempt::{self, Outcome, RcptResult};
 
+mod admin;
+pub use admin::{ActiveIds, QueueAdmin};
+
 /// Most messages being tried at once (each may hold several connections).
 pub const MAX_IN_FLIGHT: usize = 512;
 /// Longest sleep between two looks at the queue.
@@ -769,28 +772,10 @@ impl Delivery {
                 Ok(QueueChanged::Deleted(id))
             }
             ChangeQueue::Bounce(id) => {
-                let Some(mut entry) = self.store.queue_entry(id)? else {
+                let Some(entry) = self.store.queue_entry(id)? else {
                     return Err(QueueError::NotQueued(id));
                 };
-                for r in entry.recipients.iter_mut().filter(|r| r.state.is_open()) {
-                    let last = match &r.state {
-                        RecipientState::Deferred { last_error } => {
-                            format!("; last error: {last_error}")
-                        }
-                        _ => String::new(),
-                    };
-                    r.state = RecipientState::Failed {
-                        reply: DeliveryDiagnostic::local(
-                            "5.0.0",
-                            format!(
-                                "message returned by the postmaster of {}{last}",
-                                self.config.hostname
-                            ),
-                        ),
-                    };
-                }
-                info!(%id, status = "bounced", "bounced by the administrator");
-                self.finalize(entry, false, ctx);
+                self.bounce(entry, ctx);
                 Ok(QueueChanged::Bounced(id))
             }
         }
