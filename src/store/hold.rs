@@ -216,7 +216,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{QueueRecipient, RecipientState};
+    use crate::store::{DeliveryDiagnostic, QueueRecipient, RecipientState};
 
     fn open() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
@@ -271,7 +271,7 @@ mod tests {
         deferred.attempts = 1;
         deferred.next_attempt = 30;
         deferred.recipients[0].state = RecipientState::Deferred {
-            last_error: "451 later".into(),
+            last_error: DeliveryDiagnostic::local("4.0.0", "later"),
         };
         store.settle_queue(&deferred, false, &[]).unwrap();
         store.update_queue(&deferred).unwrap();
