@@ -27,6 +27,7 @@ pub mod control;
 pub mod delivery;
 pub mod io;
 pub mod mailbox;
+pub mod policy;
 pub mod pop3;
 pub mod router;
 pub mod server;

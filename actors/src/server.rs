@@ -32,6 +32,7 @@ use crate::auth::PasswordChecks;
 use crate::delivery::actor::Delivery;
 use crate::io::{Stream, TlsSlot};
 use crate::mailbox::Mailbox;
+use crate::policy::{DynPolicy, Policies, Policy};
 use crate::pop3::{Pop3Connection, Pop3Shared};
 use crate::router::{Dispatch, RouteRecipient, Router};
 use crate::smtp::{SmtpConnection, SmtpShared};
@@ -66,6 +67,8 @@ pub enum ServerError {
 pub struct ServerBuilder {
     config: Config,
     router: Option<RouterFactory>,
+    /// The embedder's policies, in the order given.
+    policies: Vec<Box<dyn DynPolicy>>,
     /// Where `config` was read from, for the startup line.
     config_file: Option<std::path::PathBuf>,
 }
@@ -99,6 +102,7 @@ impl Server {
         ServerBuilder {
             config,
             router: None,
+            policies: Vec::new(),
             config_file: None,
         }
     }
@@ -192,6 +196,16 @@ impl ServerBuilder {
         self
     }
 
+    /// Adds a [`Policy`] that decides at every stage of SMTP sessions
+    /// (connect, HELO/EHLO, MAIL, RCPT, end of DATA); see
+    /// [`crate::policy`]. Policies are asked in the order they are added;
+    /// the RCPT stage asks the router (default or [`ServerBuilder::router`])
+    /// after them. Without any, sessions run as before, at no cost.
+    pub fn policy(mut self, policy: impl Policy) -> Self {
+        self.policies.push(Box::new(policy));
+        self
+    }
+
     /// Opens the store, starts the actors and binds every listener. Must be
     /// called inside a running actix `System`.
     ///
@@ -277,6 +291,8 @@ impl ServerBuilder {
         ));
         let checks = PasswordChecks::start(store.clone(), config.auth.workers)
             .map_err(ServerError::AuthWorkers)?;
+        let policies = (!self.policies.is_empty())
+            .then(|| Arc::new(Policies::new(self.policies, config.smtp.timeout)));
         let smtp_shared = |auth_required: bool,
                            route: Recipient<RouteRecipient>,
                            router: Addr<Router>| {
@@ -308,6 +324,7 @@ impl ServerBuilder {
                 tls: tls.clone(),
                 failures: failures.clone(),
                 checks: checks.clone(),
+                policy: policies.clone(),
             })
         };
         // Each worker arbiter gets its own router and mailbox actor: the

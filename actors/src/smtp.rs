@@ -16,7 +16,7 @@ use actix::prelude::*;
 use postino_core::config::Config;
 use postino_core::dsn::rfc5322_date;
 use postino_core::logsafe::escape;
-use postino_core::message::{now_unix, Envelope};
+use postino_core::message::{now_unix, Envelope, MessageId};
 use postino_core::smtp::receiver::{DataReceiver, LineError, LineReceiver};
 use postino_core::smtp::session::{DataStep, Peer, SessionConfig, Step};
 use postino_core::smtp::{request, Reply, Request, Session};
@@ -28,6 +28,8 @@ use crate::delivery::actor::Queued;
 use crate::io::{Io, ReadOutcome, Stream, TlsSlot};
 use crate::router::{Dispatch, RouteRecipient, Submit, Submitted};
 use crate::server::{AuthFailures, ConnectionGuard};
+
+mod hooks;
 
 /// What every SMTP connection of one listener shares.
 pub struct SmtpShared {
@@ -45,6 +47,8 @@ pub struct SmtpShared {
     pub failures: Arc<AuthFailures>,
     /// The password-checking threads (shared with POP3).
     pub checks: PasswordChecks,
+    /// The embedder's policies; `None` (none registered): no hook runs.
+    pub(crate) policy: Option<Arc<crate::policy::Policies>>,
 }
 
 /// One SMTP client connection.
@@ -364,6 +368,10 @@ impl SmtpConnection {
                         if matches!(request, Request::Mail { .. }) {
                             self.session.set_storage_low(self.shared.store.space_low());
                         }
+                        // Policy hook: HELO/EHLO, before the session.
+                        if self.shared.policy.is_some() && Self::screens_hello(&request) {
+                            return self.screen_hello(request, ctx);
+                        }
                         self.session.command(request)
                     }
                     Err(e) => {
@@ -381,6 +389,10 @@ impl SmtpConnection {
     /// Acts on a step; returns whether `drive` may go on at once.
     fn step(&mut self, step: Step, ctx: &mut Context<Self>) -> bool {
         match step {
+            // Policy hook: MAIL, once the session accepted it.
+            Step::Reply(reply) if self.shared.policy.is_some() && self.screens_mail(&reply) => {
+                self.screen_mail(reply, ctx)
+            }
             Step::Reply(reply) => {
                 self.queue(&reply);
                 if reply.code >= 400 && self.session.should_delay() {
@@ -407,7 +419,18 @@ impl SmtpConnection {
                 true
             }
             Step::Route(query) => {
-                let fut = self.shared.router.send(RouteRecipient(query));
+                // Policy hook: RCPT, before the router (answers as it does).
+                let fut = match &self.shared.policy {
+                    Some(policies) => futures::future::Either::Left(crate::policy::rcpt(
+                        policies.clone(),
+                        self.client(),
+                        query,
+                        self.shared.router.clone(),
+                    )),
+                    None => futures::future::Either::Right(
+                        self.shared.router.send(RouteRecipient(query)),
+                    ),
+                };
                 ctx.wait(fut.into_actor(self).map(|res, act, ctx| {
                     let reply = match res {
                         Ok(Ok(route)) => act.session.routed(route),
@@ -578,7 +601,17 @@ impl SmtpConnection {
             }
         };
         let date = rfc5322_date(now_unix());
-        match self.session.data_done(result, id, &date) {
+        let step = self.session.data_done(result, id, &date);
+        // Policy hook: end of DATA, before the message is stored.
+        if self.shared.policy.is_some() && matches!(step, DataStep::Accept(_)) {
+            return self.screen_data(id, step, ctx);
+        }
+        self.data_step(id, step, ctx);
+    }
+
+    /// Acts on the end of DATA: refuses, or stores and answers.
+    fn data_step(&mut self, id: MessageId, step: DataStep, ctx: &mut Context<Self>) {
+        match step {
             DataStep::Reply(reply) => {
                 if self.answer(reply, ctx) {
                     self.drive(ctx);
@@ -778,6 +811,10 @@ impl Actor for SmtpConnection {
     fn started(&mut self, ctx: &mut Self::Context) {
         debug!(parent: &self.span, "connected");
         let greeting = self.session.greeting();
+        // Policy hook: connect, before the greeting.
+        if self.shared.policy.is_some() {
+            return self.screen_connect(greeting, ctx);
+        }
         self.queue(&greeting);
         self.drive(ctx);
     }

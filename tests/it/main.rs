@@ -13,6 +13,7 @@ mod fulldisk;
 mod hostile;
 mod logs;
 mod packaging;
+mod policy;
 mod pop3;
 mod security;
 mod smtp_local;
