@@ -22,6 +22,8 @@
 //! The actix actors and the `postino` binary live in the `postino` crate
 //! (`actors/`), which depends on this one and never the other way round.
 
+#![warn(missing_docs)]
+
 pub mod address;
 pub mod config;
 pub mod dsn;

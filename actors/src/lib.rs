@@ -22,6 +22,8 @@
 //! router as a `Recipient<RouteRecipient>` and returns the one to use; see
 //! `examples/custom_router.rs`.
 
+#![warn(missing_docs)]
+
 pub mod auth;
 pub mod control;
 pub mod delivery;

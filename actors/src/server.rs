@@ -41,24 +41,35 @@ use crate::smtp::{SmtpConnection, SmtpShared};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ServerError {
+    /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The store could not be opened.
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
+        /// The address.
         addr: SocketAddr,
+        /// Why.
         source: std::io::Error,
     },
+    /// The control socket could not be created.
     #[error("control socket {path}: {source}")]
     Control {
+        /// Its path.
         path: String,
+        /// Why.
         source: std::io::Error,
     },
+    /// The TLS certificate or key could not be loaded.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    /// A worker arbiter went away during start.
     #[error("a worker thread stopped while the server was starting")]
     Worker,
+    /// The password-checking threads could not be started.
     #[error("cannot start the password-checking threads: {0}")]
     AuthWorkers(std::io::Error),
 }
@@ -98,6 +109,7 @@ pub struct Server {
 }
 
 impl Server {
+    /// A builder for a server with this configuration.
     pub fn builder(config: Config) -> ServerBuilder {
         ServerBuilder {
             config,
@@ -111,21 +123,27 @@ impl Server {
     pub fn smtp_addrs(&self) -> &[SocketAddr] {
         &self.smtp_addrs
     }
+    /// Bound submission (port 587 style) addresses.
     pub fn submission_addrs(&self) -> &[SocketAddr] {
         &self.submission_addrs
     }
+    /// Bound implicit-TLS submission (port 465 style) addresses.
     pub fn submissions_addrs(&self) -> &[SocketAddr] {
         &self.submissions_addrs
     }
+    /// Bound POP3 addresses.
     pub fn pop3_addrs(&self) -> &[SocketAddr] {
         &self.pop3_addrs
     }
+    /// Bound implicit-TLS POP3 addresses.
     pub fn pop3s_addrs(&self) -> &[SocketAddr] {
         &self.pop3s_addrs
     }
+    /// The store the server uses (users, aliases, mail, queue).
     pub fn store(&self) -> &Store {
         &self.store
     }
+    /// The configuration the server runs with.
     pub fn config(&self) -> &Arc<Config> {
         &self.config
     }
@@ -133,6 +151,7 @@ impl Server {
     pub fn router(&self) -> &Addr<Router> {
         &self.router
     }
+    /// The delivery actor (queue manager).
     pub fn delivery(&self) -> &Addr<Delivery> {
         &self.delivery
     }
