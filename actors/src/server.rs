@@ -603,6 +603,7 @@ pub struct AuthFailures {
 }
 
 impl AuthFailures {
+    /// A table whose delay starts at `base` and doubles per failure up to `max`.
     pub fn new(base: Duration, max: Duration) -> AuthFailures {
         AuthFailures {
             table: Mutex::new(HashMap::new()),
@@ -625,6 +626,7 @@ impl AuthFailures {
         self.base.saturating_mul(factor).min(self.max)
     }
 
+    /// Records a successful login from `ip`: its delay starts over.
     pub fn succeeded(&self, ip: IpAddr) {
         self.table
             .lock()
