@@ -80,6 +80,19 @@ pub struct Client {
     pub authenticated: Option<String>,
 }
 
+impl Client {
+    /// A plain-text client at `peer` that has sent nothing yet (for testing
+    /// a policy; the server fills in the rest as the session goes on).
+    pub fn new(peer: SocketAddr) -> Client {
+        Client {
+            peer,
+            tls: false,
+            helo: None,
+            authenticated: None,
+        }
+    }
+}
+
 /// A policy's answer at connect, HELO/EHLO and MAIL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
