@@ -40,6 +40,7 @@ use crate::mailbox;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum IntakeError {
+    /// The store failed: the message is not stored.
     #[error(transparent)]
     Store(#[from] StoreError),
 }
