@@ -30,6 +30,14 @@ impl InProcess {
     /// Starts a server with the policies that `build` adds, and the
     /// mailboxes alice@ and bob@example.test (password `pw`).
     fn start(build: impl FnOnce(ServerBuilder) -> ServerBuilder + Send + 'static) -> InProcess {
+        InProcess::start_with(|_| {}, build)
+    }
+
+    /// The same, with `tune` changing the configuration first.
+    fn start_with(
+        tune: impl FnOnce(&mut Config),
+        build: impl FnOnce(ServerBuilder) -> ServerBuilder + Send + 'static,
+    ) -> InProcess {
         let dir = tempfile::tempdir().unwrap();
         let any_port: SocketAddr = ([127, 0, 0, 1], 0).into();
         let mut config = Config {
@@ -45,6 +53,7 @@ impl InProcess {
         // Several refusals per session: no tarpit, no disconnect.
         config.smtp.soft_error_limit = 100;
         config.smtp.hard_error_limit = 200;
+        tune(&mut config);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -217,6 +226,37 @@ s.quit()
         "{out}"
     );
     assert!(server.mailbox("alice@example.test").is_empty());
+}
+
+/// A policy's refusals are errors like the server's own: at the hard
+/// error limit the refusal is sent, then `421` ends the session (a client
+/// retrying a refused greeting or sender is cut off), and a refused MAIL
+/// leaves no transaction behind.
+#[test]
+fn policy_refusals_count_towards_the_error_limits() {
+    let server = InProcess::start_with(|c| c.smtp.hard_error_limit = 4, |b| b.policy(Stages));
+    let out = server.smtp(
+        r#"
+say(*s.ehlo("bad.test"))
+say(*s.helo("client.test"))
+say(*s.mail("spammer@elsewhere.test"))
+say(*s.rcpt("alice@example.test"))
+say(*s.ehlo("bad.test"))
+say(*s.noop())
+"#,
+    );
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            "550 5.7.1 go away",
+            "250 mx.example.test",
+            "553 5.7.1 no spammers",
+            "503 5.5.1 Error: need MAIL command",
+            "550 5.7.1 go away",
+            "421 4.7.0 mx.example.test Error: too many errors",
+        ],
+        "{out}"
+    );
 }
 
 #[test]
