@@ -33,7 +33,6 @@ pub mod failpoints;
 pub mod logsafe;
 pub mod message;
 pub mod metrics;
-#[allow(missing_docs)] // Still to document: request, reply and session items.
 pub mod pop3;
 pub mod routing;
 pub mod smtp;

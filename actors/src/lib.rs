@@ -52,14 +52,11 @@ pub mod delivery;
 pub mod dispatch;
 pub mod inspect;
 pub mod intake;
-#[allow(missing_docs)] // Still to document: socket and buffer items.
 pub mod io;
 mod limits;
 mod login_delay;
-#[allow(missing_docs)] // Still to document: the mailbox actor's messages.
 pub mod mailbox;
 pub mod policy;
-#[allow(missing_docs)] // Still to document: the POP3 connection's shared state.
 pub mod pop3;
 pub mod router;
 pub mod server;
