@@ -153,7 +153,7 @@ impl Io {
         self.stream.read_buf(&mut self.rbuf).await
     }
 
-    /// Flushes and closes the write side; gives up after [`CLOSE_TIMEOUT`]
+    /// Flushes and closes the write side; gives up after `CLOSE_TIMEOUT` (10 s)
     /// (a client that reads nothing must not hold the connection).
     pub async fn close(&mut self) {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
