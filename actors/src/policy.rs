@@ -41,7 +41,10 @@
 //!   policy that *blocks* its thread holds up every connection of that
 //!   worker: do blocking work on `tokio::task::spawn_blocking`.
 //! - Refusals are logged as the server's own are (`NOQUEUE: reject: RCPT
-//!   from [ip]: 550 5.7.1 …`).
+//!   from [ip]: 550 5.7.1 …`), and count towards `smtp.soft_error_limit`
+//!   (the tarpit) and `smtp.hard_error_limit` (`421`, the session ends) as
+//!   they do. A refused HELO/EHLO leaves the session without a name; a
+//!   refused MAIL or message ends the transaction.
 //! - Without a policy none of this runs: the session takes the same path as
 //!   before this module existed.
 //!
