@@ -55,10 +55,13 @@ pub enum AddressError {
     /// Not RFC 5321 syntax; the text says what was wrong, for logs.
     #[error("address syntax: {0}")]
     Syntax(&'static str),
+    /// The local part exceeds [`MAX_LOCAL_PART`].
     #[error("local part longer than 64 octets")]
     LocalPartTooLong,
+    /// The domain exceeds [`MAX_DOMAIN`].
     #[error("domain longer than 255 octets")]
     DomainTooLong,
+    /// The whole path exceeds [`MAX_PATH`].
     #[error("path longer than 256 octets")]
     PathTooLong,
     /// A UTF-8 address in a transaction not declared `SMTPUTF8`.

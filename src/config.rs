@@ -23,6 +23,8 @@ pub const DEFAULT_HOP_LIMIT: usize = 50;
 /// Most password-checking threads (`auth.workers`): each may hold ~19 MiB.
 pub const MAX_AUTH_WORKERS: usize = 1024;
 
+/// The whole configuration (`postino.toml`); every section and key has a
+/// default, so `Config::default()` is a working local setup.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -33,31 +35,41 @@ pub struct Config {
     /// taken from the directory of the config file.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// `[smtp]`: listeners and limits of the SMTP server.
     #[serde(default)]
     pub smtp: SmtpConfig,
+    /// `[pop3]`: listeners and limits of the POP3 server.
     #[serde(default)]
     pub pop3: Pop3Config,
+    /// `[routing]`: local domains, relaying, unknown users, smarthost.
     #[serde(default)]
     pub routing: RoutingConfig,
+    /// `[delivery]`: the outbound queue (retries, lifetime, concurrency).
     #[serde(default)]
     pub delivery: DeliveryConfig,
+    /// `[dns]`: the resolver for MX lookups.
     #[serde(default)]
     pub dns: DnsConfig,
     /// TLS certificate and key; without this section no TLS is offered.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// `[control]`: the control socket that the CLI talks to.
     #[serde(default)]
     pub control: ControlConfig,
     /// The HTTP admin listener (`/metrics`, `/healthz`, the JSON API); off
     /// unless `admin.listen` is set.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// `[store]`: the sled store (flushing, free-space reserve).
     #[serde(default)]
     pub store: StoreConfig,
+    /// `[auth]`: password checking threads and the login cache.
     #[serde(default)]
     pub auth: AuthConfig,
+    /// `[log]`: log format.
     #[serde(default)]
     pub log: LogConfig,
+    /// `[mailbox]`: quotas.
     #[serde(default)]
     pub mailbox: MailboxConfig,
 }
@@ -263,6 +275,8 @@ fn default_background_flush() -> Duration {
     Duration::from_millis(500)
 }
 
+/// `[smtp]`: SMTP listeners (MTA, submission, implicit-TLS submission) and
+/// session limits.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SmtpConfig {
@@ -276,8 +290,10 @@ pub struct SmtpConfig {
     /// Implicit-TLS submission listeners (RFC 8314, port 465). Needs `[tls]`.
     #[serde(default)]
     pub submissions: Vec<SocketAddr>,
+    /// Largest message accepted, in octets (advertised as `SIZE`).
     #[serde(default = "default_max_message_size")]
     pub max_message_size: u64,
+    /// Most `RCPT TO` per transaction; more get `452 4.5.3`.
     #[serde(default = "default_max_recipients")]
     pub max_recipients: usize,
     /// Longest command line accepted, CRLF included.
@@ -289,6 +305,7 @@ pub struct SmtpConfig {
     /// After this many errors the session is closed with `421 4.7.0`.
     #[serde(default = "default_hard_error_limit")]
     pub hard_error_limit: u32,
+    /// How long each error reply is delayed past `soft_error_limit`.
     #[serde(default = "default_error_delay", with = "humantime_serde")]
     pub error_delay: Duration,
     /// Time allowed for each command line, however slowly its bytes come
@@ -328,9 +345,11 @@ pub enum BareLf {
     Reject,
 }
 
+/// `[pop3]`: POP3 listeners and limits.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Pop3Config {
+    /// Plain POP3 listeners.
     #[serde(default = "default_pop3_listen")]
     pub listen: Vec<SocketAddr>,
     /// Implicit-TLS listeners (port 995). Needs `[tls]`.
@@ -343,10 +362,13 @@ pub struct Pop3Config {
     /// First delay after a failed login; doubles per failure (Dovecot).
     #[serde(default = "default_auth_failure_delay", with = "humantime_serde")]
     pub auth_failure_delay: Duration,
+    /// Upper bound of the growing delay after failed logins.
     #[serde(default = "default_max_auth_failure_delay", with = "humantime_serde")]
     pub max_auth_failure_delay: Duration,
+    /// Most simultaneous POP3 connections from one client address.
     #[serde(default = "default_max_connections_per_ip")]
     pub max_connections_per_ip: usize,
+    /// Most simultaneous POP3 connections in all.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
 }
@@ -364,6 +386,7 @@ pub enum UnknownUser {
     Postmaster,
 }
 
+/// `[routing]`: which domains are ours, and what happens to other mail.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoutingConfig {
@@ -371,6 +394,7 @@ pub struct RoutingConfig {
     /// `mydestination` includes it).
     #[serde(default = "default_local_domains")]
     pub local_domains: Vec<String>,
+    /// What to do with mail for an unknown local user.
     #[serde(default)]
     pub unknown_user: UnknownUser,
     /// Clients allowed to send to non-local domains without authenticating.
@@ -379,14 +403,18 @@ pub struct RoutingConfig {
     /// `host:port`: send every remote message there instead of to MX hosts.
     #[serde(default)]
     pub smarthost: Option<String>,
+    /// Credentials for the smarthost (AUTH PLAIN), if it needs them.
     #[serde(default)]
     pub smarthost_auth: Option<SmarthostAuth>,
 }
 
+/// A user name and password for the smarthost.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SmarthostAuth {
+    /// The AUTH user name.
     pub username: String,
+    /// The AUTH password (never logged).
     pub password: String,
 }
 
@@ -404,11 +432,14 @@ impl std::fmt::Debug for SmarthostAuth {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DoubleBounce {
+    /// Send it to the postmaster.
     #[default]
     Postmaster,
+    /// Drop it (logged).
     Drop,
 }
 
+/// `[delivery]`: the outbound queue.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveryConfig {
@@ -418,8 +449,10 @@ pub struct DeliveryConfig {
     /// Waits between attempts; after the last one, the last interval repeats.
     #[serde(default = "default_retry", with = "duration_list")]
     pub retry: Vec<Duration>,
+    /// A message still undelivered after this long is bounced.
     #[serde(default = "default_max_queue_lifetime", with = "humantime_serde")]
     pub max_queue_lifetime: Duration,
+    /// Most simultaneous deliveries to one destination domain.
     #[serde(default = "default_concurrency_per_domain")]
     pub concurrency_per_domain: usize,
     /// Most recipients sent in one SMTP transaction.
@@ -428,8 +461,10 @@ pub struct DeliveryConfig {
     /// Send a delay warning to the sender once a message has waited this long.
     #[serde(default, with = "humantime_serde")]
     pub delay_warning: Option<Duration>,
+    /// What to do with a bounce that cannot be delivered either.
     #[serde(default)]
     pub double_bounce: DoubleBounce,
+    /// Bound on establishing an outbound SMTP connection.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// Greeting, EHLO, MAIL and RCPT replies (Postfix: 300 s).
@@ -446,16 +481,19 @@ pub struct DeliveryConfig {
     pub data_done_timeout: Duration,
 }
 
+/// `[dns]`: the resolver for MX and address lookups.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DnsConfig {
     /// Empty: the system resolver (`/etc/resolv.conf`).
     #[serde(default)]
     pub nameservers: Vec<SocketAddr>,
+    /// Bound on one lookup; `None`: the resolver's default.
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
 }
 
+/// `[tls]`: the certificate for STARTTLS and the implicit-TLS listeners.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
@@ -465,6 +503,7 @@ pub struct TlsConfig {
     pub key: PathBuf,
 }
 
+/// `[control]`: the control socket.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlConfig {
@@ -635,18 +674,24 @@ fn from_empty_table<T: for<'de> Deserialize<'de>>() -> T {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
+    /// The file could not be read.
     #[error("{path}: {source}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// Why it could not be read.
         source: std::io::Error,
     },
+    /// The file is not valid TOML or has a bad value.
     #[error("{}", invalid_message(.path, *.line, .key, .message))]
     Invalid {
+        /// The file.
         path: PathBuf,
         /// 1-based line, when the error can be placed.
         line: Option<usize>,
         /// Dotted key path such as `routing.unknown_user`.
         key: Option<String>,
+        /// What is wrong.
         message: String,
     },
 }

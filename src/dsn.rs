@@ -11,13 +11,16 @@ pub const MAX_RETURNED_CONTENT: usize = 50_000;
 /// Whether the message failed for good or is only late.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// Delivery failed for good: the report is a bounce.
     Failure,
+    /// Delivery is late but still tried: a delay warning.
     Delay,
 }
 
 /// One recipient the report is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecipientStatus {
+    /// The recipient as the original envelope had it.
     pub address: String,
     /// Enhanced status code, e.g. `5.1.1`.
     pub status: String,
@@ -30,6 +33,7 @@ pub struct RecipientStatus {
 /// Everything a report needs to know about the original message.
 #[derive(Debug, Clone)]
 pub struct Report<'a> {
+    /// Failure or delay.
     pub kind: Kind,
     /// Our host name (`Reporting-MTA`, `From: MAILER-DAEMON@…`).
     pub hostname: &'a str,
@@ -39,7 +43,9 @@ pub struct Report<'a> {
     pub sender: &'a str,
     /// RFC 5322 date of arrival and of now.
     pub arrival_date: &'a str,
+    /// RFC 5322 date of the report.
     pub date: &'a str,
+    /// The recipients the report is about.
     pub recipients: &'a [RecipientStatus],
     /// The original content (headers and body, CRLF).
     pub original: &'a [u8],

@@ -24,6 +24,8 @@
 //! The actix actors and the `postino` binary live in the `postino` crate
 //! (`actors/`), which depends on this one and never the other way round.
 
+#![warn(missing_docs)]
+
 pub mod address;
 pub mod config;
 pub mod dsn;
@@ -34,6 +36,7 @@ pub mod metrics;
 pub mod pop3;
 pub mod routing;
 pub mod smtp;
+#[allow(missing_docs)] // Still to document: the store's record types and errors.
 pub mod store;
 
 pub use address::Address;

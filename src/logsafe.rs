@@ -110,6 +110,7 @@ fn needs_escape(c: char) -> bool {
 pub struct Secret<T = String>(T);
 
 impl<T> Secret<T> {
+    /// Wraps a value so that `Debug` hides it.
     pub fn new(value: T) -> Secret<T> {
         Secret(value)
     }
@@ -120,6 +121,7 @@ impl<T> Secret<T> {
         &self.0
     }
 
+    /// The secret itself, unwrapped.
     pub fn into_inner(self) -> T {
         self.0
     }

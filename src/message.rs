@@ -22,6 +22,7 @@ impl MessageId {
         self.0.to_be_bytes()
     }
 
+    /// The id from a store key ([`MessageId::to_key`]); `None` if the key is not 8 bytes.
     pub fn from_key(key: &[u8]) -> Option<MessageId> {
         Some(MessageId(u64::from_be_bytes(key.try_into().ok()?)))
     }
@@ -45,20 +46,24 @@ impl FromStr for MessageId {
 pub struct Recipient {
     /// The address as the client gave it in `RCPT TO` (without `<>`).
     pub address: String,
+    /// Where it goes, as the router decided at RCPT.
     pub route: Route,
 }
 
 /// Everything about an accepted message except its content.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope {
+    /// The message's queue id.
     pub id: MessageId,
     /// The reverse path; `None` is the null sender `<>` (bounces).
     pub sender: Option<String>,
+    /// The accepted recipients, each with its route.
     pub recipients: Vec<Recipient>,
     /// Unix time, seconds.
     pub received_at: u64,
     /// Client address and HELO name, for logs and bounces.
     pub client: String,
+    /// The HELO/EHLO name the client gave.
     pub helo: String,
     /// Octets of the stored content (CRLF line ends, unstuffed).
     pub size: u64,

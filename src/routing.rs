@@ -14,7 +14,12 @@ pub enum Route {
     Deliver(Vec<Target>),
     /// Accept, then send the sender an RFC 3464 bounce with this status and
     /// reason (`unknown_user = "bounce"`).
-    Bounce { status: String, reason: String },
+    Bounce {
+        /// Enhanced status code for the report, e.g. `5.1.1`.
+        status: String,
+        /// Why, for the report and the log.
+        reason: String,
+    },
     /// Refuse at RCPT with this reply.
     Reject(Reply),
 }
@@ -26,11 +31,16 @@ pub enum Target {
     /// recipient it was redirected from (postmaster redirect), recorded in an
     /// `X-Original-To:` header.
     Mailbox {
+        /// The mailbox (canonical lower-case address).
         mailbox: String,
+        /// The recipient it was redirected from, if any (`X-Original-To:`).
         original: Option<String>,
     },
     /// Queue for remote delivery to this address.
-    Remote { address: String },
+    Remote {
+        /// The recipient address to deliver to.
+        address: String,
+    },
 }
 
 impl Route {
@@ -42,6 +52,7 @@ impl Route {
         }])
     }
 
+    /// Whether the recipient is accepted (not [`Route::Reject`]).
     pub fn is_accepted(&self) -> bool {
         !matches!(self, Route::Reject(_))
     }
@@ -72,6 +83,7 @@ pub trait Directory {
 pub struct DirectoryError(#[source] pub Box<dyn std::error::Error + Send + Sync>);
 
 impl DirectoryError {
+    /// Wraps the error that kept the directory from answering.
     pub fn new(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> DirectoryError {
         DirectoryError(error.into())
     }

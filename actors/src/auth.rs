@@ -29,6 +29,7 @@ const NICENESS: i32 = 10;
 #[derive(thiserror::Error, Debug)]
 #[non_exhaustive]
 pub enum CheckError {
+    /// The store could not be read.
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The checking threads are gone (the server is stopping).

@@ -24,6 +24,7 @@ use crate::mailbox;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DispatchError {
+    /// The store failed (read, write or flush).
     #[error(transparent)]
     Store(#[from] StoreError),
 }

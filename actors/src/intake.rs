@@ -14,7 +14,7 @@
 //!
 //! It then awaits the group commit ([`Store::durable`]) and hands the
 //! message on: queued mail to the delivery actor ([`Queued`], not awaited:
-//! the queue has it anyway), spooled mail to [`dispatch`] (its mailboxes,
+//! the queue has it anyway), spooled mail to [`dispatch`](crate::dispatch::dispatch) (its mailboxes,
 //! the queue, a bounce), before the caller answers, so that a client that
 //! reads its mailbox right after the 250 finds the message.
 //!
@@ -40,6 +40,7 @@ use crate::mailbox;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum IntakeError {
+    /// The store failed: the message is not stored.
     #[error(transparent)]
     Store(#[from] StoreError),
 }

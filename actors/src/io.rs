@@ -27,7 +27,9 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Plain or TLS stream.
 pub enum Stream {
+    /// Plain TCP.
     Plain(TcpStream),
+    /// TLS over TCP (implicit TLS, or after STARTTLS/STLS).
     Tls(Box<TlsStream<TcpStream>>),
 }
 
@@ -80,18 +82,23 @@ pub enum ReadOutcome {
     TimedOut,
     /// The server is stopping.
     Shutdown,
+    /// The read failed.
     Error(io::Error),
 }
 
 /// A connection's socket and buffers.
 pub struct Io {
+    /// The socket.
     pub stream: Stream,
+    /// What was read and not yet taken by the session.
     pub rbuf: BytesMut,
+    /// Replies waiting to be written.
     pub wbuf: Vec<u8>,
     shutdown: watch::Receiver<bool>,
 }
 
 impl Io {
+    /// Buffers for `stream`; reads end early once `shutdown` turns true.
     pub fn new(stream: Stream, shutdown: watch::Receiver<bool>) -> Io {
         Io {
             stream,
@@ -101,6 +108,7 @@ impl Io {
         }
     }
 
+    /// Whether the stream is encrypted.
     pub fn is_tls(&self) -> bool {
         matches!(self.stream, Stream::Tls(_))
     }
@@ -145,7 +153,7 @@ impl Io {
         self.stream.read_buf(&mut self.rbuf).await
     }
 
-    /// Flushes and closes the write side; gives up after [`CLOSE_TIMEOUT`]
+    /// Flushes and closes the write side; gives up after `CLOSE_TIMEOUT` (10 s)
     /// (a client that reads nothing must not hold the connection).
     pub async fn close(&mut self) {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
@@ -182,20 +190,25 @@ impl Io {
 pub struct TlsSlot(Arc<std::sync::RwLock<Option<TlsAcceptor>>>);
 
 impl TlsSlot {
+    /// A slot holding `acceptor` (`None`: no TLS configured).
     pub fn new(acceptor: Option<TlsAcceptor>) -> TlsSlot {
         TlsSlot(Arc::new(std::sync::RwLock::new(acceptor)))
     }
 
+    /// The current acceptor, if TLS is configured.
     pub fn get(&self) -> Option<TlsAcceptor> {
         self.0.read().map(|a| a.clone()).unwrap_or(None)
     }
 
+    /// Replaces the acceptor (a reload); connections that start TLS
+    /// afterwards use the new one.
     pub fn set(&self, acceptor: TlsAcceptor) {
         if let Ok(mut slot) = self.0.write() {
             *slot = Some(acceptor);
         }
     }
 
+    /// Whether TLS is configured.
     pub fn is_configured(&self) -> bool {
         self.get().is_some()
     }

@@ -22,6 +22,7 @@ pub struct Mailbox {
 }
 
 impl Mailbox {
+    /// The mailbox actor over `store`, holding no locks.
     pub fn new(store: Store) -> Mailbox {
         Mailbox {
             store,
@@ -86,7 +87,9 @@ fn delivered(id: MessageId, deliveries: &[LocalDelivery]) {
 #[derive(Message)]
 #[rtype(result = "Result<Option<Vec<MailEntry>>, StoreError>")]
 pub struct Open {
+    /// The maildrop (canonical user address).
     pub mailbox: String,
+    /// The POP3 session asking (its id).
     pub session: u64,
 }
 
@@ -108,8 +111,10 @@ impl Handler<Open> for Mailbox {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ExpungeError {
+    /// The store failed; nothing was deleted, the lock is released.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The session no longer holds the maildrop's lock (the mailbox).
     #[error("the maildrop lock of {0} is not held by this session")]
     LockLost(String),
 }
@@ -118,8 +123,11 @@ pub enum ExpungeError {
 #[derive(Message)]
 #[rtype(result = "Result<(), ExpungeError>")]
 pub struct Expunge {
+    /// The maildrop.
     pub mailbox: String,
+    /// The session that holds its lock.
     pub session: u64,
+    /// The messages to delete (their store keys).
     pub keys: Vec<u64>,
 }
 
@@ -143,7 +151,9 @@ impl Handler<Expunge> for Mailbox {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Release {
+    /// The maildrop.
     pub mailbox: String,
+    /// The session that holds its lock.
     pub session: u64,
 }
 

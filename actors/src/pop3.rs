@@ -25,9 +25,13 @@ use crate::sessions::{Kick, Pop3Sessions};
 
 /// What every POP3 connection shares.
 pub struct Pop3Shared {
+    /// The server's configuration.
     pub config: Arc<Config>,
+    /// The store (passwords, maildrops).
     pub store: Store,
+    /// The mailbox actor, which owns the maildrop locks.
     pub mailbox: Addr<Mailbox>,
+    /// The TLS acceptor for STLS (reloadable), if TLS is configured.
     pub tls: TlsSlot,
     /// Failed logins per client address (shared with SMTP AUTH).
     pub failures: Arc<AuthFailures>,
@@ -58,6 +62,9 @@ pub struct Pop3Connection {
 }
 
 impl Pop3Connection {
+    /// A connection actor for a client socket accepted at `peer` (already
+    /// encrypted for implicit TLS); it ends at `shutdown`, and holds
+    /// `guard` (its connection slot) until it stops.
     pub fn new(
         shared: Arc<Pop3Shared>,
         stream: Stream,

@@ -36,6 +36,7 @@ use crate::io::TlsSlot;
 use crate::limits::Limits;
 use crate::login_delay::AuthFailures;
 use crate::mailbox::Mailbox;
+use crate::policy::{DynPolicy, Policies, Policy};
 use crate::pop3::Pop3Shared;
 use crate::router::{RouteRecipient, Router};
 use crate::smtp::SmtpShared;
@@ -44,24 +45,35 @@ use crate::smtp::SmtpShared;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ServerError {
+    /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The store could not be opened.
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
+        /// The address.
         addr: SocketAddr,
+        /// Why.
         source: std::io::Error,
     },
+    /// The control socket could not be created.
     #[error("control socket {path}: {source}")]
     Control {
+        /// Its path.
         path: String,
+        /// Why.
         source: std::io::Error,
     },
+    /// The TLS certificate or key could not be loaded.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    /// A worker arbiter went away during start.
     #[error("a worker thread stopped while the server was starting")]
     Worker,
+    /// The password-checking threads could not be started.
     #[error("cannot start the password-checking threads: {0}")]
     AuthWorkers(std::io::Error),
 }
@@ -92,6 +104,8 @@ impl TlsReloader {
 pub struct ServerBuilder {
     config: Config,
     router: Option<RouterFactory>,
+    /// The embedder's policies, in the order given.
+    policies: Vec<Box<dyn DynPolicy>>,
     /// Where `config` was read from, for the startup line.
     config_file: Option<std::path::PathBuf>,
 }
@@ -130,10 +144,12 @@ pub struct Server {
 }
 
 impl Server {
+    /// A builder for a server with this configuration.
     pub fn builder(config: Config) -> ServerBuilder {
         ServerBuilder {
             config,
             router: None,
+            policies: Vec::new(),
             config_file: None,
         }
     }
@@ -142,15 +158,19 @@ impl Server {
     pub fn smtp_addrs(&self) -> &[SocketAddr] {
         &self.smtp_addrs
     }
+    /// Bound submission (port 587 style) addresses.
     pub fn submission_addrs(&self) -> &[SocketAddr] {
         &self.submission_addrs
     }
+    /// Bound implicit-TLS submission (port 465 style) addresses.
     pub fn submissions_addrs(&self) -> &[SocketAddr] {
         &self.submissions_addrs
     }
+    /// Bound POP3 addresses.
     pub fn pop3_addrs(&self) -> &[SocketAddr] {
         &self.pop3_addrs
     }
+    /// Bound implicit-TLS POP3 addresses.
     pub fn pop3s_addrs(&self) -> &[SocketAddr] {
         &self.pop3s_addrs
     }
@@ -158,9 +178,11 @@ impl Server {
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
     }
+    /// The store the server uses (users, aliases, mail, queue).
     pub fn store(&self) -> &Store {
         &self.store
     }
+    /// The configuration the server runs with.
     pub fn config(&self) -> &Arc<Config> {
         &self.config
     }
@@ -168,6 +190,7 @@ impl Server {
     pub fn router(&self) -> &Addr<Router> {
         &self.router
     }
+    /// The delivery actor (queue manager).
     pub fn delivery(&self) -> &Addr<Delivery> {
         &self.delivery
     }
@@ -258,6 +281,16 @@ impl ServerBuilder {
         self
     }
 
+    /// Adds a [`Policy`] that decides at every stage of SMTP sessions
+    /// (connect, HELO/EHLO, MAIL, RCPT, end of DATA); see
+    /// [`crate::policy`]. Policies are asked in the order they are added;
+    /// the RCPT stage asks the router (default or [`ServerBuilder::router`])
+    /// after them. Without any, sessions run as before, at no cost.
+    pub fn policy(mut self, policy: impl Policy) -> Self {
+        self.policies.push(Box::new(policy));
+        self
+    }
+
     /// Opens the store, starts the actors and binds every listener. Must be
     /// called inside a running actix `System`.
     ///
@@ -338,6 +371,8 @@ impl ServerBuilder {
         let checks = PasswordChecks::start(store.clone(), config.auth.workers)
             .map_err(ServerError::AuthWorkers)?;
         let sessions = Arc::new(crate::sessions::Pop3Sessions::default());
+        let policies = (!self.policies.is_empty())
+            .then(|| Arc::new(Policies::new(self.policies, config.smtp.timeout)));
         let smtp_shared = |auth_required: bool,
                            route: Recipient<RouteRecipient>,
                            intake: Intake| {
@@ -370,6 +405,7 @@ impl ServerBuilder {
                 tls: tls.clone(),
                 failures: failures.clone(),
                 checks: checks.clone(),
+                policy: policies.clone(),
             })
         };
         // Each worker arbiter gets its own router actor and intake: the

@@ -31,19 +31,29 @@ use crate::limits::ConnectionGuard;
 use crate::login_delay::AuthFailures;
 use crate::router::RouteRecipient;
 
+mod hooks;
+
 /// What every SMTP connection of one listener shares.
 pub struct SmtpShared {
+    /// The server's configuration.
     pub config: Arc<Config>,
+    /// The session settings of this listener (submission or not).
     pub session: Arc<SessionConfig>,
+    /// The store (free space, sender checks).
     pub store: Store,
+    /// Where each `RCPT TO` is routed: the default [`Router`](crate::Router)
+    /// or the embedder's.
     pub router: Recipient<RouteRecipient>,
     /// The intake of this connection's worker: stores accepted messages.
     pub intake: Intake,
+    /// The TLS acceptor for STARTTLS (reloadable), if TLS is configured.
     pub tls: TlsSlot,
     /// Failed logins per client address (shared with POP3).
     pub failures: Arc<AuthFailures>,
     /// The password-checking threads (shared with POP3).
     pub checks: PasswordChecks,
+    /// The embedder's policies; `None` (none registered): no hook runs.
+    pub(crate) policy: Option<Arc<crate::policy::Policies>>,
 }
 
 /// One SMTP client connection.
@@ -182,6 +192,10 @@ fn tls_description(io: &Io) -> Option<(String, String)> {
 }
 
 impl SmtpConnection {
+    /// A connection actor for a client socket accepted at `peer` (already
+    /// encrypted for implicit TLS); start it on the worker's arbiter. It
+    /// ends at `shutdown` with `421`, and holds `guard` (its connection
+    /// slot) until it stops.
     pub fn new(
         shared: Arc<SmtpShared>,
         stream: Stream,
@@ -313,7 +327,22 @@ impl SmtpConnection {
                 if mail {
                     self.session.set_storage_low(self.shared.store.space_low());
                 }
+                // Policy hook: HELO/EHLO, before the session takes it.
+                if self.shared.policy.is_some() {
+                    if let Some(name) = self.session.pending_hello() {
+                        let name = name.to_owned();
+                        self.screen_hello(name, ctx);
+                        return false;
+                    }
+                }
                 true
+            }
+            // Policy hook: MAIL, once the session accepted it.
+            Step::Reply { reply, .. }
+                if self.shared.policy.is_some() && self.screens_mail(&reply) =>
+            {
+                self.screen_mail(reply, ctx);
+                false
             }
             Step::Reply { reply, delay } => {
                 self.queue(&reply);
@@ -325,7 +354,18 @@ impl SmtpConnection {
                 true
             }
             Step::Route(query) => {
-                let fut = self.shared.router.send(RouteRecipient(query));
+                // Policy hook: RCPT, before the router (answers as it does).
+                let fut = match &self.shared.policy {
+                    Some(policies) => futures::future::Either::Left(crate::policy::rcpt(
+                        policies.clone(),
+                        self.client(),
+                        query,
+                        self.shared.router.clone(),
+                    )),
+                    None => futures::future::Either::Right(
+                        self.shared.router.send(RouteRecipient(query)),
+                    ),
+                };
                 ctx.wait(fut.into_actor(self).map(|res, act, ctx| {
                     let step = match res {
                         Ok(Ok(route)) => act.session.routed(route),
@@ -468,6 +508,11 @@ impl SmtpConnection {
                     }
                 };
                 self.step(step, ctx)
+            }
+            // Policy hook: end of DATA, before the message is stored.
+            Step::Message(accepted) if self.shared.policy.is_some() => {
+                self.screen_data(accepted, ctx);
+                false
             }
             Step::Message(accepted) => {
                 self.submit(accepted, ctx);
@@ -647,6 +692,10 @@ impl Actor for SmtpConnection {
     fn started(&mut self, ctx: &mut Self::Context) {
         debug!(parent: &self.span, "connected");
         let greeting = self.session.greeting();
+        // Policy hook: connect, before the greeting.
+        if self.shared.policy.is_some() {
+            return self.screen_connect(greeting, ctx);
+        }
         self.queue(&greeting);
         self.drive(ctx);
     }

@@ -14,6 +14,7 @@ pub const DEFAULT_MAX_AUTH_LINE: usize = 8192;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("line longer than {max} octets")]
 pub struct LineTooLong {
+    /// The limit, in octets.
     pub max: usize,
 }
 
@@ -35,6 +36,7 @@ pub struct LineReceiver {
 }
 
 impl LineReceiver {
+    /// A receiver with nothing buffered.
     pub fn new() -> LineReceiver {
         LineReceiver::default()
     }

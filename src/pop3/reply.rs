@@ -10,27 +10,48 @@ use std::io::Write as _;
 /// `-ERR` texts (after `-ERR `) that callers and tests may want to match.
 /// Response codes in brackets are RFC 2449 / RFC 3206 ones, as Dovecot sends.
 pub mod text {
+    /// A command the server does not know.
     pub const UNKNOWN_COMMAND: &str = "Unknown command";
+    /// A command line over the length limit.
     pub const LINE_TOO_LONG: &str = "line too long";
+    /// The last reply before closing: too many errors.
     pub const TOO_MANY_BAD_COMMANDS: &str = "Too many bad commands.";
+    /// USER/PASS/AUTH refused before TLS.
     pub const PLAINTEXT_DISALLOWED: &str =
         "[AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.";
+    /// Wrong user name or password.
     pub const AUTH_FAILED: &str = "[AUTH] Authentication failed.";
+    /// The maildrop is locked by another session (RFC 2449 `IN-USE`).
     pub const IN_USE: &str = "[IN-USE] Mailbox is locked by another session.";
+    /// The password could not be checked (a store error).
     pub const TEMPORARY_FAILURE: &str = "[SYS/TEMP] Temporary authentication failure.";
+    /// AUTH PLAIN with an authorization identity other than the user.
     pub const AUTHZID_REFUSED: &str = "[AUTH] Authorization identity not permitted.";
+    /// The client answered a SASL challenge with `*`.
     pub const AUTH_CANCELLED: &str = "Authentication cancelled.";
+    /// A SASL response that is not base64.
     pub const BAD_BASE64: &str = "Invalid base64 data.";
+    /// A SASL PLAIN response without its three parts.
     pub const BAD_PLAIN: &str = "Invalid SASL PLAIN response.";
+    /// An AUTH mechanism other than PLAIN.
     pub const UNSUPPORTED_MECHANISM: &str = "Unsupported authentication mechanism.";
+    /// PASS without USER first.
     pub const NO_USERNAME: &str = "No username given.";
+    /// A transaction-state command before login.
     pub const NOT_LOGGED_IN: &str = "Not logged in.";
+    /// USER, PASS, AUTH or STLS after login.
     pub const ALREADY_LOGGED_IN: &str = "Already logged in.";
+    /// STLS without TLS configured.
     pub const TLS_UNAVAILABLE: &str = "TLS support isn't enabled.";
+    /// STLS on an encrypted connection.
     pub const TLS_ACTIVE: &str = "TLS is already active.";
+    /// RETR or TOP of a message the store could not read.
     pub const READ_FAILED: &str = "[SYS/TEMP] Message could not be read.";
+    /// QUIT whose deletions could not be committed.
     pub const COMMIT_FAILED: &str = "[SYS/TEMP] Some deleted messages were not removed.";
+    /// The last reply to an idle client.
     pub const TIMED_OUT: &str = "Disconnected for inactivity.";
+    /// The last reply when the server stops.
     pub const SHUTTING_DOWN: &str = "[SYS/TEMP] Server shutting down.";
 }
 

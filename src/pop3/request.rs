@@ -8,29 +8,44 @@ use crate::logsafe::Secret;
 /// whether they name a message is the session's question, not the parser's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request<'a> {
+    /// `USER name`.
     User(&'a str),
-    /// The rest of the line: RFC 1939 lets a password contain spaces.
+    /// `PASS password`: the rest of the line: RFC 1939 lets a password contain spaces.
     Pass(Secret<&'a str>),
     /// `AUTH` alone lists the mechanisms (RFC 1734, still sent by some clients).
     Auth {
+        /// The SASL mechanism, as given.
         mechanism: Option<&'a str>,
         /// RFC 5034 §4: `=` is an empty initial response, kept as `"="` here.
         /// A credential (base64 of the password), so `Debug` hides it.
         initial_response: Option<Secret<&'a str>>,
     },
+    /// `STAT`.
     Stat,
+    /// `LIST [msg]`.
     List(Option<u32>),
+    /// `RETR msg`.
     Retr(u32),
+    /// `DELE msg`.
     Dele(u32),
+    /// `NOOP`.
     Noop,
+    /// `RSET`.
     Rset,
+    /// `QUIT`.
     Quit,
+    /// `TOP msg lines`.
     Top {
+        /// The message number.
         msg: u32,
+        /// How many body lines after the header section.
         lines: u32,
     },
+    /// `UIDL [msg]`.
     Uidl(Option<u32>),
+    /// `CAPA` (RFC 2449).
     Capa,
+    /// `STLS` (RFC 2595).
     Stls,
 }
 
@@ -38,11 +53,16 @@ pub enum Request<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ParseError {
+    /// Not a POP3 command.
     #[error("Unknown command")]
     Unknown,
     /// Wrong number or form of arguments; carries the command's usage.
     #[error("Syntax error, expected: {usage}")]
-    Syntax { usage: &'static str },
+    Syntax {
+        /// The usage line, e.g. `RETR <msg>`.
+        usage: &'static str,
+    },
+    /// An argument that is not UTF-8.
     #[error("Invalid UTF-8 in argument")]
     NotUtf8,
 }

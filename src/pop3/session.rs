@@ -92,15 +92,28 @@ pub enum Step {
     /// Check the credentials, lock and load the maildrop, then call
     /// [`Session::authenticated`]. Apply any failed-login delay before that
     /// call. Feed no line until then.
-    Authenticate { user: String, password: String },
+    Authenticate {
+        /// The user name, as given.
+        user: String,
+        /// The password (never logged).
+        password: String,
+    },
     /// Read message `key`'s content, then call [`Session::retrieved`] (or
     /// [`Session::retrieve_failed`]). `top` is `Some(lines)` for TOP: pass the
     /// whole content all the same, the session cuts it.
-    Retrieve { key: u64, top: Option<u32> },
+    Retrieve {
+        /// The message's store key.
+        key: u64,
+        /// TOP's line count; `None` for RETR.
+        top: Option<u32>,
+    },
     /// QUIT entered the UPDATE state: delete these messages (in message number
     /// order, never empty), then call [`Session::committed`]. A QUIT with
     /// nothing deleted, and a dropped connection, never ask for this.
-    Commit { deleted: Vec<u64> },
+    Commit {
+        /// The store keys of the messages marked deleted.
+        deleted: Vec<u64>,
+    },
     /// `+OK Begin TLS negotiation.` is in the output: write it, discard any
     /// input already buffered (RFC 2595 §4; the STARTTLS injection of
     /// CVE-2011-0411), handshake, then call [`Session::tls_started`].
@@ -134,9 +147,13 @@ impl std::fmt::Debug for Step {
 /// The RFC 1939 state of a session, for logs and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
+    /// Before login.
     Authorization,
+    /// Logged in, the maildrop locked.
     Transaction,
+    /// After QUIT, while deletions are committed.
     Update,
+    /// The session is over.
     Closed,
 }
 
@@ -177,6 +194,7 @@ pub struct Session {
 }
 
 impl Session {
+    /// A session for a new connection; send [`Session::greeting`] first.
     pub fn new(config: SessionConfig) -> Session {
         Session {
             config,
@@ -195,6 +213,7 @@ impl Session {
         ok_fmt(out, format_args!("{} POP3 ready.", self.config.hostname));
     }
 
+    /// The RFC 1939 state the session is in.
     pub fn state(&self) -> State {
         match self.phase {
             Phase::Authorization

@@ -39,6 +39,7 @@ pub enum ReplyError {
     /// 200 to 559 (first digit 2–5, second 0–5).
     #[error("malformed reply line {0:?}")]
     Malformed(String),
+    /// The lines of one reply carried different codes (the two).
     #[error("reply code changed within a multi-line reply ({0} then {1})")]
     CodeChanged(u16, u16),
 }
@@ -240,16 +241,22 @@ pub fn enhanced_status(word: &str) -> Option<&str> {
 /// SMTP service extensions a server announced in its EHLO reply.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Extensions {
+    /// `PIPELINING` (RFC 2920): commands may be sent in groups.
     pub pipelining: bool,
     /// `SIZE` was announced (then MAIL carries `SIZE=n`).
     pub size: bool,
     /// The server's fixed limit from `SIZE n`; `None` for no limit (`SIZE`
     /// or `SIZE 0`, RFC 1870).
     pub size_limit: Option<u64>,
+    /// `8BITMIME` (RFC 6152).
     pub eight_bit_mime: bool,
+    /// `SMTPUTF8` (RFC 6531): UTF-8 addresses allowed.
     pub smtputf8: bool,
+    /// `STARTTLS` (RFC 3207).
     pub starttls: bool,
+    /// `ENHANCEDSTATUSCODES` (RFC 2034): replies carry `x.y.z` codes.
     pub enhanced_status_codes: bool,
+    /// `AUTH` listing the `PLAIN` mechanism (RFC 4616).
     pub auth_plain: bool,
 }
 
@@ -329,6 +336,7 @@ pub fn encode_content(content: &[u8]) -> Vec<u8> {
 pub struct RemoteHost {
     /// Exchanger name (`Remote-MTA: dns; …` in a bounce).
     pub host: String,
+    /// The address of it connected to (`[192.0.2.1]:25` in logs).
     pub addr: SocketAddr,
 }
 

@@ -48,6 +48,7 @@ pub enum DataError {
 }
 
 impl DataError {
+    /// The reply that refuses the message for this error.
     pub fn reply(&self) -> Reply {
         match self {
             DataError::TooBig => Reply::new(552, "5.3.4", "Error: message file too big"),
@@ -193,6 +194,8 @@ pub struct DataReceiver {
 }
 
 impl DataReceiver {
+    /// A receiver for one message of at most `max_size` octets (the rest is
+    /// drained), with this bare-LF policy.
     pub fn new(max_size: u64, bare_lf: BareLf) -> Self {
         DataReceiver {
             max_size,

@@ -10,9 +10,11 @@ use serde::{Deserialize, Serialize};
 /// Static replies borrow their text, so the hot path allocates nothing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reply {
+    /// The three-digit reply code.
     pub code: u16,
     /// Enhanced status code such as `2.1.0`; `None` for the greeting and EHLO.
     pub status: Option<Cow<'static, str>>,
+    /// The text; `\n` separates the lines of a multi-line reply.
     pub text: Cow<'static, str>,
 }
 
@@ -39,14 +41,17 @@ impl Reply {
         }
     }
 
+    /// 2xx or 3xx: the command succeeded or goes on.
     pub const fn is_positive(&self) -> bool {
         self.code < 400
     }
 
+    /// 4xx: a temporary failure; the client may try again.
     pub const fn is_transient(&self) -> bool {
         self.code >= 400 && self.code < 500
     }
 
+    /// 5xx: a permanent failure.
     pub const fn is_permanent(&self) -> bool {
         self.code >= 500
     }

@@ -938,6 +938,43 @@ impl Session {
         self.reply(Reply::new(454, "4.7.0", "Temporary authentication failure"))
     }
 
+    /// The name a `HELO`/`EHLO` just announced with [`Step::Command`]
+    /// gives, while it waits to be carried out (at the next
+    /// [`Session::ingest`]); `None` for any other command, and for an empty
+    /// name (the session refuses that itself). For a caller that screens
+    /// greetings before the session takes them ([`Session::refuse`]).
+    pub fn pending_hello(&self) -> Option<&str> {
+        match &self.pending {
+            Some(Pending::Request(Request::Helo { host } | Request::Ehlo { host }))
+                if !host.is_empty() =>
+            {
+                Some(host)
+            }
+            _ => None,
+        }
+    }
+
+    /// The caller refuses, with `reply`, what the session was about to
+    /// do (an embedder's policy said no). A command announced with
+    /// [`Step::Command`] and not answered yet is dropped unanswered by the
+    /// session: it leaves no state (a refused `HELO` sets no name).
+    /// Otherwise the refusal ends the current transaction: a `MAIL` the
+    /// session had accepted, or a message after [`Step::Message`] that is
+    /// not stored. An error reply counts towards the error limits like
+    /// the session's own: past the soft limit it comes with the tarpit
+    /// delay, and at the hard limit it is sent and then `421` closes the
+    /// session.
+    pub fn refuse(&mut self, reply: Reply) -> Step {
+        if self.pending.take().is_none() {
+            self.tx = None;
+            self.finished = None;
+        }
+        if reply.code >= 400 {
+            self.errors += 1;
+        }
+        self.answer(reply)
+    }
+
     /// Whether recipients in other domains are allowed.
     pub fn relay_allowed(&self) -> bool {
         self.may_relay()

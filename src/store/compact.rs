@@ -38,6 +38,7 @@ const BATCH: usize = 256;
 pub struct Compacted {
     /// Octets the database's files took before and after.
     pub before: u64,
+    /// Octets after.
     pub after: u64,
     /// Records (keys) copied, over all trees.
     pub records: u64,

@@ -43,6 +43,7 @@ pub struct MailEntry {
     pub uidl: String,
     /// Octets of prefix plus content, exactly what [`Store::read_mail`] returns.
     pub size: u64,
+    /// The message's queue id.
     pub id: MessageId,
 }
 

@@ -62,7 +62,7 @@ pub struct QueueRecipient {
 /// parts ([`DeliveryDiagnostic`]), so a bounce or `postino queue show` never has to
 /// parse a text back.
 ///
-/// On disk this is [`StoredState`]: records written before schema 3 hold
+/// On disk this is `StoredState` (private): records written before schema 3 hold
 /// texts, and read as [`DeliveryDiagnostic::from_legacy`] makes them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "StoredState", into = "StoredState")]

@@ -78,6 +78,7 @@ pub struct PasswordScratch {
 }
 
 impl PasswordScratch {
+    /// Scratch memory not yet allocated (the first check allocates it).
     pub fn new() -> PasswordScratch {
         PasswordScratch::default()
     }

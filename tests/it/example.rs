@@ -1,9 +1,13 @@
-//! `examples/custom_router.rs`, the library seam in use: the example is
-//! started as its own process with a config on port 0, a user is added with
-//! `postino user add` over the example's control socket, and real clients
-//! check that its routing actor rewrote plus-addresses, refused the blocked
-//! domain with its own 5xx, and left the rest to the default router.
+//! The examples, the library seams in use: each is started as its own
+//! process with a config on port 0, a user is added with `postino user add`
+//! over the example's control socket, and real clients check what it does.
+//! `custom_router` (a routing actor) and `plus_addresses` (the same rules as
+//! a policy) must behave alike: plus-addresses rewritten, the blocked domain
+//! refused with their own 5xx, the rest left to the default router.
+//! `content_filter` refuses flagged messages at the end of DATA and marks
+//! the rest.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,16 +17,20 @@ use std::time::Duration;
 
 use crate::support::server::{binary, cli_with_config, config_text, python};
 
-/// The example's binary, next to the `postino` binary's directory.
+/// An example's binary, next to the `postino` binary's directory.
 ///
 /// `cargo test --test it` builds only that test (a plain `cargo test` builds
-/// the examples too), so the example is built here; cargo makes that a
-/// no-op when it is fresh.
-fn example_binary() -> &'static Path {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| {
+/// the examples too), so the example is built here, once per test run;
+/// cargo makes that a no-op when it is fresh.
+fn example_binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let mut built = BUILT.get_or_init(Default::default).lock().unwrap();
+    if let Some(exe) = built.get(name) {
+        return exe.clone();
+    }
+    let exe = {
         let profile_dir = Path::new(binary()).parent().expect("target/<profile>");
-        let exe = profile_dir.join("examples").join("custom_router");
+        let exe = profile_dir.join("examples").join(name);
         let target_dir = profile_dir.parent().expect("target dir");
         let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
             Some("debug") => "dev",
@@ -34,7 +42,7 @@ fn example_binary() -> &'static Path {
             .arg("1200")
             .arg(cargo)
             .args(["build", "--offline", "--quiet", "-p", "postino-cli"])
-            .args(["--example", "custom_router", "--profile", profile])
+            .args(["--example", name, "--profile", profile])
             .arg("--manifest-path")
             .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
             .arg("--target-dir")
@@ -45,12 +53,14 @@ fn example_binary() -> &'static Path {
             // Without cargo (a copied test binary), use what was built.
             other => assert!(
                 exe.exists(),
-                "building the custom_router example failed ({other:?}) and {} is missing",
+                "building the {name} example failed ({other:?}) and {} is missing",
                 exe.display()
             ),
         }
         exe
-    })
+    };
+    built.insert(name.to_owned(), exe.clone());
+    exe
 }
 
 /// The running example; killed on drop.
@@ -62,15 +72,15 @@ struct Example {
 }
 
 impl Example {
-    fn start(config: &Path) -> Example {
-        let mut child = Command::new(example_binary())
+    fn start(name: &str, config: &Path) -> Example {
+        let mut child = Command::new(example_binary(name))
             .arg(config)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("start the custom_router example");
+            .unwrap_or_else(|e| panic!("start the {name} example: {e}"));
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().expect("stderr");
         std::thread::spawn({
@@ -117,7 +127,8 @@ impl Example {
         self.log.lock().unwrap().clone()
     }
 
-    /// SIGTERM, then the exit code (bounded wait).
+    /// SIGTERM (every example stops on it, as `postino serve` does), then
+    /// the exit code (bounded wait).
     fn terminate(&mut self) -> Option<i32> {
         let _ = Command::new("kill")
             .arg("-TERM")
@@ -142,10 +153,20 @@ impl Drop for Example {
 
 #[test]
 fn custom_router_rewrites_plus_addresses_and_refuses_a_domain() {
+    rewrites_plus_addresses_and_refuses_a_domain("custom_router");
+}
+
+#[test]
+fn plus_addresses_policy_does_what_the_custom_router_does() {
+    rewrites_plus_addresses_and_refuses_a_domain("plus_addresses");
+}
+
+/// The plus-address rules of `custom_router` and `plus_addresses`.
+fn rewrites_plus_addresses_and_refuses_a_domain(name: &str) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("postino.toml");
     std::fs::write(&config, config_text("", "", "", "")).unwrap();
-    let mut example = Example::start(&config);
+    let mut example = Example::start(name, &config);
 
     // `postino user add` reaches the example's control socket (the example
     // holds the store, so the CLI could not have opened it).
@@ -202,11 +223,78 @@ s.quit()
         "{text}"
     );
     assert!(text.ends_with("\r\n\r\nplus-addressed\r\n"), "{text}");
+    // Refusals are logged as the server's own are.
+    let log = example.log();
+    assert!(
+        log.contains("NOQUEUE: reject: RCPT from [127.0.0.1]: 550 5.7.1 <x@blocked.test>: this server does not accept mail for blocked.test;"),
+        "{log}"
+    );
 
     assert_eq!(example.terminate(), Some(0), "{}", example.log());
     assert!(example.log().contains("stopped"), "{}", example.log());
     // A clean stop removes the control socket.
     assert!(!dir.path().join("data").join("control.sock").exists());
+}
+
+#[test]
+fn content_filter_refuses_flagged_mail_and_marks_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("postino.toml");
+    std::fs::write(&config, config_text("", "", "", "")).unwrap();
+    let mut example = Example::start("content_filter", &config);
+    let out = cli_with_config(&config, &["user", "add", "alice@example.test"], "pw\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = python(
+        r#"
+import smtplib, sys
+s = smtplib.SMTP(sys.argv[1], int(sys.argv[2]), timeout=20)
+s.ehlo("client.test")
+spam = b"Subject: win\r\nX-Spam-Flag:\r\n  yes\r\n\r\nX-Spam-Flag: NO in the body\r\n"
+try:
+    s.sendmail("carol@elsewhere.test", ["alice@example.test"], spam)
+    print("spam accepted")
+except smtplib.SMTPDataError as e:
+    print("spam", e.smtp_code, e.smtp_error.decode())
+ham = b"Subject: hello\r\nX-Spam-Flag: NO\r\n\r\nX-Spam-Flag: YES in the body\r\n"
+s.sendmail("carol@elsewhere.test", ["alice@example.test"], ham)
+print("ham accepted")
+s.quit()
+"#,
+        &[
+            &example.smtp.ip().to_string(),
+            &example.smtp.port().to_string(),
+        ],
+    );
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["spam 550 5.7.1 Message flagged as spam", "ham accepted"],
+        "{out}"
+    );
+
+    // Only the clean message was stored, with the filter's header at the
+    // end of its header section (the body's look-alike line is not a header).
+    let msgs = pop_texts(example.pop3, "alice@example.test", "pw");
+    assert_eq!(msgs.len(), 1, "{}", example.log());
+    assert!(
+        msgs[0].ends_with(
+            "Subject: hello\r\nX-Spam-Flag: NO\r\nX-Content-Filter: passed\r\n\r\nX-Spam-Flag: YES in the body\r\n"
+        ),
+        "{}",
+        msgs[0]
+    );
+    let log = example.log();
+    assert!(
+        log.contains(
+            "NOQUEUE: reject: END-OF-MESSAGE from [127.0.0.1]: 550 5.7.1 Message flagged as spam;"
+        ),
+        "{log}"
+    );
+    assert_eq!(example.terminate(), Some(0), "{log}");
 }
 
 /// Every message of a mailbox, via Python's poplib, in CRLF form.

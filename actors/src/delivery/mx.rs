@@ -33,7 +33,9 @@ pub struct Exchanger {
     /// The exchanger's name without the trailing dot, the domain itself for an
     /// implicit MX, or the literal as written (`[192.0.2.1]`).
     pub host: String,
+    /// The MX preference (lower is tried first); 0 for an implicit MX.
     pub preference: u16,
+    /// Its addresses, in the order to try them.
     pub addrs: Vec<SocketAddr>,
 }
 

@@ -459,3 +459,86 @@ fn mail_is_refused_while_storage_is_low() {
     assert_eq!(got, ["250 2.1.0", "250 2.1.5", "354", "250 2.0.0"]);
     assert_eq!(accepted.len(), 1);
 }
+
+/// Feeds `input` until the session announces a command; returns its name.
+fn next_command(session: &mut Session, buf: &mut BytesMut) -> &'static str {
+    loop {
+        match session.ingest(buf) {
+            Step::Command(c) => return c.name,
+            Step::Reply { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// An embedder's policy refuses a greeting before the session takes it:
+/// no HELO name is set (MAIL still wants one), and the refusal counts
+/// towards the error limits like the session's own errors.
+#[test]
+fn a_refused_hello_leaves_no_state_and_counts_as_an_error() {
+    let mut s = session_with(config(), false);
+    let mut buf = BytesMut::from(&b"EHLO bad.example\r\n"[..]);
+    assert_eq!(next_command(&mut s, &mut buf), "ehlo");
+    assert_eq!(s.pending_hello(), Some("bad.example"));
+    let Step::Reply { reply, delay: None } = s.refuse(Reply::new(550, "5.7.1", "go away")) else {
+        panic!("want the refusal");
+    };
+    assert_eq!(show(&reply), "550 5.7.1");
+    assert_eq!(s.helo(), None);
+    assert_eq!(s.pending_hello(), None);
+    let (got, _) = run(&mut s, b"MAIL FROM:<>\r\nHELO \r\n");
+    assert_eq!(got, ["503 5.5.1", "501 5.5.2"]);
+    // Errors so far: the refusal, 503, 501. Two more reach the hard limit
+    // (5): the second refusal is sent, then 421 closes.
+    let (got, _) = run(&mut s, b"FOO\r\n");
+    assert_eq!(got, ["502 5.5.2"]);
+    let mut buf = BytesMut::from(&b"HELO bad.example\r\n"[..]);
+    assert_eq!(next_command(&mut s, &mut buf), "helo");
+    let Step::Reply { reply, .. } = s.refuse(Reply::new(550, "5.7.1", "go away")) else {
+        panic!("want the refusal");
+    };
+    assert_eq!(reply.code, 550);
+    assert!(matches!(s.ingest(&mut buf), Step::Close(r) if r.code == 421));
+}
+
+/// A policy refuses a MAIL the session accepted, or a message at the end
+/// of DATA: the transaction ends (RCPT wants a new MAIL), nothing is
+/// stored, and the session goes on.
+#[test]
+fn a_refused_transaction_ends() {
+    let mut s = session_with(config(), false);
+    let (got, _) = run(&mut s, b"HELO c\r\nMAIL FROM:<a@b.test>\r\n");
+    assert_eq!(got, ["250", "250 2.1.0"]);
+    assert!(s.in_transaction());
+    let Step::Reply { reply, .. } = s.refuse(Reply::new(451, "4.7.1", "later")) else {
+        panic!("want the refusal");
+    };
+    assert_eq!(show(&reply), "451 4.7.1");
+    assert!(!s.in_transaction());
+    let (got, _) = run(&mut s, b"RCPT TO:<alice@example.test>\r\n");
+    assert_eq!(got, ["503 5.5.1"]);
+    // At the end of DATA: the message is refused instead of stored.
+    let mut buf = BytesMut::from(
+        &b"MAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nhi\r\n.\r\n"[..],
+    );
+    let message = loop {
+        match s.ingest(&mut buf) {
+            Step::Command(_) | Step::Reply { .. } => {}
+            Step::Route(q) => assert!(matches!(s.routed(route(&q)), Step::Reply { .. })),
+            Step::EndOfData => match s.data_done(MessageId(9), "date") {
+                Step::Message(m) => break m,
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(message.id, MessageId(9));
+    let Step::Reply { reply, .. } = s.refuse(Reply::new(550, "5.7.1", "spam")) else {
+        panic!("want the refusal");
+    };
+    assert_eq!(show(&reply), "550 5.7.1");
+    assert!(!s.in_transaction());
+    let (got, accepted) = run(&mut s, b"MAIL FROM:<>\r\nQUIT\r\n");
+    assert_eq!(got, ["250 2.1.0", "221 2.0.0"]);
+    assert!(accepted.is_empty());
+}
