@@ -257,17 +257,18 @@ impl Store {
             };
             let size = record.size as i64;
             let value = encode_inline("mail", &record, Some(content))?;
-            let key = mail_key(mailbox, id.0);
-            // The entry and the mailbox's usage, in one transaction.
-            let (before, after) = tx_done((&self.inner.mail, &self.inner.usage).transaction(
-                |(mail, usage)| {
-                    if mail.get(&key)?.is_some() {
-                        return abort(StoreError::Duplicate(id));
-                    }
-                    mail.insert(key.as_slice(), value.as_slice())?;
-                    add_usage(usage, mailbox, 1, size)
-                },
-            ))?;
+            // One atomic insert, no transaction (see the module's notes on
+            // inline content); the usage follows as a second single-key
+            // update, repaired at the next open after a crash in between.
+            if self
+                .inner
+                .mail
+                .compare_and_swap(mail_key(mailbox, id.0), None as Option<&[u8]>, Some(value))?
+                .is_err()
+            {
+                return Err(StoreError::Duplicate(id));
+            }
+            let (before, after) = self.add_usage_now(mailbox, 1, size)?;
             self.warn_if_crossed(mailbox, before, after);
             return Ok(());
         }

@@ -112,10 +112,11 @@
 //! twice (`PageCache::pin_log`), and each sealed buffer is a write and a
 //! `sync_file_range` on sled's IO threads; a plain insert only appends to
 //! the buffer that the next group commit writes. Measured: local delivery
-//! 4,300 → 6,400 msg/s on 2 cores, a third less CPU per message. Since
-//! mailbox usage is kept (schema 3, `quota.rs`), the local entry is written
-//! in one transaction with its mailbox's usage record, so usage is exact
-//! after a crash; queue entries are still single inserts.
+//! 4,300 → 6,400 msg/s on 2 cores, a third less CPU per message. Mailbox
+//! usage (schema 3, `quota.rs`) is kept in the same transaction as every
+//! other mailbox change; for this one it is a second single-key update
+//! after the insert, and `META_USAGE_DIRTY` (present while the store is
+//! open) makes the next open count usage again after a crash in between.
 
 mod backup;
 mod commit;
@@ -176,6 +177,11 @@ const META_SCHEMA: &[u8] = b"schema";
 const META_UIDL_EPOCH: &[u8] = b"uidl_epoch";
 /// Written by version 1 only (a transactional queue length); removed.
 const META_QUEUE_LEN: &[u8] = b"queue_len";
+/// Present while a store is open, removed when it is closed cleanly: found
+/// at open, it means the last run stopped without closing (a crash, or a
+/// last flush that failed), so mailbox usage, whose single-mailbox updates
+/// are not in the mailbox write's transaction, is counted again.
+const META_USAGE_DIRTY: &[u8] = b"usage_dirty";
 
 /// Longest local part and domain accepted (RFC 5321 §4.5.3.1).
 const MAX_LOCAL_PART: usize = 64;
@@ -289,6 +295,9 @@ struct Inner {
     rejected: rejected::Rejected,
     /// Last, so it is dropped after every sled handle (fields drop in
     /// order): waits until sled has let go of the database's lock.
+    /// Tests: close as a crash would, leaving `META_USAGE_DIRTY`.
+    #[cfg(test)]
+    crashed: std::sync::atomic::AtomicBool,
     _released: Released,
 }
 
@@ -315,6 +324,24 @@ struct Released {
 /// finish a write in milliseconds; anything longer is another process that
 /// took the lock meanwhile, and waiting for it would hang.
 const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Drop for Inner {
+    /// A clean close: the usage records are exact, so the next open need
+    /// not count them again. If this last flush fails, the marker stays.
+    fn drop(&mut self) {
+        #[cfg(test)]
+        if self.crashed.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        if let Ok(meta) = self.db.open_tree("meta") {
+            if matches!(meta.remove(META_USAGE_DIRTY), Ok(Some(_))) {
+                if let Err(e) = self.db.flush() {
+                    tracing::warn!(error = %e, "closing the store: last flush failed");
+                }
+            }
+        }
+    }
+}
 
 impl Drop for Released {
     fn drop(&mut self) {
@@ -413,6 +440,7 @@ impl Store {
         })?;
         let meta = db.open_tree("meta")?;
         let compute_usage = check_schema(&meta)?;
+        let unclean = meta.contains_key(META_USAGE_DIRTY)?;
         let uidl_epoch = uidl_epoch(&meta)?;
         let queue = db.open_tree("queue")?;
         // Only if present: a remove is a write even when there is nothing
@@ -448,6 +476,8 @@ impl Store {
             space: std::sync::OnceLock::new(),
             rejected: rejected::Rejected::default(),
             db,
+            #[cfg(test)]
+            crashed: std::sync::atomic::AtomicBool::new(false),
             _released: Released {
                 db_file: dir.join("db"),
             },
@@ -455,12 +485,17 @@ impl Store {
         let store = Store {
             inner: Arc::new(inner),
         };
-        if compute_usage {
+        if compute_usage || unclean {
             // Before the new number: a crash in between computes it again.
             store.recompute_usage()?;
+        }
+        if compute_usage {
             store
                 .meta()?
                 .insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes()[..])?;
+        }
+        if !unclean {
+            store.meta()?.insert(META_USAGE_DIRTY, &[][..])?;
         }
         store.purge_rejected()?;
         Ok(store)

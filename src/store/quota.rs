@@ -28,7 +28,7 @@ pub struct Usage {
 }
 
 impl Usage {
-    fn to_bytes(self) -> [u8; 16] {
+    pub(super) fn to_bytes(self) -> [u8; 16] {
         let mut b = [0; 16];
         b[..8].copy_from_slice(&self.messages.to_be_bytes());
         b[8..].copy_from_slice(&self.octets.to_be_bytes());
@@ -88,6 +88,32 @@ pub(super) fn add_usage(
 }
 
 impl Store {
+    /// Adds to one mailbox's usage outside any transaction: one atomic
+    /// update of its single key. Returns the usage before and after. Used
+    /// where a transaction would cost the hot path its speed (one mailbox,
+    /// [`Store::accept_local`]); a crash between the mailbox write and this
+    /// one is repaired at the next open (`META_USAGE_DIRTY`).
+    pub(super) fn add_usage_now(
+        &self,
+        mailbox: &str,
+        messages: i64,
+        octets: i64,
+    ) -> Result<(Usage, Usage), StoreError> {
+        let mut before = Usage::default();
+        let mut after = Usage::default();
+        self.inner
+            .usage
+            .update_and_fetch(mailbox.as_bytes(), |old| {
+                before = old.and_then(|b| Usage::parse(b).ok()).unwrap_or_default();
+                after = Usage {
+                    messages: before.messages.saturating_add_signed(messages),
+                    octets: before.octets.saturating_add_signed(octets),
+                };
+                (after != Usage::default()).then(|| after.to_bytes().to_vec())
+            })?;
+        Ok((before, after))
+    }
+
     /// Applies `[mailbox]`: the default quota in octets (`None`: none) and
     /// the percentage at which a delivery logs a warning (0: never). The
     /// server and the offline CLI call it once after opening.

@@ -1592,6 +1592,53 @@ fn schema_2_store_gets_its_usage_computed_on_open() {
     );
 }
 
+/// A single-mailbox delivery updates usage after its insert, outside a
+/// transaction: after a crash, the next open counts usage again; after a
+/// clean close it does not need to.
+#[test]
+fn usage_is_counted_again_after_an_unclean_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = super::Usage {
+        messages: 7,
+        octets: 7,
+    };
+    let break_usage = |store: &Store| {
+        let id = store.new_id().unwrap();
+        store
+            .accept_local(id, &[b'x'; 10], &[local("a@example.test", "")])
+            .unwrap();
+        // As if the process died between the insert and the usage update
+        // (and more): the usage record no longer matches the mailbox.
+        store
+            .inner
+            .usage
+            .insert("a@example.test", &wrong.to_bytes())
+            .unwrap();
+        store.flush_blocking().unwrap();
+    };
+    {
+        let store = Store::open(dir.path()).unwrap();
+        break_usage(&store);
+        store
+            .inner
+            .crashed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(
+        store.usage("a@example.test").unwrap(),
+        super::Usage {
+            messages: 1,
+            octets: 10
+        }
+    );
+    // A clean close: the next open trusts the records as they are.
+    break_usage(&store);
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.usage("a@example.test").unwrap(), wrong);
+}
+
 /// An export carries each user's own quota, and an import brings it back
 /// and computes usage from the imported mail.
 #[test]
