@@ -323,24 +323,11 @@ pub fn call_streaming(
     request: &Request,
     mut lines: impl FnMut(Vec<String>) -> std::io::Result<()>,
 ) -> std::io::Result<Option<Response>> {
-    let stream = match std::os::unix::net::UnixStream::connect(path) {
-        Ok(s) => s,
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Ok(None)
-        }
-        Err(e) => return Err(e),
-    };
     // A bulk action on a deep queue answers once, at the end: a million
     // entries take a while.
-    stream.set_read_timeout(Some(Duration::from_secs(600)))?;
-    let mut line = serde_json::to_vec(request).map_err(std::io::Error::other)?;
-    line.push(b'\n');
-    (&stream).write_all(&line)?;
+    let Some(stream) = connect_and_send(path, request, Duration::from_secs(600))? else {
+        return Ok(None);
+    };
     let mut reader = BufReader::new(&stream);
     let mut answer = String::new();
     loop {
@@ -432,11 +419,13 @@ fn changes_store(request: &Request) -> bool {
     )
 }
 
-/// Sends one request to a running server. `Ok(None)`: no server listens.
-///
-/// # Errors
-/// IO errors other than "nobody listens" (e.g. permission denied).
-pub fn call(path: &Path, request: &Request) -> std::io::Result<Option<Response>> {
+/// Connects to the control socket at `path` and sends `request`; the
+/// answer is to be read within `timeout`. `Ok(None)`: no server listens.
+fn connect_and_send(
+    path: &Path,
+    request: &Request,
+    timeout: Duration,
+) -> std::io::Result<Option<std::os::unix::net::UnixStream>> {
     let stream = match std::os::unix::net::UnixStream::connect(path) {
         Ok(s) => s,
         Err(e)
@@ -449,10 +438,21 @@ pub fn call(path: &Path, request: &Request) -> std::io::Result<Option<Response>>
         }
         Err(e) => return Err(e),
     };
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    stream.set_read_timeout(Some(timeout))?;
     let mut line = serde_json::to_vec(request).map_err(std::io::Error::other)?;
     line.push(b'\n');
     (&stream).write_all(&line)?;
+    Ok(Some(stream))
+}
+
+/// Sends one request to a running server. `Ok(None)`: no server listens.
+///
+/// # Errors
+/// IO errors other than "nobody listens" (e.g. permission denied).
+pub fn call(path: &Path, request: &Request) -> std::io::Result<Option<Response>> {
+    let Some(stream) = connect_and_send(path, request, Duration::from_secs(60))? else {
+        return Ok(None);
+    };
     let mut reader = BufReader::new(&stream);
     let mut answer = String::new();
     reader.read_line(&mut answer)?;

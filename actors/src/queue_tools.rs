@@ -173,11 +173,26 @@ impl Action {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum QueueRequest {
     /// `queue list`: a table, or one JSON object per message (`json`).
-    List { filter: Filter, json: bool },
+    List {
+        /// Which messages.
+        filter: Filter,
+        /// NDJSON instead of the table.
+        json: bool,
+    },
     /// `queue cat ID`: the message's octets, as lines.
-    Cat { id: String, part: Part },
+    Cat {
+        /// The queue id.
+        id: String,
+        /// Headers, body, or both.
+        part: Part,
+    },
     /// `queue hold|release|requeue|flush|delete|bounce`.
-    Act { action: Action, filter: Filter },
+    Act {
+        /// What to do.
+        action: Action,
+        /// To which messages.
+        filter: Filter,
+    },
 }
 
 /// Resolves the ids of `filter`; `Err` names those not queued.
