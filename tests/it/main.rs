@@ -18,6 +18,7 @@ mod logs;
 mod packaging;
 mod pop3;
 mod queue_tools;
+mod reload;
 mod security;
 mod smtp_local;
 mod support;

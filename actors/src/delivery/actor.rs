@@ -59,6 +59,7 @@ use crate::bounce::notification;
 use crate::dispatch::dispatch;
 
 use super::attempt::{self, Outcome, RcptResult};
+use crate::reload::{LiveConfig, Reconfigure};
 
 mod admin;
 pub use admin::{ActiveIds, QueueAdmin};
@@ -174,7 +175,10 @@ struct Settlement {
 impl Delivery {
     /// A queue manager over `store`'s queue whose SMTP client sessions run
     /// on the `io` arbiters, in turn (empty: on its own).
-    pub fn new(config: Arc<Config>, store: Store, io: Vec<ArbiterHandle>) -> Delivery {
+    /// `config` is the configuration in use at start; a reload sends the
+    /// next one ([`crate::reload::Reconfigure`]).
+    pub fn new(config: impl Into<LiveConfig>, store: Store, io: Vec<ArbiterHandle>) -> Delivery {
+        let config = config.into().current();
         let attempt = Arc::new(attempt::Attempt::new(config.clone()));
         Delivery {
             config,
@@ -996,5 +1000,16 @@ mod tests {
             assert!(status_of(&rcpt, dsn::Kind::Failure).is_none());
             assert!(status_of(&rcpt, dsn::Kind::Delay).is_none());
         }
+    }
+}
+
+/// A reload: the next rounds use the new configuration (retries, limits,
+/// smarthost, timeouts, resolver); rounds under way finish with theirs.
+impl Handler<Reconfigure> for Delivery {
+    type Result = ();
+
+    fn handle(&mut self, msg: Reconfigure, _: &mut Context<Self>) {
+        self.attempt = Arc::new(attempt::Attempt::new(msg.0.clone()));
+        self.config = msg.0;
     }
 }
