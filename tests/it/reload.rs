@@ -170,3 +170,43 @@ fn postino_reload_names_listener_changes_and_keeps_the_old_listener() {
     assert!(over.starts_with("452"), "{over}");
     assert!(!accepts_tcp(format!("127.0.0.1:{port}").parse().unwrap()));
 }
+
+#[test]
+fn server_reload_for_embedders() {
+    let dir = tempfile::tempdir().unwrap();
+    let config_file = dir.path().join("postino.toml");
+    std::fs::write(&config_file, config_text("", "", "", "")).unwrap();
+    let config = postino_core::Config::load(&config_file).unwrap();
+    let mut next = config.clone();
+    next.smtp.max_message_size = 2000;
+    next.data_dir = dir.path().join("elsewhere");
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (events, event) = std::sync::mpsc::channel();
+    let server_thread = std::thread::spawn(move || {
+        actix::System::new().block_on(async move {
+            let server = postino::Server::builder(config).start().await.unwrap();
+            let done = server.reload(next).unwrap();
+            events
+                .send((server.smtp_addrs()[0], done, server.config()))
+                .unwrap();
+            server
+                .run_until(async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+    });
+    let (smtp, done, in_use) = event
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the server started");
+    assert_eq!(done.applied, ["smtp.max_message_size"]);
+    assert_eq!(done.need_restart, ["data_dir"]);
+    assert_eq!(in_use.smtp.max_message_size, 2000);
+    assert_eq!(in_use.data_dir, dir.path().join("data"));
+    let mut c = Raw::connect(smtp);
+    assert!(c.reply().starts_with("220 "));
+    assert!(c.cmd("EHLO client.test").contains("250-SIZE 2000"));
+    let _ = stop.send(());
+    server_thread.join().unwrap();
+}

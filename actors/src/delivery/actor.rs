@@ -874,6 +874,17 @@ impl Handler<ChangeQueue> for Delivery {
     }
 }
 
+/// A reload: the next rounds use the new configuration (retries, limits,
+/// smarthost, timeouts, resolver); rounds under way finish with theirs.
+impl Handler<Reconfigure> for Delivery {
+    type Result = ();
+
+    fn handle(&mut self, msg: Reconfigure, _: &mut Context<Self>) {
+        self.attempt = Arc::new(attempt::Attempt::new(msg.0.clone()));
+        self.config = msg.0;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1000,16 +1011,5 @@ mod tests {
             assert!(status_of(&rcpt, dsn::Kind::Failure).is_none());
             assert!(status_of(&rcpt, dsn::Kind::Delay).is_none());
         }
-    }
-}
-
-/// A reload: the next rounds use the new configuration (retries, limits,
-/// smarthost, timeouts, resolver); rounds under way finish with theirs.
-impl Handler<Reconfigure> for Delivery {
-    type Result = ();
-
-    fn handle(&mut self, msg: Reconfigure, _: &mut Context<Self>) {
-        self.attempt = Arc::new(attempt::Attempt::new(msg.0.clone()));
-        self.config = msg.0;
     }
 }
