@@ -214,7 +214,13 @@ pub async fn answer(live: &Live, request: Request) -> Response {
     match &request {
         Request::Who => return Response::Ok(who_lines(&live.sessions.list())),
         Request::Kick { target } => return kick(&live.sessions, target),
-        Request::Reload => return reload(live),
+        Request::Reload => {
+            // Reads files: off the async threads.
+            let live = live.clone();
+            return tokio::task::spawn_blocking(move || reload(&live))
+                .await
+                .unwrap_or_else(|e| Response::Error(e.to_string()));
+        }
         _ => {}
     }
     let (store, config) = (live.store.clone(), live.config.current());

@@ -115,6 +115,8 @@ pub struct Reloader {
     pub(crate) tls: TlsSlot,
     pub(crate) store: Store,
     pub(crate) delivery: Recipient<Reconfigure>,
+    /// One reload at a time (SIGHUP and `postino reload` may cross).
+    pub(crate) busy: Arc<std::sync::Mutex<()>>,
 }
 
 impl Reloader {
@@ -146,6 +148,7 @@ impl Reloader {
     /// # Errors
     /// The TLS certificate or key cannot be read; nothing changed.
     pub fn apply(&self, mut config: Config) -> Result<Reloaded, ReloadError> {
+        let _one = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.live.current();
         let need_restart = keep_restart_settings(&old, &mut config);
         if let Some(tls) = &config.tls {

@@ -332,6 +332,7 @@ impl ServerBuilder {
                 tls: tls.clone(),
                 store: store.clone(),
                 delivery: delivery.clone().recipient(),
+                busy: Default::default(),
             },
             shutdown,
             stop: CancellationToken::new(),
