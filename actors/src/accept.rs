@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use postino_core::Config;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -41,7 +40,7 @@ pub(crate) struct Acceptor {
     pub(crate) implicit_tls: bool,
     pub(crate) workers: Vec<ArbiterHandle>,
     pub(crate) limits: Arc<Limits>,
-    pub(crate) config: Arc<Config>,
+    pub(crate) config: crate::reload::LiveConfig,
     pub(crate) tls: TlsSlot,
     /// Given to every session: `true` asks it to finish.
     pub(crate) shutdown: watch::Receiver<bool>,
@@ -96,7 +95,7 @@ impl Acceptor {
     /// Starts the connection actor for one accepted socket on worker
     /// `next % workers`, or refuses the socket over the limits.
     fn start(&self, stream: TcpStream, peer: SocketAddr, next: usize) {
-        let config = &self.config;
+        let config = &self.config.current();
         let (per_ip, total, name) = match &self.kind {
             Kind::Smtp(_) => (
                 config.smtp.max_connections_per_ip,

@@ -106,7 +106,7 @@ async fn bearer(
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let token = req
         .app_data::<web::Data<State>>()
-        .and_then(|s| s.live.config.admin.token.clone());
+        .and_then(|s| s.live.config.current().admin.token.clone());
     if let Some(token) = token {
         let given = req
             .headers()

@@ -88,6 +88,9 @@ pub enum Request {
     Kick {
         target: String,
     },
+    /// Reads the server's configuration file again and puts it in place
+    /// (`postino reload`, as SIGHUP; see [`crate::reload`]).
+    Reload,
     /// Explains where mail to `address` would go (`crate::inspect`).
     RouteExplain {
         address: String,
@@ -132,8 +135,11 @@ pub enum Response {
 pub struct Live {
     /// The open store.
     pub store: Store,
-    /// The configuration the server runs with.
-    pub config: Arc<Config>,
+    /// The configuration the server runs with (the current one is taken
+    /// per request).
+    pub config: crate::reload::LiveConfig,
+    /// Reloads the configuration (`postino reload`); `None`: refused.
+    pub reloader: Option<crate::reload::Reloader>,
     /// The queue manager (the delivery actor), which carries out queue changes.
     pub queue: Recipient<ChangeQueue>,
     /// The same actor's bulk queue actions (`queue_tools`).
@@ -208,9 +214,16 @@ pub async fn answer(live: &Live, request: Request) -> Response {
     match &request {
         Request::Who => return Response::Ok(who_lines(&live.sessions.list())),
         Request::Kick { target } => return kick(&live.sessions, target),
+        Request::Reload => {
+            // Reads files: off the async threads.
+            let live = live.clone();
+            return tokio::task::spawn_blocking(move || reload(&live))
+                .await
+                .unwrap_or_else(|e| Response::Error(e.to_string()));
+        }
         _ => {}
     }
-    let (store, config) = (live.store.clone(), live.config.clone());
+    let (store, config) = (live.store.clone(), live.config.current());
     if crate::inspect::handles(&request) {
         return crate::inspect::answer(&store, &config, request).await;
     }
@@ -409,13 +422,38 @@ fn queue_lines(changed: &QueueChanged) -> Vec<String> {
     }
 }
 
+/// Answers [`Request::Reload`]: what took effect, what needs a restart, or
+/// why nothing changed.
+fn reload(live: &Live) -> Response {
+    let Some(reloader) = &live.reloader else {
+        return Response::Error("reload is not available here".into());
+    };
+    match reloader.reload() {
+        Ok(done) => {
+            let mut lines = vec![if done.applied.is_empty() {
+                "reloaded; nothing changed".to_string()
+            } else {
+                format!("reloaded; in effect: {}", done.applied.join(", "))
+            }];
+            if !done.need_restart.is_empty() {
+                lines.push(format!(
+                    "warning: needs a restart (running values kept): {}",
+                    done.need_restart.join(", ")
+                ));
+            }
+            Response::Ok(lines)
+        }
+        Err(e) => Response::Error(format!("reload failed, running configuration kept: {e}")),
+    }
+}
+
 /// Whether the answer to `request` waits for a flush. Not for failpoints
 /// (nor for reads, which have nothing to flush):
 /// turning off `store::durable` must not wait for a flush it fails.
 fn changes_store(request: &Request) -> bool {
     !matches!(
         request,
-        Request::Failpoint { .. } | Request::Who | Request::Kick { .. }
+        Request::Failpoint { .. } | Request::Who | Request::Kick { .. } | Request::Reload
     )
 }
 
@@ -576,6 +614,7 @@ pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
         Request::Who | Request::Kick { .. } => {
             return Response::Error("no server runs, so no POP3 session either".into())
         }
+        Request::Reload => return Response::Error("no server runs, so nothing to reload".into()),
         Request::RouteExplain { .. } | Request::MailboxStats { .. } | Request::AuthTest { .. } => {
             return crate::inspect::answer_offline(store, config, request)
         }

@@ -22,12 +22,10 @@
 //! from different connections never wait for each other here, and each
 //! awaits its own group commit, so many messages share one flush.
 
-use std::sync::Arc;
-
 use actix::prelude::*;
 use bytes::Bytes;
 use postino_core::store::StoreError;
-use postino_core::{Config, Envelope, MessageId, Store};
+use postino_core::{Envelope, MessageId, Store};
 use tracing::{debug, warn};
 
 use crate::delivery::actor::Queued;
@@ -48,7 +46,8 @@ pub enum IntakeError {
 /// Stores accepted messages and hands them on (see the module docs).
 #[derive(Clone)]
 pub struct Intake {
-    config: Arc<Config>,
+    /// The configuration in use, taken per message ([`crate::reload`]).
+    config: crate::reload::LiveConfig,
     store: Store,
     delivery: Recipient<Queued>,
 }
@@ -65,9 +64,13 @@ enum Written {
 
 impl Intake {
     /// An intake writing to `store`; remote mail is announced to `delivery`.
-    pub fn new(config: Arc<Config>, store: Store, delivery: Recipient<Queued>) -> Intake {
+    pub fn new(
+        config: impl Into<crate::reload::LiveConfig>,
+        store: Store,
+        delivery: Recipient<Queued>,
+    ) -> Intake {
         Intake {
-            config,
+            config: config.into(),
             store,
             delivery,
         }
@@ -128,7 +131,7 @@ impl Intake {
             Written::Delivered => {}
             Written::Queued => self.try_now(id, Some(content.into())),
             Written::Spooled(plan) => {
-                match dispatch_planned(&self.config, &self.store, envelope, plan) {
+                match dispatch_planned(&self.config.current(), &self.store, envelope, plan) {
                     Ok(queued) => {
                         // The original's content is in hand; a bounce's the
                         // delivery actor reads.
@@ -163,11 +166,11 @@ impl Intake {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     use postino_core::message::Recipient as Rcpt;
     use postino_core::routing::Target;
-    use postino_core::Route;
+    use postino_core::{Config, Route};
 
     use super::*;
 

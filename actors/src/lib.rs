@@ -26,6 +26,8 @@
 //! - [`sessions`]: the live POP3 sessions, for `who` and `kick`.
 //! - [`inspect`]: `route explain`, `mailbox stats`, `auth test` answers.
 //! - [`queue_tools`]: queue listings, filters and bulk actions behind it.
+//! - [`reload`]: the swappable configuration in use ([`LiveConfig`]) and
+//!   its reload (SIGHUP, `postino reload`, [`Server::reload`]).
 //! - [`io`], [`tls`]: sockets, buffers, rustls.
 //! - [`policy`]: the embedder's [`Policy`]: a typed decision at connect,
 //!   HELO/EHLO, MAIL, RCPT and end of DATA.
@@ -60,6 +62,7 @@ pub mod mailbox;
 pub mod policy;
 pub mod pop3;
 pub mod queue_tools;
+pub mod reload;
 pub mod router;
 pub mod server;
 pub mod sessions;
@@ -69,6 +72,7 @@ pub mod tls;
 
 pub use intake::Intake;
 pub use policy::Policy;
+pub use reload::{LiveConfig, Reloader};
 pub use router::{RouteRecipient, Router};
 pub use server::{Server, ServerBuilder, ServerError, TlsReloader};
 pub use signals::Signals;

@@ -25,8 +25,9 @@ use crate::sessions::{Kick, Pop3Sessions};
 
 /// What every POP3 connection shares.
 pub struct Pop3Shared {
-    /// The server's configuration.
-    pub config: Arc<Config>,
+    /// The configuration in use; each session takes the current one at its
+    /// start and keeps it ([`crate::reload`]).
+    pub config: crate::reload::LiveConfig,
     /// The store (passwords, maildrops).
     pub store: Store,
     /// The mailbox actor, which owns the maildrop locks.
@@ -46,6 +47,8 @@ static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
 /// One POP3 client connection.
 pub struct Pop3Connection {
     shared: Arc<Pop3Shared>,
+    /// The configuration this session started with.
+    settings: Arc<Config>,
     session: Session,
     io: Option<Io>,
     lines: LineReceiver,
@@ -74,12 +77,14 @@ impl Pop3Connection {
     ) -> Pop3Connection {
         let tls_active = matches!(stream, Stream::Tls(_));
         let tls_available = shared.tls.is_configured();
-        let mut config = SessionConfig::new(shared.config.hostname.clone());
+        let settings = shared.config.current();
+        let mut config = SessionConfig::new(settings.hostname.clone());
         config.tls_available = tls_available;
         config.tls_active = tls_active;
         config.plaintext_auth_allowed =
-            tls_active || !tls_available || shared.config.smtp.allow_plaintext_auth;
+            tls_active || !tls_available || settings.smtp.allow_plaintext_auth;
         Pop3Connection {
+            settings,
             session: Session::new(config),
             io: Some(Io::new(stream, shutdown)),
             lines: LineReceiver::new(),
@@ -291,7 +296,7 @@ impl Pop3Connection {
 
     fn read(&mut self, ctx: &mut Context<Self>) {
         let Some(mut io) = self.io.take() else { return };
-        let base = self.shared.config.pop3.timeout;
+        let base = self.settings.pop3.timeout;
         let deadline = *self.deadline.get_or_insert_with(|| Instant::now() + base);
         let timeout = deadline
             .saturating_duration_since(Instant::now())

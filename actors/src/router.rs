@@ -6,12 +6,12 @@
 //! `examples/custom_router.rs`). What happens to an accepted message is
 //! intake's job ([`crate::intake`]), not the router's.
 
-use std::sync::Arc;
-
 use actix::prelude::*;
 use postino_core::routing::{self, DirectoryError};
 use postino_core::smtp::session::RouteQuery;
-use postino_core::{Config, Route, Store};
+use postino_core::{Route, Store};
+
+use crate::reload::LiveConfig;
 
 /// Where does this recipient go? Asked once per `RCPT TO`. An error (the
 /// directory could not be read) refuses the recipient temporarily
@@ -22,15 +22,19 @@ pub struct RouteRecipient(pub RouteQuery);
 
 /// The default router.
 pub struct Router {
-    config: Arc<Config>,
+    config: LiveConfig,
     store: Store,
 }
 
 impl Router {
     /// A router that decides with `config`'s routing rules over `store`'s
-    /// users and aliases.
-    pub fn new(config: Arc<Config>, store: Store) -> Router {
-        Router { config, store }
+    /// users and aliases (a [`LiveConfig`]: the rules in use at each
+    /// decision, so a reload applies to the next `RCPT TO`).
+    pub fn new(config: impl Into<LiveConfig>, store: Store) -> Router {
+        Router {
+            config: config.into(),
+            store,
+        }
     }
 }
 
@@ -50,7 +54,7 @@ impl Handler<RouteRecipient> for Router {
     fn handle(&mut self, msg: RouteRecipient, _: &mut Self::Context) -> Self::Result {
         let q = msg.0;
         MessageResult(routing::decide(
-            &self.config.routing,
+            &self.config.current().routing,
             &self.store,
             &q.recipient,
             q.may_relay,

@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use postino_core::config::ConfigError;
-use postino_core::smtp::session::SessionConfig;
 use postino_core::store::StoreError;
 use postino_core::{Config, Store};
 use tokio::sync::watch;
@@ -38,6 +37,7 @@ use crate::login_delay::AuthFailures;
 use crate::mailbox::Mailbox;
 use crate::policy::{DynPolicy, Policies, Policy};
 use crate::pop3::Pop3Shared;
+use crate::reload::{LiveConfig, Reloader};
 use crate::router::{RouteRecipient, Router};
 use crate::smtp::SmtpShared;
 
@@ -82,7 +82,7 @@ pub enum ServerError {
 #[derive(Clone)]
 pub struct TlsReloader {
     tls: TlsSlot,
-    config: Arc<Config>,
+    config: LiveConfig,
 }
 
 impl TlsReloader {
@@ -92,7 +92,7 @@ impl TlsReloader {
     /// # Errors
     /// The old certificate stays in use when the new one cannot be read.
     pub fn reload(&self) -> Result<(), ServerError> {
-        if let Some(tls) = &self.config.tls {
+        if let Some(tls) = &self.config.current().tls {
             self.tls.set(crate::tls::acceptor(tls)?);
             info!("tls certificate reloaded");
         }
@@ -127,7 +127,9 @@ pub struct Server {
     router: Addr<Router>,
     delivery: Addr<Delivery>,
     tls: TlsSlot,
-    config: Arc<Config>,
+    config: LiveConfig,
+    /// Does SIGHUP's and `postino reload`'s work ([`crate::reload`]).
+    pub(crate) reloader: Reloader,
     /// Tells every session to finish (they wait on a `watch`, see
     /// [`crate::io::Io`]).
     shutdown: watch::Sender<bool>,
@@ -182,9 +184,9 @@ impl Server {
     pub fn store(&self) -> &Store {
         &self.store
     }
-    /// The configuration the server runs with.
-    pub fn config(&self) -> &Arc<Config> {
-        &self.config
+    /// The configuration in use now (a reload replaces it).
+    pub fn config(&self) -> Arc<Config> {
+        self.config.current()
     }
     /// The default router (also when a custom one decides routes).
     pub fn router(&self) -> &Addr<Router> {
@@ -250,7 +252,7 @@ impl Server {
         for w in self.workers.drain(..) {
             w.stop();
         }
-        let _ = std::fs::remove_file(self.config.control_socket());
+        let _ = std::fs::remove_file(self.config.current().control_socket());
         info!("stopped");
     }
 
@@ -299,6 +301,7 @@ impl ServerBuilder {
     /// holds it) or a listener cannot be bound.
     pub async fn start(self) -> Result<Server, ServerError> {
         let config = Arc::new(self.config);
+        let live = LiveConfig::new(config.clone());
         let store = Store::open_configured(&config.data_dir, &config.store)?;
         store.remember_logins(config.auth.cache_ttl, config.auth.cache_size);
         store.set_quota_policy(config.mailbox.quota, config.mailbox.quota_warning);
@@ -314,12 +317,12 @@ impl ServerBuilder {
             Mailbox::start_in_arbiter(&core.handle(), move |_| Mailbox::new(store))
         };
         let delivery = {
-            let (store, config) = (store.clone(), config.clone());
+            let (store, config) = (store.clone(), live.clone());
             let io = workers.iter().map(|w| w.handle()).collect();
             Delivery::start_in_arbiter(&core.handle(), move |_| Delivery::new(config, store, io))
         };
         let router = {
-            let (store, config) = (store.clone(), config.clone());
+            let (store, config) = (store.clone(), live.clone());
             Router::start_in_arbiter(&core.handle(), move |_| Router::new(config, store))
         };
 
@@ -354,7 +357,15 @@ impl ServerBuilder {
             router: router.clone(),
             delivery: delivery.clone(),
             tls: tls.clone(),
-            config: config.clone(),
+            config: live.clone(),
+            reloader: Reloader {
+                live: live.clone(),
+                file: self.config_file.clone(),
+                tls: tls.clone(),
+                store: store.clone(),
+                delivery: delivery.clone().recipient(),
+                busy: Default::default(),
+            },
             shutdown,
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -373,41 +384,20 @@ impl ServerBuilder {
         let sessions = Arc::new(crate::sessions::Pop3Sessions::default());
         let policies = (!self.policies.is_empty())
             .then(|| Arc::new(Policies::new(self.policies, config.smtp.timeout)));
-        let smtp_shared = |auth_required: bool,
-                           route: Recipient<RouteRecipient>,
-                           intake: Intake| {
-            Arc::new(SmtpShared {
-                config: config.clone(),
-                session: Arc::new(SessionConfig {
-                    hostname: config.hostname.clone(),
-                    max_message_size: config.smtp.max_message_size,
-                    max_recipients: config.smtp.max_recipients,
-                    hop_limit: config.smtp.hop_limit,
-                    soft_error_limit: config.smtp.soft_error_limit,
-                    hard_error_limit: config.smtp.hard_error_limit,
-                    tls_available: config.tls.is_some(),
-                    auth_available: true,
+        let smtp_shared =
+            |auth_required: bool, route: Recipient<RouteRecipient>, intake: Intake| {
+                Arc::new(SmtpShared {
+                    config: live.clone(),
                     auth_required,
-                    allow_plaintext_auth: config.smtp.allow_plaintext_auth || config.tls.is_none(),
-                    postmaster_domain: config
-                        .routing
-                        .local_domains
-                        .first()
-                        .cloned()
-                        .unwrap_or_else(|| config.hostname.clone()),
-                    max_line_length: config.smtp.max_line_length,
-                    bare_lf: config.smtp.bare_lf,
-                    error_delay: config.smtp.error_delay,
-                }),
-                store: store.clone(),
-                router: route,
-                intake,
-                tls: tls.clone(),
-                failures: failures.clone(),
-                checks: checks.clone(),
-                policy: policies.clone(),
-            })
-        };
+                    store: store.clone(),
+                    router: route,
+                    intake,
+                    tls: tls.clone(),
+                    failures: failures.clone(),
+                    checks: checks.clone(),
+                    policy: policies.clone(),
+                })
+            };
         // Each worker arbiter gets its own router actor and intake: the
         // connections it runs route and store mail without a thread switch
         // (the per-message cost on 2 cores was dominated by wake-ups). POP3
@@ -416,10 +406,10 @@ impl ServerBuilder {
         for worker in &server.workers {
             let handle = worker.handle();
             let local_router = {
-                let (store, config) = (store.clone(), config.clone());
+                let (store, config) = (store.clone(), live.clone());
                 Router::start_in_arbiter(&handle, move |_| Router::new(config, store))
             };
-            let intake = Intake::new(config.clone(), store.clone(), delivery.clone().recipient());
+            let intake = Intake::new(live.clone(), store.clone(), delivery.clone().recipient());
             let route: Recipient<RouteRecipient> = match &self.router {
                 Some(make) => {
                     let (make, default) = (make.clone(), local_router.clone().recipient());
@@ -462,7 +452,7 @@ impl ServerBuilder {
             server.submissions_addrs.push(bound);
         }
         let pop3_shared = Arc::new(Pop3Shared {
-            config: config.clone(),
+            config: live.clone(),
             store: store.clone(),
             mailbox: mailbox.clone(),
             tls: tls.clone(),
@@ -484,7 +474,8 @@ impl ServerBuilder {
         }
         let live = crate::control::Live {
             store: store.clone(),
-            config: config.clone(),
+            config: live.clone(),
+            reloader: Some(server.reloader.clone()),
             queue: delivery.clone().recipient(),
             queue_admin: delivery.clone().recipient(),
             active: delivery.clone().recipient(),

@@ -1,8 +1,10 @@
 //! `postino serve`'s signal handling, ready for embedders: SIGTERM or SIGINT
-//! stops the server gracefully, SIGHUP reloads the TLS certificate. See
+//! stops the server gracefully, SIGHUP reloads the configuration (the TLS
+//! certificate included; see [`crate::reload`]). See
 //! [`Server::run_until_signal`].
 
-use crate::server::{Server, TlsReloader};
+use crate::reload::Reloader;
+use crate::server::Server;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// SIGTERM, SIGINT and SIGHUP, handled by postino from [`Signals::install`]
@@ -27,10 +29,10 @@ impl Signals {
         }
     }
 
-    /// Resolves on SIGTERM or SIGINT; on each SIGHUP reloads the TLS
-    /// certificate with `tls` (a failed reload is logged, the old
-    /// certificate stays).
-    pub async fn stop_requested(self, tls: TlsReloader) {
+    /// Resolves on SIGTERM or SIGINT; on each SIGHUP reloads the
+    /// configuration with `reloader` (a failed reload is logged, the
+    /// running configuration stays).
+    pub async fn stop_requested(self, reloader: Reloader) {
         let Some((mut term, mut int, mut hup)) = self.0 else {
             let _ = tokio::signal::ctrl_c().await;
             return;
@@ -40,9 +42,9 @@ impl Signals {
                 _ = term.recv() => return,
                 _ = int.recv() => return,
                 _ = hup.recv() => {
-                    if let Err(e) = tls.reload() {
-                        tracing::error!(error = %e, "tls reload failed; keeping the old certificate");
-                    }
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    // Failures are logged by the reloader.
+                    let _ = reloader.reload();
                 }
             }
         }
@@ -51,7 +53,8 @@ impl Signals {
 
 impl Server {
     /// Runs until SIGTERM or SIGINT, then stops gracefully
-    /// ([`Server::stop`]); SIGHUP reloads the TLS certificate meanwhile.
+    /// ([`Server::stop`]); SIGHUP reloads the configuration meanwhile
+    /// (the file given to [`ServerBuilder::config_file`](crate::ServerBuilder::config_file)).
     /// This is what `postino serve` does:
     ///
     /// ```no_run
@@ -62,7 +65,7 @@ impl Server {
     /// # Ok(()) }
     /// ```
     pub async fn run_until_signal(self, signals: Signals) {
-        let tls = self.tls_reloader();
-        self.run_until(signals.stop_requested(tls)).await
+        let reloader = self.reloader();
+        self.run_until(signals.stop_requested(reloader)).await
     }
 }

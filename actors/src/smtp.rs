@@ -19,7 +19,7 @@ use postino_core::config::Config;
 use postino_core::dsn::rfc5322_date;
 use postino_core::logsafe::escape;
 use postino_core::message::{now_unix, Envelope};
-use postino_core::smtp::session::{Accepted, Command, Peer, SessionConfig, Step};
+use postino_core::smtp::session::{Accepted, Command, Peer, Step};
 use postino_core::smtp::{request, Reply, Session};
 use postino_core::Store;
 use tracing::{debug, info, warn, Instrument};
@@ -29,16 +29,18 @@ use crate::intake::Intake;
 use crate::io::{Io, ReadOutcome, Stream, TlsSlot};
 use crate::limits::ConnectionGuard;
 use crate::login_delay::AuthFailures;
+use crate::reload::LiveConfig;
 use crate::router::RouteRecipient;
 
 mod hooks;
 
 /// What every SMTP connection of one listener shares.
 pub struct SmtpShared {
-    /// The server's configuration.
-    pub config: Arc<Config>,
-    /// The session settings of this listener (submission or not).
-    pub session: Arc<SessionConfig>,
+    /// The configuration in use; each session takes the current one at its
+    /// start and keeps it ([`crate::reload`]).
+    pub config: LiveConfig,
+    /// Whether the listener is for submission (AUTH before MAIL).
+    pub auth_required: bool,
     /// The store (free space, sender checks).
     pub store: Store,
     /// Where each `RCPT TO` is routed: the default [`Router`](crate::Router)
@@ -59,6 +61,8 @@ pub struct SmtpShared {
 /// One SMTP client connection.
 pub struct SmtpConnection {
     shared: Arc<SmtpShared>,
+    /// The configuration this session started with.
+    config: Arc<Config>,
     session: Session,
     io: Option<Io>,
     /// When the content after the current DATA began to arrive, for the
@@ -204,16 +208,18 @@ impl SmtpConnection {
         guard: ConnectionGuard,
     ) -> SmtpConnection {
         let tls = matches!(stream, Stream::Tls(_));
+        let config = shared.config.current();
         let session = Session::new(
-            shared.session.clone(),
+            crate::reload::smtp_session(&config, shared.auth_required),
             Peer {
                 ip: peer.ip(),
-                trusted: shared.config.may_relay(peer.ip()),
+                trusted: config.may_relay(peer.ip()),
                 tls,
             },
         );
         let io = Io::new(stream, shutdown);
         SmtpConnection {
+            config,
             session,
             tls: tls_description(&io),
             current: None,
@@ -476,7 +482,7 @@ impl SmtpConnection {
                 let Some(io) = self.io.take() else {
                     return false;
                 };
-                let fut = io.start_tls(acceptor, self.shared.config.smtp.timeout);
+                let fut = io.start_tls(acceptor, self.config.smtp.timeout);
                 ctx.wait(fut.into_actor(self).map(|res, act, ctx| match res {
                     Ok(io) => {
                         act.tls = tls_description(&io);
@@ -599,14 +605,14 @@ impl SmtpConnection {
                     ctx.stop();
                 }
                 ReadOutcome::TimedOut => {
-                    let host = act.shared.config.hostname.clone();
+                    let host = act.config.hostname.clone();
                     act.close_with(
                         Reply::new(421, "4.4.2", format!("{host} Error: timeout exceeded")),
                         ctx,
                     );
                 }
                 ReadOutcome::Shutdown => {
-                    let host = act.shared.config.hostname.clone();
+                    let host = act.config.hostname.clone();
                     act.close_with(
                         Reply::new(421, "4.3.2", format!("{host} Service shutting down")),
                         ctx,
@@ -623,8 +629,8 @@ impl SmtpConnection {
     /// What is left of the command line's deadline, or during DATA what the
     /// minimum data rate allows.
     fn read_timeout(&mut self) -> Duration {
-        let base = self.shared.config.smtp.timeout;
-        let rate = self.shared.config.smtp.min_data_rate;
+        let base = self.config.smtp.timeout;
+        let rate = self.config.smtp.min_data_rate;
         match self.session.data_received() {
             Some(received) if rate > 0 => {
                 // Postfix's smtpd_min_data_rate: the deadline grows with the

@@ -64,6 +64,12 @@ enum Command {
         /// A session id as `postino who` prints it, or a user: all of their sessions.
         target: String,
     },
+    /// Make the running server read its configuration file again, as
+    /// SIGHUP does: routing, limits, quotas and the TLS certificate take
+    /// effect for new sessions; listeners, the data directory and store
+    /// settings need a restart (named in the answer). A file that does not
+    /// load is refused and the running configuration stays.
+    Reload,
     /// Offline tools on the store: check, back up, restore, compact (stop
     /// the server first).
     #[command(subcommand)]
@@ -475,6 +481,7 @@ fn main() -> ExitCode {
             request => run_control(&config, config_file.as_deref(), request),
         },
         Command::Who => run_control(&config, config_file.as_deref(), Request::Who),
+        Command::Reload => run_control(&config, config_file.as_deref(), Request::Reload),
         Command::Kick { target } => {
             run_control(&config, config_file.as_deref(), Request::Kick { target })
         }

@@ -19,6 +19,7 @@ mod packaging;
 mod policy;
 mod pop3;
 mod queue_tools;
+mod reload;
 mod security;
 mod smtp_local;
 mod support;

@@ -59,6 +59,7 @@ use crate::bounce::notification;
 use crate::dispatch::dispatch;
 
 use super::attempt::{self, Outcome, RcptResult};
+use crate::reload::{LiveConfig, Reconfigure};
 
 mod admin;
 pub use admin::{ActiveIds, QueueAdmin};
@@ -174,7 +175,10 @@ struct Settlement {
 impl Delivery {
     /// A queue manager over `store`'s queue whose SMTP client sessions run
     /// on the `io` arbiters, in turn (empty: on its own).
-    pub fn new(config: Arc<Config>, store: Store, io: Vec<ArbiterHandle>) -> Delivery {
+    /// `config` is the configuration in use at start; a reload sends the
+    /// next one ([`crate::reload::Reconfigure`]).
+    pub fn new(config: impl Into<LiveConfig>, store: Store, io: Vec<ArbiterHandle>) -> Delivery {
+        let config = config.into().current();
         let attempt = Arc::new(attempt::Attempt::new(config.clone()));
         Delivery {
             config,
@@ -867,6 +871,17 @@ impl Handler<ChangeQueue> for Delivery {
 
     fn handle(&mut self, msg: ChangeQueue, ctx: &mut Self::Context) -> Self::Result {
         self.change_queue(msg, ctx)
+    }
+}
+
+/// A reload: the next rounds use the new configuration (retries, limits,
+/// smarthost, timeouts, resolver); rounds under way finish with theirs.
+impl Handler<Reconfigure> for Delivery {
+    type Result = ();
+
+    fn handle(&mut self, msg: Reconfigure, _: &mut Context<Self>) {
+        self.attempt = Arc::new(attempt::Attempt::new(msg.0.clone()));
+        self.config = msg.0;
     }
 }
 
