@@ -60,6 +60,45 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub mailbox: MailboxConfig,
+    /// Message histories (`postino trace ID`).
+    #[serde(default)]
+    pub trace: TraceConfig,
+}
+
+/// How long and how much of each message's history is kept (`[trace]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TraceConfig {
+    /// Events older than this are dropped (hourly).
+    #[serde(default = "default_trace_keep", with = "humantime_serde")]
+    pub keep: Duration,
+    /// Most events kept per message (0: no history); the last one kept
+    /// says that later ones were dropped.
+    #[serde(default = "default_max_events_per_message")]
+    pub max_events_per_message: u64,
+}
+
+impl Default for TraceConfig {
+    fn default() -> Self {
+        from_empty_table()
+    }
+}
+
+impl TraceConfig {
+    /// The limits the store applies.
+    pub fn limits(&self) -> crate::store::TraceLimits {
+        crate::store::TraceLimits {
+            keep: self.keep,
+            max_events_per_message: self.max_events_per_message,
+        }
+    }
+}
+
+fn default_trace_keep() -> Duration {
+    crate::store::DEFAULT_TRACE_KEEP
+}
+fn default_max_events_per_message() -> u64 {
+    crate::store::DEFAULT_MAX_EVENTS_PER_MESSAGE
 }
 
 /// Mailbox quotas, as Dovecot's quota plugin with `quota_full_tempfail =

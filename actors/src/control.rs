@@ -102,6 +102,12 @@ pub enum Request {
         address: String,
         password: Secret,
     },
+    /// A message's history (`postino trace ID [--json]`, `crate::history`).
+    Trace {
+        id: String,
+        #[serde(default)]
+        json: bool,
+    },
     // Sets a store failpoint (`postino_core::failpoints`); refused unless
     // the build has the `failpoints` feature, which only the tests use.
     Failpoint {
@@ -290,7 +296,7 @@ fn queue_lines(changed: &QueueChanged) -> Vec<String> {
 fn changes_store(request: &Request) -> bool {
     !matches!(
         request,
-        Request::Failpoint { .. } | Request::Who | Request::Kick { .. }
+        Request::Failpoint { .. } | Request::Who | Request::Kick { .. } | Request::Trace { .. }
     )
 }
 
@@ -343,6 +349,7 @@ pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
         return Response::Error(e);
     }
     let result = match request {
+        Request::Trace { id, json } => return crate::history::answer(store, &id, json),
         Request::UserAdd {
             address,
             password,

@@ -25,6 +25,7 @@
 //!   the JSON API), a thin translation onto [`control::answer`].
 //! - [`sessions`]: the live POP3 sessions, for `who` and `kick`.
 //! - [`inspect`]: `route explain`, `mailbox stats`, `auth test` answers.
+//! - [`history`]: `postino trace ID`, a message's history in words or JSON.
 //! - [`io`], [`tls`]: sockets, buffers, rustls.
 //!
 //! # Replacing the router
@@ -40,6 +41,7 @@ pub mod bounce;
 pub mod control;
 pub mod delivery;
 pub mod dispatch;
+pub mod history;
 pub mod inspect;
 pub mod intake;
 pub mod io;

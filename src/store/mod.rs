@@ -12,6 +12,7 @@
 //! - `space`: free-space reserve, ballast file, monitor thread.
 //! - `rejected`: messages answered 4xx after they were written.
 //! - `backup`: `check`, `export` and `import` for the offline tools.
+//! - `trace`: each message's history (`postino trace ID`).
 //!
 //! # Durability
 //!
@@ -97,6 +98,7 @@
 //! | `schedule` | next attempt BE ++ id BE | empty: index of the queue by due time |
 //! | `usage` | mailbox | messages BE ++ octets BE, kept with every mailbox change |
 //! | `quotas` | address | a user's own quota in octets BE (`u64::MAX`: unlimited) |
+//! | `trace` | id BE ++ sequence BE | [`TraceEvent`]: one event of a message's history |
 //!
 //! Content references: the inbound record holds one from [`Store::spool`]
 //! until [`Store::finish_inbound`]; each mailbox entry and each queue entry
@@ -123,6 +125,7 @@ mod queue;
 mod quota;
 mod rejected;
 mod space;
+mod trace;
 mod users;
 
 #[cfg(test)]
@@ -153,6 +156,9 @@ pub use compact::Compacted;
 pub use mail::{LocalDelivery, MailEntry};
 pub use queue::{DeliveryDiagnostic, Notice, QueueEntry, QueueRecipient, RecipientState};
 pub use quota::{QuotaSetting, Usage};
+pub use trace::{
+    TraceEvent, TraceKind, TraceLimits, DEFAULT_MAX_EVENTS_PER_MESSAGE, DEFAULT_TRACE_KEEP,
+};
 pub use users::PasswordScratch;
 
 /// Version of the on-disk layout; bincode records are not self-describing,
@@ -262,6 +268,9 @@ struct Inner {
     schedule: sled::Tree,
     usage: sled::Tree,
     quotas: sled::Tree,
+    /// Message histories (`trace.rs`) and the limits they are kept within.
+    trace: sled::Tree,
+    trace_limits: trace::Limits,
     /// `[mailbox]` quotas, once [`Store::set_quota_policy`] set them.
     quota_policy: std::sync::OnceLock<quota::QuotaPolicy>,
     /// Writers that add a schedule key before its queue entry (not in one
@@ -433,6 +442,8 @@ impl Store {
             schedule: db.open_tree("schedule")?,
             usage: db.open_tree("usage")?,
             quotas: db.open_tree("quotas")?,
+            trace: db.open_tree("trace")?,
+            trace_limits: trace::Limits::default(),
             quota_policy: std::sync::OnceLock::new(),
             queue_writes: std::sync::RwLock::new(()),
             auth_cache: std::sync::OnceLock::new(),
