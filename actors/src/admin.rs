@@ -355,7 +355,7 @@ async fn trace(state: web::Data<State>, id: web::Path<String>) -> HttpResponse {
             crate::history::not_found(id),
         ),
         Ok(Ok(events)) => {
-            HttpResponse::Ok().json(serde_json::json!({ "id": id.0, "events": events }))
+            HttpResponse::Ok().json(serde_json::json!({ "id": id.to_string(), "events": events }))
         }
         Ok(Err(e)) => store_failure(e),
         Err(r) => r,
