@@ -1028,6 +1028,21 @@ mod tests {
     }
 
     #[test]
+    fn trace_settings_parse_and_bad_keep_names_key_and_line() {
+        let c = parse("").unwrap();
+        assert_eq!(c.trace.keep, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(c.trace.max_events_per_message, 100);
+        let c = parse("[trace]\nkeep = \"1d\"\nmax_events_per_message = 5\n").unwrap();
+        assert_eq!(c.trace.limits().keep, Duration::from_secs(24 * 3600));
+        assert_eq!(c.trace.limits().max_events_per_message, 5);
+        let err = parse("\n[trace]\nkeep = \"a week\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("test.toml:3"), "{err}");
+        assert!(err.contains("trace.keep"), "{err}");
+    }
+
+    #[test]
     fn bad_type_names_key_and_line() {
         let err = parse("\n[smtp]\nmax_message_size = \"big\"\n")
             .unwrap_err()
