@@ -82,6 +82,8 @@ pub fn line(event: &TraceEvent) -> String {
         TraceKind::About { original } => format!("notification about message {original}"),
         TraceKind::Dequeued => "removed from the queue".to_owned(),
         TraceKind::Truncated => "later events dropped ([trace] max_events_per_message)".to_owned(),
+        TraceKind::Retrieved { mailbox } => format!("retrieved over POP3 from {mailbox}"),
+        TraceKind::Deleted { mailbox } => format!("deleted over POP3 from {mailbox}"),
     };
     format!("{}  {what}", time(event.at))
 }

@@ -108,6 +108,10 @@ pub enum TraceKind {
     Dequeued,
     /// [`TraceLimits::max_events_per_message`] reached: later events dropped.
     Truncated,
+    /// Read by a POP3 client from this mailbox (`RETR`).
+    Retrieved { mailbox: String },
+    /// Deleted from this mailbox by a POP3 client (`DELE`, then `QUIT`).
+    Deleted { mailbox: String },
 }
 
 fn key(id: MessageId, seq: u64) -> [u8; 16] {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::smtp_local::{pop_all, Popped};
 use crate::support::dns::{Dnsmasq, Zone};
 use crate::support::mx::{RawServer, Sink, SinkOptions};
-use crate::support::server::{config_text, Raw, TestServer};
+use crate::support::server::{config_text, python, Raw, TestServer};
 use crate::support::{free_tcp_port, unique_loopback, wait_until};
 
 /// Longest wait for anything in these tests.
@@ -1174,6 +1174,28 @@ fn trace_shows_a_messages_history_in_order() {
     let sink = Sink::start(ip, port, &SinkOptions::default());
     relay.wait_line(&["removed from queue", &format!("id={id}")]);
     assert_eq!(wait_messages(&sink, 1).len(), 1);
+    // Alice reads and deletes her copy.
+    let popped = python(
+        r#"
+import poplib, sys
+p = poplib.POP3(sys.argv[1], int(sys.argv[2]), timeout=20)
+p.user(sys.argv[3])
+p.pass_(sys.argv[4])
+n = len(p.list()[1])
+for i in range(1, n + 1):
+    p.retr(i)
+    p.dele(i)
+p.quit()
+print(n)
+"#,
+        &[
+            &relay.server.pop3.ip().to_string(),
+            &relay.server.pop3.port().to_string(),
+            "alice@example.test",
+            "pw",
+        ],
+    );
+    assert_eq!(popped.trim(), "1");
 
     let (ok, out, err) = trace(&relay.server, &[&id]);
     assert!(ok, "{out}{err}");
@@ -1221,7 +1243,19 @@ fn trace_shows_a_messages_history_in_order() {
         ],
         &out,
     );
-    line_index(&lines, second, &["removed from the queue"], &out);
+    let dequeued = line_index(&lines, second, &["removed from the queue"], &out);
+    let read = line_index(
+        &lines,
+        dequeued,
+        &["retrieved over POP3 from alice@example.test"],
+        &out,
+    );
+    line_index(
+        &lines,
+        read,
+        &["deleted over POP3 from alice@example.test"],
+        &out,
+    );
     // Human times: RFC 3339, not Unix seconds.
     assert!(
         lines[0].starts_with("20") && lines[0].contains('T'),
