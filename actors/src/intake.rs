@@ -367,6 +367,59 @@ mod tests {
     }
 
     #[actix_rt::test]
+    async fn received_records_the_client_then_each_route_with_its_reason() {
+        let f = fixture();
+        let e = envelope(
+            &f.store,
+            vec![
+                (
+                    "al@localhost",
+                    Route::Deliver(vec![mailbox("alice@localhost")]),
+                ),
+                (
+                    "gone@localhost",
+                    Route::Bounce {
+                        status: "5.1.1".into(),
+                        reason: "no such user".into(),
+                    },
+                ),
+            ],
+        );
+        let tls = (Some("TLSv1_3".to_owned()), Some("AES_256".to_owned()));
+        f.intake
+            .received(&e, (&tls.0, &tls.1), &Some("bob".into()), &None);
+        let got: Vec<TraceKind> = f
+            .store
+            .history(e.id)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.what)
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                TraceKind::Received {
+                    client: "127.0.0.1".into(),
+                    helo: "client.test".into(),
+                    sender: Some("bob@remote.test".into()),
+                    size: 7,
+                    tls: Some("TLSv1_3 AES_256".into()),
+                    auth: Some("bob".into()),
+                    message_id: None,
+                },
+                TraceKind::Routed {
+                    recipient: "al@localhost".into(),
+                    route: "local mailbox alice@localhost (alias al@localhost)".into(),
+                },
+                TraceKind::Routed {
+                    recipient: "gone@localhost".into(),
+                    route: "bounce: 5.1.1 no such user".into(),
+                },
+            ]
+        );
+    }
+
+    #[actix_rt::test]
     async fn remote_only_mail_is_queued_and_announced_once_with_its_content() {
         let f = fixture();
         let e = envelope(
