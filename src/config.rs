@@ -72,6 +72,45 @@ pub struct Config {
     /// `[mailbox]`: quotas.
     #[serde(default)]
     pub mailbox: MailboxConfig,
+    /// Message histories (`postino trace ID`).
+    #[serde(default)]
+    pub trace: TraceConfig,
+}
+
+/// How long and how much of each message's history is kept (`[trace]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TraceConfig {
+    /// Events older than this are dropped (hourly).
+    #[serde(default = "default_trace_keep", with = "humantime_serde")]
+    pub keep: Duration,
+    /// Most events kept per message (0: no history); the last one kept
+    /// says that later ones were dropped.
+    #[serde(default = "default_max_events_per_message")]
+    pub max_events_per_message: u64,
+}
+
+impl Default for TraceConfig {
+    fn default() -> Self {
+        from_empty_table()
+    }
+}
+
+impl TraceConfig {
+    /// The limits the store applies.
+    pub fn limits(&self) -> crate::store::TraceLimits {
+        crate::store::TraceLimits {
+            keep: self.keep,
+            max_events_per_message: self.max_events_per_message,
+        }
+    }
+}
+
+fn default_trace_keep() -> Duration {
+    crate::store::DEFAULT_TRACE_KEEP
+}
+fn default_max_events_per_message() -> u64 {
+    crate::store::DEFAULT_MAX_EVENTS_PER_MESSAGE
 }
 
 /// Mailbox quotas, as Dovecot's quota plugin with `quota_full_tempfail =
@@ -1031,6 +1070,21 @@ mod tests {
             .to_string();
         assert!(err.contains("test.toml:3"), "{err}");
         assert!(err.contains("log.format"), "{err}");
+    }
+
+    #[test]
+    fn trace_settings_parse_and_bad_keep_names_key_and_line() {
+        let c = parse("").unwrap();
+        assert_eq!(c.trace.keep, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(c.trace.max_events_per_message, 100);
+        let c = parse("[trace]\nkeep = \"1d\"\nmax_events_per_message = 5\n").unwrap();
+        assert_eq!(c.trace.limits().keep, Duration::from_secs(24 * 3600));
+        assert_eq!(c.trace.limits().max_events_per_message, 5);
+        let err = parse("\n[trace]\nkeep = \"a week\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("test.toml:3"), "{err}");
+        assert!(err.contains("trace.keep"), "{err}");
     }
 
     #[test]

@@ -80,6 +80,7 @@ pub fn serve(addr: SocketAddr, live: Live) -> std::io::Result<Admin> {
             .route("/api/queue/{id}", web::get().to(queue_show))
             .route("/api/queue/{id}", web::delete().to(queue_delete))
             .route("/api/queue/{id}/bounce", web::post().to(queue_bounce))
+            .route("/api/trace/{id}", web::get().to(trace))
             .route("/api/users", web::get().to(users))
             .route("/api/users/{address}/mailbox", web::get().to(mailbox))
             .route("/api/aliases", web::get().to(aliases))
@@ -338,6 +339,26 @@ async fn queue_show(state: web::Data<State>, id: web::Path<String>) -> HttpRespo
             actix_web::http::StatusCode::NOT_FOUND,
             format!("no queued message {id}"),
         ),
+        Ok(Err(e)) => store_failure(e),
+        Err(r) => r,
+    }
+}
+
+/// `GET /api/trace/ID`: the message's history as `{"id", "events"}`.
+async fn trace(state: web::Data<State>, id: web::Path<String>) -> HttpResponse {
+    let id = match control::parse_id(&id) {
+        Ok(id) => id,
+        Err(e) => return bad_request(e),
+    };
+    let store = state.live.store.clone();
+    match blocking(move || store.history(id)).await {
+        Ok(Ok(events)) if events.is_empty() => error(
+            actix_web::http::StatusCode::NOT_FOUND,
+            crate::history::not_found(id),
+        ),
+        Ok(Ok(events)) => {
+            HttpResponse::Ok().json(serde_json::json!({ "id": id.to_string(), "events": events }))
+        }
         Ok(Err(e)) => store_failure(e),
         Err(r) => r,
     }

@@ -8,8 +8,8 @@ use postino_core::dsn::{self, RecipientStatus};
 use postino_core::logsafe::escape;
 use postino_core::message::{now_unix, Recipient as Rcpt};
 use postino_core::routing::{self, DirectoryError};
-use postino_core::store::{Notice, StoreError};
-use postino_core::{Address, Config, Envelope, Store};
+use postino_core::store::{Notice, StoreError, TraceKind};
+use postino_core::{Address, Config, Envelope, MessageId, Store};
 use tracing::{info, warn};
 
 /// Spools a bounce for `failed` recipients of `envelope` and returns its
@@ -66,7 +66,24 @@ pub fn bounce_to(
         store.spool(&bounce, &content)?;
     }
     info!(id = %bounce.id, orig_id = %envelope.id, to = %escape(to), kind = ?kind, "notification created");
+    trace_notice(store, envelope.id, &bounce, kind);
     Ok(Some(bounce))
+}
+
+/// Links a notification and the message it is about in both histories
+/// (`postino trace`), and records where the notification goes.
+pub fn trace_notice(store: &Store, original: MessageId, notice: &Envelope, kind: dsn::Kind) {
+    let to = notice.recipients.first().map(|r| r.address.clone());
+    store.trace(
+        original,
+        TraceKind::Notified {
+            notification: notice.id,
+            kind: format!("{kind:?}").to_ascii_lowercase(),
+            to: to.unwrap_or_default(),
+        },
+    );
+    store.trace(notice.id, TraceKind::About { original });
+    crate::intake::trace_routes(store, notice);
 }
 
 /// The store error behind a failed lookup in the store (the store's

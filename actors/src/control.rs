@@ -110,6 +110,14 @@ pub enum Request {
     /// Listings, `cat` and bulk actions (`queue_tools.rs`), answered in
     /// chunks: `Response::More` lines, then the last `Response::Ok`.
     Queue(QueueRequest),
+    /// A message's history (`postino trace ID [--json]`, `crate::history`).
+    Trace {
+        /// The queue id.
+        id: String,
+        /// JSON instead of words.
+        #[serde(default)]
+        json: bool,
+    },
     // Sets a store failpoint (`postino_core::failpoints`); refused unless
     // the build has the `failpoints` feature, which only the tests use.
     Failpoint {
@@ -453,7 +461,11 @@ fn reload(live: &Live) -> Response {
 fn changes_store(request: &Request) -> bool {
     !matches!(
         request,
-        Request::Failpoint { .. } | Request::Who | Request::Kick { .. } | Request::Reload
+        Request::Failpoint { .. }
+            | Request::Who
+            | Request::Kick { .. }
+            | Request::Reload
+            | Request::Trace { .. }
     )
 }
 
@@ -519,6 +531,7 @@ pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
         return Response::Error(e);
     }
     let result = match request {
+        Request::Trace { id, json } => return crate::history::answer(store, &id, json),
         Request::UserAdd {
             address,
             password,

@@ -24,7 +24,8 @@
 
 use actix::prelude::*;
 use bytes::Bytes;
-use postino_core::store::StoreError;
+use postino_core::routing::{Route, Target};
+use postino_core::store::{StoreError, TraceKind};
 use postino_core::{Envelope, MessageId, Store};
 use tracing::{debug, warn};
 
@@ -149,6 +150,37 @@ impl Intake {
         Ok(())
     }
 
+    /// Records that `envelope` was received (the client, its HELO, TLS,
+    /// login and `Message-ID:` as the SMTP session knows them) and where
+    /// each recipient goes, in the message's history (`postino trace`).
+    /// Called once the message is durable (from the `durable` hook of
+    /// [`Intake::accept`]); plain inserts that ride the next group commit.
+    pub fn received(
+        &self,
+        envelope: &Envelope,
+        tls: (&Option<String>, &Option<String>),
+        auth: &Option<String>,
+        message_id: &Option<String>,
+    ) {
+        let tls = match tls {
+            (Some(protocol), Some(cipher)) => Some(format!("{protocol} {cipher}")),
+            (protocol, cipher) => protocol.clone().or_else(|| cipher.clone()),
+        };
+        self.store.trace(
+            envelope.id,
+            TraceKind::Received {
+                client: envelope.client.clone(),
+                helo: envelope.helo.clone(),
+                sender: envelope.sender.clone(),
+                size: envelope.size,
+                tls,
+                auth: auth.clone(),
+                message_id: message_id.clone(),
+            },
+        );
+        trace_routes(&self.store, envelope);
+    }
+
     /// Asks the delivery actor to try a queued message now. Not awaited:
     /// the queue has it, and a queue run tries it if this is dropped. A full
     /// mailbox drops it rather than growing without bound (network input).
@@ -161,6 +193,43 @@ impl Intake {
             // Stopping: the queue has it for the next start.
             Err(SendError::Closed(_)) => debug!(%id, "delivery actor stopped"),
         }
+    }
+}
+
+/// Records in `envelope`'s history where each recipient goes and why.
+pub fn trace_routes(store: &Store, envelope: &Envelope) {
+    for r in &envelope.recipients {
+        store.trace(
+            envelope.id,
+            TraceKind::Routed {
+                recipient: r.address.clone(),
+                route: route_text(&r.address, &r.route),
+            },
+        );
+    }
+}
+
+/// A route in words: `local mailbox a@x`, `alias of b@x` when a mailbox
+/// differs from the recipient, `relay to remote a@y`, `bounce: 5.1.1 …`.
+fn route_text(recipient: &str, route: &Route) -> String {
+    match route {
+        Route::Deliver(targets) => targets
+            .iter()
+            .map(|t| match t {
+                Target::Mailbox {
+                    mailbox,
+                    original: Some(original),
+                } => format!("local mailbox {mailbox} (redirected from {original})"),
+                Target::Mailbox { mailbox, .. } if !mailbox.eq_ignore_ascii_case(recipient) => {
+                    format!("local mailbox {mailbox} (alias {recipient})")
+                }
+                Target::Mailbox { mailbox, .. } => format!("local mailbox {mailbox}"),
+                Target::Remote { address } => format!("queued for relay to {address}"),
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        Route::Bounce { status, reason } => format!("bounce: {status} {reason}"),
+        Route::Reject(reply) => format!("rejected: {reply}"),
     }
 }
 
@@ -299,6 +368,59 @@ mod tests {
         assert!(f.store.inbound().unwrap().is_empty(), "never spooled");
         assert!(f.store.queue_entry(id).unwrap().is_none());
         assert!(sent(&f, 1).await.is_empty(), "nothing for delivery");
+    }
+
+    #[actix_rt::test]
+    async fn received_records_the_client_then_each_route_with_its_reason() {
+        let f = fixture();
+        let e = envelope(
+            &f.store,
+            vec![
+                (
+                    "al@localhost",
+                    Route::Deliver(vec![mailbox("alice@localhost")]),
+                ),
+                (
+                    "gone@localhost",
+                    Route::Bounce {
+                        status: "5.1.1".into(),
+                        reason: "no such user".into(),
+                    },
+                ),
+            ],
+        );
+        let tls = (Some("TLSv1_3".to_owned()), Some("AES_256".to_owned()));
+        f.intake
+            .received(&e, (&tls.0, &tls.1), &Some("bob".into()), &None);
+        let got: Vec<TraceKind> = f
+            .store
+            .history(e.id)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.what)
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                TraceKind::Received {
+                    client: "127.0.0.1".into(),
+                    helo: "client.test".into(),
+                    sender: Some("bob@remote.test".into()),
+                    size: 7,
+                    tls: Some("TLSv1_3 AES_256".into()),
+                    auth: Some("bob".into()),
+                    message_id: None,
+                },
+                TraceKind::Routed {
+                    recipient: "al@localhost".into(),
+                    route: "local mailbox alice@localhost (alias al@localhost)".into(),
+                },
+                TraceKind::Routed {
+                    recipient: "gone@localhost".into(),
+                    route: "bounce: 5.1.1 no such user".into(),
+                },
+            ]
+        );
     }
 
     #[actix_rt::test]

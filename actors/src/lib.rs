@@ -28,6 +28,7 @@
 //! - [`queue_tools`]: queue listings, filters and bulk actions behind it.
 //! - [`reload`]: the swappable configuration in use ([`LiveConfig`]) and
 //!   its reload (SIGHUP, `postino reload`, [`Server::reload`]).
+//! - [`history`]: `postino trace ID`, a message's history in words or JSON.
 //! - [`io`], [`tls`]: sockets, buffers, rustls.
 //! - [`policy`]: the embedder's [`Policy`]: a typed decision at connect,
 //!   HELO/EHLO, MAIL, RCPT and end of DATA.
@@ -53,6 +54,7 @@ pub mod control;
 #[allow(missing_docs)] // Still to document: the queue's messages and the SMTP client's items.
 pub mod delivery;
 pub mod dispatch;
+pub mod history;
 pub mod inspect;
 pub mod intake;
 pub mod io;

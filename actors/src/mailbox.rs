@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use actix::prelude::*;
 use postino_core::logsafe::escape;
-use postino_core::store::{LocalDelivery, MailEntry, StoreError};
+use postino_core::store::{LocalDelivery, MailEntry, StoreError, TraceKind};
 use postino_core::{MessageId, Store};
 use tracing::info;
 
@@ -142,6 +142,11 @@ impl Handler<Expunge> for Mailbox {
         self.locks.remove(&msg.mailbox);
         let deleted = result?;
         info!(mailbox = %escape(&msg.mailbox), deleted, "pop3 expunge");
+        // A mailbox entry's key is its message's id.
+        for &key in &msg.keys {
+            let mailbox = msg.mailbox.clone();
+            (self.store).trace(MessageId(key), TraceKind::Deleted { mailbox });
+        }
         Ok(())
     }
 }

@@ -305,6 +305,7 @@ impl ServerBuilder {
         let store = Store::open_configured(&config.data_dir, &config.store)?;
         store.remember_logins(config.auth.cache_ttl, config.auth.cache_size);
         store.set_quota_policy(config.mailbox.quota, config.mailbox.quota_warning);
+        store.set_trace_limits(config.trace.limits());
         store.watch_space(config.min_free())?;
         let tls = TlsSlot::new(config.tls.as_ref().map(crate::tls::acceptor).transpose()?);
 

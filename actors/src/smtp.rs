@@ -555,6 +555,12 @@ impl SmtpConnection {
         let shared = self.shared.clone();
         let fut = async move {
             let logged = |envelope: &Envelope| {
+                (shared.intake).received(
+                    envelope,
+                    (&tls_protocol, &tls_cipher),
+                    &sasl_username,
+                    &message_id,
+                );
                 info!(
                     %id,
                     from = %escape(&envelope.sender_display()),

@@ -56,6 +56,15 @@ enum Command {
     /// Inspect and act on the remote delivery queue.
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// Show a message's history: received, routes, delivery attempts,
+    /// notifications (kept for `[trace] keep`); exit status 1 if none.
+    Trace {
+        /// The message id (`queued as ID`, `postino queue list`).
+        id: String,
+        /// One line: the events as a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the live POP3 sessions of the running server: id, user, since, client.
     Who,
     /// End POP3 sessions of the running server without QUIT (nothing they
@@ -480,6 +489,9 @@ fn main() -> ExitCode {
             Request::Queue(request) => run_queue(&config, config_file.as_deref(), request),
             request => run_control(&config, config_file.as_deref(), request),
         },
+        Command::Trace { id, json } => {
+            run_control(&config, config_file.as_deref(), Request::Trace { id, json })
+        }
         Command::Who => run_control(&config, config_file.as_deref(), Request::Who),
         Command::Reload => run_control(&config, config_file.as_deref(), Request::Reload),
         Command::Kick { target } => {

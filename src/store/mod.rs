@@ -12,6 +12,7 @@
 //! - `space`: free-space reserve, ballast file, monitor thread.
 //! - `rejected`: messages answered 4xx after they were written.
 //! - `backup`: `check`, `export` and `import` for the offline tools.
+//! - `trace`: each message's history (`postino trace ID`).
 //!
 //! # Durability
 //!
@@ -98,6 +99,7 @@
 //! | `held` | id BE | unix seconds BE when the entry was put on hold (`hold.rs`) |
 //! | `usage` | mailbox | messages BE ++ octets BE, kept with every mailbox change |
 //! | `quotas` | address | a user's own quota in octets BE (`u64::MAX`: unlimited) |
+//! | `trace` | id BE ++ sequence BE | [`TraceEvent`]: one event of a message's history |
 //!
 //! Content references: the inbound record holds one from [`Store::spool`]
 //! until [`Store::finish_inbound`]; each mailbox entry and each queue entry
@@ -126,6 +128,7 @@ mod queue;
 mod quota;
 mod rejected;
 mod space;
+mod trace;
 mod users;
 
 #[cfg(test)]
@@ -157,6 +160,9 @@ pub use hold::{QueueItem, Rescheduled};
 pub use mail::{LocalDelivery, MailEntry};
 pub use queue::{DeliveryDiagnostic, Notice, QueueEntry, QueueRecipient, RecipientState};
 pub use quota::{QuotaSetting, Usage};
+pub use trace::{
+    TraceEvent, TraceKind, TraceLimits, DEFAULT_MAX_EVENTS_PER_MESSAGE, DEFAULT_TRACE_KEEP,
+};
 pub use users::PasswordScratch;
 
 /// Version of the on-disk layout; bincode records are not self-describing,
@@ -271,6 +277,9 @@ struct Inner {
     schedule: sled::Tree,
     usage: sled::Tree,
     quotas: sled::Tree,
+    /// Message histories (`trace.rs`) and the limits they are kept within.
+    trace: sled::Tree,
+    trace_limits: trace::Limits,
     /// `[mailbox]` quotas, once [`Store::set_quota_policy`] set them.
     quota_policy: std::sync::OnceLock<quota::QuotaPolicy>,
     /// Queue entries on hold (`hold.rs`).
@@ -466,6 +475,8 @@ impl Store {
             schedule: db.open_tree("schedule")?,
             usage: db.open_tree("usage")?,
             quotas: db.open_tree("quotas")?,
+            trace: db.open_tree("trace")?,
+            trace_limits: trace::Limits::default(),
             quota_policy: std::sync::OnceLock::new(),
             held: db.open_tree("held")?,
             queue_writes: std::sync::RwLock::new(()),

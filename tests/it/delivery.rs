@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::smtp_local::{pop_all, Popped};
 use crate::support::dns::{Dnsmasq, Zone};
 use crate::support::mx::{RawServer, Sink, SinkOptions};
-use crate::support::server::{config_text, Raw, TestServer};
+use crate::support::server::{config_text, python, Raw, TestServer};
 use crate::support::{free_tcp_port, unique_loopback, wait_until};
 
 /// Longest wait for anything in these tests.
@@ -1119,4 +1119,260 @@ fn smarthost_credentials_stay_away_from_mx_hosts() {
     assert_eq!(got[0].auth, None);
     relay.wait_line(&["removed from queue", &format!("id={id}")]);
     relay.wait_line(&["smarthost_auth is set without routing.smarthost"]);
+}
+
+/// `postino trace ID`, run against the live server (or, with `offline`,
+/// after it stopped): (exit success, stdout, stderr).
+fn trace(server: &TestServer, args: &[&str]) -> (bool, String, String) {
+    let mut all = vec!["trace"];
+    all.extend_from_slice(args);
+    let out = server.cli(&all, "");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The index of the first line at or after `from` holding every part.
+fn line_index(lines: &[&str], from: usize, parts: &[&str], all: &str) -> usize {
+    lines
+        .iter()
+        .enumerate()
+        .skip(from)
+        .find(|(_, l)| parts.iter().all(|p| l.contains(p)))
+        .map(|(i, _)| i)
+        .unwrap_or_else(|| panic!("no line with {parts:?} after line {from} in\n{all}"))
+}
+
+/// A message to a local and a remote recipient, the remote deferred once
+/// and then delivered: its history shows, in order, how it came in, both
+/// routes, both attempts with the exchanger and its reply, and its leaving
+/// the queue; the same as JSON from the CLI and from the admin API; and
+/// offline once the server stopped.
+#[test]
+fn trace_shows_a_messages_history_in_order() {
+    let [ip] = loopbacks();
+    let port = free_tcp_port(&[ip]);
+    let busy = Sink::start(
+        ip,
+        port,
+        &SinkOptions {
+            rcpt: vec![(
+                "frank@later.test".into(),
+                "451 4.3.0 mailbox busy, try again".into(),
+            )],
+            ..SinkOptions::default()
+        },
+    );
+    // The admin listener rides in after the [delivery] lines.
+    let mut relay = Relay::start(
+        &Zone::new("test")
+            .mx("later.test", "mx.later.test", 10)
+            .a("mx.later.test", ip),
+        port,
+        "retry = [\"1s\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let id = relay.send(&["alice@example.test", "frank@later.test"], "history");
+    relay.wait_line(&[&format!("id={id}"), "status=deferred", "attempt=1 "]);
+    drop(busy);
+    let sink = Sink::start(ip, port, &SinkOptions::default());
+    relay.wait_line(&["removed from queue", &format!("id={id}")]);
+    assert_eq!(wait_messages(&sink, 1).len(), 1);
+    // Alice reads and deletes her copy.
+    let popped = python(
+        r#"
+import poplib, sys
+p = poplib.POP3(sys.argv[1], int(sys.argv[2]), timeout=20)
+p.user(sys.argv[3])
+p.pass_(sys.argv[4])
+n = len(p.list()[1])
+for i in range(1, n + 1):
+    p.retr(i)
+    p.dele(i)
+p.quit()
+print(n)
+"#,
+        &[
+            &relay.server.pop3.ip().to_string(),
+            &relay.server.pop3.port().to_string(),
+            "alice@example.test",
+            "pw",
+        ],
+    );
+    assert_eq!(popped.trim(), "1");
+
+    let (ok, out, err) = trace(&relay.server, &[&id]);
+    assert!(ok, "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    let relay_host = format!("relay=mx.later.test[{ip}]:{port}");
+    let received = line_index(
+        &lines,
+        0,
+        &["received from 127.0.0.1 (HELO client.test) <alice@example.test>"],
+        &out,
+    );
+    assert_eq!(received, 0, "{out}");
+    let local = line_index(
+        &lines,
+        received,
+        &["route <alice@example.test>: local mailbox alice@example.test"],
+        &out,
+    );
+    let remote = line_index(
+        &lines,
+        local,
+        &["route <frank@later.test>: queued for relay to frank@later.test"],
+        &out,
+    );
+    let first = line_index(
+        &lines,
+        remote,
+        &[
+            "attempt <frank@later.test>",
+            &relay_host,
+            "status=deferred",
+            "451 4.3.0 mailbox busy, try again",
+        ],
+        &out,
+    );
+    let deferred = line_index(&lines, first, &["deferred; next attempt 20"], &out);
+    let second = line_index(
+        &lines,
+        deferred,
+        &[
+            "attempt <frank@later.test>",
+            &relay_host,
+            "status=sent",
+            "250",
+        ],
+        &out,
+    );
+    let dequeued = line_index(&lines, second, &["removed from the queue"], &out);
+    let read = line_index(
+        &lines,
+        dequeued,
+        &["retrieved over POP3 from alice@example.test"],
+        &out,
+    );
+    line_index(
+        &lines,
+        read,
+        &["deleted over POP3 from alice@example.test"],
+        &out,
+    );
+    // Human times: RFC 3339, not Unix seconds.
+    assert!(
+        lines[0].starts_with("20") && lines[0].contains('T'),
+        "{out}"
+    );
+
+    let (ok, out, err) = trace(&relay.server, &[&id, "--json"]);
+    assert!(ok, "{out}{err}");
+    let events: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON");
+    let events = events.as_array().expect("an array");
+    assert_eq!(events.len(), lines.len(), "{out}");
+    assert_eq!(events[0]["what"]["Received"]["helo"], "client.test");
+    assert_eq!(events[0]["what"]["Received"]["client"], "127.0.0.1");
+
+    let admin = relay.server.admin.expect("admin listener");
+    let got = std::process::Command::new("curl")
+        .args(["-sS", "--fail", "--max-time", "20"])
+        .arg(format!("http://{admin}/api/trace/{id}"))
+        .output()
+        .expect("run curl");
+    assert!(got.status.success(), "{got:?}");
+    let body: serde_json::Value = serde_json::from_slice(&got.stdout).expect("JSON");
+    assert_eq!(body["id"], id.as_str());
+    assert_eq!(body["events"].as_array().map(Vec::len), Some(lines.len()));
+    let missing = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "20",
+        ])
+        .arg(format!("http://{admin}/api/trace/999999999"))
+        .output()
+        .expect("run curl");
+    assert_eq!(String::from_utf8_lossy(&missing.stdout), "404");
+
+    // Unknown ids fail, online and offline; the history is read offline too.
+    let (ok, _, err) = trace(&relay.server, &["999999999"]);
+    assert!(
+        !ok && err.contains("no history of message 0999999999"),
+        "{err}"
+    );
+    assert_eq!(relay.server.terminate(), Some(0));
+    let (ok, offline, err) = trace(&relay.server, &[&id]);
+    assert!(ok, "{offline}{err}");
+    assert_eq!(offline.lines().count(), lines.len(), "{offline}");
+    let (ok, _, _) = trace(&relay.server, &["999999999"]);
+    assert!(!ok);
+}
+
+/// A remote user refused for good: the message's history names the
+/// bounce's id, and the bounce's history links back to the message.
+#[test]
+fn trace_links_a_bounce_and_its_message_both_ways() {
+    let [ip] = loopbacks();
+    let port = free_tcp_port(&[ip]);
+    let _sink = Sink::start(
+        ip,
+        port,
+        &SinkOptions {
+            rcpt: vec![(
+                "nobody@perm.test".into(),
+                "550 5.1.1 <nobody@perm.test>: User unknown".into(),
+            )],
+            ..SinkOptions::default()
+        },
+    );
+    let relay = Relay::start(
+        &Zone::new("test")
+            .mx("perm.test", "mx.perm.test", 10)
+            .a("mx.perm.test", ip),
+        port,
+        r#"retry = ["1h"]"#,
+    );
+    let id = relay.send(&["nobody@perm.test"], "to nobody");
+    let bounce = relay.wait_notice(&id);
+    relay.wait_line(&["removed from queue", &format!("id={id}")]);
+
+    let (ok, out, err) = trace(&relay.server, &[&id]);
+    assert!(ok, "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    let attempt = line_index(
+        &lines,
+        0,
+        &["attempt <nobody@perm.test>", "status=bounced", "550 5.1.1"],
+        &out,
+    );
+    line_index(
+        &lines,
+        attempt,
+        &[&format!(
+            "failure notification {bounce} to <alice@example.test>"
+        )],
+        &out,
+    );
+
+    let (ok, out, err) = trace(&relay.server, &[&bounce]);
+    assert!(ok, "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    let about = line_index(
+        &lines,
+        0,
+        &[&format!("notification about message {id}")],
+        &out,
+    );
+    line_index(
+        &lines,
+        about,
+        &["route <alice@example.test>: local mailbox alice@example.test"],
+        &out,
+    );
 }

@@ -50,12 +50,13 @@ use postino_core::logsafe::escape;
 use postino_core::message::now_unix;
 use postino_core::store::{
     DeliveryDiagnostic, Durable, Notice, QueueEntry, QueueRecipient, RecipientState, StoreError,
+    TraceKind,
 };
 use postino_core::{Config, Envelope, MessageId, Store};
 use tokio::sync::Semaphore;
 use tracing::{debug, error, info, warn};
 
-use crate::bounce::notification;
+use crate::bounce::{notification, trace_notice};
 use crate::dispatch::dispatch;
 
 use super::attempt::{self, Outcome, RcptResult};
@@ -449,6 +450,15 @@ impl Delivery {
                 "delivery attempt"
             );
             postino_core::metrics::delivery(status);
+            self.store.trace(
+                entry.id,
+                TraceKind::Attempt {
+                    recipient: o.recipient.clone(),
+                    relay,
+                    status: status.to_owned(),
+                    reply: text,
+                },
+            );
             r.state = state;
         }
     }
@@ -494,6 +504,9 @@ impl Delivery {
         {
             match self.notice(&entry, dsn::Kind::Failure) {
                 Ok(notice) => {
+                    if let Some(n) = &notice {
+                        trace_notice(&self.store, id, &n.envelope, dsn::Kind::Failure);
+                    }
                     notices.extend(notice);
                     for r in &mut entry.recipients {
                         if let RecipientState::Failed { reply } = &r.state {
@@ -517,6 +530,9 @@ impl Delivery {
                 if !entry.warned && age >= after.as_secs() {
                     match self.notice(&entry, dsn::Kind::Delay) {
                         Ok(notice) => {
+                            if let Some(n) = &notice {
+                                trace_notice(&self.store, id, &n.envelope, dsn::Kind::Delay);
+                            }
                             notices.extend(notice);
                             entry.warned = true;
                         }
@@ -569,6 +585,15 @@ impl Delivery {
                 for n in &notices {
                     info!(id = %n.envelope.id, orig_id = %id, to = %escape(&n.envelope.recipients[0].address), "notification created");
                 }
+                self.store.trace(
+                    id,
+                    match remove {
+                        true => TraceKind::Dequeued,
+                        false => TraceKind::Deferred {
+                            next_attempt: entry.next_attempt,
+                        },
+                    },
+                );
                 self.dispatch(notices.into_iter().map(|n| n.envelope).collect(), ctx);
                 if !remove {
                     info!(%id, attempts = entry.attempts, next_attempt = %humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(entry.next_attempt)), wait = %humantime::format_duration(wait), "deferred; will retry");
@@ -802,6 +827,21 @@ fn unix_time() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// How often expired history events are dropped.
+const TRACE_SWEEP: Duration = Duration::from_secs(3600);
+
+impl Delivery {
+    /// Drops expired history events, off this thread (it walks the tree).
+    fn sweep_trace(&self) {
+        let (store, keep) = (self.store.clone(), self.config.trace.keep);
+        tokio::task::spawn_blocking(move || match store.sweep_trace(now_unix(), keep) {
+            Ok(0) => {}
+            Ok(n) => debug!(events = n, "expired history dropped"),
+            Err(e) => warn!(error = %e, "cannot drop expired history"),
+        });
+    }
+}
+
 fn sender_text(entry: &QueueEntry) -> String {
     format!("<{}>", entry.sender.as_deref().unwrap_or(""))
 }
@@ -835,6 +875,9 @@ impl Actor for Delivery {
         // Intake sends `Queued` with `try_send`: when this is full, the
         // entry waits in the queue for a poll instead of piling up here.
         ctx.set_mailbox_capacity(4096);
+        // Message histories outlive their messages by `[trace] keep`.
+        self.sweep_trace();
+        ctx.run_interval(TRACE_SWEEP, |act, _| act.sweep_trace());
         // Counting walks the schedule index (a second for a million
         // entries): off this thread, so that delivery starts at once.
         let store = self.store.clone();

@@ -1,0 +1,89 @@
+//! `postino trace ID`: a message's history, in words or as JSON, from the
+//! store's `trace` tree ([`Store::history`]). Answered over the control
+//! socket, by the offline CLI and by `GET /api/trace/ID` alike.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use postino_core::store::{TraceEvent, TraceKind};
+use postino_core::{MessageId, Store};
+
+use crate::control::{parse_id, Response};
+
+/// The history of message `id`: a line per event, oldest first, or (with
+/// `json`) one line holding the events as a JSON array. Nothing kept is an
+/// error: the id is unknown, or its history has expired.
+pub fn answer(store: &Store, id: &str, json: bool) -> Response {
+    let id = match parse_id(id) {
+        Ok(id) => id,
+        Err(e) => return Response::Error(e),
+    };
+    match store.history(id) {
+        Ok(events) if events.is_empty() => Response::Error(not_found(id)),
+        Ok(events) if json => match serde_json::to_string(&events) {
+            Ok(line) => Response::Ok(vec![line]),
+            Err(e) => Response::Error(e.to_string()),
+        },
+        Ok(events) => Response::Ok(events.iter().map(line).collect()),
+        Err(e) => Response::Error(e.to_string()),
+    }
+}
+
+/// The error for an id without history (the admin API answers it 404).
+pub fn not_found(id: MessageId) -> String {
+    format!("no history of message {id} (unknown, or older than [trace] keep)")
+}
+
+fn time(at: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(at)).to_string()
+}
+
+/// One event in words, after its time.
+pub fn line(event: &TraceEvent) -> String {
+    let what = match &event.what {
+        TraceKind::Received {
+            client,
+            helo,
+            sender,
+            size,
+            tls,
+            auth,
+            message_id,
+        } => {
+            let mut s = format!(
+                "received from {client} (HELO {helo}) <{}> size={size}",
+                sender.as_deref().unwrap_or("")
+            );
+            if let Some(tls) = tls {
+                s += &format!(" tls={tls}");
+            }
+            if let Some(auth) = auth {
+                s += &format!(" auth={auth}");
+            }
+            if let Some(m) = message_id {
+                s += &format!(" message-id={m}");
+            }
+            s
+        }
+        TraceKind::Routed { recipient, route } => format!("route <{recipient}>: {route}"),
+        TraceKind::Attempt {
+            recipient,
+            relay,
+            status,
+            reply,
+        } => format!("attempt <{recipient}> relay={relay} status={status}: {reply}"),
+        TraceKind::Deferred { next_attempt } => {
+            format!("deferred; next attempt {}", time(*next_attempt))
+        }
+        TraceKind::Notified {
+            notification,
+            kind,
+            to,
+        } => format!("{kind} notification {notification} to <{to}>"),
+        TraceKind::About { original } => format!("notification about message {original}"),
+        TraceKind::Dequeued => "removed from the queue".to_owned(),
+        TraceKind::Truncated => "later events dropped ([trace] max_events_per_message)".to_owned(),
+        TraceKind::Retrieved { mailbox } => format!("retrieved over POP3 from {mailbox}"),
+        TraceKind::Deleted { mailbox } => format!("deleted over POP3 from {mailbox}"),
+    };
+    format!("{}  {what}", time(event.at))
+}
