@@ -21,7 +21,7 @@ use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throug
 use futures_executor::block_on;
 
 use postino_core::config::StoreConfig;
-use postino_core::message::{now_unix, Envelope, Recipient};
+use postino_core::message::{now_unix, Envelope, RoutedRecipient};
 use postino_core::routing::Route;
 use postino_core::store::{LocalDelivery, QueueEntry, QueueRecipient, RecipientState};
 use postino_core::Store;
@@ -104,7 +104,7 @@ fn spool(store: &Store, writer: usize, content: &[u8]) {
     let envelope = Envelope {
         id,
         sender: Some("sender@example.org".into()),
-        recipients: vec![Recipient {
+        recipients: vec![RoutedRecipient {
             address: mailbox.clone(),
             route: Route::mailbox(mailbox),
         }],

@@ -43,7 +43,7 @@ impl FromStr for MessageId {
 
 /// One accepted recipient and where it goes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Recipient {
+pub struct RoutedRecipient {
     /// The address as the client gave it in `RCPT TO` (without `<>`).
     pub address: String,
     /// Where it goes, as the router decided at RCPT.
@@ -58,7 +58,7 @@ pub struct Envelope {
     /// The reverse path; `None` is the null sender `<>` (bounces).
     pub sender: Option<String>,
     /// The accepted recipients, each with its route.
-    pub recipients: Vec<Recipient>,
+    pub recipients: Vec<RoutedRecipient>,
     /// Unix time, seconds.
     pub received_at: u64,
     /// Client address and HELO name, for logs and bounces.

@@ -6,7 +6,7 @@
 
 use postino_core::dsn::{self, RecipientStatus};
 use postino_core::logsafe::escape;
-use postino_core::message::{now_unix, Recipient as Rcpt};
+use postino_core::message::{now_unix, RoutedRecipient as Rcpt};
 use postino_core::routing::{self, DirectoryError};
 use postino_core::store::{Notice, StoreError, TraceKind};
 use postino_core::{Address, Config, Envelope, MessageId, Store};

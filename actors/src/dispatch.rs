@@ -10,7 +10,7 @@
 //! choose how to store the message in the first place.
 
 use postino_core::dsn::RecipientStatus;
-use postino_core::message::{now_unix, Recipient as Rcpt};
+use postino_core::message::{now_unix, RoutedRecipient as Rcpt};
 use postino_core::routing::Target;
 use postino_core::store::{LocalDelivery, QueueEntry, QueueRecipient, RecipientState, StoreError};
 use postino_core::{Config, Envelope, MessageId, Route, Store};

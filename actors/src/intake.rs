@@ -237,7 +237,7 @@ fn route_text(recipient: &str, route: &Route) -> String {
 mod tests {
     use std::sync::{Arc, Mutex};
 
-    use postino_core::message::Recipient as Rcpt;
+    use postino_core::message::RoutedRecipient as Rcpt;
     use postino_core::routing::Target;
     use postino_core::{Config, Route};
 

@@ -57,10 +57,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::Recipient as ActorRecipient;
+use actix::Recipient;
 use futures::FutureExt;
 use postino_core::logsafe::escape;
-use postino_core::message::Recipient;
+use postino_core::message::RoutedRecipient;
 use postino_core::smtp::session::{Accepted, RouteQuery};
 use postino_core::smtp::Reply;
 use postino_core::{Address, Route, Target};
@@ -155,7 +155,7 @@ pub enum DataDecision {
 #[derive(Debug)]
 pub struct Message<'a> {
     sender: Option<&'a str>,
-    recipients: &'a [Recipient],
+    recipients: &'a [RoutedRecipient],
     content: &'a [u8],
 }
 
@@ -531,7 +531,7 @@ pub(crate) async fn rcpt(
     policies: Arc<Policies>,
     client: Client,
     query: RouteQuery,
-    router: ActorRecipient<RouteRecipient>,
+    router: Recipient<RouteRecipient>,
 ) -> Routed {
     let (query, original) = match policies.rcpt(&client, query).await {
         RcptOutcome::Route { query, original } => (query, original),
@@ -574,7 +574,7 @@ pub(crate) async fn data(
     client: Client,
     mut accepted: Accepted,
     query: impl Fn(Address) -> RouteQuery,
-    router: ActorRecipient<RouteRecipient>,
+    router: Recipient<RouteRecipient>,
 ) -> Result<Accepted, Reply> {
     let message = Message {
         sender: accepted.sender.as_deref(),
@@ -599,9 +599,9 @@ pub(crate) async fn data(
 async fn apply(
     changes: DataChanges,
     content: &mut Vec<u8>,
-    recipients: &mut Vec<Recipient>,
+    recipients: &mut Vec<RoutedRecipient>,
     query: impl Fn(Address) -> RouteQuery,
-    router: ActorRecipient<RouteRecipient>,
+    router: Recipient<RouteRecipient>,
 ) -> Result<(), Reply> {
     if !changes.headers.is_empty() {
         let at = header_end(content)
@@ -622,7 +622,7 @@ async fn apply(
         for address in to {
             match router.send(RouteRecipient(query(address.clone()))).await {
                 Ok(Ok(Route::Reject(reply))) => return Err(reply),
-                Ok(Ok(route)) => rerouted.push(Recipient {
+                Ok(Ok(route)) => rerouted.push(RoutedRecipient {
                     address: address.to_string(),
                     route,
                 }),
@@ -648,7 +648,7 @@ async fn apply(
 #[cfg(test)]
 fn message<'a>(
     sender: Option<&'a str>,
-    recipients: &'a [Recipient],
+    recipients: &'a [RoutedRecipient],
     content: &'a [u8],
 ) -> Message<'a> {
     Message {

@@ -20,7 +20,7 @@ use bytes::BytesMut;
 use crate::address::Address;
 use crate::config::BareLf;
 use crate::logsafe::Secret;
-use crate::message::{MessageId, Recipient};
+use crate::message::{MessageId, RoutedRecipient};
 use crate::routing::Route;
 use crate::smtp::receiver::{DataError, DataReceiver, LineError, LineReceiver};
 use crate::smtp::request::{MailParams, Request, RequestError};
@@ -216,7 +216,7 @@ pub struct RouteQuery {
 pub struct Accepted {
     pub id: MessageId,
     pub sender: Option<String>,
-    pub recipients: Vec<Recipient>,
+    pub recipients: Vec<RoutedRecipient>,
     pub helo: String,
     /// The content, starting with our `Received:` header.
     pub content: Vec<u8>,
@@ -227,7 +227,7 @@ struct Transaction {
     sender: Option<Address>,
     /// `MAIL` carried `SMTPUTF8`: UTF-8 recipients are allowed (RFC 6531).
     smtputf8: bool,
-    recipients: Vec<Recipient>,
+    recipients: Vec<RoutedRecipient>,
     /// Recipients asked about, accepted or not (for the RCPT limit).
     rcpt_commands: usize,
     /// The recipient whose routing decision is awaited.
@@ -662,7 +662,7 @@ impl Session {
                 reply
             }
             route => {
-                tx.recipients.push(Recipient {
+                tx.recipients.push(RoutedRecipient {
                     address: address.to_string(),
                     route,
                 });

@@ -134,7 +134,7 @@ fn watchdog() -> Arc<AtomicU64> {
 /// for a truncation while every IO thread waits in `sa_stabilize` for the
 /// accountant's mutex (seen with gdb).
 fn store_churn(dir: &Path, secs: u64) {
-    use crate::message::{Envelope, Recipient};
+    use crate::message::{Envelope, RoutedRecipient};
     use crate::routing::{Route, Target};
     use crate::store::{QueueEntry, QueueRecipient, RecipientState, Store};
 
@@ -153,7 +153,7 @@ fn store_churn(dir: &Path, secs: u64) {
         let envelope = Envelope {
             id,
             sender: Some("sender@example.test".into()),
-            recipients: vec![Recipient {
+            recipients: vec![RoutedRecipient {
                 address: "bob@remote.test".into(),
                 route,
             }],

@@ -672,7 +672,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::Recipient;
+    use crate::message::RoutedRecipient;
     use crate::routing::Route;
 
     fn open() -> (tempfile::TempDir, Store) {
@@ -685,7 +685,7 @@ mod tests {
         Envelope {
             id,
             sender: Some("sender@example.test".into()),
-            recipients: vec![Recipient {
+            recipients: vec![RoutedRecipient {
                 address: rcpt.into(),
                 route,
             }],

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use futures_executor::block_on;
 
 use super::*;
-use crate::message::{Envelope, Recipient};
+use crate::message::{Envelope, RoutedRecipient};
 use crate::routing::Route;
 
 fn open() -> (tempfile::TempDir, Store) {
@@ -22,7 +22,7 @@ pub(super) fn envelope(id: MessageId, rcpts: &[&str], size: usize) -> Envelope {
         sender: Some("sender@remote.test".into()),
         recipients: rcpts
             .iter()
-            .map(|r| Recipient {
+            .map(|r| RoutedRecipient {
                 address: (*r).into(),
                 route: Route::mailbox(*r),
             })
