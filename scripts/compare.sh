@@ -441,30 +441,33 @@ else
     fill "$TEMPLATES/postino.toml" "$PN/postino.toml" PN="$PN" SMTP_PORT="$PN_SMTP" \
         POP3_PORT="$PN_POP3" SINK_PORT="$SINK_PORT"
     POSTINO_STATUS=ok
-    for i in $(seq "$NUSERS"); do
-        echo password | timeout 30 "$POSTINO" --config "$PN/postino.toml" user add "user$i@example.test" \
-            >>"$PN/users.log" 2>&1 || POSTINO_STATUS=failed
-    done
-    for i in $(seq "$POP3_USERS"); do
-        echo password | timeout 30 "$POSTINO" --config "$PN/postino.toml" user add "pop$i@example.test" \
-            >>"$PN/users.log" 2>&1 || POSTINO_STATUS=failed
-    done
-    [ "$POSTINO_STATUS" = ok ] || log "postino: user add failed: $(tail -3 "$PN/users.log")"
+    # Only `postino serve` creates a store: start it, then add the users
+    # through its control socket.
+    log "starting postino on 127.0.0.1:$PN_SMTP (POP3 $PN_POP3)"
+    "$POSTINO" --config "$PN/postino.toml" serve >"$PN/serve.log" 2>&1 &
+    PIDS+=($!)
+    if ! wait_port 127.0.0.1 "$PN_SMTP" 30 || ! wait_port 127.0.0.1 "$PN_POP3" 10; then
+        log "postino: serve did not listen: $(tail -5 "$PN/serve.log")"
+        POSTINO_STATUS=failed
+    fi
     if [ "$POSTINO_STATUS" = ok ]; then
-        log "starting postino on 127.0.0.1:$PN_SMTP (POP3 $PN_POP3)"
-        "$POSTINO" --config "$PN/postino.toml" serve >"$PN/serve.log" 2>&1 &
-        PIDS+=($!)
-        if wait_port 127.0.0.1 "$PN_SMTP" 30 && wait_port 127.0.0.1 "$PN_POP3" 10; then
-            e2e postino local smtp-source "$PN_SMTP" 'user{n}@example.test' postino_count postino_last
-            e2e postino local "postino-bench" "$PN_SMTP" 'user{n}@example.test' postino_count postino_last
-            e2e postino relay smtp-source "$PN_SMTP" 'user{n}@remote.test' sink_count sink_last
-            e2e postino relay "postino-bench" "$PN_SMTP" 'user{n}@remote.test' sink_count sink_last
-            half_rate postino "$PN_SMTP" postino_count
-            pop3_run postino "$PN_POP3" "$PN_SMTP" postino_pop_count
-        else
-            log "postino: serve did not listen: $(tail -5 "$PN/serve.log")"
-            POSTINO_STATUS=failed
-        fi
+        for i in $(seq "$NUSERS"); do
+            echo password | timeout 30 "$POSTINO" --config "$PN/postino.toml" user add "user$i@example.test" \
+                >>"$PN/users.log" 2>&1 || POSTINO_STATUS=failed
+        done
+        for i in $(seq "$POP3_USERS"); do
+            echo password | timeout 30 "$POSTINO" --config "$PN/postino.toml" user add "pop$i@example.test" \
+                >>"$PN/users.log" 2>&1 || POSTINO_STATUS=failed
+        done
+        [ "$POSTINO_STATUS" = ok ] || log "postino: user add failed: $(tail -3 "$PN/users.log")"
+    fi
+    if [ "$POSTINO_STATUS" = ok ]; then
+        e2e postino local smtp-source "$PN_SMTP" 'user{n}@example.test' postino_count postino_last
+        e2e postino local "postino-bench" "$PN_SMTP" 'user{n}@example.test' postino_count postino_last
+        e2e postino relay smtp-source "$PN_SMTP" 'user{n}@remote.test' sink_count sink_last
+        e2e postino relay "postino-bench" "$PN_SMTP" 'user{n}@remote.test' sink_count sink_last
+        half_rate postino "$PN_SMTP" postino_count
+        pop3_run postino "$PN_POP3" "$PN_SMTP" postino_pop_count
     fi
     [ "$POSTINO_STATUS" = ok ] || FAILED=1
 fi
