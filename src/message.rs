@@ -34,6 +34,17 @@ impl fmt::Display for MessageId {
     }
 }
 
+impl MessageId {
+    /// Parses a queue id as the CLI, the control socket and the admin API
+    /// take it (hex, as logs and `queue list` show it).
+    ///
+    /// # Errors
+    /// The text that the CLI prints when it is not one.
+    pub fn parse_queue_id(id: &str) -> Result<MessageId, String> {
+        id.parse().map_err(|_| format!("`{id}` is not a queue id"))
+    }
+}
+
 impl FromStr for MessageId {
     type Err = std::num::ParseIntError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {

@@ -83,7 +83,7 @@ pub fn trace_notice(store: &Store, original: MessageId, notice: &Envelope, kind:
         },
     );
     store.trace(notice.id, TraceKind::About { original });
-    crate::intake::trace_routes(store, notice);
+    crate::history::trace_routes(store, notice);
 }
 
 /// The store error behind a failed lookup in the store (the store's

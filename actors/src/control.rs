@@ -18,11 +18,10 @@ use std::time::Duration;
 
 use actix::Recipient;
 use postino_core::address::Address;
-use postino_core::logsafe::{escape, Secret};
+use postino_core::logsafe::escape;
 use postino_core::message::now_unix;
 use postino_core::store::{QueueEntry, QuotaSetting, RecipientState};
 use postino_core::{Config, MessageId, Store};
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
@@ -32,109 +31,7 @@ use crate::delivery::actor::{ActiveIds, QueueAdmin};
 use crate::delivery::actor::{ChangeQueue, QueueChanged, QueueError};
 use crate::queue_tools::{self, QueueRequest};
 use crate::sessions::{Pop3Sessions, SessionInfo};
-
-/// A command for the server. Passwords are [`Secret`]s: requests are logged
-/// with `Debug`, which shows `<redacted>` for them (the JSON wire form is the
-/// plain string).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum Request {
-    UserAdd {
-        address: String,
-        password: Secret,
-        /// The user's quota (`"1G"`, `"unlimited"`, `"default"`).
-        #[serde(default)]
-        quota: Option<String>,
-    },
-    /// Changes a user's settings (today: the quota).
-    UserSet {
-        address: String,
-        quota: Option<String>,
-    },
-    UserPasswd {
-        address: String,
-        password: Secret,
-    },
-    /// Deletes a user. Without `force`, refused (saying what would happen)
-    /// when the mailbox holds mail or aliases point at the user.
-    UserDel {
-        address: String,
-        #[serde(default)]
-        force: bool,
-    },
-    UserList,
-    AliasAdd {
-        alias: String,
-        target: String,
-    },
-    AliasDel {
-        alias: String,
-    },
-    AliasList,
-    QueueList,
-    QueueShow {
-        id: String,
-    },
-    QueueFlush,
-    QueueDelete {
-        id: String,
-    },
-    QueueBounce {
-        id: String,
-    },
-    /// The live POP3 sessions (`postino who`).
-    Who,
-    /// Ends POP3 sessions: `target` is a session id from `Who`, or a user
-    /// whose every session ends (`postino kick`).
-    Kick {
-        target: String,
-    },
-    /// Reads the server's configuration file again and puts it in place
-    /// (`postino reload`, as SIGHUP; see [`crate::reload`]).
-    Reload,
-    /// Explains where mail to `address` would go (`crate::inspect`).
-    RouteExplain {
-        address: String,
-        from: Option<String>,
-        client: Option<String>,
-        auth: Option<String>,
-    },
-    /// Messages and octets of one mailbox, or of all.
-    MailboxStats {
-        address: Option<String>,
-    },
-    /// Checks a password without logging in (as `doveadm auth test`).
-    AuthTest {
-        address: String,
-        password: Secret,
-    },
-    /// Listings, `cat` and bulk actions (`queue_tools.rs`), answered in
-    /// chunks: `Response::More` lines, then the last `Response::Ok`.
-    Queue(QueueRequest),
-    /// A message's history (`postino trace ID [--json]`, `crate::history`).
-    Trace {
-        /// The queue id.
-        id: String,
-        /// JSON instead of words.
-        #[serde(default)]
-        json: bool,
-    },
-    // Sets a store failpoint (`postino_core::failpoints`); refused unless
-    // the build has the `failpoints` feature, which only the tests use.
-    Failpoint {
-        name: String,
-        actions: String,
-    },
-}
-
-/// The answer: lines to print, or an error.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum Response {
-    Ok(Vec<String>),
-    Error(String),
-    /// Lines of a streamed answer ([`Request::Queue`]); more follow, up to
-    /// an `Ok` or `Error`.
-    More(Vec<String>),
-}
+pub use crate::wire::{Request, Response};
 
 /// What requests act on in a running server: shared by the control socket
 /// and the admin HTTP API ([`crate::admin`]), which both go through
@@ -768,7 +665,7 @@ fn local_address(config: &Config, name: &str) -> Result<(), String> {
 /// # Errors
 /// The text that the CLI prints when it is not one.
 pub fn parse_id(id: &str) -> Result<MessageId, String> {
-    id.parse().map_err(|_| format!("`{id}` is not a queue id"))
+    MessageId::parse_queue_id(id)
 }
 
 fn queue_line(e: &QueueEntry) -> String {

@@ -4,16 +4,17 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
+use postino_core::routing::{Route, Target};
 use postino_core::store::{TraceEvent, TraceKind};
-use postino_core::{MessageId, Store};
+use postino_core::{Envelope, MessageId, Store};
 
-use crate::control::{parse_id, Response};
+use crate::wire::Response;
 
 /// The history of message `id`: a line per event, oldest first, or (with
 /// `json`) one line holding the events as a JSON array. Nothing kept is an
 /// error: the id is unknown, or its history has expired.
 pub fn answer(store: &Store, id: &str, json: bool) -> Response {
-    let id = match parse_id(id) {
+    let id = match MessageId::parse_queue_id(id) {
         Ok(id) => id,
         Err(e) => return Response::Error(e),
     };
@@ -86,4 +87,41 @@ pub fn line(event: &TraceEvent) -> String {
         TraceKind::Deleted { mailbox } => format!("deleted over POP3 from {mailbox}"),
     };
     format!("{}  {what}", time(event.at))
+}
+
+/// Records in `envelope`'s history where each recipient goes and why.
+pub fn trace_routes(store: &Store, envelope: &Envelope) {
+    for r in &envelope.recipients {
+        store.trace(
+            envelope.id,
+            TraceKind::Routed {
+                recipient: r.address.clone(),
+                route: route_text(&r.address, &r.route),
+            },
+        );
+    }
+}
+
+/// A route in words: `local mailbox a@x`, `alias of b@x` when a mailbox
+/// differs from the recipient, `relay to remote a@y`, `bounce: 5.1.1 …`.
+fn route_text(recipient: &str, route: &Route) -> String {
+    match route {
+        Route::Deliver(targets) => targets
+            .iter()
+            .map(|t| match t {
+                Target::Mailbox {
+                    mailbox,
+                    original: Some(original),
+                } => format!("local mailbox {mailbox} (redirected from {original})"),
+                Target::Mailbox { mailbox, .. } if !mailbox.eq_ignore_ascii_case(recipient) => {
+                    format!("local mailbox {mailbox} (alias {recipient})")
+                }
+                Target::Mailbox { mailbox, .. } => format!("local mailbox {mailbox}"),
+                Target::Remote { address } => format!("queued for relay to {address}"),
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        Route::Bounce { status, reason } => format!("bounce: {status} {reason}"),
+        Route::Reject(reply) => format!("rejected: {reply}"),
+    }
 }

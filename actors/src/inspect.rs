@@ -12,8 +12,8 @@ use postino_core::routing::{self, Route, Target};
 use postino_core::{Config, Store};
 use tracing::info;
 
-use crate::control::{Request, Response};
 use crate::delivery::mx::{Exchanger, MxResolver};
+use crate::wire::{Request, Response};
 
 /// Whether `request` is one of the questions answered here.
 pub fn handles(request: &Request) -> bool {

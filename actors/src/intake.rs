@@ -24,7 +24,6 @@
 
 use actix::prelude::*;
 use bytes::Bytes;
-use postino_core::routing::{Route, Target};
 use postino_core::store::{StoreError, TraceKind};
 use postino_core::{Envelope, MessageId, Store};
 use tracing::{debug, warn};
@@ -178,7 +177,7 @@ impl Intake {
                 message_id: message_id.clone(),
             },
         );
-        trace_routes(&self.store, envelope);
+        crate::history::trace_routes(&self.store, envelope);
     }
 
     /// Asks the delivery actor to try a queued message now. Not awaited:
@@ -193,43 +192,6 @@ impl Intake {
             // Stopping: the queue has it for the next start.
             Err(SendError::Closed(_)) => debug!(%id, "delivery actor stopped"),
         }
-    }
-}
-
-/// Records in `envelope`'s history where each recipient goes and why.
-pub fn trace_routes(store: &Store, envelope: &Envelope) {
-    for r in &envelope.recipients {
-        store.trace(
-            envelope.id,
-            TraceKind::Routed {
-                recipient: r.address.clone(),
-                route: route_text(&r.address, &r.route),
-            },
-        );
-    }
-}
-
-/// A route in words: `local mailbox a@x`, `alias of b@x` when a mailbox
-/// differs from the recipient, `relay to remote a@y`, `bounce: 5.1.1 …`.
-fn route_text(recipient: &str, route: &Route) -> String {
-    match route {
-        Route::Deliver(targets) => targets
-            .iter()
-            .map(|t| match t {
-                Target::Mailbox {
-                    mailbox,
-                    original: Some(original),
-                } => format!("local mailbox {mailbox} (redirected from {original})"),
-                Target::Mailbox { mailbox, .. } if !mailbox.eq_ignore_ascii_case(recipient) => {
-                    format!("local mailbox {mailbox} (alias {recipient})")
-                }
-                Target::Mailbox { mailbox, .. } => format!("local mailbox {mailbox}"),
-                Target::Remote { address } => format!("queued for relay to {address}"),
-            })
-            .collect::<Vec<_>>()
-            .join(", "),
-        Route::Bounce { status, reason } => format!("bounce: {status} {reason}"),
-        Route::Reject(reply) => format!("rejected: {reply}"),
     }
 }
 

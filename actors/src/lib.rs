@@ -71,6 +71,7 @@ pub mod sessions;
 mod signals;
 pub mod smtp;
 pub mod tls;
+pub mod wire;
 
 pub use intake::Intake;
 pub use policy::Policy;

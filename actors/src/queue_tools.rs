@@ -18,8 +18,6 @@ use postino_core::store::{QueueItem, RecipientState};
 use postino_core::{MessageId, Store};
 use serde::{Deserialize, Serialize};
 
-use crate::control::parse_id;
-
 /// Lines per chunk of a streamed answer on the control socket.
 pub const CHUNK: usize = 512;
 
@@ -197,7 +195,11 @@ pub enum QueueRequest {
 
 /// Resolves the ids of `filter`; `Err` names those not queued.
 fn parse_ids(filter: &Filter) -> Result<Vec<MessageId>, String> {
-    filter.ids.iter().map(|s| parse_id(s)).collect()
+    filter
+        .ids
+        .iter()
+        .map(|s| MessageId::parse_queue_id(s))
+        .collect()
 }
 
 /// Calls `each` with every selected message, in id order: the given ids,
@@ -377,7 +379,7 @@ pub fn cat(
     part: Part,
     mut emit: impl FnMut(String) -> bool,
 ) -> Result<(), String> {
-    let id = parse_id(id)?;
+    let id = MessageId::parse_queue_id(id)?;
     let content = match store.queued_content(id) {
         Ok(Some(c)) => c,
         Ok(None) => return Err(not_queued(&[id])),

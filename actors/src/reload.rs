@@ -1,5 +1,5 @@
 //! Reloading the configuration of a running server, as `postfix reload`:
-//! SIGHUP, `postino reload` (the control socket) and [`Server::reload`]
+//! SIGHUP, `postino reload` (the control socket) and [`crate::Server::reload`]
 //! read a new [`Config`], validate it whole and put it in place.
 //!
 //! The configuration in use sits in one [`LiveConfig`]; whatever decides
@@ -26,7 +26,6 @@ use postino_core::Store;
 use tracing::{error, info, warn};
 
 use crate::io::TlsSlot;
-use crate::server::{Server, ServerError};
 
 /// The configuration in use, shared by every part of a running server and
 /// swapped whole by a reload. Cloning shares it.
@@ -97,16 +96,7 @@ pub enum ReloadError {
     Tls(#[from] crate::tls::TlsError),
 }
 
-impl From<ReloadError> for ServerError {
-    fn from(e: ReloadError) -> ServerError {
-        match e {
-            ReloadError::Config(e) => ServerError::Config(e),
-            ReloadError::Tls(e) => ServerError::Tls(e),
-        }
-    }
-}
-
-/// Reloads a running server's configuration; see [`Server::reloader`].
+/// Reloads a running server's configuration; see [`crate::Server::reloader`].
 #[derive(Clone)]
 pub struct Reloader {
     pub(crate) live: LiveConfig,
@@ -186,26 +176,6 @@ impl Reloader {
             applied,
             need_restart,
         })
-    }
-}
-
-impl Server {
-    /// A handle that reloads this server's configuration (what SIGHUP and
-    /// `postino reload` do) and outlives the borrow of the server.
-    pub fn reloader(&self) -> Reloader {
-        self.reloader.clone()
-    }
-
-    /// Puts `config` in place of the running configuration (see
-    /// [`Reloader::apply`]): new sessions, routing decisions and delivery
-    /// rounds use it; sessions in progress finish with theirs. Settings
-    /// that need a restart (listeners, data directory, store tuning, ...)
-    /// keep their running values and are named in the result and a warning.
-    ///
-    /// # Errors
-    /// The TLS certificate or key cannot be read; nothing changed.
-    pub fn reload(&self, config: Config) -> Result<Reloaded, ServerError> {
-        Ok(self.reloader.apply(config)?)
     }
 }
 

@@ -37,7 +37,7 @@ use crate::login_delay::AuthFailures;
 use crate::mailbox::Mailbox;
 use crate::policy::{DynPolicy, Policies, Policy};
 use crate::pop3::Pop3Shared;
-use crate::reload::{LiveConfig, Reloader};
+use crate::reload::{LiveConfig, ReloadError, Reloaded, Reloader};
 use crate::router::{RouteRecipient, Router};
 use crate::smtp::SmtpShared;
 
@@ -547,4 +547,33 @@ fn worker_count() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
+}
+
+impl From<ReloadError> for ServerError {
+    fn from(e: ReloadError) -> ServerError {
+        match e {
+            ReloadError::Config(e) => ServerError::Config(e),
+            ReloadError::Tls(e) => ServerError::Tls(e),
+        }
+    }
+}
+
+impl Server {
+    /// A handle that reloads this server's configuration (what SIGHUP and
+    /// `postino reload` do) and outlives the borrow of the server.
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
+    }
+
+    /// Puts `config` in place of the running configuration (see
+    /// [`Reloader::apply`]): new sessions, routing decisions and delivery
+    /// rounds use it; sessions in progress finish with theirs. Settings
+    /// that need a restart (listeners, data directory, store tuning, ...)
+    /// keep their running values and are named in the result and a warning.
+    ///
+    /// # Errors
+    /// The TLS certificate or key cannot be read; nothing changed.
+    pub fn reload(&self, config: Config) -> Result<Reloaded, ServerError> {
+        Ok(self.reloader.apply(config)?)
+    }
 }
