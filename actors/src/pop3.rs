@@ -13,8 +13,7 @@ use postino_core::logsafe::escape;
 use postino_core::pop3::{
     AuthResult, LineReceiver, Maildrop, MaildropEntry, Session, SessionConfig, Step,
 };
-use postino_core::store::TraceKind;
-use postino_core::{Config, MessageId, Store};
+use postino_core::{Config, Store};
 use tracing::{debug, info, warn};
 
 use crate::auth::PasswordChecks;
@@ -133,12 +132,10 @@ impl Pop3Connection {
                     return false;
                 };
                 let next = match content {
-                    Some(Ok(Some(content))) => {
-                        // A mailbox entry's key is its message's id.
-                        let mailbox = self.mailbox.clone().unwrap_or_default();
-                        (self.shared.store).trace(MessageId(key), TraceKind::Retrieved { mailbox });
-                        self.session.retrieved(&content, &mut io.wbuf)
-                    }
+                    // Not in the message's history: that would make every
+                    // read a store write (and POP3 RETR half as fast);
+                    // deletion at QUIT is recorded (`mailbox.rs`).
+                    Some(Ok(Some(content))) => self.session.retrieved(&content, &mut io.wbuf),
                     other => {
                         warn!(?other, key, "message unreadable");
                         self.session.retrieve_failed(&mut io.wbuf)

@@ -108,7 +108,9 @@ pub enum TraceKind {
     Dequeued,
     /// [`TraceLimits::max_events_per_message`] reached: later events dropped.
     Truncated,
-    /// Read by a POP3 client from this mailbox (`RETR`).
+    /// Read by a POP3 client from this mailbox (`RETR`). No longer recorded
+    /// (it made every read a write); kept so that records written with it
+    /// still decode, as variants are numbered by position.
     Retrieved { mailbox: String },
     /// Deleted from this mailbox by a POP3 client (`DELE`, then `QUIT`).
     Deleted { mailbox: String },
