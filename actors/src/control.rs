@@ -34,7 +34,7 @@ use crate::sessions::{Pop3Sessions, SessionInfo};
 pub use crate::wire::{Request, Response};
 
 /// What requests act on in a running server: shared by the control socket
-/// and the admin HTTP API ([`crate::admin`]), which both go through
+/// and the admin HTTP API (`admin.rs`), which both go through
 /// [`answer`].
 #[derive(Clone)]
 pub struct Live {

@@ -11,25 +11,25 @@
 //! - [`smtp`]: the SMTP connection actor (one per client).
 //! - [`pop3`]: the POP3 connection actor (one per client).
 //! - [`router`]: the router actor: per-recipient decisions at RCPT time.
-//! - [`intake`]: stores a message received whole, awaits the group commit
+//! - `intake`: stores a message received whole, awaits the group commit
 //!   and hands it on; the one place a 250 to DATA comes from.
-//! - [`dispatch`], [`bounce`]: plain functions over the store that hand a
+//! - `dispatch`, `bounce`: plain functions over the store that hand a
 //!   spooled message to mailboxes, the queue or a bounce, and build
 //!   bounces and other notifications.
-//! - [`mailbox`]: the local-mailbox actor (deliveries, POP3 locks, deletions).
+//! - `mailbox`: the local-mailbox actor (deliveries, POP3 locks, deletions).
 //! - [`delivery`]: the delivery actor (queue manager), MX lookup and the
 //!   outbound SMTP client.
-//! - [`auth`]: password checks on a few dedicated threads (bounded memory).
+//! - `auth`: password checks on a few dedicated threads (bounded memory).
 //! - [`control`]: the Unix control socket that the CLI uses.
-//! - [`admin`]: the HTTP admin listener (Prometheus `/metrics`, `/healthz`,
+//! - `admin`: the HTTP admin listener (Prometheus `/metrics`, `/healthz`,
 //!   the JSON API), a thin translation onto [`control::answer`].
-//! - [`sessions`]: the live POP3 sessions, for `who` and `kick`.
-//! - [`inspect`]: `route explain`, `mailbox stats`, `auth test` answers.
+//! - `sessions`: the live POP3 sessions, for `who` and `kick`.
+//! - `inspect`: `route explain`, `mailbox stats`, `auth test` answers.
 //! - [`queue_tools`]: queue listings, filters and bulk actions behind it.
 //! - [`reload`]: the swappable configuration in use ([`LiveConfig`]) and
 //!   its reload (SIGHUP, `postino reload`, [`Server::reload`]).
-//! - [`history`]: `postino trace ID`, a message's history in words or JSON.
-//! - [`io`], [`tls`]: sockets, buffers, rustls.
+//! - `history`: `postino trace ID`, a message's history in words or JSON.
+//! - `io`, [`tls`]: sockets, buffers, rustls.
 //! - [`policy`]: the embedder's [`Policy`]: a typed decision at connect,
 //!   HELO/EHLO, MAIL, RCPT and end of DATA.
 //!
@@ -46,34 +46,34 @@
 #![warn(missing_docs)]
 
 mod accept;
-pub mod admin;
-pub mod auth;
-pub mod bounce;
+mod admin;
+mod auth;
+mod bounce;
 #[allow(missing_docs)] // Still to document: request/response items (being narrowed to pub(crate)).
 pub mod control;
 #[allow(missing_docs)] // Still to document: the queue's messages and the SMTP client's items.
 pub mod delivery;
-pub mod dispatch;
-pub mod history;
-pub mod inspect;
-pub mod intake;
-pub mod io;
+mod dispatch;
+mod history;
+mod inspect;
+mod intake;
+mod io;
 mod limits;
 mod login_delay;
-pub mod mailbox;
+mod mailbox;
 pub mod policy;
 pub mod pop3;
 pub mod queue_tools;
 pub mod reload;
 pub mod router;
 pub mod server;
-pub mod sessions;
+mod sessions;
 mod signals;
 pub mod smtp;
 pub mod tls;
 pub mod wire;
 
-pub use intake::Intake;
+pub use intake::{Intake, IntakeError};
 pub use policy::Policy;
 pub use reload::{LiveConfig, Reloader};
 pub use router::{RouteRecipient, Router};

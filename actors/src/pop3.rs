@@ -1,6 +1,6 @@
 //! The POP3 connection actor: one per client, a thin shell around
 //! [`postino_core::pop3::Session`]. Logins, maildrop locks and deletions go
-//! through the [`Mailbox`] actor; message content is read from the store
+//! through the `Mailbox` actor; message content is read from the store
 //! directly (reads need no serialising).
 
 use std::net::SocketAddr;

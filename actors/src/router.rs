@@ -4,7 +4,7 @@
 //! store as its directory. Library users replace the decision by passing
 //! their own `Recipient<RouteRecipient>` to the server builder (see
 //! `examples/custom_router.rs`). What happens to an accepted message is
-//! intake's job ([`crate::intake`]), not the router's.
+//! intake's job ([`crate::Intake`]), not the router's.
 
 use actix::prelude::*;
 use postino_core::routing::{self, DirectoryError};
