@@ -7,30 +7,11 @@
 use std::net::Ipv4Addr;
 use std::process::Output;
 
+use crate::cli::{ok, stderr, stdout};
 use crate::smtp_local::pop_all;
 use crate::support::dns::{Dnsmasq, Zone};
 use crate::support::server::{config_text, python, TestServer};
 use crate::support::wait_until;
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Asserts success and returns standard output.
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        stdout(&out),
-        stderr(&out)
-    );
-    stdout(&out)
-}
 
 /// Asserts exit status 1 and returns standard error.
 fn fails(out: Output) -> String {
