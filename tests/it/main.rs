@@ -6,6 +6,7 @@ mod admin;
 mod cli;
 mod delivery;
 mod delivery_client;
+mod delivery_tls;
 mod durability;
 mod embed;
 mod example;
