@@ -483,3 +483,86 @@ fn the_receiving_postino_says_esmtps() {
         .collect();
     assert_eq!(withs, ["ESMTPS", "ESMTP"], "{text}");
 }
+
+/// The relay's connection cache works over TLS (a connection carries
+/// several messages, each connection one TLS session), and
+/// `delivery.connection_reuse = false` gives every message its own.
+#[test]
+fn the_relay_reuses_tls_connections_unless_turned_off() {
+    let pki = TestPki::new();
+    for reuse in [true, false] {
+        let mx = sink(Some(&pki), SinkOptions::default());
+        let ip = match mx.addr.ip() {
+            std::net::IpAddr::V4(v4) => v4,
+            other => panic!("{other}"),
+        };
+        let dns = Dnsmasq::start(
+            &Zone::new("test")
+                .mx("busy.test", "mx.example.test", 10)
+                .a("mx.example.test", ip),
+        );
+        let relay = TestServer::start_with(&relay_config(
+            Some(&dns),
+            mx.addr.port(),
+            &format!(
+                "retry = [\"1s\"]\nconcurrency_per_domain = 2\nconnection_reuse = {reuse}\n\
+                 [delivery.tls]\nca_file = \"{}\"\n[delivery.tls.policy]\n\"busy.test\" = \"verify\"",
+                pki.ca_str()
+            ),
+            "",
+        ));
+        let n = 12;
+        let ids: Vec<String> = (0..n)
+            .map(|i| send(&relay, &format!("u{i}@busy.test"), &format!("burst {i}")))
+            .collect();
+        let got = wait_messages(&mx, n);
+        for id in &ids {
+            wait_line(&relay, &["removed from queue", &format!("id={id}")]);
+        }
+        assert!(got.iter().all(|m| m.tls), "every message over TLS");
+        let connections: std::collections::HashSet<_> =
+            got.iter().map(|m| m.peer.clone()).collect();
+        let starttls = mx
+            .commands()
+            .iter()
+            .filter(|c| c.verb == "STARTTLS")
+            .count();
+        assert_eq!(
+            starttls,
+            connections.len(),
+            "one TLS session per connection"
+        );
+        if reuse {
+            assert!(
+                connections.len() < n,
+                "{} connections for {n} messages",
+                connections.len()
+            );
+        } else {
+            assert_eq!(connections.len(), n, "reuse is off");
+        }
+    }
+}
+
+/// `check-config` reads `delivery.tls.ca_file`: a file without a
+/// certificate is named with its key before the server runs.
+#[test]
+fn check_config_reads_the_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("postino.toml");
+    std::fs::write(dir.path().join("ca.pem"), "not a certificate\n").unwrap();
+    std::fs::write(&config, "[delivery.tls]\nca_file = \"ca.pem\"\n").unwrap();
+    let out = crate::support::server::cli_with_config(&config, &["check-config"], "");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("delivery.tls.ca_file = "), "{err}");
+    assert!(err.contains("no certificate found"), "{err}");
+    let pki = TestPki::new();
+    std::fs::copy(pki.ca_path(), dir.path().join("ca.pem")).unwrap();
+    let out = crate::support::server::cli_with_config(&config, &["check-config"], "");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
