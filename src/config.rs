@@ -937,9 +937,8 @@ impl Config {
     fn validate_dkim(&self) -> Result<(), (String, String)> {
         // RFC 6376 §3.1: a selector is one or more dot-separated labels.
         let labels = |s: &str| {
-            s.split('.').all(|l| {
-                !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            })
+            s.split('.')
+                .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
         };
         for (domain, dkim) in &self.dkim {
             if domain.len() > 253 || !labels(domain) {
@@ -948,7 +947,10 @@ impl Config {
             if !labels(&dkim.selector) {
                 return Err((
                     format!("dkim.\"{domain}\".selector"),
-                    format!("`{}` is not a selector (letters, digits, `-`, `.`)", dkim.selector),
+                    format!(
+                        "`{}` is not a selector (letters, digits, `-`, `.`)",
+                        dkim.selector
+                    ),
                 ));
             }
         }
@@ -1063,13 +1065,21 @@ mod tests {
 
     #[test]
     fn dkim_sections_name_the_domain_and_key_in_errors() {
-        let ok = parse("[dkim.\"Example.test\"]\nselector = \"s1.2026\"\nkey = \"k.pem\"\n").unwrap();
+        let ok =
+            parse("[dkim.\"Example.test\"]\nselector = \"s1.2026\"\nkey = \"k.pem\"\n").unwrap();
         assert_eq!(ok.dkim["Example.test"].selector, "s1.2026");
-        let err = parse("hostname = \"h\"\n[dkim.\"example.test\"]\nselector = \"s 1\"\nkey = \"k.pem\"\n")
+        let err = parse(
+            "hostname = \"h\"\n[dkim.\"example.test\"]\nselector = \"s 1\"\nkey = \"k.pem\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("test.toml:3: key `dkim.\"example.test\".selector`"),
+            "{err}"
+        );
+        let err = parse("[dkim.\"example.test\"]\nselector = \"s1\"\n")
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with("test.toml:3: key `dkim.\"example.test\".selector`"), "{err}");
-        let err = parse("[dkim.\"example.test\"]\nselector = \"s1\"\n").unwrap_err().to_string();
         assert!(err.contains("key"), "{err}");
         let err = ConfigError::at_key(None, "dkim.\"a.test\".key", "bad".into()).to_string();
         assert!(err.contains("`dkim.\"a.test\".key`: bad"), "{err}");

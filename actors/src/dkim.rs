@@ -4,8 +4,9 @@
 //!
 //! Which mail is signed: a message with at least one remote recipient whose
 //! sender is one of ours — the client authenticated, or the envelope
-//! sender's domain is a local domain (only clients allowed to relay get
-//! such mail past `RCPT`). The signing domain is the `From:` header's
+//! sender's domain is a local domain and the client is in
+//! `routing.relay_networks` (a forged local sender from elsewhere, sent on
+//! by an alias, is not signed). The signing domain is the `From:` header's
 //! domain when it has a key in `[dkim."DOMAIN"]` (what DMARC aligns with),
 //! else the envelope sender's. Intake signs once, before the message is
 //! written ([`crate::intake::Intake::sign`]), so every copy and every retry
@@ -155,10 +156,14 @@ impl Signers {
             .as_deref()
             .and_then(|s| s.rsplit_once('@'))
             .map(|(_, d)| d.to_ascii_lowercase());
+        // A local-domain sender counts only from a client allowed to relay:
+        // anyone may claim one, and alias forwarding would then sign a
+        // forgery with our key.
         let ours = authenticated
-            || sender_domain
+            || (sender_domain
                 .as_deref()
-                .is_some_and(|d| config.is_local_domain(d));
+                .is_some_and(|d| config.is_local_domain(d))
+                && envelope.client.parse().is_ok_and(|ip| config.may_relay(ip)));
         if !ours || !leaves(envelope) {
             return Ok(None);
         }
@@ -339,7 +344,8 @@ pub fn generate(algorithm: Algorithm) -> Result<Generated, GenerateError> {
     let (pkcs8, record) = match algorithm {
         Algorithm::Rsa => {
             let pair = DkimKeyPair::generate_rsa(2048)?;
-            let key = rsa::RsaPrivateKey::from_pkcs1_der(pair.private_key()).map_err(|e| encode(&e))?;
+            let key =
+                rsa::RsaPrivateKey::from_pkcs1_der(pair.private_key()).map_err(|e| encode(&e))?;
             let spki = rsa::RsaPublicKey::from(&key)
                 .to_public_key_der()
                 .map_err(|e| encode(&e))?;
@@ -395,14 +401,89 @@ mod tests {
         assert!(generated.record.len() > 255);
         let line = generated.zone_line("s1", "example.test");
         assert!(line.starts_with("s1._domainkey.example.test. IN TXT ( \""));
-        let strings: Vec<&str> = line
-            .split('"')
-            .skip(1)
-            .step_by(2)
-            .collect();
+        let strings: Vec<&str> = line.split('"').skip(1).step_by(2).collect();
         assert!(strings.len() >= 2, "{line}");
         assert!(strings.iter().all(|s| s.len() <= 255));
         assert_eq!(strings.concat(), generated.record);
+    }
+
+    /// Keys for example.test (Ed25519: quick to make) and the config.
+    fn signers(dir: &Path) -> (Config, Signers) {
+        let key = dir.join("ed.pem");
+        std::fs::write(&key, generate(Algorithm::Ed25519).unwrap().private_pem).unwrap();
+        let text = format!(
+            "[routing]\nlocal_domains = [\"example.test\", \"other.test\"]\n\
+             relay_networks = [\"127.0.0.0/8\"]\n\
+             [dkim.\"Example.Test\"]\nselector = \"ed\"\nkey = \"{}\"\n",
+            key.display()
+        );
+        let config = Config::parse(&text, Path::new("t.toml")).unwrap();
+        let signers = Signers::load(&config, None).unwrap();
+        (config, signers)
+    }
+
+    fn envelope(sender: &str, client: &str, remote: bool) -> Envelope {
+        let route = if remote {
+            Route::Deliver(vec![Target::Remote {
+                address: "bob@dest.test".into(),
+            }])
+        } else {
+            Route::mailbox("carol@example.test")
+        };
+        Envelope {
+            id: postino_core::MessageId(1),
+            sender: Some(sender.into()),
+            recipients: vec![postino_core::message::RoutedRecipient {
+                address: "bob@dest.test".into(),
+                route,
+            }],
+            received_at: 0,
+            client: client.into(),
+            helo: "client.test".into(),
+            size: 0,
+        }
+    }
+
+    #[test]
+    fn only_our_mail_that_leaves_is_signed_with_the_from_domain_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, signers) = signers(dir.path());
+        let mail =
+            b"From: <alice@example.test>\r\nTo: <bob@dest.test>\r\nSubject: hi\r\n\r\nbody\r\n";
+        let sign = |sender: &str, client: &str, auth: bool, remote: bool, content: &[u8]| {
+            signers
+                .sign(&config, &envelope(sender, client, remote), auth, content)
+                .unwrap()
+                .map(|s| (s.domain, s.header))
+        };
+        // A local sender through a relay network, or any logged-in user.
+        let (domain, header) = sign("alice@example.test", "127.0.0.1", false, true, mail).unwrap();
+        assert_eq!(domain, "example.test");
+        assert!(
+            header.starts_with("DKIM-Signature: v=1; a=ed25519-sha256;"),
+            "{header}"
+        );
+        assert!(header.contains("h=Subject:To:From:From;"), "{header}");
+        assert!(sign("x@elsewhere.test", "192.0.2.1", true, true, mail).is_some());
+        // A local sender from anywhere else, not logged in: a forgery as
+        // far as we know.
+        assert!(sign("alice@example.test", "192.0.2.1", false, true, mail).is_none());
+        // Mail that stays here.
+        assert!(sign("alice@example.test", "127.0.0.1", false, false, mail).is_none());
+        // From: a domain without a key: the envelope sender's key signs.
+        let other = b"From: <alice@other.test>\r\nSubject: hi\r\n\r\nbody\r\n";
+        let (domain, _) = sign("alice@example.test", "127.0.0.1", false, true, other).unwrap();
+        assert_eq!(domain, "example.test");
+        assert!(sign("alice@other.test", "127.0.0.1", false, true, other).is_none());
+        // No From: nothing to vouch for.
+        assert!(sign(
+            "alice@example.test",
+            "127.0.0.1",
+            false,
+            true,
+            b"Subject: x\r\n\r\nb\r\n"
+        )
+        .is_none());
     }
 
     #[test]

@@ -29,8 +29,8 @@ use postino_core::{Envelope, MessageId, Store};
 use tracing::{debug, info, warn};
 
 use crate::delivery::actor::Queued;
-use crate::dkim::DkimKeys;
 use crate::dispatch::{dispatch_planned, new_entry, Plan};
+use crate::dkim::DkimKeys;
 use crate::mailbox;
 
 /// Why a message was not taken in. Whatever of it reached the disk is never

@@ -890,9 +890,8 @@ fn dkim_command(config: &Config, cmd: DkimCommand) -> ExitCode {
     let domain = domain.trim_end_matches('.').to_ascii_lowercase();
     // The same rule the configuration applies to its [dkim."DOMAIN"] names.
     let labels = |s: &str| {
-        s.split('.').all(|l| {
-            !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
+        s.split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
     };
     if !labels(&domain) {
         return fail(&format!("`{domain}` is not a domain name"));
