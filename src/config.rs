@@ -5,6 +5,7 @@
 //! silently ignored setting. `config.example.toml` documents every key and is
 //! parsed by a test.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -75,6 +76,24 @@ pub struct Config {
     /// Message histories (`postino trace ID`).
     #[serde(default)]
     pub trace: TraceConfig,
+    /// `[dkim."example.com"]`: DKIM signing keys per sender domain (RFC
+    /// 6376); the keys themselves are read by the server at start and
+    /// reload (`postino::dkim`).
+    #[serde(default)]
+    pub dkim: BTreeMap<String, DkimDomain>,
+}
+
+/// `[dkim."example.com"]`: the key that signs mail from one domain.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimDomain {
+    /// The selector: the key is published at
+    /// `SELECTOR._domainkey.DOMAIN`.
+    pub selector: String,
+    /// PEM private key (PKCS#8, or PKCS#1 for RSA); RSA (2048 bits or
+    /// more) or Ed25519, told apart by the key itself. Relative paths are
+    /// taken from the directory of the config file.
+    pub key: PathBuf,
 }
 
 /// How long and how much of each message's history is kept (`[trace]`).
@@ -956,6 +975,9 @@ impl Config {
         config
             .validate()
             .map_err(|(key, message)| invalid(locate_key(text, key), Some(key.into()), message))?;
+        config
+            .validate_dkim()
+            .map_err(|(key, message)| invalid(locate_key(text, &key), Some(key), message))?;
         Ok(config)
     }
 
@@ -975,6 +997,9 @@ impl Config {
         }
         if let Some(ca) = &mut self.delivery.tls.ca_file {
             resolve(ca);
+        }
+        for domain in self.dkim.values_mut() {
+            resolve(&mut domain.key);
         }
     }
 
@@ -1081,6 +1106,31 @@ impl Config {
         Ok(())
     }
 
+    /// Checks the `[dkim."DOMAIN"]` sections' names and selectors (their
+    /// keys are read by the server); returns the dotted key and why.
+    fn validate_dkim(&self) -> Result<(), (String, String)> {
+        // RFC 6376 §3.1: a selector is one or more dot-separated labels.
+        let labels = |s: &str| {
+            s.split('.')
+                .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+        };
+        for (domain, dkim) in &self.dkim {
+            if domain.len() > 253 || !labels(domain) {
+                return Err((format!("dkim.\"{domain}\""), "not a domain name".into()));
+            }
+            if !labels(&dkim.selector) {
+                return Err((
+                    format!("dkim.\"{domain}\".selector"),
+                    format!(
+                        "`{}` is not a selector (letters, digits, `-`, `.`)",
+                        dkim.selector
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The control socket path, defaulting into the data directory.
     pub fn control_socket(&self) -> PathBuf {
         self.control
@@ -1104,6 +1154,23 @@ impl Config {
             v4 => v4,
         };
         self.routing.relay_networks.iter().any(|n| n.contains(&ip))
+    }
+}
+
+impl ConfigError {
+    /// An error about `dotted` (such as `dkim."example.com".key`) found
+    /// after the file loaded, for instance in a file it names: the line is
+    /// looked up in `file` when it can be read again.
+    pub fn at_key(file: Option<&Path>, dotted: &str, message: String) -> ConfigError {
+        let line = file
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .and_then(|text| locate_key(&text, dotted));
+        ConfigError::Invalid {
+            path: file.map_or_else(|| PathBuf::from("(built-in configuration)"), Path::to_owned),
+            line,
+            key: Some(dotted.to_owned()),
+            message,
+        }
     }
 }
 
@@ -1168,6 +1235,28 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn dkim_sections_name_the_domain_and_key_in_errors() {
+        let ok =
+            parse("[dkim.\"Example.test\"]\nselector = \"s1.2026\"\nkey = \"k.pem\"\n").unwrap();
+        assert_eq!(ok.dkim["Example.test"].selector, "s1.2026");
+        let err = parse(
+            "hostname = \"h\"\n[dkim.\"example.test\"]\nselector = \"s 1\"\nkey = \"k.pem\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("test.toml:3: key `dkim.\"example.test\".selector`"),
+            "{err}"
+        );
+        let err = parse("[dkim.\"example.test\"]\nselector = \"s1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("key"), "{err}");
+        let err = ConfigError::at_key(None, "dkim.\"a.test\".key", "bad".into()).to_string();
+        assert!(err.contains("`dkim.\"a.test\".key`: bad"), "{err}");
     }
 
     #[test]

@@ -26,10 +26,11 @@ use actix::prelude::*;
 use bytes::Bytes;
 use postino_core::store::{StoreError, TraceKind};
 use postino_core::{Envelope, MessageId, Store};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::delivery::actor::Queued;
 use crate::dispatch::{dispatch_planned, new_entry, Plan};
+use crate::dkim::DkimKeys;
 use crate::mailbox;
 
 /// Why a message was not taken in. Whatever of it reached the disk is never
@@ -50,6 +51,8 @@ pub struct Intake {
     config: crate::reload::LiveConfig,
     store: Store,
     delivery: Recipient<Queued>,
+    /// DKIM keys for [`Intake::sign`] (none unless [`Intake::with_dkim`]).
+    dkim: DkimKeys,
 }
 
 /// How [`Intake::accept`] wrote a message, and so what is left to do.
@@ -73,6 +76,71 @@ impl Intake {
             config: config.into(),
             store,
             delivery,
+            dkim: DkimKeys::default(),
+        }
+    }
+
+    /// This intake signs with `keys` ([`Intake::sign`]).
+    pub fn with_dkim(mut self, keys: DkimKeys) -> Intake {
+        self.dkim = keys;
+        self
+    }
+
+    /// Signs `content` with DKIM if it leaves the machine and its sender is
+    /// ours (the rules are in [`crate::dkim`]), before anything of it is
+    /// written, so every copy and retry carries the same signature; the
+    /// `DKIM-Signature:` field goes on top and `envelope.size` follows.
+    /// Signing runs on a blocking thread (an RSA signature and the body
+    /// hash are milliseconds). A failure is logged and the message goes on
+    /// unsigned: signing never loses mail.
+    pub async fn sign(
+        &self,
+        envelope: &mut Envelope,
+        content: Vec<u8>,
+        authenticated: bool,
+    ) -> Vec<u8> {
+        let keys = self.dkim.current();
+        if keys.is_empty() {
+            return content;
+        }
+        let id = envelope.id;
+        let (config, job_envelope) = (self.config.current(), envelope.clone());
+        // Shared with the signing thread, so that even a panic there leaves
+        // the content here.
+        let content = std::sync::Arc::new(content);
+        let job_content = content.clone();
+        let signed = tokio::task::spawn_blocking(move || {
+            keys.sign(&config, &job_envelope, authenticated, &job_content)
+        })
+        .await;
+        let content = std::sync::Arc::try_unwrap(content).unwrap_or_else(|c| (*c).clone());
+        let failed = |error: &dyn std::fmt::Display| {
+            warn!(%id, error = %error, "dkim signing failed; sending unsigned");
+        };
+        match signed {
+            Ok(Ok(Some(signed))) => {
+                info!(
+                    %id,
+                    domain = %signed.domain,
+                    selector = %signed.selector,
+                    algorithm = signed.algorithm,
+                    "dkim signed"
+                );
+                let mut out = Vec::with_capacity(signed.header.len() + content.len());
+                out.extend_from_slice(signed.header.as_bytes());
+                out.extend_from_slice(&content);
+                envelope.size = out.len() as u64;
+                out
+            }
+            Ok(Ok(None)) => content,
+            Ok(Err(e)) => {
+                failed(&e);
+                content
+            }
+            Err(e) => {
+                failed(&e);
+                content
+            }
         }
     }
 

@@ -16,6 +16,8 @@
 //! - `dispatch`, `bounce`: plain functions over the store that hand a
 //!   spooled message to mailboxes, the queue or a bounce, and build
 //!   bounces and other notifications.
+//! - [`dkim`]: DKIM signing keys (read at start and reload), the signing
+//!   intake does for mail that leaves, and `postino dkim generate`'s keys.
 //! - `mailbox`: the local-mailbox actor (deliveries, POP3 locks, deletions).
 //! - [`delivery`]: the delivery actor (queue manager), MX lookup and the
 //!   outbound SMTP client.
@@ -54,6 +56,7 @@ pub mod control;
 #[allow(missing_docs)] // Still to document: the queue's messages and the SMTP client's items.
 pub mod delivery;
 mod dispatch;
+pub mod dkim;
 mod history;
 mod inspect;
 mod intake;

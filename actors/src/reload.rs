@@ -103,6 +103,8 @@ pub struct Reloader {
     /// The file the server was started with (`None`: built-in defaults).
     pub(crate) file: Option<PathBuf>,
     pub(crate) tls: TlsSlot,
+    /// The DKIM signing keys, read again at every reload.
+    pub(crate) dkim: crate::dkim::DkimKeys,
     pub(crate) store: Store,
     pub(crate) delivery: Recipient<Reconfigure>,
     /// One reload at a time (SIGHUP and `postino reload` may cross).
@@ -141,6 +143,8 @@ impl Reloader {
         let _one = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.live.current();
         let need_restart = keep_restart_settings(&old, &mut config);
+        // Read before anything changes: a bad key keeps it all.
+        let dkim = crate::dkim::DkimKeys::load(&config, self.file.as_deref())?;
         if let Some(tls) = &config.tls {
             // Read before anything changes: a bad certificate keeps it all.
             let acceptor = crate::tls::acceptor(tls).inspect_err(|e| {
@@ -154,6 +158,7 @@ impl Reloader {
         self.store
             .set_quota_policy(config.mailbox.quota, config.mailbox.quota_warning);
         self.delivery.do_send(Reconfigure(config.clone()));
+        self.dkim.replace(dkim);
         self.live.set(config);
         for (section, keys) in by_section(&applied) {
             info!(section, keys = %keys.join(", "), "reload: now in effect");

@@ -308,6 +308,7 @@ impl ServerBuilder {
         store.set_trace_limits(config.trace.limits());
         store.watch_space(config.min_free())?;
         let tls = TlsSlot::new(config.tls.as_ref().map(crate::tls::acceptor).transpose()?);
+        let dkim = crate::dkim::DkimKeys::load(&config, self.config_file.as_deref())?;
 
         // The core actors share one arbiter of their own, so that sled writes
         // never stall a connection's thread.
@@ -363,6 +364,7 @@ impl ServerBuilder {
                 live: live.clone(),
                 file: self.config_file.clone(),
                 tls: tls.clone(),
+                dkim: dkim.clone(),
                 store: store.clone(),
                 delivery: delivery.clone().recipient(),
                 busy: Default::default(),
@@ -410,7 +412,8 @@ impl ServerBuilder {
                 let (store, config) = (store.clone(), live.clone());
                 Router::start_in_arbiter(&handle, move |_| Router::new(config, store))
             };
-            let intake = Intake::new(live.clone(), store.clone(), delivery.clone().recipient());
+            let intake = Intake::new(live.clone(), store.clone(), delivery.clone().recipient())
+                .with_dkim(dkim.clone());
             let route: Recipient<RouteRecipient> = match &self.router {
                 Some(make) => {
                     let (make, default) = (make.clone(), local_router.clone().recipient());

@@ -543,7 +543,8 @@ impl SmtpConnection {
             .map(|u| escape(u).to_string());
         let (tls_protocol, tls_cipher) = self.tls.clone().unzip();
         let message_id = message_id(&accepted.content).map(|m| escape(&m).to_string());
-        let envelope = Envelope {
+        let authenticated = self.session.authenticated_user().is_some();
+        let mut envelope = Envelope {
             id,
             sender: accepted.sender,
             recipients: accepted.recipients,
@@ -574,10 +575,11 @@ impl SmtpConnection {
                 );
                 postino_core::metrics::message_accepted(envelope.size as usize);
             };
-            shared
-                .intake
-                .accept(envelope, accepted.content, logged)
-                .await
+            // DKIM, once, before it is stored (intake.rs, dkim.rs).
+            let content = (shared.intake)
+                .sign(&mut envelope, accepted.content, authenticated)
+                .await;
+            shared.intake.accept(envelope, content, logged).await
         }
         .instrument(self.span.clone());
         ctx.wait(fut.into_actor(self).map(move |res, act, ctx| {

@@ -83,6 +83,9 @@ enum Command {
     /// the server first).
     #[command(subcommand)]
     Store(StoreCommand),
+    /// DKIM signing keys.
+    #[command(subcommand)]
+    Dkim(DkimCommand),
     /// Load harness: SMTP and POP3 clients, and a receiving sink.
     #[command(subcommand)]
     Bench(postino_bench::BenchCommand),
@@ -97,6 +100,33 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum DkimCommand {
+    /// Make a signing key for DOMAIN: writes the private key (PKCS#8 PEM,
+    /// mode 0600; never over an existing file) and prints the DNS TXT
+    /// record to publish and the lines to add to the configuration.
+    Generate {
+        /// The signing domain (`d=`), e.g. example.com.
+        domain: String,
+        /// The selector (`s=`): the record goes at SELECTOR._domainkey.DOMAIN.
+        #[arg(long, default_value = "default")]
+        selector: String,
+        /// RSA (2048 bits; every verifier knows it) or Ed25519 (RFC 8463).
+        #[arg(long, value_enum, default_value_t = DkimAlgorithm::Rsa)]
+        algorithm: DkimAlgorithm,
+        /// Write the key here instead of DATA_DIR/dkim/DOMAIN.SELECTOR.pem.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+}
+
+/// `postino dkim generate --algorithm`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum DkimAlgorithm {
+    Rsa,
+    Ed25519,
 }
 
 #[derive(Subcommand, Debug)]
@@ -405,6 +435,10 @@ fn main() -> ExitCode {
                 eprintln!("postino: {e}");
                 return ExitCode::from(2);
             }
+            if let Err(e) = postino::dkim::DkimKeys::load(&config, config_file.as_deref()) {
+                eprintln!("postino: {e}");
+                return ExitCode::from(2);
+            }
             print_lines([toml::to_string_pretty(&config).unwrap_or_default()])
         }
         Command::Bench(cmd) => {
@@ -422,6 +456,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Store(cmd) => store_command(&config, cmd),
+        Command::Dkim(cmd) => dkim_command(&config, cmd),
         Command::User(cmd) => {
             let request = match cmd {
                 UserCommand::Add { address, quota } => match read_password() {
@@ -852,6 +887,80 @@ fn restore_sigpipe() {
 /// The offline `store` tools. They open the store themselves, so a
 /// running server (which holds sled's lock) makes them fail, naming the
 /// data directory.
+fn dkim_command(config: &Config, cmd: DkimCommand) -> ExitCode {
+    let DkimCommand::Generate {
+        domain,
+        selector,
+        algorithm,
+        output,
+    } = cmd;
+    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    // The same rule the configuration applies to its [dkim."DOMAIN"] names.
+    let labels = |s: &str| {
+        s.split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+    };
+    if !labels(&domain) {
+        return fail(&format!("`{domain}` is not a domain name"));
+    }
+    if !labels(&selector) {
+        return fail(&format!(
+            "`{selector}` is not a selector (letters, digits, `-`, `.`)"
+        ));
+    }
+    let (algorithm, name) = match algorithm {
+        DkimAlgorithm::Rsa => (postino::dkim::Algorithm::Rsa, "RSA-2048"),
+        DkimAlgorithm::Ed25519 => (postino::dkim::Algorithm::Ed25519, "Ed25519"),
+    };
+    let path = output.unwrap_or_else(|| {
+        config
+            .data_dir
+            .join("dkim")
+            .join(format!("{domain}.{selector}.pem"))
+    });
+    let generated = match postino::dkim::generate(algorithm) {
+        Ok(g) => g,
+        Err(e) => return fail(&e.to_string()),
+    };
+    if let Err(e) = write_private(&path, generated.private_pem.as_bytes()) {
+        return fail(&format!("{}: {e}", path.display()));
+    }
+    let path = std::path::absolute(&path).unwrap_or(path);
+    eprintln!(
+        "postino: wrote the {name} key for {domain} to {} (mode 0600)",
+        path.display()
+    );
+    print_lines([
+        "; Publish this DNS record:".to_owned(),
+        generated.zone_line(&selector, &domain),
+        String::new(),
+        "# Add to the configuration:".to_owned(),
+        format!("[dkim.\"{domain}\"]"),
+        format!("selector = \"{selector}\""),
+        // Quoted by toml, whatever the path holds.
+        format!("key = {}", toml::Value::String(path.display().to_string())),
+    ])
+}
+
+/// Writes a private key readable by its owner only, never over an
+/// existing file (an old key may still be published and in use).
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
 fn store_command(config: &Config, cmd: StoreCommand) -> ExitCode {
     let dir = &config.data_dir;
     match cmd {

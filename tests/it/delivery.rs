@@ -113,7 +113,7 @@ fn send_from(server: &TestServer, from: &str, to: &[&str], subject: &str) -> Str
     )
 }
 
-fn send_content(server: &TestServer, from: &str, to: &[&str], content: &str) -> String {
+pub(crate) fn send_content(server: &TestServer, from: &str, to: &[&str], content: &str) -> String {
     let mut c = Raw::connect(server.smtp);
     assert!(c.reply().starts_with("220"));
     assert!(c.cmd("EHLO client.test").starts_with("250"));

@@ -7,6 +7,7 @@ mod cli;
 mod delivery;
 mod delivery_client;
 mod delivery_tls;
+mod dkim;
 mod durability;
 mod embed;
 mod example;

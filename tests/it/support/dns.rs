@@ -38,6 +38,15 @@ impl Zone {
         self
     }
 
+    /// `name TXT "s1" "s2" ...`: each string at most 255 octets and
+    /// without commas (dnsmasq separates the strings at commas).
+    pub fn txt(mut self, name: &str, strings: &[&str]) -> Zone {
+        assert!(strings.iter().all(|s| s.len() <= 255 && !s.contains(',')));
+        self.args
+            .push(format!("--txt-record={name},{}", strings.join(",")));
+        self
+    }
+
     /// `domain MX 0 .` (RFC 7505). dnsmasq's `--mx-host` cannot name the
     /// root, so the record goes in raw: preference 0 (`0000`) and the root
     /// name (`00`).
