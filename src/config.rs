@@ -50,6 +50,9 @@ pub struct Config {
     /// `[dns]`: the resolver for MX lookups.
     #[serde(default)]
     pub dns: DnsConfig,
+    /// `[mta_sts]`: MTA-STS policies of recipient domains.
+    #[serde(default)]
+    pub mta_sts: MtaStsConfig,
     /// TLS certificate and key; without this section no TLS is offered.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
@@ -530,6 +533,65 @@ pub struct DnsConfig {
     /// Bound on one lookup; `None`: the resolver's default.
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
+    /// Validate answers with DNSSEC (needed for DANE, RFC 7672): answers
+    /// that fail validation become temporary failures, and only validated
+    /// (secure) MX, address and TLSA records count for DANE. Postfix's
+    /// `smtp_dns_support_level = dnssec`. Off by default.
+    #[serde(default)]
+    pub dnssec: bool,
+    /// DNSKEY records (zone-file syntax) to trust instead of the root's
+    /// keys, e.g. for a private signed zone or the tests; setting it turns
+    /// `dnssec` on.
+    #[serde(default)]
+    pub trust_anchor: Option<PathBuf>,
+}
+
+impl DnsConfig {
+    /// True when answers are DNSSEC-validated (`dnssec` or a trust anchor).
+    pub fn validates(&self) -> bool {
+        self.dnssec || self.trust_anchor.is_some()
+    }
+}
+
+/// `[mta_sts]`: MTA-STS (RFC 8461) for outbound delivery.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MtaStsConfig {
+    /// Look for and apply the policies of recipient domains (default on).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// HTTPS port of `mta-sts.DOMAIN`; always 443 (RFC 8461 §3.3) except in
+    /// tests.
+    #[serde(default = "default_mta_sts_port")]
+    pub port: u16,
+    /// PEM file of extra CA certificates trusted for the policy's HTTPS
+    /// server (besides the Web PKI roots), e.g. for tests.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Bound on one policy fetch (connect, TLS and body).
+    #[serde(default = "default_mta_sts_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for MtaStsConfig {
+    fn default() -> Self {
+        MtaStsConfig {
+            enabled: true,
+            port: default_mta_sts_port(),
+            ca_file: None,
+            timeout: default_mta_sts_timeout(),
+        }
+    }
+}
+
+fn default_mta_sts_port() -> u16 {
+    443
+}
+
+fn default_mta_sts_timeout() -> Duration {
+    // RFC 8461 §3.3: "a timeout of 1 minute" is suggested; a queue run
+    // should not wait that long on one domain.
+    Duration::from_secs(30)
 }
 
 /// `[tls]`: the certificate for STARTTLS and the implicit-TLS listeners.
@@ -820,6 +882,12 @@ impl Config {
         }
         if let Some(socket) = &mut self.control.socket {
             resolve(socket);
+        }
+        if let Some(anchor) = &mut self.dns.trust_anchor {
+            resolve(anchor);
+        }
+        if let Some(ca) = &mut self.mta_sts.ca_file {
+            resolve(ca);
         }
     }
 

@@ -26,12 +26,14 @@
 pub mod actor;
 pub mod attempt;
 pub mod client;
+pub mod dane;
 pub mod mx;
+pub mod sts;
 
 pub use client::{
     deliver, ClientSettings, ConnectError, Diagnostic, RcptOutcome, SessionOutcome, SmtpClient,
     Timeouts, Transaction,
 };
-pub use mx::{Exchanger, LookupError, MxResolver, ResolverError};
+pub use mx::{Exchanger, LookupError, MxAnswer, MxResolver, ResolverError, TlsaAnswer};
 pub use postino_core::smtp::client::Extensions;
 pub use postino_core::smtp::RemoteHost;
