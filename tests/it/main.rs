@@ -4,6 +4,7 @@
 
 mod admin;
 mod cli;
+mod dane;
 mod delivery;
 mod delivery_client;
 mod durability;

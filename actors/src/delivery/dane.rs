@@ -231,3 +231,125 @@ impl ServerCertVerifier for DaneVerifier {
             .supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+
+    struct Pki {
+        ca: CertificateDer<'static>,
+        leaf: CertificateDer<'static>,
+    }
+
+    /// A CA and a leaf for `name` that it signed; `expired` leaves end in 2001.
+    fn pki(name: &str, expired: bool) -> Pki {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let mut leaf_params = CertificateParams::new(vec![name.to_owned()]).unwrap();
+        if expired {
+            leaf_params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+            leaf_params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        }
+        let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).unwrap();
+        Pki {
+            ca: ca.der().clone(),
+            leaf: leaf.der().clone(),
+        }
+    }
+
+    fn record(usage: u8, selector: u8, matching: u8, cert: &CertificateDer<'_>) -> Tlsa {
+        let selected = match selector {
+            0 => cert.as_ref().to_vec(),
+            _ => webpki::EndEntityCert::try_from(cert)
+                .unwrap()
+                .subject_public_key_info()
+                .as_ref()
+                .to_vec(),
+        };
+        let data = match matching {
+            0 => selected,
+            1 => ring::digest::digest(&ring::digest::SHA256, &selected).as_ref().to_vec(),
+            _ => ring::digest::digest(&ring::digest::SHA512, &selected).as_ref().to_vec(),
+        };
+        Tlsa {
+            usage,
+            selector,
+            matching,
+            data,
+        }
+    }
+
+    fn verify(host: &str, records: &[Tlsa], pki: &Pki, chain_has_ca: bool) -> Result<(), String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = DaneVerifier::new(host, records, provider);
+        let intermediates = if chain_has_ca {
+            vec![pki.ca.clone()]
+        } else {
+            Vec::new()
+        };
+        let name = ServerName::try_from(host.to_owned()).unwrap();
+        verifier
+            .verify_server_cert(&pki.leaf, &intermediates, &name, &[], UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// DANE-EE pins the leaf for every selector and matching type, with
+    /// no name and no expiry check; anything else about the leaf fails.
+    #[test]
+    fn dane_ee() {
+        let good = pki("other.name.test", true);
+        let wrong = pki("mx.dest.test", false);
+        for selector in 0..=1 {
+            for matching in 0..=2 {
+                let r = record(3, selector, matching, &good.leaf);
+                assert_eq!(verify("mx.dest.test", &[r.clone()], &good, false), Ok(()), "{r}");
+                let e = verify("mx.dest.test", &[r.clone()], &wrong, true).unwrap_err();
+                assert!(e.contains("no TLSA record of mx.dest.test matches"), "{e}");
+            }
+        }
+    }
+
+    /// DANE-TA: the chain must reach the named anchor, which the server
+    /// sends, and the leaf must name the exchanger and be in date.
+    #[test]
+    fn dane_ta() {
+        let ok = pki("mx.dest.test", false);
+        for (selector, matching) in [(0, 1), (1, 1), (1, 2), (0, 0)] {
+            let r = record(2, selector, matching, &ok.ca);
+            assert_eq!(verify("mx.dest.test", &[r.clone()], &ok, true), Ok(()), "{r}");
+            // The anchor not in the chain: nothing to match.
+            let e = verify("mx.dest.test", &[r.clone()], &ok, false).unwrap_err();
+            assert!(e.contains("no TLSA record"), "{e}");
+            // Another name than the exchanger's.
+            let e = verify("mx2.dest.test", &[r], &ok, true).unwrap_err();
+            assert!(e.contains("DANE-TA"), "{e}");
+        }
+        let expired = pki("mx.dest.test", true);
+        let e = verify("mx.dest.test", &[record(2, 1, 1, &expired.ca)], &expired, true).unwrap_err();
+        assert!(e.contains("DANE-TA"), "{e}");
+        // A DANE-TA record naming the leaf itself is no anchor for it.
+        let e = verify("mx.dest.test", &[record(2, 1, 1, &ok.leaf)], &ok, true).unwrap_err();
+        assert!(e.contains("no TLSA record"), "{e}");
+    }
+
+    /// PKIX usages and unknown selectors or matching types are unusable
+    /// for SMTP (RFC 7672 §3.1.3) and never match.
+    #[test]
+    fn unusable_records_are_ignored() {
+        let ok = pki("mx.dest.test", false);
+        for r in [record(1, 1, 1, &ok.leaf), record(0, 1, 1, &ok.ca)] {
+            assert!(!r.is_usable());
+            assert!(verify("mx.dest.test", &[r], &ok, true).is_err());
+        }
+        let mut odd = record(3, 1, 1, &ok.leaf);
+        odd.matching = 3;
+        assert!(!odd.is_usable());
+        assert!(verify("mx.dest.test", &[odd], &ok, true).is_err());
+        assert!(record(3, 0, 2, &ok.leaf).is_usable());
+    }
+}

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)] // Each test module uses a different part of the support.
 
+pub mod bind;
 pub mod dns;
 pub mod mx;
 pub mod server;
