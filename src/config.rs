@@ -448,6 +448,38 @@ pub struct RoutingConfig {
     /// Credentials for the smarthost (AUTH PLAIN), if it needs them.
     #[serde(default)]
     pub smarthost_auth: Option<SmarthostAuth>,
+    /// TLS level for the smarthost; default `delivery.tls.level`, raised to
+    /// `encrypt` while `smarthost_auth` is set (unless it allows plaintext).
+    #[serde(default)]
+    pub smarthost_tls: Option<TlsLevel>,
+    /// Implicit TLS to the smarthost (RFC 8314 "wrapper mode", no STARTTLS);
+    /// default: on when the smarthost's port is 465.
+    #[serde(default)]
+    pub smarthost_implicit_tls: Option<bool>,
+}
+
+impl RoutingConfig {
+    /// Whether the smarthost is reached with implicit TLS: the explicit
+    /// `smarthost_implicit_tls`, else port 465.
+    pub fn smarthost_implicit(&self) -> bool {
+        self.smarthost_implicit_tls.unwrap_or_else(|| {
+            self.smarthost
+                .as_deref()
+                .and_then(|h| h.rsplit_once(':'))
+                .is_some_and(|(_, port)| port == "465")
+        })
+    }
+
+    /// The TLS level that applies to the smarthost, `default` being
+    /// `delivery.tls.level`: at least `encrypt` when credentials are set and
+    /// plaintext AUTH is not allowed, so a password never crosses in clear.
+    pub fn smarthost_level(&self, default: TlsLevel) -> TlsLevel {
+        let level = self.smarthost_tls.unwrap_or(default);
+        match &self.smarthost_auth {
+            Some(auth) if !auth.allow_plaintext => level.max(TlsLevel::Encrypt),
+            _ => level,
+        }
+    }
 }
 
 /// A user name and password for the smarthost.
@@ -458,6 +490,10 @@ pub struct SmarthostAuth {
     pub username: String,
     /// The AUTH password (never logged).
     pub password: String,
+    /// Send AUTH even without TLS (default false: credentials only go over
+    /// TLS, and the smarthost gets at least the `encrypt` level).
+    #[serde(default)]
+    pub allow_plaintext: bool,
 }
 
 /// The password is left out: a `Debug` of the configuration may be logged.
@@ -466,6 +502,7 @@ impl std::fmt::Debug for SmarthostAuth {
         f.debug_struct("SmarthostAuth")
             .field("username", &self.username)
             .field("password", &crate::logsafe::Secret::new(()))
+            .field("allow_plaintext", &self.allow_plaintext)
             .finish()
     }
 }
@@ -521,6 +558,115 @@ pub struct DeliveryConfig {
     /// Reply to the final dot (Postfix: 600 s).
     #[serde(default = "default_data_done_timeout", with = "humantime_serde")]
     pub data_done_timeout: Duration,
+    /// Keep idle connections for the next message to the same destination
+    /// (Postfix's connection cache); off: one connection per delivery.
+    #[serde(default = "default_true")]
+    pub connection_reuse: bool,
+    /// `[delivery.tls]`: outbound TLS (STARTTLS) levels and certificates.
+    #[serde(default)]
+    pub tls: DeliveryTlsConfig,
+}
+
+/// Outbound TLS security level, as Postfix's `smtp_tls_security_level`.
+/// Ordered from weakest to strongest.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsLevel {
+    /// Never STARTTLS.
+    None,
+    /// STARTTLS when offered, certificate not checked; on a failed
+    /// handshake the same server is tried again in clear.
+    #[default]
+    May,
+    /// DANE (RFC 7672) where the exchanger has DNSSEC-validated TLSA
+    /// records (needs `[dns] dnssec`): TLS required and the certificate
+    /// checked against them; with only unusable records, `encrypt`;
+    /// without secure records, `may` (Postfix's opportunistic `dane`).
+    Dane,
+    /// TLS required (defer without it), certificate not checked.
+    Encrypt,
+    /// TLS required and the certificate valid for the MX host name (or the
+    /// smarthost's name).
+    Verify,
+    /// TLS required and the certificate valid for the next-hop domain (or a
+    /// name under it), not trusting the MX lookup.
+    Secure,
+}
+
+impl TlsLevel {
+    /// The level's name as in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsLevel::None => "none",
+            TlsLevel::May => "may",
+            TlsLevel::Dane => "dane",
+            TlsLevel::Encrypt => "encrypt",
+            TlsLevel::Verify => "verify",
+            TlsLevel::Secure => "secure",
+        }
+    }
+
+    /// TLS must be used: without it the delivery is deferred.
+    pub fn requires_tls(self) -> bool {
+        self >= TlsLevel::Encrypt
+    }
+
+    /// The server certificate is checked.
+    pub fn verifies(self) -> bool {
+        self >= TlsLevel::Verify
+    }
+}
+
+impl std::fmt::Display for TlsLevel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[delivery.tls]`: outbound TLS.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryTlsConfig {
+    /// Level for destinations without a policy entry (default `may`).
+    #[serde(default)]
+    pub level: TlsLevel,
+    /// PEM file of extra CA certificates trusted for `verify`/`secure`, on
+    /// top of the built-in web roots (private relays, tests).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Per destination domain levels (`"example.com" = "verify"`), as
+    /// Postfix's `smtp_tls_policy_maps`; a key `.example.com` covers the
+    /// domains under example.com. An exact entry wins over a parent's.
+    #[serde(default)]
+    pub policy: std::collections::BTreeMap<String, TlsLevel>,
+}
+
+impl DeliveryTlsConfig {
+    /// The level for mail to `domain`: its policy entry, the nearest
+    /// `.parent` entry, else `level`.
+    pub fn level_for(&self, domain: &str) -> TlsLevel {
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(level) = self.lookup(&domain) {
+            return level;
+        }
+        let mut rest = domain.as_str();
+        while let Some((_, parent)) = rest.split_once('.') {
+            if let Some(level) = self.lookup(&format!(".{parent}")) {
+                return level;
+            }
+            rest = parent;
+        }
+        self.level
+    }
+
+    fn lookup(&self, key: &str) -> Option<TlsLevel> {
+        self.policy
+            .iter()
+            .find(|(k, _)| k.trim_end_matches('.').eq_ignore_ascii_case(key))
+            .map(|(_, v)| *v)
+    }
 }
 
 /// `[dns]`: the resolver for MX and address lookups.
@@ -561,13 +707,10 @@ pub struct MtaStsConfig {
     #[serde(default = "default_true")]
     pub enabled: bool,
     /// HTTPS port of `mta-sts.DOMAIN`; always 443 (RFC 8461 §3.3) except in
-    /// tests.
+    /// tests. The policy server's certificate is checked against the same
+    /// roots as `verify` deliveries (`delivery.tls.ca_file` included).
     #[serde(default = "default_mta_sts_port")]
     pub port: u16,
-    /// PEM file of extra CA certificates trusted for the policy's HTTPS
-    /// server (besides the Web PKI roots), e.g. for tests.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
     /// Bound on one policy fetch (connect, TLS and body).
     #[serde(default = "default_mta_sts_timeout", with = "humantime_serde")]
     pub timeout: Duration,
@@ -578,7 +721,6 @@ impl Default for MtaStsConfig {
         MtaStsConfig {
             enabled: true,
             port: default_mta_sts_port(),
-            ca_file: None,
             timeout: default_mta_sts_timeout(),
         }
     }
@@ -832,6 +974,18 @@ impl Config {
         let mut config = Config::parse(&text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
+        if let Some(ca) = &config.delivery.tls.ca_file {
+            // Read at every delivery setup: a missing file is said now.
+            if let Err(e) = std::fs::File::open(ca) {
+                let key = "delivery.tls.ca_file";
+                return Err(ConfigError::Invalid {
+                    path: path.to_owned(),
+                    line: locate_key(&text, key),
+                    key: Some(key.into()),
+                    message: format!("{}: {e}", ca.display()),
+                });
+            }
+        }
         Ok(config)
     }
 
@@ -886,7 +1040,7 @@ impl Config {
         if let Some(anchor) = &mut self.dns.trust_anchor {
             resolve(anchor);
         }
-        if let Some(ca) = &mut self.mta_sts.ca_file {
+        if let Some(ca) = &mut self.delivery.tls.ca_file {
             resolve(ca);
         }
     }
@@ -948,6 +1102,46 @@ impl Config {
             {
                 return Err(("routing.smarthost", format!("`{host}` is not host:port")));
             }
+        }
+        for domain in self.delivery.tls.policy.keys() {
+            let d = domain.strip_prefix('.').unwrap_or(domain);
+            if d.is_empty() || d.contains(['@', ' ', ':', '[']) || d.len() > 255 {
+                return Err((
+                    "delivery.tls.policy",
+                    format!("`{domain}` is not a domain (or `.domain` for the domains under it)"),
+                ));
+            }
+        }
+        if let Some(auth) = &self.routing.smarthost_auth {
+            if !auth.allow_plaintext && self.routing.smarthost_tls == Some(TlsLevel::None) {
+                return Err((
+                    "routing.smarthost_tls",
+                    "\"none\" would send smarthost_auth's password in clear: use encrypt or \
+                     stronger, or set routing.smarthost_auth.allow_plaintext = true"
+                        .into(),
+                ));
+            }
+        }
+        let tls = &self.delivery.tls;
+        if !self.dns.validates() {
+            if tls.level == TlsLevel::Dane {
+                return Err((
+                    "delivery.tls.level",
+                    "dane needs DNSSEC: set dns.dnssec = true (or dns.trust_anchor)".into(),
+                ));
+            }
+            if let Some((domain, _)) = tls.policy.iter().find(|(_, l)| **l == TlsLevel::Dane) {
+                return Err((
+                    "delivery.tls.policy",
+                    format!("{domain} = dane needs DNSSEC: set dns.dnssec = true (or dns.trust_anchor)"),
+                ));
+            }
+        }
+        if self.routing.smarthost_tls == Some(TlsLevel::Dane) {
+            return Err((
+                "routing.smarthost_tls",
+                "dane applies to MX delivery, not to the smarthost".into(),
+            ));
         }
         if let Some(token) = &self.admin.token {
             if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {

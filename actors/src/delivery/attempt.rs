@@ -13,8 +13,10 @@ use postino_core::store::DeliveryDiagnostic;
 use postino_core::{Config, MessageId};
 use tracing::{debug, warn};
 
-use super::client::{ClientSettings, Diagnostic, RcptOutcome, SmtpClient, Transaction};
-use super::mx::{Exchanger, LookupError, MxResolver};
+use super::client::{ClientSettings, Diagnostic, RcptOutcome, SmtpClient, Target, Transaction};
+use super::mx::{LookupError, MxAnswer, MxResolver};
+use super::tls::{OutboundTls, TlsInfo, TlsRequirement};
+use super::tls_policy::TlsPolicies;
 
 /// How long an idle connection is kept for reuse (Postfix's
 /// `smtp_connection_cache_time_limit`).
@@ -29,6 +31,8 @@ pub struct Outcome {
     pub recipient: String,
     /// The server talked to last, if any (`relay=` in the log).
     pub relay: Option<RemoteHost>,
+    /// Protocol and cipher when the transaction went over TLS.
+    pub tls: Option<TlsInfo>,
     pub result: RcptResult,
 }
 
@@ -38,6 +42,13 @@ impl Outcome {
         self.relay
             .as_ref()
             .map_or_else(|| "none".to_owned(), RemoteHost::to_string)
+    }
+
+    /// The TLS protocol and cipher, or `none`, for the log.
+    pub fn tls_text(&self) -> String {
+        self.tls
+            .as_ref()
+            .map_or_else(|| "none".to_owned(), TlsInfo::to_string)
     }
 }
 
@@ -57,6 +68,8 @@ pub struct Attempt {
     config: Arc<Config>,
     resolver: Result<MxResolver, String>,
     settings: ClientSettings,
+    /// MTA-STS and DANE.
+    policies: TlsPolicies,
     idle: Mutex<HashMap<String, Vec<(Instant, SmtpClient)>>>,
 }
 
@@ -67,6 +80,11 @@ impl Attempt {
             warn!(error = %e, "no DNS resolver: remote deliveries will be deferred");
         }
         let mut settings = ClientSettings::new(config.hostname.clone(), &config.delivery);
+        let tls = OutboundTls::new(&config.delivery.tls);
+        if let Some(problem) = tls.problem() {
+            warn!(error = %escape(problem), "outbound TLS cannot check certificates: verify and secure deliveries will be deferred");
+        }
+        settings.tls = Some(Arc::new(tls));
         // The credentials are for the smarthost only: offered to every MX,
         // they would leak, and MXs without AUTH would all be skipped.
         match (&config.routing.smarthost, &config.routing.smarthost_auth) {
@@ -76,10 +94,12 @@ impl Attempt {
             }
             (None, None) => {}
         }
+        let policies = TlsPolicies::new(&config, resolver.as_ref().ok());
         Attempt {
             config,
             resolver,
             settings,
+            policies,
             idle: Mutex::new(HashMap::new()),
         }
     }
@@ -104,7 +124,7 @@ impl Attempt {
         recipients: &[String],
         content: &[u8],
     ) -> Vec<Outcome> {
-        let exchangers = match self.exchangers(domain).await {
+        let answer = match self.exchangers(domain).await {
             Ok(found) => found,
             Err(e) => {
                 let diagnostic = lookup_diagnostic(domain, &e);
@@ -117,6 +137,13 @@ impl Attempt {
                 return every(recipients, None, &result);
             }
         };
+        let targets = match self.targets(id, domain, answer).await {
+            Ok(targets) => targets,
+            Err(diagnostic) => {
+                debug!(%id, domain = %escape(domain), error = %escape(&diagnostic.to_string()), "no usable exchanger");
+                return every(recipients, None, &RcptResult::Deferred(diagnostic));
+            }
+        };
         let key = self.destination(domain);
         let mut outcomes = Vec::with_capacity(recipients.len());
         let batch = self.config.delivery.recipients_per_delivery.max(1);
@@ -126,7 +153,11 @@ impl Attempt {
                 recipients: chunk,
                 content,
             };
-            let mut cached = self.take(&key);
+            let mut cached = if self.config.delivery.connection_reuse {
+                self.take(&key)
+            } else {
+                None
+            };
             if let Some(conn) = &mut cached {
                 // RSET proves a cached connection is still alive: one the
                 // server closed while idle would otherwise defer the batch.
@@ -136,7 +167,7 @@ impl Attempt {
             }
             let mut conn = match cached {
                 Some(conn) => conn,
-                None => match SmtpClient::connect(&exchangers, &self.settings).await {
+                None => match SmtpClient::connect_to(&targets, &self.settings).await {
                     Ok(conn) => conn,
                     Err(e) => {
                         // No exchanger takes a connection now: the next
@@ -154,10 +185,11 @@ impl Attempt {
                 outcomes.push(Outcome {
                     recipient: r.clone(),
                     relay: Some(relay.clone()),
+                    tls: conn.tls().cloned(),
                     result: convert(Some(&relay), o),
                 });
             }
-            let spare = if conn.is_reusable() {
+            let spare = if conn.is_reusable() && self.config.delivery.connection_reuse {
                 self.put(&key, conn)
             } else {
                 Some(conn)
@@ -187,16 +219,67 @@ impl Attempt {
         out
     }
 
+    /// The TLS each exchanger must offer, decided before connecting: the
+    /// smarthost's level (`routing.smarthost_tls`, at least `encrypt` with
+    /// credentials, implicit TLS on port 465), else the domain's
+    /// `delivery.tls` policy with the names to check at `verify`/`secure`,
+    /// raised (or the exchanger skipped) by the policies found at delivery
+    /// time, MTA-STS and DANE ([`TlsPolicies`]). An error when no exchanger
+    /// may be used: the delivery is deferred.
+    async fn targets(
+        &self,
+        id: MessageId,
+        domain: &str,
+        answer: MxAnswer,
+    ) -> Result<Vec<Target>, DeliveryDiagnostic> {
+        let tls = &self.config.delivery.tls;
+        let routing = &self.config.routing;
+        if routing.smarthost.is_none() {
+            if let Ok(resolver) = &self.resolver {
+                return self
+                    .policies
+                    .targets(id, &self.config, resolver, domain, answer)
+                    .await;
+            }
+        }
+        Ok(answer
+            .exchangers
+            .into_iter()
+            .map(|exchanger| {
+                let level = routing.smarthost_level(tls.level);
+                let mut req = TlsRequirement::new(level, "smarthost");
+                // The next hop is the smarthost itself: its name is what
+                // the certificate must carry.
+                req.names = vec![exchanger.host.trim_end_matches('.').to_ascii_lowercase()];
+                req.implicit = routing.smarthost_implicit();
+                Target {
+                    exchanger,
+                    tls: req,
+                }
+            })
+            .collect())
+    }
+
     /// The servers to try: the smarthost for everything when one is set,
     /// else the domain's exchangers.
-    async fn exchangers(&self, domain: &str) -> Result<Vec<Exchanger>, LookupError> {
+    async fn exchangers(&self, domain: &str) -> Result<MxAnswer, LookupError> {
         let resolver = self
             .resolver
             .as_ref()
             .map_err(|e| LookupError::Temporary(e.clone()))?;
         match &self.config.routing.smarthost {
-            Some(host) => resolver.resolve_smarthost(host).await,
-            None => resolver.resolve(domain, self.config.delivery.mx_port).await,
+            Some(host) => resolver
+                .resolve_smarthost(host)
+                .await
+                .map(|exchangers| MxAnswer {
+                    exchangers,
+                    secure: Vec::new(),
+                }),
+            None => {
+                resolver
+                    .resolve_mx(domain, self.config.delivery.mx_port)
+                    .await
+            }
         }
     }
 
@@ -235,6 +318,7 @@ fn every(recipients: &[String], relay: Option<&RemoteHost>, result: &RcptResult)
         .map(|r| Outcome {
             recipient: r.clone(),
             relay: relay.cloned(),
+            tls: None,
             result: result.clone(),
         })
         .collect()
