@@ -100,8 +100,10 @@ impl fmt::Display for Tlsa {
     }
 }
 
-/// Why a certificate failed DANE authentication.
-#[derive(Debug, thiserror::Error)]
+/// Why a certificate failed DANE authentication. Its `Debug` is its text:
+/// rustls shows a custom certificate error with `Debug`, and that is what
+/// reaches the delivery diagnostic.
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum DaneError {
     /// No usable TLSA record matches the certificate or its chain.
@@ -119,6 +121,12 @@ pub enum DaneError {
         /// What webpki said.
         error: rustls::Error,
     },
+}
+
+impl fmt::Debug for DaneError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
 }
 
 /// Verifies a server's certificate against its usable TLSA records.
