@@ -1409,6 +1409,31 @@ mod tests {
     }
 
     #[test]
+    fn dane_needs_dnssec_and_mta_sts_is_on_by_default() {
+        let c = parse("").unwrap();
+        assert!(c.mta_sts.enabled);
+        assert_eq!(c.mta_sts.port, 443);
+        assert!(!c.dns.validates());
+        let err = parse("[delivery.tls]\n\nlevel = \"dane\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("test.toml:3"), "{err}");
+        assert!(err.contains("delivery.tls.level"), "{err}");
+        assert!(err.contains("dns.dnssec"), "{err}");
+        let err = parse("[delivery.tls.policy]\n\"a.test\" = \"dane\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("delivery.tls.policy") && err.contains("a.test"), "{err}");
+        let c = parse("[delivery.tls]\nlevel = \"dane\"\n[dns]\ndnssec = true\n").unwrap();
+        assert_eq!(c.delivery.tls.level, TlsLevel::Dane);
+        assert!(c.dns.validates());
+        let c = parse("[dns]\ntrust_anchor = \"k.key\"\n").unwrap();
+        assert!(c.dns.validates());
+        let err = parse("[mta_sts]\nca_file = \"x\"\n").unwrap_err().to_string();
+        assert!(err.contains("test.toml:2") && err.contains("ca_file"), "{err}");
+    }
+
+    #[test]
     fn syntax_error_names_line() {
         let err = parse("hostname = \"a\"\nthis is not toml\n")
             .unwrap_err()

@@ -16,6 +16,7 @@ mod fulldisk;
 mod hostile;
 mod inspect;
 mod logs;
+mod mta_sts;
 mod packaging;
 mod policy;
 mod pop3;

@@ -6,6 +6,7 @@
 
 pub mod bind;
 pub mod dns;
+pub mod https;
 pub mod mx;
 pub mod server;
 pub mod tmpfs;
