@@ -1366,6 +1366,101 @@ mod tests {
     }
 
     #[test]
+    fn outbound_tls_levels_and_errors_name_key_and_line() {
+        let c = parse("").unwrap();
+        assert_eq!(c.delivery.tls.level, TlsLevel::May);
+        assert!(c.delivery.connection_reuse);
+        let c = parse(
+            "[delivery]\nconnection_reuse = false\n[delivery.tls]\nlevel = \"encrypt\"\n\
+             [delivery.tls.policy]\n\"Bank.test\" = \"secure\"\n\".corp.test\" = \"none\"\n",
+        )
+        .unwrap();
+        assert!(!c.delivery.connection_reuse);
+        assert_eq!(c.delivery.tls.level_for("bank.TEST."), TlsLevel::Secure);
+        assert_eq!(c.delivery.tls.level_for("a.corp.test"), TlsLevel::None);
+        assert_eq!(c.delivery.tls.level_for("other.test"), TlsLevel::Encrypt);
+
+        let err = parse("[delivery.tls]\n\nlevel = \"maybe\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.toml:3: key `delivery.tls.level`"),
+            "{err}"
+        );
+        let err = parse("[delivery.tls.policy]\n\"a.test\" = \"secure\"\n\"b.test\" = \"dane!\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.toml:3:"), "{err}");
+        assert!(err.contains("delivery.tls.policy"), "{err}");
+        let err = parse("[delivery.tls.policy]\n\"a@b\" = \"secure\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.toml:1: key `delivery.tls.policy`: `a@b` is not a domain"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn smarthost_tls_follows_the_credentials() {
+        let c = parse("[routing]\nsmarthost = \"relay.test:587\"\n").unwrap();
+        assert_eq!(c.routing.smarthost_level(TlsLevel::May), TlsLevel::May);
+        assert!(!c.routing.smarthost_implicit());
+        let c = parse(
+            "[routing]\nsmarthost = \"relay.test:465\"\n[routing.smarthost_auth]\n\
+             username = \"u\"\npassword = \"p\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.routing.smarthost_level(TlsLevel::May), TlsLevel::Encrypt);
+        assert_eq!(c.routing.smarthost_level(TlsLevel::None), TlsLevel::Encrypt);
+        assert_eq!(
+            c.routing.smarthost_level(TlsLevel::Verify),
+            TlsLevel::Verify
+        );
+        assert!(c.routing.smarthost_implicit());
+        let c = parse(
+            "[routing]\nsmarthost = \"relay.test:25\"\nsmarthost_implicit_tls = true\n\
+             [routing.smarthost_auth]\nusername = \"u\"\npassword = \"p\"\nallow_plaintext = true\n",
+        )
+        .unwrap();
+        assert_eq!(c.routing.smarthost_level(TlsLevel::None), TlsLevel::None);
+        assert!(c.routing.smarthost_implicit());
+        let err = parse(
+            "[routing]\nsmarthost = \"relay.test:25\"\nsmarthost_tls = \"none\"\n\
+             [routing.smarthost_auth]\nusername = \"u\"\npassword = \"p\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("test.toml:3: key `routing.smarthost_tls`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_missing_ca_file_names_key_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("postino.toml");
+        std::fs::write(
+            &path,
+            "[delivery.tls]\nlevel = \"verify\"\nca_file = \"nope.pem\"\n",
+        )
+        .unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "{}:3: key `delivery.tls.ca_file`: ",
+                path.display()
+            )),
+            "{err}"
+        );
+        assert!(err.contains("nope.pem"), "{err}");
+        std::fs::write(dir.path().join("nope.pem"), "").unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.delivery.tls.ca_file, Some(dir.path().join("nope.pem")));
+    }
+
+    #[test]
     fn auth_workers_default_to_cores_and_are_checked() {
         let c = parse("").unwrap();
         assert!(c.auth.workers >= 1);

@@ -7,6 +7,7 @@ mod cli;
 mod dane;
 mod delivery;
 mod delivery_client;
+mod delivery_tls;
 mod durability;
 mod embed;
 mod example;
