@@ -93,7 +93,6 @@ impl TestPki {
         Issued {
             cert: self.dir.path().join(format!("{file}.pem")),
             key: self.dir.path().join(format!("{file}.key")),
-            leaf_der: cert.der().to_vec(),
             spki_der: key.public_key_der(),
             ca_der: self.ca_cert.der().to_vec(),
         }
@@ -154,8 +153,6 @@ pub struct Issued {
     pub cert: PathBuf,
     /// PEM private key.
     pub key: PathBuf,
-    /// DER of the certificate.
-    pub leaf_der: Vec<u8>,
     /// DER of its SubjectPublicKeyInfo.
     pub spki_der: Vec<u8>,
     /// DER of the CA's certificate.

@@ -171,7 +171,7 @@ impl Sts {
                         id,
                         policy: Arc::new(policy),
                     };
-                    info!(domain = %escape(&domain), id = %escape(&active.id), mode = active.mode(), max_age = max_age.as_secs(), "MTA-STS policy fetched");
+                    info!(domain = %escape(&domain), id = %escape(&active.id), mode = %active.mode(), max_age = max_age.as_secs(), "MTA-STS policy fetched");
                     self.store(&domain, &active, max_age);
                     Some(active)
                 }
