@@ -1133,7 +1133,9 @@ impl Config {
             if let Some((domain, _)) = tls.policy.iter().find(|(_, l)| **l == TlsLevel::Dane) {
                 return Err((
                     "delivery.tls.policy",
-                    format!("{domain} = dane needs DNSSEC: set dns.dnssec = true (or dns.trust_anchor)"),
+                    format!(
+                        "{domain} = dane needs DNSSEC: set dns.dnssec = true (or dns.trust_anchor)"
+                    ),
                 ));
             }
         }
@@ -1518,14 +1520,22 @@ mod tests {
         let err = parse("[delivery.tls.policy]\n\"a.test\" = \"dane\"\n")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("delivery.tls.policy") && err.contains("a.test"), "{err}");
+        assert!(
+            err.contains("delivery.tls.policy") && err.contains("a.test"),
+            "{err}"
+        );
         let c = parse("[delivery.tls]\nlevel = \"dane\"\n[dns]\ndnssec = true\n").unwrap();
         assert_eq!(c.delivery.tls.level, TlsLevel::Dane);
         assert!(c.dns.validates());
         let c = parse("[dns]\ntrust_anchor = \"k.key\"\n").unwrap();
         assert!(c.dns.validates());
-        let err = parse("[mta_sts]\nca_file = \"x\"\n").unwrap_err().to_string();
-        assert!(err.contains("test.toml:2") && err.contains("ca_file"), "{err}");
+        let err = parse("[mta_sts]\nca_file = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("test.toml:2") && err.contains("ca_file"),
+            "{err}"
+        );
     }
 
     #[test]

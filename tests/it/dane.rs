@@ -167,7 +167,10 @@ fn dane_ee_match_delivers_and_mismatch_defers() {
     assert!(wait_messages(&world.ee, 1)[0].tls);
     let deferred = wait_line(&world.server, &[&format!("id={bad}"), "status=deferred"]);
     assert!(deferred.contains("TLSA _"), "{deferred}");
-    assert!(deferred.contains("no TLSA record of mx.bad.test matches"), "{deferred}");
+    assert!(
+        deferred.contains("no TLSA record of mx.bad.test matches"),
+        "{deferred}"
+    );
     assert_eq!(world.bad.count(), 0);
 }
 

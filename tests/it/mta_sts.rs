@@ -136,9 +136,18 @@ impl Destination {
 /// one that is gets the mail over TLS with its certificate verified.
 #[test]
 fn enforce_skips_an_exchanger_outside_the_policy_and_delivers_to_the_one_inside() {
-    let dest = Destination::start(&policy("enforce", &["mx2.dest.test"]), &["mx1.dest.test"], true);
+    let dest = Destination::start(
+        &policy("enforce", &["mx2.dest.test"]),
+        &["mx1.dest.test"],
+        true,
+    );
     let server = dest.relay();
-    let id = send_from(&server, "alice@example.test", &["bob@dest.test"], "enforced");
+    let id = send_from(
+        &server,
+        "alice@example.test",
+        &["bob@dest.test"],
+        "enforced",
+    );
     let sent = wait_line(&server, &[&format!("id={id}"), "status=sent"]);
     assert!(sent.contains("relay=mx2.dest.test["), "{sent}");
     assert!(sent.contains(", verified"), "{sent}");
@@ -147,10 +156,22 @@ fn enforce_skips_an_exchanger_outside_the_policy_and_delivers_to_the_one_inside(
     assert_eq!(dest.mx1.count(), 0);
     let skipped = wait_line(&server, &["MTA-STS enforce: exchanger not in the policy"]);
     assert!(skipped.contains("mx1.dest.test"), "{skipped}");
-    wait_line(&server, &["MTA-STS policy fetched", "mode=enforce", "id=20261201T000000"]);
+    wait_line(
+        &server,
+        &[
+            "MTA-STS policy fetched",
+            "mode=enforce",
+            "id=20261201T000000",
+        ],
+    );
 
     // The policy is cached: a second message does not fetch it again.
-    let second = send_from(&server, "alice@example.test", &["carol@dest.test"], "cached");
+    let second = send_from(
+        &server,
+        "alice@example.test",
+        &["carol@dest.test"],
+        "cached",
+    );
     wait_line(&server, &[&format!("id={second}"), "status=sent"]);
     assert_eq!(dest.web.fetches(), 1);
 }
@@ -160,11 +181,23 @@ fn enforce_skips_an_exchanger_outside_the_policy_and_delivers_to_the_one_inside(
 /// sent to a host that failed.
 #[test]
 fn enforce_defers_when_the_certificate_does_not_verify() {
-    let dest = Destination::start(&policy("enforce", &["mx1.dest.test"]), &["other.test"], true);
+    let dest = Destination::start(
+        &policy("enforce", &["mx1.dest.test"]),
+        &["other.test"],
+        true,
+    );
     let server = dest.relay();
-    let id = send_from(&server, "alice@example.test", &["bob@dest.test"], "bad cert");
+    let id = send_from(
+        &server,
+        "alice@example.test",
+        &["bob@dest.test"],
+        "bad cert",
+    );
     let deferred = wait_line(&server, &[&format!("id={id}"), "status=deferred"]);
-    assert!(deferred.contains("MTA-STS policy 20261201T000000 of dest.test"), "{deferred}");
+    assert!(
+        deferred.contains("MTA-STS policy 20261201T000000 of dest.test"),
+        "{deferred}"
+    );
     assert!(deferred.contains("4.7."), "{deferred}");
     assert_eq!(dest.mx1.count() + dest.mx2.count(), 0);
     let queue = server.cli(&["queue", "list"], "");
@@ -177,7 +210,11 @@ fn enforce_defers_when_the_certificate_does_not_verify() {
 /// what `enforce` would have done is logged.
 #[test]
 fn testing_mode_delivers_and_logs() {
-    let dest = Destination::start(&policy("testing", &["mx2.dest.test"]), &["other.test"], false);
+    let dest = Destination::start(
+        &policy("testing", &["mx2.dest.test"]),
+        &["other.test"],
+        false,
+    );
     let server = dest.relay();
     let id = send_from(&server, "alice@example.test", &["bob@dest.test"], "testing");
     let sent = wait_line(&server, &[&format!("id={id}"), "status=sent"]);

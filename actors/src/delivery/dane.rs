@@ -193,9 +193,10 @@ impl ServerCertVerifier for DaneVerifier {
                 host: self.host.clone(),
             }));
         }
-        let pkix = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-            .build()
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let pkix =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
         pkix.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
             .map_err(|error| {
                 self.fail(DaneError::TrustAnchor {
@@ -280,8 +281,12 @@ mod tests {
         };
         let data = match matching {
             0 => selected,
-            1 => ring::digest::digest(&ring::digest::SHA256, &selected).as_ref().to_vec(),
-            _ => ring::digest::digest(&ring::digest::SHA512, &selected).as_ref().to_vec(),
+            1 => ring::digest::digest(&ring::digest::SHA256, &selected)
+                .as_ref()
+                .to_vec(),
+            _ => ring::digest::digest(&ring::digest::SHA512, &selected)
+                .as_ref()
+                .to_vec(),
         };
         Tlsa {
             usage,
@@ -315,8 +320,12 @@ mod tests {
         for selector in 0..=1 {
             for matching in 0..=2 {
                 let r = record(3, selector, matching, &good.leaf);
-                assert_eq!(verify("mx.dest.test", &[r.clone()], &good, false), Ok(()), "{r}");
-                let e = verify("mx.dest.test", &[r.clone()], &wrong, true).unwrap_err();
+                assert_eq!(
+                    verify("mx.dest.test", std::slice::from_ref(&r), &good, false),
+                    Ok(()),
+                    "{r}"
+                );
+                let e = verify("mx.dest.test", std::slice::from_ref(&r), &wrong, true).unwrap_err();
                 assert!(e.contains("no TLSA record of mx.dest.test matches"), "{e}");
             }
         }
@@ -329,16 +338,26 @@ mod tests {
         let ok = pki("mx.dest.test", false);
         for (selector, matching) in [(0, 1), (1, 1), (1, 2), (0, 0)] {
             let r = record(2, selector, matching, &ok.ca);
-            assert_eq!(verify("mx.dest.test", &[r.clone()], &ok, true), Ok(()), "{r}");
+            assert_eq!(
+                verify("mx.dest.test", std::slice::from_ref(&r), &ok, true),
+                Ok(()),
+                "{r}"
+            );
             // The anchor not in the chain: nothing to match.
-            let e = verify("mx.dest.test", &[r.clone()], &ok, false).unwrap_err();
+            let e = verify("mx.dest.test", std::slice::from_ref(&r), &ok, false).unwrap_err();
             assert!(e.contains("no TLSA record"), "{e}");
             // Another name than the exchanger's.
             let e = verify("mx2.dest.test", &[r], &ok, true).unwrap_err();
             assert!(e.contains("DANE-TA"), "{e}");
         }
         let expired = pki("mx.dest.test", true);
-        let e = verify("mx.dest.test", &[record(2, 1, 1, &expired.ca)], &expired, true).unwrap_err();
+        let e = verify(
+            "mx.dest.test",
+            &[record(2, 1, 1, &expired.ca)],
+            &expired,
+            true,
+        )
+        .unwrap_err();
         assert!(e.contains("DANE-TA"), "{e}");
         // A DANE-TA record naming the leaf itself is no anchor for it.
         let e = verify("mx.dest.test", &[record(2, 1, 1, &ok.leaf)], &ok, true).unwrap_err();

@@ -226,7 +226,9 @@ impl MxResolver {
             }
             Err(e) => match classify(&e) {
                 Negative::NxDomain | Negative::NoData => Ok(TlsaAnswer::Absent),
-                Negative::Other => Err(LookupError::Temporary(format!("TLSA _{port}._tcp.{host}: {e}"))),
+                Negative::Other => Err(LookupError::Temporary(format!(
+                    "TLSA _{port}._tcp.{host}: {e}"
+                ))),
             },
         }
     }
@@ -271,7 +273,10 @@ impl MxResolver {
     pub async fn host_addrs(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, LookupError> {
         let name = fqdn(host)?;
         match self.addresses(&name).await {
-            Addresses::Found(ips, _) => Ok(ips.into_iter().map(|ip| SocketAddr::new(ip, port)).collect()),
+            Addresses::Found(ips, _) => Ok(ips
+                .into_iter()
+                .map(|ip| SocketAddr::new(ip, port))
+                .collect()),
             Addresses::None { nxdomain: true } => Err(LookupError::NoSuchDomain),
             Addresses::None { nxdomain: false } => Err(LookupError::NoAddresses),
             Addresses::Temporary(e) => Err(LookupError::Temporary(e)),
@@ -375,12 +380,12 @@ impl MxResolver {
                         secure.push(display_name(&name));
                     }
                     exchangers.push(Exchanger {
-                    host: display_name(&name),
-                    preference,
-                    addrs: ips
-                        .into_iter()
-                        .map(|ip| SocketAddr::new(ip, port))
-                        .collect(),
+                        host: display_name(&name),
+                        preference,
+                        addrs: ips
+                            .into_iter()
+                            .map(|ip| SocketAddr::new(ip, port))
+                            .collect(),
                     })
                 }
                 Addresses::None { .. } => {
@@ -400,10 +405,7 @@ impl MxResolver {
                 None => LookupError::NoAddresses,
             });
         }
-        Ok(MxAnswer {
-            exchangers,
-            secure,
-        })
+        Ok(MxAnswer { exchangers, secure })
     }
 
     /// The smarthost `host:port` (or `host`, port 25; `[addr]:port` and

@@ -102,7 +102,8 @@ impl TlsPolicies {
                         Ok(TlsaAnswer::Secure(records)) => {
                             let source = format!("TLSA _{port}._tcp.{host}");
                             if records.iter().any(|r| r.is_usable()) {
-                                let verifier = DaneVerifier::new(&host, &records, self.provider.clone());
+                                let verifier =
+                                    DaneVerifier::new(&host, &records, self.provider.clone());
                                 req.level = TlsLevel::Dane;
                                 req.verifier = Some(Arc::new(verifier));
                                 dane = true;
@@ -135,10 +136,8 @@ impl TlsPolicies {
                         if req.names.is_empty() {
                             req.names = vec![host.to_ascii_lowercase()];
                         }
-                        req.source = Cow::Owned(format!(
-                            "MTA-STS policy {} of {domain}",
-                            policy.id
-                        ));
+                        req.source =
+                            Cow::Owned(format!("MTA-STS policy {} of {domain}", policy.id));
                     }
                     "testing" if !allowed => {
                         info!(%id, domain = %escape(domain), exchanger = %escape(&host), policy = %escape(&policy.id), "MTA-STS testing: exchanger not in the policy (enforce would skip it)");

@@ -53,7 +53,15 @@ impl ZoneData {
     }
 
     /// `_port._tcp.host TLSA usage selector matching data`.
-    pub fn tlsa(self, host: &str, port: u16, usage: u8, selector: u8, matching: u8, data: &[u8]) -> ZoneData {
+    pub fn tlsa(
+        self,
+        host: &str,
+        port: u16,
+        usage: u8,
+        selector: u8,
+        matching: u8,
+        data: &[u8],
+    ) -> ZoneData {
         let hex: String = data.iter().map(|b| format!("{b:02X}")).collect();
         self.record(format!(
             "_{port}._tcp.{host}. TLSA {usage} {selector} {matching} {hex}"
