@@ -1,5 +1,5 @@
 //! MTA-STS and DANE applied to one destination's exchangers: which of them
-//! may be used, and the [`TlsRequirement`] each must meet, before the
+//! may be used, and the [`TlsRequirement`](super::tls::TlsRequirement) each must meet, before the
 //! client connects.
 //!
 //! - DANE (RFC 7672), at the `dane` level only (as Postfix): for an
