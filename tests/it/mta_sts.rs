@@ -88,6 +88,19 @@ struct Destination {
     web: PolicyServer,
     named: Named,
     mx_port: u16,
+    ips: (Ipv4Addr, Ipv4Addr, Ipv4Addr),
+}
+
+/// The records of `dest.test`, with policy id `id` (TTL 0: a changed id is
+/// seen at the next delivery).
+fn zone(mx1: Ipv4Addr, mx2: Ipv4Addr, web: Ipv4Addr, id: &str) -> ZoneData {
+    ZoneData::new("test")
+        .mx("dest.test", "mx1.dest.test", 10)
+        .mx("dest.test", "mx2.dest.test", 20)
+        .a("mx1.dest.test", mx1)
+        .a("mx2.dest.test", mx2)
+        .a("mta-sts.dest.test", web)
+        .record(format!("_mta-sts.dest.test. 0 TXT \"v=STSv1; id={id};\""))
 }
 
 impl Destination {
@@ -102,13 +115,7 @@ impl Destination {
         let mx1 = tls_sink(ip1, mx_port, &c1);
         let mx2 = tls_sink(ip2, mx_port, &c2);
         let web = PolicyServer::start(ip_web, web_port, &w.cert, &w.key, policy_text);
-        let zone = ZoneData::new("test")
-            .mx("dest.test", "mx1.dest.test", 10)
-            .mx("dest.test", "mx2.dest.test", 20)
-            .a("mx1.dest.test", ip1)
-            .a("mx2.dest.test", ip2)
-            .a("mta-sts.dest.test", ip_web)
-            .txt("_mta-sts.dest.test", "v=STSv1; id=20261201T000000;");
+        let zone = zone(ip1, ip2, ip_web, "20261201T000000");
         let named = Named::start(&zone, &[]);
         Destination {
             pki,
@@ -117,6 +124,7 @@ impl Destination {
             web,
             named,
             mx_port,
+            ips: (ip1, ip2, ip_web),
         }
     }
 
@@ -222,4 +230,44 @@ fn testing_mode_delivers_and_logs() {
     assert_eq!(wait_messages(&dest.mx1, 1).len(), 1);
     let note = wait_line(&server, &["MTA-STS testing: exchanger not in the policy"]);
     assert!(note.contains("mx1.dest.test"), "{note}");
+}
+
+/// A new id in the TXT record fetches the policy again, and the new policy
+/// applies; the same id keeps the cached one.
+#[test]
+fn a_new_policy_id_fetches_the_policy_again() {
+    let dest = Destination::start(
+        &policy("enforce", &["mx2.dest.test"]),
+        &["mx1.dest.test"],
+        true,
+    );
+    let server = dest.relay();
+    let first = send_from(
+        &server,
+        "alice@example.test",
+        &["bob@dest.test"],
+        "first policy",
+    );
+    let sent = wait_line(&server, &[&format!("id={first}"), "status=sent"]);
+    assert!(sent.contains("relay=mx2.dest.test["), "{sent}");
+    assert_eq!(dest.web.fetches(), 1);
+
+    dest.web.set_policy(&policy("enforce", &["mx1.dest.test"]));
+    let (ip1, ip2, ip_web) = dest.ips;
+    dest.named.update(
+        &zone(ip1, ip2, ip_web, "20261202T000000"),
+        "_mta-sts.dest.test",
+        "20261202T000000",
+    );
+    let second = send_from(
+        &server,
+        "alice@example.test",
+        &["bob@dest.test"],
+        "second policy",
+    );
+    let sent = wait_line(&server, &[&format!("id={second}"), "status=sent"]);
+    assert!(sent.contains("relay=mx1.dest.test["), "{sent}");
+    wait_line(&server, &["MTA-STS policy fetched", "id=20261202T000000"]);
+    assert_eq!(dest.web.fetches(), 2);
+    assert_eq!(wait_messages(&dest.mx1, 1).len(), 1);
 }

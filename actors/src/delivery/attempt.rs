@@ -158,6 +158,17 @@ impl Attempt {
             } else {
                 None
             };
+            // A connection opened under an older policy (MTA-STS, DANE)
+            // must still meet the current one: an exchanger the policy now
+            // skips, or weaker TLS than it asks, is closed instead.
+            if let Some(conn) = cached.take() {
+                if fits(&conn, &targets) {
+                    cached = Some(conn);
+                } else {
+                    debug!(%id, relay = %escape(&conn.remote().to_string()), "cached connection does not meet the current TLS policy; closed");
+                    conn.quit().await;
+                }
+            }
             if let Some(conn) = &mut cached {
                 // RSET proves a cached connection is still alive: one the
                 // server closed while idle would otherwise defer the batch.
@@ -309,6 +320,17 @@ impl Attempt {
             Some(conn)
         }
     }
+}
+
+/// True when `conn` goes to one of `targets` with at least the TLS that
+/// target requires now.
+fn fits(conn: &SmtpClient, targets: &[Target]) -> bool {
+    let tls = conn.tls();
+    targets.iter().any(|t| {
+        t.exchanger.host == conn.remote().host
+            && (!t.tls.requires_tls() || tls.is_some())
+            && (!t.tls.verifies() || tls.is_some_and(|i| i.verified))
+    })
 }
 
 /// The same result for every recipient.

@@ -92,7 +92,33 @@ pub struct Named {
     /// The signed zone's key-signing key as a DNSKEY record: the trust
     /// anchor for `[dns] trust_anchor`.
     pub trust_anchor: PathBuf,
+    signed_origin: String,
+    children: Vec<String>,
     dir: tempfile::TempDir,
+}
+
+/// Writes `signed` (with the delegations to `children`) and signs it with
+/// the key in `d`; `newer` gives it a serial above the last one.
+fn sign(d: &Path, signed: &ZoneData, children: &[String], newer: bool) {
+    let origin = &signed.origin;
+    let mut parent = signed.clone();
+    for child in children {
+        // A delegation without DS: NSEC proves there is none.
+        parent = parent.record(format!("{child}. NS ns.{origin}."));
+    }
+    let zone_file = d.join(format!("{origin}.zone"));
+    fs::write(&zone_file, parent.file_text()).unwrap();
+    let mut cmd = Command::new("dnssec-signzone");
+    cmd.current_dir(d).args(["-q", "-z", "-S", "-K", "."]);
+    if newer {
+        cmd.args(["-N", "unixtime"]);
+    }
+    run(cmd
+        .arg("-o")
+        .arg(format!("{origin}."))
+        .arg("-f")
+        .arg(format!("{origin}.zone.signed"))
+        .arg(&zone_file));
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -120,14 +146,10 @@ impl Named {
         let dir = tempfile::tempdir().expect("temp dir");
         let d = dir.path();
         let origin = &signed.origin;
-        let mut parent = signed.clone();
         for child in insecure {
-            // A delegation without DS: NSEC proves there is none.
-            parent = parent.record(format!("{}. NS ns.{origin}.", child.origin));
             fs::write(d.join(format!("{}.zone", child.origin)), child.file_text()).unwrap();
         }
-        let zone_file = d.join(format!("{origin}.zone"));
-        fs::write(&zone_file, parent.file_text()).unwrap();
+        let children: Vec<String> = insecure.iter().map(|c| c.origin.clone()).collect();
         // One combined signing key (a CSK, `-z`), as many real zones have:
         // hickory 0.26 asks for the DS of a non-root anchor's zone as soon
         // as one of the zone's DNSKEYs is not itself an anchor, and that DS
@@ -138,14 +160,7 @@ impl Named {
             .args(["-q", "-a", "ECDSAP256SHA256", "-n", "ZONE", "-f", "KSK"])
             .arg(format!("{origin}.")));
         let ksk = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        run(Command::new("dnssec-signzone")
-            .current_dir(d)
-            .args(["-q", "-z", "-S", "-K", "."])
-            .arg("-o")
-            .arg(format!("{origin}."))
-            .arg("-f")
-            .arg(format!("{origin}.zone.signed"))
-            .arg(&zone_file));
+        sign(d, signed, &children, false);
         // The anchor: the key's DNSKEY line, without the comments.
         let key = fs::read_to_string(d.join(format!("{ksk}.key"))).unwrap();
         let anchor: String = key
@@ -207,6 +222,8 @@ impl Named {
                     child,
                     addr,
                     trust_anchor,
+                    signed_origin: origin.clone(),
+                    children,
                     dir,
                 };
             }
@@ -218,6 +235,28 @@ impl Named {
             }
         }
         panic!("named did not start:\n{last_log}");
+    }
+
+    /// Replaces the signed zone's records with `signed` (same origin, same
+    /// key), has `named` load it (SIGHUP) and waits until it answers
+    /// `name TXT` with `text` in it.
+    pub fn update(&self, signed: &ZoneData, name: &str, text: &str) {
+        assert_eq!(signed.origin, self.signed_origin);
+        sign(self.dir.path(), signed, &self.children, true);
+        run(Command::new("kill")
+            .arg("-HUP")
+            .arg(self.child.id().to_string()));
+        let served = wait_until(Duration::from_secs(20), || {
+            Command::new("dig")
+                .args(["+short", "+time=1", "+tries=1", "-p"])
+                .arg(self.addr.port().to_string())
+                .arg(format!("@{}", self.addr.ip()))
+                .arg(format!("{name}."))
+                .arg("TXT")
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(text))
+        });
+        assert!(served, "named does not serve the new {name} TXT record");
     }
 
     /// The server's working directory (zone files, keys, logs).
