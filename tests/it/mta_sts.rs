@@ -271,3 +271,30 @@ fn a_new_policy_id_fetches_the_policy_again() {
     assert_eq!(dest.web.fetches(), 2);
     assert_eq!(wait_messages(&dest.mx1, 1).len(), 1);
 }
+
+/// A policy that cannot be used (here: not a policy at all) is no policy:
+/// mail goes as without one (to the preferred MX), and the failed fetch is
+/// not repeated at every delivery.
+#[test]
+fn an_unusable_policy_is_no_policy_and_not_fetched_at_every_delivery() {
+    let dest = Destination::start("this is not a policy\n", &["mx1.dest.test"], true);
+    let server = dest.relay();
+    let first = send_from(
+        &server,
+        "alice@example.test",
+        &["bob@dest.test"],
+        "no policy",
+    );
+    let sent = wait_line(&server, &[&format!("id={first}"), "status=sent"]);
+    assert!(sent.contains("relay=mx1.dest.test["), "{sent}");
+    let failed = wait_line(&server, &["MTA-STS policy fetch failed"]);
+    assert!(failed.contains("domain=dest.test"), "{failed}");
+    let second = send_from(
+        &server,
+        "alice@example.test",
+        &["carol@dest.test"],
+        "still none",
+    );
+    wait_line(&server, &[&format!("id={second}"), "status=sent"]);
+    assert_eq!(dest.web.fetches(), 1);
+}

@@ -33,6 +33,10 @@ pub const MAX_POLICY_SIZE: usize = 64 * 1024;
 pub const MAX_AGE_CAP: Duration = Duration::from_secs(31_557_600);
 /// Policies kept at most; the oldest expiring go first past it.
 pub const MAX_CACHED_POLICIES: usize = 10_000;
+/// After a failed fetch, the same policy id is not fetched again for this
+/// long: a domain whose policy server is down would otherwise cost every
+/// delivery attempt a fetch and its timeout.
+pub const FAILED_FETCH_PAUSE: Duration = Duration::from_secs(300);
 
 /// The policy in force for a domain, with its id (for the logs).
 #[derive(Debug, Clone)]
@@ -73,6 +77,8 @@ pub struct Sts {
     resolver: MxResolver,
     tls: Arc<rustls::ClientConfig>,
     cache: Mutex<HashMap<String, Cached>>,
+    /// Domain → (policy id, when its fetch failed).
+    failed: Mutex<HashMap<String, (String, Instant)>>,
 }
 
 /// Why a policy could not be fetched.
@@ -129,6 +135,7 @@ impl Sts {
             resolver,
             tls: Arc::new(tls),
             cache: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
         })
     }
 
@@ -164,6 +171,7 @@ impl Sts {
             // No record now (or no DNS): a live cached policy still holds.
             (None, cached) => cached,
             (Some(id), Some(cached)) if cached.id == id => Some(cached),
+            (Some(id), cached) if self.failed_recently(&domain, &id) => cached,
             (Some(id), cached) => match self.fetch(&domain).await {
                 Ok(policy) => {
                     let max_age = Duration::from_secs(policy.max_age).min(MAX_AGE_CAP);
@@ -173,14 +181,34 @@ impl Sts {
                     };
                     info!(domain = %escape(&domain), id = %escape(&active.id), mode = %active.mode(), max_age = max_age.as_secs(), "MTA-STS policy fetched");
                     self.store(&domain, &active, max_age);
+                    self.failed
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&domain);
                     Some(active)
                 }
                 Err(e) => {
-                    warn!(domain = %escape(&domain), error = %escape(&e.to_string()), cached = cached.is_some(), "MTA-STS policy fetch failed");
+                    warn!(domain = %escape(&domain), id = %escape(&id), error = %escape(&e.to_string()), cached = cached.is_some(), "MTA-STS policy fetch failed");
+                    let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+                    if failed.len() >= MAX_CACHED_POLICIES {
+                        failed.retain(|_, (_, at)| at.elapsed() < FAILED_FETCH_PAUSE);
+                    }
+                    if failed.len() < MAX_CACHED_POLICIES {
+                        failed.insert(domain.clone(), (id, Instant::now()));
+                    }
                     cached
                 }
             },
         }
+    }
+
+    /// True when the fetch of policy `id` of `domain` failed less than
+    /// [`FAILED_FETCH_PAUSE`] ago.
+    fn failed_recently(&self, domain: &str, id: &str) -> bool {
+        let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        failed
+            .get(domain)
+            .is_some_and(|(failed_id, at)| failed_id == id && at.elapsed() < FAILED_FETCH_PAUSE)
     }
 
     fn cached(&self, domain: &str) -> Option<ActivePolicy> {
