@@ -51,6 +51,9 @@ pub struct Config {
     /// `[dns]`: the resolver for MX lookups.
     #[serde(default)]
     pub dns: DnsConfig,
+    /// `[mta_sts]`: MTA-STS policies of recipient domains.
+    #[serde(default)]
+    pub mta_sts: MtaStsConfig,
     /// TLS certificate and key; without this section no TLS is offered.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
@@ -596,6 +599,11 @@ pub enum TlsLevel {
     /// handshake the same server is tried again in clear.
     #[default]
     May,
+    /// DANE (RFC 7672) where the exchanger has DNSSEC-validated TLSA
+    /// records (needs `[dns] dnssec`): TLS required and the certificate
+    /// checked against them; with only unusable records, `encrypt`;
+    /// without secure records, `may` (Postfix's opportunistic `dane`).
+    Dane,
     /// TLS required (defer without it), certificate not checked.
     Encrypt,
     /// TLS required and the certificate valid for the MX host name (or the
@@ -612,6 +620,7 @@ impl TlsLevel {
         match self {
             TlsLevel::None => "none",
             TlsLevel::May => "may",
+            TlsLevel::Dane => "dane",
             TlsLevel::Encrypt => "encrypt",
             TlsLevel::Verify => "verify",
             TlsLevel::Secure => "secure",
@@ -689,6 +698,61 @@ pub struct DnsConfig {
     /// Bound on one lookup; `None`: the resolver's default.
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
+    /// Validate answers with DNSSEC (needed for DANE, RFC 7672): answers
+    /// that fail validation become temporary failures, and only validated
+    /// (secure) MX, address and TLSA records count for DANE. Postfix's
+    /// `smtp_dns_support_level = dnssec`. Off by default.
+    #[serde(default)]
+    pub dnssec: bool,
+    /// DNSKEY records (zone-file syntax) to trust instead of the root's
+    /// keys, e.g. for a private signed zone or the tests; setting it turns
+    /// `dnssec` on.
+    #[serde(default)]
+    pub trust_anchor: Option<PathBuf>,
+}
+
+impl DnsConfig {
+    /// True when answers are DNSSEC-validated (`dnssec` or a trust anchor).
+    pub fn validates(&self) -> bool {
+        self.dnssec || self.trust_anchor.is_some()
+    }
+}
+
+/// `[mta_sts]`: MTA-STS (RFC 8461) for outbound delivery.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MtaStsConfig {
+    /// Look for and apply the policies of recipient domains (default on).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// HTTPS port of `mta-sts.DOMAIN`; always 443 (RFC 8461 §3.3) except in
+    /// tests. The policy server's certificate is checked against the same
+    /// roots as `verify` deliveries (`delivery.tls.ca_file` included).
+    #[serde(default = "default_mta_sts_port")]
+    pub port: u16,
+    /// Bound on one policy fetch (connect, TLS and body).
+    #[serde(default = "default_mta_sts_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for MtaStsConfig {
+    fn default() -> Self {
+        MtaStsConfig {
+            enabled: true,
+            port: default_mta_sts_port(),
+            timeout: default_mta_sts_timeout(),
+        }
+    }
+}
+
+fn default_mta_sts_port() -> u16 {
+    443
+}
+
+fn default_mta_sts_timeout() -> Duration {
+    // RFC 8461 §3.3: "a timeout of 1 minute" is suggested; a queue run
+    // should not wait that long on one domain.
+    Duration::from_secs(30)
 }
 
 /// `[tls]`: the certificate for STARTTLS and the implicit-TLS listeners.
@@ -995,6 +1059,9 @@ impl Config {
         if let Some(socket) = &mut self.control.socket {
             resolve(socket);
         }
+        if let Some(anchor) = &mut self.dns.trust_anchor {
+            resolve(anchor);
+        }
         if let Some(ca) = &mut self.delivery.tls.ca_file {
             resolve(ca);
         }
@@ -1079,6 +1146,29 @@ impl Config {
                         .into(),
                 ));
             }
+        }
+        let tls = &self.delivery.tls;
+        if !self.dns.validates() {
+            if tls.level == TlsLevel::Dane {
+                return Err((
+                    "delivery.tls.level",
+                    "dane needs DNSSEC: set dns.dnssec = true (or dns.trust_anchor)".into(),
+                ));
+            }
+            if let Some((domain, _)) = tls.policy.iter().find(|(_, l)| **l == TlsLevel::Dane) {
+                return Err((
+                    "delivery.tls.policy",
+                    format!(
+                        "{domain} = dane needs DNSSEC: set dns.dnssec = true (or dns.trust_anchor)"
+                    ),
+                ));
+            }
+        }
+        if self.routing.smarthost_tls == Some(TlsLevel::Dane) {
+            return Err((
+                "routing.smarthost_tls",
+                "dane applies to MX delivery, not to the smarthost".into(),
+            ));
         }
         if let Some(token) = &self.admin.token {
             if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
@@ -1502,6 +1592,39 @@ mod tests {
         assert!(err.contains("admin.listen"), "{err}");
         let err = parse("[admin]\nport = 9025\n").unwrap_err().to_string();
         assert!(err.contains("test.toml:2") && err.contains("port"), "{err}");
+    }
+
+    #[test]
+    fn dane_needs_dnssec_and_mta_sts_is_on_by_default() {
+        let c = parse("").unwrap();
+        assert!(c.mta_sts.enabled);
+        assert_eq!(c.mta_sts.port, 443);
+        assert!(!c.dns.validates());
+        let err = parse("[delivery.tls]\n\nlevel = \"dane\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("test.toml:3"), "{err}");
+        assert!(err.contains("delivery.tls.level"), "{err}");
+        assert!(err.contains("dns.dnssec"), "{err}");
+        let err = parse("[delivery.tls.policy]\n\"a.test\" = \"dane\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("delivery.tls.policy") && err.contains("a.test"),
+            "{err}"
+        );
+        let c = parse("[delivery.tls]\nlevel = \"dane\"\n[dns]\ndnssec = true\n").unwrap();
+        assert_eq!(c.delivery.tls.level, TlsLevel::Dane);
+        assert!(c.dns.validates());
+        let c = parse("[dns]\ntrust_anchor = \"k.key\"\n").unwrap();
+        assert!(c.dns.validates());
+        let err = parse("[mta_sts]\nca_file = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("test.toml:2") && err.contains("ca_file"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -104,7 +104,7 @@ impl Relay {
 }
 
 /// Sends one message over SMTP; returns the queue id from the 250 reply.
-fn send_from(server: &TestServer, from: &str, to: &[&str], subject: &str) -> String {
+pub(crate) fn send_from(server: &TestServer, from: &str, to: &[&str], subject: &str) -> String {
     send_content(
         server,
         from,

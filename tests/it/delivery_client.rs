@@ -36,6 +36,7 @@ fn resolver(dns: &Dnsmasq) -> MxResolver {
     MxResolver::new(&DnsConfig {
         nameservers: vec![dns.addr],
         timeout: Some(Duration::from_secs(2)),
+        ..DnsConfig::default()
     })
     .expect("resolver")
 }
@@ -229,6 +230,7 @@ async fn lookup_failures_say_whether_to_bounce() {
     let nowhere = MxResolver::new(&DnsConfig {
         nameservers: vec![SocketAddr::from((ip, free_udp_tcp_port(ip)))],
         timeout: Some(Duration::from_millis(300)),
+        ..DnsConfig::default()
     })
     .unwrap();
     let down = nowhere.resolve("order.test", 25).await.unwrap_err();

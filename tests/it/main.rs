@@ -4,6 +4,7 @@
 
 mod admin;
 mod cli;
+mod dane;
 mod delivery;
 mod delivery_client;
 mod delivery_tls;
@@ -17,6 +18,7 @@ mod fulldisk;
 mod hostile;
 mod inspect;
 mod logs;
+mod mta_sts;
 mod packaging;
 mod policy;
 mod pop3;

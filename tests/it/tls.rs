@@ -72,6 +72,32 @@ impl TestPki {
         self.leaf_der = cert.der().to_vec();
     }
 
+    /// A key and a certificate for `names` signed by this CA, written as
+    /// `<file>.pem` (the certificate, then the CA's: a full chain, as
+    /// DANE-TA needs) and `<file>.key`, beside the other files; the main
+    /// certificate is left alone. With `valid: false` it expired in 2001.
+    pub fn issue_for(&self, file: &str, names: &[&str], valid: bool) -> Issued {
+        let key = rcgen::KeyPair::generate().expect("server key");
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(names).expect("server params");
+        if !valid {
+            params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        }
+        let cert = params
+            .signed_by(&key, &self.ca_cert, &self.ca_key)
+            .expect("sign server certificate");
+        let chain = format!("{}{}", cert.pem(), self.ca_cert.pem());
+        self.replace(&format!("{file}.pem"), chain.as_bytes());
+        self.replace(&format!("{file}.key"), key.serialize_pem().as_bytes());
+        Issued {
+            cert: self.dir.path().join(format!("{file}.pem")),
+            key: self.dir.path().join(format!("{file}.key")),
+            spki_der: key.public_key_der(),
+            ca_der: self.ca_cert.der().to_vec(),
+        }
+    }
+
     /// Replaces a file's content atomically.
     pub fn replace(&self, name: &str, content: &[u8]) {
         let tmp = self.dir.path().join(format!(".{name}"));
@@ -119,6 +145,18 @@ impl TestPki {
                 .with_no_client_auth(),
         )
     }
+}
+
+/// A certificate made by [`TestPki::issue_for`].
+pub struct Issued {
+    /// PEM: the certificate, then the CA's.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// DER of its SubjectPublicKeyInfo.
+    pub spki_der: Vec<u8>,
+    /// DER of the CA's certificate.
+    pub ca_der: Vec<u8>,
 }
 
 /// A server with every listener (MTA, submission, submissions, POP3,

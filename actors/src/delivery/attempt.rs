@@ -14,8 +14,9 @@ use postino_core::{Config, MessageId};
 use tracing::{debug, warn};
 
 use super::client::{ClientSettings, Diagnostic, RcptOutcome, SmtpClient, Target, Transaction};
-use super::mx::{Exchanger, LookupError, MxResolver};
-use super::tls::{self, OutboundTls, TlsInfo, TlsRequirement};
+use super::mx::{LookupError, MxAnswer, MxResolver};
+use super::tls::{OutboundTls, TlsInfo, TlsRequirement};
+use super::tls_policy::TlsPolicies;
 
 /// How long an idle connection is kept for reuse (Postfix's
 /// `smtp_connection_cache_time_limit`).
@@ -67,6 +68,8 @@ pub struct Attempt {
     config: Arc<Config>,
     resolver: Result<MxResolver, String>,
     settings: ClientSettings,
+    /// MTA-STS and DANE.
+    policies: TlsPolicies,
     idle: Mutex<HashMap<String, Vec<(Instant, SmtpClient)>>>,
 }
 
@@ -91,10 +94,12 @@ impl Attempt {
             }
             (None, None) => {}
         }
+        let policies = TlsPolicies::new(&config, resolver.as_ref().ok());
         Attempt {
             config,
             resolver,
             settings,
+            policies,
             idle: Mutex::new(HashMap::new()),
         }
     }
@@ -119,7 +124,7 @@ impl Attempt {
         recipients: &[String],
         content: &[u8],
     ) -> Vec<Outcome> {
-        let exchangers = match self.exchangers(domain).await {
+        let answer = match self.exchangers(domain).await {
             Ok(found) => found,
             Err(e) => {
                 let diagnostic = lookup_diagnostic(domain, &e);
@@ -132,7 +137,13 @@ impl Attempt {
                 return every(recipients, None, &result);
             }
         };
-        let targets = self.targets(domain, exchangers).await;
+        let targets = match self.targets(id, domain, answer).await {
+            Ok(targets) => targets,
+            Err(diagnostic) => {
+                debug!(%id, domain = %escape(domain), error = %escape(&diagnostic.to_string()), "no usable exchanger");
+                return every(recipients, None, &RcptResult::Deferred(diagnostic));
+            }
+        };
         let key = self.destination(domain);
         let mut outcomes = Vec::with_capacity(recipients.len());
         let batch = self.config.delivery.recipients_per_delivery.max(1);
@@ -147,6 +158,17 @@ impl Attempt {
             } else {
                 None
             };
+            // A connection opened under an older policy (MTA-STS, DANE)
+            // must still meet the current one: an exchanger the policy now
+            // skips, or weaker TLS than it asks, is closed instead.
+            if let Some(conn) = cached.take() {
+                if fits(&conn, &targets) {
+                    cached = Some(conn);
+                } else {
+                    debug!(%id, relay = %escape(&conn.remote().to_string()), "cached connection does not meet the current TLS policy; closed");
+                    conn.quit().await;
+                }
+            }
             if let Some(conn) = &mut cached {
                 // RSET proves a cached connection is still alive: one the
                 // server closed while idle would otherwise defer the batch.
@@ -211,45 +233,64 @@ impl Attempt {
     /// The TLS each exchanger must offer, decided before connecting: the
     /// smarthost's level (`routing.smarthost_tls`, at least `encrypt` with
     /// credentials, implicit TLS on port 465), else the domain's
-    /// `delivery.tls` policy with the names to check at `verify`/`secure`.
-    /// Policies found at delivery time (MTA-STS, DANE) raise the
-    /// requirements here.
-    async fn targets(&self, domain: &str, exchangers: Vec<Exchanger>) -> Vec<Target> {
+    /// `delivery.tls` policy with the names to check at `verify`/`secure`,
+    /// raised (or the exchanger skipped) by the policies found at delivery
+    /// time, MTA-STS and DANE ([`TlsPolicies`]). An error when no exchanger
+    /// may be used: the delivery is deferred.
+    async fn targets(
+        &self,
+        id: MessageId,
+        domain: &str,
+        answer: MxAnswer,
+    ) -> Result<Vec<Target>, DeliveryDiagnostic> {
         let tls = &self.config.delivery.tls;
         let routing = &self.config.routing;
-        exchangers
+        if routing.smarthost.is_none() {
+            if let Ok(resolver) = &self.resolver {
+                return self
+                    .policies
+                    .targets(id, &self.config, resolver, domain, answer)
+                    .await;
+            }
+        }
+        Ok(answer
+            .exchangers
             .into_iter()
             .map(|exchanger| {
-                let req = match &routing.smarthost {
-                    Some(_) => {
-                        let level = routing.smarthost_level(tls.level);
-                        let mut req = TlsRequirement::new(level, "smarthost");
-                        // The next hop is the smarthost itself: its name
-                        // is what the certificate must carry.
-                        req.names = vec![exchanger.host.trim_end_matches('.').to_ascii_lowercase()];
-                        req.implicit = routing.smarthost_implicit();
-                        req
-                    }
-                    None => tls::requirement_for(tls, domain, &exchanger.host),
-                };
+                let level = routing.smarthost_level(tls.level);
+                let mut req = TlsRequirement::new(level, "smarthost");
+                // The next hop is the smarthost itself: its name is what
+                // the certificate must carry.
+                req.names = vec![exchanger.host.trim_end_matches('.').to_ascii_lowercase()];
+                req.implicit = routing.smarthost_implicit();
                 Target {
                     exchanger,
                     tls: req,
                 }
             })
-            .collect()
+            .collect())
     }
 
     /// The servers to try: the smarthost for everything when one is set,
     /// else the domain's exchangers.
-    async fn exchangers(&self, domain: &str) -> Result<Vec<Exchanger>, LookupError> {
+    async fn exchangers(&self, domain: &str) -> Result<MxAnswer, LookupError> {
         let resolver = self
             .resolver
             .as_ref()
             .map_err(|e| LookupError::Temporary(e.clone()))?;
         match &self.config.routing.smarthost {
-            Some(host) => resolver.resolve_smarthost(host).await,
-            None => resolver.resolve(domain, self.config.delivery.mx_port).await,
+            Some(host) => resolver
+                .resolve_smarthost(host)
+                .await
+                .map(|exchangers| MxAnswer {
+                    exchangers,
+                    secure: Vec::new(),
+                }),
+            None => {
+                resolver
+                    .resolve_mx(domain, self.config.delivery.mx_port)
+                    .await
+            }
         }
     }
 
@@ -279,6 +320,17 @@ impl Attempt {
             Some(conn)
         }
     }
+}
+
+/// True when `conn` goes to one of `targets` with at least the TLS that
+/// target requires now.
+fn fits(conn: &SmtpClient, targets: &[Target]) -> bool {
+    let tls = conn.tls();
+    targets.iter().any(|t| {
+        t.exchanger.host == conn.remote().host
+            && (!t.tls.requires_tls() || tls.is_some())
+            && (!t.tls.verifies() || tls.is_some_and(|i| i.verified))
+    })
 }
 
 /// The same result for every recipient.

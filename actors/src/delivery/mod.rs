@@ -32,14 +32,17 @@
 pub mod actor;
 pub mod attempt;
 pub mod client;
+pub mod dane;
 pub mod mx;
+pub mod sts;
 pub mod tls;
+pub mod tls_policy;
 
 pub use client::{
     deliver, ClientSettings, ConnectError, Diagnostic, RcptOutcome, SessionOutcome, SmtpClient,
     Target, Timeouts, Transaction,
 };
-pub use mx::{Exchanger, LookupError, MxResolver, ResolverError};
+pub use mx::{Exchanger, LookupError, MxAnswer, MxResolver, ResolverError, TlsaAnswer};
 pub use postino_core::smtp::client::Extensions;
 pub use postino_core::smtp::RemoteHost;
 pub use tls::{OutboundTls, TlsInfo, TlsLevel, TlsRequirement};

@@ -15,8 +15,9 @@ use hickory_resolver::config::{
 };
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError, NetError};
+use hickory_resolver::proto::dnssec::{Proof, TrustAnchors};
 use hickory_resolver::proto::op::ResponseCode;
-use hickory_resolver::proto::rr::{Name, RData};
+use hickory_resolver::proto::rr::{Name, RData, Record};
 use hickory_resolver::TokioResolver;
 use postino_core::config::DnsConfig;
 use postino_core::logsafe::escape;
@@ -37,6 +38,28 @@ pub struct Exchanger {
     pub preference: u16,
     /// Its addresses, in the order to try them.
     pub addrs: Vec<SocketAddr>,
+}
+
+/// The exchangers of a domain and whether DNSSEC proved them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MxAnswer {
+    /// As [`MxResolver::resolve`] returns them.
+    pub exchangers: Vec<Exchanger>,
+    /// Names of the exchangers whose MX record (or, for an implicit MX,
+    /// the domain's address records) and address records were all
+    /// DNSSEC-validated (`Secure`): the only hosts DANE applies to (RFC
+    /// 7672 §2.2). Empty without `[dns] dnssec`.
+    pub secure: Vec<String>,
+}
+
+/// The TLSA records of one exchanger, as far as DANE is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsaAnswer {
+    /// Validated records (`Secure`), possibly none usable for SMTP.
+    Secure(Vec<super::dane::Tlsa>),
+    /// No records, or records that are not validated: no DANE for this
+    /// host (RFC 7672 §2.2: it falls back to the usual TLS policy).
+    Absent,
 }
 
 /// Why no exchanger could be found.
@@ -93,6 +116,8 @@ pub struct ResolverError(String);
 #[derive(Clone)]
 pub struct MxResolver {
     resolver: Arc<TokioResolver>,
+    /// Answers are DNSSEC-validated (`[dns] dnssec` or a trust anchor).
+    validates: bool,
 }
 
 impl std::fmt::Debug for MxResolver {
@@ -103,7 +128,8 @@ impl std::fmt::Debug for MxResolver {
 
 /// How one name's address lookup ended.
 enum Addresses {
-    Found(Vec<IpAddr>),
+    /// The addresses, and whether every record was DNSSEC-validated.
+    Found(Vec<IpAddr>, bool),
     /// NXDOMAIN or no A/AAAA records.
     None {
         nxdomain: bool,
@@ -156,10 +182,105 @@ impl MxResolver {
         // caches anyway. Errors (SERVFAIL, timeouts) are never cached by
         // hickory.
         opts.negative_max_ttl = Some(Duration::ZERO);
+        if config.validates() {
+            opts.validate = true;
+            if let Some(path) = &config.trust_anchor {
+                let anchors = TrustAnchors::from_file(path).map_err(|e| {
+                    ResolverError(format!("dns.trust_anchor {}: {e}", path.display()))
+                })?;
+                builder = builder.with_trust_anchor(Arc::new(anchors));
+            }
+        }
         let resolver = builder.build().map_err(|e| ResolverError(e.to_string()))?;
         Ok(MxResolver {
             resolver: Arc::new(resolver),
+            validates: config.validates(),
         })
+    }
+
+    /// The TLSA records of `_port._tcp.host` (RFC 7672 §2.2.3), validated.
+    ///
+    /// # Errors
+    ///
+    /// A lookup that failed (timeout, SERVFAIL, DNSSEC bogus): RFC 7672
+    /// §2.2 says such a host must not be used until it can be looked up.
+    pub async fn tlsa(&self, host: &str, port: u16) -> Result<TlsaAnswer, LookupError> {
+        if !self.validates {
+            return Ok(TlsaAnswer::Absent);
+        }
+        let name = fqdn(&format!("_{port}._tcp.{host}"))?;
+        match self.resolver.tlsa_lookup(name).await {
+            Ok(lookup) => {
+                let answers = lookup.answers();
+                if answers.is_empty() || !all_secure(answers) {
+                    return Ok(TlsaAnswer::Absent);
+                }
+                let records = answers
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RData::TLSA(t) => Some(super::dane::Tlsa::from_rdata(t)),
+                        _ => None,
+                    })
+                    .collect();
+                Ok(TlsaAnswer::Secure(records))
+            }
+            Err(e) => match classify(&e) {
+                Negative::NxDomain | Negative::NoData => Ok(TlsaAnswer::Absent),
+                Negative::Other => Err(LookupError::Temporary(format!(
+                    "TLSA _{port}._tcp.{host}: {e}"
+                ))),
+            },
+        }
+    }
+
+    /// The `_mta-sts.DOMAIN` TXT record's text (RFC 8461 §3.1): the strings
+    /// of each record joined; `Ok(vec![])` when there is none.
+    ///
+    /// # Errors
+    ///
+    /// A temporary DNS failure.
+    pub async fn txt(&self, name: &str) -> Result<Vec<String>, LookupError> {
+        let name = fqdn(name)?;
+        match self.resolver.txt_lookup(name.clone()).await {
+            Ok(lookup) => Ok(lookup
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::TXT(txt) => Some(
+                        txt.txt_data
+                            .iter()
+                            .map(|part| String::from_utf8_lossy(part))
+                            .collect::<String>(),
+                    ),
+                    _ => None,
+                })
+                .collect()),
+            Err(e) => match classify(&e) {
+                Negative::NxDomain | Negative::NoData => Ok(Vec::new()),
+                Negative::Other => Err(LookupError::Temporary(format!(
+                    "TXT {}: {e}",
+                    display_name(&name)
+                ))),
+            },
+        }
+    }
+
+    /// The addresses of `host` on `port` (for the MTA-STS policy server).
+    ///
+    /// # Errors
+    ///
+    /// No address, or a DNS failure.
+    pub async fn host_addrs(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, LookupError> {
+        let name = fqdn(host)?;
+        match self.addresses(&name).await {
+            Addresses::Found(ips, _) => Ok(ips
+                .into_iter()
+                .map(|ip| SocketAddr::new(ip, port))
+                .collect()),
+            Addresses::None { nxdomain: true } => Err(LookupError::NoSuchDomain),
+            Addresses::None { nxdomain: false } => Err(LookupError::NoAddresses),
+            Addresses::Temporary(e) => Err(LookupError::Temporary(e)),
+        }
     }
 
     /// The exchangers for `domain`, best first, each with its addresses on
@@ -175,23 +296,40 @@ impl MxResolver {
     ///
     /// See [`LookupError`]: permanent errors mean the mail should bounce.
     pub async fn resolve(&self, domain: &str, port: u16) -> Result<Vec<Exchanger>, LookupError> {
+        self.resolve_mx(domain, port).await.map(|a| a.exchangers)
+    }
+
+    /// [`MxResolver::resolve`], saying which exchangers DNSSEC proved.
+    ///
+    /// # Errors
+    ///
+    /// As [`MxResolver::resolve`]; an answer that fails DNSSEC validation
+    /// is [`LookupError::Temporary`].
+    pub async fn resolve_mx(&self, domain: &str, port: u16) -> Result<MxAnswer, LookupError> {
         if let Some(ip) = parse_address_literal(domain)? {
-            return Ok(vec![Exchanger {
-                host: domain.to_string(),
-                preference: 0,
-                addrs: vec![SocketAddr::new(ip, port)],
-            }]);
+            return Ok(MxAnswer {
+                exchangers: vec![Exchanger {
+                    host: domain.to_string(),
+                    preference: 0,
+                    addrs: vec![SocketAddr::new(ip, port)],
+                }],
+                secure: Vec::new(),
+            });
         }
         let name = fqdn(domain)?;
+        let mut mx_secure = false;
         let records = match self.resolver.mx_lookup(name.clone()).await {
-            Ok(lookup) => lookup
-                .answers()
-                .iter()
-                .filter_map(|r| match &r.data {
-                    RData::MX(mx) => Some((mx.preference, mx.exchange.clone())),
-                    _ => None,
-                })
-                .collect::<Vec<_>>(),
+            Ok(lookup) => {
+                mx_secure = self.validates && all_secure(lookup.answers());
+                lookup
+                    .answers()
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RData::MX(mx) => Some((mx.preference, mx.exchange.clone())),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>()
+            }
             Err(e) => match classify(&e) {
                 Negative::NxDomain => return Err(LookupError::NoSuchDomain),
                 Negative::NoData => Vec::new(),
@@ -203,14 +341,21 @@ impl MxResolver {
         if records.is_empty() {
             // RFC 5321 §5.1: no MX, the domain is its own implicit MX.
             return match self.addresses(&name).await {
-                Addresses::Found(ips) => Ok(vec![Exchanger {
-                    host: display_name(&name),
-                    preference: 0,
-                    addrs: ips
-                        .into_iter()
-                        .map(|ip| SocketAddr::new(ip, port))
-                        .collect(),
-                }]),
+                Addresses::Found(ips, secure) => Ok(MxAnswer {
+                    secure: if secure && self.validates {
+                        vec![display_name(&name)]
+                    } else {
+                        Vec::new()
+                    },
+                    exchangers: vec![Exchanger {
+                        host: display_name(&name),
+                        preference: 0,
+                        addrs: ips
+                            .into_iter()
+                            .map(|ip| SocketAddr::new(ip, port))
+                            .collect(),
+                    }],
+                }),
                 Addresses::None { nxdomain: true } => Err(LookupError::NoSuchDomain),
                 Addresses::None { nxdomain: false } => Err(LookupError::NoAddresses),
                 Addresses::Temporary(e) => Err(LookupError::Temporary(e)),
@@ -226,17 +371,23 @@ impl MxResolver {
 
         let lookups = join_all(records.iter().map(|(_, n)| self.addresses(n))).await;
         let mut exchangers = Vec::with_capacity(records.len());
+        let mut secure = Vec::new();
         let mut temporary = None;
         for ((preference, name), result) in records.into_iter().zip(lookups) {
             match result {
-                Addresses::Found(ips) => exchangers.push(Exchanger {
-                    host: display_name(&name),
-                    preference,
-                    addrs: ips
-                        .into_iter()
-                        .map(|ip| SocketAddr::new(ip, port))
-                        .collect(),
-                }),
+                Addresses::Found(ips, addrs_secure) => {
+                    if mx_secure && addrs_secure {
+                        secure.push(display_name(&name));
+                    }
+                    exchangers.push(Exchanger {
+                        host: display_name(&name),
+                        preference,
+                        addrs: ips
+                            .into_iter()
+                            .map(|ip| SocketAddr::new(ip, port))
+                            .collect(),
+                    })
+                }
                 Addresses::None { .. } => {
                     debug!(domain = %escape(domain), exchanger = %escape(&name.to_string()), "MX host has no address");
                 }
@@ -254,7 +405,7 @@ impl MxResolver {
                 None => LookupError::NoAddresses,
             });
         }
-        Ok(exchangers)
+        Ok(MxAnswer { exchangers, secure })
     }
 
     /// The smarthost `host:port` (or `host`, port 25; `[addr]:port` and
@@ -279,7 +430,7 @@ impl MxResolver {
         }
         let name = fqdn(host).map_err(|e| LookupError::Temporary(format!("smarthost: {e}")))?;
         match self.addresses(&name).await {
-            Addresses::Found(ips) => Ok(vec![Exchanger {
+            Addresses::Found(ips, _) => Ok(vec![Exchanger {
                 host: host.to_string(),
                 preference: 0,
                 addrs: ips
@@ -304,13 +455,17 @@ impl MxResolver {
         let mut ips = Vec::new();
         let mut nxdomain = false;
         let mut temporary = None;
+        let mut secure = self.validates;
         for result in [v4, v6] {
             match result {
-                Ok(lookup) => ips.extend(lookup.answers().iter().filter_map(|r| match &r.data {
-                    RData::A(a) => Some(IpAddr::V4(a.0)),
-                    RData::AAAA(a) => Some(IpAddr::V6(a.0)),
-                    _ => None,
-                })),
+                Ok(lookup) => {
+                    secure &= all_secure(lookup.answers());
+                    ips.extend(lookup.answers().iter().filter_map(|r| match &r.data {
+                        RData::A(a) => Some(IpAddr::V4(a.0)),
+                        RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                        _ => None,
+                    }));
+                }
                 Err(e) => match classify(&e) {
                     Negative::NxDomain => nxdomain = true,
                     Negative::NoData => {}
@@ -321,7 +476,7 @@ impl MxResolver {
             }
         }
         if !ips.is_empty() {
-            Addresses::Found(ips)
+            Addresses::Found(ips, secure)
         } else if let Some(e) = temporary {
             Addresses::Temporary(e)
         } else {
@@ -345,8 +500,21 @@ fn classify(e: &NetError) -> Negative {
         }
         NetError::Dns(DnsError::NoRecordsFound(_)) => Negative::NoData,
         NetError::Dns(DnsError::ResponseCode(ResponseCode::NXDomain)) => Negative::NxDomain,
+        // A validated negative answer (NSEC/NSEC3): bogus ones are
+        // `DnssecBogus`, a temporary failure.
+        NetError::Dns(DnsError::Nsec { response, .. })
+            if response.metadata.response_code == ResponseCode::NXDomain =>
+        {
+            Negative::NxDomain
+        }
+        NetError::Dns(DnsError::Nsec { .. }) => Negative::NoData,
         _ => Negative::Other,
     }
+}
+
+/// True when every record of an answer was DNSSEC-validated.
+fn all_secure(records: &[Record]) -> bool {
+    !records.is_empty() && records.iter().all(|r| r.proof == Proof::Secure)
 }
 
 /// Sorts by preference and shuffles each run of equal preference, so load

@@ -4,7 +4,9 @@
 
 #![allow(dead_code)] // Each test module uses a different part of the support.
 
+pub mod bind;
 pub mod dns;
+pub mod https;
 pub mod mx;
 pub mod server;
 pub mod tmpfs;
