@@ -146,6 +146,7 @@ pub fn notification(
         client: "local".into(),
         helo: config.hostname.clone(),
         size: content.len() as u64,
+        params: None,
     };
     Ok(Some(Notice {
         envelope: bounce,

@@ -99,6 +99,7 @@ fn dispatch_into(
 
 /// A new queue entry for `recipients` of `envelope`, due now.
 pub fn new_entry(envelope: &Envelope, recipients: Vec<String>) -> QueueEntry {
+    let params = envelope.params.as_ref().and_then(|p| p.only(&recipients));
     QueueEntry {
         id: envelope.id,
         sender: envelope.sender.clone(),
@@ -114,6 +115,7 @@ pub fn new_entry(envelope: &Envelope, recipients: Vec<String>) -> QueueEntry {
             .collect(),
         client: envelope.client.clone(),
         warned: false,
+        params,
     }
 }
 

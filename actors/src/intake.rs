@@ -271,6 +271,7 @@ mod tests {
             client: "127.0.0.1".into(),
             helo: "client.test".into(),
             size: 7,
+            params: None,
         }
     }
 

@@ -707,6 +707,7 @@ impl Delivery {
             client: entry.client.clone(),
             helo: String::new(),
             size: 0,
+            params: entry.params.clone(),
         };
         notification(&self.config, &self.store, &envelope, &recipients, &to, kind)
     }
