@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use postino_core::esmtp::EnvelopeParams;
 use postino_core::logsafe::escape;
 use postino_core::smtp::RemoteHost;
 use postino_core::store::DeliveryDiagnostic;
@@ -30,6 +31,9 @@ pub struct Outcome {
     /// The server talked to last, if any (`relay=` in the log).
     pub relay: Option<RemoteHost>,
     pub result: RcptResult,
+    /// The server offered DSN and was given the recipient's `NOTIFY`: a
+    /// success notice is its to send (RFC 3461 §6.2.1).
+    pub dsn_passed_on: bool,
 }
 
 impl Outcome {
@@ -103,6 +107,7 @@ impl Attempt {
         sender: Option<&str>,
         recipients: &[String],
         content: &[u8],
+        params: Option<&EnvelopeParams>,
     ) -> Vec<Outcome> {
         let exchangers = match self.exchangers(domain).await {
             Ok(found) => found,
@@ -125,6 +130,7 @@ impl Attempt {
                 sender,
                 recipients: chunk,
                 content,
+                params,
             };
             let mut cached = self.take(&key);
             if let Some(conn) = &mut cached {
@@ -149,12 +155,14 @@ impl Attempt {
                 },
             };
             let relay = conn.remote().clone();
+            let dsn_passed_on = conn.extensions().dsn;
             let results = conn.send(&tx).await;
             for (r, o) in chunk.iter().zip(results.iter()) {
                 outcomes.push(Outcome {
                     recipient: r.clone(),
                     relay: Some(relay.clone()),
                     result: convert(Some(&relay), o),
+                    dsn_passed_on,
                 });
             }
             let spare = if conn.is_reusable() {
@@ -236,6 +244,7 @@ fn every(recipients: &[String], relay: Option<&RemoteHost>, result: &RcptResult)
             recipient: r.clone(),
             relay: relay.cloned(),
             result: result.clone(),
+            dsn_passed_on: false,
         })
         .collect()
 }
