@@ -6,6 +6,7 @@ mod admin;
 mod cli;
 mod delivery;
 mod delivery_client;
+mod dsn;
 mod durability;
 mod embed;
 mod example;

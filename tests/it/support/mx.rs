@@ -40,6 +40,7 @@ p.add_argument("--hang", choices=["mail", "rcpt", "data"])
 p.add_argument("--size", type=int, default=0)
 p.add_argument("--auth")  # USER:PASSWORD
 p.add_argument("--smtputf8", action="store_true")
+p.add_argument("--dsn", action="store_true")  # offer DSN, take its parameters
 args = p.parse_args()
 rcpt_replies = dict(r.split("=", 1) for r in args.rcpt)
 counter = itertools.count()
@@ -52,6 +53,12 @@ def write(name, data):
     os.rename(tmp, os.path.join(args.dir, name))
 
 class Handler:
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if args.dsn:
+            responses.insert(len(responses) - 1, "250-DSN")
+        return responses
+
     async def handle_MAIL(self, server, session, envelope, address, options):
         if args.hang == "mail":
             await asyncio.sleep(3600)
@@ -78,6 +85,7 @@ class Handler:
             "mail_from": envelope.mail_from,
             "mail_options": envelope.mail_options,
             "rcpt_tos": envelope.rcpt_tos,
+            "rcpt_options": envelope.rcpt_options,
             "helo": session.host_name,
             "esmtp": session.extended_smtp,
             "peer": list(session.peer[:2]),
@@ -93,6 +101,16 @@ def authenticator(server, session, envelope, mechanism, auth_data):
     # it leaves the client waiting for a reply that never comes).
     return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
 
+class DsnSMTP(SMTP):
+    """aiosmtpd knows no DSN: with --dsn its parameters pass its checks
+    (they stay in the options the handler records)."""
+    def _getparams(self, params):
+        result = super()._getparams(params)
+        if args.dsn and result is not None:
+            for key in ("RET", "ENVID", "NOTIFY", "ORCPT"):
+                result.pop(key, None)
+        return result
+
 async def main():
     loop = asyncio.get_running_loop()
     def factory():
@@ -102,7 +120,7 @@ async def main():
                       auth_exclude_mechanism=["LOGIN"])
         if args.size:
             kw["data_size_limit"] = args.size
-        return SMTP(Handler(), hostname="mx.test", enable_SMTPUTF8=args.smtputf8, **kw)
+        return DsnSMTP(Handler(), hostname="mx.test", enable_SMTPUTF8=args.smtputf8, **kw)
     server = await loop.create_server(factory, args.host, args.port)
     async with server:
         await server.serve_forever()
@@ -124,6 +142,8 @@ pub struct SinkOptions {
     /// Offer AUTH PLAIN and accept only this user and password.
     pub auth: Option<(String, String)>,
     pub smtputf8: bool,
+    /// Offer DSN and take its parameters (recorded, not acted on).
+    pub dsn: bool,
 }
 
 /// One message as the sink received it.
@@ -132,6 +152,9 @@ pub struct Received {
     pub mail_from: String,
     pub mail_options: Vec<String>,
     pub rcpt_tos: Vec<String>,
+    /// RCPT parameters of all recipients, upper-cased by aiosmtpd.
+    #[serde(default)]
+    pub rcpt_options: Vec<String>,
     /// The EHLO/HELO name.
     pub helo: Option<String>,
     pub esmtp: bool,
@@ -184,6 +207,9 @@ impl Sink {
         }
         if options.smtputf8 {
             cmd.arg("--smtputf8");
+        }
+        if options.dsn {
+            cmd.arg("--dsn");
         }
         let mut child = cmd
             .stdin(Stdio::null())
