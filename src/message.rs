@@ -103,7 +103,7 @@ struct EnvelopeJson {
 }
 
 /// [`Envelope`] as stored: the sender's place carries the parameters.
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct EnvelopeStored {
     id: MessageId,
     sender: StoredSender,
@@ -120,23 +120,15 @@ struct EnvelopeStored {
 /// and older wrote, so their records read unchanged, and an envelope
 /// without parameters is still written as they were. An envelope with
 /// parameters uses the third.
-#[derive(Serialize, Deserialize)]
-pub(crate) enum StoredSender {
+#[derive(Deserialize)]
+enum StoredSender {
     Null,
     Some(String),
     With(Option<String>, Box<EnvelopeParams>),
 }
 
 impl StoredSender {
-    pub(crate) fn new(sender: Option<String>, params: Option<Box<EnvelopeParams>>) -> Self {
-        match (sender, params) {
-            (s, Some(p)) => StoredSender::With(s, p),
-            (Some(s), None) => StoredSender::Some(s),
-            (None, None) => StoredSender::Null,
-        }
-    }
-
-    pub(crate) fn split(self) -> (Option<String>, Option<Box<EnvelopeParams>>) {
+    fn split(self) -> (Option<String>, Option<Box<EnvelopeParams>>) {
         match self {
             StoredSender::Null => (None, None),
             StoredSender::Some(s) => (Some(s), None),
@@ -145,11 +137,34 @@ impl StoredSender {
     }
 }
 
+/// [`EnvelopeStored`] borrowed, for writing without a copy.
+#[derive(Serialize)]
+#[serde(rename = "EnvelopeStored")]
+struct EnvelopeStoredRef<'a> {
+    id: MessageId,
+    sender: StoredSenderRef<'a>,
+    recipients: &'a [RoutedRecipient],
+    received_at: u64,
+    client: &'a str,
+    helo: &'a str,
+    size: u64,
+}
+
+/// [`StoredSender`] borrowed.
+#[derive(Serialize)]
+#[serde(rename = "StoredSender")]
+enum StoredSenderRef<'a> {
+    Null,
+    Some(&'a str),
+    With(&'a Option<String>, &'a EnvelopeParams),
+}
+
 impl Serialize for Envelope {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let e = self.clone();
         if s.is_human_readable() {
-            EnvelopeJson {
+            // Exports and tools only: a copy does not matter there.
+            let e = self.clone();
+            return EnvelopeJson {
                 id: e.id,
                 sender: e.sender,
                 recipients: e.recipients,
@@ -159,19 +174,23 @@ impl Serialize for Envelope {
                 size: e.size,
                 params: e.params,
             }
-            .serialize(s)
-        } else {
-            EnvelopeStored {
-                id: e.id,
-                sender: StoredSender::new(e.sender, e.params),
-                recipients: e.recipients,
-                received_at: e.received_at,
-                client: e.client,
-                helo: e.helo,
-                size: e.size,
-            }
-            .serialize(s)
+            .serialize(s);
         }
+        let sender = match (&self.sender, self.params.as_deref()) {
+            (s, Some(p)) => StoredSenderRef::With(s, p),
+            (Some(s), None) => StoredSenderRef::Some(s),
+            (None, None) => StoredSenderRef::Null,
+        };
+        EnvelopeStoredRef {
+            id: self.id,
+            sender,
+            recipients: &self.recipients,
+            received_at: self.received_at,
+            client: &self.client,
+            helo: &self.helo,
+            size: self.size,
+        }
+        .serialize(s)
     }
 }
 

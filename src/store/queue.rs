@@ -77,7 +77,7 @@ struct EntryJson {
 }
 
 /// [`QueueEntry`] as stored.
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct StoredEntry {
     id: MessageId,
     sender: Option<String>,
@@ -94,18 +94,43 @@ struct StoredEntry {
 /// first two variants are byte for byte the `bool` schema 3 and older
 /// wrote, so their records read unchanged and an entry without parameters
 /// is still written as they were. An entry with parameters uses the third.
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 enum StoredWarned {
     No,
     Yes,
     With(bool, Box<EnvelopeParams>),
 }
 
+/// [`StoredEntry`] borrowed, for writing without a copy (every queue write
+/// encodes one).
+#[derive(Serialize)]
+#[serde(rename = "StoredEntry")]
+struct StoredEntryRef<'a> {
+    id: MessageId,
+    sender: &'a Option<String>,
+    received_at: u64,
+    next_attempt: u64,
+    attempts: u32,
+    recipients: &'a [QueueRecipient],
+    client: &'a str,
+    warned: StoredWarnedRef<'a>,
+}
+
+/// [`StoredWarned`] borrowed.
+#[derive(Serialize)]
+#[serde(rename = "StoredWarned")]
+enum StoredWarnedRef<'a> {
+    No,
+    Yes,
+    With(bool, &'a EnvelopeParams),
+}
+
 impl Serialize for QueueEntry {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let e = self.clone();
         if s.is_human_readable() {
-            EntryJson {
+            // Exports only: a copy does not matter there.
+            let e = self.clone();
+            return EntryJson {
                 id: e.id,
                 sender: e.sender,
                 received_at: e.received_at,
@@ -116,25 +141,24 @@ impl Serialize for QueueEntry {
                 warned: e.warned,
                 params: e.params,
             }
-            .serialize(s)
-        } else {
-            let warned = match (e.warned, e.params) {
-                (w, Some(p)) => StoredWarned::With(w, p),
-                (false, None) => StoredWarned::No,
-                (true, None) => StoredWarned::Yes,
-            };
-            StoredEntry {
-                id: e.id,
-                sender: e.sender,
-                received_at: e.received_at,
-                next_attempt: e.next_attempt,
-                attempts: e.attempts,
-                recipients: e.recipients,
-                client: e.client,
-                warned,
-            }
-            .serialize(s)
+            .serialize(s);
         }
+        let warned = match (self.warned, self.params.as_deref()) {
+            (w, Some(p)) => StoredWarnedRef::With(w, p),
+            (false, None) => StoredWarnedRef::No,
+            (true, None) => StoredWarnedRef::Yes,
+        };
+        StoredEntryRef {
+            id: self.id,
+            sender: &self.sender,
+            received_at: self.received_at,
+            next_attempt: self.next_attempt,
+            attempts: self.attempts,
+            recipients: &self.recipients,
+            client: &self.client,
+            warned,
+        }
+        .serialize(s)
     }
 }
 

@@ -715,9 +715,17 @@ impl Delivery {
     /// state, addressed to its sender (for a failed bounce: to the postmaster
     /// per `double_bounce`). `Ok(None)`: nothing to send, or nowhere to.
     fn notice(&self, entry: &QueueEntry, kind: dsn::Kind) -> Result<Option<Notice>, StoreError> {
+        // With delay warnings off, only a recipient that asked for them
+        // (NOTIFY=DELAY) is warned, not those without NOTIFY.
+        let asked_delay = |address: &str| {
+            let p = entry.params.as_deref().and_then(|p| p.recipient(address));
+            p.and_then(|p| p.notify).is_some_and(|n| n.delay)
+        };
+        let only_asked = kind == dsn::Kind::Delay && self.config.delivery.delay_warning.is_none();
         let recipients: Vec<RecipientStatus> = entry
             .recipients
             .iter()
+            .filter(|r| !only_asked || asked_delay(&r.address))
             .filter_map(|r| status_of(r, kind))
             .collect();
         if recipients.is_empty() {
