@@ -65,7 +65,7 @@ pub struct RoutedRecipient {
 /// Everything about an accepted message except its content.
 ///
 /// Stored (bincode) in a layout older records also read as: see
-/// [`StoredSender`]. JSON (exports) has the plain fields, `params` only
+/// `StoredSender`. JSON (exports) has the plain fields, `params` only
 /// when there are some.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope {
