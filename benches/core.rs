@@ -613,6 +613,8 @@ fn dsn_build(c: &mut Criterion) {
         status: status.into(),
         diagnostic: diagnostic.into(),
         remote_mta: mta.map(Into::into),
+        original_recipient: None,
+        action: None,
     })
     .collect();
     let report = Report {
@@ -623,6 +625,8 @@ fn dsn_build(c: &mut Criterion) {
         arrival_date: DATE,
         date: DATE,
         recipients: &recipients,
+        envid: None,
+        headers_only: false,
         original: &original,
     };
     let built = report.build();

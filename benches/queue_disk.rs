@@ -70,6 +70,7 @@ fn entry(store: &Store, writer: u64) -> QueueEntry {
         }],
         client: "192.0.2.7".into(),
         warned: false,
+        params: None,
     }
 }
 

@@ -93,6 +93,7 @@ fn accept_remote(store: &Store, writer: usize, content: &[u8]) {
         }],
         client: "192.0.2.7".into(),
         warned: false,
+        params: None,
     };
     store.accept_remote(&entry, content).expect("accept_remote");
     block_on(store.durable()).expect("durable");
@@ -112,6 +113,7 @@ fn spool(store: &Store, writer: usize, content: &[u8]) {
         client: "192.0.2.7".into(),
         helo: "client.example.org".into(),
         size: content.len() as u64,
+        params: None,
     };
     store.spool(&envelope, content).expect("spool");
     block_on(store.durable()).expect("durable");

@@ -1,5 +1,6 @@
-//! Delivery status notifications (RFC 3464 `multipart/report`): the bounces
-//! and delay warnings postino sends from `MAILER-DAEMON` with sender `<>`.
+//! Delivery status notifications (RFC 3464 `multipart/report`): the bounces,
+//! delay warnings and success notices (RFC 3461 `NOTIFY=SUCCESS`) postino
+//! sends from `MAILER-DAEMON` with sender `<>`.
 
 use std::fmt::Write as _;
 
@@ -15,6 +16,11 @@ pub enum Kind {
     Failure,
     /// Delivery is late but still tried: a delay warning.
     Delay,
+    /// Delivered into a local mailbox (`Action: delivered`).
+    Delivered,
+    /// Handed to a next hop that does not offer DSN, which will not tell
+    /// (`Action: relayed`, RFC 3461 §6.2.1).
+    Relayed,
 }
 
 /// One recipient the report is about.
@@ -28,6 +34,11 @@ pub struct RecipientStatus {
     pub diagnostic: String,
     /// The exchanger that gave the reply, if any.
     pub remote_mta: Option<String>,
+    /// `ORCPT` as given (`Original-Recipient: rfc822;…`).
+    pub original_recipient: Option<String>,
+    /// This recipient's action when not the report's (a success notice
+    /// for a local delivery sent with a bounce).
+    pub action: Option<Kind>,
 }
 
 /// Everything a report needs to know about the original message.
@@ -49,6 +60,11 @@ pub struct Report<'a> {
     pub recipients: &'a [RecipientStatus],
     /// The original content (headers and body, CRLF).
     pub original: &'a [u8],
+    /// `ENVID` of the original (`Original-Envelope-Id`).
+    pub envid: Option<&'a str>,
+    /// Return only the original's headers (`RET=HDRS`; success notices
+    /// always do).
+    pub headers_only: bool,
 }
 
 impl Report<'_> {
@@ -58,6 +74,7 @@ impl Report<'_> {
         let subject = match self.kind {
             Kind::Failure => "Undelivered Mail Returned to Sender",
             Kind::Delay => "Delayed Mail (still being retried)",
+            Kind::Delivered | Kind::Relayed => "Successful Mail Delivery Report",
         };
         let mut m = String::with_capacity(2048 + self.original.len().min(MAX_RETURNED_CONTENT));
         let _ = write!(
@@ -92,20 +109,28 @@ impl Report<'_> {
              Content-Type: message/delivery-status\r\n\
              \r\n\
              Reporting-MTA: dns; {host}\r\n\
-             X-Postino-Queue-ID: {id}\r\n\
-             Arrival-Date: {arrival}\r\n",
+             X-Postino-Queue-ID: {id}\r\n",
             host = self.hostname,
             id = self.id,
-            arrival = self.arrival_date,
         );
-        let action = match self.kind {
-            Kind::Failure => "failed",
-            Kind::Delay => "delayed",
-        };
+        if let Some(envid) = self.envid {
+            let _ = write!(m, "Original-Envelope-Id: {envid}\r\n");
+        }
+        let _ = write!(m, "Arrival-Date: {}\r\n", self.arrival_date);
         for r in self.recipients {
+            let action = match r.action.unwrap_or(self.kind) {
+                Kind::Failure => "failed",
+                Kind::Delay => "delayed",
+                Kind::Delivered => "delivered",
+                Kind::Relayed => "relayed",
+            };
+            m.push_str("\r\n");
+            if let Some(orcpt) = &r.original_recipient {
+                let _ = write!(m, "Original-Recipient: {orcpt}\r\n");
+            }
             let _ = write!(
                 m,
-                "\r\nFinal-Recipient: rfc822; {addr}\r\nAction: {action}\r\nStatus: {status}\r\n",
+                "Final-Recipient: rfc822; {addr}\r\nAction: {action}\r\nStatus: {status}\r\n",
                 addr = r.address,
                 status = r.status,
             );
@@ -115,7 +140,10 @@ impl Report<'_> {
             let _ = write!(m, "Diagnostic-Code: smtp; {}\r\n", one_line(&r.diagnostic));
         }
         let mut out = m.into_bytes();
-        let (ctype, desc, part) = if self.original.len() <= MAX_RETURNED_CONTENT {
+        let (ctype, desc, part) = if self.original.len() <= MAX_RETURNED_CONTENT
+            && !self.headers_only
+            && !matches!(self.kind, Kind::Delivered | Kind::Relayed)
+        {
             ("message/rfc822", "Undelivered Message", self.original)
         } else {
             (
@@ -142,6 +170,7 @@ impl Report<'_> {
         match self.kind {
             Kind::Failure => "bounce",
             Kind::Delay => "delay",
+            Kind::Delivered | Kind::Relayed => "success",
         }
     }
 
@@ -163,6 +192,15 @@ impl Report<'_> {
                  ####################################################################\r\n\r\n\
                  Your message could not be delivered yet. The mail system will keep\r\n\
                  trying to deliver it.\r\n\r\n",
+            ),
+            Kind::Delivered => m.push_str(
+                "Your message was delivered to the mailbox of the recipients\r\n\
+                 listed below, as you asked.\r\n\r\n",
+            ),
+            Kind::Relayed => m.push_str(
+                "Your message was handed on to the recipients' mail system, which\r\n\
+                 does not report delivery: you will hear of it again only if it\r\n\
+                 fails there.\r\n\r\n",
             ),
         }
         for r in self.recipients {
@@ -215,15 +253,21 @@ mod tests {
                     status: "5.1.1".into(),
                     diagnostic: "550 5.1.1 <bob@remote.test>: User unknown".into(),
                     remote_mta: Some("mx1.remote.test".into()),
+                    original_recipient: Some("rfc822;Bob@remote.test".into()),
+                    action: None,
                 },
                 RecipientStatus {
                     address: "carol@remote.test".into(),
                     status: "5.0.0".into(),
                     diagnostic: "554 no\r\nreally".into(),
                     remote_mta: None,
+                    original_recipient: None,
+                    action: None,
                 },
             ],
             original,
+            envid: (kind == Kind::Failure).then_some("QQ314159"),
+            headers_only: false,
         }
         .build()
     }
@@ -234,7 +278,8 @@ mod tests {
         let text = String::from_utf8(report(Kind::Failure, original)).unwrap();
         assert!(text.contains("Content-Type: multipart/report; report-type=delivery-status;"));
         assert!(text.contains("Content-Type: message/delivery-status\r\n"));
-        assert!(text.contains("Final-Recipient: rfc822; bob@remote.test\r\nAction: failed\r\nStatus: 5.1.1\r\nRemote-MTA: dns; mx1.remote.test\r\n"));
+        assert!(text.contains("Original-Envelope-Id: QQ314159\r\nArrival-Date: "));
+        assert!(text.contains("\r\n\r\nOriginal-Recipient: rfc822;Bob@remote.test\r\nFinal-Recipient: rfc822; bob@remote.test\r\nAction: failed\r\nStatus: 5.1.1\r\nRemote-MTA: dns; mx1.remote.test\r\n"));
         assert!(text.contains("Diagnostic-Code: smtp; 554 no really\r\n"));
         assert!(text.contains("Content-Type: message/rfc822\r\n\r\nSubject: hi\r\n"));
         assert!(text.contains("Date: Fri, 02 Jan 1970 00:00:00 +0000\r\n"));
@@ -250,5 +295,18 @@ mod tests {
         assert!(text.contains("Content-Type: text/rfc822-headers\r\n\r\nSubject: big\r\n\r\n--"));
         assert!(text.contains("Action: delayed"));
         assert!(!text.contains("xxxx"));
+    }
+
+    #[test]
+    fn success_reports_return_headers_only() {
+        let original = b"Subject: hi\r\n\r\nsecret body\r\n";
+        for (kind, action) in [(Kind::Delivered, "delivered"), (Kind::Relayed, "relayed")] {
+            let text = String::from_utf8(report(kind, original)).unwrap();
+            assert!(text.contains(&format!("Action: {action}\r\n")), "{text}");
+            assert!(text.contains("Subject: Successful Mail Delivery Report"));
+            assert!(text.contains("Content-Type: text/rfc822-headers\r\n\r\nSubject: hi\r\n"));
+            assert!(!text.contains("secret body"));
+            assert!(!text.contains("Original-Envelope-Id"));
+        }
     }
 }

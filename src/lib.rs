@@ -11,6 +11,8 @@
 //! - [`routing`]: where a recipient goes (local mailbox, remote, bounce,
 //!   reject), as a pure function over a [`routing::Directory`].
 //! - [`dsn`]: RFC 3464 delivery status notifications (bounces).
+//! - [`esmtp`]: the DSN and SMTPUTF8 parameters a message carries from
+//!   `MAIL`/`RCPT` to its delivery and notifications.
 //! - [`failpoints`]: fault injection in the store, for tests (compiled in
 //!   only with the `failpoints` feature).
 //! - [`logsafe`]: escaping of client-supplied values for log lines, and
@@ -29,6 +31,7 @@
 pub mod address;
 pub mod config;
 pub mod dsn;
+pub mod esmtp;
 pub mod failpoints;
 pub mod logsafe;
 pub mod message;

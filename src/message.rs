@@ -6,6 +6,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::esmtp::EnvelopeParams;
 use crate::routing::Route;
 
 /// The id of an accepted message, like Postfix's queue id: named in the `250`
@@ -62,7 +63,11 @@ pub struct RoutedRecipient {
 }
 
 /// Everything about an accepted message except its content.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Stored (bincode) in a layout older records also read as: see
+/// `StoredSender`. JSON (exports) has the plain fields, `params` only
+/// when there are some.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope {
     /// The message's queue id.
     pub id: MessageId,
@@ -78,6 +83,146 @@ pub struct Envelope {
     pub helo: String,
     /// Octets of the stored content (CRLF line ends, unstuffed).
     pub size: u64,
+    /// DSN and SMTPUTF8 parameters; `None` when the client sent none.
+    pub params: Option<Box<EnvelopeParams>>,
+}
+
+/// [`Envelope`] in JSON.
+#[derive(Serialize, Deserialize)]
+#[serde(rename = "Envelope")]
+struct EnvelopeJson {
+    id: MessageId,
+    sender: Option<String>,
+    recipients: Vec<RoutedRecipient>,
+    received_at: u64,
+    client: String,
+    helo: String,
+    size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    params: Option<Box<EnvelopeParams>>,
+}
+
+/// [`Envelope`] as stored: the sender's place carries the parameters.
+#[derive(Deserialize)]
+struct EnvelopeStored {
+    id: MessageId,
+    sender: StoredSender,
+    recipients: Vec<RoutedRecipient>,
+    received_at: u64,
+    client: String,
+    helo: String,
+    size: u64,
+}
+
+/// The stored sender (schema 4). bincode writes an `Option` as a tag byte
+/// 0 or 1 and an enum's variant as its index, one byte too when small: the
+/// first two variants are byte for byte the `Option<String>` that schema 3
+/// and older wrote, so their records read unchanged, and an envelope
+/// without parameters is still written as they were. An envelope with
+/// parameters uses the third.
+#[derive(Deserialize)]
+enum StoredSender {
+    Null,
+    Some(String),
+    With(Option<String>, Box<EnvelopeParams>),
+}
+
+impl StoredSender {
+    fn split(self) -> (Option<String>, Option<Box<EnvelopeParams>>) {
+        match self {
+            StoredSender::Null => (None, None),
+            StoredSender::Some(s) => (Some(s), None),
+            StoredSender::With(s, p) => (s, Some(p)),
+        }
+    }
+}
+
+/// [`EnvelopeStored`] borrowed, for writing without a copy.
+#[derive(Serialize)]
+#[serde(rename = "EnvelopeStored")]
+struct EnvelopeStoredRef<'a> {
+    id: MessageId,
+    sender: StoredSenderRef<'a>,
+    recipients: &'a [RoutedRecipient],
+    received_at: u64,
+    client: &'a str,
+    helo: &'a str,
+    size: u64,
+}
+
+/// [`StoredSender`] borrowed.
+#[derive(Serialize)]
+#[serde(rename = "StoredSender")]
+enum StoredSenderRef<'a> {
+    Null,
+    Some(&'a str),
+    With(&'a Option<String>, &'a EnvelopeParams),
+}
+
+impl Serialize for Envelope {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            // Exports and tools only: a copy does not matter there.
+            let e = self.clone();
+            return EnvelopeJson {
+                id: e.id,
+                sender: e.sender,
+                recipients: e.recipients,
+                received_at: e.received_at,
+                client: e.client,
+                helo: e.helo,
+                size: e.size,
+                params: e.params,
+            }
+            .serialize(s);
+        }
+        let sender = match (&self.sender, self.params.as_deref()) {
+            (s, Some(p)) => StoredSenderRef::With(s, p),
+            (Some(s), None) => StoredSenderRef::Some(s),
+            (None, None) => StoredSenderRef::Null,
+        };
+        EnvelopeStoredRef {
+            id: self.id,
+            sender,
+            recipients: &self.recipients,
+            received_at: self.received_at,
+            client: &self.client,
+            helo: &self.helo,
+            size: self.size,
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Envelope {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let e = EnvelopeJson::deserialize(d)?;
+            Ok(Envelope {
+                id: e.id,
+                sender: e.sender,
+                recipients: e.recipients,
+                received_at: e.received_at,
+                client: e.client,
+                helo: e.helo,
+                size: e.size,
+                params: e.params,
+            })
+        } else {
+            let e = EnvelopeStored::deserialize(d)?;
+            let (sender, params) = e.sender.split();
+            Ok(Envelope {
+                id: e.id,
+                sender,
+                recipients: e.recipients,
+                received_at: e.received_at,
+                client: e.client,
+                helo: e.helo,
+                size: e.size,
+                params,
+            })
+        }
+    }
 }
 
 impl Envelope {

@@ -5,6 +5,7 @@
 //! (failures and delay warnings after delivery rounds).
 
 use postino_core::dsn::{self, RecipientStatus};
+use postino_core::esmtp::{notify_of, EnvelopeParams, Ret};
 use postino_core::logsafe::escape;
 use postino_core::message::{now_unix, RoutedRecipient as Rcpt};
 use postino_core::routing::{self, DirectoryError};
@@ -12,28 +13,23 @@ use postino_core::store::{Notice, StoreError, TraceKind};
 use postino_core::{Address, Config, Envelope, MessageId, Store};
 use tracing::{info, warn};
 
-/// Spools a bounce for `failed` recipients of `envelope` and returns its
-/// envelope, or `None` when no bounce may be sent (null sender).
+/// Spools a notice of `kind` (a bounce, or a success notice for local
+/// deliveries) about `recipients` of a spooled `envelope` and returns its
+/// envelope, or `None` when none may be sent (null sender) or none was
+/// asked for.
 pub fn bounce_envelope(
     config: &Config,
     store: &Store,
     envelope: &Envelope,
     failed: &[RecipientStatus],
+    kind: dsn::Kind,
 ) -> Result<Option<Envelope>, StoreError> {
     let Some(sender) = envelope.sender.as_deref() else {
         // Never bounce a bounce (RFC 5321 §4.5.5).
         warn!(id = %envelope.id, "not bouncing a message from <>; dropped");
         return Ok(None);
     };
-    bounce_to(
-        config,
-        store,
-        envelope,
-        failed,
-        sender,
-        dsn::Kind::Failure,
-        true,
-    )
+    bounce_to(config, store, envelope, failed, sender, kind, true)
 }
 
 /// Spools a delivery status notification of `kind` addressed to `to`.
@@ -98,8 +94,11 @@ fn store_error(e: DirectoryError) -> StoreError {
 
 /// Builds (without spooling) a delivery status notification of `kind`
 /// about `envelope`'s `recipients`, addressed to `to` and routed like any
-/// message to it. `None` when `to` cannot be routed. The delivery actor
-/// spools it together with its queue change ([`Store::settle_queue`]).
+/// message to it. `None` when `to` cannot be routed, or when no recipient
+/// asked for this kind of notice (RFC 3461 `NOTIFY`: `NEVER`, or a list
+/// without it; see [`wants`]). `RET=HDRS` returns the headers only,
+/// `ENVID` and `ORCPT` are given back. The delivery actor spools it
+/// together with its queue change ([`Store::settle_queue`]).
 pub fn notification(
     config: &Config,
     store: &Store,
@@ -108,6 +107,26 @@ pub fn notification(
     to: &str,
     kind: dsn::Kind,
 ) -> Result<Option<Notice>, StoreError> {
+    let params = envelope.params.as_deref();
+    let recipients: Vec<RecipientStatus> = recipients
+        .iter()
+        .filter(|r| wants(params, &r.address, r.action.unwrap_or(kind)))
+        .map(|r| {
+            let mut r = r.clone();
+            if let Some(o) = params
+                .and_then(|p| p.recipient(&r.address))
+                .and_then(|p| p.orcpt.as_ref())
+            {
+                r.original_recipient = Some(format!("{};{}", o.addr_type, o.address));
+            }
+            r
+        })
+        .collect();
+    if recipients.is_empty() {
+        info!(id = %envelope.id, kind = ?kind, "no notification: not asked for (NOTIFY)");
+        return Ok(None);
+    }
+    let recipients = &recipients[..];
     // Queued mail may hold its content inline; spooled mail shares it.
     let original = match store.queued_content(envelope.id)? {
         Some(c) => c,
@@ -124,6 +143,8 @@ pub fn notification(
         date: &dsn::rfc5322_date(now),
         recipients,
         original: &original,
+        envid: params.and_then(|p| p.envid.as_deref()),
+        headers_only: params.is_some_and(|p| p.ret == Some(Ret::Hdrs)),
     }
     .build();
     let Ok(rcpt) = Address::parse(to, true) else {
@@ -147,9 +168,22 @@ pub fn notification(
         client: "local".into(),
         helo: config.hostname.clone(),
         size: content.len() as u64,
+        params: None,
     };
     Ok(Some(Notice {
         envelope: bounce,
         content,
     }))
+}
+
+/// Whether `address`'s `NOTIFY` asks for a notice of `kind`: failures and
+/// delays unless it says otherwise (`NEVER`, or a list without them),
+/// success only when asked.
+pub fn wants(params: Option<&EnvelopeParams>, address: &str, kind: dsn::Kind) -> bool {
+    let notify = notify_of(params, address);
+    match kind {
+        dsn::Kind::Failure => notify.failure,
+        dsn::Kind::Delay => notify.delay,
+        dsn::Kind::Delivered | dsn::Kind::Relayed => notify.success,
+    }
 }

@@ -9,7 +9,8 @@
 //! [`Plan`] sorts a message's recipients once; intake uses the same plan to
 //! choose how to store the message in the first place.
 
-use postino_core::dsn::RecipientStatus;
+use postino_core::dsn::{Kind, RecipientStatus};
+use postino_core::esmtp::notify_of;
 use postino_core::message::{now_unix, RoutedRecipient as Rcpt};
 use postino_core::routing::Target;
 use postino_core::store::{LocalDelivery, QueueEntry, QueueRecipient, RecipientState, StoreError};
@@ -81,8 +82,16 @@ fn dispatch_into(
         store.enqueue(&new_entry(envelope, plan.remote))?;
         queued.push(id);
     }
-    if !plan.bounced.is_empty() {
-        if let Some(bounce) = bounce_envelope(config, store, envelope, &plan.bounced)? {
+    if !plan.bounced.is_empty() || !plan.delivered.is_empty() {
+        // One notice for both: the spool records one per message, so a
+        // dispatch done again after a crash sends neither twice.
+        let kind = match plan.bounced.is_empty() {
+            true => Kind::Delivered,
+            false => Kind::Failure,
+        };
+        let mut about = plan.bounced;
+        about.extend(plan.delivered);
+        if let Some(bounce) = bounce_envelope(config, store, envelope, &about, kind)? {
             // Spooled before the original is finished: a crash in between
             // re-dispatches the original, never loses the bounce. A bounce
             // has no sender, so it never makes a bounce itself. A failed
@@ -99,6 +108,7 @@ fn dispatch_into(
 
 /// A new queue entry for `recipients` of `envelope`, due now.
 pub fn new_entry(envelope: &Envelope, recipients: Vec<String>) -> QueueEntry {
+    let params = envelope.params.as_ref().and_then(|p| p.only(&recipients));
     QueueEntry {
         id: envelope.id,
         sender: envelope.sender.clone(),
@@ -114,6 +124,7 @@ pub fn new_entry(envelope: &Envelope, recipients: Vec<String>) -> QueueEntry {
             .collect(),
         client: envelope.client.clone(),
         warned: false,
+        params,
     }
 }
 
@@ -125,6 +136,9 @@ pub struct Plan {
     pub remote: Vec<String>,
     /// Recipients that routing bounces.
     pub bounced: Vec<RecipientStatus>,
+    /// Recipients delivered to a local mailbox that asked for a success
+    /// notice (`NOTIFY=SUCCESS`, RFC 3461): sent with the bounce, if any.
+    pub delivered: Vec<RecipientStatus>,
 }
 
 impl Plan {
@@ -134,10 +148,23 @@ impl Plan {
             local: Vec::new(),
             remote: Vec::new(),
             bounced: Vec::new(),
+            delivered: Vec::new(),
         };
+        let params = envelope.params.as_deref();
         for Rcpt { address, route } in &envelope.recipients {
             match route {
                 Route::Deliver(targets) => {
+                    let to_mailbox = targets.iter().any(|t| matches!(t, Target::Mailbox { .. }));
+                    if to_mailbox && notify_of(params, address).success {
+                        plan.delivered.push(RecipientStatus {
+                            address: address.clone(),
+                            status: "2.0.0".into(),
+                            diagnostic: "250 2.0.0 delivered to mailbox".into(),
+                            remote_mta: None,
+                            original_recipient: None,
+                            action: Some(Kind::Delivered),
+                        });
+                    }
                     for t in targets {
                         match t {
                             Target::Mailbox { mailbox, original } => {
@@ -166,6 +193,8 @@ impl Plan {
                     status: status.clone(),
                     diagnostic: format!("550 {status} {reason}"),
                     remote_mta: None,
+                    original_recipient: None,
+                    action: None,
                 }),
                 Route::Reject(_) => {}
             }

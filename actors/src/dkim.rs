@@ -441,6 +441,7 @@ mod tests {
             client: client.into(),
             helo: "client.test".into(),
             size: 0,
+            params: None,
         }
     }
 

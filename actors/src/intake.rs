@@ -179,7 +179,12 @@ impl Intake {
     ) -> Result<(), IntakeError> {
         let id = envelope.id;
         let plan = Plan::of(envelope);
-        let written = if plan.remote.is_empty() && plan.bounced.is_empty() && !plan.local.is_empty()
+        // A success notice for a local delivery is made by dispatch, from
+        // the spool (idempotent), like a bounce.
+        let written = if plan.remote.is_empty()
+            && plan.bounced.is_empty()
+            && plan.delivered.is_empty()
+            && !plan.local.is_empty()
         {
             mailbox::accept_local(&self.store, id, &content, &plan.local)?;
             Written::Delivered
@@ -338,6 +343,7 @@ mod tests {
             client: "127.0.0.1".into(),
             helo: "client.test".into(),
             size: 7,
+            params: None,
         }
     }
 

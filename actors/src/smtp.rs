@@ -552,6 +552,7 @@ impl SmtpConnection {
             client: self.peer.ip().to_string(),
             helo: accepted.helo,
             size: accepted.content.len() as u64,
+            params: accepted.params,
         };
         let shared = self.shared.clone();
         let fut = async move {

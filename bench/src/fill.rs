@@ -261,6 +261,7 @@ fn write_one(
         }],
         client: "127.0.0.1".into(),
         warned: false,
+        params: None,
     };
     store.accept_remote(&entry, content)?;
     // The first attempt's outcome, as the delivery actor records a 4xx.

@@ -258,6 +258,8 @@ pub struct Extensions {
     pub enhanced_status_codes: bool,
     /// `AUTH` listing the `PLAIN` mechanism (RFC 4616).
     pub auth_plain: bool,
+    /// `DSN` (RFC 3461): MAIL and RCPT take the DSN parameters.
+    pub dsn: bool,
 }
 
 impl Extensions {
@@ -280,6 +282,7 @@ impl Extensions {
                 }
                 "8BITMIME" => ext.eight_bit_mime = true,
                 "SMTPUTF8" => ext.smtputf8 = true,
+                "DSN" => ext.dsn = true,
                 "STARTTLS" => ext.starttls = true,
                 "ENHANCEDSTATUSCODES" => ext.enhanced_status_codes = true,
                 // `AUTH=PLAIN LOGIN` is the pre-standard form some servers
@@ -593,7 +596,7 @@ mod tests {
         let reply = r(
             250,
             None,
-            "mx.test greets you\npipelining\nSIZE 10240000\n8BITMIME\nAUTH LOGIN PLAIN\nSTARTTLS\nENHANCEDSTATUSCODES\nSMTPUTF8",
+            "mx.test greets you\npipelining\nSIZE 10240000\n8BITMIME\nAUTH LOGIN PLAIN\nSTARTTLS\nENHANCEDSTATUSCODES\nSMTPUTF8\nDSN",
         );
         let ext = Extensions::parse(&reply);
         assert_eq!(
@@ -607,6 +610,7 @@ mod tests {
                 starttls: true,
                 enhanced_status_codes: true,
                 auth_plain: true,
+                dsn: true,
             }
         );
         let ext = Extensions::parse(&r(250, None, "mx.test\nSIZE\nAUTH=LOGIN PLAIN"));

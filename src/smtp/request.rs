@@ -4,6 +4,7 @@
 //! business.
 
 use crate::address::{Address, AddressError};
+use crate::esmtp::{xtext_decode, Notify, Orcpt, Ret};
 use crate::logsafe::{escape, Escaped, Secret};
 use crate::smtp::Reply;
 
@@ -55,11 +56,9 @@ pub enum Request {
     Unknown(String),
 }
 
-/// The `MAIL FROM` parameters postino knows (RFC 1870, 6152, 6531, 4954).
-///
-/// `RET` and `ENVID` (RFC 3461) are accepted and ignored, so that a client
-/// that sends DSN parameters is not refused over them: postino does not
-/// advertise DSN, and sends its own RFC 3464 bounces regardless.
+/// The `MAIL FROM` parameters postino knows (RFC 1870, 6152, 6531, 4954,
+/// 3461). Whether the session advertised them (`AUTH=`) is the session's
+/// business.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MailParams {
     /// `SIZE=`: the client's estimate of the message size.
@@ -70,6 +69,10 @@ pub struct MailParams {
     pub smtputf8: bool,
     /// `AUTH=`, xtext-decoded (RFC 4954 §5): `<>` or a mailbox.
     pub auth: Option<String>,
+    /// `RET=` (RFC 3461 §4.3).
+    pub ret: Option<Ret>,
+    /// `ENVID=` (RFC 3461 §4.4), xtext-decoded.
+    pub envid: Option<String>,
 }
 
 /// The `BODY=` parameter (RFC 6152).
@@ -79,12 +82,13 @@ pub enum Body {
     EightBitMime,
 }
 
-/// The `RCPT TO` parameters: DSN's `NOTIFY` and `ORCPT` (RFC 3461) are
-/// accepted, checked and recorded as sent, but postino does not act on them.
+/// The `RCPT TO` parameters: DSN's `NOTIFY` and `ORCPT` (RFC 3461).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RcptParams {
-    pub notify: Option<String>,
-    pub orcpt: Option<String>,
+    /// `NOTIFY=` (RFC 3461 §4.1).
+    pub notify: Option<Notify>,
+    /// `ORCPT=` (RFC 3461 §4.2).
+    pub orcpt: Option<Orcpt>,
 }
 
 /// A line that is not a well-formed command. Each maps to one reply.
@@ -458,7 +462,6 @@ fn params<'a>(
 
 fn mail_params(rest: &str) -> Result<MailParams, RequestError> {
     let mut out = MailParams::default();
-    let (mut ret, mut envid) = (false, false);
     for param in params(rest, SYNTAX_MAIL) {
         let (key, value) = param?;
         if key.eq_ignore_ascii_case("SIZE") {
@@ -481,12 +484,16 @@ fn mail_params(rest: &str) -> Result<MailParams, RequestError> {
         } else if key.eq_ignore_ascii_case("AUTH") {
             once(&mut out.auth, value.and_then(xtext_decode), "AUTH")?;
         } else if key.eq_ignore_ascii_case("RET") {
-            let good = value
-                .is_some_and(|v| v.eq_ignore_ascii_case("FULL") || v.eq_ignore_ascii_case("HDRS"));
-            flag_once(&mut ret, good, "RET")?;
+            let ret = match value {
+                Some(v) if v.eq_ignore_ascii_case("FULL") => Some(Ret::Full),
+                Some(v) if v.eq_ignore_ascii_case("HDRS") => Some(Ret::Hdrs),
+                _ => None,
+            };
+            once(&mut out.ret, ret, "RET")?;
         } else if key.eq_ignore_ascii_case("ENVID") {
-            let good = value.and_then(xtext_decode).is_some_and(|v| v.len() <= 100);
-            flag_once(&mut envid, good, "ENVID")?;
+            // At most 100 characters (RFC 3461 §4.4), counted as sent.
+            let envid = value.filter(|v| v.len() <= 100).and_then(xtext_decode);
+            once(&mut out.envid, envid, "ENVID")?;
         } else {
             return Err(RequestError::UnsupportedParam(key.to_owned()));
         }
@@ -499,21 +506,9 @@ fn rcpt_params(rest: &str) -> Result<RcptParams, RequestError> {
     for param in params(rest, SYNTAX_RCPT) {
         let (key, value) = param?;
         if key.eq_ignore_ascii_case("NOTIFY") {
-            once(
-                &mut out.notify,
-                value.filter(|v| valid_notify(v)).map(str::to_owned),
-                "NOTIFY",
-            )?;
+            once(&mut out.notify, value.and_then(Notify::parse), "NOTIFY")?;
         } else if key.eq_ignore_ascii_case("ORCPT") {
-            // addr-type ";" xtext
-            let orcpt = value.filter(|v| {
-                v.split_once(';').is_some_and(|(kind, addr)| {
-                    !kind.is_empty()
-                        && kind.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
-                        && xtext_decode(addr).is_some()
-                })
-            });
-            once(&mut out.orcpt, orcpt.map(str::to_owned), "ORCPT")?;
+            once(&mut out.orcpt, value.and_then(Orcpt::parse), "ORCPT")?;
         } else {
             return Err(RequestError::UnsupportedParam(key.to_owned()));
         }
@@ -530,54 +525,6 @@ fn once<T>(slot: &mut Option<T>, value: Option<T>, name: &'static str) -> Result
         }
         _ => Err(RequestError::BadParamValue(name)),
     }
-}
-
-fn flag_once(seen: &mut bool, good: bool, name: &'static str) -> Result<(), RequestError> {
-    if !good || *seen {
-        return Err(RequestError::BadParamValue(name));
-    }
-    *seen = true;
-    Ok(())
-}
-
-/// `NEVER`, or a comma list of `SUCCESS`, `FAILURE`, `DELAY` (RFC 3461 §4.1).
-fn valid_notify(v: &str) -> bool {
-    v.eq_ignore_ascii_case("NEVER")
-        || v.split(',').all(|w| {
-            ["SUCCESS", "FAILURE", "DELAY"]
-                .iter()
-                .any(|k| w.eq_ignore_ascii_case(k))
-        })
-}
-
-/// RFC 3461 xtext: printable ASCII except `+` and `=`, and `+XX` hex escapes.
-/// Decoded control characters are refused, since the result may be logged.
-fn xtext_decode(v: &str) -> Option<String> {
-    if v.is_empty() {
-        return None;
-    }
-    let b = v.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => {
-                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-                if !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
-                    return None;
-                }
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            c @ 33..=126 if c != b'=' => {
-                out.push(c);
-                i += 1;
-            }
-            _ => return None,
-        }
-    }
-    let s = String::from_utf8(out).ok()?;
-    (!s.chars().any(char::is_control)).then_some(s)
 }
 
 #[cfg(test)]
@@ -691,8 +638,15 @@ mod tests {
             (b"MAIL FROM:<a@b.test> AUTH=x+2By@b.test", Ok(mail("a@b.test", MailParams { auth: Some("x+y@b.test".into()), ..p() }))),
             (b"MAIL FROM:<a@b.test> AUTH=x+0Ay", Err(BadParamValue("AUTH"))),
             (b"MAIL FROM:<a@b.test> AUTH=x+2", Err(BadParamValue("AUTH"))),
-            (b"MAIL FROM:<a@b.test> RET=HDRS ENVID=QQ314159", Ok(mail("a@b.test", p()))),
+            (b"MAIL FROM:<a@b.test> RET=HDRS ENVID=QQ314159", Ok(mail("a@b.test", MailParams { ret: Some(Ret::Hdrs), envid: Some("QQ314159".into()), ..p() }))),
+            (b"MAIL FROM:<a@b.test> ret=full envid=a+2Bb+3Dc", Ok(mail("a@b.test", MailParams { ret: Some(Ret::Full), envid: Some("a+b=c".into()), ..p() }))),
             (b"MAIL FROM:<a@b.test> RET=ALL", Err(BadParamValue("RET"))),
+            (b"MAIL FROM:<a@b.test> RET", Err(BadParamValue("RET"))),
+            (b"MAIL FROM:<a@b.test> RET=FULL RET=HDRS", Err(BadParamValue("RET"))),
+            (b"MAIL FROM:<a@b.test> ENVID=", Err(BadParamValue("ENVID"))),
+            (b"MAIL FROM:<a@b.test> ENVID=a+0Ab", Err(BadParamValue("ENVID"))),
+            (b"MAIL FROM:<a@b.test> ENVID=x ENVID=y", Err(BadParamValue("ENVID"))),
+            (b"MAIL FROM:<a@b.test> NOTIFY=NEVER", Err(UnsupportedParam("NOTIFY".into()))),
             (b"MAIL FROM:<a@b.test> X-FOO=1", Err(UnsupportedParam("X-FOO".into()))),
             (b"MAIL FROM:<a@b.test> REQUIRETLS", Err(UnsupportedParam("REQUIRETLS".into()))),
             (b"MAIL FROM:<a@b.test> =1", sx(SYNTAX_MAIL)),
@@ -715,9 +669,20 @@ mod tests {
             (b"RCPT TO:<j\xc3\xb6rg@d.test>", Ok(rcpt("jörg@d.test"))),
             (b"RCPT TO:<c@d.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;c+40d.test", Ok(Request::Rcpt {
                 to: addr("c@d.test"),
-                params: RcptParams { notify: Some("SUCCESS,FAILURE".into()), orcpt: Some("rfc822;c+40d.test".into()) },
+                params: RcptParams {
+                    notify: Some(Notify { success: true, failure: true, delay: false }),
+                    orcpt: Some(Orcpt { addr_type: "rfc822".into(), address: "c@d.test".into() }),
+                },
+            })),
+            (b"RCPT TO:<c@d.test> notify=never", Ok(Request::Rcpt {
+                to: addr("c@d.test"),
+                params: RcptParams { notify: Some(Notify { success: false, failure: false, delay: false }), orcpt: None },
             })),
             (b"RCPT TO:<c@d.test> NOTIFY=NEVER,DELAY", Err(BadParamValue("NOTIFY"))),
+            (b"RCPT TO:<c@d.test> NOTIFY=", Err(BadParamValue("NOTIFY"))),
+            (b"RCPT TO:<c@d.test> NOTIFY=DELAY NOTIFY=DELAY", Err(BadParamValue("NOTIFY"))),
+            (b"RCPT TO:<c@d.test> ORCPT=rfc822;", Err(BadParamValue("ORCPT"))),
+            (b"RCPT TO:<c@d.test> RET=FULL", Err(UnsupportedParam("RET".into()))),
             (b"RCPT TO:<c@d.test> ORCPT=c@d.test", Err(BadParamValue("ORCPT"))),
             (b"RCPT TO:<c@d.test> SIZE=1", Err(UnsupportedParam("SIZE".into()))),
         ]
@@ -798,6 +763,9 @@ mod tests {
             (b"MAIL FROM:<\xc3\xa9@c>", "553 5.6.7 Must declare SMTPUTF8 to send Unicode address"),
             (b"MAIL FROM:<a@b> FOO=1", "555 5.5.4 Unsupported option: FOO"),
             (b"MAIL FROM:<a@b> SIZE=x", "501 5.5.4 Bad SIZE parameter"),
+            (b"MAIL FROM:<a@b> RET=ALL", "501 5.5.4 Bad RET parameter"),
+            (b"RCPT TO:<a@b> NOTIFY=NEVER,SUCCESS", "501 5.5.4 Bad NOTIFY parameter"),
+            (b"RCPT TO:<a@b> X-DSN=1", "555 5.5.4 Unsupported option: X-DSN"),
             (b"\0", "500 5.5.2 Error: invalid character in command"),
             (b"NOOP \xc3", "500 5.5.2 Error: invalid character in command"),
             (b"", "500 5.5.2 Error: bad syntax"),

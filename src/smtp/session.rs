@@ -19,11 +19,12 @@ use bytes::BytesMut;
 
 use crate::address::Address;
 use crate::config::BareLf;
+use crate::esmtp::{EnvelopeParams, RecipientParams};
 use crate::logsafe::Secret;
 use crate::message::{MessageId, RoutedRecipient};
 use crate::routing::Route;
 use crate::smtp::receiver::{DataError, DataReceiver, LineError, LineReceiver};
-use crate::smtp::request::{MailParams, Request, RequestError};
+use crate::smtp::request::{MailParams, RcptParams, Request, RequestError};
 use crate::smtp::Reply;
 
 /// What a session needs to know about the server, shared by all sessions of
@@ -220,6 +221,9 @@ pub struct Accepted {
     pub helo: String,
     /// The content, starting with our `Received:` header.
     pub content: Vec<u8>,
+    /// DSN parameters and SMTPUTF8 (RFC 3461, 6531); `None` when the
+    /// client sent none.
+    pub params: Option<Box<EnvelopeParams>>,
 }
 
 #[derive(Debug)]
@@ -227,11 +231,14 @@ struct Transaction {
     sender: Option<Address>,
     /// `MAIL` carried `SMTPUTF8`: UTF-8 recipients are allowed (RFC 6531).
     smtputf8: bool,
+    /// `RET`, `ENVID`, `SMTPUTF8`, and the accepted recipients' `NOTIFY`
+    /// and `ORCPT`.
+    params: EnvelopeParams,
     recipients: Vec<RoutedRecipient>,
     /// Recipients asked about, accepted or not (for the RCPT limit).
     rcpt_commands: usize,
-    /// The recipient whose routing decision is awaited.
-    pending: Option<Address>,
+    /// The recipient whose routing decision is awaited, and its parameters.
+    pending: Option<(Address, RcptParams)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -496,7 +503,7 @@ impl Session {
             Request::Ehlo { host } => self.hello(host, true),
             Request::Helo { host } => self.hello(host, false),
             Request::Mail { from, params } => self.mail(from, params),
-            Request::Rcpt { to, .. } => self.rcpt(to),
+            Request::Rcpt { to, params } => self.rcpt(to, params),
             Request::Data => self.data(),
             Request::Rset => {
                 self.tx = None;
@@ -545,7 +552,7 @@ impl Session {
         if self.auth_offered() && self.authenticated.is_none() {
             text.push_str("\nAUTH PLAIN LOGIN");
         }
-        text.push_str("\nENHANCEDSTATUSCODES\n8BITMIME\nSMTPUTF8");
+        text.push_str("\nENHANCEDSTATUSCODES\n8BITMIME\nDSN\nSMTPUTF8");
         self.reply(Reply::plain(250, text))
     }
 
@@ -558,6 +565,11 @@ impl Session {
         }
         if self.config.auth_required && self.authenticated.is_none() {
             return self.error(Reply::new(530, "5.7.0", "Authentication required"));
+        }
+        if params.auth.is_some() && !self.auth_offered() && self.authenticated.is_none() {
+            // RFC 4954 §5 gives AUTH= to servers that advertise AUTH; as
+            // for any parameter not advertised, 555 (RFC 5321 §4.1.1.11).
+            return self.error(RequestError::UnsupportedParam("AUTH".into()).reply());
         }
         if params
             .size
@@ -572,10 +584,10 @@ impl Session {
         }
         if let (Some(user), Some(sender)) = (&self.authenticated, &from) {
             let (user, sender) = (user.clone(), sender.canonical());
-            self.tx = Some(Transaction::new(from, params.smtputf8));
+            self.tx = Some(Transaction::new(from, &params));
             return Step::CheckSender { user, sender };
         }
-        self.tx = Some(Transaction::new(from, params.smtputf8));
+        self.tx = Some(Transaction::new(from, &params));
         self.reply(Reply::new(250, "2.1.0", "Ok"))
     }
 
@@ -613,7 +625,7 @@ impl Session {
         ))
     }
 
-    fn rcpt(&mut self, mut to: Address) -> Step {
+    fn rcpt(&mut self, mut to: Address, params: RcptParams) -> Step {
         let Some(smtputf8) = self.tx.as_ref().map(|tx| tx.smtputf8) else {
             return self.error(Reply::new(503, "5.5.1", "Error: need MAIL command"));
         };
@@ -638,7 +650,7 @@ impl Session {
             )
             .unwrap_or(to);
         }
-        tx.pending = Some(to.clone());
+        tx.pending = Some((to.clone(), params));
         Step::Route(RouteQuery {
             recipient: to,
             sender: tx.sender.clone(),
@@ -653,7 +665,7 @@ impl Session {
         let Some(tx) = &mut self.tx else {
             return self.answer(Reply::new(503, "5.5.1", "Error: need MAIL command"));
         };
-        let Some(address) = tx.pending.take() else {
+        let Some((address, params)) = tx.pending.take() else {
             return self.answer(Reply::new(503, "5.5.1", "Error: no recipient pending"));
         };
         let reply = match route {
@@ -662,10 +674,15 @@ impl Session {
                 reply
             }
             route => {
-                tx.recipients.push(RoutedRecipient {
-                    address: address.to_string(),
-                    route,
-                });
+                let address = address.to_string();
+                if params.notify.is_some() || params.orcpt.is_some() {
+                    tx.params.recipients.push(RecipientParams {
+                        address: address.clone(),
+                        notify: params.notify,
+                        orcpt: params.orcpt,
+                    });
+                }
+                tx.recipients.push(RoutedRecipient { address, route });
                 Reply::new(250, "2.1.5", "Ok")
             }
         };
@@ -739,6 +756,7 @@ impl Session {
             recipients: tx.recipients,
             helo,
             content: full,
+            params: tx.params.boxed(),
         })
     }
 
@@ -982,10 +1000,16 @@ impl Session {
 }
 
 impl Transaction {
-    fn new(sender: Option<Address>, smtputf8: bool) -> Transaction {
+    fn new(sender: Option<Address>, mail: &MailParams) -> Transaction {
         Transaction {
             sender,
-            smtputf8,
+            smtputf8: mail.smtputf8,
+            params: EnvelopeParams {
+                ret: mail.ret,
+                envid: mail.envid.clone(),
+                smtputf8: mail.smtputf8,
+                recipients: Vec::new(),
+            },
             recipients: Vec::new(),
             rcpt_commands: 0,
             pending: None,

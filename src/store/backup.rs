@@ -9,7 +9,7 @@
 //! header prefixes) are standard base64.
 //!
 //! ```text
-//! {"type":"header","format":"postino-store","version":1,"schema":3,"uidl_epoch":1234}
+//! {"type":"header","format":"postino-store","version":1,"schema":4,"uidl_epoch":1234}
 //! {"type":"user","address":"a@x.test","hash":"$argon2id$...","quota":1073741824}
 //! {"type":"alias","alias":"b@x.test","targets":["a@x.test"]}
 //! {"type":"mail","mailbox":"a@x.test","key":17,"prefix":"...","content":"..."}
@@ -17,6 +17,9 @@
 //! {"type":"inbound","envelope":{..Envelope..},"local_done":[..],"queued":false,"bounce":null,"content":"..."}
 //! {"type":"end","users":1,"aliases":1,"mail":1,"queue":1,"inbound":0,"skipped":0}
 //! ```
+//!
+//! A queue entry or envelope with DSN/SMTPUTF8 parameters has a `params`
+//! object (schema 4); lines without it (older exports) import as before.
 //!
 //! `uidl_epoch` and each mail `key` together make the POP3 UIDL, so an
 //! imported mailbox keeps its UIDLs. The `end` line tells a complete file

@@ -161,6 +161,7 @@ fn store_churn(dir: &Path, secs: u64) {
             client: "127.0.0.1".into(),
             helo: "client.test".into(),
             size: content.len() as u64,
+            params: None,
         };
         store.spool(&envelope, &content).unwrap();
         let mut entry = QueueEntry {
@@ -175,6 +176,7 @@ fn store_churn(dir: &Path, secs: u64) {
             }],
             client: "127.0.0.1".into(),
             warned: false,
+            params: None,
         };
         store.enqueue(&entry).unwrap();
         store.finish_inbound(id).unwrap();

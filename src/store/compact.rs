@@ -260,6 +260,7 @@ mod tests {
             }],
             client: "192.0.2.7".into(),
             warned: false,
+            params: None,
         }
     }
 

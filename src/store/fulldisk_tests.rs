@@ -118,6 +118,7 @@ fn entry(id: MessageId, next_attempt: u64) -> QueueEntry {
         }],
         client: "127.0.0.1".into(),
         warned: false,
+        params: None,
     }
 }
 

@@ -238,6 +238,7 @@ mod tests {
             }],
             client: "127.0.0.1".into(),
             warned: false,
+            params: None,
         };
         store
             .accept_remote(&entry, b"Subject: x\r\n\r\nbody\r\n")

@@ -174,8 +174,12 @@ pub use users::PasswordScratch;
 /// computes it once, then writes the new number) and typed diagnostics in
 /// queue recipients (new variants at the end of their state, see
 /// `queue.rs`: records of versions 1 and 2 read as before, their texts
-/// taken apart once when read).
-const SCHEMA_VERSION: u32 = 3;
+/// taken apart once when read). Version 4 keeps DSN and SMTPUTF8
+/// parameters in queue entries and spooled envelopes (`QueueEntry`'s
+/// stored `warned` and `Envelope`'s stored sender: older records read
+/// unchanged, and the number keeps an older postino from misreading a
+/// newer record); nothing is rewritten when a version 3 store is opened.
+const SCHEMA_VERSION: u32 = 4;
 
 /// Marks content stored inline after a record (see the module docs).
 const INLINE: u8 = 1;
@@ -639,6 +643,10 @@ fn check_schema(meta: &sled::Tree) -> Result<bool, StoreError> {
                 .map(u32::from_be_bytes)
                 .unwrap_or(0);
             if found == SCHEMA_VERSION {
+                Ok(false)
+            } else if found == 3 {
+                // Version 3 records read as they are (see SCHEMA_VERSION).
+                meta.insert(META_SCHEMA, &want[..])?;
                 Ok(false)
             } else if found == 1 || found == 2 {
                 // Version 1 and 2 records read the same; only version 2 on

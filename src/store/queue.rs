@@ -28,12 +28,17 @@ use super::mail::{acquire, progress_of, release, spool_in};
 use super::{
     abort, decode, encode, encode_inline, id_from_key, split_inline, tx_done, Store, StoreError,
 };
+use crate::esmtp::EnvelopeParams;
 use crate::message::{Envelope, MessageId};
 use crate::smtp::client::{enhanced_status, RemoteHost};
 use crate::smtp::Reply;
 
 /// A message waiting for remote delivery.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Stored (bincode) as `StoredEntry`, whose `warned` carries the
+/// parameters so that records of schema 3 and older read unchanged; JSON
+/// (exports) has the plain fields, `params` only when there are some.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueEntry {
     pub id: MessageId,
     /// The reverse path; `None` is `<>`.
@@ -49,6 +54,148 @@ pub struct QueueEntry {
     pub client: String,
     /// Whether a delay warning was sent.
     pub warned: bool,
+    /// DSN and SMTPUTF8 parameters of these recipients; `None` when the
+    /// client sent none. A `NOTIFY=SUCCESS` is cleared once honoured
+    /// (passed on to a next hop with DSN, or a success DSN sent).
+    pub params: Option<Box<EnvelopeParams>>,
+}
+
+/// [`QueueEntry`] in JSON.
+#[derive(Serialize, Deserialize)]
+#[serde(rename = "QueueEntry")]
+struct EntryJson {
+    id: MessageId,
+    sender: Option<String>,
+    received_at: u64,
+    next_attempt: u64,
+    attempts: u32,
+    recipients: Vec<QueueRecipient>,
+    client: String,
+    warned: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    params: Option<Box<EnvelopeParams>>,
+}
+
+/// [`QueueEntry`] as stored.
+#[derive(Deserialize)]
+struct StoredEntry {
+    id: MessageId,
+    sender: Option<String>,
+    received_at: u64,
+    next_attempt: u64,
+    attempts: u32,
+    recipients: Vec<QueueRecipient>,
+    client: String,
+    warned: StoredWarned,
+}
+
+/// The stored `warned` (schema 4). bincode writes a `bool` as one byte 0
+/// or 1, and an enum's variant as its index, one byte too when small: the
+/// first two variants are byte for byte the `bool` schema 3 and older
+/// wrote, so their records read unchanged and an entry without parameters
+/// is still written as they were. An entry with parameters uses the third.
+#[derive(Deserialize)]
+enum StoredWarned {
+    No,
+    Yes,
+    With(bool, Box<EnvelopeParams>),
+}
+
+/// [`StoredEntry`] borrowed, for writing without a copy (every queue write
+/// encodes one).
+#[derive(Serialize)]
+#[serde(rename = "StoredEntry")]
+struct StoredEntryRef<'a> {
+    id: MessageId,
+    sender: &'a Option<String>,
+    received_at: u64,
+    next_attempt: u64,
+    attempts: u32,
+    recipients: &'a [QueueRecipient],
+    client: &'a str,
+    warned: StoredWarnedRef<'a>,
+}
+
+/// [`StoredWarned`] borrowed.
+#[derive(Serialize)]
+#[serde(rename = "StoredWarned")]
+enum StoredWarnedRef<'a> {
+    No,
+    Yes,
+    With(bool, &'a EnvelopeParams),
+}
+
+impl Serialize for QueueEntry {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            // Exports only: a copy does not matter there.
+            let e = self.clone();
+            return EntryJson {
+                id: e.id,
+                sender: e.sender,
+                received_at: e.received_at,
+                next_attempt: e.next_attempt,
+                attempts: e.attempts,
+                recipients: e.recipients,
+                client: e.client,
+                warned: e.warned,
+                params: e.params,
+            }
+            .serialize(s);
+        }
+        let warned = match (self.warned, self.params.as_deref()) {
+            (w, Some(p)) => StoredWarnedRef::With(w, p),
+            (false, None) => StoredWarnedRef::No,
+            (true, None) => StoredWarnedRef::Yes,
+        };
+        StoredEntryRef {
+            id: self.id,
+            sender: &self.sender,
+            received_at: self.received_at,
+            next_attempt: self.next_attempt,
+            attempts: self.attempts,
+            recipients: &self.recipients,
+            client: &self.client,
+            warned,
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for QueueEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let e = EntryJson::deserialize(d)?;
+            return Ok(QueueEntry {
+                id: e.id,
+                sender: e.sender,
+                received_at: e.received_at,
+                next_attempt: e.next_attempt,
+                attempts: e.attempts,
+                recipients: e.recipients,
+                client: e.client,
+                warned: e.warned,
+                params: e.params,
+            });
+        }
+        let e = StoredEntry::deserialize(d)?;
+        let (warned, params) = match e.warned {
+            StoredWarned::No => (false, None),
+            StoredWarned::Yes => (true, None),
+            StoredWarned::With(w, p) => (w, Some(p)),
+        };
+        Ok(QueueEntry {
+            id: e.id,
+            sender: e.sender,
+            received_at: e.received_at,
+            next_attempt: e.next_attempt,
+            attempts: e.attempts,
+            recipients: e.recipients,
+            client: e.client,
+            warned,
+            params,
+        })
+    }
 }
 
 /// One remote recipient and how delivery to it stands.
@@ -693,6 +840,7 @@ mod tests {
             client: "127.0.0.1".into(),
             helo: "client.test".into(),
             size: 0,
+            params: None,
         }
     }
 
@@ -718,6 +866,7 @@ mod tests {
             }],
             client: "127.0.0.1".into(),
             warned: false,
+            params: None,
         };
         store.enqueue(&entry).unwrap();
         store.finish_inbound(id).unwrap();
@@ -1004,6 +1153,119 @@ mod tests {
     /// in a store of schema 2: the store opens (upgraded to 3 by the new
     /// number alone), the record reads with its texts taken apart, and once
     /// rewritten it is in the new form.
+    /// Schema 4: a queue entry and an envelope without parameters are
+    /// written byte for byte as schema 3 wrote them (so schema 3 records
+    /// read unchanged), and ones with parameters round-trip, in bincode
+    /// and in the export's JSON (where an old line without `params` reads).
+    #[test]
+    fn schema_4_params_ride_in_old_layouts() {
+        use crate::esmtp::{EnvelopeParams, Notify, Orcpt, RecipientParams, Ret};
+        #[derive(Serialize)]
+        struct EntryV3 {
+            id: MessageId,
+            sender: Option<String>,
+            received_at: u64,
+            next_attempt: u64,
+            attempts: u32,
+            recipients: Vec<QueueRecipient>,
+            client: String,
+            warned: bool,
+        }
+        #[derive(Serialize)]
+        struct EnvelopeV3 {
+            id: MessageId,
+            sender: Option<String>,
+            recipients: Vec<RoutedRecipient>,
+            received_at: u64,
+            client: String,
+            helo: String,
+            size: u64,
+        }
+        let params = EnvelopeParams {
+            ret: Some(Ret::Hdrs),
+            envid: Some("QQ314159".into()),
+            smtputf8: true,
+            recipients: vec![RecipientParams {
+                address: "bob@remote.test".into(),
+                notify: Some(Notify {
+                    success: true,
+                    failure: false,
+                    delay: false,
+                }),
+                orcpt: Some(Orcpt {
+                    addr_type: "rfc822".into(),
+                    address: "bob@remote.test".into(),
+                }),
+            }],
+        };
+        for (warned, sender) in [(false, None), (true, Some("a@b.test".to_owned()))] {
+            let mut entry = QueueEntry {
+                id: MessageId(0x1_2345_6789),
+                sender: sender.clone(),
+                received_at: 100,
+                next_attempt: 200,
+                attempts: 3,
+                recipients: vec![QueueRecipient {
+                    address: "bob@remote.test".into(),
+                    state: RecipientState::Deferred {
+                        last_error: DeliveryDiagnostic::local("4.4.1", "refused"),
+                    },
+                }],
+                client: "127.0.0.1".into(),
+                warned,
+                params: None,
+            };
+            let old = EntryV3 {
+                id: entry.id,
+                sender: entry.sender.clone(),
+                received_at: 100,
+                next_attempt: 200,
+                attempts: 3,
+                recipients: entry.recipients.clone(),
+                client: entry.client.clone(),
+                warned,
+            };
+            let bytes = encode("queue", &entry).unwrap();
+            assert_eq!(bytes, encode("queue", &old).unwrap());
+            assert_eq!(decode::<QueueEntry>("queue", &bytes).unwrap(), entry);
+            entry.params = Some(Box::new(params.clone()));
+            let bytes = encode_inline("queue", &entry, Some(b"content")).unwrap();
+            let (back, inline) = split_inline::<QueueEntry>("queue", &bytes).unwrap();
+            assert_eq!((back, inline), (entry.clone(), Some(&b"content"[..])));
+            let json = serde_json::to_string(&entry).unwrap();
+            assert_eq!(serde_json::from_str::<QueueEntry>(&json).unwrap(), entry);
+
+            let mut envelope = envelope(
+                entry.id,
+                "bob@remote.test",
+                Route::mailbox("bob@remote.test"),
+            );
+            envelope.sender = sender;
+            let old = EnvelopeV3 {
+                id: envelope.id,
+                sender: envelope.sender.clone(),
+                recipients: envelope.recipients.clone(),
+                received_at: envelope.received_at,
+                client: envelope.client.clone(),
+                helo: envelope.helo.clone(),
+                size: envelope.size,
+            };
+            let bytes = encode("inbound", &envelope).unwrap();
+            assert_eq!(bytes, encode("inbound", &old).unwrap());
+            let old_json = serde_json::to_string(&old).unwrap();
+            assert_eq!(
+                serde_json::from_str::<Envelope>(&old_json).unwrap(),
+                envelope
+            );
+            envelope.params = Some(Box::new(params.clone()));
+            let bytes = encode("inbound", &envelope).unwrap();
+            assert_eq!(decode::<Envelope>("inbound", &bytes).unwrap(), envelope);
+            let json = serde_json::to_string(&envelope).unwrap();
+            assert!(json.contains("\"envid\":\"QQ314159\""), "{json}");
+            assert_eq!(serde_json::from_str::<Envelope>(&json).unwrap(), envelope);
+        }
+    }
+
     #[test]
     fn a_schema_2_queue_record_reads() {
         /// The schema 2 layout of `QueueEntry`, field for field.
@@ -1107,7 +1369,7 @@ mod tests {
         let meta = db.open_tree("meta").unwrap();
         assert_eq!(
             meta.get(super::super::META_SCHEMA).unwrap().as_deref(),
-            Some(&3u32.to_be_bytes()[..]),
+            Some(&super::super::SCHEMA_VERSION.to_be_bytes()[..]),
             "upgraded by the number"
         );
     }

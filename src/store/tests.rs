@@ -31,6 +31,7 @@ pub(super) fn envelope(id: MessageId, rcpts: &[&str], size: usize) -> Envelope {
         client: "127.0.0.1".into(),
         helo: "client.test".into(),
         size: size as u64,
+        params: None,
     }
 }
 
@@ -64,6 +65,7 @@ fn queue_entry(id: MessageId, next_attempt: u64) -> QueueEntry {
         }],
         client: "127.0.0.1".into(),
         warned: false,
+        params: None,
     }
 }
 

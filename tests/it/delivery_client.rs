@@ -102,6 +102,7 @@ async fn mx_order_and_fallback_to_the_next_exchanger() {
         sender: Some("sender@origin.test"),
         recipients: &recipients,
         content: &content,
+        params: None,
     };
     let delivery = deliver(&exchangers, &settings(), &tx).await;
     assert!(delivery.outcomes[0].is_delivered(), "{delivery:?}");
@@ -146,6 +147,7 @@ async fn equal_preference_is_shuffled_and_both_are_reachable() {
         sender: Some("sender@origin.test"),
         recipients: &recipients,
         content: &content,
+        params: None,
     };
     for addr in [a, b] {
         let only = direct("x.equal.test", SocketAddr::from((addr, port)));
@@ -184,6 +186,7 @@ async fn implicit_mx_and_address_literal() {
         sender: None,
         recipients: &recipients,
         content: &content,
+        params: None,
     };
     let delivery = deliver(&exchangers, &settings(), &tx).await;
     assert!(delivery.outcomes[0].is_delivered(), "{delivery:?}");
@@ -269,6 +272,7 @@ async fn rcpt_replies_decide_each_recipient() {
         sender: Some("sender@origin.test"),
         recipients: &recipients,
         content: &content,
+        params: None,
     };
     let delivery = deliver(&exchangers, &settings(), &tx).await;
     let [ok, busy, nobody] = &delivery.outcomes[..] else {
@@ -328,6 +332,7 @@ async fn hanging_servers_time_out_and_defer() {
         sender: Some("sender@origin.test"),
         recipients: &recipients,
         content: &content,
+        params: None,
     };
     let settings = settings_with(Duration::from_secs(5), short);
     let mut conn = SmtpClient::connect(
@@ -429,6 +434,7 @@ async fn pipelining_sends_the_envelope_in_one_go() {
         sender: Some("sender@origin.test"),
         recipients: &recipients,
         content: &content,
+        params: None,
     };
     let delivery = deliver(&direct("raw.test", server.addr), &settings(), &tx).await;
     assert!(delivery.outcomes[0].is_delivered(), "{delivery:?}");
@@ -466,6 +472,7 @@ async fn dot_stuffing_round_trip() {
         sender: Some("sender@origin.test"),
         recipients: &recipients,
         content: &content,
+        params: None,
     };
     let delivery = deliver(
         &direct("mx.dest.test", SocketAddr::from((ip, port))),
@@ -518,6 +525,7 @@ async fn one_connection_carries_several_transactions() {
             sender: Some("sender@origin.test"),
             recipients: &recipients,
             content: &content,
+            params: None,
         };
         let outcomes = conn.send(&tx).await;
         assert!(
@@ -534,6 +542,7 @@ async fn one_connection_carries_several_transactions() {
         sender: Some("sender@origin.test"),
         recipients: &recipients,
         content: &content,
+        params: None,
     };
     assert!(conn.send(&tx).await[0].is_failed());
     let recipients = rcpts(&["d@dest.test"]);
@@ -570,6 +579,7 @@ async fn size_limit_of_the_server_fails_the_message() {
         sender: Some("sender@origin.test"),
         recipients: &recipients,
         content: &big,
+        params: None,
     };
     let mut conn = SmtpClient::connect(&exchangers, &settings()).await.unwrap();
     assert_eq!(conn.extensions().size_limit, Some(2000));
@@ -601,6 +611,7 @@ async fn odd_servers_greetings_helo_and_drops() {
         sender: Some("sender@origin.test"),
         recipients: &recipients,
         content: &content,
+        params: None,
     };
 
     // 554 greeting from the only server: it refused for good.
@@ -711,6 +722,7 @@ async fn mail_from_refusal_applies_to_every_recipient() {
             sender: Some("sender@origin.test"),
             recipients: &recipients,
             content: &content,
+            params: None,
         };
         let delivery = deliver(&direct("strict.test", server.addr), &settings(), &tx).await;
         assert!(delivery.outcomes.iter().all(want), "{reply}: {delivery:?}");
@@ -746,6 +758,7 @@ async fn smarthost_with_auth_plain() {
         sender: Some("sender@origin.test"),
         recipients: &recipients,
         content: &content,
+        params: None,
     };
     let mut settings = settings();
     settings.auth = Some(SmarthostAuth {

@@ -80,6 +80,7 @@ async fn send_one(targets: &[Target], settings: &ClientSettings) -> (RcptOutcome
         sender: Some("s@origin.test"),
         recipients: &recipients,
         content: CONTENT,
+        params: None,
     };
     match SmtpClient::connect_to(targets, settings).await {
         Err(e) => (e.outcome(), None),
@@ -288,6 +289,7 @@ async fn a_cached_connection_carries_two_messages_over_one_tls_session() {
         sender: Some("s@origin.test"),
         recipients: &recipients,
         content: CONTENT,
+        params: None,
     };
     let mut conn = SmtpClient::connect_to(&targets, &s).await.unwrap();
     assert!(conn.send(&tx).await[0].is_delivered());

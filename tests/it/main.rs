@@ -9,6 +9,7 @@ mod delivery;
 mod delivery_client;
 mod delivery_tls;
 mod dkim;
+mod dsn;
 mod durability;
 mod embed;
 mod example;

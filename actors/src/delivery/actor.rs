@@ -46,6 +46,7 @@ use actix::prelude::*;
 use bytes::Bytes;
 use postino_core::config::DoubleBounce;
 use postino_core::dsn::{self, RecipientStatus};
+use postino_core::esmtp::{notify_of, EnvelopeParams};
 use postino_core::logsafe::escape;
 use postino_core::message::now_unix;
 use postino_core::store::{
@@ -72,6 +73,9 @@ pub const MAX_SLEEP: Duration = Duration::from_secs(60);
 /// Shortest sleep: a due entry that could not be started (a failing store)
 /// must not turn the actor into a busy loop.
 const MIN_SLEEP: Duration = Duration::from_millis(100);
+/// When a recipient asked for delay notices (`NOTIFY=DELAY`) and
+/// `delivery.delay_warning` is off: sendmail's usual 4 hours.
+pub const ASKED_DELAY_WARNING: Duration = Duration::from_secs(4 * 3600);
 /// First wait before writing unsettled outcomes again; doubles per failure.
 pub const SETTLE_RETRY: Duration = Duration::from_secs(1);
 /// Longest wait between two tries to write unsettled outcomes.
@@ -331,12 +335,20 @@ impl Delivery {
             let permits = self.permits(&self.attempt.destination(&domain));
             let attempt = self.attempt.clone();
             let sender = entry.sender.clone();
+            let params = entry.params.clone();
             let content = content.clone();
             let task = async move {
                 // The semaphore is never closed, so this only waits.
                 let _permit = permits.acquire_owned().await;
                 attempt
-                    .deliver(id, &domain, sender.as_deref(), &rcpts, &content)
+                    .deliver(
+                        id,
+                        &domain,
+                        sender.as_deref(),
+                        &rcpts,
+                        &content,
+                        params.as_deref(),
+                    )
                     .await
             };
             // The session itself runs on a worker arbiter: with thousands of
@@ -418,6 +430,10 @@ impl Delivery {
             };
             let relay = o.relay_text();
             let tls = o.tls_text();
+            if o.dsn_passed_on && matches!(o.result, RcptResult::Delivered(_)) {
+                // The next hop got NOTIFY and reports success itself.
+                success_honoured(&mut entry.params, &o.recipient);
+            }
             // The reply of a delivery is logged without the server, which
             // `relay=` names: as Postfix logs `status=sent (250 …)`.
             let (state, status, text, dsn) = match o.result {
@@ -531,9 +547,44 @@ impl Delivery {
                 }
             }
         }
+        // Delivered to a next hop without DSN: a `relayed` notice for those
+        // that asked for success (RFC 3461 §6.2.1); once, in the same
+        // settlement as the round.
+        let relayed: Vec<String> = entry
+            .recipients
+            .iter()
+            .filter(|r| matches!(r.state, RecipientState::Delivered { .. }))
+            .filter(|r| notify_of(entry.params.as_deref(), &r.address).success)
+            .map(|r| r.address.clone())
+            .collect();
+        if !relayed.is_empty() {
+            match self.notice(&entry, dsn::Kind::Relayed) {
+                Ok(notice) => {
+                    if let Some(n) = &notice {
+                        trace_notice(&self.store, id, &n.envelope, dsn::Kind::Relayed);
+                    }
+                    notices.extend(notice);
+                    for r in &relayed {
+                        success_honoured(&mut entry.params, r);
+                    }
+                }
+                Err(e) => error!(%id, error = %e, "cannot make the success notice"),
+            }
+        }
         let open = entry.recipients.iter().any(|r| r.state.is_open());
         if open {
-            if let Some(after) = self.config.delivery.delay_warning {
+            // `NOTIFY=DELAY` asks for a warning even when they are off.
+            let asked = entry.params.as_ref().is_some_and(|p| {
+                p.recipients
+                    .iter()
+                    .any(|r| r.notify.is_some_and(|n| n.delay))
+            });
+            let after = match (self.config.delivery.delay_warning, asked) {
+                (Some(after), _) => Some(after),
+                (None, true) => Some(ASKED_DELAY_WARNING),
+                (None, false) => None,
+            };
+            if let Some(after) = after {
                 if !entry.warned && age >= after.as_secs() {
                     match self.notice(&entry, dsn::Kind::Delay) {
                         Ok(notice) => {
@@ -671,9 +722,17 @@ impl Delivery {
     /// state, addressed to its sender (for a failed bounce: to the postmaster
     /// per `double_bounce`). `Ok(None)`: nothing to send, or nowhere to.
     fn notice(&self, entry: &QueueEntry, kind: dsn::Kind) -> Result<Option<Notice>, StoreError> {
+        // With delay warnings off, only a recipient that asked for them
+        // (NOTIFY=DELAY) is warned, not those without NOTIFY.
+        let asked_delay = |address: &str| {
+            let p = entry.params.as_deref().and_then(|p| p.recipient(address));
+            p.and_then(|p| p.notify).is_some_and(|n| n.delay)
+        };
+        let only_asked = kind == dsn::Kind::Delay && self.config.delivery.delay_warning.is_none();
         let recipients: Vec<RecipientStatus> = entry
             .recipients
             .iter()
+            .filter(|r| !only_asked || asked_delay(&r.address))
             .filter_map(|r| status_of(r, kind))
             .collect();
         if recipients.is_empty() {
@@ -681,8 +740,11 @@ impl Delivery {
         }
         let to = match (&entry.sender, kind) {
             (Some(s), _) => s.clone(),
-            // A delay warning about a bounce helps nobody.
-            (None, dsn::Kind::Delay) => return Ok(None),
+            // A delay warning (or a success notice) about a bounce helps
+            // nobody.
+            (None, dsn::Kind::Delay | dsn::Kind::Delivered | dsn::Kind::Relayed) => {
+                return Ok(None)
+            }
             // Never bounce a bounce (RFC 5321 §4.5.5): Postfix's double
             // bounce goes to the postmaster instead.
             (None, dsn::Kind::Failure) => match self.config.delivery.double_bounce {
@@ -714,6 +776,7 @@ impl Delivery {
             client: entry.client.clone(),
             helo: String::new(),
             size: 0,
+            params: entry.params.clone(),
         };
         notification(&self.config, &self.store, &envelope, &recipients, &to, kind)
     }
@@ -863,6 +926,7 @@ fn dsn_status(d: &DeliveryDiagnostic, default: &str) -> String {
 /// typed diagnostic's parts, no text taken apart.
 fn status_of(r: &QueueRecipient, kind: dsn::Kind) -> Option<RecipientStatus> {
     let (diagnostic, default_status) = match (&r.state, kind) {
+        (RecipientState::Delivered { reply }, dsn::Kind::Relayed) => (reply, "2.0.0"),
         (RecipientState::Failed { reply }, dsn::Kind::Failure) => (reply, "5.0.0"),
         (RecipientState::Deferred { last_error }, dsn::Kind::Delay) => (last_error, "4.0.0"),
         _ => return None,
@@ -872,6 +936,8 @@ fn status_of(r: &QueueRecipient, kind: dsn::Kind) -> Option<RecipientStatus> {
         status: dsn_status(diagnostic, default_status),
         diagnostic: diagnostic.reply_text(),
         remote_mta: diagnostic.remote_mta().map(str::to_owned),
+        original_recipient: None,
+        action: None,
     })
 }
 
@@ -932,6 +998,17 @@ impl Handler<Reconfigure> for Delivery {
     fn handle(&mut self, msg: Reconfigure, _: &mut Context<Self>) {
         self.attempt = Arc::new(attempt::Attempt::new(msg.0.clone()));
         self.config = msg.0;
+    }
+}
+
+/// `address`'s `NOTIFY=SUCCESS` has been honoured (passed on, or a notice
+/// made): cleared, so that it is honoured once.
+fn success_honoured(params: &mut Option<Box<EnvelopeParams>>, address: &str) {
+    let Some(p) = params else { return };
+    for r in p.recipients.iter_mut().filter(|r| r.address == address) {
+        if let Some(n) = &mut r.notify {
+            n.success = false;
+        }
     }
 }
 

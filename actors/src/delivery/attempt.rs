@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use postino_core::esmtp::EnvelopeParams;
 use postino_core::logsafe::escape;
 use postino_core::smtp::RemoteHost;
 use postino_core::store::DeliveryDiagnostic;
@@ -34,6 +35,9 @@ pub struct Outcome {
     /// Protocol and cipher when the transaction went over TLS.
     pub tls: Option<TlsInfo>,
     pub result: RcptResult,
+    /// The server offered DSN and was given the recipient's `NOTIFY`: a
+    /// success notice is its to send (RFC 3461 §6.2.1).
+    pub dsn_passed_on: bool,
 }
 
 impl Outcome {
@@ -123,6 +127,7 @@ impl Attempt {
         sender: Option<&str>,
         recipients: &[String],
         content: &[u8],
+        params: Option<&EnvelopeParams>,
     ) -> Vec<Outcome> {
         let answer = match self.exchangers(domain).await {
             Ok(found) => found,
@@ -152,6 +157,7 @@ impl Attempt {
                 sender,
                 recipients: chunk,
                 content,
+                params,
             };
             let mut cached = if self.config.delivery.connection_reuse {
                 self.take(&key)
@@ -191,6 +197,7 @@ impl Attempt {
                 },
             };
             let relay = conn.remote().clone();
+            let dsn_passed_on = conn.extensions().dsn;
             let results = conn.send(&tx).await;
             for (r, o) in chunk.iter().zip(results.iter()) {
                 outcomes.push(Outcome {
@@ -198,6 +205,7 @@ impl Attempt {
                     relay: Some(relay.clone()),
                     tls: conn.tls().cloned(),
                     result: convert(Some(&relay), o),
+                    dsn_passed_on,
                 });
             }
             let spare = if conn.is_reusable() && self.config.delivery.connection_reuse {
@@ -342,6 +350,7 @@ fn every(recipients: &[String], relay: Option<&RemoteHost>, result: &RcptResult)
             relay: relay.cloned(),
             tls: None,
             result: result.clone(),
+            dsn_passed_on: false,
         })
         .collect()
 }

@@ -28,6 +28,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::BytesMut;
 use postino_core::config::{DeliveryConfig, SmarthostAuth};
+use postino_core::esmtp::{xtext_encode, EnvelopeParams, Ret};
 use postino_core::logsafe::escape;
 use postino_core::smtp::client::{encode_content, Extensions, ReplyError, ReplyReceiver};
 use postino_core::smtp::{RemoteHost, Reply};
@@ -124,6 +125,8 @@ pub struct Transaction<'a> {
     pub sender: Option<&'a str>,
     pub recipients: &'a [String],
     pub content: &'a [u8],
+    /// DSN and SMTPUTF8 parameters, if the message has any.
+    pub params: Option<&'a EnvelopeParams>,
 }
 
 /// Why a recipient was not delivered: the remote server's reply, or what went
@@ -854,9 +857,7 @@ impl SmtpClient {
                 "invalid sender address",
             )));
         }
-        let needs_utf8 =
-            !tx.sender.unwrap_or("").is_ascii() || tx.recipients.iter().any(|r| !r.is_ascii());
-        if needs_utf8 && !self.ext.smtputf8 {
+        if needs_smtputf8(tx) && !self.ext.smtputf8 {
             return Some(RcptOutcome::Failed(Diagnostic::local(
                 "5.6.7",
                 format!(
@@ -886,10 +887,38 @@ impl SmtpClient {
         if self.ext.eight_bit_mime && tx.content.iter().any(|b| *b >= 0x80) {
             cmd.push_str(" BODY=8BITMIME");
         }
-        let needs_utf8 =
-            !tx.sender.unwrap_or("").is_ascii() || tx.recipients.iter().any(|r| !r.is_ascii());
-        if needs_utf8 {
+        if needs_smtputf8(tx) {
             cmd.push_str(" SMTPUTF8");
+        }
+        if let (true, Some(p)) = (self.ext.dsn, tx.params) {
+            match p.ret {
+                Some(Ret::Full) => cmd.push_str(" RET=FULL"),
+                Some(Ret::Hdrs) => cmd.push_str(" RET=HDRS"),
+                None => {}
+            }
+            if let Some(envid) = &p.envid {
+                cmd.push_str(" ENVID=");
+                cmd.push_str(&xtext_encode(envid));
+            }
+        }
+        cmd.push_str("\r\n");
+        cmd
+    }
+
+    /// `RCPT TO`, with the recipient's `NOTIFY` and `ORCPT` when the
+    /// server offers DSN (RFC 3461 §5.2: passed on as received).
+    fn rcpt_command(&self, tx: &Transaction<'_>, rcpt: &str) -> String {
+        let mut cmd = format!("RCPT TO:<{rcpt}>");
+        let given = tx.params.and_then(|p| p.recipient(rcpt));
+        if let (true, Some(r)) = (self.ext.dsn, given) {
+            if let Some(notify) = r.notify {
+                cmd.push_str(" NOTIFY=");
+                cmd.push_str(&notify.to_param());
+            }
+            if let Some(orcpt) = &r.orcpt {
+                cmd.push_str(" ORCPT=");
+                cmd.push_str(&orcpt.to_param());
+            }
         }
         cmd.push_str("\r\n");
         cmd
@@ -918,7 +947,7 @@ impl SmtpClient {
         let mail = self.mail_command(tx);
         let rcpts: Vec<String> = valid
             .iter()
-            .map(|&i| format!("RCPT TO:<{}>\r\n", tx.recipients[i]))
+            .map(|&i| self.rcpt_command(tx, &tx.recipients[i]))
             .collect();
 
         let mut accepted = Vec::with_capacity(valid.len());
@@ -1195,6 +1224,20 @@ pub async fn deliver(
             SessionOutcome { remote, outcomes }
         }
     }
+}
+
+/// Whether the message must go with `SMTPUTF8` (RFC 6531 §3.4): UTF-8 in
+/// an envelope address, or a message received with `SMTPUTF8` whose header
+/// section has UTF-8. A message received with `SMTPUTF8` that has neither
+/// goes without it (§3.4: a client SHOULD NOT ask for it when the message
+/// does not need it); one that needs it is never sent to a server without
+/// SMTPUTF8 (bounced `5.6.7`, not downgraded: RFC 6530 leaves downgrading
+/// to the originator's side).
+fn needs_smtputf8(tx: &Transaction<'_>) -> bool {
+    let address =
+        !tx.sender.unwrap_or("").is_ascii() || tx.recipients.iter().any(|r| !r.is_ascii());
+    let declared = tx.params.is_some_and(|p| p.smtputf8);
+    address || (declared && !postino_core::dsn::headers_of(tx.content).is_ascii())
 }
 
 #[cfg(test)]

@@ -256,6 +256,8 @@ fn ehlo_advertises_extensions() {
         "8BITMIME",
         "ENHANCEDSTATUSCODES",
         "AUTH PLAIN LOGIN",
+        "DSN",
+        "SMTPUTF8",
     ] {
         assert!(
             r.text.lines().any(|l| l == ext),
@@ -273,6 +275,71 @@ fn ehlo_advertises_extensions() {
     };
     assert!(r.text.contains("STARTTLS"));
     assert!(!r.text.contains("AUTH"), "no AUTH before TLS: {}", r.text);
+}
+
+/// The DSN parameters of accepted recipients reach the message, refused
+/// ones do not; a message without any has none to store.
+#[test]
+fn dsn_parameters_ride_with_the_message() {
+    use crate::esmtp::{Notify, Ret};
+    let mut s = session_with(config(), false);
+    let (got, accepted) = run(
+        &mut s,
+        b"EHLO c\r\nMAIL FROM:<a@b.test> RET=HDRS ENVID=x+2By\r\n\
+          RCPT TO:<alice@example.test> NOTIFY=SUCCESS ORCPT=rfc822;alice+40example.test\r\n\
+          RCPT TO:<bob@example.test> NOTIFY=NEVER\r\n\
+          RCPT TO:<postmaster@example.test>\r\nDATA\r\nhi\r\n.\r\n\
+          MAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nhi\r\n.\r\n",
+    );
+    assert_eq!(
+        got,
+        [
+            "250",
+            "250 2.1.0",
+            "250 2.1.5",
+            "550 5.1.1",
+            "250 2.1.5",
+            "354",
+            "250 2.0.0",
+            "250 2.1.0",
+            "250 2.1.5",
+            "354",
+            "250 2.0.0"
+        ]
+    );
+    let params = accepted[0].params.as_deref().expect("params");
+    assert_eq!(params.ret, Some(Ret::Hdrs));
+    assert_eq!(params.envid.as_deref(), Some("x+y"));
+    assert!(!params.smtputf8);
+    assert_eq!(params.recipients.len(), 1, "{params:?}");
+    let alice = params.recipient("alice@example.test").expect("alice");
+    assert_eq!(
+        alice.notify,
+        Some(Notify {
+            success: true,
+            failure: false,
+            delay: false
+        })
+    );
+    assert_eq!(
+        alice.orcpt.as_ref().map(|o| o.address.as_str()),
+        Some("alice@example.test")
+    );
+    assert_eq!(accepted[1].params, None);
+}
+
+/// `AUTH=` is a parameter of AUTH (RFC 4954 §5): refused `555 5.5.4` like
+/// any parameter not advertised when the session offers no AUTH.
+#[test]
+fn auth_parameter_needs_auth_offered() {
+    let mut s = session_with(config(), false);
+    let (got, _) = run(&mut s, b"EHLO c\r\nMAIL FROM:<a@b.test> AUTH=<>\r\n");
+    assert_eq!(got, ["250", "250 2.1.0"]);
+    let mut c = config();
+    c.auth_available = false;
+    let mut s = session_with(c, false);
+    let (got, _) = run(&mut s, b"EHLO c\r\nMAIL FROM:<a@b.test> AUTH=<>\r\nMAIL FROM:<a@b.test> SIZE=10 BODY=8BITMIME SMTPUTF8\r\n");
+    assert_eq!(got, ["250", "555 5.5.4", "250 2.1.0"]);
 }
 
 #[test]

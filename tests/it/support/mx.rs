@@ -44,6 +44,7 @@ p.add_argument("--tls-cert")  # offer STARTTLS with this PEM chain ...
 p.add_argument("--tls-key")   # ... and key
 p.add_argument("--tls-implicit", action="store_true")  # TLS from the first byte
 p.add_argument("--tls-broken", action="store_true")  # offer STARTTLS, fail every handshake
+p.add_argument("--dsn", action="store_true")  # offer DSN, take its parameters
 args = p.parse_args()
 rcpt_replies = dict(r.split("=", 1) for r in args.rcpt)
 counter = itertools.count()
@@ -56,6 +57,12 @@ def write(name, data):
     os.rename(tmp, os.path.join(args.dir, name))
 
 class Handler:
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if args.dsn:
+            responses.insert(len(responses) - 1, "250-DSN")
+        return responses
+
     async def handle_MAIL(self, server, session, envelope, address, options):
         if args.hang == "mail":
             await asyncio.sleep(3600)
@@ -82,6 +89,7 @@ class Handler:
             "mail_from": envelope.mail_from,
             "mail_options": envelope.mail_options,
             "rcpt_tos": envelope.rcpt_tos,
+            "rcpt_options": envelope.rcpt_options,
             "helo": session.host_name,
             "esmtp": session.extended_smtp,
             "peer": list(session.peer[:2]),
@@ -98,6 +106,16 @@ def authenticator(server, session, envelope, mechanism, auth_data):
     # it leaves the client waiting for a reply that never comes).
     return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
 
+class DsnSMTP(SMTP):
+    """aiosmtpd knows no DSN: with --dsn its parameters pass its checks
+    (they stay in the options the handler records)."""
+    def _getparams(self, params):
+        result = super()._getparams(params)
+        if args.dsn and result is not None:
+            for key in ("RET", "ENVID", "NOTIFY", "ORCPT"):
+                result.pop(key, None)
+        return result
+
 def tls_context():
     if not args.tls_cert:
         return None
@@ -109,7 +127,7 @@ def tls_context():
         ctx.set_ciphers("NULL")
     return ctx
 
-class Recording(SMTP):
+class Recording(DsnSMTP):
     """Appends "COMMAND tls=0|1 peer=PORT" to commands.log for the commands
     that matter to TLS: what crossed the network in clear."""
     def tls_active(self):
@@ -172,6 +190,8 @@ pub struct SinkOptions {
     pub tls_implicit: bool,
     /// With `tls`: offer STARTTLS but fail every handshake.
     pub tls_broken: bool,
+    /// Offer DSN and take its parameters (recorded, not acted on).
+    pub dsn: bool,
 }
 
 /// One message as the sink received it.
@@ -180,6 +200,9 @@ pub struct Received {
     pub mail_from: String,
     pub mail_options: Vec<String>,
     pub rcpt_tos: Vec<String>,
+    /// RCPT parameters of all recipients, upper-cased by aiosmtpd.
+    #[serde(default)]
+    pub rcpt_options: Vec<String>,
     /// The EHLO/HELO name.
     pub helo: Option<String>,
     pub esmtp: bool,
@@ -256,6 +279,9 @@ impl Sink {
             if options.tls_broken {
                 cmd.arg("--tls-broken");
             }
+        }
+        if options.dsn {
+            cmd.arg("--dsn");
         }
         let mut child = cmd
             .stdin(Stdio::null())
