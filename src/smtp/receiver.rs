@@ -384,6 +384,8 @@ pub struct ChunkReceiver {
     remaining: u64,
     /// Octets of the current chunk taken so far.
     chunk_received: u64,
+    /// Octets of all chunks taken so far, as sent.
+    total_received: u64,
     /// The last octet taken was a CR: the next one (perhaps in the next
     /// chunk) decides whether it was a line ending.
     cr: bool,
@@ -402,6 +404,7 @@ impl ChunkReceiver {
             content: Vec::new(),
             remaining: 0,
             chunk_received: 0,
+            total_received: 0,
             cr: false,
             too_big: false,
             bare_seen: false,
@@ -431,6 +434,7 @@ impl ChunkReceiver {
             buf.advance(n);
             self.remaining -= n as u64;
             self.chunk_received += n as u64;
+            self.total_received += n as u64;
         }
         self.remaining == 0
     }
@@ -438,6 +442,12 @@ impl ChunkReceiver {
     /// Octets of the current chunk taken so far, for the minimum data rate.
     pub fn received(&self) -> u64 {
         self.chunk_received
+    }
+
+    /// Octets of all chunks taken so far, as sent (for the reply to a
+    /// chunk).
+    pub fn total_received(&self) -> u64 {
+        self.total_received
     }
 
     /// Octets stored so far.

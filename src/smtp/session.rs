@@ -806,8 +806,11 @@ impl Session {
                     return Step::EndOfData;
                 }
                 None => {
-                    let reply =
-                        Reply::new(250, "2.0.0", format!("Ok: {} octets received", rx.len()));
+                    let reply = Reply::new(
+                        250,
+                        "2.0.0",
+                        format!("Ok: {} octets received", rx.total_received()),
+                    );
                     if let Some(tx) = &mut self.tx {
                         tx.chunks = Some(rx);
                     }
