@@ -546,10 +546,14 @@ fn a_refused_transaction_ends() {
 /// `EHLO`, `MAIL`, one good `RCPT`: the start of every BDAT script.
 const ENVELOPE: &str = "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.test>\r\n";
 
+/// Input, the replies it gets, and the content accepted (after our
+/// `Received:`), if any.
+type BdatCase<'a> = (String, Vec<&'a str>, Option<&'a [u8]>);
+
 #[test]
 fn bdat_table() {
     let big = "x".repeat(600);
-    let cases: Vec<(String, Vec<&str>, Option<&[u8]>)> = vec![
+    let cases: Vec<BdatCase> = vec![
         // Two chunks, pipelined with what follows; no dot-unstuffing and
         // no end marker inside a chunk.
         (format!("{ENVELOPE}BDAT 4\r\nab\r\nBDAT 7 LAST\r\n.\r\n.x\r\nQUIT\r\n"),
