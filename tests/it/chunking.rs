@@ -1,15 +1,23 @@
 //! CHUNKING (RFC 3030) both ways with real servers: `BDAT` framing into the
 //! real server as raw bytes (no client library here sends BDAT; swaks
-//! 20201014 and smtplib do not), and relaying postino → postino, where the
-//! receiving postino offers CHUNKING and logs the commands it got.
+//! 20201014 and smtplib do not, nor does Postfix's smtp client), and
+//! relaying to servers that offer CHUNKING and log the commands they got:
+//! another postino, and Postfix's smtpd.
 
-use crate::delivery::{relay_config, wait_line};
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use crate::delivery::{relay_config, wait_line, wait_messages};
 use crate::smtp_local::pop_all;
+use crate::support::mx::{Sink, SinkOptions};
+use crate::support::postfix::Postfix;
 use crate::support::server::{config_text, Raw, TestServer};
+use crate::support::{free_tcp_port, unique_loopback, wait_until};
 
 /// Content that DATA would have to dot-stuff: lines that are only a dot,
-/// start with dots, or look like commands.
-const TRICKY: &str = "From: <alice@example.test>\r\nTo: <bob@dest.test>\r\nSubject: chunks\r\n\r\n.\r\n..\r\n.leading dot\r\nQUIT\r\nBDAT 5 LAST\r\n\r\nend\r\n";
+/// start with dots, or look like commands. (With `Date:` and `Message-ID:`,
+/// which Postfix would otherwise add.)
+const TRICKY: &str = "From: <alice@example.test>\r\nTo: <bob@dest.test>\r\nSubject: chunks\r\nDate: Tue, 01 Dec 2026 12:00:00 +0000\r\nMessage-ID: <chunks@example.test>\r\n\r\n.\r\n..\r\n.leading dot\r\nQUIT\r\nBDAT 5 LAST\r\n\r\nend\r\n";
 
 /// The receiving server for relay tests: local domain `dest.test` with
 /// user `bob@dest.test` (password `pw`).
@@ -217,4 +225,57 @@ fn relay_sends_with_bdat_when_offered_and_data_when_off() {
             );
         }
     }
+}
+
+/// The same relay to Postfix's smtpd, a CHUNKING server nobody here
+/// wrote: it logs `bdat=1` for postino's session and passes the message
+/// on (with DATA, Postfix's client has no BDAT) to aiosmtpd, where it
+/// arrives byte-exact.
+#[test]
+fn relay_to_postfix_uses_bdat() {
+    let sink_ip = unique_loopback();
+    let sink_port = free_tcp_port(&[sink_ip]);
+    let sink = Sink::start(sink_ip, sink_port, &SinkOptions::default());
+    let pf_port = free_tcp_port(&[Ipv4Addr::LOCALHOST]);
+    let Some(postfix) = Postfix::start(pf_port, &["dest.test"], sink.addr) else {
+        return;
+    };
+    let relay = TestServer::start_with(&relay_config(
+        None,
+        1,
+        "retry = [\"1s\"]",
+        &format!("smarthost = \"{}\"", postfix.addr),
+    ));
+    let mut c = Raw::connect(relay.smtp);
+    assert!(c.reply().starts_with("220"));
+    assert!(c.cmd("EHLO client.test").starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<alice@example.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<bob@dest.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    let r = c.cmd(&format!("{}.", TRICKY.replace("\r\n.", "\r\n..")));
+    assert!(r.starts_with("250 2.0.0 Ok: queued as "), "{r}");
+    c.cmd("QUIT");
+    let id = r.rsplit(' ').next().unwrap().to_owned();
+    let sent = wait_line(
+        &relay,
+        &[&format!("id={id}"), "status=sent", "to=bob@dest.test"],
+    );
+    assert!(
+        sent.contains("250 2.0.0 Ok: "),
+        "Postfix's reply to BDAT LAST: {sent}"
+    );
+
+    let got = wait_messages(&sink, 1);
+    let text = String::from_utf8(got[0].content.clone()).unwrap();
+    assert_eq!(as_sent(&text), TRICKY);
+    assert!(
+        wait_until(Duration::from_secs(30), || postfix
+            .log()
+            .lines()
+            .any(|l| l.contains("smtpd")
+                && l.contains("disconnect from")
+                && l.contains("bdat=1"))),
+        "Postfix saw no BDAT:\n{}",
+        postfix.log()
+    );
 }

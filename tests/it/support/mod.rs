@@ -6,6 +6,7 @@
 
 pub mod dns;
 pub mod mx;
+pub mod postfix;
 pub mod server;
 pub mod tmpfs;
 
