@@ -70,9 +70,9 @@ pub struct Peer {
 /// leaves the password out.
 #[must_use]
 pub enum Step {
-    /// No complete command (or, during DATA, not the end of the content) is
-    /// buffered: flush the replies, read more input, call
-    /// [`Session::ingest`] again.
+    /// No complete command (or, during DATA, not the end of the content;
+    /// after BDAT, not the rest of the chunk) is buffered: flush the
+    /// replies, read more input, call [`Session::ingest`] again.
     Read,
     /// A command line was taken from the buffer, about to be carried out:
     /// count or log it, then call [`Session::ingest`] again, which answers
@@ -452,8 +452,9 @@ impl Session {
         )
     }
 
-    /// While content after DATA is being received: the octets taken so
-    /// far (for the caller's minimum data rate); `None` otherwise.
+    /// While content after DATA, or a BDAT chunk, is being received: the
+    /// octets of it taken so far (for the caller's minimum data rate, which
+    /// so applies to each chunk); `None` otherwise.
     pub fn data_received(&self) -> Option<u64> {
         match (&self.data, &self.chunk) {
             (Some(data), _) => Some(data.received()),
