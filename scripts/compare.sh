@@ -17,9 +17,26 @@
 #           (open loop, postino bench --rate)
 #   pop3    RETR of ~2 KiB messages, 21 sessions (one mailbox each)
 #
+# With --tls, the same machine set up for TLS both ways instead (issue 12):
+# one RSA-2048 certificate for Postfix's smtpd, postino's listener and the
+# sink; Postfix with smtpd_tls_security_level = may and smtp_tls_security_level
+# = may (Debian's session caches), postino with its defaults (outbound `may`),
+# the sink offering STARTTLS. Only postino bench speaks STARTTLS as a client,
+# so these loads use it alone, one message per inbound connection (a
+# handshake per message) unless --messages-per-session says otherwise:
+#   local   SMTP+TLS -> local mailboxes
+#   relay   SMTP+TLS -> relay over TLS to the sink (postino: connection reuse
+#           on, then off through `postino reload`; Postfix: its default,
+#           smtp_tls_connection_reuse = no)
+# and no ceiling, latency or POP3 loads.
+#
+# Where the cgroup v1 cpuacct controller is writable, each server runs in its
+# own cgroup and every load's note gives the server's CPU time per message
+# (all of Postfix's processes; postino's one process).
+#
 # Usage: scripts/compare.sh [--messages N] [--sessions N] [--size N]
 #          [--pop3-messages N] [--pop3-rounds N] [--out DIR] [--keep]
-#          [--no-postino] [--build]
+#          [--no-postino] [--build] [--tls] [--messages-per-session N]
 # Environment: POSTINO (postino binary, default target/release/postino under
 #   CARGO_TARGET_DIR or ./target), BENCH (binary providing `bench`, default
 #   $POSTINO), PORT_BASE (first of the loopback ports used, default 26000).
@@ -39,6 +56,8 @@ OUT=$ROOT/target/compare
 KEEP=0
 WITH_POSTINO=1
 BUILD=0
+TLS=0
+PER_SESSION=1
 PORT_BASE=${PORT_BASE:-26000}
 
 while [ $# -gt 0 ]; do
@@ -52,6 +71,8 @@ while [ $# -gt 0 ]; do
         --keep) KEEP=1; shift ;;
         --no-postino) WITH_POSTINO=0; shift ;;
         --build) BUILD=1; shift ;;
+        --tls) TLS=1; shift ;;
+        --messages-per-session) PER_SESSION=$2; shift 2 ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -59,6 +80,7 @@ done
 for n in "$MESSAGES" "$SESSIONS" "$SIZE" "$POP3_MESSAGES" "$POP3_ROUNDS" "$PORT_BASE"; do
     [[ $n =~ ^[0-9]+$ && $n -gt 0 ]] || { echo "compare.sh: not a positive number: $n" >&2; exit 2; }
 done
+[[ $PER_SESSION =~ ^[0-9]+$ ]] || { echo "compare.sh: not a number: $PER_SESSION" >&2; exit 2; }
 
 # Ports, all on loopback. The sink listens on 127.0.0.2 so that "remote" mail
 # leaves through another address, as it would to a real MX.
@@ -77,6 +99,7 @@ die() { log "error: $*"; exit 1; }
 # ---------------------------------------------------------------- cleanup
 WORK=""
 PIDS=()
+CGROUPS=()
 CHILD=""
 PF_STARTED=0
 DV_PID_FILE=""
@@ -103,6 +126,10 @@ cleanup() {
     if [ -n "$DV_PID_FILE" ]; then
         for _ in $(seq 50); do [ -e "$DV_PID_FILE" ] || break; sleep 0.1; done
     fi
+    local cg
+    for cg in "${CGROUPS[@]}"; do
+        for _ in $(seq 50); do rmdir "$cg" 2>/dev/null && break; sleep 0.1; done
+    done
     if [ -n "$WORK" ] && [ -d "$WORK" ]; then
         if [ "$KEEP" = 1 ]; then log "kept $WORK"; else rm -rf "$WORK"; fi
     fi
@@ -163,6 +190,24 @@ fill() {
     sed "${expr[@]}" "$src" >"$dst"
 }
 
+# CPU accounting: one cgroup v1 cpuacct group per server, when writable.
+CG_ROOT=/sys/fs/cgroup/cpuacct
+cg_path() { echo "$CG_ROOT/postino-compare-$$-$1"; }
+cg_make() {
+    local cg
+    cg=$(cg_path "$1")
+    [ -w "$CG_ROOT" ] && mkdir "$cg" 2>/dev/null && CGROUPS+=("$cg")
+    return 0
+}
+# cg_enter NAME: moves this (sub)shell into cgroup NAME, if there is one.
+cg_enter() {
+    local cg
+    cg=$(cg_path "$1")
+    if [ -w "$cg/cgroup.procs" ]; then echo "$BASHPID" >"$cg/cgroup.procs"; fi
+}
+# CPU nanoseconds used so far by cgroup NAME (empty without one).
+cg_cpu() { cat "$(cg_path "$1")/cpuacct.usage" 2>/dev/null || true; }
+
 # ---------------------------------------------------------------- setup
 install_packages() {
     if command -v postfix >/dev/null && [ -x /usr/sbin/smtp-source ] && [ -x /usr/sbin/smtp-sink ] &&
@@ -204,6 +249,21 @@ VUID=$(id -u $VUSER)
 VGID=$(id -g $VUSER)
 chown "$VUID:$VGID" "$MAIL" "$MAIL/example.test"
 NUSERS=$((POP3_USERS > SESSIONS ? POP3_USERS : SESSIONS))
+if [ "$TLS" = 1 ]; then
+    # One key type for everyone: RSA-2048, as most MTAs' certificates.
+    TLSDIR=$WORK/tls
+    mkdir -p "$TLSDIR"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=mx.bench.test \
+        -addext subjectAltName=DNS:mx.bench.test,IP:127.0.0.1,IP:127.0.0.2 \
+        -keyout "$TLSDIR/key.pem" -out "$TLSDIR/cert.pem" 2>"$WORK/openssl.log" ||
+        die "openssl req failed: $(cat "$WORK/openssl.log")"
+    chmod 644 "$TLSDIR/key.pem" "$TLSDIR/cert.pem"
+    SINK_TLS=(--tls-cert "$TLSDIR/cert.pem" --tls-key "$TLSDIR/key.pem")
+    BENCH_TLS=(--tls)
+else
+    SINK_TLS=()
+    BENCH_TLS=()
+fi
 RESULTS=$OUT/results.tsv
 printf 'target\tload\ttool\tmessages\tseconds\tper_second\tnote\n' >"$RESULTS"
 FAILED=0
@@ -220,11 +280,12 @@ record() {
 log "starting bench sink on $SINK_ADDR:$SINK_PORT"
 SINK_STATS=$WORK/sink.json
 "$BENCH" bench sink --listen "$SINK_ADDR:$SINK_PORT" --stats "$SINK_STATS" \
-    --count-file "$WORK/sink.count" >"$WORK/sink.log" 2>&1 &
+    --count-file "$WORK/sink.count" "${SINK_TLS[@]}" >"$WORK/sink.log" 2>&1 &
 PIDS+=($!)
 wait_port $SINK_ADDR "$SINK_PORT" 10 || die "bench sink did not start: $(cat "$WORK/sink.log")"
 sink_count() { cat "$WORK/sink.count" 2>/dev/null || echo 0; }
 sink_last() { sed -n 's/.*"last_message_unix": \([0-9.]*\).*/\1/p' "$SINK_STATS"; }
+sink_field() { local v; v=$(sed -n "s/.*\"$1\": \([0-9]*\).*/\1/p" "$SINK_STATS" | head -1); echo "${v:-0}"; }
 
 # ---------------------------------------------------------------- Postfix
 PF=$WORK/postfix
@@ -236,10 +297,22 @@ fill "$TEMPLATES/postfix-master.cf" "$PF/etc/master.cf" LISTEN="127.0.0.1:$PF_SM
 for i in $(seq "$NUSERS"); do echo "user$i@example.test example.test/user$i/" >>"$PF/etc/vmailbox"; done
 for i in $(seq "$POP3_USERS"); do echo "pop$i@example.test example.test/pop$i/" >>"$PF/etc/vmailbox"; done
 echo "remote.test smtp:[$SINK_ADDR]:$SINK_PORT" >"$PF/etc/transport"
+if [ "$TLS" = 1 ]; then
+    # TLS both ways, as Debian's stock main.cf has it (session caches too).
+    cat >>"$PF/etc/main.cf" <<EOF_TLS
+smtpd_tls_cert_file = $TLSDIR/cert.pem
+smtpd_tls_key_file = $TLSDIR/key.pem
+smtpd_tls_security_level = may
+smtp_tls_security_level = may
+smtpd_tls_session_cache_database = btree:\${data_directory}/smtpd_scache
+smtp_tls_session_cache_database = btree:\${data_directory}/smtp_scache
+EOF_TLS
+fi
 log "starting Postfix on 127.0.0.1:$PF_SMTP"
 timeout 60 postfix -c "$PF/etc" check >"$WORK/postfix-check.log" 2>&1 ||
     die "postfix check failed: $(cat "$WORK/postfix-check.log"; tail -5 "$PF/maillog" 2>/dev/null)"
-timeout 60 postfix -c "$PF/etc" start >"$WORK/postfix-start.log" 2>&1 ||
+cg_make postfix
+(cg_enter postfix && exec timeout 60 postfix -c "$PF/etc" start) >"$WORK/postfix-start.log" 2>&1 ||
     die "postfix start failed: $(cat "$WORK/postfix-start.log"; tail -5 "$PF/maillog" 2>/dev/null)"
 PF_STARTED=1
 wait_port 127.0.0.1 "$PF_SMTP" 30 || die "Postfix smtpd not listening"
@@ -274,6 +347,7 @@ smtp_load() {
     else
         run_child timeout "$WAIT" "$BENCH" bench smtp --server "127.0.0.1:$port" --sessions "$SESSIONS" \
             --messages "$n" --size "$SIZE" --rcpt-pattern "$rcpt" --rcpt-count "$SESSIONS" \
+            --messages-per-session "$PER_SESSION" "${BENCH_TLS[@]}" \
             --json "$OUT/$label.json" --plot "$OUT/$label.svg" >"$OUT/$label.txt"
         cat "$OUT/$label.txt" >&2
     fi
@@ -282,8 +356,12 @@ smtp_load() {
 # e2e TARGET LOAD TOOL PORT RCPT COUNT_FN LAST_FN: end-to-end rate of one load.
 e2e() {
     local target=$1 load=$2 tool=$3 port=$4 rcpt=$5 count_fn=$6 last_fn=$7
-    local base t0 t1 last
+    local base t0 t1 last cpu0 cpu1 cpu_note="" conn0 tls0 sink_note=""
+    if [ "$TLS" = 1 ] && [ "$tool" = smtp-source ]; then return 0; fi
     base=$($count_fn)
+    conn0=$(sink_field connections)
+    tls0=$(sink_field tls_sessions)
+    cpu0=$(cg_cpu "$target")
     t0=$(now)
     if ! smtp_load "$tool" "$port" "$rcpt" "$MESSAGES" "$target-$load-$tool"; then
         log "$target $load ($tool): load failed"; FAILED=1; return 0
@@ -293,10 +371,19 @@ e2e() {
         log "$target $load ($tool): not all messages arrived"; FAILED=1; return 0
     fi
     last=$($last_fn)
+    cpu1=$(cg_cpu "$target")
+    if [ "$count_fn" = sink_count ]; then
+        # The stats file is rewritten every second: let it catch up.
+        sleep 1.5
+        sink_note="; at the sink $(($(sink_field connections) - conn0)) connections, $(($(sink_field tls_sessions) - tls0)) with TLS"
+    fi
+    if [ -n "$cpu0" ] && [ -n "$cpu1" ]; then
+        cpu_note="; server CPU $(fmt0 "($cpu1 - $cpu0) / 1000 / $MESSAGES") µs/msg"
+    fi
     # Never earlier than the last 250 (a coarse mtime could say so).
     last=$(awk -v a="$last" -v b="$t1" 'BEGIN { printf "%.6f", (a > b ? a : b) }')
     record "$target" "$load" "$tool" "$MESSAGES" "$(calc "$last - $t0")" \
-        "(all 250s after $(printf %.2f "$(calc "$t1 - $t0")") s)"
+        "(all 250s after $(printf %.2f "$(calc "$t1 - $t0")") s$cpu_note$sink_note)"
 }
 
 rate_of() { awk -F'\t' -v t="$1" -v l="$2" -v o="$3" '$1==t && $2==l && $3==o { print $6 }' "$RESULTS"; }
@@ -308,6 +395,7 @@ json_field() { sed -n "s/^ *\"$2\": \([0-9.]*\),\{0,1\}\$/\1/p" "$1" | head -1; 
 HALF_SECONDS=10
 half_rate() {
     local target=$1 port=$2 count_fn=$3 full rate n base label=$1-half-rate json
+    [ "$TLS" = 0 ] || return 0
     full=$(rate_of "$target" local smtp-source)
     if [ -z "$full" ] || [ "$full" -lt 2 ]; then return 0; fi
     rate=$((full / 2))
@@ -336,6 +424,7 @@ e2e postfix relay "postino-bench" "$PF_SMTP" 'user{n}@remote.test' sink_count si
 half_rate postfix "$PF_SMTP" maildir_count
 
 # ---------------------------------------------------------------- smtp-sink
+if [ "$TLS" = 0 ]; then
 log "smtp-sink ceiling on 127.0.0.1:$SMTP_SINK_PORT"
 smtp-sink -u "$VUSER" "127.0.0.1:$SMTP_SINK_PORT" 1024 >/dev/null 2>&1 &
 PIDS+=($!)
@@ -364,6 +453,7 @@ if run_child timeout "$WAIT" smtp-source -c -l "$SIZE" -m "$MESSAGES" -s "$SESSI
 else
     log "smtp-source against bench sink failed"; FAILED=1
 fi
+fi
 
 # ---------------------------------------------------------------- POP3
 # pop3_run TARGET PORT: fill 21 mailboxes with POP3_MESSAGES ~2 KiB messages
@@ -371,6 +461,7 @@ fi
 pop3_run() {
     local target=$1 pop_port=$2 smtp_port=$3 count_fn=$4
     local n=$((POP3_USERS * POP3_MESSAGES)) base label=$1-pop3
+    [ "$TLS" = 0 ] || return 0
     base=$($count_fn)
     log "$target: filling $POP3_USERS mailboxes with $POP3_MESSAGES messages each"
     run_child timeout $((60 + n / 50)) "$BENCH" bench smtp --server "127.0.0.1:$smtp_port" --sessions "$SESSIONS" \
@@ -440,11 +531,19 @@ else
     mkdir -p "$PN"
     fill "$TEMPLATES/postino.toml" "$PN/postino.toml" PN="$PN" SMTP_PORT="$PN_SMTP" \
         POP3_PORT="$PN_POP3" SINK_PORT="$SINK_PORT"
+    if [ "$TLS" = 1 ]; then
+        printf '\n[tls]\ncert = "%s"\nkey = "%s"\n' "$TLSDIR/cert.pem" "$TLSDIR/key.pem" >>"$PN/postino.toml"
+        # The script counts delivered mail with POP3 STAT in clear over
+        # loopback, which postino refuses once it has TLS unless told.
+        sed -i 's/^\[smtp\]$/[smtp]\nallow_plaintext_auth = true/' "$PN/postino.toml"
+    fi
     POSTINO_STATUS=ok
     # Only `postino serve` creates a store: start it, then add the users
     # through its control socket.
     log "starting postino on 127.0.0.1:$PN_SMTP (POP3 $PN_POP3)"
-    "$POSTINO" --config "$PN/postino.toml" serve >"$PN/serve.log" 2>&1 &
+    cg_make postino
+    # $! must be postino itself: the subshell enters the cgroup, then execs.
+    { cg_enter postino; exec "$POSTINO" --config "$PN/postino.toml" serve; } >"$PN/serve.log" 2>&1 &
     PIDS+=($!)
     if ! wait_port 127.0.0.1 "$PN_SMTP" 30 || ! wait_port 127.0.0.1 "$PN_POP3" 10; then
         log "postino: serve did not listen: $(tail -5 "$PN/serve.log")"
@@ -466,6 +565,17 @@ else
         e2e postino local "postino-bench" "$PN_SMTP" 'user{n}@example.test' postino_count postino_last
         e2e postino relay smtp-source "$PN_SMTP" 'user{n}@remote.test' sink_count sink_last
         e2e postino relay "postino-bench" "$PN_SMTP" 'user{n}@remote.test' sink_count sink_last
+        if [ "$TLS" = 1 ]; then
+            # The same relay with outbound connection reuse off: a TCP
+            # connection and a TLS handshake per message on both sides.
+            printf '\n[delivery]\nconnection_reuse = false\n' >>"$PN/postino.toml"
+            if timeout 30 "$POSTINO" --config "$PN/postino.toml" reload >>"$PN/reload.log" 2>&1; then
+                e2e postino relay-no-reuse "postino-bench" "$PN_SMTP" 'user{n}@remote.test' sink_count sink_last
+            else
+                log "postino: reload with connection_reuse = false failed: $(tail -2 "$PN/reload.log")"
+                FAILED=1
+            fi
+        fi
         half_rate postino "$PN_SMTP" postino_count
         pop3_run postino "$PN_POP3" "$PN_SMTP" postino_pop_count
     fi
@@ -495,6 +605,9 @@ fi
         ratio local smtp-source smtp-sink ceiling smtp-source "local delivery vs smtp-sink ceiling" "≥ 0.5×"
         ratio relay smtp-source postfix relay smtp-source "relay vs Postfix (smtp-source)" "≥ 5×"
         ratio pop3 postino-bench dovecot pop3 postino-bench "POP3 RETR vs Dovecot" "≥ 1.5×"
+        ratio local postino-bench postfix local postino-bench "local delivery vs Postfix (postino bench)" ""
+        ratio relay postino-bench postfix relay postino-bench "relay vs Postfix (postino bench)" ""
+        ratio relay-no-reuse postino-bench postfix relay postino-bench "relay, postino without connection reuse, vs Postfix" ""
     else
         echo "postino: $POSTINO_STATUS (no ratios)"
     fi

@@ -445,6 +445,38 @@ pub struct RoutingConfig {
     /// Credentials for the smarthost (AUTH PLAIN), if it needs them.
     #[serde(default)]
     pub smarthost_auth: Option<SmarthostAuth>,
+    /// TLS level for the smarthost; default `delivery.tls.level`, raised to
+    /// `encrypt` while `smarthost_auth` is set (unless it allows plaintext).
+    #[serde(default)]
+    pub smarthost_tls: Option<TlsLevel>,
+    /// Implicit TLS to the smarthost (RFC 8314 "wrapper mode", no STARTTLS);
+    /// default: on when the smarthost's port is 465.
+    #[serde(default)]
+    pub smarthost_implicit_tls: Option<bool>,
+}
+
+impl RoutingConfig {
+    /// Whether the smarthost is reached with implicit TLS: the explicit
+    /// `smarthost_implicit_tls`, else port 465.
+    pub fn smarthost_implicit(&self) -> bool {
+        self.smarthost_implicit_tls.unwrap_or_else(|| {
+            self.smarthost
+                .as_deref()
+                .and_then(|h| h.rsplit_once(':'))
+                .is_some_and(|(_, port)| port == "465")
+        })
+    }
+
+    /// The TLS level that applies to the smarthost, `default` being
+    /// `delivery.tls.level`: at least `encrypt` when credentials are set and
+    /// plaintext AUTH is not allowed, so a password never crosses in clear.
+    pub fn smarthost_level(&self, default: TlsLevel) -> TlsLevel {
+        let level = self.smarthost_tls.unwrap_or(default);
+        match &self.smarthost_auth {
+            Some(auth) if !auth.allow_plaintext => level.max(TlsLevel::Encrypt),
+            _ => level,
+        }
+    }
 }
 
 /// A user name and password for the smarthost.
@@ -455,6 +487,10 @@ pub struct SmarthostAuth {
     pub username: String,
     /// The AUTH password (never logged).
     pub password: String,
+    /// Send AUTH even without TLS (default false: credentials only go over
+    /// TLS, and the smarthost gets at least the `encrypt` level).
+    #[serde(default)]
+    pub allow_plaintext: bool,
 }
 
 /// The password is left out: a `Debug` of the configuration may be logged.
@@ -463,6 +499,7 @@ impl std::fmt::Debug for SmarthostAuth {
         f.debug_struct("SmarthostAuth")
             .field("username", &self.username)
             .field("password", &crate::logsafe::Secret::new(()))
+            .field("allow_plaintext", &self.allow_plaintext)
             .finish()
     }
 }
@@ -522,6 +559,109 @@ pub struct DeliveryConfig {
     /// Reply to the final dot (Postfix: 600 s).
     #[serde(default = "default_data_done_timeout", with = "humantime_serde")]
     pub data_done_timeout: Duration,
+    /// Keep idle connections for the next message to the same destination
+    /// (Postfix's connection cache); off: one connection per delivery.
+    #[serde(default = "default_true")]
+    pub connection_reuse: bool,
+    /// `[delivery.tls]`: outbound TLS (STARTTLS) levels and certificates.
+    #[serde(default)]
+    pub tls: DeliveryTlsConfig,
+}
+
+/// Outbound TLS security level, as Postfix's `smtp_tls_security_level`.
+/// Ordered from weakest to strongest.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsLevel {
+    /// Never STARTTLS.
+    None,
+    /// STARTTLS when offered, certificate not checked; on a failed
+    /// handshake the same server is tried again in clear.
+    #[default]
+    May,
+    /// TLS required (defer without it), certificate not checked.
+    Encrypt,
+    /// TLS required and the certificate valid for the MX host name (or the
+    /// smarthost's name).
+    Verify,
+    /// TLS required and the certificate valid for the next-hop domain (or a
+    /// name under it), not trusting the MX lookup.
+    Secure,
+}
+
+impl TlsLevel {
+    /// The level's name as in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsLevel::None => "none",
+            TlsLevel::May => "may",
+            TlsLevel::Encrypt => "encrypt",
+            TlsLevel::Verify => "verify",
+            TlsLevel::Secure => "secure",
+        }
+    }
+
+    /// TLS must be used: without it the delivery is deferred.
+    pub fn requires_tls(self) -> bool {
+        self >= TlsLevel::Encrypt
+    }
+
+    /// The server certificate is checked.
+    pub fn verifies(self) -> bool {
+        self >= TlsLevel::Verify
+    }
+}
+
+impl std::fmt::Display for TlsLevel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[delivery.tls]`: outbound TLS.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryTlsConfig {
+    /// Level for destinations without a policy entry (default `may`).
+    #[serde(default)]
+    pub level: TlsLevel,
+    /// PEM file of extra CA certificates trusted for `verify`/`secure`, on
+    /// top of the built-in web roots (private relays, tests).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Per destination domain levels (`"example.com" = "verify"`), as
+    /// Postfix's `smtp_tls_policy_maps`; a key `.example.com` covers the
+    /// domains under example.com. An exact entry wins over a parent's.
+    #[serde(default)]
+    pub policy: std::collections::BTreeMap<String, TlsLevel>,
+}
+
+impl DeliveryTlsConfig {
+    /// The level for mail to `domain`: its policy entry, the nearest
+    /// `.parent` entry, else `level`.
+    pub fn level_for(&self, domain: &str) -> TlsLevel {
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(level) = self.lookup(&domain) {
+            return level;
+        }
+        let mut rest = domain.as_str();
+        while let Some((_, parent)) = rest.split_once('.') {
+            if let Some(level) = self.lookup(&format!(".{parent}")) {
+                return level;
+            }
+            rest = parent;
+        }
+        self.level
+    }
+
+    fn lookup(&self, key: &str) -> Option<TlsLevel> {
+        self.policy
+            .iter()
+            .find(|(k, _)| k.trim_end_matches('.').eq_ignore_ascii_case(key))
+            .map(|(_, v)| *v)
+    }
 }
 
 /// `[dns]`: the resolver for MX and address lookups.
@@ -774,6 +914,18 @@ impl Config {
         let mut config = Config::parse(&text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
+        if let Some(ca) = &config.delivery.tls.ca_file {
+            // Read at every delivery setup: a missing file is said now.
+            if let Err(e) = std::fs::File::open(ca) {
+                let key = "delivery.tls.ca_file";
+                return Err(ConfigError::Invalid {
+                    path: path.to_owned(),
+                    line: locate_key(&text, key),
+                    key: Some(key.into()),
+                    message: format!("{}: {e}", ca.display()),
+                });
+            }
+        }
         Ok(config)
     }
 
@@ -824,6 +976,9 @@ impl Config {
         }
         if let Some(socket) = &mut self.control.socket {
             resolve(socket);
+        }
+        if let Some(ca) = &mut self.delivery.tls.ca_file {
+            resolve(ca);
         }
     }
 
@@ -883,6 +1038,25 @@ impl Config {
                 .is_none()
             {
                 return Err(("routing.smarthost", format!("`{host}` is not host:port")));
+            }
+        }
+        for domain in self.delivery.tls.policy.keys() {
+            let d = domain.strip_prefix('.').unwrap_or(domain);
+            if d.is_empty() || d.contains(['@', ' ', ':', '[']) || d.len() > 255 {
+                return Err((
+                    "delivery.tls.policy",
+                    format!("`{domain}` is not a domain (or `.domain` for the domains under it)"),
+                ));
+            }
+        }
+        if let Some(auth) = &self.routing.smarthost_auth {
+            if !auth.allow_plaintext && self.routing.smarthost_tls == Some(TlsLevel::None) {
+                return Err((
+                    "routing.smarthost_tls",
+                    "\"none\" would send smarthost_auth's password in clear: use encrypt or \
+                     stronger, or set routing.smarthost_auth.allow_plaintext = true"
+                        .into(),
+                ));
             }
         }
         if let Some(token) = &self.admin.token {
@@ -1105,6 +1279,101 @@ mod tests {
         let err = parse("[delivery]\n\nretry = []\n").unwrap_err().to_string();
         assert!(err.contains("test.toml:3"), "{err}");
         assert!(err.contains("delivery.retry"), "{err}");
+    }
+
+    #[test]
+    fn outbound_tls_levels_and_errors_name_key_and_line() {
+        let c = parse("").unwrap();
+        assert_eq!(c.delivery.tls.level, TlsLevel::May);
+        assert!(c.delivery.connection_reuse);
+        let c = parse(
+            "[delivery]\nconnection_reuse = false\n[delivery.tls]\nlevel = \"encrypt\"\n\
+             [delivery.tls.policy]\n\"Bank.test\" = \"secure\"\n\".corp.test\" = \"none\"\n",
+        )
+        .unwrap();
+        assert!(!c.delivery.connection_reuse);
+        assert_eq!(c.delivery.tls.level_for("bank.TEST."), TlsLevel::Secure);
+        assert_eq!(c.delivery.tls.level_for("a.corp.test"), TlsLevel::None);
+        assert_eq!(c.delivery.tls.level_for("other.test"), TlsLevel::Encrypt);
+
+        let err = parse("[delivery.tls]\n\nlevel = \"maybe\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.toml:3: key `delivery.tls.level`"),
+            "{err}"
+        );
+        let err = parse("[delivery.tls.policy]\n\"a.test\" = \"secure\"\n\"b.test\" = \"dane!\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.toml:3:"), "{err}");
+        assert!(err.contains("delivery.tls.policy"), "{err}");
+        let err = parse("[delivery.tls.policy]\n\"a@b\" = \"secure\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.toml:1: key `delivery.tls.policy`: `a@b` is not a domain"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn smarthost_tls_follows_the_credentials() {
+        let c = parse("[routing]\nsmarthost = \"relay.test:587\"\n").unwrap();
+        assert_eq!(c.routing.smarthost_level(TlsLevel::May), TlsLevel::May);
+        assert!(!c.routing.smarthost_implicit());
+        let c = parse(
+            "[routing]\nsmarthost = \"relay.test:465\"\n[routing.smarthost_auth]\n\
+             username = \"u\"\npassword = \"p\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.routing.smarthost_level(TlsLevel::May), TlsLevel::Encrypt);
+        assert_eq!(c.routing.smarthost_level(TlsLevel::None), TlsLevel::Encrypt);
+        assert_eq!(
+            c.routing.smarthost_level(TlsLevel::Verify),
+            TlsLevel::Verify
+        );
+        assert!(c.routing.smarthost_implicit());
+        let c = parse(
+            "[routing]\nsmarthost = \"relay.test:25\"\nsmarthost_implicit_tls = true\n\
+             [routing.smarthost_auth]\nusername = \"u\"\npassword = \"p\"\nallow_plaintext = true\n",
+        )
+        .unwrap();
+        assert_eq!(c.routing.smarthost_level(TlsLevel::None), TlsLevel::None);
+        assert!(c.routing.smarthost_implicit());
+        let err = parse(
+            "[routing]\nsmarthost = \"relay.test:25\"\nsmarthost_tls = \"none\"\n\
+             [routing.smarthost_auth]\nusername = \"u\"\npassword = \"p\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("test.toml:3: key `routing.smarthost_tls`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_missing_ca_file_names_key_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("postino.toml");
+        std::fs::write(
+            &path,
+            "[delivery.tls]\nlevel = \"verify\"\nca_file = \"nope.pem\"\n",
+        )
+        .unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "{}:3: key `delivery.tls.ca_file`: ",
+                path.display()
+            )),
+            "{err}"
+        );
+        assert!(err.contains("nope.pem"), "{err}");
+        std::fs::write(dir.path().join("nope.pem"), "").unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.delivery.tls.ca_file, Some(dir.path().join("nope.pem")));
     }
 
     #[test]

@@ -82,8 +82,9 @@ pub fn trace_notice(store: &Store, original: MessageId, notice: &Envelope, kind:
             to: to.unwrap_or_default(),
         },
     );
-    store.trace(notice.id, TraceKind::About { original });
-    crate::history::trace_routes(store, notice);
+    let mut events = vec![TraceKind::About { original }];
+    events.extend(crate::history::routes(notice));
+    store.trace_new(notice.id, events);
 }
 
 /// The store error behind a failed lookup in the store (the store's

@@ -89,17 +89,12 @@ pub fn line(event: &TraceEvent) -> String {
     format!("{}  {what}", time(event.at))
 }
 
-/// Records in `envelope`'s history where each recipient goes and why.
-pub fn trace_routes(store: &Store, envelope: &Envelope) {
-    for r in &envelope.recipients {
-        store.trace(
-            envelope.id,
-            TraceKind::Routed {
-                recipient: r.address.clone(),
-                route: route_text(&r.address, &r.route),
-            },
-        );
-    }
+/// Where each recipient of `envelope` goes and why, as history events.
+pub fn routes(envelope: &Envelope) -> impl Iterator<Item = TraceKind> + '_ {
+    envelope.recipients.iter().map(|r| TraceKind::Routed {
+        recipient: r.address.clone(),
+        route: route_text(&r.address, &r.route),
+    })
 }
 
 /// A route in words: `local mailbox a@x`, `alias of b@x` when a mailbox

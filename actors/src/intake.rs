@@ -165,19 +165,18 @@ impl Intake {
             (Some(protocol), Some(cipher)) => Some(format!("{protocol} {cipher}")),
             (protocol, cipher) => protocol.clone().or_else(|| cipher.clone()),
         };
-        self.store.trace(
-            envelope.id,
-            TraceKind::Received {
-                client: envelope.client.clone(),
-                helo: envelope.helo.clone(),
-                sender: envelope.sender.clone(),
-                size: envelope.size,
-                tls,
-                auth: auth.clone(),
-                message_id: message_id.clone(),
-            },
-        );
-        crate::history::trace_routes(&self.store, envelope);
+        let mut events = Vec::with_capacity(1 + envelope.recipients.len());
+        events.push(TraceKind::Received {
+            client: envelope.client.clone(),
+            helo: envelope.helo.clone(),
+            sender: envelope.sender.clone(),
+            size: envelope.size,
+            tls,
+            auth: auth.clone(),
+            message_id: message_id.clone(),
+        });
+        events.extend(crate::history::routes(envelope));
+        self.store.trace_new(envelope.id, events);
     }
 
     /// Asks the delivery actor to try a queued message now. Not awaited:

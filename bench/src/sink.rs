@@ -3,7 +3,8 @@
 //! to a fraction of recipients or messages, delay replies and drop connections.
 //!
 //! It supports PIPELINING (replies are written when the client's input runs
-//! dry), SIZE, 8BITMIME, and thousands of concurrent sessions (one task each).
+//! dry), SIZE, 8BITMIME, STARTTLS (with `--tls-cert`/`--tls-key`), and
+//! thousands of concurrent sessions (one task each).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore};
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::proto::DotScanner;
@@ -82,6 +84,13 @@ pub struct SinkArgs {
     /// exit (for shell scripts).
     #[arg(long)]
     pub count_file: Option<PathBuf>,
+    /// PEM certificate chain: offer STARTTLS with it (needs --tls-key), so
+    /// that senders' outbound TLS can be measured.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl SinkArgs {
@@ -128,6 +137,7 @@ struct Counters {
     reject_data: AtomicU64,
     too_big: AtomicU64,
     dropped: AtomicU64,
+    tls_sessions: AtomicU64,
     /// Nanoseconds after the start, plus one (0: no message yet).
     first_ns: AtomicU64,
     last_ns: AtomicU64,
@@ -155,6 +165,9 @@ pub struct SinkStats {
     pub reject_data: u64,
     pub too_big: u64,
     pub dropped: u64,
+    /// Sessions that switched to TLS with STARTTLS.
+    #[serde(default)]
+    pub tls_sessions: u64,
     /// Unix times of the first and last accepted message.
     pub first_message_unix: Option<f64>,
     pub last_message_unix: Option<f64>,
@@ -171,6 +184,7 @@ struct Shared {
     start_unix: f64,
     counters: Counters,
     expect_reached: Notify,
+    tls: Option<TlsAcceptor>,
 }
 
 impl Shared {
@@ -209,6 +223,7 @@ impl Shared {
             reject_data: get(&c.reject_data),
             too_big: get(&c.too_big),
             dropped: get(&c.dropped),
+            tls_sessions: get(&c.tls_sessions),
             first_message_unix: unix(first),
             last_message_unix: unix(last),
             first_to_last_s: span,
@@ -286,6 +301,10 @@ async fn start(args: SinkArgs) -> Result<Running, BenchError> {
             .as_secs_f64(),
         counters: Counters::default(),
         expect_reached: Notify::new(),
+        tls: match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(super::tls::acceptor(cert, key)?),
+            _ => None,
+        },
         args,
     });
     let accept = tokio::spawn(accept_loop(listener, shared.clone()));
@@ -401,9 +420,39 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
+/// The session's connection: plain until STARTTLS. An enum keeps the plain
+/// path free of dynamic dispatch.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// Only while STARTTLS swaps one for the other.
+    Swapping,
+}
+
+impl Stream {
+    async fn read_buf(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read_buf(buf).await,
+            Stream::Tls(s) => s.read_buf(buf).await,
+            Stream::Swapping => Err(std::io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.write_all(data).await,
+            Stream::Tls(s) => {
+                s.write_all(data).await?;
+                s.flush().await
+            }
+            Stream::Swapping => Err(std::io::ErrorKind::NotConnected.into()),
+        }
+    }
+}
+
 /// One SMTP session of the sink.
 struct Session<'a> {
-    stream: TcpStream,
+    stream: Stream,
     shared: &'a Shared,
     rbuf: BytesMut,
     out: Vec<u8>,
@@ -411,13 +460,15 @@ struct Session<'a> {
     rcpts: u64,
     data: Option<(DotScanner, u64)>,
     close: bool,
+    /// STARTTLS was answered 220: the handshake follows once it is sent.
+    start_tls: bool,
 }
 
 impl<'a> Session<'a> {
     fn new(stream: TcpStream, shared: &'a Shared) -> Self {
         let _ = stream.set_nodelay(true);
         Self {
-            stream,
+            stream: Stream::Plain(stream),
             shared,
             rbuf: BytesMut::with_capacity(16 * 1024),
             out: Vec::with_capacity(1024),
@@ -425,6 +476,7 @@ impl<'a> Session<'a> {
             rcpts: 0,
             data: None,
             close: false,
+            start_tls: false,
         }
     }
 
@@ -457,6 +509,9 @@ impl<'a> Session<'a> {
             if self.close {
                 return Ok(());
             }
+            if self.start_tls {
+                self.handshake().await?;
+            }
             if self.rbuf.capacity() - self.rbuf.len() < 4096 {
                 self.rbuf.reserve(16 * 1024);
             }
@@ -467,6 +522,26 @@ impl<'a> Session<'a> {
                 return Ok(());
             }
         }
+    }
+
+    /// Runs the server side of the TLS handshake after `220` to STARTTLS.
+    async fn handshake(&mut self) -> std::io::Result<()> {
+        self.start_tls = false;
+        let (Some(acceptor), Stream::Plain(_)) = (&self.shared.tls, &self.stream) else {
+            return Err(std::io::ErrorKind::InvalidInput.into());
+        };
+        let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Swapping) else {
+            unreachable!("checked above");
+        };
+        let tls = tokio::time::timeout(IDLE_TIMEOUT, acceptor.accept(tcp))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        self.stream = Stream::Tls(Box::new(tls));
+        self.shared
+            .counters
+            .tls_sessions
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Handles everything complete in the read buffer.
@@ -500,6 +575,12 @@ impl<'a> Session<'a> {
             let line = self.rbuf.split_to(i + 1);
             let line = String::from_utf8_lossy(&line);
             self.command(line.trim_end_matches(['\r', '\n'])).await;
+            if self.start_tls {
+                // Nothing the client sent before the handshake may count
+                // after it (RFC 3207 §4.2; CVE-2011-0411).
+                self.rbuf.clear();
+                return Ok(());
+            }
         }
         Ok(())
     }
@@ -511,9 +592,15 @@ impl<'a> Session<'a> {
             "EHLO" => {
                 self.mail = false;
                 self.rcpts = 0;
+                let starttls =
+                    if self.shared.tls.is_some() && matches!(self.stream, Stream::Plain(_)) {
+                        "250-STARTTLS\r\n"
+                    } else {
+                        ""
+                    };
                 let text = format!(
                     "250-{}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n\
-                     250-ENHANCEDSTATUSCODES\r\n250 SMTPUTF8",
+                     {starttls}250-ENHANCEDSTATUSCODES\r\n250 SMTPUTF8",
                     args.hostname, args.max_size
                 );
                 self.reply(&text).await;
@@ -568,6 +655,19 @@ impl<'a> Session<'a> {
                 self.mail = false;
                 self.rcpts = 0;
                 self.reply("250 2.0.0 Ok").await;
+            }
+            "STARTTLS" if self.shared.tls.is_none() => {
+                self.reply("502 5.5.1 Error: command not implemented").await
+            }
+            "STARTTLS" if !matches!(self.stream, Stream::Plain(_)) => {
+                self.reply("554 5.5.1 Error: TLS already active").await
+            }
+            "STARTTLS" => {
+                // A new EHLO must follow; the transaction starts over.
+                self.mail = false;
+                self.rcpts = 0;
+                self.reply("220 2.0.0 Ready to start TLS").await;
+                self.start_tls = true;
             }
             "NOOP" => self.reply("250 2.0.0 Ok").await,
             "VRFY" => {
@@ -630,6 +730,7 @@ mod tests {
     use clap::Parser;
 
     use super::super::client::Client;
+    use super::super::proto::ReplyExt;
     use super::super::smtp::{self, OnOff, SmtpArgs};
     use super::*;
 
@@ -829,6 +930,65 @@ mod tests {
         }
         let a = smtp_args("127.0.0.1:1".parse().unwrap(), &[]);
         assert_eq!(a.pipelining, OnOff::On);
+    }
+
+    /// With --tls-cert/--tls-key the sink offers STARTTLS once per session,
+    /// and the load generator's `--tls` sessions all switch to it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn starttls_sessions_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["sink.postino.test".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let s = sink(&[
+            "--tls-cert",
+            cert_path.to_str().unwrap(),
+            "--tls-key",
+            key_path.to_str().unwrap(),
+        ])
+        .await;
+        // Twice STARTTLS: the second is refused inside TLS, and a command
+        // pipelined behind STARTTLS is discarded, not answered.
+        let mut c = connect(s.shared.listen).await;
+        c.send(b"EHLO a.test\r\n").await.unwrap();
+        let ehlo = c.smtp_reply().await.unwrap();
+        assert!(ehlo.has_extension("STARTTLS"), "{ehlo:?}");
+        c.send(b"STARTTLS\r\nNOOP\r\n").await.unwrap();
+        assert_eq!(c.smtp_reply().await.unwrap().code, 220);
+        c.start_tls(
+            &crate::tls::insecure_connector().unwrap(),
+            crate::tls::server_name("localhost"),
+        )
+        .await
+        .unwrap();
+        c.send(b"EHLO a.test\r\nSTARTTLS\r\nQUIT\r\n")
+            .await
+            .unwrap();
+        let ehlo = c.smtp_reply().await.unwrap();
+        assert!(!ehlo.has_extension("STARTTLS"), "{ehlo:?}");
+        assert_eq!(c.smtp_reply().await.unwrap().code, 554);
+        assert_eq!(c.smtp_reply().await.unwrap().code, 221);
+
+        let args = smtp_args(
+            s.shared.listen,
+            &[
+                "--tls",
+                "--sessions",
+                "4",
+                "--messages",
+                "40",
+                "--messages-per-session",
+                "0",
+            ],
+        );
+        smtp::run(args).await.unwrap();
+        let st = s.shared.stats(true);
+        assert_eq!((st.messages, st.tls_sessions), (40, 5));
     }
 
     /// --hold opens every session before any sends: the sink sees them all

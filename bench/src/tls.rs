@@ -1,16 +1,21 @@
 //! STARTTLS for the load generator: a rustls client that accepts ANY server
 //! certificate. For benchmarks only: it measures TLS cost, not TLS trust, and
-//! must never be used to send real mail.
+//! must never be used to send real mail. And the sink's server side
+//! ([`acceptor`]), from a PEM certificate and key.
 
 use std::sync::Arc;
 
+use std::path::Path;
 use tokio_rustls::rustls::client::danger::{
     HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
 };
 use tokio_rustls::rustls::crypto::{self, CryptoProvider};
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio_rustls::rustls::{self, DigitallySignedStruct, SignatureScheme};
-use tokio_rustls::TlsConnector;
+
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::PrivateKeyDer;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::BenchError;
 
@@ -85,4 +90,30 @@ pub fn server_name(host: &str) -> ServerName<'static> {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     ServerName::try_from(host.to_owned())
         .unwrap_or_else(|_| ServerName::try_from("localhost").expect("valid DNS name"))
+}
+
+/// The sink's STARTTLS: the certificate chain and key from PEM files.
+///
+/// # Errors
+/// A file that cannot be read or holds no certificate or key, or a key that
+/// does not match the certificate.
+pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, BenchError> {
+    let tls = |what: &Path, e: &dyn std::fmt::Display| {
+        BenchError::Tls(format!("{}: {e}", what.display()))
+    };
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(|e| tls(cert, &e))?;
+    if certs.is_empty() {
+        return Err(tls(cert, &"no certificate in the file"));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| tls(key, &e))?;
+    let provider = Arc::new(crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| BenchError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| BenchError::Tls(e.to_string()))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }

@@ -613,10 +613,17 @@ fn load_config(path: Option<&Path>) -> Result<Config, String> {
     }
 }
 
-/// `check-config`: the files the configuration names can be used. Today
-/// the `[tls]` certificate chain and key: readable, parseable PEM, and a
-/// key that goes with the certificate; the error names the key.
+/// `check-config`: the files the configuration names can be used: the
+/// `[tls]` certificate chain and key (readable, parseable PEM, and a key
+/// that goes with the certificate) and `delivery.tls.ca_file`; the error
+/// names the key.
 fn check_files(config: &Config) -> Result<(), String> {
+    if config.delivery.tls.ca_file.is_some() {
+        let outbound = postino::delivery::OutboundTls::new(&config.delivery.tls);
+        if let Some(problem) = outbound.problem() {
+            return Err(problem.to_owned());
+        }
+    }
     let Some(tls) = &config.tls else {
         return Ok(());
     };

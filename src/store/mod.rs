@@ -100,6 +100,7 @@
 //! | `usage` | mailbox | messages BE ++ octets BE, kept with every mailbox change |
 //! | `quotas` | address | a user's own quota in octets BE (`u64::MAX`: unlimited) |
 //! | `trace` | id BE ++ sequence BE | [`TraceEvent`]: one event of a message's history |
+//! | `trace` | id BE ++ 0 BE ++ `01` | `Vec<TraceEvent>`: a message's first events ([`Store::trace_new`]) |
 //!
 //! Content references: the inbound record holds one from [`Store::spool`]
 //! until [`Store::finish_inbound`]; each mailbox entry and each queue entry

@@ -7,6 +7,12 @@
 //! mail). The sequence is sled's id counter, which only grows, so the
 //! events of a message read back in the order they were written.
 //!
+//! What intake knows when a message arrives (received, and each
+//! recipient's route) is one record, [`Store::trace_new`]: a list of
+//! events under sequence 0 with a one-octet suffix (a 17-octet key), so
+//! the message's first history costs one insert, no prefix scan and no
+//! sequence number. Later events are single records as above.
+//!
 //! Space is bounded twice: a message keeps at most
 //! [`TraceLimits::max_events_per_message`] events (the last one kept says
 //! the rest were dropped), and [`Store::sweep_trace`] drops events older
@@ -123,6 +129,25 @@ fn key(id: MessageId, seq: u64) -> [u8; 16] {
     k
 }
 
+/// The key of a message's first events, written together by
+/// [`Store::trace_new`]: before every single event's key (sequence 0, and
+/// sled's ids start above 0), told apart by its length.
+fn first_key(id: MessageId) -> [u8; 17] {
+    let mut k = [0; 17];
+    k[..8].copy_from_slice(&id.0.to_be_bytes());
+    k[16] = 1;
+    k
+}
+
+/// The events of one record: a list under a [`first_key`], else one.
+fn decode_record(key: &[u8], value: &[u8]) -> Result<Vec<TraceEvent>, StoreError> {
+    if key.len() == 17 {
+        decode("trace", value)
+    } else {
+        decode("trace", value).map(|e| vec![e])
+    }
+}
+
 impl Store {
     /// Sets the `[trace]` limits that [`Store::trace`] applies.
     pub fn set_trace_limits(&self, limits: TraceLimits) {
@@ -137,6 +162,28 @@ impl Store {
     /// returned: history must never stop mail.
     pub fn trace(&self, id: MessageId, what: TraceKind) {
         self.trace_at(id, now_unix(), what);
+    }
+
+    /// Records the first events of a new message `id` (received, where each
+    /// recipient goes) as one record: one insert, riding the next group
+    /// commit like [`Store::trace`]. The record counts as one towards
+    /// [`TraceLimits::max_events_per_message`] (it is at most one event per
+    /// recipient and one more); with history off nothing is written.
+    pub fn trace_new(&self, id: MessageId, what: Vec<TraceKind>) {
+        let max = self.inner.trace_limits.max_events.load(Ordering::Relaxed);
+        if max == 0 || what.is_empty() {
+            return;
+        }
+        let at = now_unix();
+        let events: Vec<TraceEvent> = what
+            .into_iter()
+            .map(|what| TraceEvent { at, what })
+            .collect();
+        let done = encode("trace", &events)
+            .and_then(|record| Ok(self.inner.trace.insert(first_key(id), record)?));
+        if let Err(error) = done {
+            tracing::warn!(%id, %error, "cannot record a history event");
+        }
     }
 
     /// [`Store::trace`] at a given time (tests inject it).
@@ -167,12 +214,12 @@ impl Store {
 
     /// The history of message `id`, oldest first; empty when none is kept.
     pub fn history(&self, id: MessageId) -> Result<Vec<TraceEvent>, StoreError> {
-        self.inner
-            .trace
-            .scan_prefix(id.0.to_be_bytes())
-            .values()
-            .map(|v| decode("trace", &v?))
-            .collect()
+        let mut events = Vec::new();
+        for kv in self.inner.trace.scan_prefix(id.0.to_be_bytes()) {
+            let (k, v) = kv?;
+            events.extend(decode_record(&k, &v)?);
+        }
+        Ok(events)
     }
 
     /// Drops the events older than `keep` at Unix time `now`; returns how
@@ -183,8 +230,10 @@ impl Store {
         let mut removed = 0;
         for kv in self.inner.trace.iter() {
             let (k, v) = kv?;
-            // An unreadable record is dropped too: nobody can show it.
-            let old = decode::<TraceEvent>("trace", &v).map_or(true, |e| e.at < cutoff);
+            // An unreadable record is dropped too: nobody can show it. A
+            // first record's events all have the same time.
+            let old =
+                decode_record(&k, &v).map_or(true, |e| e.first().is_none_or(|e| e.at < cutoff));
             if old {
                 self.inner.trace.remove(k)?;
                 removed += 1;
@@ -229,6 +278,40 @@ mod tests {
         );
         assert_eq!(store.history(b).unwrap().len(), 1);
         assert!(store.history(MessageId(u64::MAX)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn first_events_are_one_record_read_back_before_later_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (a, b) = (store.new_id().unwrap(), store.new_id().unwrap());
+        store.trace_new(a, vec![routed(1), routed(2)]);
+        store.trace_at(a, 5, routed(3));
+        store.trace_new(b, vec![routed(9)]);
+        let got: Vec<TraceKind> = store
+            .history(a)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.what)
+            .collect();
+        assert_eq!(got, vec![routed(1), routed(2), routed(3)]);
+        assert_eq!(store.history(b).unwrap().len(), 1);
+        assert_eq!(
+            store.inner.trace.len(),
+            3,
+            "one record for the first events"
+        );
+        // The sweep reads the list record too, and drops it once old.
+        let later = now_unix() + 8 * 24 * 3600;
+        assert_eq!(store.sweep_trace(later, DEFAULT_TRACE_KEEP).unwrap(), 3);
+        assert!(store.history(a).unwrap().is_empty());
+        // History off: nothing written.
+        store.set_trace_limits(TraceLimits {
+            keep: DEFAULT_TRACE_KEEP,
+            max_events_per_message: 0,
+        });
+        store.trace_new(a, vec![routed(1)]);
+        assert!(store.history(a).unwrap().is_empty());
     }
 
     #[test]

@@ -814,7 +814,7 @@ fn smarthost_takes_all_remote_mail() {
         1,
         r#"retry = ["1s"]"#,
         &format!(
-            "smarthost = \"{auth_ip}:{port}\"\n[routing.smarthost_auth]\nusername = \"relayuser\"\npassword = \"s3cret\""
+            "smarthost = \"{auth_ip}:{port}\"\n[routing.smarthost_auth]\nusername = \"relayuser\"\npassword = \"s3cret\"\n# aiosmtpd here has no TLS\nallow_plaintext = true"
         ),
     );
     let id = relay.send(&["pat@c.test"], "authenticated");
@@ -841,7 +841,7 @@ fn smarthost_refusing_our_credentials_defers() {
         1,
         r#"retry = ["1h"]"#,
         &format!(
-            "smarthost = \"{ip}:{port}\"\n[routing.smarthost_auth]\nusername = \"relayuser\"\npassword = \"wrong\""
+            "smarthost = \"{ip}:{port}\"\n[routing.smarthost_auth]\nusername = \"relayuser\"\npassword = \"wrong\"\nallow_plaintext = true"
         ),
     );
     let id = relay.send(&["quinn@d.test"], "wrong password");

@@ -749,6 +749,8 @@ async fn smarthost_with_auth_plain() {
     settings.auth = Some(SmarthostAuth {
         username: "relay-user".into(),
         password: "s3cret".into(),
+        // This aiosmtpd has no TLS: AUTH in clear must be allowed.
+        allow_plaintext: true,
     });
     let delivery = deliver(&exchangers, &settings, &tx).await;
     assert!(delivery.outcomes[0].is_delivered(), "{delivery:?}");
@@ -760,6 +762,8 @@ async fn smarthost_with_auth_plain() {
     settings.auth = Some(SmarthostAuth {
         username: "relay-user".into(),
         password: "wrong".into(),
+        // This aiosmtpd has no TLS: AUTH in clear must be allowed.
+        allow_plaintext: true,
     });
     let delivery = deliver(&exchangers, &settings, &tx).await;
     match &delivery.outcomes[0] {

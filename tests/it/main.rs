@@ -7,6 +7,7 @@ mod chunking;
 mod cli;
 mod delivery;
 mod delivery_client;
+mod delivery_tls;
 mod durability;
 mod embed;
 mod example;

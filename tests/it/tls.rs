@@ -83,6 +83,14 @@ impl TestPki {
         self.dir.path().join("ca.pem")
     }
 
+    /// The server certificate and key files (e.g. for a receiving MX).
+    pub fn cert_and_key(&self) -> (PathBuf, PathBuf) {
+        (
+            self.dir.path().join("cert.pem"),
+            self.dir.path().join("key.pem"),
+        )
+    }
+
     pub fn ca_str(&self) -> String {
         self.ca_path().display().to_string()
     }
@@ -301,7 +309,12 @@ fn host_port(addr: SocketAddr) -> String {
 }
 
 /// Every message of `user` over POP3 with STLS (poplib), as text.
-fn pop_over_stls(server: &TestServer, pki: &TestPki, user: &str, password: &str) -> Vec<String> {
+pub(crate) fn pop_over_stls(
+    server: &TestServer,
+    pki: &TestPki,
+    user: &str,
+    password: &str,
+) -> Vec<String> {
     let out = python(
         r#"
 import json, poplib, ssl, sys

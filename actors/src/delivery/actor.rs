@@ -417,6 +417,7 @@ impl Delivery {
                 continue;
             };
             let relay = o.relay_text();
+            let tls = o.tls_text();
             // The reply of a delivery is logged without the server, which
             // `relay=` names: as Postfix logs `status=sent (250 …)`.
             let (state, status, text, dsn) = match o.result {
@@ -442,6 +443,7 @@ impl Delivery {
                 id = %entry.id,
                 to = %escape(&o.recipient),
                 relay = %escape(&relay),
+                tls = %tls,
                 delay,
                 attempt,
                 dsn = %dsn,
@@ -454,7 +456,12 @@ impl Delivery {
                 entry.id,
                 TraceKind::Attempt {
                     recipient: o.recipient.clone(),
-                    relay,
+                    // The record has no field of its own for TLS (bincode
+                    // records are positional): it goes with the relay.
+                    relay: match &o.tls {
+                        Some(tls) => format!("{relay} ({tls})"),
+                        None => relay,
+                    },
                     status: status.to_owned(),
                     reply: text,
                 },

@@ -13,8 +13,9 @@ use postino_core::store::DeliveryDiagnostic;
 use postino_core::{Config, MessageId};
 use tracing::{debug, warn};
 
-use super::client::{ClientSettings, Diagnostic, RcptOutcome, SmtpClient, Transaction};
+use super::client::{ClientSettings, Diagnostic, RcptOutcome, SmtpClient, Target, Transaction};
 use super::mx::{Exchanger, LookupError, MxResolver};
+use super::tls::{self, OutboundTls, TlsInfo, TlsRequirement};
 
 /// How long an idle connection is kept for reuse (Postfix's
 /// `smtp_connection_cache_time_limit`).
@@ -29,6 +30,8 @@ pub struct Outcome {
     pub recipient: String,
     /// The server talked to last, if any (`relay=` in the log).
     pub relay: Option<RemoteHost>,
+    /// Protocol and cipher when the transaction went over TLS.
+    pub tls: Option<TlsInfo>,
     pub result: RcptResult,
 }
 
@@ -38,6 +41,13 @@ impl Outcome {
         self.relay
             .as_ref()
             .map_or_else(|| "none".to_owned(), RemoteHost::to_string)
+    }
+
+    /// The TLS protocol and cipher, or `none`, for the log.
+    pub fn tls_text(&self) -> String {
+        self.tls
+            .as_ref()
+            .map_or_else(|| "none".to_owned(), TlsInfo::to_string)
     }
 }
 
@@ -67,6 +77,11 @@ impl Attempt {
             warn!(error = %e, "no DNS resolver: remote deliveries will be deferred");
         }
         let mut settings = ClientSettings::new(config.hostname.clone(), &config.delivery);
+        let tls = OutboundTls::new(&config.delivery.tls);
+        if let Some(problem) = tls.problem() {
+            warn!(error = %escape(problem), "outbound TLS cannot check certificates: verify and secure deliveries will be deferred");
+        }
+        settings.tls = Some(Arc::new(tls));
         // The credentials are for the smarthost only: offered to every MX,
         // they would leak, and MXs without AUTH would all be skipped.
         match (&config.routing.smarthost, &config.routing.smarthost_auth) {
@@ -117,6 +132,7 @@ impl Attempt {
                 return every(recipients, None, &result);
             }
         };
+        let targets = self.targets(domain, exchangers).await;
         let key = self.destination(domain);
         let mut outcomes = Vec::with_capacity(recipients.len());
         let batch = self.config.delivery.recipients_per_delivery.max(1);
@@ -126,7 +142,11 @@ impl Attempt {
                 recipients: chunk,
                 content,
             };
-            let mut cached = self.take(&key);
+            let mut cached = if self.config.delivery.connection_reuse {
+                self.take(&key)
+            } else {
+                None
+            };
             if let Some(conn) = &mut cached {
                 // RSET proves a cached connection is still alive: one the
                 // server closed while idle would otherwise defer the batch.
@@ -136,7 +156,7 @@ impl Attempt {
             }
             let mut conn = match cached {
                 Some(conn) => conn,
-                None => match SmtpClient::connect(&exchangers, &self.settings).await {
+                None => match SmtpClient::connect_to(&targets, &self.settings).await {
                     Ok(conn) => conn,
                     Err(e) => {
                         // No exchanger takes a connection now: the next
@@ -154,10 +174,11 @@ impl Attempt {
                 outcomes.push(Outcome {
                     recipient: r.clone(),
                     relay: Some(relay.clone()),
+                    tls: conn.tls().cloned(),
                     result: convert(Some(&relay), o),
                 });
             }
-            let spare = if conn.is_reusable() {
+            let spare = if conn.is_reusable() && self.config.delivery.connection_reuse {
                 self.put(&key, conn)
             } else {
                 Some(conn)
@@ -185,6 +206,38 @@ impl Attempt {
             !conns.is_empty()
         });
         out
+    }
+
+    /// The TLS each exchanger must offer, decided before connecting: the
+    /// smarthost's level (`routing.smarthost_tls`, at least `encrypt` with
+    /// credentials, implicit TLS on port 465), else the domain's
+    /// `delivery.tls` policy with the names to check at `verify`/`secure`.
+    /// Policies found at delivery time (MTA-STS, DANE) raise the
+    /// requirements here.
+    async fn targets(&self, domain: &str, exchangers: Vec<Exchanger>) -> Vec<Target> {
+        let tls = &self.config.delivery.tls;
+        let routing = &self.config.routing;
+        exchangers
+            .into_iter()
+            .map(|exchanger| {
+                let req = match &routing.smarthost {
+                    Some(_) => {
+                        let level = routing.smarthost_level(tls.level);
+                        let mut req = TlsRequirement::new(level, "smarthost");
+                        // The next hop is the smarthost itself: its name
+                        // is what the certificate must carry.
+                        req.names = vec![exchanger.host.trim_end_matches('.').to_ascii_lowercase()];
+                        req.implicit = routing.smarthost_implicit();
+                        req
+                    }
+                    None => tls::requirement_for(tls, domain, &exchanger.host),
+                };
+                Target {
+                    exchanger,
+                    tls: req,
+                }
+            })
+            .collect()
     }
 
     /// The servers to try: the smarthost for everything when one is set,
@@ -235,6 +288,7 @@ fn every(recipients: &[String], relay: Option<&RemoteHost>, result: &RcptResult)
         .map(|r| Outcome {
             recipient: r.clone(),
             relay: relay.cloned(),
+            tls: None,
             result: result.clone(),
         })
         .collect()

@@ -20,7 +20,11 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -31,11 +35,14 @@ use postino_core::smtp::client::{
     encode_chunk, encode_content, Extensions, ReplyError, ReplyReceiver,
 };
 use postino_core::smtp::{RemoteHost, Reply};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tracing::{debug, Instrument};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+use tracing::{debug, info, Instrument};
 
 use super::mx::Exchanger;
+use super::tls::{server_name, OutboundTls, TlsInfo, TlsLevel, TlsRequirement};
 
 /// Postfix's `smtp_mx_address_limit`: addresses tried per delivery.
 pub const DEFAULT_MAX_ADDRESSES: usize = 5;
@@ -89,6 +96,17 @@ pub struct ClientSettings {
     pub max_sessions: usize,
     /// Send with `BDAT` to servers offering CHUNKING (`delivery.chunking`).
     pub chunking: bool,
+    /// Outbound TLS (roots and client configurations). `None`: no TLS at
+    /// all, whatever a [`Target`] asks (a [`TlsRequirement`] that needs TLS
+    /// then fails).
+    pub tls: Option<Arc<OutboundTls>>,
+}
+
+/// One exchanger and the TLS its connection must have.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub exchanger: Exchanger,
+    pub tls: TlsRequirement,
 }
 
 impl ClientSettings {
@@ -100,6 +118,7 @@ impl ClientSettings {
             max_addresses: DEFAULT_MAX_ADDRESSES,
             max_sessions: DEFAULT_MAX_SESSIONS,
             chunking: delivery.chunking,
+            tls: None,
         }
     }
 }
@@ -227,6 +246,8 @@ enum Stage {
     Content,
     Dot,
     Quit,
+    StartTls,
+    TlsHandshake,
 }
 
 impl Stage {
@@ -243,6 +264,8 @@ impl Stage {
             Stage::Content => "sending message body",
             Stage::Dot => "sending end of data -- message may be sent more than once",
             Stage::Quit => "sending QUIT",
+            Stage::StartTls => "sending STARTTLS",
+            Stage::TlsHandshake => "performing the TLS handshake",
         }
     }
 }
@@ -258,6 +281,9 @@ enum SessionError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Protocol(#[from] ReplyError),
+    /// The TLS handshake failed (or could not start).
+    #[error("{0}")]
+    Tls(String),
 }
 
 impl SessionError {
@@ -280,6 +306,9 @@ impl SessionError {
                 "4.5.0",
                 format!("protocol error from {remote} while {what}: {e}"),
             ),
+            SessionError::Tls(e) => {
+                Diagnostic::local("4.7.5", format!("TLS handshake with {remote} failed: {e}"))
+            }
         }
     }
 }
@@ -293,10 +322,76 @@ async fn within<T>(
         .unwrap_or(Err(SessionError::Timeout))
 }
 
+/// The connection under a session: plain TCP, or TLS over it.
+#[derive(Debug)]
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    /// Only between taking the TCP stream for a handshake and putting back
+    /// the TLS one; a failed handshake leaves it.
+    Gone,
+}
+
+fn gone() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "connection closed")
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Gone => Poll::Ready(Err(gone())),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Gone => Poll::Ready(Err(gone())),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+            Stream::Gone => Poll::Ready(Ok(())),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Gone => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+/// How the handshake ended when the server is not usable.
+enum Refusal {
+    /// The server refused (greeting, EHLO/HELO, AUTH).
+    Reply(Reply),
+    /// Our own reason, e.g. TLS required but not offered.
+    Local(Diagnostic),
+}
+
 /// An open SMTP session past EHLO (and AUTH), ready for transactions.
 #[derive(Debug)]
 pub struct SmtpClient {
-    stream: TcpStream,
+    stream: Stream,
+    /// Protocol and cipher once TLS is up.
+    tls: Option<TlsInfo>,
     rbuf: BytesMut,
     replies: ReplyReceiver,
     remote: RemoteHost,
@@ -318,13 +413,17 @@ pub struct SmtpClient {
 struct OpenError {
     error: ConnectError,
     session: bool,
+    /// The TLS handshake failed (a `may` connection is tried again in
+    /// clear).
+    tls_failed: bool,
 }
 
 impl SmtpClient {
     /// Connects to the first exchanger address that greets and answers EHLO
-    /// (or HELO after a 5xx to EHLO), in the given order: a refused or timed
-    /// out connect, a 4xx/5xx greeting, a rejected EHLO and HELO, a failed
-    /// AUTH or a dropped connection move on to the next address.
+    /// (or HELO after a 5xx to EHLO), in the given order, with STARTTLS
+    /// when the server offers it and TLS is configured
+    /// ([`ClientSettings::tls`], level `may` for every exchanger); see
+    /// [`SmtpClient::connect_to`].
     ///
     /// # Errors
     ///
@@ -334,18 +433,55 @@ impl SmtpClient {
         exchangers: &[Exchanger],
         settings: &ClientSettings,
     ) -> Result<SmtpClient, ConnectError> {
+        let level = match settings.tls {
+            Some(_) => TlsLevel::May,
+            None => TlsLevel::None,
+        };
+        let targets: Vec<Target> = exchangers
+            .iter()
+            .map(|ex| Target {
+                exchanger: ex.clone(),
+                tls: TlsRequirement::new(level, "default"),
+            })
+            .collect();
+        Self::connect_to(&targets, settings).await
+    }
+
+    /// Connects to the first target address that greets, answers EHLO (or
+    /// HELO after a 5xx to EHLO) and meets the target's TLS requirement, in
+    /// the given order: a refused or timed out connect, a 4xx/5xx greeting,
+    /// a rejected EHLO and HELO, TLS missing where it is required, a failed
+    /// AUTH or a dropped connection move on to the next address. A failed
+    /// TLS handshake at level `may` is retried once in clear on the same
+    /// address, as Postfix does. Credentials go out only over TLS unless
+    /// the [`SmarthostAuth`] allows plaintext.
+    ///
+    /// # Errors
+    ///
+    /// The last address's failure, once the list or the
+    /// `max_addresses`/`max_sessions` limits are exhausted. TLS failures are
+    /// never permanent.
+    pub async fn connect_to(
+        targets: &[Target],
+        settings: &ClientSettings,
+    ) -> Result<SmtpClient, ConnectError> {
         let mut last = None;
         let mut sessions = 0;
         // Collected first: an iterator of closures held across the awaits
         // below would keep this future from being `Send` (rustc cannot prove
         // the closures general over lifetimes), and attempts run on worker
         // arbiters.
-        let addresses: Vec<(&str, SocketAddr)> = exchangers
+        let addresses: Vec<(&str, SocketAddr, &TlsRequirement)> = targets
             .iter()
-            .flat_map(|ex| ex.addrs.iter().map(|a| (ex.host.as_str(), *a)))
+            .flat_map(|t| {
+                t.exchanger
+                    .addrs
+                    .iter()
+                    .map(|a| (t.exchanger.host.as_str(), *a, &t.tls))
+            })
             .collect();
         let addresses = addresses.into_iter();
-        for (tried, (host, addr)) in addresses.enumerate() {
+        for (tried, (host, addr, req)) in addresses.enumerate() {
             if tried >= settings.max_addresses || sessions >= settings.max_sessions {
                 break;
             }
@@ -354,10 +490,20 @@ impl SmtpClient {
                 addr,
             };
             let span = tracing::debug_span!("smtp_client", server = %escape(&remote.to_string()));
-            match Self::open(remote, settings, span.clone())
-                .instrument(span)
-                .await
-            {
+            let mut result = Self::open(remote.clone(), settings, req, span.clone())
+                .instrument(span.clone())
+                .await;
+            if let Err(e) = &result {
+                if e.tls_failed && req.level == TlsLevel::May && !req.requires_tls() {
+                    // Postfix's `may`: a broken TLS stack is no reason to
+                    // keep mail back; the same server again, in clear.
+                    info!(server = %escape(&remote.to_string()), error = %escape(&e.error.to_string()), "TLS handshake failed; trying again without TLS");
+                    result = Self::open(remote, settings, &TlsRequirement::none(), span.clone())
+                        .instrument(span)
+                        .await;
+                }
+            }
+            match result {
                 Ok(conn) => return Ok(conn),
                 Err(e) => {
                     debug!(error = %escape(&e.error.to_string()), "server unusable, trying the next one");
@@ -376,6 +522,7 @@ impl SmtpClient {
     async fn open(
         remote: RemoteHost,
         settings: &ClientSettings,
+        req: &TlsRequirement,
         span: tracing::Span,
     ) -> Result<SmtpClient, OpenError> {
         let t = settings.timeouts;
@@ -393,7 +540,8 @@ impl SmtpClient {
         // Commands are written whole; Nagle would only delay them.
         let _ = stream.set_nodelay(true);
         let mut conn = SmtpClient {
-            stream,
+            stream: Stream::Plain(stream),
+            tls: None,
             rbuf: BytesMut::with_capacity(4096),
             replies: ReplyReceiver::new(),
             remote,
@@ -406,25 +554,48 @@ impl SmtpClient {
             chunking: settings.chunking,
             span,
         };
-        match conn.handshake(settings).await {
-            Ok(Ok(())) => Ok(conn),
-            Ok(Err(reply)) => {
-                // The server answered but refused: say goodbye politely
-                // (RFC 5321 §3.1), then let the caller try the next one.
-                let permanent = reply.code >= 500;
+        match conn.handshake(settings, req).await {
+            Ok(Ok(())) => {
+                match &conn.tls {
+                    Some(tls) => info!(
+                        server = %escape(&conn.remote.to_string()),
+                        tls = %tls,
+                        level = %req.level,
+                        "TLS connection established"
+                    ),
+                    None => debug!(level = %req.level, "connection without TLS"),
+                }
+                Ok(conn)
+            }
+            Ok(Err(refusal)) => {
+                // The server answered but refused, or does not meet the TLS
+                // requirement: say goodbye politely (RFC 5321 §3.1), then let
+                // the caller try the next one.
+                let (permanent, diagnostic) = match refusal {
+                    Refusal::Reply(reply) => (reply.code >= 500, Diagnostic::Remote(reply)),
+                    Refusal::Local(diag) => (false, diag),
+                };
                 let remote = conn.remote.clone();
                 conn.quit().await;
                 Err(OpenError {
                     error: ConnectError {
                         remote: Some(remote),
                         permanent,
-                        diagnostic: Diagnostic::Remote(reply),
+                        diagnostic,
                     },
                     session: true,
+                    tls_failed: false,
                 })
             }
             Err(e) => {
-                let diagnostic = e.diagnostic(&conn.remote, conn.stage);
+                let tls_failed =
+                    matches!(e, SessionError::Tls(_)) || matches!(conn.stage, Stage::TlsHandshake);
+                let mut diagnostic = e.diagnostic(&conn.remote, conn.stage);
+                if tls_failed && req.requires_tls() {
+                    if let Diagnostic::Local { text, .. } = &mut diagnostic {
+                        *text = format!("TLS is required ({} {}): {text}", req.source, req.level);
+                    }
+                }
                 Err(OpenError {
                     error: ConnectError {
                         remote: Some(conn.remote),
@@ -432,55 +603,89 @@ impl SmtpClient {
                         diagnostic,
                     },
                     session: true,
+                    tls_failed,
                 })
             }
         }
     }
 
-    /// Greeting, EHLO (HELO on 5xx), AUTH. `Ok(Err(reply))` is a refusal.
+    /// Greeting, EHLO (HELO on 5xx), STARTTLS and EHLO again, AUTH.
+    /// `Ok(Err(_))` is a refusal.
     async fn handshake(
         &mut self,
         settings: &ClientSettings,
-    ) -> Result<Result<(), Reply>, SessionError> {
+        req: &TlsRequirement,
+    ) -> Result<Result<(), Refusal>, SessionError> {
         let command = self.timeouts.command;
+        if req.implicit {
+            self.start_tls(settings, req).await?;
+        }
         self.stage = Stage::Greeting;
         let greeting = self.read_reply(command).await?;
         if greeting.code / 100 != 2 {
-            return Ok(Err(greeting));
+            return Ok(Err(Refusal::Reply(greeting)));
         }
-        self.stage = Stage::Ehlo;
-        let ehlo = self
-            .command(&format!("EHLO {}\r\n", settings.helo_name), command)
-            .await?;
-        if ehlo.code / 100 == 2 {
-            self.ext = Extensions::parse(&ehlo);
-        } else if ehlo.code >= 500 {
-            // An old server: plain SMTP, no extensions (RFC 5321 §3.2).
-            self.stage = Stage::Helo;
-            let helo = self
-                .command(&format!("HELO {}\r\n", settings.helo_name), command)
-                .await?;
-            if helo.code / 100 != 2 {
-                return Ok(Err(helo));
+        if let Err(refusal) = self.hello(settings).await? {
+            return Ok(Err(refusal));
+        }
+        if self.tls.is_none() && req.attempts_tls() && settings.tls.is_some() {
+            if self.ext.starttls {
+                // RFC 3207 §4: STARTTLS, 220, the handshake, then EHLO again;
+                // what the server said before counts no more.
+                self.stage = Stage::StartTls;
+                let reply = self.command("STARTTLS\r\n", command).await?;
+                if reply.code == 220 {
+                    if !self.rbuf.is_empty() {
+                        // Anything after the 220 came in clear, maybe
+                        // injected by a man in the middle (CVE-2011-0411).
+                        return Err(SessionError::Tls(
+                            "data after the STARTTLS reply, before the handshake".into(),
+                        ));
+                    }
+                    self.start_tls(settings, req).await?;
+                    if let Err(refusal) = self.hello(settings).await? {
+                        return Ok(Err(refusal));
+                    }
+                } else if req.requires_tls() {
+                    return Ok(Err(Refusal::Local(
+                        self.tls_missing(req, &format!("refused STARTTLS: {reply}")),
+                    )));
+                }
+            } else if req.requires_tls() {
+                return Ok(Err(Refusal::Local(
+                    self.tls_missing(req, "did not offer STARTTLS"),
+                )));
             }
-        } else {
-            return Ok(Err(ehlo));
         }
-        // STARTTLS would go here: when `self.ext.starttls` and TLS is
-        // configured, send STARTTLS, expect 220, run the handshake, then EHLO
-        // again and replace `self.ext` (RFC 3207 §4.2). AUTH must come after
-        // it so that credentials never cross the network in the clear.
+        if self.tls.is_none() && req.requires_tls() {
+            // STARTTLS unavailable on our side (no TLS configured).
+            return Ok(Err(Refusal::Local(self.tls_missing(
+                req,
+                "cannot be reached with TLS: outbound TLS is not set up",
+            ))));
+        }
         if let Some(auth) = &settings.auth {
             self.stage = Stage::Auth;
+            if self.tls.is_none() && !auth.allow_plaintext {
+                return Ok(Err(Refusal::Local(Diagnostic::local(
+                    "4.7.0",
+                    format!(
+                        "credentials are configured but the connection to {} is not \
+                         encrypted; AUTH is not sent in clear \
+                         (routing.smarthost_auth.allow_plaintext)",
+                        self.remote
+                    ),
+                ))));
+            }
             if !self.ext.auth_plain {
-                return Ok(Err(Reply::new(
+                return Ok(Err(Refusal::Reply(Reply::new(
                     454,
                     "4.7.0",
                     format!(
                         "{} does not offer AUTH PLAIN; credentials are configured",
                         self.remote
                     ),
-                )));
+                ))));
             }
             let mut token = Vec::with_capacity(auth.username.len() + auth.password.len() + 2);
             token.push(0);
@@ -500,11 +705,87 @@ impl SmtpClient {
                     reply.status = Some(Cow::Borrowed("4.7.0"));
                     reply.text = Cow::Owned(format!("authentication failed: {}", reply.text));
                 }
-                return Ok(Err(reply));
+                return Ok(Err(Refusal::Reply(reply)));
             }
         }
         debug!(extensions = ?self.ext, "session ready");
         Ok(Ok(()))
+    }
+
+    /// EHLO, or HELO after a 5xx to EHLO; sets the extensions.
+    async fn hello(
+        &mut self,
+        settings: &ClientSettings,
+    ) -> Result<Result<(), Refusal>, SessionError> {
+        let command = self.timeouts.command;
+        self.stage = Stage::Ehlo;
+        self.ext = Extensions::default();
+        let ehlo = self
+            .command(&format!("EHLO {}\r\n", settings.helo_name), command)
+            .await?;
+        if ehlo.code / 100 == 2 {
+            self.ext = Extensions::parse(&ehlo);
+        } else if ehlo.code >= 500 {
+            // An old server: plain SMTP, no extensions (RFC 5321 §3.2).
+            self.stage = Stage::Helo;
+            let helo = self
+                .command(&format!("HELO {}\r\n", settings.helo_name), command)
+                .await?;
+            if helo.code / 100 != 2 {
+                return Ok(Err(Refusal::Reply(helo)));
+            }
+        } else {
+            return Ok(Err(Refusal::Reply(ehlo)));
+        }
+        Ok(Ok(()))
+    }
+
+    /// Why a connection that must be encrypted cannot be: deferred, the
+    /// next exchanger tried.
+    fn tls_missing(&self, req: &TlsRequirement, what: &str) -> Diagnostic {
+        Diagnostic::local(
+            "4.7.4",
+            format!(
+                "TLS is required ({} {}) but {} {what}",
+                req.source, req.level, self.remote
+            ),
+        )
+    }
+
+    /// The TLS handshake on the TCP stream, under the command timeout.
+    async fn start_tls(
+        &mut self,
+        settings: &ClientSettings,
+        req: &TlsRequirement,
+    ) -> Result<(), SessionError> {
+        self.stage = Stage::TlsHandshake;
+        let tls = settings
+            .tls
+            .as_ref()
+            .ok_or_else(|| SessionError::Tls("outbound TLS is not set up".into()))?;
+        let config = tls
+            .client_config(req, &self.remote.host)
+            .map_err(SessionError::Tls)?;
+        let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Gone) else {
+            return Err(SessionError::Tls("TLS is already active".into()));
+        };
+        let name = server_name(&self.remote.host, self.remote.addr.ip());
+        let connector = TlsConnector::from(config);
+        let stream = tokio::time::timeout(self.timeouts.command, connector.connect(name, tcp))
+            .await
+            .map_err(|_| SessionError::Timeout)?
+            .map_err(|e| SessionError::Tls(e.to_string()))?;
+        self.tls = Some(TlsInfo::of(stream.get_ref().1, req.verifies()));
+        self.stream = Stream::Tls(Box::new(stream));
+        // RFC 3207 §4.2: forget what the server said before.
+        self.rbuf.clear();
+        self.replies = ReplyReceiver::new();
+        Ok(())
+    }
+
+    /// Protocol and cipher when the connection is encrypted.
+    pub fn tls(&self) -> Option<&TlsInfo> {
+        self.tls.as_ref()
     }
 
     /// Runs one mail transaction and returns one outcome per recipient, in
@@ -915,6 +1196,7 @@ impl OpenError {
                 diagnostic: Diagnostic::local(status, text),
             },
             session,
+            tls_failed: false,
         }
     }
 }

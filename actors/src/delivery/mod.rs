@@ -9,6 +9,12 @@
 //!   connect, send and QUIT in one call ([`SessionOutcome`]). Reply
 //!   parsing and EHLO keywords are the core's, without IO
 //!   (`postino_core::smtp::client`).
+//! - [`tls`]: outbound TLS: the [`TlsRequirement`] each exchanger must
+//!   meet (Postfix's security levels, decided per exchanger before
+//!   connecting, so MTA-STS and DANE can raise it or bring their own
+//!   certificate check) and the rustls client configurations
+//!   ([`OutboundTls`]); [`SmtpClient::connect_to`] takes [`Target`]s, an
+//!   exchanger each with its requirement.
 //! - [`attempt`]: one delivery attempt for one destination's recipients:
 //!   lookup (or the smarthost), a cached connection or a new one, batches of
 //!   `recipients_per_delivery`, and the per-recipient [`attempt::Outcome`]
@@ -27,11 +33,13 @@ pub mod actor;
 pub mod attempt;
 pub mod client;
 pub mod mx;
+pub mod tls;
 
 pub use client::{
     deliver, ClientSettings, ConnectError, Diagnostic, RcptOutcome, SessionOutcome, SmtpClient,
-    Timeouts, Transaction,
+    Target, Timeouts, Transaction,
 };
 pub use mx::{Exchanger, LookupError, MxResolver, ResolverError};
 pub use postino_core::smtp::client::Extensions;
 pub use postino_core::smtp::RemoteHost;
+pub use tls::{OutboundTls, TlsInfo, TlsLevel, TlsRequirement};

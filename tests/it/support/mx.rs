@@ -28,7 +28,7 @@ use super::{accepts_tcp, wait_until};
 /// every message, content first and each by rename, so a reader never sees
 /// half a message.
 const SINK_PY: &str = r#"
-import argparse, asyncio, itertools, json, logging, os, sys
+import argparse, asyncio, itertools, json, logging, os, ssl, sys
 from aiosmtpd.smtp import SMTP, AuthResult
 
 p = argparse.ArgumentParser()
@@ -40,6 +40,10 @@ p.add_argument("--hang", choices=["mail", "rcpt", "data"])
 p.add_argument("--size", type=int, default=0)
 p.add_argument("--auth")  # USER:PASSWORD
 p.add_argument("--smtputf8", action="store_true")
+p.add_argument("--tls-cert")  # offer STARTTLS with this PEM chain ...
+p.add_argument("--tls-key")   # ... and key
+p.add_argument("--tls-implicit", action="store_true")  # TLS from the first byte
+p.add_argument("--tls-broken", action="store_true")  # offer STARTTLS, fail every handshake
 args = p.parse_args()
 rcpt_replies = dict(r.split("=", 1) for r in args.rcpt)
 counter = itertools.count()
@@ -82,6 +86,7 @@ class Handler:
             "esmtp": session.extended_smtp,
             "peer": list(session.peer[:2]),
             "auth": session.auth_data.login.decode() if session.auth_data else None,
+            "tls": server.tls_active(),
         }
         write(n + ".json", json.dumps(meta).encode())
         return "250 2.0.0 Ok: queued as " + n
@@ -93,8 +98,42 @@ def authenticator(server, session, envelope, mechanism, auth_data):
     # it leaves the client waiting for a reply that never comes).
     return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
 
+def tls_context():
+    if not args.tls_cert:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    if args.tls_broken:
+        # No cipher the client can agree to: the handshake always fails.
+        ctx.maximum_version = ssl.TLSVersion.TLSv1
+        ctx.set_ciphers("NULL")
+    return ctx
+
+class Recording(SMTP):
+    """Appends "COMMAND tls=0|1 peer=PORT" to commands.log for the commands
+    that matter to TLS: what crossed the network in clear."""
+    def tls_active(self):
+        return bool(self._tls_protocol is not None
+                    or self.transport.get_extra_info("ssl_object") is not None)
+    def note(self, cmd):
+        with open(os.path.join(args.dir, "..", "commands.log"), "a") as f:
+            f.write("%s tls=%d peer=%d\n" % (cmd, self.tls_active(), self.session.peer[1]))
+    async def smtp_EHLO(self, arg):
+        self.note("EHLO")
+        return await super().smtp_EHLO(arg)
+    async def smtp_STARTTLS(self, arg):
+        self.note("STARTTLS")
+        return await super().smtp_STARTTLS(arg)
+    async def smtp_AUTH(self, arg):
+        self.note("AUTH")
+        return await super().smtp_AUTH(arg)
+    async def smtp_MAIL(self, arg):
+        self.note("MAIL")
+        return await super().smtp_MAIL(arg)
+
 async def main():
     loop = asyncio.get_running_loop()
+    ctx = tls_context()
     def factory():
         kw = {}
         if args.auth:
@@ -102,8 +141,11 @@ async def main():
                       auth_exclude_mechanism=["LOGIN"])
         if args.size:
             kw["data_size_limit"] = args.size
-        return SMTP(Handler(), hostname="mx.test", enable_SMTPUTF8=args.smtputf8, **kw)
-    server = await loop.create_server(factory, args.host, args.port)
+        if ctx is not None and not args.tls_implicit:
+            kw["tls_context"] = ctx
+        return Recording(Handler(), hostname="mx.test", enable_SMTPUTF8=args.smtputf8, **kw)
+    implicit = ctx if args.tls_implicit else None
+    server = await loop.create_server(factory, args.host, args.port, ssl=implicit)
     async with server:
         await server.serve_forever()
 
@@ -124,6 +166,12 @@ pub struct SinkOptions {
     /// Offer AUTH PLAIN and accept only this user and password.
     pub auth: Option<(String, String)>,
     pub smtputf8: bool,
+    /// `(cert, key)` PEM files: offer STARTTLS with them.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// With `tls`: TLS from the first byte (port 465 style), no STARTTLS.
+    pub tls_implicit: bool,
+    /// With `tls`: offer STARTTLS but fail every handshake.
+    pub tls_broken: bool,
 }
 
 /// One message as the sink received it.
@@ -138,8 +186,22 @@ pub struct Received {
     /// Client address and port: equal for messages of one connection.
     pub peer: (String, u16),
     pub auth: Option<String>,
+    /// The message came over TLS.
+    #[serde(default)]
+    pub tls: bool,
     #[serde(skip)]
     pub content: Vec<u8>,
+}
+
+/// One command as a [`Sink`] recorded it ([`Sink::commands`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmtpCommand {
+    /// `EHLO`, `STARTTLS`, `AUTH` or `MAIL`.
+    pub verb: String,
+    /// Whether it came over TLS.
+    pub tls: bool,
+    /// The client's port: equal for the commands of one connection.
+    pub peer: u16,
 }
 
 /// A running aiosmtpd; killed on drop.
@@ -185,6 +247,16 @@ impl Sink {
         if options.smtputf8 {
             cmd.arg("--smtputf8");
         }
+        if let Some((cert, key)) = &options.tls {
+            cmd.arg(format!("--tls-cert={}", cert.display()))
+                .arg(format!("--tls-key={}", key.display()));
+            if options.tls_implicit {
+                cmd.arg("--tls-implicit");
+            }
+            if options.tls_broken {
+                cmd.arg("--tls-broken");
+            }
+        }
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -202,6 +274,26 @@ impl Sink {
             panic!("aiosmtpd on {addr} did not start:\n{log}");
         }
         Sink { child, addr, dir }
+    }
+
+    /// The EHLO, STARTTLS, AUTH and MAIL commands received so far, in
+    /// order, each recorded before it is answered.
+    pub fn commands(&self) -> Vec<SmtpCommand> {
+        let text =
+            std::fs::read_to_string(self.dir.path().join("commands.log")).unwrap_or_default();
+        text.lines()
+            .map(|line| {
+                let mut parts = line.split(' ');
+                let verb = parts.next().unwrap_or_default().to_owned();
+                let tls = parts.next() == Some("tls=1");
+                let peer = parts
+                    .next()
+                    .and_then(|p| p.strip_prefix("peer="))
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(0);
+                SmtpCommand { verb, tls, peer }
+            })
+            .collect()
     }
 
     fn spool(&self) -> PathBuf {
