@@ -335,21 +335,56 @@ fn smtp_session(c: &mut Criterion) {
         assert!(out.contains("250 2.0.0 Ok: queued as"), "{out}");
         assert!(out.ends_with("221 2.0.0 Bye\r\n"), "{out}");
     }
+    // The same message as a CHUNKING client sends it: one `BDAT n LAST`
+    // chunk, the content as is (no dot-stuffing, no end marker to find).
+    let content = {
+        let mut r = DataReceiver::new(MAX_MESSAGE, BareLf::Normalize);
+        let mut buf = BytesMut::from(&dot_stuffed_message(1024)[..]);
+        assert!(r.ingest(&mut buf));
+        r.finish().expect("accepted")
+    };
+    let mut bdat_input = format!(
+        "EHLO client.example.org\r\n\
+        MAIL FROM:<sender@example.org> SIZE={n} BODY=8BITMIME\r\n\
+        RCPT TO:<user00042@example.test>\r\n\
+        BDAT {n} LAST\r\n",
+        n = content.len()
+    )
+    .into_bytes();
+    bdat_input.extend_from_slice(&content);
+    bdat_input.extend_from_slice(b"QUIT\r\n");
+    {
+        let mut out = Vec::new();
+        let n = smtp_connection(
+            &config,
+            &mut BytesMut::from(&bdat_input[..]),
+            &mut out,
+            MessageId(1),
+        );
+        let out = String::from_utf8(out).expect("ASCII replies");
+        assert_eq!(n, 1, "{out}");
+        assert!(out.ends_with("221 2.0.0 Bye\r\n"), "{out}");
+    }
     let mut group = c.benchmark_group("smtp/session");
     group.throughput(Throughput::Elements(1));
-    group.bench_function("transaction_1KiB", |b| {
-        let mut out = Vec::with_capacity(4096);
-        let mut id = 0;
-        b.iter_batched(
-            || BytesMut::from(&input[..]),
-            |mut buf| {
-                out.clear();
-                id += 1;
-                smtp_connection(&config, &mut buf, &mut out, MessageId(id))
-            },
-            BatchSize::SmallInput,
-        )
-    });
+    for (name, input) in [
+        ("transaction_1KiB", &input),
+        ("transaction_1KiB_bdat", &bdat_input),
+    ] {
+        group.bench_function(name, |b| {
+            let mut out = Vec::with_capacity(4096);
+            let mut id = 0;
+            b.iter_batched(
+                || BytesMut::from(&input[..]),
+                |mut buf| {
+                    out.clear();
+                    id += 1;
+                    smtp_connection(&config, &mut buf, &mut out, MessageId(id))
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
     group.finish();
 }
 

@@ -556,6 +556,10 @@ pub struct DeliveryConfig {
     /// Most recipients sent in one SMTP transaction.
     #[serde(default = "default_recipients_per_delivery")]
     pub recipients_per_delivery: usize,
+    /// Send with `BDAT` (RFC 3030) when the next hop offers CHUNKING; false
+    /// always sends DATA (Postfix: `smtp_discard_ehlo_keywords = chunking`).
+    #[serde(default = "default_true")]
+    pub chunking: bool,
     /// Send a delay warning to the sender once a message has waited this long.
     #[serde(default, with = "humantime_serde")]
     pub delay_warning: Option<Duration>,

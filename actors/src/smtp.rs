@@ -259,7 +259,7 @@ impl SmtpConnection {
         if !ok
             && matches!(
                 COMMANDS[current.command],
-                "helo" | "ehlo" | "mail" | "rcpt" | "data"
+                "helo" | "ehlo" | "mail" | "rcpt" | "data" | "bdat"
             )
         {
             postino_core::metrics::message_rejected(reply.code, reply.status.as_deref());
@@ -658,6 +658,8 @@ impl SmtpConnection {
             // No minimum rate: each read may idle for the timeout.
             Some(_) => base,
             None => {
+                // Between BDAT chunks: the next chunk gets its own clock.
+                self.data_started = None;
                 let deadline = *self.deadline.get_or_insert_with(|| Instant::now() + base);
                 deadline
                     .saturating_duration_since(Instant::now())

@@ -1,9 +1,11 @@
 //! The SMTP session driven as the connection actor drives it: a byte stream
-//! in fragments into [`Session::ingest`] (which frames lines, SASL responses
-//! and DATA itself), with a toy router and password check, under
-//! configurations picked by the input.
+//! in fragments into [`Session::ingest`] (which frames lines, SASL responses,
+//! DATA and BDAT chunks itself), with a toy router and password check, under
+//! configurations picked by the input. Seeds in `seeds/smtp_session/` start
+//! it off with whole DATA and BDAT transactions.
 //! Invariants: no panic; every reply is well formed; accepted content starts
-//! with our `Received:` header and, under `Normalize`, has no bare CR or LF.
+//! with our `Received:` header, ends with CRLF (whether it came by DATA or
+//! BDAT) and, under `Normalize`, has no bare CR or LF.
 
 #![no_main]
 
@@ -126,6 +128,7 @@ fuzz_target!(|data: &[u8]| {
                 }
                 Step::Message(a) => {
                     assert!(a.content.starts_with(b"Received: from "));
+                    assert!(a.content.ends_with(b"\r\n"), "{:?}", a.content);
                     if bare_lf == BareLf::Normalize {
                         assert!(only_crlf(&a.content), "{:?}", a.content);
                     }

@@ -2,7 +2,7 @@
 //! what a server sends ([`ReplyReceiver`]), the extensions of an EHLO reply
 //! ([`Extensions`]), enhanced status codes ([`split_status`],
 //! [`enhanced_status`]) and message content as it goes on the wire
-//! ([`encode_content`]).
+//! ([`encode_content`] after DATA, [`encode_chunk`] after BDAT).
 //!
 //! The outbound delivery client and the load harness both read replies
 //! with this; neither trusts the server, so the receiver bounds what it
@@ -252,6 +252,8 @@ pub struct Extensions {
     pub eight_bit_mime: bool,
     /// `SMTPUTF8` (RFC 6531): UTF-8 addresses allowed.
     pub smtputf8: bool,
+    /// `CHUNKING` (RFC 3030): the message may be sent with `BDAT`.
+    pub chunking: bool,
     /// `STARTTLS` (RFC 3207).
     pub starttls: bool,
     /// `ENHANCEDSTATUSCODES` (RFC 2034): replies carry `x.y.z` codes.
@@ -283,6 +285,7 @@ impl Extensions {
                 "8BITMIME" => ext.eight_bit_mime = true,
                 "SMTPUTF8" => ext.smtputf8 = true,
                 "DSN" => ext.dsn = true,
+                "CHUNKING" => ext.chunking = true,
                 "STARTTLS" => ext.starttls = true,
                 "ENHANCEDSTATUSCODES" => ext.enhanced_status_codes = true,
                 // `AUTH=PLAIN LOGIN` is the pre-standard form some servers
@@ -329,6 +332,36 @@ pub fn encode_content(content: &[u8]) -> Vec<u8> {
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b".\r\n");
+    out
+}
+
+/// Message content as it goes on the wire in one `BDAT … LAST` chunk (RFC
+/// 3030): every line end made CRLF as [`encode_content`] does, the last
+/// line ended, but no dot-stuffing and no end marker: the chunk's size
+/// says where it ends.
+pub fn encode_chunk(content: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(content.len() + content.len() / 64 + 2);
+    let mut i = 0;
+    while i < content.len() {
+        match memchr::memchr2(b'\r', b'\n', &content[i..]) {
+            None => {
+                out.extend_from_slice(&content[i..]);
+                break;
+            }
+            Some(j) => {
+                let end = i + j;
+                out.extend_from_slice(&content[i..end]);
+                out.extend_from_slice(b"\r\n");
+                i = end + 1;
+                if content[end] == b'\r' && content.get(i) == Some(&b'\n') {
+                    i += 1;
+                }
+            }
+        }
+    }
+    if !out.is_empty() && !out.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
     out
 }
 
@@ -592,11 +625,36 @@ mod tests {
     }
 
     #[test]
+    fn chunk_encoding() {
+        let cases: &[(&[u8], &[u8])] = &[
+            (b"", b""),
+            (b"a\r\n", b"a\r\n"),
+            (b"a", b"a\r\n"),
+            // No dot-stuffing, no end marker.
+            (b".\r\n", b".\r\n"),
+            (b"a\r\n.b\r\n..c\r\n", b"a\r\n.b\r\n..c\r\n"),
+            (b"a\nb\n", b"a\r\nb\r\n"),
+            (b"a\rb", b"a\r\nb\r\n"),
+            (b"a\r\r\nb", b"a\r\n\r\nb\r\n"),
+            (b"a\r", b"a\r\n"),
+            (b"caf\xc3\xa9\r\n", b"caf\xc3\xa9\r\n"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(
+                encode_chunk(input),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+    }
+
+    #[test]
     fn ehlo_keywords() {
         let reply = r(
             250,
             None,
-            "mx.test greets you\npipelining\nSIZE 10240000\n8BITMIME\nAUTH LOGIN PLAIN\nSTARTTLS\nENHANCEDSTATUSCODES\nSMTPUTF8\nDSN",
+            "mx.test greets you\npipelining\nSIZE 10240000\n8BITMIME\nAUTH LOGIN PLAIN\nSTARTTLS\nENHANCEDSTATUSCODES\nSMTPUTF8\nDSN\nChunking",
         );
         let ext = Extensions::parse(&reply);
         assert_eq!(
@@ -607,6 +665,7 @@ mod tests {
                 size_limit: Some(10_240_000),
                 eight_bit_mime: true,
                 smtputf8: true,
+                chunking: true,
                 starttls: true,
                 enhanced_status_codes: true,
                 auth_plain: true,

@@ -1,8 +1,9 @@
 //! SMTP framing without IO: command lines out of a byte buffer
-//! ([`LineReceiver`]), and DATA content up to `<CR><LF>.<CR><LF>`
-//! ([`DataReceiver`]), with bounded memory and no SMTP smuggling.
+//! ([`LineReceiver`]), DATA content up to `<CR><LF>.<CR><LF>`
+//! ([`DataReceiver`]), and BDAT chunks of an exact octet count
+//! ([`ChunkReceiver`], RFC 3030), with bounded memory and no SMTP smuggling.
 //!
-//! Both receivers take a `BytesMut` the caller reads into, consume what they
+//! The receivers take a `BytesMut` the caller reads into, consume what they
 //! can and leave the rest: whatever follows a line or the end of data is the
 //! next pipelined command. Neither buffers more than its limit: an overlong
 //! line or message is drained and reported once its end is seen.
@@ -354,6 +355,219 @@ impl DataReceiver {
             }
         }
         self.state = State::LineStart { proper: false };
+    }
+}
+
+/// Receives the content of one message sent in `BDAT` chunks (RFC 3030).
+///
+/// The session announces each chunk with [`chunk`](Self::chunk); then
+/// [`ingest`](Self::ingest) takes exactly that many octets, however they
+/// were split across reads, and leaves whatever follows (the next pipelined
+/// command). Nothing is unstuffed and nothing in the content ends it.
+///
+/// CHUNKING is offered without BINARYMIME, so the content is text: line
+/// endings are handled as [`DataReceiver`] does (a bare CR or LF becomes
+/// CRLF under [`BareLf::Normalize`], refuses the message under
+/// [`BareLf::Reject`]), a CRLF split between two chunks is still one line
+/// ending, and a last line without its CRLF gets one. The content then has
+/// the same form as after DATA, for the store, POP3 sizes and relaying.
+///
+/// Content over `max_size` (counted as stored) is drained, not stored, and
+/// reported by [`refused`](Self::refused) once its chunk is complete; a
+/// chunk announced larger than the room left is known too big at once.
+#[derive(Debug)]
+pub struct ChunkReceiver {
+    max_size: u64,
+    bare_lf: BareLf,
+    content: Vec<u8>,
+    /// Octets of the current chunk still to come.
+    remaining: u64,
+    /// Octets of the current chunk taken so far.
+    chunk_received: u64,
+    /// Octets of all chunks taken so far, as sent.
+    total_received: u64,
+    /// The last octet taken was a CR: the next one (perhaps in the next
+    /// chunk) decides whether it was a line ending.
+    cr: bool,
+    too_big: bool,
+    bare_seen: bool,
+}
+
+impl ChunkReceiver {
+    /// A receiver for one message of at most `max_size` octets, with this
+    /// bare-LF policy. A receiver with `max_size` 0 drains whatever chunk it
+    /// is given (for a chunk the session refuses anyway).
+    pub fn new(max_size: u64, bare_lf: BareLf) -> Self {
+        ChunkReceiver {
+            max_size,
+            bare_lf,
+            content: Vec::new(),
+            remaining: 0,
+            chunk_received: 0,
+            total_received: 0,
+            cr: false,
+            too_big: false,
+            bare_seen: false,
+        }
+    }
+
+    /// Starts a chunk of `size` octets (`BDAT size`).
+    pub fn chunk(&mut self, size: u64) {
+        self.remaining = size;
+        self.chunk_received = 0;
+        if !self.discarding() && self.content.len() as u64 + size > self.max_size {
+            // Stored content is never less than what came in (line
+            // endings only grow), so this chunk cannot fit: drain it.
+            self.refuse_size();
+        }
+    }
+
+    /// Takes what it can of the current chunk from the front of `buf`.
+    /// Returns true once the whole chunk was taken (at once for `BDAT 0`);
+    /// bytes after it stay in `buf`.
+    pub fn ingest(&mut self, buf: &mut BytesMut) -> bool {
+        let n = usize::try_from(self.remaining)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        if n > 0 {
+            self.take(&buf[..n]);
+            buf.advance(n);
+            self.remaining -= n as u64;
+            self.chunk_received += n as u64;
+            self.total_received += n as u64;
+        }
+        self.remaining == 0
+    }
+
+    /// Octets of the current chunk taken so far, for the minimum data rate.
+    pub fn received(&self) -> u64 {
+        self.chunk_received
+    }
+
+    /// Octets of all chunks taken so far, as sent (for the reply to a
+    /// chunk).
+    pub fn total_received(&self) -> u64 {
+        self.total_received
+    }
+
+    /// Octets stored so far.
+    pub fn len(&self) -> usize {
+        self.content.len()
+    }
+
+    /// Whether nothing is stored so far.
+    pub fn is_empty(&self) -> bool {
+        self.content.is_empty()
+    }
+
+    /// Why the message can no longer be accepted, once known:
+    /// [`DataError::BareLineEnding`] in preference to
+    /// [`DataError::TooBig`], as [`DataReceiver::finish`] reports them.
+    pub fn refused(&self) -> Option<DataError> {
+        if self.bare_seen {
+            Some(DataError::BareLineEnding)
+        } else if self.too_big {
+            Some(DataError::TooBig)
+        } else {
+            None
+        }
+    }
+
+    /// The content after the last chunk: CRLF line endings, the last line
+    /// ended.
+    ///
+    /// # Errors
+    ///
+    /// What [`refused`](Self::refused) says, including for a bare CR at
+    /// the very end.
+    pub fn finish(mut self) -> Result<Vec<u8>, DataError> {
+        debug_assert_eq!(self.remaining, 0, "finish() inside a chunk");
+        if std::mem::take(&mut self.cr) {
+            self.bare_ending();
+        }
+        if !self.content.is_empty() && !self.content.ends_with(b"\r\n") {
+            self.store(b"\r\n");
+        }
+        match self.refused() {
+            Some(e) => Err(e),
+            None => Ok(self.content),
+        }
+    }
+
+    fn discarding(&self) -> bool {
+        self.too_big || self.bare_seen
+    }
+
+    fn refuse_size(&mut self) {
+        self.too_big = true;
+        self.cr = false;
+        self.content = Vec::new();
+    }
+
+    /// Stores octets of the content, making every line ending CRLF.
+    fn take(&mut self, data: &[u8]) {
+        if self.discarding() {
+            return;
+        }
+        // Sized from what arrived, not from what the chunk announced: a
+        // client announcing a large chunk and sending nothing costs nothing.
+        self.content.reserve(data.len());
+        let mut i = 0;
+        if std::mem::take(&mut self.cr) {
+            if data[0] == b'\n' {
+                self.store(b"\r\n");
+                i = 1;
+            } else {
+                self.bare_ending();
+            }
+        }
+        while i < data.len() && !self.discarding() {
+            let Some(j) = memchr::memchr2(b'\r', b'\n', &data[i..]) else {
+                self.store(&data[i..]);
+                break;
+            };
+            let end = i + j;
+            if data[end] == b'\n' {
+                self.store(&data[i..end]);
+                self.bare_ending();
+                i = end + 1;
+            } else if end + 1 == data.len() {
+                // A CR at the end of what arrived: wait for the next octet.
+                self.store(&data[i..end]);
+                self.cr = true;
+                i = end + 1;
+            } else if data[end + 1] == b'\n' {
+                self.store(&data[i..end + 2]);
+                i = end + 2;
+            } else {
+                self.store(&data[i..end]);
+                self.bare_ending();
+                i = end + 1;
+            }
+        }
+    }
+
+    fn store(&mut self, bytes: &[u8]) {
+        if self.discarding() {
+            return;
+        }
+        if self.content.len() as u64 + bytes.len() as u64 > self.max_size {
+            self.refuse_size();
+            return;
+        }
+        self.content.extend_from_slice(bytes);
+    }
+
+    /// A CR or LF that is not part of a CRLF pair.
+    fn bare_ending(&mut self) {
+        match self.bare_lf {
+            BareLf::Normalize => self.store(b"\r\n"),
+            BareLf::Reject => {
+                self.bare_seen = true;
+                self.cr = false;
+                self.content = Vec::new();
+            }
+        }
     }
 }
 
@@ -721,5 +935,138 @@ mod tests {
         );
         assert_eq!(LineError::BareLineEnding.reply().code, 550);
         assert_eq!(DataError::BareLineEnding.reply().code, 550);
+    }
+
+    /// Feeds a message as BDAT chunks of the given octets, each chunk's
+    /// octets cut by `split`, with `QUIT` (the next pipelined command)
+    /// after the last one; returns the result and what was left.
+    fn run_chunks(
+        max: u64,
+        policy: BareLf,
+        chunks: &[&[u8]],
+        split: impl Fn(&[u8]) -> Vec<Vec<u8>>,
+    ) -> (Result<Vec<u8>, DataError>, Vec<u8>) {
+        let mut rx = ChunkReceiver::new(max, policy);
+        let mut buf = BytesMut::new();
+        for (n, chunk) in chunks.iter().enumerate() {
+            rx.chunk(chunk.len() as u64);
+            let mut wire = chunk.to_vec();
+            if n + 1 == chunks.len() {
+                wire.extend_from_slice(b"QUIT\r\n");
+            }
+            let mut done = rx.ingest(&mut buf);
+            for piece in split(&wire) {
+                buf.extend_from_slice(&piece);
+                if !done {
+                    done = rx.ingest(&mut buf);
+                }
+            }
+            assert!(done, "chunk {n} complete");
+            assert_eq!(rx.received(), chunk.len() as u64);
+            if n + 1 < chunks.len() {
+                assert!(buf.is_empty(), "chunk {n}: exactly its octets taken");
+            }
+        }
+        (rx.finish(), buf.to_vec())
+    }
+
+    #[test]
+    fn chunk_table() {
+        use BareLf::{Normalize, Reject};
+        type Case<'a> = (u64, BareLf, &'a [&'a [u8]], Result<&'a [u8], DataError>);
+        let cases: &[Case] = &[
+            // No dot-unstuffing, no end marker inside a chunk.
+            (100, Normalize, &[b"..a\r\n.\r\n"], Ok(b"..a\r\n.\r\n")),
+            // A CRLF split across two chunks is one line ending.
+            (100, Normalize, &[b"a\r", b"\nb\r\n"], Ok(b"a\r\nb\r\n")),
+            // A last line without CRLF gets one; empty stays empty.
+            (100, Normalize, &[b"a", b"b"], Ok(b"ab\r\n")),
+            (100, Normalize, &[b""], Ok(b"")),
+            (100, Normalize, &[b"a\r\n", b""], Ok(b"a\r\n")),
+            // Bare endings, as after DATA.
+            (100, Normalize, &[b"a\nb\rc\r"], Ok(b"a\r\nb\r\nc\r\n")),
+            (100, Normalize, &[b"a\r", b"b"], Ok(b"a\r\nb\r\n")),
+            (100, Reject, &[b"a\nb\r\n"], Err(DataError::BareLineEnding)),
+            (
+                100,
+                Reject,
+                &[b"a\r", b"b\r\n"],
+                Err(DataError::BareLineEnding),
+            ),
+            (
+                100,
+                Reject,
+                &[b"a\r\n", b"b\r"],
+                Err(DataError::BareLineEnding),
+            ),
+            // Size over all chunks, counted as stored.
+            (4, Normalize, &[b"ab\r\n"], Ok(b"ab\r\n")),
+            (4, Normalize, &[b"ab", b"\r\n"], Ok(b"ab\r\n")),
+            (4, Normalize, &[b"ab\r\n", b"c"], Err(DataError::TooBig)),
+            (4, Normalize, &[b"abc"], Err(DataError::TooBig)),
+            (4, Normalize, &[b"ab\n\n"], Err(DataError::TooBig)),
+            // Once too big, the rest is drained unexamined (DATA has to
+            // scan it for its end anyway; a chunk does not).
+            (4, Reject, &[b"abcdef\n"], Err(DataError::TooBig)),
+            (
+                4,
+                Reject,
+                &[b"a\n", b"bcdef"],
+                Err(DataError::BareLineEnding),
+            ),
+            (0, Normalize, &[b"x"], Err(DataError::TooBig)),
+        ];
+        for &(max, policy, chunks, want) in cases {
+            let want = want.map(<[u8]>::to_vec);
+            let all: Vec<u8> = chunks.concat();
+            for parts in splits(&[all.as_slice(), b"QUIT\r\n"].concat()) {
+                // The same split points, applied within each chunk's wire.
+                let sizes: Vec<usize> = parts.iter().map(|p| p.len()).collect();
+                let split = |wire: &[u8]| {
+                    let mut out = Vec::new();
+                    let mut rest = wire;
+                    for &n in sizes.iter().cycle() {
+                        if rest.is_empty() {
+                            break;
+                        }
+                        let n = n.min(rest.len());
+                        out.push(rest[..n].to_vec());
+                        rest = &rest[n..];
+                    }
+                    out
+                };
+                let (got, left) = run_chunks(max, policy, chunks, split);
+                assert_eq!(got, want, "{chunks:?} max {max} {policy:?}");
+                assert_eq!(left, b"QUIT\r\n", "{chunks:?}: the next command is left");
+            }
+        }
+    }
+
+    #[test]
+    fn announced_chunk_is_not_reserved() {
+        let mut rx = ChunkReceiver::new(u64::MAX, BareLf::Normalize);
+        rx.chunk(1 << 40);
+        let mut buf = BytesMut::from(&b"abc"[..]);
+        assert!(!rx.ingest(&mut buf));
+        assert!(rx.content.capacity() < 1 << 20);
+        assert_eq!(rx.received(), 3);
+        assert_eq!(rx.refused(), None);
+    }
+
+    #[test]
+    fn oversized_chunk_is_drained_not_stored() {
+        let mut rx = ChunkReceiver::new(10, BareLf::Normalize);
+        rx.chunk(1000 * 1000);
+        assert_eq!(rx.refused(), Some(DataError::TooBig));
+        for _ in 0..1000 {
+            let mut buf = BytesMut::from(&[b'x'; 1000][..]);
+            rx.ingest(&mut buf);
+            assert!(buf.is_empty());
+            assert_eq!(rx.len(), 0);
+        }
+        let mut buf = BytesMut::from(&b"RSET\r\n"[..]);
+        assert!(rx.ingest(&mut buf));
+        assert_eq!(&buf[..], b"RSET\r\n");
+        assert_eq!(rx.finish(), Err(DataError::TooBig));
     }
 }

@@ -2,8 +2,9 @@
 //! 6409): commands in, replies and requests for the caller out. No IO.
 //!
 //! The session owns its receiving mode: command lines ([`LineReceiver`]),
-//! SASL responses after a `334`, and message content after a `354`
-//! ([`DataReceiver`]). The caller reads bytes into one buffer and calls
+//! SASL responses after a `334`, message content after a `354`
+//! ([`DataReceiver`]), and the octets of a `BDAT` chunk (RFC 3030,
+//! [`ChunkReceiver`]). The caller reads bytes into one buffer and calls
 //! [`Session::ingest`] until it answers [`Step::Read`]; every other answer is
 //! one [`Step`]: send a reply (perhaps after a delay), ask the router where a
 //! recipient goes, verify credentials, start TLS, take a finished message, or
@@ -23,7 +24,7 @@ use crate::esmtp::{EnvelopeParams, RecipientParams};
 use crate::logsafe::Secret;
 use crate::message::{MessageId, RoutedRecipient};
 use crate::routing::Route;
-use crate::smtp::receiver::{DataError, DataReceiver, LineError, LineReceiver};
+use crate::smtp::receiver::{ChunkReceiver, DataError, DataReceiver, LineError, LineReceiver};
 use crate::smtp::request::{MailParams, RcptParams, Request, RequestError};
 use crate::smtp::Reply;
 
@@ -70,9 +71,9 @@ pub struct Peer {
 /// leaves the password out.
 #[must_use]
 pub enum Step {
-    /// No complete command (or, during DATA, not the end of the content) is
-    /// buffered: flush the replies, read more input, call
-    /// [`Session::ingest`] again.
+    /// No complete command (or, during DATA, not the end of the content;
+    /// after BDAT, not the rest of the chunk) is buffered: flush the
+    /// replies, read more input, call [`Session::ingest`] again.
     Read,
     /// A command line was taken from the buffer, about to be carried out:
     /// count or log it, then call [`Session::ingest`] again, which answers
@@ -98,8 +99,9 @@ pub enum Step {
     /// Send this `220` reply, discard any input buffered so far, run the TLS
     /// handshake, then call [`Session::tls_started`].
     StartTls(Reply),
-    /// The content after DATA is complete: allocate the message's queue id
-    /// and call [`Session::data_done`] (or [`Session::id_unavailable`]).
+    /// The content after DATA, or the last `BDAT` chunk, is complete:
+    /// allocate the message's queue id and call [`Session::data_done`] (or
+    /// [`Session::id_unavailable`]).
     EndOfData,
     /// The message is accepted for storage: store it durably, then send
     /// [`Session::accepted`]'s reply (or [`Session::storage_failed`]'s) and
@@ -239,6 +241,35 @@ struct Transaction {
     rcpt_commands: usize,
     /// The recipient whose routing decision is awaited, and its parameters.
     pending: Option<(Address, RcptParams)>,
+    /// The content of the `BDAT` chunks taken so far (RFC 3030), between
+    /// chunks; `None` before the first.
+    chunks: Option<ChunkReceiver>,
+    /// A `BDAT` chunk of this transaction was refused with this reply: the
+    /// transaction has failed, and chunks the client had already pipelined
+    /// are drained and get the same reply, until the one marked `LAST`
+    /// ends the transaction (RFC 3030 §2).
+    chunks_failed: Option<Reply>,
+}
+
+/// A `BDAT` chunk being received: its octets are read instead of lines.
+#[derive(Debug)]
+struct Chunk {
+    /// The transaction's content, or a receiver that drains a refused chunk.
+    rx: ChunkReceiver,
+    last: bool,
+    end: ChunkEnd,
+}
+
+/// What the session does once a chunk's octets are all in.
+#[derive(Debug)]
+enum ChunkEnd {
+    /// Keep the content: `250`, or at `LAST` the end of the message.
+    Keep,
+    /// Refuse the chunk with this error reply (counted as an error).
+    Refuse(Reply),
+    /// The transaction failed at an earlier chunk: this reply again, not
+    /// counted again.
+    Failed(Reply),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -281,6 +312,8 @@ pub struct Session {
     lines: LineReceiver,
     /// After a `354`: receives the content instead of lines.
     data: Option<DataReceiver>,
+    /// After a `BDAT` command: receives that chunk's octets instead of lines.
+    chunk: Option<Chunk>,
     /// Content received to its end, waiting for its queue id.
     finished: Option<Result<Vec<u8>, DataError>>,
     /// A command announced but not answered yet.
@@ -316,6 +349,7 @@ impl Session {
             storage_low: false,
             lines,
             data: None,
+            chunk: None,
             finished: None,
             pending: None,
             closing: None,
@@ -333,10 +367,20 @@ impl Session {
             return Step::Close(close);
         }
         if let Some(pending) = self.pending.take() {
-            return match pending {
-                Pending::Request(request) => self.command(request),
-                Pending::Bad(reply) => self.error(reply),
-            };
+            match pending {
+                // BDAT goes on with the chunk's octets, already buffered
+                // behind the command line or still to come.
+                Pending::Request(Request::Bdat { size, last }) => self.bdat(size, last),
+                Pending::Request(request) => return self.command(request),
+                Pending::Bad(reply) => return self.error(reply),
+            }
+        }
+        if let Some(chunk) = &mut self.chunk {
+            if !chunk.rx.ingest(buf) {
+                return Step::Read;
+            }
+            let chunk = self.chunk.take().expect("checked above");
+            return self.chunk_done(chunk);
         }
         if let Some(data) = &mut self.data {
             if !data.ingest(buf) {
@@ -415,10 +459,15 @@ impl Session {
         )
     }
 
-    /// While content after DATA is being received: the octets taken so
-    /// far (for the caller's minimum data rate); `None` otherwise.
+    /// While content after DATA, or a BDAT chunk, is being received: the
+    /// octets of it taken so far (for the caller's minimum data rate, which
+    /// so applies to each chunk); `None` otherwise.
     pub fn data_received(&self) -> Option<u64> {
-        self.data.as_ref().map(DataReceiver::received)
+        match (&self.data, &self.chunk) {
+            (Some(data), _) => Some(data.received()),
+            (None, Some(chunk)) => Some(chunk.rx.received()),
+            (None, None) => None,
+        }
     }
 
     /// Whether the session is inside a transaction (for the idle timeout
@@ -514,7 +563,7 @@ impl Session {
             Request::Help => self.reply(Reply::new(
                 214,
                 "2.0.0",
-                "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY STARTTLS AUTH",
+                "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY STARTTLS AUTH",
             )),
             Request::Vrfy(_) => {
                 self.reply(Reply::new(252, "2.0.0", "Send some mail, I'll try my best"))
@@ -522,8 +571,11 @@ impl Session {
             Request::Expn(_) => self.error(Reply::new(502, "5.5.1", "EXPN not available")),
             Request::StartTls => self.starttls(),
             Request::Auth { mechanism, initial } => self.auth(mechanism, initial),
-            Request::Bdat { .. } => {
-                self.error(Reply::new(502, "5.5.1", "Error: CHUNKING not supported"))
+            // `ingest` takes BDAT itself and reads the chunk at once; were
+            // it to come here, the chunk is read at the next `ingest`.
+            Request::Bdat { size, last } => {
+                self.bdat(size, last);
+                Step::Read
             }
             Request::Unknown(_) => {
                 self.error(Reply::new(502, "5.5.2", "Error: command not recognized"))
@@ -553,6 +605,9 @@ impl Session {
             text.push_str("\nAUTH PLAIN LOGIN");
         }
         text.push_str("\nENHANCEDSTATUSCODES\n8BITMIME\nDSN\nSMTPUTF8");
+        // RFC 3030 BDAT; not BINARYMIME: chunk content is text, its line
+        // endings made CRLF like DATA's (`ChunkReceiver`).
+        text.push_str("\nCHUNKING");
         self.reply(Reply::plain(250, text))
     }
 
@@ -637,6 +692,10 @@ impl Session {
         let Some(tx) = &mut self.tx else {
             return self.error(Reply::new(503, "5.5.1", "Error: need MAIL command"));
         };
+        if tx.chunks.is_some() || tx.chunks_failed.is_some() {
+            // The content has started: the recipients are settled.
+            return self.error(Reply::new(503, "5.5.1", "Error: RCPT after BDAT"));
+        }
         if tx.rcpt_commands >= self.config.max_recipients {
             // Not counted as an error: clients are expected to send the rest later.
             return self.reply(Reply::new(452, "4.5.3", "Error: too many recipients"));
@@ -705,6 +764,14 @@ impl Session {
         let Some(tx) = &self.tx else {
             return self.error(Reply::new(503, "5.5.1", "Error: need MAIL command"));
         };
+        if tx.chunks.is_some() || tx.chunks_failed.is_some() {
+            // RFC 3030 §2: DATA and BDAT may not be mixed in one transaction.
+            return self.error(Reply::new(
+                503,
+                "5.5.1",
+                "Error: DATA after BDAT in the same transaction",
+            ));
+        }
         if tx.recipients.is_empty() {
             if tx.rcpt_commands > 0 {
                 // RFC 2920: with pipelining, all RCPTs may have failed.
@@ -717,6 +784,77 @@ impl Session {
             self.config.bare_lf,
         ));
         self.reply(Reply::plain(354, "End data with <CR><LF>.<CR><LF>"))
+    }
+
+    /// Starts receiving a `BDAT` chunk of `size` octets: kept for the
+    /// transaction, or drained to be refused (the client sends the octets
+    /// whatever the reply, so they must be read to stay in step).
+    fn bdat(&mut self, size: u64, last: bool) {
+        let end = match &self.tx {
+            None => ChunkEnd::Refuse(Reply::new(503, "5.5.1", "Error: need MAIL command")),
+            Some(tx) if tx.chunks_failed.is_some() => {
+                ChunkEnd::Failed(tx.chunks_failed.clone().expect("checked"))
+            }
+            Some(tx) if tx.recipients.is_empty() && tx.rcpt_commands > 0 => {
+                ChunkEnd::Refuse(Reply::new(554, "5.5.1", "Error: no valid recipients"))
+            }
+            Some(tx) if tx.recipients.is_empty() => {
+                ChunkEnd::Refuse(Reply::new(503, "5.5.1", "Error: need RCPT command"))
+            }
+            Some(_) => ChunkEnd::Keep,
+        };
+        let mut rx = match (&end, &mut self.tx) {
+            (ChunkEnd::Keep, Some(tx)) => tx.chunks.take().unwrap_or_else(|| {
+                ChunkReceiver::new(self.config.max_message_size, self.config.bare_lf)
+            }),
+            _ => ChunkReceiver::new(0, self.config.bare_lf),
+        };
+        rx.chunk(size);
+        self.chunk = Some(Chunk { rx, last, end });
+    }
+
+    /// A chunk's octets are all in: its reply, or at `LAST` the end of the
+    /// message, which goes on as after DATA ([`Step::EndOfData`]).
+    fn chunk_done(&mut self, chunk: Chunk) -> Step {
+        let Chunk { rx, last, end } = chunk;
+        let reply = match end {
+            ChunkEnd::Keep => match rx.refused() {
+                None if last => {
+                    self.finished = Some(rx.finish());
+                    return Step::EndOfData;
+                }
+                None => {
+                    let reply = Reply::new(
+                        250,
+                        "2.0.0",
+                        format!("Ok: {} octets received", rx.total_received()),
+                    );
+                    if let Some(tx) = &mut self.tx {
+                        tx.chunks = Some(rx);
+                    }
+                    return self.reply(reply);
+                }
+                // The session closes, as at the end of DATA.
+                Some(e @ DataError::BareLineEnding) => return Step::Close(e.reply()),
+                Some(e @ DataError::TooBig) => e.reply(),
+            },
+            // No MAIL or no recipient: as DATA's refusal, a transaction
+            // stays open for more recipients.
+            ChunkEnd::Refuse(reply) => return self.error(reply),
+            ChunkEnd::Failed(reply) => {
+                if last {
+                    self.tx = None;
+                }
+                return self.reply(reply);
+            }
+        };
+        // Too big: the transaction has failed; chunks the client pipelined
+        // after this one get the same reply until LAST.
+        match &mut self.tx {
+            Some(tx) if !last => tx.chunks_failed = Some(reply.clone()),
+            _ => self.tx = None,
+        }
+        self.error(reply)
     }
 
     /// The answer to [`Step::EndOfData`]: the caller allocated `id` for
@@ -1013,6 +1151,8 @@ impl Transaction {
             recipients: Vec::new(),
             rcpt_commands: 0,
             pending: None,
+            chunks: None,
+            chunks_failed: None,
         }
     }
 }

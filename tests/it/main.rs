@@ -3,6 +3,7 @@
 //! it links once (matklad's "one integration test crate").
 
 mod admin;
+mod chunking;
 mod cli;
 mod dane;
 mod delivery;

@@ -4,7 +4,8 @@
 //! [`SmtpClient::connect`] walks the exchangers in order and stops at the
 //! first server ([`RemoteHost`]: one exchanger, one address) that greets
 //! and answers EHLO (or HELO).
-//! [`SmtpClient::send`] runs one transaction (MAIL, RCPT…, DATA) and
+//! [`SmtpClient::send`] runs one transaction (MAIL, RCPT…, then DATA, or
+//! `BDAT … LAST` when the server offers CHUNKING) and
 //! says, per recipient, whether the message was delivered, deferred or
 //! failed. A connection stays usable for further transactions while
 //! [`SmtpClient::is_reusable`] is true, so the delivery actor can keep a
@@ -13,7 +14,8 @@
 //! The protocol parts without IO live in the core crate
 //! (`postino_core::smtp::client`): replies are read by a [`ReplyReceiver`],
 //! EHLO keywords by [`Extensions::parse`], and message content is
-//! dot-stuffed and line-end normalised by [`encode_content`].
+//! line-end normalised by [`encode_content`] (dot-stuffed, for DATA) or
+//! [`encode_chunk`] (as is, for BDAT).
 
 use std::borrow::Cow;
 use std::fmt;
@@ -30,7 +32,9 @@ use bytes::BytesMut;
 use postino_core::config::{DeliveryConfig, SmarthostAuth};
 use postino_core::esmtp::{xtext_encode, EnvelopeParams, Ret};
 use postino_core::logsafe::escape;
-use postino_core::smtp::client::{encode_content, Extensions, ReplyError, ReplyReceiver};
+use postino_core::smtp::client::{
+    encode_chunk, encode_content, Extensions, ReplyError, ReplyReceiver,
+};
 use postino_core::smtp::{RemoteHost, Reply};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -91,6 +95,8 @@ pub struct ClientSettings {
     pub max_addresses: usize,
     /// Servers that greeted (or refused to) tried at most per connect.
     pub max_sessions: usize,
+    /// Send with `BDAT` to servers offering CHUNKING (`delivery.chunking`).
+    pub chunking: bool,
     /// Outbound TLS (roots and client configurations). `None`: no TLS at
     /// all, whatever a [`Target`] asks (a [`TlsRequirement`] that needs TLS
     /// then fails).
@@ -112,6 +118,7 @@ impl ClientSettings {
             auth: None,
             max_addresses: DEFAULT_MAX_ADDRESSES,
             max_sessions: DEFAULT_MAX_SESSIONS,
+            chunking: delivery.chunking,
             tls: None,
         }
     }
@@ -400,6 +407,8 @@ pub struct SmtpClient {
     /// before the next MAIL.
     needs_rset: bool,
     transactions: u32,
+    /// BDAT may be used when the server offers CHUNKING.
+    chunking: bool,
     span: tracing::Span,
 }
 
@@ -545,6 +554,7 @@ impl SmtpClient {
             reusable: true,
             needs_rset: false,
             transactions: 0,
+            chunking: settings.chunking,
             span,
         };
         match conn.handshake(settings, req).await {
@@ -944,6 +954,9 @@ impl SmtpClient {
         }
         // Until the final dot's reply, the server may hold transaction state.
         self.needs_rset = true;
+        // RFC 3030: the content goes as one `BDAT n LAST` chunk, no
+        // dot-stuffing, no 354 round trip; its reply is the final one.
+        let bdat = self.chunking && self.ext.chunking;
         let mail = self.mail_command(tx);
         let rcpts: Vec<String> = valid
             .iter()
@@ -951,6 +964,7 @@ impl SmtpClient {
             .collect();
 
         let mut accepted = Vec::with_capacity(valid.len());
+        // The reply to DATA; `None` when sending with BDAT.
         let data_reply;
         if self.ext.pipelining {
             // One write for the whole envelope. Even a thousand recipients
@@ -961,7 +975,9 @@ impl SmtpClient {
             for r in &rcpts {
                 batch.extend_from_slice(r.as_bytes());
             }
-            batch.extend_from_slice(b"DATA\r\n");
+            if !bdat {
+                batch.extend_from_slice(b"DATA\r\n");
+            }
             self.stage = Stage::Mail;
             self.write(&batch, t.command).await?;
             let mail_reply = self.read_reply(t.command).await?;
@@ -987,16 +1003,28 @@ impl SmtpClient {
                     outcomes[i] = Some(RcptOutcome::from_reply(&reply));
                 }
             }
-            self.stage = Stage::Data;
-            let data = self.read_reply(t.data_init).await?;
-            if !mail_ok {
-                self.settle_pending(valid, &mail_reply, outcomes);
-                return self.abandon_data(&data).await;
+            if bdat {
+                // Nothing was sent past the envelope: nothing to abandon.
+                if !mail_ok {
+                    self.settle_pending(valid, &mail_reply, outcomes);
+                    return Ok(());
+                }
+                if accepted.is_empty() {
+                    return Ok(());
+                }
+                data_reply = None;
+            } else {
+                self.stage = Stage::Data;
+                let data = self.read_reply(t.data_init).await?;
+                if !mail_ok {
+                    self.settle_pending(valid, &mail_reply, outcomes);
+                    return self.abandon_data(&data).await;
+                }
+                if accepted.is_empty() {
+                    return self.abandon_data(&data).await;
+                }
+                data_reply = Some(data);
             }
-            if accepted.is_empty() {
-                return self.abandon_data(&data).await;
-            }
-            data_reply = data;
         } else {
             self.stage = Stage::Mail;
             let mail_reply = self.command(&mail, t.command).await?;
@@ -1021,23 +1049,38 @@ impl SmtpClient {
             if accepted.is_empty() {
                 return Ok(());
             }
-            self.stage = Stage::Data;
-            data_reply = self.command("DATA\r\n", t.data_init).await?;
+            data_reply = if bdat {
+                None
+            } else {
+                self.stage = Stage::Data;
+                Some(self.command("DATA\r\n", t.data_init).await?)
+            };
         }
 
-        if data_reply.code != 354 {
-            self.settle_pending(&accepted, &data_reply, outcomes);
-            return Ok(());
-        }
+        let body = match data_reply {
+            Some(reply) if reply.code != 354 => {
+                self.settle_pending(&accepted, &reply, outcomes);
+                return Ok(());
+            }
+            Some(_) => encode_content(tx.content),
+            None => {
+                let chunk = encode_chunk(tx.content);
+                let mut wire = format!("BDAT {} LAST\r\n", chunk.len()).into_bytes();
+                wire.extend_from_slice(&chunk);
+                wire
+            }
+        };
         self.stage = Stage::Content;
-        let body = encode_content(tx.content);
         for chunk in body.chunks(WRITE_CHUNK) {
             self.write(chunk, t.data_xfer).await?;
         }
         self.stage = Stage::Dot;
         let done = self.read_reply(t.data_done).await?;
+        debug!(code = done.code, bdat, "message sent");
         self.note_421(&done);
-        self.needs_rset = false;
+        // The final dot ends the transaction whatever its reply; a refused
+        // BDAT chunk leaves it failed but open (RFC 3030 §2): RSET first.
+        self.needs_rset = bdat && done.code / 100 != 2;
         if done.code / 100 == 2 {
             for &i in &accepted {
                 outcomes[i] = Some(RcptOutcome::Delivered(done.clone()));

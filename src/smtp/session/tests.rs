@@ -609,3 +609,114 @@ fn a_refused_transaction_ends() {
     assert_eq!(got, ["250 2.1.0", "221 2.0.0"]);
     assert!(accepted.is_empty());
 }
+
+/// `EHLO`, `MAIL`, one good `RCPT`: the start of every BDAT script.
+const ENVELOPE: &str = "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.test>\r\n";
+
+/// Input, the replies it gets, and the content accepted (after our
+/// `Received:`), if any.
+type BdatCase<'a> = (String, Vec<&'a str>, Option<&'a [u8]>);
+
+#[test]
+fn bdat_table() {
+    let big = "x".repeat(600);
+    let cases: Vec<BdatCase> = vec![
+        // Two chunks, pipelined with what follows; no dot-unstuffing and
+        // no end marker inside a chunk.
+        (format!("{ENVELOPE}BDAT 4\r\nab\r\nBDAT 7 LAST\r\n.\r\n.x\r\nQUIT\r\n"),
+            vec!["250", "250 2.1.0", "250 2.1.5", "250 2.0.0", "250 2.0.0", "221 2.0.0"],
+            Some(b"ab\r\n.\r\n.x\r\n")),
+        // The command word and LAST in any case; an empty message.
+        (format!("{ENVELOPE}bdat 0 last\r\nNOOP\r\n"),
+            vec!["250", "250 2.1.0", "250 2.1.5", "250 2.0.0", "250 2.0.0"], Some(b"")),
+        // Chunks of nothing but their LAST.
+        (format!("{ENVELOPE}BDAT 3\r\nabcBDAT 0 LAST\r\n"),
+            vec!["250", "250 2.1.0", "250 2.1.5", "250 2.0.0", "250 2.0.0"], Some(b"abc\r\n")),
+        // Without MAIL or RCPT: refused, and the chunk (which looks like
+        // commands) is consumed, not executed.
+        ("EHLO c\r\nBDAT 6\r\nQUIT\r\nNOOP\r\n".into(), vec!["250", "503 5.5.1", "250 2.0.0"], None),
+        ("EHLO c\r\nMAIL FROM:<>\r\nBDAT 6 LAST\r\nRSET\r\nNOOP\r\n".into(),
+            vec!["250", "250 2.1.0", "503 5.5.1", "250 2.0.0"], None),
+        ("EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@example.test>\r\nBDAT 6 LAST\r\nQUIT\r\nNOOP\r\n".into(),
+            vec!["250", "250 2.1.0", "550 5.1.1", "554 5.5.1", "250 2.0.0"], None),
+        // Over the size limit (1000) across chunks: 552 at the chunk that
+        // crosses it, the same for chunks already pipelined, the
+        // transaction over at LAST; in step all along.
+        (format!("{ENVELOPE}BDAT 600\r\n{big}BDAT 600\r\n{big}BDAT 600 LAST\r\n{big}NOOP\r\nMAIL FROM:<>\r\n"),
+            vec!["250", "250 2.1.0", "250 2.1.5", "250 2.0.0", "552 5.3.4", "552 5.3.4", "250 2.0.0", "250 2.1.0"], None),
+        // Or over at once; RSET ends the failed transaction.
+        (format!("{ENVELOPE}BDAT 1200\r\n{big}{big}RSET\r\nMAIL FROM:<>\r\n"),
+            vec!["250", "250 2.1.0", "250 2.1.5", "552 5.3.4", "250 2.0.0", "250 2.1.0"], None),
+        // DATA after BDAT is refused, the BDAT transaction goes on.
+        (format!("{ENVELOPE}BDAT 3\r\nabcDATA\r\nBDAT 2 LAST\r\nd\n"),
+            vec!["250", "250 2.1.0", "250 2.1.5", "250 2.0.0", "503 5.5.1", "250 2.0.0"], Some(b"abcd\r\n")),
+        // So is RCPT: the recipients are settled.
+        (format!("{ENVELOPE}BDAT 3\r\nabcRCPT TO:<postmaster>\r\nBDAT 0 LAST\r\n"),
+            vec!["250", "250 2.1.0", "250 2.1.5", "250 2.0.0", "503 5.5.1", "250 2.0.0"], Some(b"abc\r\n")),
+        // RSET discards the chunks taken so far.
+        (format!("{ENVELOPE}BDAT 3\r\nabcRSET\r\n{ENVELOPE}BDAT 3 LAST\r\nxyz"),
+            vec!["250", "250 2.1.0", "250 2.1.5", "250 2.0.0", "250 2.0.0",
+                 "250", "250 2.1.0", "250 2.1.5", "250 2.0.0"], Some(b"xyz\r\n")),
+        // A malformed BDAT: its size is unknown, so nothing is consumed.
+        (format!("{ENVELOPE}BDAT x\r\nNOOP\r\n"),
+            vec!["250", "250 2.1.0", "250 2.1.5", "501 5.5.2", "250 2.0.0"], None),
+        // The end of the message is the end of DATA's: the hop limit.
+        (format!("{ENVELOPE}BDAT 39 LAST\r\nReceived: a\r\nReceived: b\r\nReceived: c\r\n"),
+            vec!["250", "250 2.1.0", "250 2.1.5", "554 5.4.0"], None),
+    ];
+    for (input, want, content) in &cases {
+        for fragmented in [false, true] {
+            let mut s = session_with(config(), false);
+            let (got, accepted) = if fragmented {
+                run_fragmented(&mut s, input.as_bytes())
+            } else {
+                run(&mut s, input.as_bytes())
+            };
+            assert_eq!(&got, want, "input: {input:?}, fragmented: {fragmented}");
+            match content {
+                Some(content) => {
+                    assert_eq!(accepted.len(), 1, "{input:?}");
+                    let text = &accepted[0].content;
+                    let body = &text[text.len() - content.len()..];
+                    assert_eq!(body, *content, "{input:?}");
+                    assert!(text.starts_with(b"Received: "));
+                }
+                None => assert!(accepted.is_empty(), "{input:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn bdat_bare_line_ending_under_reject_closes() {
+    let mut c = config();
+    c.bare_lf = BareLf::Reject;
+    let mut s = session_with(c, false);
+    let input = format!("{ENVELOPE}BDAT 3\r\na\nbNOOP\r\n");
+    let (got, accepted) = run(&mut s, input.as_bytes());
+    assert_eq!(got, ["250", "250 2.1.0", "250 2.1.5", "550 5.5.2"]);
+    assert!(accepted.is_empty());
+}
+
+#[test]
+fn bdat_counts_chunk_octets_for_the_data_rate() {
+    let mut s = session_with(config(), false);
+    let mut out = Transcript::default();
+    let mut buf = BytesMut::from(format!("{ENVELOPE}BDAT 10\r\nabc").as_bytes());
+    drive(&mut s, &mut buf, &mut out, &mut 1);
+    assert_eq!(s.data_received(), Some(3));
+    buf.extend_from_slice(b"defghij");
+    drive(&mut s, &mut buf, &mut out, &mut 1);
+    assert_eq!(s.data_received(), None, "between chunks, lines again");
+    assert!(s.in_transaction());
+}
+
+#[test]
+fn ehlo_advertises_chunking_without_binarymime() {
+    let mut s = session_with(config(), false);
+    let Step::Reply { reply: r, .. } = s.command(Request::parse(b"EHLO c").unwrap()) else {
+        panic!()
+    };
+    assert!(r.text.lines().any(|l| l == "CHUNKING"), "{}", r.text);
+    assert!(!r.text.contains("BINARYMIME"), "{}", r.text);
+}

@@ -8,6 +8,7 @@ pub mod bind;
 pub mod dns;
 pub mod https;
 pub mod mx;
+pub mod postfix;
 pub mod server;
 pub mod tmpfs;
 
