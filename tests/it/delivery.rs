@@ -104,7 +104,7 @@ impl Relay {
 }
 
 /// Sends one message over SMTP; returns the queue id from the 250 reply.
-fn send_from(server: &TestServer, from: &str, to: &[&str], subject: &str) -> String {
+pub(crate) fn send_from(server: &TestServer, from: &str, to: &[&str], subject: &str) -> String {
     send_content(
         server,
         from,
@@ -171,7 +171,7 @@ fn time_of_day(line: &str) -> f64 {
 }
 
 /// Log lines that contain every one of `parts`.
-fn lines_with(server: &TestServer, parts: &[&str]) -> Vec<String> {
+pub(crate) fn lines_with(server: &TestServer, parts: &[&str]) -> Vec<String> {
     server
         .log()
         .lines()

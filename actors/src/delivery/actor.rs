@@ -53,17 +53,17 @@ use postino_core::store::{
     TraceKind,
 };
 use postino_core::{Config, Envelope, MessageId, Store};
-use tokio::sync::Semaphore;
 use tracing::{debug, error, info, warn};
 
 use crate::bounce::{notification, trace_notice};
 use crate::dispatch::dispatch;
 
 use super::attempt::{self, Outcome, RcptResult};
+use super::shaping::{Destination, Feedback, Settings};
 use crate::reload::{LiveConfig, Reconfigure};
 
 mod admin;
-pub use admin::{ActiveIds, QueueAdmin};
+pub use admin::{ActiveIds, Destinations, QueueAdmin};
 
 /// Most messages being tried at once (each may hold several connections).
 pub const MAX_IN_FLIGHT: usize = 512;
@@ -150,10 +150,11 @@ pub struct Delivery {
     /// While the store fails: the wait before the next try to write the
     /// unsettled outcomes. No rounds start meanwhile.
     settle_retry: Option<Duration>,
-    /// Per destination: `concurrency_per_domain` permits. Entries nobody
-    /// holds are dropped at each poll, so the map does not grow with every
-    /// domain ever seen.
-    destinations: HashMap<String, Arc<Semaphore>>,
+    /// Per destination: its concurrency window and rate
+    /// ([`shaping`](super::shaping)). Entries nobody holds and that
+    /// remember nothing (no death, no rate wait) are dropped at each poll,
+    /// so the map does not grow with every domain ever seen.
+    destinations: HashMap<String, Arc<Destination>>,
     /// The pending wake-up and when (unix seconds) it fires.
     wakeup: Option<(f64, SpawnHandle)>,
     attempt: Arc<attempt::Attempt>,
@@ -230,7 +231,7 @@ impl Delivery {
             }
         }
         self.destinations
-            .retain(|_, permits| Arc::strong_count(permits) > 1);
+            .retain(|_, d| Arc::strong_count(d) > 1 || d.remembers());
         self.schedule(ctx);
     }
 
@@ -276,11 +277,11 @@ impl Delivery {
         self.store.durable()
     }
 
-    fn permits(&mut self, destination: &str) -> Arc<Semaphore> {
-        let limit = self.config.delivery.concurrency_per_domain.max(1);
+    fn destination(&mut self, name: &str) -> Arc<Destination> {
+        let config = &self.config;
         self.destinations
-            .entry(destination.to_owned())
-            .or_insert_with(|| Arc::new(Semaphore::new(limit)))
+            .entry(name.to_owned())
+            .or_insert_with(|| Destination::new(name, Settings::of(config, name)))
             .clone()
     }
 
@@ -328,16 +329,32 @@ impl Delivery {
         let id = entry.id;
         self.in_flight.insert(id, by_domain.len());
         for (domain, rcpts) in by_domain {
-            let permits = self.permits(&self.attempt.destination(&domain));
+            let destination = self.destination(&self.attempt.destination(&domain));
             let attempt = self.attempt.clone();
             let sender = entry.sender.clone();
             let content = content.clone();
             let task = async move {
-                // The semaphore is never closed, so this only waits.
-                let _permit = permits.acquire_owned().await;
-                attempt
+                let _permit = match destination.acquire().await {
+                    Ok(permit) => permit,
+                    Err(suspended) => {
+                        // A dead destination: deferred without a
+                        // connection, as Postfix's queue manager does.
+                        let result = RcptResult::Deferred(suspended.diagnostic());
+                        return rcpts
+                            .into_iter()
+                            .map(|recipient| Outcome {
+                                recipient,
+                                relay: None,
+                                result: result.clone(),
+                            })
+                            .collect();
+                    }
+                };
+                let outcomes = attempt
                     .deliver(id, &domain, sender.as_deref(), &rcpts, &content)
-                    .await
+                    .await;
+                destination.feedback(Feedback::of(&outcomes));
+                outcomes
             };
             // The session itself runs on a worker arbiter: with thousands of
             // relayed messages a second, one thread could not both talk SMTP
@@ -925,6 +942,10 @@ impl Handler<Reconfigure> for Delivery {
     fn handle(&mut self, msg: Reconfigure, _: &mut Context<Self>) {
         self.attempt = Arc::new(attempt::Attempt::new(msg.0.clone()));
         self.config = msg.0;
+        // Limits and rates apply at once, also to deliveries waiting now.
+        for (name, d) in &self.destinations {
+            d.reconfigure(Settings::of(&self.config, name));
+        }
     }
 }
 

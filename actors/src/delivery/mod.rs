@@ -27,6 +27,7 @@ pub mod actor;
 pub mod attempt;
 pub mod client;
 pub mod mx;
+pub mod shaping;
 
 pub use client::{
     deliver, ClientSettings, ConnectError, Diagnostic, RcptOutcome, SessionOutcome, SmtpClient,

@@ -28,7 +28,7 @@ use super::{accepts_tcp, wait_until};
 /// every message, content first and each by rename, so a reader never sees
 /// half a message.
 const SINK_PY: &str = r#"
-import argparse, asyncio, itertools, json, logging, os, sys
+import argparse, asyncio, itertools, json, logging, os, sys, time
 from aiosmtpd.smtp import SMTP, AuthResult
 
 p = argparse.ArgumentParser()
@@ -40,7 +40,12 @@ p.add_argument("--hang", choices=["mail", "rcpt", "data"])
 p.add_argument("--size", type=int, default=0)
 p.add_argument("--auth")  # USER:PASSWORD
 p.add_argument("--smtputf8", action="store_true")
+p.add_argument("--tempfail", type=int, default=0)  # first N MAILs get 421
+p.add_argument("--delay", type=float, default=0)  # seconds before the final 250
+p.add_argument("--record")  # file: "<monotonic time> <transactions open>" per MAIL
 args = p.parse_args()
+tempfails = itertools.count()
+open_transactions = 0
 rcpt_replies = dict(r.split("=", 1) for r in args.rcpt)
 counter = itertools.count()
 logging.basicConfig(level=logging.WARNING)
@@ -53,8 +58,15 @@ def write(name, data):
 
 class Handler:
     async def handle_MAIL(self, server, session, envelope, address, options):
+        global open_transactions
         if args.hang == "mail":
             await asyncio.sleep(3600)
+        if next(tempfails) < args.tempfail:
+            return "421 4.7.0 mx.test busy, try again later"
+        if args.record:
+            open_transactions += 1
+            with open(args.record, "a") as f:
+                f.write("%f %d\n" % (time.monotonic(), open_transactions))
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 Ok"
@@ -70,8 +82,13 @@ class Handler:
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server, session, envelope):
+        global open_transactions
         if args.hang == "data":
             await asyncio.sleep(3600)
+        if args.delay:
+            await asyncio.sleep(args.delay)
+        if args.record:
+            open_transactions -= 1
         n = "%06d" % next(counter)
         write(n + ".eml", envelope.original_content)
         meta = {
@@ -124,6 +141,14 @@ pub struct SinkOptions {
     /// Offer AUTH PLAIN and accept only this user and password.
     pub auth: Option<(String, String)>,
     pub smtputf8: bool,
+    /// Answer the first `tempfail` MAIL commands with `421 4.7.0`.
+    pub tempfail: usize,
+    /// Wait this long before answering the final dot (so that
+    /// transactions overlap).
+    pub delay: Option<Duration>,
+    /// Record the transactions open at each accepted MAIL
+    /// ([`Sink::transactions`]).
+    pub record: bool,
 }
 
 /// One message as the sink received it.
@@ -185,6 +210,15 @@ impl Sink {
         if options.smtputf8 {
             cmd.arg("--smtputf8");
         }
+        if options.tempfail > 0 {
+            cmd.arg(format!("--tempfail={}", options.tempfail));
+        }
+        if let Some(delay) = options.delay {
+            cmd.arg(format!("--delay={}", delay.as_secs_f64()));
+        }
+        if options.record {
+            cmd.arg(format!("--record={}", dir.path().join("record").display()));
+        }
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -206,6 +240,20 @@ impl Sink {
 
     fn spool(&self) -> PathBuf {
         self.dir.path().join("mail")
+    }
+
+    /// With [`SinkOptions::record`]: for each accepted MAIL, in order, the
+    /// server's clock (seconds) and how many transactions were open with
+    /// it (MAIL accepted, final dot not yet answered).
+    pub fn transactions(&self) -> Vec<(f64, usize)> {
+        std::fs::read_to_string(self.dir.path().join("record"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let (t, n) = l.split_once(' ')?;
+                Some((t.parse().ok()?, n.parse().ok()?))
+            })
+            .collect()
     }
 
     /// How many messages were received so far (cheap: no file is read).
