@@ -253,6 +253,15 @@ fn a_message_rate_spaces_deliveries_to_one_destination() {
         assert!(line.contains("attempt=1 "), "{line}");
     }
     assert!(lines_with(&server, &["status=deferred"]).is_empty());
+    wait_line(
+        &server,
+        &[
+            "destination throttled by its rate",
+            "destination=rated.test",
+            "rate=5/s",
+        ],
+    );
+    assert!(lines_with(&server, &["destination throttled", "destination=free.test"]).is_empty());
 }
 
 /// The base configuration with `limits` lines in `[limits]` and the users

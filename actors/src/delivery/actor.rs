@@ -6,7 +6,9 @@
 //!
 //! `Delivery::start` splits an entry's open recipients by destination
 //! (domain, or the smarthost) and runs one task per destination, each under
-//! that destination's concurrency limit. Each task's outcomes are written to
+//! that destination's traffic shaping ([`super::shaping`]: a concurrency
+//! window that follows the outcomes, an optional rate; a dead destination's
+//! recipients are deferred at once). Each task's outcomes are written to
 //! the queue record as they come in, so a crash re-sends as little as
 //! possible. When the last task of the round is back, `Delivery::finalize`
 //! decides: bounce the recipients that failed for good (one RFC 3464 report

@@ -204,6 +204,8 @@ struct State {
     dead: Option<Suspended>,
     /// The earliest start the rate allows.
     next_start: Option<Instant>,
+    /// When "throttled" was last logged (at most once per rate period).
+    throttle_logged: Option<Instant>,
 }
 
 /// A running delivery's slot: given back on drop.
@@ -235,6 +237,7 @@ impl Destination {
                 refusals: 0,
                 dead: None,
                 next_start: None,
+                throttle_logged: None,
             }),
             changed: Notify::new(),
         })
@@ -303,7 +306,13 @@ impl Destination {
                 }
                 if s.active < s.window {
                     match (s.settings.rate, s.next_start) {
-                        (Some(_), Some(t)) if t > now => Some(t),
+                        (Some(rate), Some(t)) if t > now => {
+                            if s.throttle_logged.is_none_or(|at| now >= at + rate.per) {
+                                s.throttle_logged = Some(now);
+                                info!(destination = %escape(&self.name), %rate, waiting = s.waiting + 1, "destination throttled by its rate; mail waits");
+                            }
+                            Some(t)
+                        }
                         (rate, next) => {
                             if let Some(rate) = rate {
                                 // Evenly spaced; an idle spell earns no burst.
