@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use crate::admin::{sample, scrape};
 use crate::delivery::{lines_with, relay_config, send_from, wait_line, wait_messages};
 use crate::support::dns::{Dnsmasq, Zone};
 use crate::support::mx::{Sink, SinkOptions};
@@ -272,7 +273,7 @@ fn limited_server(limits: &str) -> TestServer {
         "",
         "",
         "unknown_user = \"postmaster\"",
-        &format!("[limits]\n{limits}"),
+        &format!("[limits]\n{limits}\n[admin]\nlisten = \"127.0.0.1:0\"\n"),
     ));
     server.add_user("alice@example.test", "pw");
     server.add_user("bob@example.test", "pw");
@@ -358,6 +359,15 @@ fn the_message_limit_per_user_holds_across_connections_and_workers() {
     assert_eq!(logged.len(), 1, "logged once per window: {logged:#?}");
     assert!(logged[0].contains("alice@example.test") && logged[0].contains("3/h"));
     wait_line(&server, &["NOQUEUE: reject: MAIL", "452 4.7.0"]);
+    let samples = scrape(&server);
+    assert_eq!(
+        sample(
+            &samples,
+            "postino_submission_rate_limited_total{reason=\"messages_per_user\"}"
+        ),
+        2.0,
+        "each refusal counted"
+    );
 }
 
 /// `recipients_per_user`: RCPTs past the count get `452 4.7.0` (the
