@@ -194,6 +194,25 @@ fn mail_for_a_dead_destination_is_deferred_without_a_connection() {
         row.contains("1/20") && row.contains("dead, retried in"),
         "{text}"
     );
+    // `queue flush` tries dead destinations too, as `postqueue -f` does.
+    let out = server.cli(&["queue", "flush"], "");
+    assert!(out.status.success(), "{out:?}");
+    wait_line(
+        &server,
+        &[
+            "dead destination revived by a queue flush",
+            "destination=down.test",
+        ],
+    );
+    wait_line(
+        &server,
+        &[
+            &format!("id={second}"),
+            "status=deferred",
+            "attempt=2 ",
+            "Connection refused",
+        ],
+    );
 }
 
 /// `[delivery.rate] "rated.test" = "5/s"`: deliveries to that domain start

@@ -279,6 +279,14 @@ impl Delivery {
         self.store.durable()
     }
 
+    /// An administrator asked for the queue to be tried now: dead
+    /// destinations are tried too.
+    fn revive_destinations(&self) {
+        for d in self.destinations.values() {
+            d.revive();
+        }
+    }
+
     fn destination(&mut self, name: &str) -> Arc<Destination> {
         let config = &self.config;
         self.destinations
@@ -790,6 +798,7 @@ impl Delivery {
     ) -> Result<QueueChanged, QueueError> {
         match change {
             ChangeQueue::Flush => {
+                self.revive_destinations();
                 let now = now_unix();
                 let mut due = 0;
                 for mut e in self.store.queue()? {

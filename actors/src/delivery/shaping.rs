@@ -32,6 +32,12 @@
 //! limits messages: a message with more recipients than
 //! `recipients_per_delivery` for one destination is one start.
 //!
+//! A destination with nothing running or waiting and nothing to remember
+//! (no recent death, no rate wait) is forgotten by the delivery actor; its
+//! next mail starts at the initial window again, as Postfix deletes an
+//! empty queue. Every change wakes all of a destination's waiters (a
+//! [`Notify`] broadcast), which costs little at `MAX_IN_FLIGHT` waiters.
+//!
 //! Waiting deliveries hold their place in the delivery actor's rounds
 //! (`MAX_IN_FLIGHT` messages), so a very slow rate with thousands of
 //! messages waiting delays other destinations too: keep rates for the few
@@ -401,6 +407,20 @@ impl Destination {
             drop(s);
             // The waiters learn it at once and defer.
             self.changed.notify_waiters();
+        }
+    }
+
+    /// Forgets a death (an administrator's `queue flush`, as Postfix's
+    /// `postqueue -f` revives dead destinations): back at the initial
+    /// window.
+    pub fn revive(&self) {
+        let mut s = self.lock();
+        if s.dead.take().is_some() {
+            s.window = s.settings.initial;
+            s.successes = 0;
+            s.failed_cohorts = 0;
+            s.refusals = 0;
+            info!(destination = %escape(&self.name), "dead destination revived by a queue flush");
         }
     }
 

@@ -66,6 +66,9 @@ impl Handler<QueueAdmin> for Delivery {
     fn handle(&mut self, msg: QueueAdmin, ctx: &mut Self::Context) -> Self::Result {
         let QueueAdmin { action, filter } = msg;
         queue_tools::check_selection(action, &filter)?;
+        if matches!(action, Action::Flush | Action::Requeue | Action::Release) {
+            self.revive_destinations();
+        }
         let active: HashSet<MessageId> = self
             .in_flight
             .keys()
