@@ -79,6 +79,9 @@ pub struct Config {
     /// Message histories (`postino trace ID`).
     #[serde(default)]
     pub trace: TraceConfig,
+    /// Submission rate limits per user and per client.
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// `[dkim."example.com"]`: DKIM signing keys per sender domain (RFC
     /// 6376); the keys themselves are read by the server at start and
     /// reload (`postino::dkim`).
@@ -550,9 +553,31 @@ pub struct DeliveryConfig {
     /// A message still undelivered after this long is bounced.
     #[serde(default = "default_max_queue_lifetime", with = "humantime_serde")]
     pub max_queue_lifetime: Duration,
-    /// Most simultaneous deliveries to one destination domain.
+    /// Most simultaneous deliveries to one destination (a domain, or the
+    /// smarthost); the concurrency in use grows up to it while deliveries
+    /// succeed and falls on failures (Postfix's
+    /// `default_destination_concurrency_limit`).
     #[serde(default = "default_concurrency_per_domain")]
     pub concurrency_per_domain: usize,
+    /// The concurrency a destination starts with (Postfix's
+    /// `initial_destination_concurrency`, 5); at most
+    /// `concurrency_per_domain`.
+    #[serde(default = "default_initial_concurrency")]
+    pub initial_concurrency: usize,
+    /// Failed connections in a row at concurrency 1 after which a
+    /// destination is "dead" (Postfix's
+    /// `default_destination_concurrency_failed_cohort_limit`, 1).
+    #[serde(default = "default_failed_cohort_limit")]
+    pub failed_cohort_limit: u32,
+    /// How long a dead destination is left alone: its waiting mail is
+    /// deferred meanwhile (Postfix's `minimal_backoff_time`, 300 s).
+    #[serde(default = "default_dead_destination_wait", with = "humantime_serde")]
+    pub dead_destination_wait: Duration,
+    /// Most messages per time unit to a destination domain (or the
+    /// smarthost, by its `host:port`): `"gmail.com" = "100/min"`. Excess
+    /// mail waits its turn; it is not deferred.
+    #[serde(default)]
+    pub rate: std::collections::BTreeMap<String, crate::rate::Rate>,
     /// Most recipients sent in one SMTP transaction.
     #[serde(default = "default_recipients_per_delivery")]
     pub recipients_per_delivery: usize,
@@ -690,6 +715,28 @@ impl DeliveryTlsConfig {
             .find(|(k, _)| k.trim_end_matches('.').eq_ignore_ascii_case(key))
             .map(|(_, v)| *v)
     }
+}
+
+/// `[limits]`: messages and recipients per time window that one SASL user
+/// or one client address may submit, counted across all connections and
+/// workers (Postfix's anvil: `smtpd_client_message_rate_limit`,
+/// `smtpd_client_recipient_rate_limit`). Past them: `452 4.7.0` at MAIL
+/// or RCPT until the window ends. Each is off unless set.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Messages (MAIL commands accepted) per authenticated user.
+    #[serde(default)]
+    pub messages_per_user: Option<crate::rate::Rate>,
+    /// Recipients (RCPT commands) per authenticated user.
+    #[serde(default)]
+    pub recipients_per_user: Option<crate::rate::Rate>,
+    /// Messages per client IP address, authenticated or not.
+    #[serde(default)]
+    pub messages_per_client: Option<crate::rate::Rate>,
+    /// Recipients per client IP address, authenticated or not.
+    #[serde(default)]
+    pub recipients_per_client: Option<crate::rate::Rate>,
 }
 
 /// `[dns]`: the resolver for MX and address lookups.
@@ -884,6 +931,15 @@ fn default_max_queue_lifetime() -> Duration {
 }
 fn default_concurrency_per_domain() -> usize {
     20
+}
+fn default_initial_concurrency() -> usize {
+    5
+}
+fn default_failed_cohort_limit() -> u32 {
+    1
+}
+fn default_dead_destination_wait() -> Duration {
+    Duration::from_secs(300)
 }
 fn default_recipients_per_delivery() -> usize {
     50
@@ -1122,6 +1178,12 @@ impl Config {
                 "delivery.concurrency_per_domain",
                 "must be at least 1".into(),
             ));
+        }
+        if self.delivery.initial_concurrency == 0 {
+            return Err(("delivery.initial_concurrency", "must be at least 1".into()));
+        }
+        if self.delivery.failed_cohort_limit == 0 {
+            return Err(("delivery.failed_cohort_limit", "must be at least 1".into()));
         }
         if let Some(host) = &self.routing.smarthost {
             if host
@@ -1442,6 +1504,47 @@ mod tests {
             .to_string();
         assert!(err.contains("test.toml:3"), "{err}");
         assert!(err.contains("trace.keep"), "{err}");
+    }
+
+    #[test]
+    fn shaping_and_limits_parse_and_bad_rates_name_key_and_line() {
+        let c = parse("").unwrap();
+        assert_eq!(
+            (
+                c.delivery.initial_concurrency,
+                c.delivery.failed_cohort_limit
+            ),
+            (5, 1)
+        );
+        assert!(c.delivery.rate.is_empty() && c.limits.messages_per_user.is_none());
+        let c = parse(
+            "[delivery]\ninitial_concurrency = 2\n[delivery.rate]\n\"gmail.com\" = \"100/min\"\n[limits]\nmessages_per_user = \"200/h\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.delivery.rate["gmail.com"].to_string(), "100/min");
+        assert_eq!(c.limits.messages_per_user.unwrap().count, 200);
+        let err = parse("[delivery.rate]\n\n\"gmail.com\" = \"100/day\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("test.toml:3"), "{err}");
+        assert!(err.contains("delivery.rate.gmail.com"), "{err}");
+        assert!(err.contains("\"100/day\" is not a rate"), "{err}");
+        let err = parse("[limits]\nrecipients_per_client = \"0/s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("test.toml:2"), "{err}");
+        assert!(err.contains("limits.recipients_per_client"), "{err}");
+        let err = parse("[limits]\nmessages_per_users = \"1/s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("messages_per_users"), "{err}");
+        let err = parse("[delivery]\ninitial_concurrency = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("test.toml:2") && err.contains("delivery.initial_concurrency"),
+            "{err}"
+        );
     }
 
     #[test]

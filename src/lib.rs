@@ -10,6 +10,7 @@
 //! - [`message`]: message ids and envelopes.
 //! - [`routing`]: where a recipient goes (local mailbox, remote, bounce,
 //!   reject), as a pure function over a [`routing::Directory`].
+//! - [`rate`]: rates as the configuration writes them (`"100/min"`).
 //! - [`dsn`]: RFC 3464 delivery status notifications (bounces).
 //! - [`esmtp`]: the DSN and SMTPUTF8 parameters a message carries from
 //!   `MAIL`/`RCPT` to its delivery and notifications.
@@ -37,6 +38,7 @@ pub mod logsafe;
 pub mod message;
 pub mod metrics;
 pub mod pop3;
+pub mod rate;
 pub mod routing;
 pub mod smtp;
 #[allow(missing_docs)] // Still to document: the store's record types and errors.

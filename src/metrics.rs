@@ -63,6 +63,8 @@ struct Metrics {
     commit_seconds: Histogram,
     store_errors: Family<Operation, Counter>,
     logins: Family<Login, Counter>,
+    rate_limited: Family<Reason, Counter>,
+    destination_events: Family<Reason, Counter>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -85,6 +87,8 @@ impl Metrics {
             commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             store_errors: Family::default(),
             logins: Family::default(),
+            rate_limited: Family::default(),
+            destination_events: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -150,6 +154,16 @@ impl Metrics {
             "POP3 and SMTP AUTH password checks, by protocol and result",
             m.logins.clone(),
         );
+        registry.register(
+            "submission_rate_limited",
+            "MAIL and RCPT commands refused with 452 4.7.0 by a [limits] rate, by limit",
+            m.rate_limited.clone(),
+        );
+        registry.register(
+            "destination_events",
+            "Traffic shaping per destination: destinations declared dead",
+            m.destination_events.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -208,6 +222,32 @@ pub fn delivery(status: &str) {
         _ => "other",
     };
     METRICS.deliveries.get_or_create(&Status { status }).inc();
+}
+
+/// A `[limits]` rate refused a command; `limit` is the key's name
+/// (`"messages_per_user"`, …; others count as `"other"`).
+pub fn rate_limited(limit: &str) {
+    let reason = match limit {
+        "messages_per_user" => "messages_per_user",
+        "recipients_per_user" => "recipients_per_user",
+        "messages_per_client" => "messages_per_client",
+        "recipients_per_client" => "recipients_per_client",
+        _ => "other",
+    };
+    METRICS.rate_limited.get_or_create(&Reason { reason }).inc();
+}
+
+/// Something happened to a delivery destination (`"dead"`; others count
+/// as `"other"`).
+pub fn destination_event(event: &str) {
+    let reason = match event {
+        "dead" => "dead",
+        _ => "other",
+    };
+    METRICS
+        .destination_events
+        .get_or_create(&Reason { reason })
+        .inc();
 }
 
 /// The delivery queue's size and the age in seconds of its oldest message,

@@ -28,7 +28,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::delivery::actor::{ActiveIds, QueueAdmin};
-use crate::delivery::actor::{ChangeQueue, QueueChanged, QueueError};
+use crate::delivery::actor::{ChangeQueue, Destinations, QueueChanged, QueueError};
+use crate::delivery::shaping::View;
 use crate::queue_tools::{self, QueueRequest};
 use crate::sessions::{Pop3Sessions, SessionInfo};
 pub use crate::wire::{Request, Response};
@@ -53,6 +54,8 @@ pub struct Live {
     pub active: Recipient<ActiveIds>,
     /// The live POP3 sessions (`Who`, `Kick`).
     pub sessions: Arc<Pop3Sessions>,
+    /// The delivery actor's destinations and their shaping.
+    pub destinations: Recipient<Destinations>,
 }
 
 /// The bound control socket of a running server.
@@ -118,6 +121,12 @@ pub async fn answer(live: &Live, request: Request) -> Response {
     debug!(?request, "control request");
     match &request {
         Request::Who => return Response::Ok(who_lines(&live.sessions.list())),
+        Request::QueueDestinations => {
+            return match live.destinations.send(Destinations).await {
+                Ok(views) => Response::Ok(destination_lines(&views)),
+                Err(e) => Response::Error(format!("delivery actor: {e}")),
+            }
+        }
         Request::Kick { target } => return kick(&live.sessions, target),
         Request::Reload => {
             // Reads files: off the async threads.
@@ -360,6 +369,7 @@ fn changes_store(request: &Request) -> bool {
         request,
         Request::Failpoint { .. }
             | Request::Who
+            | Request::QueueDestinations
             | Request::Kick { .. }
             | Request::Reload
             | Request::Trace { .. }
@@ -520,6 +530,11 @@ pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
         },
         Request::QueueBounce { .. } => {
             return Response::Error("queue bounce needs the running server (it sends mail)".into())
+        }
+        Request::QueueDestinations => {
+            return Response::Error(
+                "no server runs: destinations live in the running server's memory".into(),
+            )
         }
         Request::Who | Request::Kick { .. } => {
             return Response::Error("no server runs, so no POP3 session either".into())
@@ -717,5 +732,32 @@ fn queue_details(e: &QueueEntry) -> Vec<String> {
     for r in &e.recipients {
         lines.push(format!("recipient: {} {}", r.address, r.state));
     }
+    lines
+}
+
+/// `postino queue destinations`: one line per destination the delivery
+/// actor knows now (mail running or waiting for it, or a death or rate to
+/// remember), then a count line.
+fn destination_lines(views: &[View]) -> Vec<String> {
+    let mut lines = vec![format!(
+        "{:<30} {:>6} {:>7} {:>11} {:<10} {}",
+        "DESTINATION", "ACTIVE", "WAITING", "CONCURRENCY", "RATE", "STATE"
+    )];
+    for v in views {
+        let state = match (v.dead_for, v.throttled_for) {
+            (Some(s), _) => format!("dead, retried in {s}s"),
+            (None, Some(s)) => format!("throttled, next in {s:.1}s"),
+            (None, None) => "ok".to_owned(),
+        };
+        lines.push(format!(
+            "{:<30} {:>6} {:>7} {:>11} {:<10} {state}",
+            v.name,
+            v.active,
+            v.waiting,
+            format!("{}/{}", v.window, v.max),
+            v.rate.as_deref().unwrap_or("-"),
+        ));
+    }
+    lines.push(format!("-- {} destination(s)", views.len()));
     lines
 }

@@ -6,7 +6,8 @@
 //! - [`server`]: [`Server`] and its builder: opens the store, starts the core
 //!   actors, binds listeners, stops gracefully ([`Server::run_until`]).
 //!   Beside it, private: `accept` (the accept loop of a listener), `limits`
-//!   (connection limits), `login_delay` (failed-login delays), `signals`
+//!   (connection limits), `submission_limits` (messages and recipients per
+//!   user and client, `[limits]`), `login_delay` (failed-login delays), `signals`
 //!   ([`Signals`], `postino serve`'s SIGTERM/SIGINT/SIGHUP handling).
 //! - [`smtp`]: the SMTP connection actor (one per client).
 //! - [`pop3`]: the POP3 connection actor (one per client).
@@ -73,6 +74,7 @@ pub mod server;
 mod sessions;
 mod signals;
 pub mod smtp;
+mod submission_limits;
 pub mod tls;
 pub mod wire;
 

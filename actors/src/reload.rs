@@ -7,7 +7,9 @@
 //! session at its start (limits, timeouts, the greeting's name), the router
 //! at each `RCPT TO`, intake at each message, the delivery actor at each
 //! round, an accept loop at each connection. Sessions in progress finish
-//! with the values they started with.
+//! with the values they started with, except the submission rates
+//! (`[limits]`), taken at each MAIL and RCPT; the delivery destinations'
+//! concurrency limits and rates change at once, for waiting mail too.
 //!
 //! What is bound once at start (listeners, the data directory, the store's
 //! tuning, the password threads, ...) cannot change without a restart: a

@@ -385,6 +385,7 @@ impl ServerBuilder {
         let checks = PasswordChecks::start(store.clone(), config.auth.workers)
             .map_err(ServerError::AuthWorkers)?;
         let sessions = Arc::new(crate::sessions::Pop3Sessions::default());
+        let rates = Arc::new(crate::submission_limits::SubmissionLimits::default());
         let policies = (!self.policies.is_empty())
             .then(|| Arc::new(Policies::new(self.policies, config.smtp.timeout)));
         let smtp_shared =
@@ -399,6 +400,7 @@ impl ServerBuilder {
                     failures: failures.clone(),
                     checks: checks.clone(),
                     policy: policies.clone(),
+                    rates: rates.clone(),
                 })
             };
         // Each worker arbiter gets its own router actor and intake: the
@@ -484,6 +486,7 @@ impl ServerBuilder {
             queue_admin: delivery.clone().recipient(),
             active: delivery.clone().recipient(),
             sessions,
+            destinations: delivery.clone().recipient(),
         };
         let control =
             crate::control::bind(config.control_socket(), live.clone()).map_err(|source| {

@@ -31,6 +31,7 @@ use crate::limits::ConnectionGuard;
 use crate::login_delay::AuthFailures;
 use crate::reload::LiveConfig;
 use crate::router::RouteRecipient;
+use crate::submission_limits::Event;
 
 mod hooks;
 
@@ -56,6 +57,9 @@ pub struct SmtpShared {
     pub checks: PasswordChecks,
     /// The embedder's policies; `None` (none registered): no hook runs.
     pub(crate) policy: Option<Arc<crate::policy::Policies>>,
+    /// Submission rates per user and client (`[limits]`), one for the
+    /// whole server.
+    pub(crate) rates: Arc<crate::submission_limits::SubmissionLimits>,
 }
 
 /// One SMTP client connection.
@@ -319,6 +323,7 @@ impl SmtpConnection {
 
     /// Acts on a step; returns whether `drive` may go on at once.
     fn step(&mut self, step: Step, ctx: &mut Context<Self>) -> bool {
+        let step = self.apply_rates(step);
         match step {
             Step::Read => {
                 self.read(ctx);
@@ -665,6 +670,33 @@ impl SmtpConnection {
                     .saturating_duration_since(Instant::now())
                     .max(Duration::from_millis(1))
             }
+        }
+    }
+
+    /// Submission rates (`[limits]`): an accepted MAIL or a RCPT about to
+    /// be routed is counted, or refused with `452 4.7.0` (MAIL ends the
+    /// transaction; RCPT is answered like a refused recipient). Before the
+    /// embedder's policies: a client over its rate costs them nothing.
+    fn apply_rates(&mut self, step: Step) -> Step {
+        let event = match &step {
+            Step::Reply { reply, .. } if self.screens_mail(reply) => Event::Message,
+            Step::Route(_) => Event::Recipient,
+            _ => return step,
+        };
+        // The current configuration, so that a reload applies to open
+        // connections too.
+        let config = self.shared.config.current();
+        let user = self.session.authenticated_user();
+        match self
+            .shared
+            .rates
+            .admit(&config.limits, event, user, self.peer.ip())
+        {
+            Ok(()) => step,
+            Err(reply) => match event {
+                Event::Message => self.session.refuse(reply),
+                Event::Recipient => self.session.routed(postino_core::Route::Reject(reply)),
+            },
         }
     }
 

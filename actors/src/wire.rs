@@ -80,6 +80,10 @@ pub enum Request {
         /// The queue id.
         id: String,
     },
+    /// The delivery destinations of the running server and their traffic
+    /// shaping: concurrency, limit, rate, dead or throttled
+    /// (`postino queue destinations`).
+    QueueDestinations,
     /// The live POP3 sessions (`postino who`).
     Who,
     /// Ends POP3 sessions: `target` is a session id from `Who`, or a user

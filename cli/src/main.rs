@@ -258,6 +258,11 @@ enum QueueCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The running server's delivery destinations (domains, or the
+    /// smarthost) and their traffic shaping: deliveries running and
+    /// waiting, concurrency now / limit, rate, and whether the destination
+    /// is dead or throttled (running server only).
+    Destinations,
     /// Sender, arrival, client, attempts, next attempt and each recipient's state of one message.
     Show {
         /// The message id, as `queue list` prints it.
@@ -368,6 +373,7 @@ fn queue_request(cmd: QueueCommand) -> Request {
             json,
         }),
         QueueCommand::Show { id } => Request::QueueShow { id },
+        QueueCommand::Destinations => Request::QueueDestinations,
         QueueCommand::Cat { id, headers, body } => Request::Queue(QueueRequest::Cat {
             id,
             part: match (headers, body) {

@@ -56,7 +56,7 @@ fn json(body: &str) -> serde_json::Value {
 /// Every sample of `/metrics`, as `name{labels}` → value, parsed by
 /// prometheus_client's OpenMetrics parser (which refuses anything that is
 /// not valid OpenMetrics: a missing `# EOF`, a unit not in the name, …).
-fn scrape(server: &TestServer) -> BTreeMap<String, f64> {
+pub(crate) fn scrape(server: &TestServer) -> BTreeMap<String, f64> {
     let out = Command::new("curl")
         .args(["-sS", "--fail", "--max-time", "20", "-D", "/dev/stderr"])
         .arg(url(server, "/metrics"))
@@ -94,7 +94,7 @@ print(json.dumps(out))
     serde_json::from_slice(&out.stdout).expect("parser output")
 }
 
-fn sample(samples: &BTreeMap<String, f64>, key: &str) -> f64 {
+pub(crate) fn sample(samples: &BTreeMap<String, f64>, key: &str) -> f64 {
     *samples
         .get(key)
         .unwrap_or_else(|| panic!("no {key} in {samples:#?}"))

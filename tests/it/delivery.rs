@@ -171,7 +171,7 @@ fn time_of_day(line: &str) -> f64 {
 }
 
 /// Log lines that contain every one of `parts`.
-fn lines_with(server: &TestServer, parts: &[&str]) -> Vec<String> {
+pub(crate) fn lines_with(server: &TestServer, parts: &[&str]) -> Vec<String> {
     server
         .log()
         .lines()

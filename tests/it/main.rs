@@ -27,6 +27,7 @@ mod pop3;
 mod queue_tools;
 mod reload;
 mod security;
+mod shaping;
 mod smtp_local;
 mod support;
 mod tls;

@@ -6,7 +6,9 @@
 //!
 //! `Delivery::start` splits an entry's open recipients by destination
 //! (domain, or the smarthost) and runs one task per destination, each under
-//! that destination's concurrency limit. Each task's outcomes are written to
+//! that destination's traffic shaping ([`super::shaping`]: a concurrency
+//! window that follows the outcomes, an optional rate; a dead destination's
+//! recipients are deferred at once). Each task's outcomes are written to
 //! the queue record as they come in, so a crash re-sends as little as
 //! possible. When the last task of the round is back, `Delivery::finalize`
 //! decides: bounce the recipients that failed for good (one RFC 3464 report
@@ -54,17 +56,17 @@ use postino_core::store::{
     TraceKind,
 };
 use postino_core::{Config, Envelope, MessageId, Store};
-use tokio::sync::Semaphore;
 use tracing::{debug, error, info, warn};
 
 use crate::bounce::{notification, trace_notice};
 use crate::dispatch::dispatch;
 
 use super::attempt::{self, Outcome, RcptResult};
+use super::shaping::{Destination, Feedback, Settings};
 use crate::reload::{LiveConfig, Reconfigure};
 
 mod admin;
-pub use admin::{ActiveIds, QueueAdmin};
+pub use admin::{ActiveIds, Destinations, QueueAdmin};
 
 /// Most messages being tried at once (each may hold several connections).
 pub const MAX_IN_FLIGHT: usize = 512;
@@ -154,10 +156,11 @@ pub struct Delivery {
     /// While the store fails: the wait before the next try to write the
     /// unsettled outcomes. No rounds start meanwhile.
     settle_retry: Option<Duration>,
-    /// Per destination: `concurrency_per_domain` permits. Entries nobody
-    /// holds are dropped at each poll, so the map does not grow with every
-    /// domain ever seen.
-    destinations: HashMap<String, Arc<Semaphore>>,
+    /// Per destination: its concurrency window and rate
+    /// ([`shaping`](super::shaping)). Entries nobody holds and that
+    /// remember nothing (no death, no rate wait) are dropped at each poll,
+    /// so the map does not grow with every domain ever seen.
+    destinations: HashMap<String, Arc<Destination>>,
     /// The pending wake-up and when (unix seconds) it fires.
     wakeup: Option<(f64, SpawnHandle)>,
     attempt: Arc<attempt::Attempt>,
@@ -234,7 +237,7 @@ impl Delivery {
             }
         }
         self.destinations
-            .retain(|_, permits| Arc::strong_count(permits) > 1);
+            .retain(|_, d| Arc::strong_count(d) > 1 || d.remembers());
         self.schedule(ctx);
     }
 
@@ -280,11 +283,19 @@ impl Delivery {
         self.store.durable()
     }
 
-    fn permits(&mut self, destination: &str) -> Arc<Semaphore> {
-        let limit = self.config.delivery.concurrency_per_domain.max(1);
+    /// An administrator asked for the queue to be tried now: dead
+    /// destinations are tried too.
+    fn revive_destinations(&self) {
+        for d in self.destinations.values() {
+            d.revive();
+        }
+    }
+
+    fn destination(&mut self, name: &str) -> Arc<Destination> {
+        let config = &self.config;
         self.destinations
-            .entry(destination.to_owned())
-            .or_insert_with(|| Arc::new(Semaphore::new(limit)))
+            .entry(name.to_owned())
+            .or_insert_with(|| Destination::new(name, Settings::of(config, name)))
             .clone()
     }
 
@@ -332,15 +343,31 @@ impl Delivery {
         let id = entry.id;
         self.in_flight.insert(id, by_domain.len());
         for (domain, rcpts) in by_domain {
-            let permits = self.permits(&self.attempt.destination(&domain));
+            let destination = self.destination(&self.attempt.destination(&domain));
             let attempt = self.attempt.clone();
             let sender = entry.sender.clone();
             let params = entry.params.clone();
             let content = content.clone();
             let task = async move {
-                // The semaphore is never closed, so this only waits.
-                let _permit = permits.acquire_owned().await;
-                attempt
+                let _permit = match destination.acquire().await {
+                    Ok(permit) => permit,
+                    Err(suspended) => {
+                        // A dead destination: deferred without a
+                        // connection, as Postfix's queue manager does.
+                        let result = RcptResult::Deferred(suspended.diagnostic());
+                        return rcpts
+                            .into_iter()
+                            .map(|recipient| Outcome {
+                                recipient,
+                                relay: None,
+                                tls: None,
+                                result: result.clone(),
+                                dsn_passed_on: false,
+                            })
+                            .collect();
+                    }
+                };
+                let outcomes = attempt
                     .deliver(
                         id,
                         &domain,
@@ -349,7 +376,9 @@ impl Delivery {
                         &content,
                         params.as_deref(),
                     )
-                    .await
+                    .await;
+                destination.feedback(Feedback::of(&outcomes));
+                outcomes
             };
             // The session itself runs on a worker arbiter: with thousands of
             // relayed messages a second, one thread could not both talk SMTP
@@ -841,6 +870,7 @@ impl Delivery {
     ) -> Result<QueueChanged, QueueError> {
         match change {
             ChangeQueue::Flush => {
+                self.revive_destinations();
                 let now = now_unix();
                 let mut due = 0;
                 for mut e in self.store.queue()? {
@@ -998,6 +1028,10 @@ impl Handler<Reconfigure> for Delivery {
     fn handle(&mut self, msg: Reconfigure, _: &mut Context<Self>) {
         self.attempt = Arc::new(attempt::Attempt::new(msg.0.clone()));
         self.config = msg.0;
+        // Limits and rates apply at once, also to deliveries waiting now.
+        for (name, d) in &self.destinations {
+            d.reconfigure(Settings::of(&self.config, name));
+        }
     }
 }
 

@@ -34,6 +34,7 @@ pub mod attempt;
 pub mod client;
 pub mod dane;
 pub mod mx;
+pub mod shaping;
 pub mod sts;
 pub mod tls;
 pub mod tls_policy;

@@ -28,7 +28,7 @@ use super::{accepts_tcp, wait_until};
 /// every message, content first and each by rename, so a reader never sees
 /// half a message.
 const SINK_PY: &str = r#"
-import argparse, asyncio, itertools, json, logging, os, ssl, sys
+import argparse, asyncio, itertools, json, logging, os, ssl, sys, time
 from aiosmtpd.smtp import SMTP, AuthResult
 
 p = argparse.ArgumentParser()
@@ -45,7 +45,12 @@ p.add_argument("--tls-key")   # ... and key
 p.add_argument("--tls-implicit", action="store_true")  # TLS from the first byte
 p.add_argument("--tls-broken", action="store_true")  # offer STARTTLS, fail every handshake
 p.add_argument("--dsn", action="store_true")  # offer DSN, take its parameters
+p.add_argument("--tempfail", type=int, default=0)  # first N MAILs get 421
+p.add_argument("--delay", type=float, default=0)  # seconds before the final 250
+p.add_argument("--record")  # file: "<monotonic time> <transactions open>" per MAIL
 args = p.parse_args()
+tempfails = itertools.count()
+open_transactions = 0
 rcpt_replies = dict(r.split("=", 1) for r in args.rcpt)
 counter = itertools.count()
 logging.basicConfig(level=logging.WARNING)
@@ -64,8 +69,15 @@ class Handler:
         return responses
 
     async def handle_MAIL(self, server, session, envelope, address, options):
+        global open_transactions
         if args.hang == "mail":
             await asyncio.sleep(3600)
+        if next(tempfails) < args.tempfail:
+            return "421 4.7.0 mx.test busy, try again later"
+        if args.record:
+            open_transactions += 1
+            with open(args.record, "a") as f:
+                f.write("%f %d\n" % (time.monotonic(), open_transactions))
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 Ok"
@@ -81,8 +93,13 @@ class Handler:
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server, session, envelope):
+        global open_transactions
         if args.hang == "data":
             await asyncio.sleep(3600)
+        if args.delay:
+            await asyncio.sleep(args.delay)
+        if args.record:
+            open_transactions -= 1
         n = "%06d" % next(counter)
         write(n + ".eml", envelope.original_content)
         meta = {
@@ -192,6 +209,14 @@ pub struct SinkOptions {
     pub tls_broken: bool,
     /// Offer DSN and take its parameters (recorded, not acted on).
     pub dsn: bool,
+    /// Answer the first `tempfail` MAIL commands with `421 4.7.0`.
+    pub tempfail: usize,
+    /// Wait this long before answering the final dot (so that
+    /// transactions overlap).
+    pub delay: Option<Duration>,
+    /// Record the transactions open at each accepted MAIL
+    /// ([`Sink::transactions`]).
+    pub record: bool,
 }
 
 /// One message as the sink received it.
@@ -283,6 +308,15 @@ impl Sink {
         if options.dsn {
             cmd.arg("--dsn");
         }
+        if options.tempfail > 0 {
+            cmd.arg(format!("--tempfail={}", options.tempfail));
+        }
+        if let Some(delay) = options.delay {
+            cmd.arg(format!("--delay={}", delay.as_secs_f64()));
+        }
+        if options.record {
+            cmd.arg(format!("--record={}", dir.path().join("record").display()));
+        }
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -324,6 +358,20 @@ impl Sink {
 
     fn spool(&self) -> PathBuf {
         self.dir.path().join("mail")
+    }
+
+    /// With [`SinkOptions::record`]: for each accepted MAIL, in order, the
+    /// server's clock (seconds) and how many transactions were open with
+    /// it (MAIL accepted, final dot not yet answered).
+    pub fn transactions(&self) -> Vec<(f64, usize)> {
+        std::fs::read_to_string(self.dir.path().join("record"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let (t, n) = l.split_once(' ')?;
+                Some((t.parse().ok()?, n.parse().ok()?))
+            })
+            .collect()
     }
 
     /// How many messages were received so far (cheap: no file is read).

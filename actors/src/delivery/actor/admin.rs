@@ -34,6 +34,23 @@ impl Handler<ActiveIds> for Delivery {
     }
 }
 
+/// The destinations the queue manager knows now (those with deliveries
+/// running or waiting, or with a death or rate to remember), by name:
+/// `postino queue destinations`.
+#[derive(Message, Debug)]
+#[rtype(result = "Vec<crate::delivery::shaping::View>")]
+pub struct Destinations;
+
+impl Handler<Destinations> for Delivery {
+    type Result = MessageResult<Destinations>;
+
+    fn handle(&mut self, _: Destinations, _: &mut Self::Context) -> Self::Result {
+        let mut views: Vec<_> = self.destinations.values().map(|d| d.view()).collect();
+        views.sort_by(|a, b| a.name.cmp(&b.name));
+        MessageResult(views)
+    }
+}
+
 /// `postino queue hold|release|requeue|flush|delete|bounce` with ids or
 /// filters, on the running server. Answers the count line, or an error.
 #[derive(Message, Debug)]
@@ -49,6 +66,9 @@ impl Handler<QueueAdmin> for Delivery {
     fn handle(&mut self, msg: QueueAdmin, ctx: &mut Self::Context) -> Self::Result {
         let QueueAdmin { action, filter } = msg;
         queue_tools::check_selection(action, &filter)?;
+        if matches!(action, Action::Flush | Action::Requeue | Action::Release) {
+            self.revive_destinations();
+        }
         let active: HashSet<MessageId> = self
             .in_flight
             .keys()
