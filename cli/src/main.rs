@@ -158,7 +158,7 @@ enum UserCommand {
         /// The mailbox address, in one of the local domains.
         address: String,
         /// The mailbox's quota: a size (1048576, 500M, 1G), unlimited, or
-        /// default ([mailbox] quota applies; the default).
+        /// default (`[mailbox] quota` applies; the default).
         #[arg(long, value_name = "SIZE")]
         quota: Option<String>,
     },
@@ -167,7 +167,7 @@ enum UserCommand {
         /// The mailbox address.
         address: String,
         /// The mailbox's quota: a size (1048576, 500M, 1G), unlimited, or
-        /// default ([mailbox] quota applies).
+        /// default (`[mailbox] quota` applies).
         #[arg(long, value_name = "SIZE")]
         quota: Option<String>,
     },
