@@ -151,22 +151,14 @@ impl Signers {
         authenticated: bool,
         content: &[u8],
     ) -> Result<Option<Signed>, mail_auth::Error> {
+        if !wants_signature(config, envelope, authenticated) {
+            return Ok(None);
+        }
         let sender_domain = envelope
             .sender
             .as_deref()
             .and_then(|s| s.rsplit_once('@'))
             .map(|(_, d)| d.to_ascii_lowercase());
-        // A local-domain sender counts only from a client allowed to relay:
-        // anyone may claim one, and alias forwarding would then sign a
-        // forgery with our key.
-        let ours = authenticated
-            || (sender_domain
-                .as_deref()
-                .is_some_and(|d| config.is_local_domain(d))
-                && envelope.client.parse().is_ok_and(|ip| config.may_relay(ip)));
-        if !ours || !leaves(envelope) {
-            return Ok(None);
-        }
         let Some(headers) = mail_parser::MessageParser::new().parse_headers(content) else {
             return Ok(None);
         };
@@ -228,6 +220,25 @@ pub(crate) struct Signed {
 }
 
 /// Whether `envelope` has a recipient that is not a local mailbox.
+/// Whether `envelope` is mail of ours that leaves the machine, the mail
+/// that is signed: from an authenticated user, or from a local-domain
+/// sender through a client allowed to relay (anyone may claim a local
+/// sender, and alias forwarding would then sign a forgery with our key).
+/// Cheap: no content is read.
+pub(crate) fn wants_signature(config: &Config, envelope: &Envelope, authenticated: bool) -> bool {
+    let sender_domain = envelope
+        .sender
+        .as_deref()
+        .and_then(|s| s.rsplit_once('@'))
+        .map(|(_, d)| d.to_ascii_lowercase());
+    let ours = authenticated
+        || (sender_domain
+            .as_deref()
+            .is_some_and(|d| config.is_local_domain(d))
+            && envelope.client.parse().is_ok_and(|ip| config.may_relay(ip)));
+    ours && leaves(envelope)
+}
+
 fn leaves(envelope: &Envelope) -> bool {
     envelope.recipients.iter().any(|r| match &r.route {
         Route::Deliver(targets) => targets.iter().any(|t| matches!(t, Target::Remote { .. })),

@@ -100,11 +100,14 @@ impl Intake {
         authenticated: bool,
     ) -> Vec<u8> {
         let keys = self.dkim.current();
-        if keys.is_empty() {
+        let config = self.config.current();
+        // Decided here, so that mail that is not signed (local mail, the
+        // common case) costs no copy and no hop to a blocking thread.
+        if keys.is_empty() || !crate::dkim::wants_signature(&config, envelope, authenticated) {
             return content;
         }
         let id = envelope.id;
-        let (config, job_envelope) = (self.config.current(), envelope.clone());
+        let job_envelope = envelope.clone();
         // Shared with the signing thread, so that even a panic there leaves
         // the content here.
         let content = std::sync::Arc::new(content);
