@@ -156,6 +156,10 @@ use crate::routing::{Directory, DirectoryError};
 pub use backup::{BackupError, CheckReport, Counts, EXPORT_VERSION};
 pub use commit::Durable;
 pub use compact::Compacted;
+/// For other backends (`postino-pg`): the same address checks and password
+/// hashes as this store's.
+pub use backup::{Line as ExportLine, EXPORT_FORMAT};
+pub use users::hash_password;
 pub use hold::{QueueItem, Rescheduled};
 pub use mail::{LocalDelivery, MailEntry};
 pub use queue::{DeliveryDiagnostic, Notice, QueueEntry, QueueRecipient, RecipientState};
@@ -248,6 +252,15 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A queue lease ([`crate::storage::Lease`]) is no longer this
+    /// claimer's: it expired and another node claimed the entry. Nothing
+    /// was written.
+    #[error("the lease on queue entry {id} was lost (another node claimed it)")]
+    LeaseLost { id: MessageId },
+    /// An error of a storage backend other than sled (a database
+    /// connection, a failed transaction): temporary, like any store error.
+    #[error("storage backend: {0}")]
+    Backend(Box<dyn std::error::Error + Send + Sync>),
     /// A file system error while compacting ([`Store::compact`]).
     #[error("compaction: {}: {source}", path.display())]
     Compact {
@@ -671,7 +684,7 @@ fn uidl_epoch(meta: &sled::Tree) -> Result<u32, StoreError> {
 /// Lower-cases and checks an address: exactly one `@`, non-empty local part
 /// and domain within RFC 5321 lengths, no whitespace or control characters
 /// (NUL separates the mailbox from the id in `mail` keys).
-pub(crate) fn canonical(address: &str) -> Result<String, StoreError> {
+pub fn canonical(address: &str) -> Result<String, StoreError> {
     let invalid = || StoreError::InvalidAddress(address.to_owned());
     let (local, domain) = address.split_once('@').ok_or_else(invalid)?;
     if local.is_empty()

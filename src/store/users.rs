@@ -41,7 +41,12 @@ const MAX_PURGE_ROUNDS: usize = 16;
 /// Mailbox entries removed per transaction when a user is deleted.
 const PURGE_CHUNK: usize = 512;
 
-fn hash_password(password: &str) -> Result<String, StoreError> {
+/// An argon2id PHC hash of `password` with a fresh salt, as stored for a user.
+///
+/// # Errors
+///
+/// [`StoreError::Password`] if hashing fails.
+pub fn hash_password(password: &str) -> Result<String, StoreError> {
     let salt = SaltString::generate(&mut OsRng);
     Argon2::default()
         .hash_password(password.as_bytes(), &salt)
