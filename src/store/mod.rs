@@ -163,7 +163,7 @@ pub use quota::{QuotaSetting, Usage};
 pub use trace::{
     TraceEvent, TraceKind, TraceLimits, DEFAULT_MAX_EVENTS_PER_MESSAGE, DEFAULT_TRACE_KEEP,
 };
-pub use users::PasswordScratch;
+pub use users::{verify_password_hash, LoginCache, PasswordScratch};
 
 /// Version of the on-disk layout; bincode records are not self-describing,
 /// so a database written by another layout is refused instead of misread.
@@ -248,6 +248,15 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A queue lease ([`crate::storage::Lease`]) is no longer this
+    /// claimer's: it expired and another node claimed the entry. Nothing
+    /// was written.
+    #[error("the lease on queue entry {id} was lost (another node claimed it)")]
+    LeaseLost { id: MessageId },
+    /// An error of a storage backend other than sled (a database
+    /// connection, a failed transaction): temporary, like any store error.
+    #[error("storage backend: {0}")]
+    Backend(Box<dyn std::error::Error + Send + Sync>),
     /// A file system error while compacting ([`Store::compact`]).
     #[error("compaction: {}: {source}", path.display())]
     Compact {
@@ -672,6 +681,12 @@ fn uidl_epoch(meta: &sled::Tree) -> Result<u32, StoreError> {
 /// and domain within RFC 5321 lengths, no whitespace or control characters
 /// (NUL separates the mailbox from the id in `mail` keys).
 pub(crate) fn canonical(address: &str) -> Result<String, StoreError> {
+    canonical_mailbox(address)
+}
+
+/// The canonical (lower-case, checked) form of a mailbox address, as every
+/// store keys it. [`StoreError::InvalidAddress`] if it is not one.
+pub fn canonical_mailbox(address: &str) -> Result<String, StoreError> {
     let invalid = || StoreError::InvalidAddress(address.to_owned());
     let (local, domain) = address.split_once('@').ok_or_else(invalid)?;
     if local.is_empty()
