@@ -50,6 +50,8 @@ pub use crate::store::{
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 mod sled;
+#[cfg(test)]
+mod tests;
 
 pub use self::sled::SledStorage;
 
@@ -179,6 +181,12 @@ pub trait Mailboxes: Send + Sync {
         mailbox: &str,
         node: &str,
     ) -> StoreResult<Option<Box<dyn MaildropLock>>>;
+    /// Releases a maildrop lock and returns once it is released (the next
+    /// [`Mailboxes::lock_maildrop`] on any node gets it). Dropping the lock
+    /// releases it too, but a backend may finish that in the background.
+    async fn unlock_maildrop(&self, lock: Box<dyn MaildropLock>) {
+        drop(lock);
+    }
 }
 
 /// A node's claim on a queue entry, from [`Queue::claim_due`].
