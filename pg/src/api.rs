@@ -13,8 +13,8 @@ use postino_core::store::{
 };
 
 use crate::mailbox::PgMaildropLock;
-use crate::queue::Claim;
 use crate::PgStore;
+use postino_core::storage::Lease as Claim;
 
 type Result<T> = std::result::Result<T, StoreError>;
 

@@ -14,8 +14,8 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use postino_core::message::{Envelope, MessageId};
 use postino_core::store::{
-    canonical, BackupError, Counts, ExportLine as Line, QueueEntry, StoreError, EXPORT_FORMAT,
-    EXPORT_VERSION,
+    canonical_mailbox as canonical, BackupError, Counts, ExportLine as Line, QueueEntry,
+    StoreError, EXPORT_FORMAT, EXPORT_VERSION,
 };
 use tokio::sync::mpsc;
 use tokio_postgres::types::Json;

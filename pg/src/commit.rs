@@ -55,6 +55,9 @@ pub(crate) enum Write {
         envelope: serde_json::Value,
         content: Bytes,
     },
+    /// Nothing: answered once everything sent before it is committed
+    /// (`Intake::durable`, for history events, which have no waiter).
+    Barrier,
     /// A history event (no waiter).
     Trace {
         id: MessageId,
@@ -119,6 +122,11 @@ impl Committer {
         if let Err(e) = self.tx.try_send(Pending { write, done: None }) {
             tracing::debug!(error = %e, "history event dropped: committer busy");
         }
+    }
+
+    /// Returns once everything sent before is committed.
+    pub(crate) async fn barrier(&self) -> Result<(), StoreError> {
+        self.commit(Write::Barrier).await
     }
 
     /// (commits, writes) so far.
@@ -219,15 +227,23 @@ async fn run(
             };
         }
         let outcome = match &conn {
+            // Only barriers: what came before is committed already.
+            _ if batch.iter().all(|p| matches!(p.write, Write::Barrier)) => {
+                Ok(batch.iter().map(|_| Ok(())).collect())
+            }
             Some(c) => commit_batch(c, &batch).await,
             None => Err(db_err("no database connection")),
         };
         match outcome {
             Ok(results) => {
-                stats.commits.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .writes
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                let writes = batch
+                    .iter()
+                    .filter(|p| !matches!(p.write, Write::Barrier | Write::Trace { .. }))
+                    .count();
+                if batch.iter().any(|p| !matches!(p.write, Write::Barrier)) {
+                    stats.commits.fetch_add(1, Ordering::Relaxed);
+                }
+                stats.writes.fetch_add(writes as u64, Ordering::Relaxed);
                 for (p, r) in batch.drain(..).zip(results) {
                     if let Some(done) = p.done {
                         let _ = done.send(r);
@@ -301,6 +317,7 @@ async fn commit_batch(
                     Box::new(&content[..]),
                     Box::new(Json(envelope)),
                 ],
+                Write::Barrier => Vec::new(),
                 Write::Trace { id, at, what, max } => vec![
                     Box::new(id.0 as i64),
                     Box::new(*at),
@@ -323,8 +340,13 @@ async fn commit_batch(
     requests.push(Box::pin(async move {
         client.batch_execute("BEGIN").await.map(|_| 0)
     }));
+    let mut sent = Vec::with_capacity(batch.len());
     for (p, params) in batch.iter().zip(&refs) {
         let statement = match &p.write {
+            Write::Barrier => {
+                sent.push(false);
+                continue;
+            }
             Write::Local { entries, .. } if entries.len() == 1 => &c.local_one,
             Write::Local { .. } => &c.local_many,
             Write::Remote { .. } => &c.remote,
@@ -332,6 +354,7 @@ async fn commit_batch(
             Write::Trace { .. } => &c.trace,
         };
         requests.push(Box::pin(client.execute(statement, params)));
+        sent.push(true);
     }
     if queued {
         requests.push(Box::pin(async move {

@@ -7,7 +7,9 @@
 use std::sync::atomic::Ordering;
 
 use postino_core::routing::MAX_ALIAS_DEPTH;
-use postino_core::store::{canonical, hash_password, QuotaSetting, StoreError, Usage};
+use postino_core::store::{
+    canonical_mailbox as canonical, hash_password, QuotaSetting, StoreError, Usage,
+};
 
 use crate::{db_err, Db};
 

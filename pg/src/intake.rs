@@ -10,7 +10,7 @@
 use bytes::Bytes;
 use deadpool_postgres::GenericClient;
 use postino_core::message::{Envelope, MessageId};
-use postino_core::store::{canonical, LocalDelivery, QueueEntry, StoreError};
+use postino_core::store::{canonical_mailbox as canonical, LocalDelivery, QueueEntry, StoreError};
 use tokio_postgres::types::Json;
 
 use crate::commit::Write;

@@ -45,6 +45,7 @@ mod mailbox;
 mod migrate;
 mod notify;
 mod queue;
+mod storage;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod trace;
@@ -59,7 +60,6 @@ use tokio_postgres::NoTls;
 
 pub use mailbox::PgMaildropLock;
 pub use migrate::SCHEMA_VERSION;
-pub use queue::Claim;
 
 /// Settings of a [`PgStore`] (`[store]` with `backend = "postgres"`).
 #[derive(Debug, Clone)]
@@ -128,6 +128,8 @@ struct Db {
     uidl_epoch: std::sync::atomic::AtomicU32,
     /// `[mailbox] quota` (`u64::MAX`: none).
     default_quota: AtomicU64,
+    /// Maildrop locks being released.
+    unlocking: mailbox::Unlocking,
     /// `[trace] max_events_per_message`.
     trace_max: AtomicU64,
 }
@@ -290,6 +292,7 @@ impl Db {
             notify,
             uidl_epoch: uidl_epoch.into(),
             default_quota: AtomicU64::new(u64::MAX),
+            unlocking: Default::default(),
             trace_max: AtomicU64::new(postino_core::store::DEFAULT_MAX_EVENTS_PER_MESSAGE),
         })
     }

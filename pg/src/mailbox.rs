@@ -13,8 +13,11 @@
 //! loses its locks as soon as PostgreSQL notices, never holding a maildrop
 //! for good.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use postino_core::message::MessageId;
-use postino_core::store::{canonical, MailEntry, StoreError};
+use postino_core::store::{canonical_mailbox as canonical, MailEntry, StoreError};
 
 use crate::{db_err, uidl, Db};
 
@@ -24,6 +27,23 @@ pub struct PgMaildropLock {
     mailbox: String,
     conn: Option<deadpool_postgres::Object>,
     runtime: tokio::runtime::Handle,
+    /// Releases under way, by mailbox: `unlock_maildrop` waits for its own.
+    unlocking: Unlocking,
+}
+
+/// Releases under way, by mailbox.
+pub(crate) type Unlocking = Arc<Mutex<HashMap<String, tokio::task::JoinHandle<()>>>>;
+
+/// Waits until the release of `mailbox`'s lock (if one is under way) is
+/// done.
+pub(crate) async fn unlocked(unlocking: &Unlocking, mailbox: &str) {
+    let handle = unlocking
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(mailbox);
+    if let Some(handle) = handle {
+        let _ = handle.await;
+    }
 }
 
 impl std::fmt::Debug for PgMaildropLock {
@@ -41,13 +61,19 @@ impl PgMaildropLock {
     }
 }
 
+impl postino_core::storage::MaildropLock for PgMaildropLock {
+    fn mailbox(&self) -> &str {
+        &self.mailbox
+    }
+}
+
 impl Drop for PgMaildropLock {
     fn drop(&mut self) {
         let Some(conn) = self.conn.take() else {
             return;
         };
-        let mailbox = std::mem::take(&mut self.mailbox);
-        self.runtime.spawn(async move {
+        let mailbox = self.mailbox.clone();
+        let release = self.runtime.spawn(async move {
             let unlocked = conn
                 .query_one(
                     "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
@@ -61,6 +87,10 @@ impl Drop for PgMaildropLock {
                 drop(deadpool_postgres::Object::take(conn));
             }
         });
+        self.unlocking
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(std::mem::take(&mut self.mailbox), release);
     }
 }
 
@@ -166,6 +196,7 @@ impl Db {
             mailbox,
             conn: Some(conn),
             runtime: tokio::runtime::Handle::current(),
+            unlocking: self.unlocking.clone(),
         }))
     }
 }

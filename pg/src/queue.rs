@@ -20,18 +20,7 @@ use tokio_postgres::Row;
 use crate::intake::{release, spool_in};
 use crate::{codec, db_err, Db};
 
-/// A node's claim on a queue entry (the storage seam's `Lease`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Claim {
-    /// The entry claimed.
-    pub id: MessageId,
-    /// The node holding it.
-    pub node: String,
-    /// Unix seconds after which another node may claim the entry again.
-    pub until: u64,
-    /// Tells this claim from any other claim of the same entry.
-    pub token: u64,
-}
+use postino_core::storage::Lease as Claim;
 
 fn entry_of(row: &Row, entry: usize, next_attempt: usize) -> Result<QueueEntry, StoreError> {
     let v: serde_json::Value = row.get(entry);
@@ -248,15 +237,14 @@ impl Db {
             .map(|e| e.received_at))
     }
 
-    /// When the earliest entry not under a live lease is due: an entry
-    /// leased by another node counts as due when its lease runs out.
+    /// When the earliest entry not under a live lease is due (a node polls
+    /// now and then, so it also finds leases that ran out).
     pub(crate) async fn next_due_time(&self, now: u64) -> Result<Option<u64>, StoreError> {
         let client = self.client().await?;
         let row = client
             .query_one(
-                "SELECT min(CASE WHEN lease_until > $1 \
-                     THEN greatest(next_attempt, lease_until) ELSE next_attempt END) \
-                 FROM queue WHERE held_since IS NULL",
+                "SELECT min(next_attempt) FROM queue \
+                 WHERE held_since IS NULL AND (lease_until IS NULL OR lease_until <= $1)",
                 &[&(now as i64)],
             )
             .await

@@ -167,7 +167,7 @@ pub use quota::{QuotaSetting, Usage};
 pub use trace::{
     TraceEvent, TraceKind, TraceLimits, DEFAULT_MAX_EVENTS_PER_MESSAGE, DEFAULT_TRACE_KEEP,
 };
-pub use users::PasswordScratch;
+pub use users::{verify_password_hash, LoginCache, PasswordScratch};
 
 /// Version of the on-disk layout; bincode records are not self-describing,
 /// so a database written by another layout is refused instead of misread.
@@ -684,7 +684,13 @@ fn uidl_epoch(meta: &sled::Tree) -> Result<u32, StoreError> {
 /// Lower-cases and checks an address: exactly one `@`, non-empty local part
 /// and domain within RFC 5321 lengths, no whitespace or control characters
 /// (NUL separates the mailbox from the id in `mail` keys).
-pub fn canonical(address: &str) -> Result<String, StoreError> {
+pub(crate) fn canonical(address: &str) -> Result<String, StoreError> {
+    canonical_mailbox(address)
+}
+
+/// The canonical (lower-case, checked) form of a mailbox address, as every
+/// store keys it. [`StoreError::InvalidAddress`] if it is not one.
+pub fn canonical_mailbox(address: &str) -> Result<String, StoreError> {
     let invalid = || StoreError::InvalidAddress(address.to_owned());
     let (local, domain) = address.split_once('@').ok_or_else(invalid)?;
     if local.is_empty()
