@@ -185,6 +185,21 @@ impl PgStore {
         })
     }
 
+    /// Opens the store `[store]` names (`backend = "postgres"`, `url`,
+    /// `node`).
+    ///
+    /// # Errors
+    ///
+    /// No `url` (the configuration check refuses that already), or as
+    /// [`PgStore::open`].
+    pub fn from_config(store: &postino_core::config::StoreConfig) -> Result<PgStore, StoreError> {
+        let url = store
+            .url
+            .as_deref()
+            .ok_or_else(|| db_err("[store] backend = \"postgres\" needs url"))?;
+        PgStore::open(&PgOptions::new(url, store.node.clone()))
+    }
+
     /// This node's name.
     pub fn node(&self) -> &str {
         &self.inner.db.node

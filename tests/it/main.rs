@@ -16,6 +16,7 @@ mod hostile;
 mod inspect;
 mod logs;
 mod packaging;
+mod pg;
 mod policy;
 mod pop3;
 mod queue_tools;

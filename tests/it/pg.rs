@@ -1,0 +1,108 @@
+//! The PostgreSQL store through the real `postino` binary: a store moved
+//! from sled into PostgreSQL and back with `postino store export|import`
+//! keeps everything, UIDLs included (a throwaway PostgreSQL from
+//! `postino_pg::testing`).
+
+use std::path::Path;
+
+use postino_pg::testing::TestCluster;
+
+use crate::support::server::{cli_with_config, config_text, Raw, TestServer};
+
+fn ok(out: std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "postino failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A configuration file for the PostgreSQL store at `url`.
+fn pg_config(dir: &Path, url: &str, node: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("{node}.toml"));
+    let text = config_text(
+        "",
+        "",
+        "",
+        &format!("backend = \"postgres\"\nurl = \"{url}\"\nnode = \"{node}\"\n"),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The export's lines after the header, and the header's UIDL epoch.
+fn records(export: &str) -> (u64, Vec<serde_json::Value>) {
+    let mut lines = export.lines().map(|l| serde_json::from_str(l).unwrap());
+    let header: serde_json::Value = lines.next().unwrap();
+    assert_eq!(header["format"], "postino-store");
+    (header["uidl_epoch"].as_u64().unwrap(), lines.collect())
+}
+
+#[test]
+fn store_moves_from_sled_to_postgres_and_back() {
+    let cluster = TestCluster::start().expect("start a throwaway PostgreSQL");
+    let url = cluster.create_database("moved").unwrap();
+    // Mail in a sled store, through the real server.
+    let mut server = TestServer::start();
+    server.add_user("alice@example.test", "pw");
+    ok(server.cli(
+        &["alias", "add", "team@example.test", "alice@example.test"],
+        "",
+    ));
+    let mut c = Raw::connect(server.smtp);
+    c.reply();
+    c.cmd("EHLO client.test");
+    for i in 0..3 {
+        assert!(c.cmd("MAIL FROM:<a@b.test>").starts_with("250"));
+        assert!(c.cmd("RCPT TO:<team@example.test>").starts_with("250"));
+        assert!(c.cmd("DATA").starts_with("354"));
+        let reply = c.cmd(&format!("Subject: m{i}\r\n\r\nhello {i}\r\n."));
+        assert!(reply.starts_with("250 2.0.0"), "{reply}");
+    }
+    c.cmd("QUIT");
+    server.terminate();
+    let work = tempfile::tempdir().unwrap();
+    let from_sled = work.path().join("sled.jsonl");
+    ok(server.cli(&["store", "export", "-o", from_sled.to_str().unwrap()], ""));
+
+    // Into PostgreSQL.
+    let pg = pg_config(work.path(), &url, "mx1");
+    let out = ok(cli_with_config(
+        &pg,
+        &["store", "import", from_sled.to_str().unwrap()],
+        "",
+    ));
+    assert!(
+        out.contains("imported 1 users, 1 aliases, 3 mailbox entries"),
+        "{out}"
+    );
+    // A second import is refused: the database is not empty.
+    assert!(
+        !cli_with_config(&pg, &["store", "import", from_sled.to_str().unwrap()], "")
+            .status
+            .success()
+    );
+    let from_pg = work.path().join("pg.jsonl");
+    ok(cli_with_config(
+        &pg,
+        &["store", "export", "-o", from_pg.to_str().unwrap()],
+        "",
+    ));
+    let sled_text = std::fs::read_to_string(&from_sled).unwrap();
+    let pg_text = std::fs::read_to_string(&from_pg).unwrap();
+    assert_eq!(
+        records(&pg_text),
+        records(&sled_text),
+        "PostgreSQL keeps every record, UIDLs included"
+    );
+
+    // And back into a new sled store.
+    let back = TestServer::configured(&config_text("", "", "", ""));
+    ok(back.cli(&["store", "import", from_pg.to_str().unwrap()], ""));
+    let again = work.path().join("again.jsonl");
+    ok(back.cli(&["store", "export", "-o", again.to_str().unwrap()], ""));
+    let again_text = std::fs::read_to_string(&again).unwrap();
+    assert_eq!(records(&again_text), records(&sled_text));
+}
