@@ -8,15 +8,16 @@ use postino_core::dsn::{self, RecipientStatus};
 use postino_core::logsafe::escape;
 use postino_core::message::{now_unix, RoutedRecipient as Rcpt};
 use postino_core::routing::{self, DirectoryError};
+use postino_core::storage::Storage;
 use postino_core::store::{Notice, StoreError, TraceKind};
-use postino_core::{Address, Config, Envelope, MessageId, Store};
+use postino_core::{Address, Config, Envelope, MessageId};
 use tracing::{info, warn};
 
 /// Spools a bounce for `failed` recipients of `envelope` and returns its
 /// envelope, or `None` when no bounce may be sent (null sender).
-pub fn bounce_envelope(
+pub async fn bounce_envelope(
     config: &Config,
-    store: &Store,
+    store: &dyn Storage,
     envelope: &Envelope,
     failed: &[RecipientStatus],
 ) -> Result<Option<Envelope>, StoreError> {
@@ -34,15 +35,16 @@ pub fn bounce_envelope(
         dsn::Kind::Failure,
         true,
     )
+    .await
 }
 
 /// Spools a delivery status notification of `kind` addressed to `to`.
 /// `inbound`: the original is still in the intake spool (a bounce made at
 /// dispatch), so the store marks it and a re-dispatch after a crash does not
 /// bounce twice.
-pub fn bounce_to(
+pub async fn bounce_to(
     config: &Config,
-    store: &Store,
+    store: &dyn Storage,
     envelope: &Envelope,
     recipients: &[RecipientStatus],
     to: &str,
@@ -52,38 +54,55 @@ pub fn bounce_to(
     let Some(Notice {
         envelope: bounce,
         content,
-    }) = notification(config, store, envelope, recipients, to, kind)?
+    }) = notification(config, store, envelope, recipients, to, kind).await?
     else {
         return Ok(None);
     };
     if inbound {
-        if !store.spool_bounce(envelope.id, &bounce, &content)? {
+        if !store.spool_bounce(envelope.id, &bounce, &content).await? {
             // Spooled by a dispatch before a crash; it is dispatched from
             // the spool on its own.
             return Ok(None);
         }
     } else {
-        store.spool(&bounce, &content)?;
+        store.spool(&bounce, &content).await?;
     }
     info!(id = %bounce.id, orig_id = %envelope.id, to = %escape(to), kind = ?kind, "notification created");
-    trace_notice(store, envelope.id, &bounce, kind);
+    trace_notice(store, envelope.id, &bounce, kind).await;
     Ok(Some(bounce))
 }
 
 /// Links a notification and the message it is about in both histories
 /// (`postino trace`), and records where the notification goes.
-pub fn trace_notice(store: &Store, original: MessageId, notice: &Envelope, kind: dsn::Kind) {
+pub async fn trace_notice(
+    store: &dyn Storage, original: MessageId, notice: &Envelope, kind: dsn::Kind) {
+    let now = now_unix();
+    for (id, what) in notice_events(original, notice, kind) {
+        store.trace(id, now, what).await;
+    }
+}
+
+/// The events [`trace_notice`] records, in order, for a caller that writes
+/// them itself.
+pub fn notice_events(
+    original: MessageId,
+    notice: &Envelope,
+    kind: dsn::Kind,
+) -> Vec<(MessageId, TraceKind)> {
     let to = notice.recipients.first().map(|r| r.address.clone());
-    store.trace(
-        original,
-        TraceKind::Notified {
-            notification: notice.id,
-            kind: format!("{kind:?}").to_ascii_lowercase(),
-            to: to.unwrap_or_default(),
-        },
-    );
-    store.trace(notice.id, TraceKind::About { original });
-    crate::history::trace_routes(store, notice);
+    let mut events = vec![
+        (
+            original,
+            TraceKind::Notified {
+                notification: notice.id,
+                kind: format!("{kind:?}").to_ascii_lowercase(),
+                to: to.unwrap_or_default(),
+            },
+        ),
+        (notice.id, TraceKind::About { original }),
+    ];
+    events.extend(crate::history::route_events(notice));
+    events
 }
 
 /// The store error behind a failed lookup in the store (the store's
@@ -98,21 +117,21 @@ fn store_error(e: DirectoryError) -> StoreError {
 /// Builds (without spooling) a delivery status notification of `kind`
 /// about `envelope`'s `recipients`, addressed to `to` and routed like any
 /// message to it. `None` when `to` cannot be routed. The delivery actor
-/// spools it together with its queue change ([`Store::settle_queue`]).
-pub fn notification(
+/// spools it together with its queue change ([`postino_core::storage::Queue::settle`]).
+pub async fn notification(
     config: &Config,
-    store: &Store,
+    store: &dyn Storage,
     envelope: &Envelope,
     recipients: &[RecipientStatus],
     to: &str,
     kind: dsn::Kind,
 ) -> Result<Option<Notice>, StoreError> {
     // Queued mail may hold its content inline; spooled mail shares it.
-    let original = match store.queued_content(envelope.id)? {
+    let original = match store.queued_content(envelope.id).await? {
         Some(c) => c,
-        None => store.content(envelope.id)?.unwrap_or_default(),
+        None => store.content(envelope.id).await?.unwrap_or_default(),
     };
-    let id = store.new_id()?;
+    let id = store.new_id().await?;
     let now = now_unix();
     let content = dsn::Report {
         kind,
@@ -130,7 +149,9 @@ pub fn notification(
         return Ok(None);
     };
     // The bounce goes wherever the sender's address leads, local or remote.
-    let route = routing::decide(&config.routing, store, &rcpt, true).map_err(store_error)?;
+    let route = routing::decide_async(&config.routing, store, &rcpt, true)
+        .await
+        .map_err(store_error)?;
     if !route.is_accepted() {
         warn!(id = %envelope.id, sender = %escape(to), "bounce recipient not routable; dropped");
         return Ok(None);

@@ -1,24 +1,26 @@
 //! `postino trace ID`: a message's history, in words or as JSON, from the
-//! store's `trace` tree ([`Store::history`]). Answered over the control
+//! store's `trace` tree ([`postino_core::storage::History::history`]). Answered over the control
 //! socket, by the offline CLI and by `GET /api/trace/ID` alike.
 
 use std::time::{Duration, UNIX_EPOCH};
 
 use postino_core::routing::{Route, Target};
 use postino_core::store::{TraceEvent, TraceKind};
-use postino_core::{Envelope, MessageId, Store};
+use postino_core::message::now_unix;
+use postino_core::storage::Storage;
+use postino_core::{Envelope, MessageId};
 
 use crate::wire::Response;
 
 /// The history of message `id`: a line per event, oldest first, or (with
 /// `json`) one line holding the events as a JSON array. Nothing kept is an
 /// error: the id is unknown, or its history has expired.
-pub fn answer(store: &Store, id: &str, json: bool) -> Response {
+pub async fn answer(store: &dyn Storage, id: &str, json: bool) -> Response {
     let id = match MessageId::parse_queue_id(id) {
         Ok(id) => id,
         Err(e) => return Response::Error(e),
     };
-    match store.history(id) {
+    match store.history(id).await {
         Ok(events) if events.is_empty() => Response::Error(not_found(id)),
         Ok(events) if json => match serde_json::to_string(&events) {
             Ok(line) => Response::Ok(vec![line]),
@@ -90,16 +92,29 @@ pub fn line(event: &TraceEvent) -> String {
 }
 
 /// Records in `envelope`'s history where each recipient goes and why.
-pub fn trace_routes(store: &Store, envelope: &Envelope) {
-    for r in &envelope.recipients {
-        store.trace(
-            envelope.id,
-            TraceKind::Routed {
-                recipient: r.address.clone(),
-                route: route_text(&r.address, &r.route),
-            },
-        );
+pub async fn trace_routes(store: &dyn Storage, envelope: &Envelope) {
+    let now = now_unix();
+    for (id, what) in route_events(envelope) {
+        store.trace(id, now, what).await;
     }
+}
+
+/// The events [`trace_routes`] records, for a caller that writes them
+/// itself.
+pub fn route_events(envelope: &Envelope) -> Vec<(MessageId, TraceKind)> {
+    envelope
+        .recipients
+        .iter()
+        .map(|r| {
+            (
+                envelope.id,
+                TraceKind::Routed {
+                    recipient: r.address.clone(),
+                    route: route_text(&r.address, &r.route),
+                },
+            )
+        })
+        .collect()
 }
 
 /// A route in words: `local mailbox a@x`, `alias of b@x` when a mailbox

@@ -22,7 +22,6 @@ use std::sync::{Arc, RwLock};
 use actix::prelude::*;
 use postino_core::config::Config;
 use postino_core::smtp::session::SessionConfig;
-use postino_core::Store;
 use tracing::{error, info, warn};
 
 use crate::io::TlsSlot;
@@ -103,7 +102,7 @@ pub struct Reloader {
     /// The file the server was started with (`None`: built-in defaults).
     pub(crate) file: Option<PathBuf>,
     pub(crate) tls: TlsSlot,
-    pub(crate) store: Store,
+    pub(crate) store: postino_core::storage::SharedStorage,
     pub(crate) delivery: Recipient<Reconfigure>,
     /// One reload at a time (SIGHUP and `postino reload` may cross).
     pub(crate) busy: Arc<std::sync::Mutex<()>>,

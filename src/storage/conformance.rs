@@ -37,6 +37,7 @@ pub const CHECKS: &[&str] = &[
     "queue_expired_lease_is_claimable",
     "queue_settle_defers_and_spools_notices",
     "queue_hold_and_release",
+    "queue_claim_one",
     "queue_listing_pages",
     "ids_are_unique",
     "history_in_order",
@@ -67,6 +68,7 @@ pub async fn run(name: &str, s: &dyn Storage) {
         "queue_expired_lease_is_claimable" => queue_expired_lease_is_claimable(s).await,
         "queue_settle_defers_and_spools_notices" => queue_settle_defers_and_spools_notices(s).await,
         "queue_hold_and_release" => queue_hold_and_release(s).await,
+        "queue_claim_one" => queue_claim_one(s).await,
         "queue_listing_pages" => queue_listing_pages(s).await,
         "ids_are_unique" => ids_are_unique(s).await,
         "history_in_order" => history_in_order(s).await,
@@ -541,6 +543,33 @@ pub async fn queue_hold_and_release(s: &dyn Storage) {
         s.hold(MessageId(u64::MAX - 1), now).await,
         Err(StoreError::NotFound { .. })
     ));
+}
+
+/// One entry claimed by id, due or not; never while leased or held.
+pub async fn queue_claim_one(s: &dyn Storage) {
+    let now = now_unix();
+    let id = queued(s, now + 3600).await;
+    let lease = Duration::from_secs(7200);
+    let a = s
+        .claim(id, now, "node-a", lease)
+        .await
+        .unwrap()
+        .expect("claimable");
+    assert_eq!(a.entry.id, id);
+    assert!(s.claim(id, now, "node-b", lease).await.unwrap().is_none());
+    assert!(s
+        .claim_due(now + 3600, "node-b", lease, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    s.unclaim(&a.lease).await.unwrap();
+    assert!(s.hold(id, now).await.unwrap());
+    assert!(s.claim(id, now, "node-b", lease).await.unwrap().is_none());
+    assert!(s
+        .claim(MessageId(u64::MAX - 3), now, "node-b", lease)
+        .await
+        .unwrap()
+        .is_none());
 }
 
 /// `postino queue list` pages through the queue in id order.

@@ -224,6 +224,16 @@ pub trait Queue: Send + Sync {
         lease: Duration,
         limit: usize,
     ) -> StoreResult<Vec<Claimed>>;
+    /// Claims one entry for `node` until `now + lease`, due or not (mail
+    /// just queued, to be tried at once; an administrator's bounce).
+    /// `None` if it is not queued, is held, or a live lease holds it.
+    async fn claim(
+        &self,
+        id: MessageId,
+        now: u64,
+        node: &str,
+        lease: Duration,
+    ) -> StoreResult<Option<Claimed>>;
     /// Extends a lease to `now + lease` (a long round).
     /// [`StoreError::LeaseLost`] if it is no longer ours.
     async fn renew(&self, lease: &Lease, now: u64, extend: Duration) -> StoreResult<Lease>;

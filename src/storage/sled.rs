@@ -257,6 +257,34 @@ impl Queue for SledStorage {
         Ok(out)
     }
 
+    async fn claim(
+        &self,
+        id: MessageId,
+        now: u64,
+        node: &str,
+        lease: Duration,
+    ) -> StoreResult<Option<Claimed>> {
+        let mut leases = lock(&self.leases);
+        if Self::leased(&leases, id, now) || self.store.is_held(id)? {
+            return Ok(None);
+        }
+        let Some(entry) = self.store.queue_entry(id)? else {
+            return Ok(None);
+        };
+        let until = now.saturating_add(lease.as_secs().max(1));
+        let token = self.tokens.fetch_add(1, Ordering::Relaxed);
+        leases.insert(id, Held { until, token });
+        Ok(Some(Claimed {
+            lease: Lease {
+                id,
+                node: node.to_owned(),
+                until,
+                token,
+            },
+            entry,
+        }))
+    }
+
     async fn renew(&self, lease: &Lease, now: u64, extend: Duration) -> StoreResult<Lease> {
         let mut leases = lock(&self.leases);
         match leases.get_mut(&lease.id) {

@@ -38,6 +38,7 @@ checks!(
     queue_expired_lease_is_claimable,
     queue_settle_defers_and_spools_notices,
     queue_hold_and_release,
+    queue_claim_one,
     queue_listing_pages,
     ids_are_unique,
     history_in_order,
