@@ -511,6 +511,7 @@ impl ServerBuilder {
                 backend = storage.backend(),
                 "the control socket and the admin API are not available on this storage backend yet"
             );
+            server.announce(&config, self.config_file.as_deref());
             return Ok(server);
         };
         let live = crate::control::Live {
@@ -536,21 +537,26 @@ impl ServerBuilder {
             server.admin_addr = Some(admin.addr);
             server.admin = Some(admin);
         }
+        server.announce(&config, self.config_file.as_deref());
+        Ok(server)
+    }
+}
+
+impl Server {
+    /// The "postino started" line, with the bound addresses (tests and
+    /// operators read the ports from it), whatever the storage backend.
+    fn announce(&self, config: &Config, config_file: Option<&std::path::Path>) {
         info!(
-            smtp = ?server.smtp_addrs,
-            submission = ?server.submission_addrs,
-            submissions = ?server.submissions_addrs,
-            pop3 = ?server.pop3_addrs,
-            pop3s = ?server.pop3s_addrs,
-            admin = ?server.admin_addr.as_slice(),
+            smtp = ?self.smtp_addrs,
+            submission = ?self.submission_addrs,
+            submissions = ?self.submissions_addrs,
+            pop3 = ?self.pop3_addrs,
+            pop3s = ?self.pop3s_addrs,
+            admin = ?self.admin_addr.as_slice(),
             data_dir = %config.data_dir.display(),
-            config = %self
-                .config_file
-                .as_deref()
-                .map_or("built-in defaults".into(), |p| p.display().to_string()),
+            config = %config_file.map_or("built-in defaults".into(), |p| p.display().to_string()),
             "postino started"
         );
-        Ok(server)
     }
 }
 

@@ -1079,15 +1079,27 @@ fn serve(config: Config, config_file: Option<PathBuf>) -> ExitCode {
     // Test builds only: failpoints named in FAILPOINTS are set from the start.
     let _failpoints = postino::failpoints_from_env();
     postino::init_logging(config.log.format);
+    // `[store] backend = "postgres"`: the PostgreSQL store, shared with the
+    // other nodes of the cluster (the server opens sled itself).
+    let storage = match config.store.backend {
+        postino_core::config::StoreBackend::Postgres => {
+            match postino_pg::PgStore::from_config(&config.store) {
+                Ok(pg) => Some(std::sync::Arc::new(pg) as postino_core::storage::SharedStorage),
+                Err(e) => return fail(&format!("opening the PostgreSQL store: {e}")),
+            }
+        }
+        postino_core::config::StoreBackend::Sled => None,
+    };
     let system = actix::System::new();
     let result = system.block_on(async move {
         // Taken over before the server starts: a SIGTERM right after the
         // "postino started" line must stop it gracefully, not kill it.
         let signals = postino::Signals::install();
-        let server = Server::builder(config)
-            .config_file(config_file)
-            .start()
-            .await?;
+        let mut builder = Server::builder(config).config_file(config_file);
+        if let Some(storage) = storage {
+            builder = builder.storage(storage);
+        }
+        let server = builder.start().await?;
         server.run_until_signal(signals).await;
         Ok::<(), postino::ServerError>(())
     });

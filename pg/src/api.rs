@@ -179,6 +179,17 @@ impl PgStore {
         self.run(|db| async move { db.claim_due(now, &n, lease, limit).await })
             .await
     }
+    pub async fn claim(
+        &self,
+        id: MessageId,
+        now: u64,
+        node: &str,
+        lease: Duration,
+    ) -> Result<Option<(QueueEntry, Claim)>> {
+        let n = node.to_owned();
+        self.run(|db| async move { db.claim(id, now, &n, lease).await })
+            .await
+    }
     pub async fn renew(&self, claim: &Claim, now: u64, extend: Duration) -> Result<Claim> {
         let c = claim.clone();
         self.run(|db| async move { db.renew(&c, now, extend).await })

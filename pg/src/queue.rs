@@ -75,6 +75,42 @@ impl Db {
         Ok(out)
     }
 
+    /// Claims entry `id`, due or not, unless held or under a live lease.
+    pub(crate) async fn claim(
+        &self,
+        id: MessageId,
+        now: u64,
+        node: &str,
+        lease: Duration,
+    ) -> Result<Option<(QueueEntry, Claim)>, StoreError> {
+        let until = now.saturating_add(lease.as_secs().max(1));
+        let client = self.client().await?;
+        // A concurrent claim of the same row waits for the other's
+        // commit, then sees its lease and claims nothing.
+        let row = client
+            .query_opt(
+                "UPDATE queue SET lease_owner = $3, lease_until = $4, \
+                     lease_token = nextval('lease_tokens') \
+                 WHERE id = $1 AND held_since IS NULL \
+                   AND (lease_until IS NULL OR lease_until <= $2) \
+                 RETURNING entry, next_attempt, lease_token",
+                &[&(id.0 as i64), &(now as i64), &node, &(until as i64)],
+            )
+            .await
+            .map_err(db_err)?;
+        row.map(|r| {
+            let entry = entry_of(&r, 0, 1)?;
+            let claim = Claim {
+                id,
+                node: node.to_owned(),
+                until,
+                token: r.get::<_, i64>(2) as u64,
+            };
+            Ok((entry, claim))
+        })
+        .transpose()
+    }
+
     pub(crate) async fn renew(
         &self,
         claim: &Claim,

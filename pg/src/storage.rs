@@ -169,6 +169,17 @@ impl Queue for PgStore {
             .map(|(entry, lease)| Claimed { entry, lease })
             .collect())
     }
+    async fn claim(
+        &self,
+        id: MessageId,
+        now: u64,
+        node: &str,
+        lease: Duration,
+    ) -> StoreResult<Option<Claimed>> {
+        Ok(PgStore::claim(self, id, now, node, lease)
+            .await?
+            .map(|(entry, lease)| Claimed { entry, lease }))
+    }
     async fn renew(&self, lease: &Lease, now: u64, extend: Duration) -> StoreResult<Lease> {
         PgStore::renew(self, lease, now, extend).await
     }

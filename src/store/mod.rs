@@ -153,13 +153,13 @@ use crate::logsafe::escape;
 use crate::message::MessageId;
 use crate::routing::{Directory, DirectoryError};
 
-pub use backup::{BackupError, CheckReport, Counts, EXPORT_VERSION};
+// `ExportLine`, `EXPORT_FORMAT` and `hash_password`: for other backends
+// (`postino-pg`), which share the export format and password hashes.
+pub use backup::{
+    BackupError, CheckReport, Counts, Line as ExportLine, EXPORT_FORMAT, EXPORT_VERSION,
+};
 pub use commit::Durable;
 pub use compact::Compacted;
-/// For other backends (`postino-pg`): the same address checks and password
-/// hashes as this store's.
-pub use backup::{Line as ExportLine, EXPORT_FORMAT};
-pub use users::hash_password;
 pub use hold::{QueueItem, Rescheduled};
 pub use mail::{LocalDelivery, MailEntry};
 pub use queue::{DeliveryDiagnostic, Notice, QueueEntry, QueueRecipient, RecipientState};
@@ -167,7 +167,7 @@ pub use quota::{QuotaSetting, Usage};
 pub use trace::{
     TraceEvent, TraceKind, TraceLimits, DEFAULT_MAX_EVENTS_PER_MESSAGE, DEFAULT_TRACE_KEEP,
 };
-pub use users::{verify_password_hash, LoginCache, PasswordScratch};
+pub use users::{hash_password, verify_password_hash, LoginCache, PasswordScratch};
 
 /// Version of the on-disk layout; bincode records are not self-describing,
 /// so a database written by another layout is refused instead of misread.

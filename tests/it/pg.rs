@@ -106,3 +106,93 @@ fn store_moves_from_sled_to_postgres_and_back() {
     let again_text = std::fs::read_to_string(&again).unwrap();
     assert_eq!(records(&again_text), records(&sled_text));
 }
+
+/// Logs in over POP3 and answers the reply to PASS.
+fn pop_login(addr: std::net::SocketAddr, user: &str, password: &str) -> (Raw, String) {
+    let mut c = Raw::connect(addr);
+    assert!(c.line().starts_with("+OK"));
+    assert!(c.cmd(&format!("USER {user}")).starts_with("+OK"));
+    let reply = c.cmd(&format!("PASS {password}"));
+    (c, reply)
+}
+
+/// The UIDL listing (`+OK` line and the dot left out).
+fn uidl(c: &mut Raw) -> Vec<String> {
+    assert!(c.cmd("UIDL").starts_with("+OK"));
+    let mut out = Vec::new();
+    loop {
+        let line = c.line();
+        if line == "." {
+            return out;
+        }
+        out.push(line);
+    }
+}
+
+#[test]
+fn two_nodes_share_mailboxes_and_the_maildrop_lock() {
+    let cluster = TestCluster::start().expect("start a throwaway PostgreSQL");
+    let url = cluster.create_database("shared").unwrap();
+    {
+        // A user added through any node's store is every node's.
+        let store =
+            postino_pg::PgStore::open(&postino_pg::PgOptions::new(url.as_str(), "admin")).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(store.add_user("alice@example.test", "pw"))
+            .unwrap();
+    }
+    let node = |name: &str| {
+        TestServer::start_with(&config_text(
+            "",
+            "",
+            "",
+            &format!("backend = \"postgres\"\nurl = \"{url}\"\nnode = \"{name}\"\n"),
+        ))
+    };
+    let (a, b) = (node("a"), node("b"));
+    // Accepted on a...
+    let mut c = Raw::connect(a.smtp);
+    c.reply();
+    c.cmd("EHLO client.test");
+    assert!(c.cmd("MAIL FROM:<s@b.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<alice@example.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    let reply = c.cmd("Subject: shared\r\n\r\nfrom node a\r\n.");
+    assert!(reply.starts_with("250 2.0.0"), "{reply}");
+    c.cmd("QUIT");
+    // ...read on b, while a POP3 session on b locks a out.
+    let (mut on_b, reply) = pop_login(b.pop3, "alice@example.test", "pw");
+    assert!(reply.starts_with("+OK"), "{reply}");
+    assert!(on_b.cmd("STAT").starts_with("+OK 1 "));
+    let uidls_b = uidl(&mut on_b);
+    assert!(on_b.cmd("RETR 1").starts_with("+OK"));
+    let mut text = String::new();
+    loop {
+        let line = on_b.line();
+        if line == "." {
+            break;
+        }
+        text.push_str(&line);
+        text.push('\n');
+    }
+    assert!(text.contains("from node a"), "{text}");
+    let (_, locked) = pop_login(a.pop3, "alice@example.test", "pw");
+    assert!(
+        locked.starts_with("-ERR") && locked.contains("IN-USE"),
+        "{locked}"
+    );
+    assert!(on_b.cmd("QUIT").starts_with("+OK"));
+    // Once b's session ended, a serves the same mailbox, the same UIDLs.
+    let mut unlocked = None;
+    for _ in 0..200 {
+        let (c, reply) = pop_login(a.pop3, "alice@example.test", "pw");
+        if reply.starts_with("+OK") {
+            unlocked = Some(c);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut on_a = unlocked.expect("b's lock was released");
+    assert_eq!(uidl(&mut on_a), uidls_b);
+    on_a.cmd("QUIT");
+}
