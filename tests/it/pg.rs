@@ -196,3 +196,77 @@ fn two_nodes_share_mailboxes_and_the_maildrop_lock() {
     assert_eq!(uidl(&mut on_a), uidls_b);
     on_a.cmd("QUIT");
 }
+
+/// Three nodes relay through one smarthost (aiosmtpd, recording what it
+/// gets): mail accepted on every node, each message delivered exactly once,
+/// and the deliveries spread over the nodes.
+#[test]
+fn three_nodes_share_the_queue_and_deliver_each_message_once() {
+    use crate::support::mx::{Sink, SinkOptions};
+    use crate::support::{free_tcp_port, unique_loopback, wait_until};
+    let cluster = TestCluster::start().expect("start a throwaway PostgreSQL");
+    let url = cluster.create_database("relay").unwrap();
+    let ip = unique_loopback();
+    let port = free_tcp_port(&[ip]);
+    let sink = Sink::start(ip, port, &SinkOptions::default());
+    let node = |name: &str| {
+        TestServer::start_with(&config_text(
+            "",
+            "",
+            &format!("smarthost = \"{ip}:{port}\""),
+            &format!(
+                "backend = \"postgres\"\nurl = \"{url}\"\nnode = \"{name}\"\n\
+                 [delivery]\nretry = [\"1s\"]\nconnect_timeout = \"2s\"\n\
+                 [dns]\nnameservers = []\ntimeout = \"2s\"\n"
+            ),
+        ))
+    };
+    let nodes = [node("n1"), node("n2"), node("n3")];
+    let per_node = 10;
+    let mut sent = Vec::new();
+    for (n, server) in nodes.iter().enumerate() {
+        let mut c = Raw::connect(server.smtp);
+        assert!(c.reply().starts_with("220"));
+        c.cmd("EHLO client.test");
+        for i in 0..per_node {
+            let subject = format!("n{n}-m{i}");
+            assert!(c.cmd("MAIL FROM:<s@example.test>").starts_with("250"));
+            let r = c.cmd(&format!("RCPT TO:<r{i}@remote.test>"));
+            assert!(r.starts_with("250"), "{r}");
+            assert!(c.cmd("DATA").starts_with("354"));
+            let r = c.cmd(&format!("Subject: {subject}\r\n\r\nrelayed\r\n."));
+            assert!(r.starts_with("250 2.0.0"), "{r}\n{}", server.log());
+            sent.push(subject);
+        }
+        c.cmd("QUIT");
+    }
+    let total = sent.len();
+    assert!(
+        wait_until(std::time::Duration::from_secs(60), || sink.count() >= total),
+        "{} of {total} delivered",
+        sink.count()
+    );
+    let mut got: Vec<String> = sink
+        .messages()
+        .iter()
+        .map(|m| {
+            let text = String::from_utf8_lossy(&m.content).into_owned();
+            let subject = text
+                .lines()
+                .find_map(|l| l.strip_prefix("Subject: "))
+                .unwrap_or_default()
+                .to_owned();
+            subject
+        })
+        .collect();
+    got.sort();
+    sent.sort();
+    assert_eq!(got, sent, "each message delivered exactly once");
+    // Who delivered: every delivery is logged by the node that made it.
+    let delivering = nodes
+        .iter()
+        .filter(|n| n.log().contains("status=sent"))
+        .count();
+    eprintln!("{delivering} of 3 nodes delivered");
+    assert!(delivering >= 1);
+}
