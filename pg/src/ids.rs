@@ -19,6 +19,9 @@ pub(crate) const BLOCK: u64 = 64;
 #[derive(Default)]
 pub(crate) struct Ids {
     block: Mutex<(u64, u64)>,
+    /// Held while a block is fetched: many sessions finding the block
+    /// empty at once fetch one block, not one each.
+    refill: tokio::sync::Mutex<()>,
 }
 
 impl Ids {
@@ -38,18 +41,19 @@ impl Db {
             if let Some(id) = self.ids.take() {
                 return Ok(MessageId(id));
             }
+            let _refill = self.ids.refill.lock().await;
+            // Another session may have refilled it while this one waited.
+            if let Some(id) = self.ids.take() {
+                return Ok(MessageId(id));
+            }
             let client = self.client().await?;
             let start: i64 = client
                 .query_one("SELECT nextval('message_ids')", &[])
                 .await
                 .map_err(db_err)?
                 .get(0);
-            let mut b = self.ids.block.lock().unwrap_or_else(|e| e.into_inner());
-            // Another task may have fetched a block meanwhile: keep the
-            // one with ids left.
-            if b.0 >= b.1 {
-                *b = (start as u64, start as u64 + BLOCK);
-            }
+            *self.ids.block.lock().unwrap_or_else(|e| e.into_inner()) =
+                (start as u64, start as u64 + BLOCK);
         }
     }
 }
