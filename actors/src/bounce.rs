@@ -75,7 +75,11 @@ pub async fn bounce_to(
 /// Links a notification and the message it is about in both histories
 /// (`postino trace`), and records where the notification goes.
 pub async fn trace_notice(
-    store: &dyn Storage, original: MessageId, notice: &Envelope, kind: dsn::Kind) {
+    store: &dyn Storage,
+    original: MessageId,
+    notice: &Envelope,
+    kind: dsn::Kind,
+) {
     let now = now_unix();
     for (id, what) in notice_events(original, notice, kind) {
         store.trace(id, now, what).await;

@@ -12,8 +12,8 @@
 use postino_core::dsn::RecipientStatus;
 use postino_core::message::{now_unix, RoutedRecipient as Rcpt};
 use postino_core::routing::Target;
-use postino_core::store::{LocalDelivery, QueueEntry, QueueRecipient, RecipientState, StoreError};
 use postino_core::storage::Storage;
+use postino_core::store::{LocalDelivery, QueueEntry, QueueRecipient, RecipientState, StoreError};
 use postino_core::{Config, Envelope, MessageId, Route};
 use tracing::warn;
 

@@ -4,10 +4,10 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use postino_core::routing::{Route, Target};
-use postino_core::store::{TraceEvent, TraceKind};
 use postino_core::message::now_unix;
+use postino_core::routing::{Route, Target};
 use postino_core::storage::Storage;
+use postino_core::store::{TraceEvent, TraceKind};
 use postino_core::{Envelope, MessageId};
 
 use crate::wire::Response;

@@ -24,9 +24,9 @@
 
 use actix::prelude::*;
 use bytes::Bytes;
-use postino_core::store::{StoreError, TraceKind};
 use postino_core::message::now_unix;
 use postino_core::storage::SharedStorage;
+use postino_core::store::{StoreError, TraceKind};
 use postino_core::{Envelope, MessageId};
 use tracing::{debug, warn};
 
@@ -35,7 +35,7 @@ use crate::dispatch::{dispatch_planned, new_entry, Plan};
 use crate::mailbox;
 
 /// Why a message was not taken in. Whatever of it reached the disk is never
-/// delivered ([`Store::reject`]); the client is told to try again later
+/// delivered ([`postino_core::storage::Intake::reject`]); the client is told to try again later
 /// (4xx) and sends it again.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -192,20 +192,21 @@ impl Intake {
             (Some(protocol), Some(cipher)) => Some(format!("{protocol} {cipher}")),
             (protocol, cipher) => protocol.clone().or_else(|| cipher.clone()),
         };
-        self.store.trace(
-            envelope.id,
-            now_unix(),
-            TraceKind::Received {
-                client: envelope.client.clone(),
-                helo: envelope.helo.clone(),
-                sender: envelope.sender.clone(),
-                size: envelope.size,
-                tls,
-                auth: auth.clone(),
-                message_id: message_id.clone(),
-            },
-        )
-        .await;
+        self.store
+            .trace(
+                envelope.id,
+                now_unix(),
+                TraceKind::Received {
+                    client: envelope.client.clone(),
+                    helo: envelope.helo.clone(),
+                    sender: envelope.sender.clone(),
+                    size: envelope.size,
+                    tls,
+                    auth: auth.clone(),
+                    message_id: message_id.clone(),
+                },
+            )
+            .await;
         crate::history::trace_routes(self.store.as_ref(), envelope).await;
     }
 
@@ -310,10 +311,15 @@ mod tests {
         let mut hooked = 0;
         let got = f
             .intake
-            .accept(envelope, b"hello\r\n".to_vec(), &ReceivedVia::default(), |e| {
-                assert_eq!(e.id, id);
-                hooked += 1;
-            })
+            .accept(
+                envelope,
+                b"hello\r\n".to_vec(),
+                &ReceivedVia::default(),
+                |e| {
+                    assert_eq!(e.id, id);
+                    hooked += 1;
+                },
+            )
             .await
             .unwrap();
         assert_eq!(got, id);

@@ -227,30 +227,30 @@ impl Pop3Connection {
                 .await
                 .map_err(|e| e.to_string());
             let result = match verified {
-                Ok(true) => match crate::mailbox::open(shared.store.as_ref(), &canonical, &node)
-                    .await
-                {
-                    Ok(Some((lock, entries))) => {
-                        shared.failures.succeeded(ip);
-                        postino_core::metrics::login("pop3", true);
-                        lock_held = Some(lock);
-                        AuthResult::Ok(Maildrop(
-                            entries
-                                .into_iter()
-                                .map(|e| MaildropEntry {
-                                    uidl: e.uidl,
-                                    size: e.size,
-                                    key: e.key,
-                                })
-                                .collect(),
-                        ))
+                Ok(true) => {
+                    match crate::mailbox::open(shared.store.as_ref(), &canonical, &node).await {
+                        Ok(Some((lock, entries))) => {
+                            shared.failures.succeeded(ip);
+                            postino_core::metrics::login("pop3", true);
+                            lock_held = Some(lock);
+                            AuthResult::Ok(Maildrop(
+                                entries
+                                    .into_iter()
+                                    .map(|e| MaildropEntry {
+                                        uidl: e.uidl,
+                                        size: e.size,
+                                        key: e.key,
+                                    })
+                                    .collect(),
+                            ))
+                        }
+                        Ok(None) => AuthResult::InUse,
+                        Err(e) => {
+                            warn!(error = %e, "maildrop unavailable");
+                            AuthResult::TemporaryFailure
+                        }
                     }
-                    Ok(None) => AuthResult::InUse,
-                    Err(e) => {
-                        warn!(error = %e, "maildrop unavailable");
-                        AuthResult::TemporaryFailure
-                    }
-                },
+                }
                 Ok(false) => {
                     postino_core::metrics::login("pop3", false);
                     delay = shared.failures.failed(ip);

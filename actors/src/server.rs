@@ -18,9 +18,9 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use postino_core::config::ConfigError;
-use postino_core::store::StoreError;
 use postino_core::config::StoreBackend;
 use postino_core::storage::{SharedStorage, SledStorage};
+use postino_core::store::StoreError;
 use postino_core::{Config, Store};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -413,7 +413,8 @@ impl ServerBuilder {
             config.pop3.auth_failure_delay,
             config.pop3.max_auth_failure_delay,
         ));
-        let logins = postino_core::store::LoginCache::new(config.auth.cache_ttl, config.auth.cache_size);
+        let logins =
+            postino_core::store::LoginCache::new(config.auth.cache_ttl, config.auth.cache_size);
         let checks = PasswordChecks::start(storage.clone(), config.auth.workers, logins)
             .map_err(ServerError::AuthWorkers)?;
         let sessions = Arc::new(crate::sessions::Pop3Sessions::default());

@@ -705,13 +705,11 @@ async fn sender_allowed(
     if user.eq_ignore_ascii_case(sender) {
         return Ok(true);
     }
-    Ok(
-        store
-            .alias(&sender.to_ascii_lowercase())
-            .await
-            .map_err(postino_core::DirectoryError::new)?
-            .is_some_and(|targets| targets.iter().any(|t| t.eq_ignore_ascii_case(user))),
-    )
+    Ok(store
+        .alias(&sender.to_ascii_lowercase())
+        .await
+        .map_err(postino_core::DirectoryError::new)?
+        .is_some_and(|targets| targets.iter().any(|t| t.eq_ignore_ascii_case(user))))
 }
 
 impl Actor for SmtpConnection {

@@ -13,7 +13,7 @@
 //! per round listing all of them, as Postfix's queue manager flushes its
 //! bounce log after each pass), send a delay warning, reschedule the rest, or
 //! remove the entry. That decision and the notifications it makes are one
-//! store transaction ([`Store::settle_queue`]).
+//! store transaction ([`postino_core::storage::Queue::settle`]).
 //!
 //! While a round runs, its entry stays due in the store: after a crash it is
 //! tried again at once (Postfix moves its active queue back to incoming on
@@ -78,7 +78,7 @@ pub const SETTLE_RETRY: Duration = Duration::from_secs(1);
 pub const MAX_SETTLE_RETRY: Duration = Duration::from_secs(30);
 
 /// A message intake has just put in the delivery queue and made durable
-/// (with [`Store::accept_remote`], or by dispatching it): try it now, with
+/// (with [`postino_core::storage::Intake::accept_remote`], or by dispatching it): try it now, with
 /// the content in hand when there is one (no read back from the store). If
 /// the actor is busy, the entry waits in the queue for the next poll like
 /// any other.
@@ -658,62 +658,69 @@ impl Delivery {
             };
             (failure, delay)
         };
-        ctx.wait(make.into_actor(self).map(move |(failure, delay), act, ctx| {
-            let mut notices = Vec::new();
-            let mut keep_for_notice = false;
-            match failure {
-                Some(Ok(notice)) => {
-                    if let Some(n) = &notice {
-                        for (about, what) in notice_events(id, &n.envelope, dsn::Kind::Failure) {
-                            act.trace(about, what);
+        ctx.wait(
+            make.into_actor(self)
+                .map(move |(failure, delay), act, ctx| {
+                    let mut notices = Vec::new();
+                    let mut keep_for_notice = false;
+                    match failure {
+                        Some(Ok(notice)) => {
+                            if let Some(n) = &notice {
+                                for (about, what) in
+                                    notice_events(id, &n.envelope, dsn::Kind::Failure)
+                                {
+                                    act.trace(about, what);
+                                }
+                            }
+                            notices.extend(notice);
+                            for r in &mut entry.recipients {
+                                if let RecipientState::Failed { reply } = &r.state {
+                                    r.state = RecipientState::Bounced {
+                                        reply: reply.clone(),
+                                    };
+                                }
+                            }
                         }
-                    }
-                    notices.extend(notice);
-                    for r in &mut entry.recipients {
-                        if let RecipientState::Failed { reply } = &r.state {
-                            r.state = RecipientState::Bounced {
-                                reply: reply.clone(),
-                            };
+                        Some(Err(e)) => {
+                            // Keep the entry (and its failed recipients) so the
+                            // bounce is tried again later instead of lost.
+                            error!(%id, error = %e, "cannot make the bounce");
+                            keep_for_notice = true;
                         }
+                        None => {}
                     }
-                }
-                Some(Err(e)) => {
-                    // Keep the entry (and its failed recipients) so the
-                    // bounce is tried again later instead of lost.
-                    error!(%id, error = %e, "cannot make the bounce");
-                    keep_for_notice = true;
-                }
-                None => {}
-            }
-            match delay {
-                Some(Ok(notice)) => {
-                    if let Some(n) = &notice {
-                        for (about, what) in notice_events(id, &n.envelope, dsn::Kind::Delay) {
-                            act.trace(about, what);
+                    match delay {
+                        Some(Ok(notice)) => {
+                            if let Some(n) = &notice {
+                                for (about, what) in
+                                    notice_events(id, &n.envelope, dsn::Kind::Delay)
+                                {
+                                    act.trace(about, what);
+                                }
+                            }
+                            notices.extend(notice);
+                            entry.warned = true;
                         }
+                        Some(Err(e)) => error!(%id, error = %e, "cannot make the delay warning"),
+                        None => {}
                     }
-                    notices.extend(notice);
-                    entry.warned = true;
-                }
-                Some(Err(e)) => error!(%id, error = %e, "cannot make the delay warning"),
-                None => {}
-            }
-            let keep = open || keep_for_notice;
-            let wait = act.backoff(entry.attempts);
-            if keep {
-                // Rounded up: never retried before the interval has passed.
-                entry.next_attempt = (unix_time() + wait.as_secs_f64()).ceil() as u64;
-            }
-            act.settle(
-                Settlement {
-                    entry,
-                    remove: !keep,
-                    notices,
-                    wait,
-                },
-                ctx,
-            );
-        }));
+                    let keep = open || keep_for_notice;
+                    let wait = act.backoff(entry.attempts);
+                    if keep {
+                        // Rounded up: never retried before the interval has passed.
+                        entry.next_attempt = (unix_time() + wait.as_secs_f64()).ceil() as u64;
+                    }
+                    act.settle(
+                        Settlement {
+                            entry,
+                            remove: !keep,
+                            notices,
+                            wait,
+                        },
+                        ctx,
+                    );
+                }),
+        );
     }
 
     /// Writes the end of a round under this node's lease and acts on it;
@@ -973,17 +980,13 @@ impl Delivery {
             }
             (claimed, Ok(()))
         };
-        Box::pin(
-            claim
-                .into_actor(self)
-                .map(|(claimed, result), act, ctx| {
-                    for Claimed { entry, lease } in claimed {
-                        act.leases.insert(entry.id, lease);
-                        act.bounce(entry, ctx);
-                    }
-                    result
-                }),
-        )
+        Box::pin(claim.into_actor(self).map(|(claimed, result), act, ctx| {
+            for Claimed { entry, lease } in claimed {
+                act.leases.insert(entry.id, lease);
+                act.bounce(entry, ctx);
+            }
+            result
+        }))
     }
 
     fn change_queue(
@@ -1024,12 +1027,16 @@ impl Delivery {
                     }
                     Ok(due)
                 };
-                Box::pin(flush.into_actor(self).map(|due: Result<usize, StoreError>, act, ctx| {
-                    let due = due?;
-                    info!(messages = due, "queue flushed by the administrator");
-                    act.poll(ctx);
-                    Ok(QueueChanged::Flushed { due })
-                }))
+                Box::pin(
+                    flush
+                        .into_actor(self)
+                        .map(|due: Result<usize, StoreError>, act, ctx| {
+                            let due = due?;
+                            info!(messages = due, "queue flushed by the administrator");
+                            act.poll(ctx);
+                            Ok(QueueChanged::Flushed { due })
+                        }),
+                )
             }
             ChangeQueue::Delete(id) => {
                 let delete = async move {
