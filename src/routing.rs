@@ -249,7 +249,8 @@ impl Prefetched {
             self.lock().0.insert(address, entry);
             for t in targets {
                 let t = t.to_ascii_lowercase();
-                if !self.lock().0.contains_key(&t) {
+                let known = self.lock().0.contains_key(&t);
+                if !known {
                     let entry = fetch(dir, &t).await?;
                     self.lock().0.insert(t, entry);
                 }

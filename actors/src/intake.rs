@@ -36,7 +36,7 @@ use crate::dkim::DkimKeys;
 use crate::mailbox;
 
 /// Why a message was not taken in. Whatever of it reached the disk is never
-/// delivered ([`Store::reject`]); the client is told to try again later
+/// delivered ([`postino_core::storage::Intake::reject`]); the client is told to try again later
 /// (4xx) and sends it again.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -319,10 +319,7 @@ impl Queue for SledStorage {
     ) -> StoreResult<()> {
         // Held across the write: a claim of the same entry waits for it.
         let mut leases = lock(&self.leases);
-        if !leases
-            .get(&lease.id)
-            .is_some_and(|h| h.token == lease.token)
-        {
+        if leases.get(&lease.id).is_none_or(|h| h.token != lease.token) {
             return Err(StoreError::LeaseLost { id: lease.id });
         }
         let settled = self.store.settle_queue(entry, remove, notices);

@@ -15,7 +15,7 @@
 //! per round listing all of them, as Postfix's queue manager flushes its
 //! bounce log after each pass), send a delay warning, reschedule the rest, or
 //! remove the entry. That decision and the notifications it makes are one
-//! store transaction ([`Store::settle_queue`]).
+//! store transaction ([`postino_core::storage::Queue::settle`]).
 //!
 //! While a round runs, its entry stays due in the store: after a crash it is
 //! tried again at once (Postfix moves its active queue back to incoming on
@@ -84,7 +84,7 @@ pub const SETTLE_RETRY: Duration = Duration::from_secs(1);
 pub const MAX_SETTLE_RETRY: Duration = Duration::from_secs(30);
 
 /// A message intake has just put in the delivery queue and made durable
-/// (with [`Store::accept_remote`], or by dispatching it): try it now, with
+/// (with [`postino_core::storage::Intake::accept_remote`], or by dispatching it): try it now, with
 /// the content in hand when there is one (no read back from the store). If
 /// the actor is busy, the entry waits in the queue for the next poll like
 /// any other.
