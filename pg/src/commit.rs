@@ -340,13 +340,10 @@ async fn commit_batch(
     requests.push(Box::pin(async move {
         client.batch_execute("BEGIN").await.map(|_| 0)
     }));
-    let mut sent = Vec::with_capacity(batch.len());
     for (p, params) in batch.iter().zip(&refs) {
         let statement = match &p.write {
-            Write::Barrier => {
-                sent.push(false);
-                continue;
-            }
+            // No statement, so no answer among the results below.
+            Write::Barrier => continue,
             Write::Local { entries, .. } if entries.len() == 1 => &c.local_one,
             Write::Local { .. } => &c.local_many,
             Write::Remote { .. } => &c.remote,
@@ -354,7 +351,6 @@ async fn commit_batch(
             Write::Trace { .. } => &c.trace,
         };
         requests.push(Box::pin(client.execute(statement, params)));
-        sent.push(true);
     }
     if queued {
         requests.push(Box::pin(async move {
@@ -373,16 +369,26 @@ async fn commit_batch(
     if let Some(e) = results.iter().find_map(|r| r.as_ref().err()) {
         return Err(db_err(e.to_string()));
     }
+    // One answer per statement, after BEGIN's; barriers sent none, so the
+    // answers are matched to the writes that sent them, never by position
+    // in the batch (a barrier ahead of a write once paired that write
+    // with COMMIT's answer, 0 rows: a committed message refused as a
+    // duplicate).
+    let mut answers = results[1..].iter();
     Ok(batch
         .iter()
-        .zip(&results[1..])
-        .map(|(p, r)| match (&p.write, r) {
-            (Write::Trace { .. }, _) => Ok(()),
-            (
-                Write::Local { id, .. } | Write::Remote { id, .. } | Write::Spool { id, .. },
-                Ok(0),
-            ) => Err(StoreError::Duplicate(*id)),
-            _ => Ok(()),
+        .map(|p| {
+            let answer = match p.write {
+                Write::Barrier => None,
+                _ => answers.next(),
+            };
+            match (&p.write, answer) {
+                (
+                    Write::Local { id, .. } | Write::Remote { id, .. } | Write::Spool { id, .. },
+                    Some(Ok(0)),
+                ) => Err(StoreError::Duplicate(*id)),
+                _ => Ok(()),
+            }
         })
         .collect())
 }
