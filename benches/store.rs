@@ -23,6 +23,7 @@ use futures_executor::block_on;
 use postino_core::config::StoreConfig;
 use postino_core::message::{now_unix, Envelope, RoutedRecipient};
 use postino_core::routing::Route;
+use postino_core::storage::{SledStorage, Storage};
 use postino_core::store::{LocalDelivery, QueueEntry, QueueRecipient, RecipientState};
 use postino_core::Store;
 
@@ -216,6 +217,56 @@ fn store_spool(c: &mut Criterion) {
     bench_writes(c, "spool_durable", &WRITERS, &spool);
 }
 
+thread_local! {
+    /// The store behind the storage seam, one per store the bench opens.
+    static SEAM: std::cell::RefCell<Option<(std::path::PathBuf, SledStorage)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `f` over `store` behind the storage seam (`dyn Storage`), as the actors
+/// reach it.
+fn seam<T>(store: &Store, f: impl FnOnce(&dyn Storage) -> T) -> T {
+    SEAM.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.as_ref().is_none_or(|(p, _)| p != store.path()) {
+            *s = Some((store.path().to_owned(), SledStorage::new(store.clone())));
+        }
+        f(&s.as_ref().expect("set above").1)
+    })
+}
+
+/// [`accept_local_no_flush`] through the seam: new id and write as
+/// `Storage` calls.
+fn seam_accept_local_no_flush(store: &Store, writer: usize, content: &[u8]) {
+    seam(store, |s| {
+        let id = block_on(s.new_id()).expect("id");
+        let mailbox = mailbox(writer);
+        let delivery = LocalDelivery {
+            prefix: format!("Return-Path: <sender@example.org>\r\nDelivered-To: {mailbox}\r\n")
+                .into_bytes(),
+            mailbox,
+        };
+        block_on(s.accept_local(id, content, std::slice::from_ref(&delivery)))
+            .expect("accept_local");
+    })
+}
+
+/// [`accept_local`] through the seam, durable included.
+fn seam_accept_local(store: &Store, writer: usize, content: &[u8]) {
+    seam_accept_local_no_flush(store, writer, content);
+    seam(store, |s| block_on(s.durable())).expect("durable");
+}
+
+fn seam_accept_local_both(c: &mut Criterion) {
+    bench_writes(c, "seam_accept_local_durable", &WRITERS, &seam_accept_local);
+    bench_writes(
+        c,
+        "seam_accept_local_no_flush",
+        &[1, 8],
+        &seam_accept_local_no_flush,
+    );
+}
+
 fn store_accept_local_no_flush(c: &mut Criterion) {
     bench_writes(c, "accept_local_no_flush", &[1, 8], &accept_local_no_flush);
 }
@@ -233,6 +284,7 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = store_accept_local, store_accept_remote, store_spool, store_accept_local_no_flush
+    targets = store_accept_local, store_accept_remote, store_spool, store_accept_local_no_flush,
+        seam_accept_local_both
 }
 criterion_main!(benches);

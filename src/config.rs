@@ -315,6 +315,35 @@ pub struct StoreConfig {
     /// `sync_file_range` only, faster, at the mercy of the disk's cache.
     #[serde(default = "default_true")]
     pub sync: bool,
+    /// Which store holds users, mailboxes and the queue: `sled` (embedded,
+    /// in `data_dir`; one node) or `postgres` (a PostgreSQL database shared
+    /// by the nodes of a cluster, at `url`).
+    #[serde(default)]
+    pub backend: StoreBackend,
+    /// The PostgreSQL connection URL (`postgresql://user@host:port/db`),
+    /// for `backend = "postgres"`. May carry a password: never logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// This node's name in a cluster (queue leases and maildrop locks name
+    /// their holder): 1–64 characters of `A-Z a-z 0-9 . _ -`, distinct per
+    /// node.
+    #[serde(default = "default_node")]
+    pub node: String,
+}
+
+/// `[store] backend`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// The embedded sled database in `data_dir`.
+    #[default]
+    Sled,
+    /// A PostgreSQL database at `[store] url`, shared by the nodes.
+    Postgres,
+}
+
+fn default_node() -> String {
+    "local".into()
 }
 
 impl Default for StoreConfig {
@@ -1157,6 +1186,36 @@ impl Config {
                 "smtp.max_recipients",
                 "must be at least 100 (RFC 5321 §4.5.3.1.8)".into(),
             ));
+        }
+        let node = &self.store.node;
+        if node.is_empty()
+            || node.len() > 64
+            || !node
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        {
+            return Err((
+                "store.node",
+                "1 to 64 characters of A-Z a-z 0-9 . _ -".into(),
+            ));
+        }
+        match (self.store.backend, &self.store.url) {
+            (StoreBackend::Postgres, None) => {
+                return Err((
+                    "store.url",
+                    "backend = \"postgres\" needs url = \"postgresql://…\"".into(),
+                ));
+            }
+            (_, Some(url))
+                if !(url.starts_with("postgresql://") || url.starts_with("postgres://")) =>
+            {
+                // Not echoed: it may hold a password.
+                return Err((
+                    "store.url",
+                    "must be a postgresql:// (or postgres://) URL".into(),
+                ));
+            }
+            _ => {}
         }
         if self.smtp.hard_error_limit == 0 {
             return Err(("smtp.hard_error_limit", "must be at least 1".into()));

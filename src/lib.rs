@@ -41,6 +41,7 @@ pub mod pop3;
 pub mod rate;
 pub mod routing;
 pub mod smtp;
+pub mod storage;
 #[allow(missing_docs)] // Still to document: the store's record types and errors.
 pub mod store;
 

@@ -150,6 +150,150 @@ pub fn explain(
     Ok((route, trace.0.unwrap_or_default()))
 }
 
+/// [`decide`] over a directory that answers asynchronously (the storage
+/// seam, [`crate::storage::Directory`]): the decision stays the pure
+/// function above, run over the answers fetched for this one recipient.
+/// Whenever it needs one not fetched yet, that address is looked up (alias,
+/// user, quota, as `decide` asks them; an alias's targets with it) and the
+/// decision runs again; so a lookup is never answered from anything older
+/// than this call, and a user added through any node counts at once.
+///
+/// # Errors
+///
+/// As [`decide`].
+pub async fn decide_async(
+    config: &RoutingConfig,
+    dir: &dyn crate::storage::Directory,
+    rcpt: &Address,
+    may_relay: bool,
+) -> Result<Route, DirectoryError> {
+    let known = Prefetched::default();
+    loop {
+        match decide(config, &known, rcpt, may_relay) {
+            Err(_) if known.fetch_missing(dir).await? => continue,
+            decided => return decided,
+        }
+    }
+}
+
+/// [`explain`] over an asynchronous directory, as [`decide_async`].
+///
+/// # Errors
+///
+/// As [`decide`].
+pub async fn explain_async(
+    config: &RoutingConfig,
+    dir: &dyn crate::storage::Directory,
+    rcpt: &Address,
+    relay: RelayReason<'_>,
+) -> Result<(Route, Vec<String>), DirectoryError> {
+    let known = Prefetched::default();
+    loop {
+        match explain(config, &known, rcpt, relay) {
+            Err(_) if known.fetch_missing(dir).await? => continue,
+            decided => return decided,
+        }
+    }
+}
+
+/// What one address is, as far as routing asks.
+#[derive(Debug, Clone, Default)]
+struct Entry {
+    alias: Option<Vec<String>>,
+    user: bool,
+    full: bool,
+}
+
+/// The directory answers fetched for one decision, and the addresses it
+/// asked about that were not fetched yet.
+#[derive(Default)]
+struct Prefetched {
+    known: std::sync::Mutex<(std::collections::HashMap<String, Entry>, Vec<String>)>,
+}
+
+/// Fetch rounds before a decision gives up: more than any alias chain
+/// `decide` follows (each round fetches one more level).
+const MAX_FETCH_ROUNDS: usize = 4 * MAX_ALIAS_DEPTH + 8;
+
+impl Prefetched {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, (std::collections::HashMap<String, Entry>, Vec<String>)> {
+        self.known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn get<T>(&self, address: &str, f: impl FnOnce(&Entry) -> T) -> Result<T, DirectoryError> {
+        let mut known = self.lock();
+        if let Some(e) = known.0.get(address) {
+            return Ok(f(e));
+        }
+        known.1.push(address.to_owned());
+        Err(DirectoryError::new("not fetched yet"))
+    }
+
+    /// Fetches what the last run missed; false if it missed nothing (its
+    /// error was not a miss).
+    async fn fetch_missing(
+        &self,
+        dir: &dyn crate::storage::Directory,
+    ) -> Result<bool, DirectoryError> {
+        let missing = std::mem::take(&mut self.lock().1);
+        if missing.is_empty() || self.lock().0.len() > MAX_FETCH_ROUNDS * 4 {
+            return Ok(false);
+        }
+        for address in missing {
+            let entry = fetch(dir, &address).await?;
+            let targets = entry.alias.clone().unwrap_or_default();
+            self.lock().0.insert(address, entry);
+            for t in targets {
+                let t = t.to_ascii_lowercase();
+                let known = self.lock().0.contains_key(&t);
+                if !known {
+                    let entry = fetch(dir, &t).await?;
+                    self.lock().0.insert(t, entry);
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+async fn fetch(
+    dir: &dyn crate::storage::Directory,
+    address: &str,
+) -> Result<Entry, DirectoryError> {
+    let failed = |what: &'static str| {
+        move |error: crate::store::StoreError| {
+            tracing::error!(%error, address = %crate::logsafe::escape(address), "{what} lookup failed");
+            DirectoryError::new(error)
+        }
+    };
+    let alias = dir.alias(address).await.map_err(failed("alias"))?;
+    if alias.is_some() {
+        return Ok(Entry {
+            alias,
+            ..Entry::default()
+        });
+    }
+    let user = dir.is_user(address).await.map_err(failed("user"))?;
+    let full = user && dir.is_full(address).await.map_err(failed("quota"))?;
+    Ok(Entry { alias, user, full })
+}
+
+impl Directory for Prefetched {
+    fn is_user(&self, address: &str) -> Result<bool, DirectoryError> {
+        self.get(address, |e| e.user)
+    }
+    fn alias(&self, address: &str) -> Result<Option<Vec<String>>, DirectoryError> {
+        self.get(address, |e| e.alias.clone())
+    }
+    fn is_full(&self, address: &str) -> Result<bool, DirectoryError> {
+        self.get(address, |e| e.full)
+    }
+}
+
 /// The steps of a decision, when someone asks for them (formatting costs
 /// nothing otherwise).
 struct Trace(Option<Vec<String>>);

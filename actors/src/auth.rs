@@ -14,8 +14,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use postino_core::store::{PasswordScratch, StoreError};
-use postino_core::Store;
+use postino_core::storage::SharedStorage;
+use postino_core::store::{verify_password_hash, LoginCache, PasswordScratch, StoreError};
 use tokio::sync::{mpsc, oneshot};
 
 /// Checks waiting per thread before senders have to wait.
@@ -39,8 +39,10 @@ pub enum CheckError {
 
 struct Job {
     user: String,
+    /// The stored hash, `None` for no such user (checked all the same).
+    hash: Option<String>,
     password: String,
-    answer: oneshot::Sender<Result<bool, StoreError>>,
+    answer: oneshot::Sender<bool>,
 }
 
 /// Handle to the checking threads; clones share them. The threads end when
@@ -48,6 +50,7 @@ struct Job {
 #[derive(Clone)]
 pub struct PasswordChecks {
     queue: mpsc::Sender<Job>,
+    store: SharedStorage,
 }
 
 impl PasswordChecks {
@@ -55,26 +58,35 @@ impl PasswordChecks {
     ///
     /// # Errors
     /// The operating system refused a thread.
-    pub fn start(store: Store, threads: usize) -> std::io::Result<PasswordChecks> {
+    pub fn start(
+        store: SharedStorage,
+        threads: usize,
+        cache: Option<LoginCache>,
+    ) -> std::io::Result<PasswordChecks> {
+        let cache = Arc::new(cache);
         let threads = threads.max(1);
         let (queue, jobs) = mpsc::channel(threads * QUEUE_PER_THREAD);
         let jobs = Arc::new(Mutex::new(jobs));
         for n in 0..threads {
-            let (store, jobs) = (store.clone(), jobs.clone());
+            let (cache, jobs) = (cache.clone(), jobs.clone());
             std::thread::Builder::new()
                 .name(format!("postino-auth-{n}"))
-                .spawn(move || work(&store, &jobs))?;
+                .spawn(move || work(cache.as_ref().as_ref(), &jobs))?;
         }
-        Ok(PasswordChecks { queue })
+        Ok(PasswordChecks { queue, store })
     }
 
     /// Whether `password` is `user`'s (false for unknown users, after the
     /// same work). Waits for a free thread; while the queue is full, waits
     /// to get into it.
     pub async fn verify(&self, user: String, password: String) -> Result<bool, CheckError> {
+        // The lookup is the storage's (async, any backend); the argon2
+        // work is the threads'.
+        let hash = self.store.password_hash(&user).await?;
         let (answer, answered) = oneshot::channel();
         let job = Job {
             user,
+            hash,
             password,
             answer,
         };
@@ -82,15 +94,12 @@ impl PasswordChecks {
             .send(job)
             .await
             .map_err(|_| CheckError::Stopped)?;
-        answered
-            .await
-            .map_err(|_| CheckError::Stopped)?
-            .map_err(Into::into)
+        answered.await.map_err(|_| CheckError::Stopped)
     }
 }
 
 /// One checking thread: takes jobs until every handle is gone.
-fn work(store: &Store, jobs: &Mutex<mpsc::Receiver<Job>>) {
+fn work(cache: Option<&LoginCache>, jobs: &Mutex<mpsc::Receiver<Job>>) {
     lower_priority();
     let mut scratch = PasswordScratch::new();
     loop {
@@ -107,7 +116,13 @@ fn work(store: &Store, jobs: &Mutex<mpsc::Receiver<Job>>) {
             // The client went away while the check waited in line.
             continue;
         }
-        let result = store.verify_password_with(&job.user, &job.password, &mut scratch);
+        let result = verify_password_hash(
+            &job.user,
+            job.hash.as_deref(),
+            &job.password,
+            cache,
+            &mut scratch,
+        );
         let _ = job.answer.send(result);
     }
 }

@@ -9,17 +9,18 @@ use postino_core::esmtp::{notify_of, EnvelopeParams, Ret};
 use postino_core::logsafe::escape;
 use postino_core::message::{now_unix, RoutedRecipient as Rcpt};
 use postino_core::routing::{self, DirectoryError};
+use postino_core::storage::Storage;
 use postino_core::store::{Notice, StoreError, TraceKind};
-use postino_core::{Address, Config, Envelope, MessageId, Store};
+use postino_core::{Address, Config, Envelope, MessageId};
 use tracing::{info, warn};
 
 /// Spools a notice of `kind` (a bounce, or a success notice for local
 /// deliveries) about `recipients` of a spooled `envelope` and returns its
 /// envelope, or `None` when none may be sent (null sender) or none was
 /// asked for.
-pub fn bounce_envelope(
+pub async fn bounce_envelope(
     config: &Config,
-    store: &Store,
+    store: &dyn Storage,
     envelope: &Envelope,
     failed: &[RecipientStatus],
     kind: dsn::Kind,
@@ -29,16 +30,16 @@ pub fn bounce_envelope(
         warn!(id = %envelope.id, "not bouncing a message from <>; dropped");
         return Ok(None);
     };
-    bounce_to(config, store, envelope, failed, sender, kind, true)
+    bounce_to(config, store, envelope, failed, sender, kind, true).await
 }
 
 /// Spools a delivery status notification of `kind` addressed to `to`.
 /// `inbound`: the original is still in the intake spool (a bounce made at
 /// dispatch), so the store marks it and a re-dispatch after a crash does not
 /// bounce twice.
-pub fn bounce_to(
+pub async fn bounce_to(
     config: &Config,
-    store: &Store,
+    store: &dyn Storage,
     envelope: &Envelope,
     recipients: &[RecipientStatus],
     to: &str,
@@ -48,39 +49,59 @@ pub fn bounce_to(
     let Some(Notice {
         envelope: bounce,
         content,
-    }) = notification(config, store, envelope, recipients, to, kind)?
+    }) = notification(config, store, envelope, recipients, to, kind).await?
     else {
         return Ok(None);
     };
     if inbound {
-        if !store.spool_bounce(envelope.id, &bounce, &content)? {
+        if !store.spool_bounce(envelope.id, &bounce, &content).await? {
             // Spooled by a dispatch before a crash; it is dispatched from
             // the spool on its own.
             return Ok(None);
         }
     } else {
-        store.spool(&bounce, &content)?;
+        store.spool(&bounce, &content).await?;
     }
     info!(id = %bounce.id, orig_id = %envelope.id, to = %escape(to), kind = ?kind, "notification created");
-    trace_notice(store, envelope.id, &bounce, kind);
+    trace_notice(store, envelope.id, &bounce, kind).await;
     Ok(Some(bounce))
 }
 
 /// Links a notification and the message it is about in both histories
 /// (`postino trace`), and records where the notification goes.
-pub fn trace_notice(store: &Store, original: MessageId, notice: &Envelope, kind: dsn::Kind) {
+pub async fn trace_notice(
+    store: &dyn Storage,
+    original: MessageId,
+    notice: &Envelope,
+    kind: dsn::Kind,
+) {
+    let now = now_unix();
+    for (id, what) in notice_events(original, notice, kind) {
+        store.trace(id, now, what).await;
+    }
+}
+
+/// The events [`trace_notice`] records, in order, for a caller that writes
+/// them itself.
+pub fn notice_events(
+    original: MessageId,
+    notice: &Envelope,
+    kind: dsn::Kind,
+) -> Vec<(MessageId, TraceKind)> {
     let to = notice.recipients.first().map(|r| r.address.clone());
-    store.trace(
-        original,
-        TraceKind::Notified {
-            notification: notice.id,
-            kind: format!("{kind:?}").to_ascii_lowercase(),
-            to: to.unwrap_or_default(),
-        },
-    );
-    let mut events = vec![TraceKind::About { original }];
-    events.extend(crate::history::routes(notice));
-    store.trace_new(notice.id, events);
+    let mut events = vec![
+        (
+            original,
+            TraceKind::Notified {
+                notification: notice.id,
+                kind: format!("{kind:?}").to_ascii_lowercase(),
+                to: to.unwrap_or_default(),
+            },
+        ),
+        (notice.id, TraceKind::About { original }),
+    ];
+    events.extend(crate::history::route_events(notice));
+    events
 }
 
 /// The store error behind a failed lookup in the store (the store's
@@ -98,10 +119,10 @@ fn store_error(e: DirectoryError) -> StoreError {
 /// asked for this kind of notice (RFC 3461 `NOTIFY`: `NEVER`, or a list
 /// without it; see [`wants`]). `RET=HDRS` returns the headers only,
 /// `ENVID` and `ORCPT` are given back. The delivery actor spools it
-/// together with its queue change ([`Store::settle_queue`]).
-pub fn notification(
+/// together with its queue change ([`postino_core::storage::Queue::settle`]).
+pub async fn notification(
     config: &Config,
-    store: &Store,
+    store: &dyn Storage,
     envelope: &Envelope,
     recipients: &[RecipientStatus],
     to: &str,
@@ -128,11 +149,11 @@ pub fn notification(
     }
     let recipients = &recipients[..];
     // Queued mail may hold its content inline; spooled mail shares it.
-    let original = match store.queued_content(envelope.id)? {
+    let original = match store.queued_content(envelope.id).await? {
         Some(c) => c,
-        None => store.content(envelope.id)?.unwrap_or_default(),
+        None => store.content(envelope.id).await?.unwrap_or_default(),
     };
-    let id = store.new_id()?;
+    let id = store.new_id().await?;
     let now = now_unix();
     let content = dsn::Report {
         kind,
@@ -152,7 +173,9 @@ pub fn notification(
         return Ok(None);
     };
     // The bounce goes wherever the sender's address leads, local or remote.
-    let route = routing::decide(&config.routing, store, &rcpt, true).map_err(store_error)?;
+    let route = routing::decide_async(&config.routing, store, &rcpt, true)
+        .await
+        .map_err(store_error)?;
     if !route.is_accepted() {
         warn!(id = %envelope.id, sender = %escape(to), "bounce recipient not routable; dropped");
         return Ok(None);

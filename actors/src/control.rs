@@ -438,7 +438,11 @@ pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
         return Response::Error(e);
     }
     let result = match request {
-        Request::Trace { id, json } => return crate::history::answer(store, &id, json),
+        Request::Trace { id, json } => {
+            // Called off the async threads (or by the offline CLI).
+            let storage = postino_core::storage::SledStorage::new(store.clone());
+            return futures::executor::block_on(crate::history::answer(&storage, &id, json));
+        }
         Request::UserAdd {
             address,
             password,

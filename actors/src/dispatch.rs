@@ -13,8 +13,9 @@ use postino_core::dsn::{Kind, RecipientStatus};
 use postino_core::esmtp::notify_of;
 use postino_core::message::{now_unix, RoutedRecipient as Rcpt};
 use postino_core::routing::Target;
+use postino_core::storage::Storage;
 use postino_core::store::{LocalDelivery, QueueEntry, QueueRecipient, RecipientState, StoreError};
-use postino_core::{Config, Envelope, MessageId, Route, Store};
+use postino_core::{Config, Envelope, MessageId, Route};
 use tracing::warn;
 
 use crate::bounce::bounce_envelope;
@@ -40,12 +41,12 @@ pub enum DispatchError {
 ///
 /// A store error; the message stays in the spool and the steps already
 /// done are not done again (see the module docs).
-pub fn dispatch(
+pub async fn dispatch(
     config: &Config,
-    store: &Store,
+    store: &dyn Storage,
     envelope: &Envelope,
 ) -> Result<Vec<MessageId>, DispatchError> {
-    dispatch_planned(config, store, envelope, Plan::of(envelope))
+    dispatch_planned(config, store, envelope, Plan::of(envelope)).await
 }
 
 /// [`dispatch`] by a plan already made (intake makes one to choose how to
@@ -54,32 +55,32 @@ pub fn dispatch(
 /// # Errors
 ///
 /// As [`dispatch`].
-pub fn dispatch_planned(
+pub async fn dispatch_planned(
     config: &Config,
-    store: &Store,
+    store: &dyn Storage,
     envelope: &Envelope,
     plan: Plan,
 ) -> Result<Vec<MessageId>, DispatchError> {
     let mut queued = Vec::new();
-    dispatch_into(config, store, envelope, plan, &mut queued)?;
+    dispatch_into(config, store, envelope, plan, &mut queued).await?;
     Ok(queued)
 }
 
-fn dispatch_into(
+async fn dispatch_into(
     config: &Config,
-    store: &Store,
+    store: &dyn Storage,
     envelope: &Envelope,
     plan: Plan,
     queued: &mut Vec<MessageId>,
 ) -> Result<(), DispatchError> {
     let id = envelope.id;
     if !plan.local.is_empty() {
-        mailbox::deliver_local(store, id, &plan.local)?;
+        mailbox::deliver_local(store, id, &plan.local).await?;
     }
     if !plan.remote.is_empty() {
         // Written before the spool record is finished: a crash in between
         // dispatches again, and the store queues it only once.
-        store.enqueue(&new_entry(envelope, plan.remote))?;
+        store.enqueue(&new_entry(envelope, plan.remote)).await?;
         queued.push(id);
     }
     if !plan.bounced.is_empty() || !plan.delivered.is_empty() {
@@ -91,18 +92,20 @@ fn dispatch_into(
         };
         let mut about = plan.bounced;
         about.extend(plan.delivered);
-        if let Some(bounce) = bounce_envelope(config, store, envelope, &about, kind)? {
+        if let Some(bounce) = bounce_envelope(config, store, envelope, &about, kind).await? {
             // Spooled before the original is finished: a crash in between
             // re-dispatches the original, never loses the bounce. A bounce
             // has no sender, so it never makes a bounce itself. A failed
             // dispatch of it is retried at the next start, like any.
             let plan = Plan::of(&bounce);
-            if let Err(e) = dispatch_into(config, store, &bounce, plan, queued) {
+            // A bounce is from <>: dispatching it spools no bounce of its own, so
+            // this recursion is one level deep.
+            if let Err(e) = Box::pin(dispatch_into(config, store, &bounce, plan, queued)).await {
                 warn!(id = %bounce.id, error = %e, "notification dispatch failed; retried at restart");
             }
         }
     }
-    store.finish_inbound(id)?;
+    store.finish_inbound(id).await?;
     Ok(())
 }
 

@@ -1,24 +1,25 @@
 //! `postino trace ID`: a message's history, in words or as JSON, from the
-//! store's `trace` tree ([`Store::history`]). Answered over the control
+//! store's `trace` tree ([`postino_core::storage::History::history`]). Answered over the control
 //! socket, by the offline CLI and by `GET /api/trace/ID` alike.
 
 use std::time::{Duration, UNIX_EPOCH};
 
 use postino_core::routing::{Route, Target};
+use postino_core::storage::Storage;
 use postino_core::store::{TraceEvent, TraceKind};
-use postino_core::{Envelope, MessageId, Store};
+use postino_core::{Envelope, MessageId};
 
 use crate::wire::Response;
 
 /// The history of message `id`: a line per event, oldest first, or (with
 /// `json`) one line holding the events as a JSON array. Nothing kept is an
 /// error: the id is unknown, or its history has expired.
-pub fn answer(store: &Store, id: &str, json: bool) -> Response {
+pub async fn answer(store: &dyn Storage, id: &str, json: bool) -> Response {
     let id = match MessageId::parse_queue_id(id) {
         Ok(id) => id,
         Err(e) => return Response::Error(e),
     };
-    match store.history(id) {
+    match store.history(id).await {
         Ok(events) if events.is_empty() => Response::Error(not_found(id)),
         Ok(events) if json => match serde_json::to_string(&events) {
             Ok(line) => Response::Ok(vec![line]),
@@ -89,12 +90,22 @@ pub fn line(event: &TraceEvent) -> String {
     format!("{}  {what}", time(event.at))
 }
 
-/// Where each recipient of `envelope` goes and why, as history events.
-pub fn routes(envelope: &Envelope) -> impl Iterator<Item = TraceKind> + '_ {
-    envelope.recipients.iter().map(|r| TraceKind::Routed {
-        recipient: r.address.clone(),
-        route: route_text(&r.address, &r.route),
-    })
+/// Where each recipient of `envelope` goes and why, as history events
+/// (each with the message it belongs to).
+pub fn route_events(envelope: &Envelope) -> Vec<(MessageId, TraceKind)> {
+    envelope
+        .recipients
+        .iter()
+        .map(|r| {
+            (
+                envelope.id,
+                TraceKind::Routed {
+                    recipient: r.address.clone(),
+                    route: route_text(&r.address, &r.route),
+                },
+            )
+        })
+        .collect()
 }
 
 /// A route in words: `local mailbox a@x`, `alias of b@x` when a mailbox

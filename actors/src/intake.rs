@@ -24,8 +24,10 @@
 
 use actix::prelude::*;
 use bytes::Bytes;
+use postino_core::message::now_unix;
+use postino_core::storage::SharedStorage;
 use postino_core::store::{StoreError, TraceKind};
-use postino_core::{Envelope, MessageId, Store};
+use postino_core::{Envelope, MessageId};
 use tracing::{debug, info, warn};
 
 use crate::delivery::actor::Queued;
@@ -34,7 +36,7 @@ use crate::dkim::DkimKeys;
 use crate::mailbox;
 
 /// Why a message was not taken in. Whatever of it reached the disk is never
-/// delivered ([`Store::reject`]); the client is told to try again later
+/// delivered ([`postino_core::storage::Intake::reject`]); the client is told to try again later
 /// (4xx) and sends it again.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -49,7 +51,7 @@ pub enum IntakeError {
 pub struct Intake {
     /// The configuration in use, taken per message ([`crate::reload`]).
     config: crate::reload::LiveConfig,
-    store: Store,
+    store: SharedStorage,
     delivery: Recipient<Queued>,
     /// DKIM keys for [`Intake::sign`] (none unless [`Intake::with_dkim`]).
     dkim: DkimKeys,
@@ -65,11 +67,25 @@ enum Written {
     Spooled(Plan),
 }
 
+/// How a message came in, as its history records it
+/// ([`Intake::received`]).
+#[derive(Debug, Clone, Default)]
+pub struct ReceivedVia {
+    /// The TLS protocol of the session, if it used TLS.
+    pub tls_protocol: Option<String>,
+    /// The TLS cipher.
+    pub tls_cipher: Option<String>,
+    /// The SASL user, if the client logged in.
+    pub auth: Option<String>,
+    /// The `Message-ID:` header, if any.
+    pub message_id: Option<String>,
+}
+
 impl Intake {
     /// An intake writing to `store`; remote mail is announced to `delivery`.
     pub fn new(
         config: impl Into<crate::reload::LiveConfig>,
-        store: Store,
+        store: SharedStorage,
         delivery: Recipient<Queued>,
     ) -> Intake {
         Intake {
@@ -162,14 +178,15 @@ impl Intake {
         &self,
         envelope: Envelope,
         content: Vec<u8>,
+        via: &ReceivedVia,
         durable: impl FnOnce(&Envelope),
     ) -> Result<MessageId, IntakeError> {
         let id = envelope.id;
-        let result = self.store_durably(&envelope, content, durable).await;
+        let result = self.store_durably(&envelope, content, via, durable).await;
         if result.is_err() {
             // Whatever of it reached the disk must never be delivered: the
             // client will send it again.
-            self.store.reject(id);
+            self.store.reject(id).await;
         }
         result.map(|()| id)
     }
@@ -178,6 +195,7 @@ impl Intake {
         &self,
         envelope: &Envelope,
         content: Vec<u8>,
+        via: &ReceivedVia,
         durable: impl FnOnce(&Envelope),
     ) -> Result<(), IntakeError> {
         let id = envelope.id;
@@ -189,25 +207,34 @@ impl Intake {
             && plan.delivered.is_empty()
             && !plan.local.is_empty()
         {
-            mailbox::accept_local(&self.store, id, &content, &plan.local)?;
+            mailbox::accept_local(self.store.as_ref(), id, &content, &plan.local).await?;
             Written::Delivered
         } else if plan.local.is_empty() && plan.bounced.is_empty() && !plan.remote.is_empty() {
             self.store
-                .accept_remote(&new_entry(envelope, plan.remote), &content)?;
+                .accept_remote(&new_entry(envelope, plan.remote), &content)
+                .await?;
             Written::Queued
         } else {
-            self.store.spool(envelope, &content)?;
+            self.store.spool(envelope, &content).await?;
             Written::Spooled(plan)
         };
         // The 250 is written only once a group commit that started after
         // the write has flushed (REFERENCE.md: Postfix fsyncs first too).
         self.store.durable().await?;
+        self.received(
+            envelope,
+            (&via.tls_protocol, &via.tls_cipher),
+            &via.auth,
+            &via.message_id,
+        )
+        .await;
         durable(envelope);
         match written {
             Written::Delivered => {}
             Written::Queued => self.try_now(id, Some(content.into())),
             Written::Spooled(plan) => {
-                match dispatch_planned(&self.config.current(), &self.store, envelope, plan) {
+                let config = self.config.current();
+                match dispatch_planned(&config, self.store.as_ref(), envelope, plan).await {
                     Ok(queued) => {
                         // The original's content is in hand; a bounce's the
                         // delivery actor reads.
@@ -228,9 +255,9 @@ impl Intake {
     /// Records that `envelope` was received (the client, its HELO, TLS,
     /// login and `Message-ID:` as the SMTP session knows them) and where
     /// each recipient goes, in the message's history (`postino trace`).
-    /// Called once the message is durable (from the `durable` hook of
-    /// [`Intake::accept`]); plain inserts that ride the next group commit.
-    pub fn received(
+    /// Called by [`Intake::accept`] once the message is durable; plain
+    /// inserts that ride the next group commit.
+    pub async fn received(
         &self,
         envelope: &Envelope,
         tls: (&Option<String>, &Option<String>),
@@ -251,8 +278,12 @@ impl Intake {
             auth: auth.clone(),
             message_id: message_id.clone(),
         });
-        events.extend(crate::history::routes(envelope));
-        self.store.trace_new(envelope.id, events);
+        events.extend(
+            crate::history::route_events(envelope)
+                .into_iter()
+                .map(|(_, what)| what),
+        );
+        self.store.trace_new(envelope.id, now_unix(), events).await;
     }
 
     /// Asks the delivery actor to try a queued message now. Not awaited:
@@ -276,7 +307,8 @@ mod tests {
 
     use postino_core::message::RoutedRecipient as Rcpt;
     use postino_core::routing::Target;
-    use postino_core::{Config, Route};
+    use postino_core::storage::SledStorage;
+    use postino_core::{Config, Route, Store};
 
     use super::*;
 
@@ -309,7 +341,7 @@ mod tests {
         let recorder = Recorder(sent.clone()).start();
         let intake = Intake::new(
             Arc::new(Config::default()),
-            store.clone(),
+            Arc::new(SledStorage::new(store.clone())),
             recorder.recipient(),
         );
         Fixture {
@@ -356,10 +388,15 @@ mod tests {
         let mut hooked = 0;
         let got = f
             .intake
-            .accept(envelope, b"hello\r\n".to_vec(), |e| {
-                assert_eq!(e.id, id);
-                hooked += 1;
-            })
+            .accept(
+                envelope,
+                b"hello\r\n".to_vec(),
+                &ReceivedVia::default(),
+                |e| {
+                    assert_eq!(e.id, id);
+                    hooked += 1;
+                },
+            )
             .await
             .unwrap();
         assert_eq!(got, id);
@@ -429,7 +466,8 @@ mod tests {
         );
         let tls = (Some("TLSv1_3".to_owned()), Some("AES_256".to_owned()));
         f.intake
-            .received(&e, (&tls.0, &tls.1), &Some("bob".into()), &None);
+            .received(&e, (&tls.0, &tls.1), &Some("bob".into()), &None)
+            .await;
         let got: Vec<TraceKind> = f
             .store
             .history(e.id)

@@ -1,77 +1,46 @@
-//! The local-mailbox actor: serialises what POP3 sessions change (the
-//! maildrop lock, deletions at QUIT); and the functions that store
-//! deliveries in mailboxes.
-//!
-//! Neither reading nor delivering a message goes through this actor: sled
-//! reads and transactions are safe from any thread, RETR is the hot path of
-//! a POP3 server, and delivery that of intake.
+//! Local mailboxes: storing deliveries, and what a POP3 session changes
+//! (the maildrop lock, deletions at QUIT). Plain functions over the
+//! storage; the RFC 1939 maildrop lock is the storage's
+//! ([`postino_core::storage::Mailboxes::lock_maildrop`]), so it holds
+//! across every node sharing a store, and the POP3 connection holds it
+//! while its session lasts.
 
-use std::collections::HashMap;
-
-use actix::prelude::*;
 use postino_core::logsafe::escape;
+use postino_core::message::now_unix;
+use postino_core::storage::{MaildropLock, Storage};
 use postino_core::store::{LocalDelivery, MailEntry, StoreError, TraceKind};
-use postino_core::{MessageId, Store};
+use postino_core::MessageId;
 use tracing::info;
 
-/// Owns mailbox writes and maildrop locks.
-pub struct Mailbox {
-    store: Store,
-    /// Mailbox → the POP3 session holding its lock (RFC 1939 §8: exclusive).
-    locks: HashMap<String, u64>,
-}
-
-impl Mailbox {
-    /// The mailbox actor over `store`, holding no locks.
-    pub fn new(store: Store) -> Mailbox {
-        Mailbox {
-            store,
-            locks: HashMap::new(),
-        }
-    }
-}
-
-impl Actor for Mailbox {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        // Every POP3 session sends here and awaits the answer (`send`, never
-        // `do_send`), so this bound is back-pressure, not loss.
-        ctx.set_mailbox_capacity(4096);
-    }
-}
-
 /// Delivers a spooled message to local mailboxes, in one transaction
-/// ([`Store::deliver_local`]: idempotent per mailbox and message). A plain
-/// function, not a message: any thread may write mailbox entries; only the
-/// POP3 side needs this actor.
+/// (idempotent per mailbox and message).
 ///
 /// # Errors
 ///
 /// The store's, when the transaction fails.
-pub fn deliver_local(
-    store: &Store,
+pub async fn deliver_local(
+    store: &dyn Storage,
     id: MessageId,
     deliveries: &[LocalDelivery],
 ) -> Result<(), StoreError> {
-    store.deliver_local(id, deliveries)?;
+    store.deliver_local(id, deliveries).await?;
     delivered(id, deliveries);
     Ok(())
 }
 
 /// Stores a message that goes only to local mailboxes: content and entries
-/// at once ([`Store::accept_local`]).
+/// at once.
 ///
 /// # Errors
 ///
 /// The store's, when the write fails.
-pub fn accept_local(
-    store: &Store,
+pub async fn accept_local(
+    store: &dyn Storage,
     id: MessageId,
     content: &[u8],
     deliveries: &[LocalDelivery],
 ) -> Result<(), StoreError> {
-    store.accept_local(id, content, deliveries)?;
+    store.accept_local(id, content, deliveries).await?;
     delivered(id, deliveries);
     Ok(())
 }
@@ -82,92 +51,59 @@ fn delivered(id: MessageId, deliveries: &[LocalDelivery]) {
     }
 }
 
-/// Lock a maildrop for a POP3 session and list it. `None`: another session
-/// holds it.
-#[derive(Message)]
-#[rtype(result = "Result<Option<Vec<MailEntry>>, StoreError>")]
-pub struct Open {
-    /// The maildrop (canonical user address).
-    pub mailbox: String,
-    /// The POP3 session asking (its id).
-    pub session: u64,
-}
+/// A maildrop locked for one POP3 session, and its messages.
+pub type Opened = (Box<dyn MaildropLock>, Vec<MailEntry>);
 
-impl Handler<Open> for Mailbox {
-    type Result = Result<Option<Vec<MailEntry>>, StoreError>;
-
-    fn handle(&mut self, msg: Open, _: &mut Self::Context) -> Self::Result {
-        match self.locks.get(&msg.mailbox) {
-            Some(&holder) if holder != msg.session => return Ok(None),
-            _ => {}
-        }
-        let entries = self.store.maildrop(&msg.mailbox)?;
-        self.locks.insert(msg.mailbox, msg.session);
-        Ok(Some(entries))
-    }
-}
-
-/// Why an expunge did not happen.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ExpungeError {
-    /// The store failed; nothing was deleted, the lock is released.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// The session no longer holds the maildrop's lock (the mailbox).
-    #[error("the maildrop lock of {0} is not held by this session")]
-    LockLost(String),
-}
-
-/// Delete messages (POP3 UPDATE state) and release the lock.
-#[derive(Message)]
-#[rtype(result = "Result<(), ExpungeError>")]
-pub struct Expunge {
-    /// The maildrop.
-    pub mailbox: String,
-    /// The session that holds its lock.
-    pub session: u64,
-    /// The messages to delete (their store keys).
-    pub keys: Vec<u64>,
-}
-
-impl Handler<Expunge> for Mailbox {
-    type Result = Result<(), ExpungeError>;
-
-    fn handle(&mut self, msg: Expunge, _: &mut Self::Context) -> Self::Result {
-        if self.locks.get(&msg.mailbox) != Some(&msg.session) {
-            return Err(ExpungeError::LockLost(msg.mailbox));
-        }
-        let result = self.store.delete_mail(&msg.mailbox, &msg.keys);
-        self.locks.remove(&msg.mailbox);
-        let deleted = result?;
-        info!(mailbox = %escape(&msg.mailbox), deleted, "pop3 expunge");
-        // A mailbox entry's key is its message's id.
-        for &key in &msg.keys {
-            let mailbox = msg.mailbox.clone();
-            (self.store).trace(MessageId(key), TraceKind::Deleted { mailbox });
-        }
-        Ok(())
-    }
-}
-
-/// Release a maildrop lock without deleting anything (dropped connection,
-/// QUIT without deletions).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Release {
-    /// The maildrop.
-    pub mailbox: String,
-    /// The session that holds its lock.
-    pub session: u64,
-}
-
-impl Handler<Release> for Mailbox {
-    type Result = ();
-
-    fn handle(&mut self, msg: Release, _: &mut Self::Context) {
-        if self.locks.get(&msg.mailbox) == Some(&msg.session) {
-            self.locks.remove(&msg.mailbox);
+/// Locks `mailbox` for a POP3 session on `node` and lists it. `None`:
+/// another session (on any node) holds it.
+///
+/// # Errors
+///
+/// The store's; the lock is not kept then.
+pub async fn open(
+    store: &dyn Storage,
+    mailbox: &str,
+    node: &str,
+) -> Result<Option<Opened>, StoreError> {
+    let Some(lock) = store.lock_maildrop(mailbox, node).await? else {
+        return Ok(None);
+    };
+    match store.maildrop(lock.mailbox()).await {
+        Ok(entries) => Ok(Some((lock, entries))),
+        Err(e) => {
+            store.unlock_maildrop(lock).await;
+            Err(e)
         }
     }
+}
+
+/// Deletes messages (POP3 UPDATE state), makes that durable, then releases
+/// the lock: the +OK to QUIT says they are gone (RFC 1939 §6).
+///
+/// # Errors
+///
+/// The store's: nothing deleted, or not known to be durable. The lock is
+/// released either way.
+pub async fn expunge(
+    store: &dyn Storage,
+    lock: Box<dyn MaildropLock>,
+    keys: Vec<u64>,
+) -> Result<(), StoreError> {
+    let mailbox = lock.mailbox().to_owned();
+    let result = match store.delete_mail(&mailbox, &keys).await {
+        Ok(deleted) => store.durable().await.map(|()| deleted),
+        Err(e) => Err(e),
+    };
+    store.unlock_maildrop(lock).await;
+    let deleted = result?;
+    info!(mailbox = %escape(&mailbox), deleted, "pop3 expunge");
+    // A mailbox entry's key is its message's id.
+    let now = now_unix();
+    for key in keys {
+        let mailbox = mailbox.clone();
+        store
+            .trace(MessageId(key), now, TraceKind::Deleted { mailbox })
+            .await;
+    }
+    Ok(())
 }

@@ -1,7 +1,7 @@
 //! The POP3 connection actor: one per client, a thin shell around
-//! [`postino_core::pop3::Session`]. Logins, maildrop locks and deletions go
-//! through the `Mailbox` actor; message content is read from the store
-//! directly (reads need no serialising).
+//! [`postino_core::pop3::Session`]. The maildrop lock is the storage's
+//! (held cluster-wide, `crate::mailbox`), kept by the connection while
+//! its session lasts; content is read from the storage directly.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,14 +13,14 @@ use postino_core::logsafe::escape;
 use postino_core::pop3::{
     AuthResult, LineReceiver, Maildrop, MaildropEntry, Session, SessionConfig, Step,
 };
-use postino_core::{Config, Store};
+use postino_core::storage::{MaildropLock, SharedStorage};
+use postino_core::Config;
 use tracing::{debug, info, warn};
 
 use crate::auth::PasswordChecks;
 use crate::io::{Io, ReadOutcome, Stream, TlsSlot};
 use crate::limits::ConnectionGuard;
 use crate::login_delay::AuthFailures;
-use crate::mailbox::{Expunge, Mailbox, Open, Release};
 use crate::sessions::{Kick, Pop3Sessions};
 
 /// What every POP3 connection shares.
@@ -28,10 +28,8 @@ pub struct Pop3Shared {
     /// The configuration in use; each session takes the current one at its
     /// start and keeps it ([`crate::reload`]).
     pub config: crate::reload::LiveConfig,
-    /// The store (passwords, maildrops).
-    pub store: Store,
-    /// The mailbox actor, which owns the maildrop locks.
-    pub mailbox: Addr<Mailbox>,
+    /// The storage (passwords, maildrops and their locks).
+    pub store: SharedStorage,
     /// The TLS acceptor for STLS (reloadable), if TLS is configured.
     pub tls: TlsSlot,
     /// Failed logins per client address (shared with SMTP AUTH).
@@ -53,7 +51,7 @@ pub struct Pop3Connection {
     io: Option<Io>,
     lines: LineReceiver,
     /// The maildrop this session has locked, if logged in.
-    mailbox: Option<String>,
+    maildrop: Option<Box<dyn MaildropLock>>,
     /// When the command line being read must be complete: the timeout
     /// counts for the whole line, not per read, so a client dripping bytes
     /// is disconnected as an idle one is.
@@ -88,7 +86,7 @@ impl Pop3Connection {
             session: Session::new(config),
             io: Some(Io::new(stream, shutdown)),
             lines: LineReceiver::new(),
-            mailbox: None,
+            maildrop: None,
             deadline: None,
             id: SESSION_IDS.fetch_add(1, Ordering::Relaxed),
             span: tracing::info_span!("pop3", %peer),
@@ -124,43 +122,42 @@ impl Pop3Connection {
                 false
             }
             Step::Retrieve { key, .. } => {
-                let content = self
-                    .mailbox
-                    .as_deref()
-                    .map(|m| self.shared.store.read_mail(m, key));
-                let Some(io) = self.io.as_mut() else {
+                let Some(mailbox) = self.maildrop.as_ref().map(|l| l.mailbox().to_owned()) else {
                     return false;
                 };
-                let next = match content {
-                    // Not in the message's history: that would make every
-                    // read a store write (and POP3 RETR half as fast);
-                    // deletion at QUIT is recorded (`mailbox.rs`).
-                    Some(Ok(Some(content))) => self.session.retrieved(&content, &mut io.wbuf),
-                    other => {
-                        warn!(?other, key, "message unreadable");
-                        self.session.retrieve_failed(&mut io.wbuf)
+                let store = self.shared.store.clone();
+                let read = async move { store.read_mail(&mailbox, key).await };
+                ctx.wait(read.into_actor(self).map(move |content, act, ctx| {
+                    let Some(io) = act.io.as_mut() else { return };
+                    let next = match content {
+                        // Not in the message's history: that would make every
+                        // read a store write (and POP3 RETR half as fast);
+                        // deletion at QUIT is recorded (`mailbox.rs`).
+                        Ok(Some(content)) => act.session.retrieved(&content, &mut io.wbuf),
+                        other => {
+                            warn!(?other, key, "message unreadable");
+                            act.session.retrieve_failed(&mut io.wbuf)
+                        }
+                    };
+                    if act.step(next, ctx) {
+                        act.drive(ctx);
                     }
-                };
-                self.step(next, ctx)
+                }));
+                false
             }
             Step::Commit { deleted } => {
-                let Some(mailbox) = self.mailbox.take() else {
+                let Some(lock) = self.maildrop.take() else {
                     return false;
                 };
-                let expunge = self.shared.mailbox.send(Expunge {
-                    mailbox: mailbox.clone(),
-                    session: self.id,
-                    keys: deleted,
-                });
+                let mailbox = lock.mailbox().to_owned();
                 let store = self.shared.store.clone();
                 // The +OK to QUIT says the messages are gone (RFC 1939 §6):
-                // flush first, or a crash right after it brings them back.
+                // `expunge` makes the deletion durable first, or a crash
+                // right after it brings them back.
                 let fut = async move {
-                    match expunge.await {
-                        Ok(Ok(())) => store.durable().await.map_err(|e| e.to_string()),
-                        Ok(Err(e)) => Err(e.to_string()),
-                        Err(e) => Err(e.to_string()),
-                    }
+                    crate::mailbox::expunge(store.as_ref(), lock, deleted)
+                        .await
+                        .map_err(|e| e.to_string())
                 };
                 ctx.wait(fut.into_actor(self).map(move |res, act, ctx| {
                     let ok = res.is_ok();
@@ -202,8 +199,13 @@ impl Pop3Connection {
                 // Give the maildrop up before the last reply goes out: a
                 // client that logs in again as soon as it reads QUIT's +OK
                 // must not be told [IN-USE].
-                self.release();
-                self.close(ctx);
+                if let Some(lock) = self.maildrop.take() {
+                    let store = self.shared.store.clone();
+                    let unlock = async move { store.unlock_maildrop(lock).await };
+                    ctx.wait(unlock.into_actor(self).map(|(), act, ctx| act.close(ctx)));
+                } else {
+                    self.close(ctx);
+                }
                 false
             }
         }
@@ -211,11 +213,12 @@ impl Pop3Connection {
 
     fn authenticate(&mut self, user: String, password: String, ctx: &mut Context<Self>) {
         let shared = self.shared.clone();
-        let session = self.id;
+        let node = self.settings.store.node.clone();
         let ip = self.peer.ip();
         let canonical = user.to_ascii_lowercase();
         let fut = async move {
             let mut delay = Duration::ZERO;
+            let mut lock_held = None;
             // argon2 is deliberately slow: it runs on the checking
             // threads, a few at a time.
             let verified = shared
@@ -224,31 +227,30 @@ impl Pop3Connection {
                 .await
                 .map_err(|e| e.to_string());
             let result = match verified {
-                Ok(true) => match shared
-                    .mailbox
-                    .send(Open {
-                        mailbox: canonical.clone(),
-                        session,
-                    })
-                    .await
-                {
-                    Ok(Ok(Some(entries))) => {
-                        shared.failures.succeeded(ip);
-                        postino_core::metrics::login("pop3", true);
-                        AuthResult::Ok(Maildrop(
-                            entries
-                                .into_iter()
-                                .map(|e| MaildropEntry {
-                                    uidl: e.uidl,
-                                    size: e.size,
-                                    key: e.key,
-                                })
-                                .collect(),
-                        ))
+                Ok(true) => {
+                    match crate::mailbox::open(shared.store.as_ref(), &canonical, &node).await {
+                        Ok(Some((lock, entries))) => {
+                            shared.failures.succeeded(ip);
+                            postino_core::metrics::login("pop3", true);
+                            lock_held = Some(lock);
+                            AuthResult::Ok(Maildrop(
+                                entries
+                                    .into_iter()
+                                    .map(|e| MaildropEntry {
+                                        uidl: e.uidl,
+                                        size: e.size,
+                                        key: e.key,
+                                    })
+                                    .collect(),
+                            ))
+                        }
+                        Ok(None) => AuthResult::InUse,
+                        Err(e) => {
+                            warn!(error = %e, "maildrop unavailable");
+                            AuthResult::TemporaryFailure
+                        }
                     }
-                    Ok(Ok(None)) => AuthResult::InUse,
-                    _ => AuthResult::TemporaryFailure,
-                },
+                }
                 Ok(false) => {
                     postino_core::metrics::login("pop3", false);
                     delay = shared.failures.failed(ip);
@@ -260,14 +262,14 @@ impl Pop3Connection {
                     AuthResult::TemporaryFailure
                 }
             };
-            (canonical, result, delay)
+            (canonical, result, delay, lock_held)
         };
-        ctx.wait(fut.into_actor(self).map(|(user, result, delay), act, ctx| {
+        ctx.wait(fut.into_actor(self).map(|(user, result, delay, lock), act, ctx| {
             match &result {
                 AuthResult::Ok(drop) => {
                     info!(parent: &act.span, user = %escape(&user), messages = drop.0.len(), "pop3 login");
                     act.shared.sessions.logged_in(act.id, &user);
-                    act.mailbox = Some(user);
+                    act.maildrop = lock;
                 }
                 // The delay is logged so a postmaster (and the tests) can see
                 // the tarpit growing per client address. fail2ban's filter
@@ -333,13 +335,12 @@ impl Pop3Connection {
         );
     }
 
-    /// Releases the maildrop lock, if held, without deleting anything.
+    /// Releases the maildrop lock, if held, without deleting anything (in
+    /// the background: the connection is going away).
     fn release(&mut self) {
-        if let Some(mailbox) = self.mailbox.take() {
-            self.shared.mailbox.do_send(Release {
-                mailbox,
-                session: self.id,
-            });
+        if let Some(lock) = self.maildrop.take() {
+            let store = self.shared.store.clone();
+            actix_rt::spawn(async move { store.unlock_maildrop(lock).await });
         }
     }
 
@@ -383,7 +384,7 @@ impl Handler<Kick> for Pop3Connection {
     /// Drops the connection: deletions marked in it are not made, the
     /// maildrop lock goes (`stopped`).
     fn handle(&mut self, _: Kick, ctx: &mut Self::Context) {
-        info!(parent: &self.span, user = %escape(self.mailbox.as_deref().unwrap_or("")), "pop3 session ended by the administrator");
+        info!(parent: &self.span, user = %escape(self.maildrop.as_ref().map_or("", |l| l.mailbox())), "pop3 session ended by the administrator");
         ctx.stop();
     }
 }

@@ -24,7 +24,6 @@ use std::sync::{Arc, RwLock};
 use actix::prelude::*;
 use postino_core::config::Config;
 use postino_core::smtp::session::SessionConfig;
-use postino_core::Store;
 use tracing::{error, info, warn};
 
 use crate::io::TlsSlot;
@@ -107,7 +106,7 @@ pub struct Reloader {
     pub(crate) tls: TlsSlot,
     /// The DKIM signing keys, read again at every reload.
     pub(crate) dkim: crate::dkim::DkimKeys,
-    pub(crate) store: Store,
+    pub(crate) store: postino_core::storage::SharedStorage,
     pub(crate) delivery: Recipient<Reconfigure>,
     /// One reload at a time (SIGHUP and `postino reload` may cross).
     pub(crate) busy: Arc<std::sync::Mutex<()>>,

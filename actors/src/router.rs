@@ -9,7 +9,8 @@
 use actix::prelude::*;
 use postino_core::routing::{self, DirectoryError};
 use postino_core::smtp::session::RouteQuery;
-use postino_core::{Route, Store};
+use postino_core::storage::SharedStorage;
+use postino_core::Route;
 
 use crate::reload::LiveConfig;
 
@@ -23,14 +24,14 @@ pub struct RouteRecipient(pub RouteQuery);
 /// The default router.
 pub struct Router {
     config: LiveConfig,
-    store: Store,
+    store: SharedStorage,
 }
 
 impl Router {
     /// A router that decides with `config`'s routing rules over `store`'s
     /// users and aliases (a [`LiveConfig`]: the rules in use at each
     /// decision, so a reload applies to the next `RCPT TO`).
-    pub fn new(config: impl Into<LiveConfig>, store: Store) -> Router {
+    pub fn new(config: impl Into<LiveConfig>, store: SharedStorage) -> Router {
         Router {
             config: config.into(),
             store,
@@ -49,15 +50,16 @@ impl Actor for Router {
 }
 
 impl Handler<RouteRecipient> for Router {
-    type Result = MessageResult<RouteRecipient>;
+    type Result = ResponseFuture<Result<Route, DirectoryError>>;
 
+    /// Fetches what the decision needs from the storage (for this one
+    /// recipient, so nothing is older than the `RCPT TO`), then decides.
     fn handle(&mut self, msg: RouteRecipient, _: &mut Self::Context) -> Self::Result {
         let q = msg.0;
-        MessageResult(routing::decide(
-            &self.config.current().routing,
-            &self.store,
-            &q.recipient,
-            q.may_relay,
-        ))
+        let config = self.config.current();
+        let store = self.store.clone();
+        Box::pin(async move {
+            routing::decide_async(&config.routing, store.as_ref(), &q.recipient, q.may_relay).await
+        })
     }
 }

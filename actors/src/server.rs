@@ -18,6 +18,8 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use postino_core::config::ConfigError;
+use postino_core::config::StoreBackend;
+use postino_core::storage::{SharedStorage, SledStorage};
 use postino_core::store::StoreError;
 use postino_core::{Config, Store};
 use tokio::sync::watch;
@@ -34,7 +36,6 @@ use crate::intake::Intake;
 use crate::io::TlsSlot;
 use crate::limits::Limits;
 use crate::login_delay::AuthFailures;
-use crate::mailbox::Mailbox;
 use crate::policy::{DynPolicy, Policies, Policy};
 use crate::pop3::Pop3Shared;
 use crate::reload::{LiveConfig, ReloadError, Reloaded, Reloader};
@@ -70,6 +71,9 @@ pub enum ServerError {
     /// The TLS certificate or key could not be loaded.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    /// The storage backend cannot run this server.
+    #[error("store: {0}")]
+    Backend(String),
     /// A worker arbiter went away during start.
     #[error("a worker thread stopped while the server was starting")]
     Worker,
@@ -108,6 +112,8 @@ pub struct ServerBuilder {
     policies: Vec<Box<dyn DynPolicy>>,
     /// Where `config` was read from, for the startup line.
     config_file: Option<std::path::PathBuf>,
+    /// The storage to run on, if the embedder brings one.
+    storage: Option<SharedStorage>,
 }
 
 /// Makes the routing actor of one worker from that worker's default router.
@@ -123,7 +129,8 @@ pub struct Server {
     submissions_addrs: Vec<SocketAddr>,
     pop3_addrs: Vec<SocketAddr>,
     pop3s_addrs: Vec<SocketAddr>,
-    store: Store,
+    storage: SharedStorage,
+    store: Option<Store>,
     router: Addr<Router>,
     delivery: Addr<Delivery>,
     tls: TlsSlot,
@@ -153,6 +160,7 @@ impl Server {
             router: None,
             policies: Vec::new(),
             config_file: None,
+            storage: None,
         }
     }
 
@@ -180,9 +188,15 @@ impl Server {
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
     }
-    /// The store the server uses (users, aliases, mail, queue).
-    pub fn store(&self) -> &Store {
-        &self.store
+    /// The sled store the server uses, when it runs on one (users,
+    /// aliases, mail, queue); `None` on another backend.
+    pub fn store(&self) -> Option<&Store> {
+        self.store.as_ref()
+    }
+
+    /// The storage the server runs on (the seam every actor uses).
+    pub fn storage(&self) -> &SharedStorage {
+        &self.storage
     }
     /// The configuration in use now (a reload replaces it).
     pub fn config(&self) -> Arc<Config> {
@@ -246,7 +260,7 @@ impl Server {
             admin.stop().await;
         }
         let _ = tokio::time::timeout(grace, self.connections.idle()).await;
-        if let Err(e) = self.store.flush_blocking() {
+        if let Err(e) = self.storage.flush_blocking() {
             error!(error = %e, "final flush failed");
         }
         for w in self.workers.drain(..) {
@@ -263,6 +277,13 @@ impl Server {
 }
 
 impl ServerBuilder {
+    /// Runs the server on `storage` instead of the one `[store]` names
+    /// (an embedder's own backend). Not set: `[store] backend`.
+    pub fn storage(mut self, storage: SharedStorage) -> Self {
+        self.storage = Some(storage);
+        self
+    }
+
     /// The file the configuration came from (`None`: the built-in
     /// defaults), named in the startup log line.
     pub fn config_file(mut self, path: Option<std::path::PathBuf>) -> Self {
@@ -302,11 +323,26 @@ impl ServerBuilder {
     pub async fn start(self) -> Result<Server, ServerError> {
         let config = Arc::new(self.config);
         let live = LiveConfig::new(config.clone());
-        let store = Store::open_configured(&config.data_dir, &config.store)?;
-        store.remember_logins(config.auth.cache_ttl, config.auth.cache_size);
-        store.set_quota_policy(config.mailbox.quota, config.mailbox.quota_warning);
-        store.set_trace_limits(config.trace.limits());
-        store.watch_space(config.min_free())?;
+        let storage: SharedStorage = match (self.storage, config.store.backend) {
+            (Some(storage), _) => storage,
+            (None, StoreBackend::Sled) => Arc::new(SledStorage::new(Store::open_configured(
+                &config.data_dir,
+                &config.store,
+            )?)),
+            (None, StoreBackend::Postgres) => return Err(ServerError::Backend(
+                "[store] backend = \"postgres\": this postino has no PostgreSQL backend built in"
+                    .into(),
+            )),
+        };
+        storage.set_quota_policy(config.mailbox.quota, config.mailbox.quota_warning);
+        storage.set_trace_limits(config.trace.limits());
+        // Not yet on the storage seam: the control socket and the admin
+        // API still work on the sled store itself, and only a store on a
+        // local disk has a free-space reserve.
+        let store = storage.as_sled().cloned();
+        if let Some(store) = &store {
+            store.watch_space(config.min_free())?;
+        }
         let tls = TlsSlot::new(config.tls.as_ref().map(crate::tls::acceptor).transpose()?);
         let dkim = crate::dkim::DkimKeys::load(&config, self.config_file.as_deref())?;
 
@@ -314,28 +350,24 @@ impl ServerBuilder {
         // never stall a connection's thread.
         let core = Arbiter::new();
         let workers: Vec<Arbiter> = (0..worker_count()).map(|_| Arbiter::new()).collect();
-        let mailbox = {
-            let store = store.clone();
-            Mailbox::start_in_arbiter(&core.handle(), move |_| Mailbox::new(store))
-        };
         let delivery = {
-            let (store, config) = (store.clone(), live.clone());
+            let (store, config) = (storage.clone(), live.clone());
             let io = workers.iter().map(|w| w.handle()).collect();
             Delivery::start_in_arbiter(&core.handle(), move |_| Delivery::new(config, store, io))
         };
         let router = {
-            let (store, config) = (store.clone(), live.clone());
+            let (store, config) = (storage.clone(), live.clone());
             Router::start_in_arbiter(&core.handle(), move |_| Router::new(config, store))
         };
 
         // Messages spooled but not yet handed on before a stop or crash.
-        let pending = store.inbound()?;
+        let pending = storage.inbound().await?;
         if !pending.is_empty() {
             info!(count = pending.len(), "re-dispatching spooled messages");
         }
         for envelope in pending {
             let id = envelope.id;
-            match dispatch(&config, &store, &envelope) {
+            match dispatch(&config, storage.as_ref(), &envelope).await {
                 Ok(queued) => {
                     for id in queued {
                         // Awaited: nothing here comes from the network, and
@@ -355,6 +387,7 @@ impl ServerBuilder {
             submissions_addrs: Vec::new(),
             pop3_addrs: Vec::new(),
             pop3s_addrs: Vec::new(),
+            storage: storage.clone(),
             store: store.clone(),
             router: router.clone(),
             delivery: delivery.clone(),
@@ -365,7 +398,7 @@ impl ServerBuilder {
                 file: self.config_file.clone(),
                 tls: tls.clone(),
                 dkim: dkim.clone(),
-                store: store.clone(),
+                store: storage.clone(),
                 delivery: delivery.clone().recipient(),
                 busy: Default::default(),
             },
@@ -382,7 +415,9 @@ impl ServerBuilder {
             config.pop3.auth_failure_delay,
             config.pop3.max_auth_failure_delay,
         ));
-        let checks = PasswordChecks::start(store.clone(), config.auth.workers)
+        let logins =
+            postino_core::store::LoginCache::new(config.auth.cache_ttl, config.auth.cache_size);
+        let checks = PasswordChecks::start(storage.clone(), config.auth.workers, logins)
             .map_err(ServerError::AuthWorkers)?;
         let sessions = Arc::new(crate::sessions::Pop3Sessions::default());
         let rates = Arc::new(crate::submission_limits::SubmissionLimits::default());
@@ -393,7 +428,7 @@ impl ServerBuilder {
                 Arc::new(SmtpShared {
                     config: live.clone(),
                     auth_required,
-                    store: store.clone(),
+                    store: storage.clone(),
                     router: route,
                     intake,
                     tls: tls.clone(),
@@ -411,10 +446,10 @@ impl ServerBuilder {
         for worker in &server.workers {
             let handle = worker.handle();
             let local_router = {
-                let (store, config) = (store.clone(), live.clone());
+                let (store, config) = (storage.clone(), live.clone());
                 Router::start_in_arbiter(&handle, move |_| Router::new(config, store))
             };
-            let intake = Intake::new(live.clone(), store.clone(), delivery.clone().recipient())
+            let intake = Intake::new(live.clone(), storage.clone(), delivery.clone().recipient())
                 .with_dkim(dkim.clone());
             let route: Recipient<RouteRecipient> = match &self.router {
                 Some(make) => {
@@ -459,8 +494,7 @@ impl ServerBuilder {
         }
         let pop3_shared = Arc::new(Pop3Shared {
             config: live.clone(),
-            store: store.clone(),
-            mailbox: mailbox.clone(),
+            store: storage.clone(),
             tls: tls.clone(),
             failures: failures.clone(),
             checks: checks.clone(),
@@ -478,6 +512,14 @@ impl ServerBuilder {
                 .await?;
             server.pop3s_addrs.push(bound);
         }
+        let Some(store) = store else {
+            warn!(
+                backend = storage.backend(),
+                "the control socket and the admin API are not available on this storage backend yet"
+            );
+            server.announce(&config, self.config_file.as_deref());
+            return Ok(server);
+        };
         let live = crate::control::Live {
             store: store.clone(),
             config: live.clone(),
@@ -502,21 +544,26 @@ impl ServerBuilder {
             server.admin_addr = Some(admin.addr);
             server.admin = Some(admin);
         }
+        server.announce(&config, self.config_file.as_deref());
+        Ok(server)
+    }
+}
+
+impl Server {
+    /// The "postino started" line, with the bound addresses (tests and
+    /// operators read the ports from it), whatever the storage backend.
+    fn announce(&self, config: &Config, config_file: Option<&std::path::Path>) {
         info!(
-            smtp = ?server.smtp_addrs,
-            submission = ?server.submission_addrs,
-            submissions = ?server.submissions_addrs,
-            pop3 = ?server.pop3_addrs,
-            pop3s = ?server.pop3s_addrs,
-            admin = ?server.admin_addr.as_slice(),
+            smtp = ?self.smtp_addrs,
+            submission = ?self.submission_addrs,
+            submissions = ?self.submissions_addrs,
+            pop3 = ?self.pop3_addrs,
+            pop3s = ?self.pop3s_addrs,
+            admin = ?self.admin_addr.as_slice(),
             data_dir = %config.data_dir.display(),
-            config = %self
-                .config_file
-                .as_deref()
-                .map_or("built-in defaults".into(), |p| p.display().to_string()),
+            config = %config_file.map_or("built-in defaults".into(), |p| p.display().to_string()),
             "postino started"
         );
-        Ok(server)
     }
 }
 

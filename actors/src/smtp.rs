@@ -21,7 +21,6 @@ use postino_core::logsafe::escape;
 use postino_core::message::{now_unix, Envelope};
 use postino_core::smtp::session::{Accepted, Command, Peer, Step};
 use postino_core::smtp::{request, Reply, Session};
-use postino_core::Store;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::auth::PasswordChecks;
@@ -43,7 +42,7 @@ pub struct SmtpShared {
     /// Whether the listener is for submission (AUTH before MAIL).
     pub auth_required: bool,
     /// The store (free space, sender checks).
-    pub store: Store,
+    pub store: postino_core::storage::SharedStorage,
     /// Where each `RCPT TO` is routed: the default [`Router`](crate::Router)
     /// or the embedder's.
     pub router: Recipient<RouteRecipient>,
@@ -396,14 +395,21 @@ impl SmtpConnection {
                 false
             }
             Step::CheckSender { user, sender } => {
-                let step = match sender_allowed(&self.shared.store, &user, &sender) {
-                    Ok(allowed) => self.session.sender_checked(allowed),
-                    Err(e) => {
-                        warn!(error = %e, "sender check failed");
-                        self.session.sender_check_failed()
+                let store = self.shared.store.clone();
+                let check = async move { sender_allowed(store.as_ref(), &user, &sender).await };
+                ctx.wait(check.into_actor(self).map(|allowed, act, ctx| {
+                    let step = match allowed {
+                        Ok(allowed) => act.session.sender_checked(allowed),
+                        Err(e) => {
+                            warn!(parent: &act.span, error = %e, "sender check failed");
+                            act.session.sender_check_failed()
+                        }
+                    };
+                    if act.step(step, ctx) {
+                        act.drive(ctx);
                     }
-                };
-                self.step(step, ctx)
+                }));
+                false
             }
             Step::Authenticate { user, password } => {
                 let checks = self.shared.checks.clone();
@@ -511,14 +517,21 @@ impl SmtpConnection {
             }
             Step::EndOfData => {
                 self.data_started = None;
-                let step = match self.shared.store.new_id() {
-                    Ok(id) => self.session.data_done(id, &rfc5322_date(now_unix())),
-                    Err(e) => {
-                        warn!(error = %e, "cannot allocate a message id");
-                        self.session.id_unavailable()
+                let store = self.shared.store.clone();
+                let id = async move { store.new_id().await };
+                ctx.wait(id.into_actor(self).map(|id, act, ctx| {
+                    let step = match id {
+                        Ok(id) => act.session.data_done(id, &rfc5322_date(now_unix())),
+                        Err(e) => {
+                            warn!(parent: &act.span, error = %e, "cannot allocate a message id");
+                            act.session.id_unavailable()
+                        }
+                    };
+                    if act.step(step, ctx) {
+                        act.drive(ctx);
                     }
-                };
-                self.step(step, ctx)
+                }));
+                false
             }
             // Policy hook: end of DATA, before the message is stored.
             Step::Message(accepted) if self.shared.policy.is_some() => {
@@ -561,13 +574,13 @@ impl SmtpConnection {
         };
         let shared = self.shared.clone();
         let fut = async move {
+            let via = crate::intake::ReceivedVia {
+                tls_protocol: tls_protocol.clone(),
+                tls_cipher: tls_cipher.clone(),
+                auth: sasl_username.clone(),
+                message_id: message_id.clone(),
+            };
             let logged = |envelope: &Envelope| {
-                (shared.intake).received(
-                    envelope,
-                    (&tls_protocol, &tls_cipher),
-                    &sasl_username,
-                    &message_id,
-                );
                 info!(
                     %id,
                     from = %escape(&envelope.sender_display()),
@@ -585,7 +598,7 @@ impl SmtpConnection {
             let content = (shared.intake)
                 .sign(&mut envelope, accepted.content, authenticated)
                 .await;
-            shared.intake.accept(envelope, content, logged).await
+            shared.intake.accept(envelope, content, &via, logged).await
         }
         .instrument(self.span.clone());
         ctx.wait(fut.into_actor(self).map(move |res, act, ctx| {
@@ -721,18 +734,19 @@ impl SmtpConnection {
 /// # Errors
 ///
 /// The alias lookup failed.
-fn sender_allowed(
-    store: &Store,
+async fn sender_allowed(
+    store: &dyn postino_core::storage::Storage,
     user: &str,
     sender: &str,
 ) -> Result<bool, postino_core::DirectoryError> {
     if user.eq_ignore_ascii_case(sender) {
         return Ok(true);
     }
-    Ok(
-        postino_core::Directory::alias(store, &sender.to_ascii_lowercase())?
-            .is_some_and(|targets| targets.iter().any(|t| t.eq_ignore_ascii_case(user))),
-    )
+    Ok(store
+        .alias(&sender.to_ascii_lowercase())
+        .await
+        .map_err(postino_core::DirectoryError::new)?
+        .is_some_and(|targets| targets.iter().any(|t| t.eq_ignore_ascii_case(user))))
 }
 
 impl Actor for SmtpConnection {

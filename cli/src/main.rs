@@ -968,6 +968,9 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 fn store_command(config: &Config, cmd: StoreCommand) -> ExitCode {
+    if config.store.backend == postino_core::config::StoreBackend::Postgres {
+        return pg_store_command(config, cmd);
+    }
     let dir = &config.data_dir;
     match cmd {
         StoreCommand::Check => {
@@ -1063,6 +1066,75 @@ fn store_command(config: &Config, cmd: StoreCommand) -> ExitCode {
     }
 }
 
+/// `store export|import` on the PostgreSQL database of `[store] url` (the
+/// same format as sled's, so a store moves between the backends);
+/// `check` and `compact` are sled's own.
+fn pg_store_command(config: &Config, cmd: StoreCommand) -> ExitCode {
+    let open = || {
+        postino_pg::PgStore::from_config(&config.store)
+            .map_err(|e| format!("opening the PostgreSQL store: {e}"))
+    };
+    match cmd {
+        StoreCommand::Check | StoreCommand::Compact => fail(
+            "store check and store compact are for backend = \"sled\"; PostgreSQL has its own tools (amcheck, VACUUM)",
+        ),
+        StoreCommand::Export { output } => {
+            let store = match open() {
+                Ok(s) => s,
+                Err(e) => return fail(&e),
+            };
+            let result = match &output {
+                Some(path) => std::fs::File::create(path)
+                    .map_err(|e| format!("{}: {e}", path.display()))
+                    .and_then(|file| {
+                        let mut out = std::io::BufWriter::new(file);
+                        let counts = store.export(&mut out).map_err(|e| e.to_string())?;
+                        let file = out.into_inner().map_err(|e| e.to_string())?;
+                        file.sync_all().map_err(|e| e.to_string())?;
+                        Ok(counts)
+                    }),
+                None => store
+                    .export(&mut std::io::BufWriter::new(std::io::stdout().lock()))
+                    .map_err(|e| e.to_string()),
+            };
+            match result {
+                Ok(c) => {
+                    eprintln!(
+                        "exported {} users, {} aliases, {} mailbox entries, {} queued, {} spooled; {} unreadable records skipped",
+                        c.users, c.aliases, c.mail, c.queue, c.inbound, c.skipped
+                    );
+                    if c.skipped > 0 {
+                        ExitCode::FAILURE
+                    } else {
+                        ExitCode::SUCCESS
+                    }
+                }
+                Err(e) => fail(&format!("export: {e}")),
+            }
+        }
+        StoreCommand::Import { file } => {
+            let input = match std::fs::File::open(&file) {
+                Ok(f) => f,
+                Err(e) => return fail(&format!("{}: {e}", file.display())),
+            };
+            let store = match open() {
+                Ok(s) => s,
+                Err(e) => return fail(&e),
+            };
+            match store.import(&mut std::io::BufReader::new(input)) {
+                Ok(c) => {
+                    println!(
+                        "imported {} users, {} aliases, {} mailbox entries, {} queued, {} spooled into PostgreSQL (node {})",
+                        c.users, c.aliases, c.mail, c.queue, c.inbound, config.store.node
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&format!("import from {}: {e}", file.display())),
+            }
+        }
+    }
+}
+
 /// Opens a store that must already exist (the tools never create one).
 fn open_existing(dir: &Path) -> Result<Store, String> {
     try_open_existing(dir).map_err(|e| format!("{}: {e}", dir.display()))
@@ -1129,15 +1201,27 @@ fn serve(config: Config, config_file: Option<PathBuf>) -> ExitCode {
     // Test builds only: failpoints named in FAILPOINTS are set from the start.
     let _failpoints = postino::failpoints_from_env();
     postino::init_logging(config.log.format);
+    // `[store] backend = "postgres"`: the PostgreSQL store, shared with the
+    // other nodes of the cluster (the server opens sled itself).
+    let storage = match config.store.backend {
+        postino_core::config::StoreBackend::Postgres => {
+            match postino_pg::PgStore::from_config(&config.store) {
+                Ok(pg) => Some(std::sync::Arc::new(pg) as postino_core::storage::SharedStorage),
+                Err(e) => return fail(&format!("opening the PostgreSQL store: {e}")),
+            }
+        }
+        postino_core::config::StoreBackend::Sled => None,
+    };
     let system = actix::System::new();
     let result = system.block_on(async move {
         // Taken over before the server starts: a SIGTERM right after the
         // "postino started" line must stop it gracefully, not kill it.
         let signals = postino::Signals::install();
-        let server = Server::builder(config)
-            .config_file(config_file)
-            .start()
-            .await?;
+        let mut builder = Server::builder(config).config_file(config_file);
+        if let Some(storage) = storage {
+            builder = builder.storage(storage);
+        }
+        let server = builder.start().await?;
         server.run_until_signal(signals).await;
         Ok::<(), postino::ServerError>(())
     });

@@ -44,11 +44,15 @@ use crate::message::{Envelope, MessageId};
 
 /// Version of the export format (not of the store's schema).
 pub const EXPORT_VERSION: u32 = 1;
-const FORMAT: &str = "postino-store";
+/// The `format` of an export's header line.
+pub const EXPORT_FORMAT: &str = "postino-store";
+const FORMAT: &str = EXPORT_FORMAT;
 
+/// One line of an export (the format above); public so that other
+/// backends (`postino-pg`) read and write the very same format.
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
-enum Line {
+pub enum Line {
     Header {
         format: String,
         version: u32,

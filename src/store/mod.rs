@@ -154,7 +154,11 @@ use crate::logsafe::escape;
 use crate::message::MessageId;
 use crate::routing::{Directory, DirectoryError};
 
-pub use backup::{BackupError, CheckReport, Counts, EXPORT_VERSION};
+// `ExportLine`, `EXPORT_FORMAT` and `hash_password`: for other backends
+// (`postino-pg`), which share the export format and password hashes.
+pub use backup::{
+    BackupError, CheckReport, Counts, Line as ExportLine, EXPORT_FORMAT, EXPORT_VERSION,
+};
 pub use commit::Durable;
 pub use compact::Compacted;
 pub use hold::{QueueItem, Rescheduled};
@@ -164,7 +168,7 @@ pub use quota::{QuotaSetting, Usage};
 pub use trace::{
     TraceEvent, TraceKind, TraceLimits, DEFAULT_MAX_EVENTS_PER_MESSAGE, DEFAULT_TRACE_KEEP,
 };
-pub use users::PasswordScratch;
+pub use users::{hash_password, verify_password_hash, LoginCache, PasswordScratch};
 
 /// Version of the on-disk layout; bincode records are not self-describing,
 /// so a database written by another layout is refused instead of misread.
@@ -253,6 +257,15 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A queue lease ([`crate::storage::Lease`]) is no longer this
+    /// claimer's: it expired and another node claimed the entry. Nothing
+    /// was written.
+    #[error("the lease on queue entry {id} was lost (another node claimed it)")]
+    LeaseLost { id: MessageId },
+    /// An error of a storage backend other than sled (a database
+    /// connection, a failed transaction): temporary, like any store error.
+    #[error("storage backend: {0}")]
+    Backend(Box<dyn std::error::Error + Send + Sync>),
     /// A file system error while compacting ([`Store::compact`]).
     #[error("compaction: {}: {source}", path.display())]
     Compact {
@@ -681,6 +694,12 @@ fn uidl_epoch(meta: &sled::Tree) -> Result<u32, StoreError> {
 /// and domain within RFC 5321 lengths, no whitespace or control characters
 /// (NUL separates the mailbox from the id in `mail` keys).
 pub(crate) fn canonical(address: &str) -> Result<String, StoreError> {
+    canonical_mailbox(address)
+}
+
+/// The canonical (lower-case, checked) form of a mailbox address, as every
+/// store keys it. [`StoreError::InvalidAddress`] if it is not one.
+pub fn canonical_mailbox(address: &str) -> Result<String, StoreError> {
     let invalid = || StoreError::InvalidAddress(address.to_owned());
     let (local, domain) = address.split_once('@').ok_or_else(invalid)?;
     if local.is_empty()

@@ -170,11 +170,15 @@ impl Store {
     /// [`TraceLimits::max_events_per_message`] (it is at most one event per
     /// recipient and one more); with history off nothing is written.
     pub fn trace_new(&self, id: MessageId, what: Vec<TraceKind>) {
+        self.trace_new_at(id, now_unix(), what);
+    }
+
+    /// [`Store::trace_new`] at a given time.
+    pub fn trace_new_at(&self, id: MessageId, at: u64, what: Vec<TraceKind>) {
         let max = self.inner.trace_limits.max_events.load(Ordering::Relaxed);
         if max == 0 || what.is_empty() {
             return;
         }
-        let at = now_unix();
         let events: Vec<TraceEvent> = what
             .into_iter()
             .map(|what| TraceEvent { at, what })

@@ -41,7 +41,12 @@ const MAX_PURGE_ROUNDS: usize = 16;
 /// Mailbox entries removed per transaction when a user is deleted.
 const PURGE_CHUNK: usize = 512;
 
-fn hash_password(password: &str) -> Result<String, StoreError> {
+/// An argon2id PHC hash of `password` with a fresh salt, as stored for a user.
+///
+/// # Errors
+///
+/// [`StoreError::Password`] if hashing fails.
+pub fn hash_password(password: &str) -> Result<String, StoreError> {
     let salt = SaltString::generate(&mut OsRng);
     Argon2::default()
         .hash_password(password.as_bytes(), &salt)
@@ -234,6 +239,50 @@ impl AuthCache {
     }
 }
 
+/// Checks `password` against a stored hash as [`Store::verify_password`]
+/// does, for backends that only hand out the hash
+/// ([`crate::storage::Directory::password_hash`]): `None` (no such user)
+/// costs the same work and is false. Successful logins are remembered in
+/// `cache` when given.
+pub fn verify_password_hash(
+    address: &str,
+    hash: Option<&str>,
+    password: &str,
+    cache: Option<&LoginCache>,
+    scratch: &mut PasswordScratch,
+) -> bool {
+    let Some(hash) = hash else {
+        let _ = verify(dummy_hash(), password, scratch);
+        return false;
+    };
+    let address = canonical(address).unwrap_or_default();
+    if cache.is_some_and(|c| c.0.knows(&address, hash, password)) {
+        return true;
+    }
+    let ok = verify(hash, password, scratch);
+    if let (true, Some(cache)) = (ok, cache) {
+        cache.0.remember(&address, hash, password);
+    }
+    ok
+}
+
+/// The remembered-login cache ([`Store::remember_logins`]) for callers
+/// checking hashes themselves ([`verify_password_hash`]).
+pub struct LoginCache(AuthCache);
+
+impl LoginCache {
+    /// Remembers successful logins for `ttl`, at most `capacity` at once.
+    /// `None` if either is zero (no cache).
+    pub fn new(ttl: Duration, capacity: usize) -> Option<LoginCache> {
+        (!ttl.is_zero() && capacity > 0).then(|| LoginCache(AuthCache::new(ttl, capacity)))
+    }
+
+    /// Logins let in by the cache so far.
+    pub fn hits(&self) -> u64 {
+        self.0.hits.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// Aliases followed from `from` that reach `to`: the path `from … to`, or
 /// `None`. Bounded like routing's expansion.
 fn path_back(
@@ -379,6 +428,19 @@ impl Store {
         match canonical(address) {
             Ok(a) => Ok(self.inner.users.contains_key(a.as_bytes())?),
             Err(_) => Ok(false),
+        }
+    }
+
+    /// The stored password hash (PHC string) of a user; `None` if there is
+    /// no such user (or the address is not one).
+    pub fn password_hash(&self, address: &str) -> Result<Option<String>, StoreError> {
+        fail::fail_point!("store::directory", |arg| Err(super::injected(arg)));
+        let Ok(address) = canonical(address) else {
+            return Ok(None);
+        };
+        match self.inner.users.get(address.as_bytes())? {
+            Some(bytes) => Ok(Some(decode::<UserRecord>("user", &bytes)?.password)),
+            None => Ok(None),
         }
     }
 

@@ -60,15 +60,16 @@ fn run_until_returns_after_the_session_in_flight_is_served() {
         let system = actix::System::new();
         system.block_on(async move {
             let server = postino::Server::builder(config).start().await.unwrap();
-            server.store().add_user("alice@example.test", "pw").unwrap();
-            let store = server.store().clone();
+            // Through the storage seam, as an embedder with any backend would.
+            let store = server.storage().clone();
+            store.add_user("alice@example.test", "pw").await.unwrap();
             events.send(Event::Started(server.smtp_addrs()[0])).unwrap();
             server
                 .run_until(async {
                     let _ = stopped.await;
                 })
                 .await;
-            let mailbox = store.maildrop("alice@example.test").unwrap().len();
+            let mailbox = store.maildrop("alice@example.test").await.unwrap().len();
             events.send(Event::Stopped { mailbox }).unwrap();
         });
     });

@@ -22,6 +22,7 @@ mod inspect;
 mod logs;
 mod mta_sts;
 mod packaging;
+mod pg;
 mod policy;
 mod pop3;
 mod queue_tools;

@@ -60,7 +60,7 @@ impl InProcess {
             actix::System::new().block_on(async move {
                 let server: Server = build(Server::builder(config)).start().await.unwrap();
                 for user in ["alice@example.test", "bob@example.test"] {
-                    server.store().add_user(user, "pw").unwrap();
+                    server.storage().add_user(user, "pw").await.unwrap();
                 }
                 ready_tx
                     .send((server.smtp_addrs()[0], server.pop3_addrs()[0]))

@@ -15,7 +15,7 @@
 //! per round listing all of them, as Postfix's queue manager flushes its
 //! bounce log after each pass), send a delay warning, reschedule the rest, or
 //! remove the entry. That decision and the notifications it makes are one
-//! store transaction ([`Store::settle_queue`]).
+//! store transaction ([`postino_core::storage::Queue::settle`]).
 //!
 //! While a round runs, its entry stays due in the store: after a crash it is
 //! tried again at once (Postfix moves its active queue back to incoming on
@@ -51,14 +51,14 @@ use postino_core::dsn::{self, RecipientStatus};
 use postino_core::esmtp::{notify_of, EnvelopeParams};
 use postino_core::logsafe::escape;
 use postino_core::message::now_unix;
+use postino_core::storage::{Claimed, Lease, SharedStorage, Storage};
 use postino_core::store::{
-    DeliveryDiagnostic, Durable, Notice, QueueEntry, QueueRecipient, RecipientState, StoreError,
-    TraceKind,
+    DeliveryDiagnostic, Notice, QueueEntry, QueueRecipient, RecipientState, StoreError, TraceKind,
 };
-use postino_core::{Config, Envelope, MessageId, Store};
+use postino_core::{Config, Envelope, MessageId};
 use tracing::{debug, error, info, warn};
 
-use crate::bounce::{notification, trace_notice};
+use crate::bounce::{notice_events, notification};
 use crate::dispatch::dispatch;
 
 use super::attempt::{self, Outcome, RcptResult};
@@ -84,7 +84,7 @@ pub const SETTLE_RETRY: Duration = Duration::from_secs(1);
 pub const MAX_SETTLE_RETRY: Duration = Duration::from_secs(30);
 
 /// A message intake has just put in the delivery queue and made durable
-/// (with [`Store::accept_remote`], or by dispatching it): try it now, with
+/// (with [`postino_core::storage::Intake::accept_remote`], or by dispatching it): try it now, with
 /// the content in hand when there is one (no read back from the store). If
 /// the actor is busy, the entry waits in the queue for the next poll like
 /// any other.
@@ -135,6 +135,10 @@ pub enum QueueError {
     /// No message with this id is in the queue.
     #[error("no queued message {0}")]
     NotQueued(MessageId),
+    /// The message is being delivered right now (on this node or another):
+    /// try again once its round has ended.
+    #[error("message {0} is being delivered; try again when its delivery round has ended")]
+    Busy(MessageId),
     /// The store could not be read or written.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -143,7 +147,11 @@ pub enum QueueError {
 /// The queue manager.
 pub struct Delivery {
     config: Arc<Config>,
-    store: Store,
+    store: SharedStorage,
+    /// This node's name: its queue leases carry it (`[store] node`).
+    node: String,
+    /// The leases this node holds: entries in a round or unsettled.
+    leases: HashMap<MessageId, Lease>,
     /// Entries in a round, with the number of destination tasks still out.
     in_flight: HashMap<MessageId, usize>,
     /// Entries whose round is over but whose outcome the store refused
@@ -169,9 +177,18 @@ pub struct Delivery {
     /// here.
     io: Vec<ArbiterHandle>,
     next_io: usize,
+    /// History events, written in the order they happen by one task.
+    traces: tokio::sync::mpsc::UnboundedSender<(MessageId, u64, TraceKind)>,
 }
 
-/// The end of a round as [`Store::settle_queue`] writes it.
+/// How long a claim on a queue entry lasts without renewal: a node that
+/// dies mid-round gives its entries up to the other nodes this much later
+/// (a duplicate delivery is possible only in that window).
+pub const LEASE: Duration = Duration::from_secs(120);
+/// How often the leases held are renewed.
+const LEASE_RENEW: Duration = Duration::from_secs(40);
+
+/// The end of a round as [`Queue::settle`] writes it.
 struct Settlement {
     entry: QueueEntry,
     remove: bool,
@@ -185,12 +202,25 @@ impl Delivery {
     /// on the `io` arbiters, in turn (empty: on its own).
     /// `config` is the configuration in use at start; a reload sends the
     /// next one ([`crate::reload::Reconfigure`]).
-    pub fn new(config: impl Into<LiveConfig>, store: Store, io: Vec<ArbiterHandle>) -> Delivery {
+    pub fn new(
+        config: impl Into<LiveConfig>,
+        store: SharedStorage,
+        io: Vec<ArbiterHandle>,
+    ) -> Delivery {
         let config = config.into().current();
         let attempt = Arc::new(attempt::Attempt::new(config.clone()));
+        let (traces, mut written) = tokio::sync::mpsc::unbounded_channel();
+        let writer = store.clone();
+        actix_rt::spawn(async move {
+            while let Some((id, at, what)) = written.recv().await {
+                writer.trace(id, at, what).await;
+            }
+        });
         Delivery {
+            node: config.store.node.clone(),
             config,
             store,
+            leases: HashMap::new(),
             in_flight: HashMap::new(),
             unsettled: HashMap::new(),
             unwritten: HashMap::new(),
@@ -200,7 +230,13 @@ impl Delivery {
             attempt,
             io,
             next_io: 0,
+            traces,
         }
+    }
+
+    /// Records a history event (in order with this actor's others).
+    fn trace(&self, id: MessageId, what: TraceKind) {
+        let _ = self.traces.send((id, now_unix(), what));
     }
 
     /// Whether an entry is being tried or waits for its outcome to be
@@ -209,7 +245,9 @@ impl Delivery {
         self.in_flight.contains_key(&id) || self.unsettled.contains_key(&id)
     }
 
-    /// Starts every due entry there is room for, then sleeps until the next.
+    /// Claims every due entry there is room for and starts them, then
+    /// sleeps until the next. Claims are leases in the store: in a cluster,
+    /// each due entry goes to one node.
     fn poll(&mut self, ctx: &mut Context<Self>) {
         if let Some((_, h)) = self.wakeup.take() {
             ctx.cancel_future(h);
@@ -219,40 +257,46 @@ impl Delivery {
             return;
         }
         let room = MAX_IN_FLIGHT.saturating_sub(self.in_flight.len());
-        if room > 0 {
-            // Entries in a round are still due; ask for enough to see past them.
-            let skipped = self.in_flight.len() + self.unsettled.len();
-            match self.store.due(now_unix(), room + skipped) {
-                Ok(due) => {
-                    for entry in due {
-                        if self.in_flight.len() >= MAX_IN_FLIGHT {
-                            break;
-                        }
-                        if !self.busy(entry.id) {
-                            self.start(entry, ctx);
+        let (store, node) = (self.store.clone(), self.node.clone());
+        let scan = async move {
+            let now = now_unix();
+            let mut claimed = Vec::new();
+            let mut failed = None;
+            if room > 0 {
+                match store.claim_due(now, &node, LEASE, room).await {
+                    Ok(due) => {
+                        for c in due {
+                            let content = store.queued_content(c.entry.id).await;
+                            claimed.push((c, content));
                         }
                     }
+                    Err(e) => failed = Some(e),
                 }
-                Err(e) => error!(error = %e, "queue scan failed"),
             }
-        }
-        self.destinations
-            .retain(|_, d| Arc::strong_count(d) > 1 || d.remembers());
-        self.schedule(ctx);
-    }
-
-    /// Sleeps until the earliest entry not in a round is due.
-    fn schedule(&mut self, ctx: &mut Context<Self>) {
-        let now = unix_time();
-        let mut at = now + MAX_SLEEP.as_secs_f64();
-        if self.in_flight.len() < MAX_IN_FLIGHT {
-            match self.store.next_due_time_except(|id| self.busy(id)) {
-                Ok(Some(t)) => at = at.min(t as f64),
-                Ok(None) => {}
-                Err(e) => error!(error = %e, "queue scan failed"),
-            }
-        }
-        self.wake_at(at, ctx);
+            (claimed, failed, store.next_due_time(now).await)
+        };
+        ctx.wait(
+            scan.into_actor(self)
+                .map(|(claimed, failed, next), act, ctx| {
+                    if let Some(e) = failed {
+                        error!(error = %e, "queue scan failed");
+                    }
+                    for (c, content) in claimed {
+                        act.begin(c, content, ctx);
+                    }
+                    act.destinations
+                        .retain(|_, d| Arc::strong_count(d) > 1 || d.remembers());
+                    let mut at = unix_time() + MAX_SLEEP.as_secs_f64();
+                    if act.in_flight.len() < MAX_IN_FLIGHT {
+                        match next {
+                            Ok(Some(t)) => at = at.min(t as f64),
+                            Ok(None) => {}
+                            Err(e) => error!(error = %e, "queue scan failed"),
+                        }
+                    }
+                    act.wake_at(at, ctx);
+                }),
+        );
     }
 
     /// (Re)arms the wake-up for unix time `at`, unless one is due sooner.
@@ -272,6 +316,56 @@ impl Delivery {
         self.wakeup = Some((at, handle));
     }
 
+    /// Waits for the store to say another node made work, then polls.
+    fn watch(&mut self, ctx: &mut Context<Self>) {
+        let store = self.store.clone();
+        ctx.spawn(
+            async move { store.wait_for_work().await }
+                .into_actor(self)
+                .map(|(), act, ctx| {
+                    act.poll(ctx);
+                    act.watch(ctx);
+                }),
+        );
+    }
+
+    /// Renews the leases this node holds, so that a long round (or an
+    /// outcome waiting to be written) is not claimed by another node. A
+    /// lease lost meanwhile is dropped: the round's settle will not write.
+    fn renew_leases(&mut self, ctx: &mut Context<Self>) {
+        let leases: Vec<Lease> = self.leases.values().cloned().collect();
+        if leases.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        let renew = async move {
+            let now = now_unix();
+            let mut out = Vec::with_capacity(leases.len());
+            for l in leases {
+                let renewed = store.renew(&l, now, LEASE).await;
+                out.push((l.id, renewed));
+            }
+            out
+        };
+        ctx.spawn(renew.into_actor(self).map(|renewed, act, _| {
+            for (id, r) in renewed {
+                match r {
+                    Ok(lease) => {
+                        if let Some(held) = act.leases.get_mut(&id) {
+                            if held.token == lease.token {
+                                *held = lease;
+                            }
+                        }
+                    }
+                    Err(StoreError::LeaseLost { .. }) => {
+                        warn!(%id, "queue lease lost to another node");
+                    }
+                    Err(e) => warn!(%id, error = %e, "cannot renew queue lease"),
+                }
+            }
+        }));
+    }
+
     /// Asks for a flush without waiting for it: the change joins the next
     /// group commit, as intake does. Queue changes need not hold anything
     /// up (the message is safe in the spool or the queue either way), but
@@ -279,8 +373,11 @@ impl Delivery {
     /// copy after a crash. Left to sled's periodic flush (500 ms), a
     /// `kill -9` under relay load sent up to 585 messages twice, delivered
     /// up to 1.6 s before it.
-    fn flush_soon(&self) -> Durable {
-        self.store.durable()
+    fn flush_soon(&self) {
+        let store = self.store.clone();
+        actix_rt::spawn(async move {
+            let _ = store.durable().await;
+        });
     }
 
     /// An administrator asked for the queue to be tried now: dead
@@ -299,27 +396,42 @@ impl Delivery {
             .clone()
     }
 
-    /// Starts a round for `entry`: one task per destination of its open
-    /// recipients.
-    fn start(&mut self, entry: QueueEntry, ctx: &mut Context<Self>) {
-        let content = match self.store.queued_content(entry.id) {
-            Ok(Some(c)) => c,
+    /// Starts a round for a claimed entry whose content was read.
+    fn begin(
+        &mut self,
+        claimed: Claimed,
+        content: Result<Option<Bytes>, StoreError>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Claimed { entry, lease } = claimed;
+        let id = entry.id;
+        match content {
+            Ok(Some(content)) => {
+                self.leases.insert(id, lease);
+                self.start_with(entry, content, ctx);
+            }
             Ok(None) => {
                 // The entry holds a reference, so this is a store bug; a
                 // message without content cannot be sent or returned.
-                error!(id = %entry.id, "queued message has no content; removed");
-                let _ = self.store.remove_queue(entry.id);
-                return;
+                error!(%id, "queued message has no content; removed");
+                let store = self.store.clone();
+                actix_rt::spawn(async move {
+                    let _ = store.remove_queue(id).await;
+                    let _ = store.unclaim(&lease).await;
+                });
             }
             Err(e) => {
-                error!(id = %entry.id, error = %e, "cannot read queued message");
-                return;
+                error!(%id, error = %e, "cannot read queued message");
+                let store = self.store.clone();
+                actix_rt::spawn(async move {
+                    let _ = store.unclaim(&lease).await;
+                });
             }
-        };
-        self.start_with(entry, content, ctx);
+        }
     }
 
-    /// [`Delivery::start`] with the content already read.
+    /// Starts a round for a claimed `entry`: one task per destination of
+    /// its open recipients.
     fn start_with(&mut self, entry: QueueEntry, content: Bytes, ctx: &mut Context<Self>) {
         let mut by_domain: Vec<(String, Vec<String>)> = Vec::new();
         for r in entry.recipients.iter().filter(|r| r.state.is_open()) {
@@ -402,6 +514,17 @@ impl Delivery {
         }
     }
 
+    /// Gives up this node's claim on an entry whose round ended without a
+    /// settlement.
+    fn drop_lease(&mut self, id: MessageId) {
+        if let Some(lease) = self.leases.remove(&id) {
+            let store = self.store.clone();
+            actix_rt::spawn(async move {
+                let _ = store.unclaim(&lease).await;
+            });
+        }
+    }
+
     /// One destination of a round is done: record its outcomes, and settle
     /// the round if it was the last.
     fn destination_done(&mut self, id: MessageId, outcomes: Vec<Outcome>, ctx: &mut Context<Self>) {
@@ -417,31 +540,47 @@ impl Delivery {
             self.in_flight.remove(&id);
         }
         let unwritten = self.unwritten.remove(&id);
-        match self.store.queue_entry(id) {
-            Ok(Some(stored)) => {
-                let mut entry = unwritten.unwrap_or(stored);
-                self.record(&mut entry, outcomes);
-                if left > 0 {
-                    // Written now, so that a crash before the round ends
-                    // does not send these recipients a second copy.
-                    match self.store.update_queue(&entry) {
-                        Ok(()) => drop(self.flush_soon()),
-                        Err(e) => {
-                            warn!(%id, error = %e, "queue update failed");
-                            self.unwritten.insert(id, entry);
-                        }
+        let store = self.store.clone();
+        let read = async move { store.queue_entry(id).await };
+        ctx.wait(read.into_actor(self).map(move |stored, act, ctx| {
+            match stored {
+                Ok(Some(stored)) => {
+                    let mut entry = unwritten.unwrap_or(stored);
+                    act.record(&mut entry, outcomes);
+                    if left > 0 {
+                        // Written now, so that a crash before the round ends
+                        // does not send these recipients a second copy.
+                        let (store, written) = (act.store.clone(), entry.clone());
+                        let write = async move { store.update_queue(&written).await };
+                        ctx.wait(write.into_actor(act).map(move |res, act, _| match res {
+                            Ok(()) => act.flush_soon(),
+                            Err(e) => {
+                                warn!(%id, error = %e, "queue update failed");
+                                act.unwritten.insert(id, entry);
+                            }
+                        }));
+                    } else {
+                        act.finalize(entry, true, ctx);
                     }
-                } else {
-                    self.finalize(entry, true, ctx);
+                }
+                // Deleted or bounced by the administrator meanwhile.
+                Ok(None) => {
+                    debug!(%id, "entry left the queue during its round");
+                    if left == 0 {
+                        act.drop_lease(id);
+                    }
+                }
+                Err(e) => {
+                    error!(%id, error = %e, "cannot read queue entry");
+                    if left == 0 {
+                        act.drop_lease(id);
+                    }
                 }
             }
-            // Deleted or bounced by the administrator meanwhile.
-            Ok(None) => debug!(%id, "entry left the queue during its round"),
-            Err(e) => error!(%id, error = %e, "cannot read queue entry"),
-        }
-        if left == 0 && was_full {
-            self.poll(ctx);
-        }
+            if left == 0 && was_full {
+                act.poll(ctx);
+            }
+        }));
     }
 
     /// Writes each outcome into its recipient's state and logs it, one line
@@ -497,7 +636,7 @@ impl Delivery {
                 "delivery attempt"
             );
             postino_core::metrics::delivery(status);
-            self.store.trace(
+            self.trace(
                 entry.id,
                 TraceKind::Attempt {
                     recipient: o.recipient.clone(),
@@ -523,7 +662,6 @@ impl Delivery {
         if attempted {
             entry.attempts += 1;
         }
-        let now = unix_time();
         let age = now_unix().saturating_sub(entry.received_at);
         let lifetime = self.config.delivery.max_queue_lifetime.as_secs();
         let open = entry.recipients.iter().any(|r| r.state.is_open());
@@ -546,36 +684,26 @@ impl Delivery {
             }
             info!(%id, from = %escape(&sender_text(&entry)), attempts = entry.attempts, status = "expired", "message expired, returned to sender");
         }
-
-        let mut notices = Vec::new();
-        let mut keep_for_notice = false;
-        if entry
+        let failed = entry
             .recipients
             .iter()
-            .any(|r| matches!(r.state, RecipientState::Failed { .. }))
-        {
-            match self.notice(&entry, dsn::Kind::Failure) {
-                Ok(notice) => {
-                    if let Some(n) = &notice {
-                        trace_notice(&self.store, id, &n.envelope, dsn::Kind::Failure);
-                    }
-                    notices.extend(notice);
-                    for r in &mut entry.recipients {
-                        if let RecipientState::Failed { reply } = &r.state {
-                            r.state = RecipientState::Bounced {
-                                reply: reply.clone(),
-                            };
-                        }
-                    }
-                }
-                Err(e) => {
-                    // Keep the entry (and its failed recipients) so the
-                    // bounce is tried again later instead of lost.
-                    error!(%id, error = %e, "cannot make the bounce");
-                    keep_for_notice = true;
-                }
-            }
-        }
+            .any(|r| matches!(r.state, RecipientState::Failed { .. }));
+        // Failed recipients become bounced ones, which are not open
+        // either: whether a delay warning is due does not depend on it.
+        let open = entry.recipients.iter().any(|r| r.state.is_open());
+        // `NOTIFY=DELAY` asks for a warning even when they are off.
+        let asked = entry.params.as_ref().is_some_and(|p| {
+            p.recipients
+                .iter()
+                .any(|r| r.notify.is_some_and(|n| n.delay))
+        });
+        let warn_after = match (self.config.delivery.delay_warning, asked) {
+            (Some(after), _) => Some(after),
+            (None, true) => Some(ASKED_DELAY_WARNING),
+            (None, false) => None,
+        };
+        let warn_now =
+            open && !entry.warned && warn_after.is_some_and(|after| age >= after.as_secs());
         // Delivered to a next hop without DSN: a `relayed` notice for those
         // that asked for success (RFC 3461 §6.2.1); once, in the same
         // settlement as the round.
@@ -586,79 +714,140 @@ impl Delivery {
             .filter(|r| notify_of(entry.params.as_deref(), &r.address).success)
             .map(|r| r.address.clone())
             .collect();
-        if !relayed.is_empty() {
-            match self.notice(&entry, dsn::Kind::Relayed) {
-                Ok(notice) => {
-                    if let Some(n) = &notice {
-                        trace_notice(&self.store, id, &n.envelope, dsn::Kind::Relayed);
-                    }
-                    notices.extend(notice);
-                    for r in &relayed {
-                        success_honoured(&mut entry.params, r);
-                    }
-                }
-                Err(e) => error!(%id, error = %e, "cannot make the success notice"),
-            }
-        }
-        let open = entry.recipients.iter().any(|r| r.state.is_open());
-        if open {
-            // `NOTIFY=DELAY` asks for a warning even when they are off.
-            let asked = entry.params.as_ref().is_some_and(|p| {
-                p.recipients
-                    .iter()
-                    .any(|r| r.notify.is_some_and(|n| n.delay))
-            });
-            let after = match (self.config.delivery.delay_warning, asked) {
-                (Some(after), _) => Some(after),
-                (None, true) => Some(ASKED_DELAY_WARNING),
-                (None, false) => None,
+        let (store, config, about) = (self.store.clone(), self.config.clone(), entry.clone());
+        let make = async move {
+            let failure = match failed {
+                true => Some(notice(&config, store.as_ref(), &about, dsn::Kind::Failure).await),
+                false => None,
             };
-            if let Some(after) = after {
-                if !entry.warned && age >= after.as_secs() {
-                    match self.notice(&entry, dsn::Kind::Delay) {
-                        Ok(notice) => {
+            let delay = match warn_now {
+                true => Some(notice(&config, store.as_ref(), &about, dsn::Kind::Delay).await),
+                false => None,
+            };
+            let success = match relayed.is_empty() {
+                false => Some(notice(&config, store.as_ref(), &about, dsn::Kind::Relayed).await),
+                true => None,
+            };
+            (failure, delay, success, relayed)
+        };
+        ctx.wait(
+            make.into_actor(self)
+                .map(move |(failure, delay, success, relayed), act, ctx| {
+                    let mut notices = Vec::new();
+                    match success {
+                        Some(Ok(notice)) => {
                             if let Some(n) = &notice {
-                                trace_notice(&self.store, id, &n.envelope, dsn::Kind::Delay);
+                                for (about, what) in
+                                    notice_events(id, &n.envelope, dsn::Kind::Relayed)
+                                {
+                                    act.trace(about, what);
+                                }
+                            }
+                            notices.extend(notice);
+                            for r in &relayed {
+                                success_honoured(&mut entry.params, r);
+                            }
+                        }
+                        Some(Err(e)) => error!(%id, error = %e, "cannot make the success notice"),
+                        None => {}
+                    }
+                    let mut keep_for_notice = false;
+                    match failure {
+                        Some(Ok(notice)) => {
+                            if let Some(n) = &notice {
+                                for (about, what) in
+                                    notice_events(id, &n.envelope, dsn::Kind::Failure)
+                                {
+                                    act.trace(about, what);
+                                }
+                            }
+                            notices.extend(notice);
+                            for r in &mut entry.recipients {
+                                if let RecipientState::Failed { reply } = &r.state {
+                                    r.state = RecipientState::Bounced {
+                                        reply: reply.clone(),
+                                    };
+                                }
+                            }
+                        }
+                        Some(Err(e)) => {
+                            // Keep the entry (and its failed recipients) so the
+                            // bounce is tried again later instead of lost.
+                            error!(%id, error = %e, "cannot make the bounce");
+                            keep_for_notice = true;
+                        }
+                        None => {}
+                    }
+                    match delay {
+                        Some(Ok(notice)) => {
+                            if let Some(n) = &notice {
+                                for (about, what) in
+                                    notice_events(id, &n.envelope, dsn::Kind::Delay)
+                                {
+                                    act.trace(about, what);
+                                }
                             }
                             notices.extend(notice);
                             entry.warned = true;
                         }
-                        Err(e) => error!(%id, error = %e, "cannot make the delay warning"),
+                        Some(Err(e)) => error!(%id, error = %e, "cannot make the delay warning"),
+                        None => {}
                     }
-                }
-            }
-        }
-        let keep = open || keep_for_notice;
-        let wait = self.backoff(entry.attempts);
-        if keep {
-            // Rounded up: never retried before the interval has passed.
-            entry.next_attempt = (now + wait.as_secs_f64()).ceil() as u64;
-        }
-        let settlement = Settlement {
-            entry,
-            remove: !keep,
-            notices,
-            wait,
-        };
-        if let Err((settlement, e)) = self.settle(settlement, ctx) {
-            debug!(%id, error = %e, "cannot settle queue entry; kept in memory");
-            self.unsettled.insert(id, settlement);
-            if self.settle_retry.is_none() {
-                warn!(error = %e, retry_in = %humantime::format_duration(SETTLE_RETRY), "cannot record delivery outcomes; holding them in memory and starting no deliveries until the store writes again");
-                self.settle_retry = Some(SETTLE_RETRY);
-                ctx.run_later(SETTLE_RETRY, |act, ctx| act.retry_settle(ctx));
-            }
-        }
+                    let keep = open || keep_for_notice;
+                    let wait = act.backoff(entry.attempts);
+                    if keep {
+                        // Rounded up: never retried before the interval has passed.
+                        entry.next_attempt = (unix_time() + wait.as_secs_f64()).ceil() as u64;
+                    }
+                    act.settle(
+                        Settlement {
+                            entry,
+                            remove: !keep,
+                            notices,
+                            wait,
+                        },
+                        ctx,
+                    );
+                }),
+        );
     }
 
-    /// Writes the end of a round and acts on it; gives the settlement back
-    /// when the store fails.
-    #[allow(clippy::result_large_err)]
-    fn settle(
+    /// Writes the end of a round under this node's lease and acts on it;
+    /// keeps the settlement for a retry when the store fails.
+    fn settle(&mut self, settlement: Settlement, ctx: &mut Context<Self>) {
+        let id = settlement.entry.id;
+        let Some(lease) = self.leases.get(&id).cloned() else {
+            // Never claimed, or the claim went: not ours to write.
+            warn!(%id, "no lease on the entry; its outcome is not written");
+            return;
+        };
+        let store = self.store.clone();
+        let write = async move {
+            let s = &settlement;
+            let result = store.settle(&lease, &s.entry, s.remove, &s.notices).await;
+            (settlement, result)
+        };
+        ctx.wait(write.into_actor(self).map(|(settlement, result), act, ctx| {
+            if let Some((settlement, e)) = act.settled(settlement, result, ctx) {
+                let id = settlement.entry.id;
+                debug!(%id, error = %e, "cannot settle queue entry; kept in memory");
+                act.unsettled.insert(id, settlement);
+                if act.settle_retry.is_none() {
+                    warn!(error = %e, retry_in = %humantime::format_duration(SETTLE_RETRY), "cannot record delivery outcomes; holding them in memory and starting no deliveries until the store writes again");
+                    act.settle_retry = Some(SETTLE_RETRY);
+                    ctx.run_later(SETTLE_RETRY, |act, ctx| act.retry_settle(ctx));
+                }
+            }
+        }));
+    }
+
+    /// Acts on a written settlement; gives it back when the store failed.
+    fn settled(
         &mut self,
         settlement: Settlement,
+        result: Result<(), StoreError>,
         ctx: &mut Context<Self>,
-    ) -> Result<(), (Settlement, StoreError)> {
+    ) -> Option<(Settlement, StoreError)> {
         let Settlement {
             entry,
             remove,
@@ -666,13 +855,13 @@ impl Delivery {
             wait,
         } = settlement;
         let id = entry.id;
-        match self.store.settle_queue(&entry, remove, &notices) {
+        match result {
             Ok(()) => {
-                let durable = self.flush_soon();
+                self.leases.remove(&id);
                 for n in &notices {
                     info!(id = %n.envelope.id, orig_id = %id, to = %escape(&n.envelope.recipients[0].address), "notification created");
                 }
-                self.store.trace(
+                self.trace(
                     id,
                     match remove {
                         true => TraceKind::Dequeued,
@@ -681,8 +870,10 @@ impl Delivery {
                         },
                     },
                 );
-                self.dispatch(notices.into_iter().map(|n| n.envelope).collect(), ctx);
+                let store = self.store.clone();
+                let durable = async move { store.durable().await };
                 if !remove {
+                    actix_rt::spawn(durable);
                     info!(%id, attempts = entry.attempts, next_attempt = %humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(entry.next_attempt)), wait = %humantime::format_duration(wait), "deferred; will retry");
                     self.wake_at(entry.next_attempt as f64, ctx);
                 } else {
@@ -694,13 +885,22 @@ impl Delivery {
                         Err(e) => warn!(%id, error = %e, "removal from the queue not flushed; a crash now sends the message again"),
                     }));
                 }
-                Ok(())
+                self.dispatch(notices.into_iter().map(|n| n.envelope).collect(), ctx);
+                None
             }
             Err(StoreError::NotFound { .. }) => {
                 debug!(%id, "entry left the queue during its round");
-                Ok(())
+                self.leases.remove(&id);
+                None
             }
-            Err(e) => Err((
+            Err(StoreError::LeaseLost { .. }) => {
+                // Another node claimed it after our lease ran out: its
+                // round decides (a recipient may get a second copy).
+                warn!(%id, "queue lease lost before the round was written; another node retries it");
+                self.leases.remove(&id);
+                None
+            }
+            Err(e) => Some((
                 Settlement {
                     entry,
                     remove,
@@ -715,127 +915,92 @@ impl Delivery {
     /// Tries to write the unsettled outcomes again: once they are all
     /// written, deliveries resume; else waits longer and says so once.
     fn retry_settle(&mut self, ctx: &mut Context<Self>) {
-        let waiting = std::mem::take(&mut self.unsettled);
-        let mut failure = None;
-        for (id, settlement) in waiting {
-            if failure.is_some() {
-                // One failure is enough to know: keep the rest for later.
-                self.unsettled.insert(id, settlement);
-                continue;
-            }
-            if let Err((settlement, e)) = self.settle(settlement, ctx) {
-                self.unsettled.insert(id, settlement);
-                failure = Some(e);
-            }
-        }
-        match failure {
-            Some(e) => {
-                let wait = self
-                    .settle_retry
-                    .unwrap_or(SETTLE_RETRY)
-                    .saturating_mul(2)
-                    .min(MAX_SETTLE_RETRY);
-                warn!(error = %e, unsettled = self.unsettled.len(), retry_in = %humantime::format_duration(wait), "still cannot record delivery outcomes");
-                self.settle_retry = Some(wait);
-                ctx.run_later(wait, |act, ctx| act.retry_settle(ctx));
-            }
-            None => {
-                info!("delivery outcomes recorded again; deliveries resume");
-                self.settle_retry = None;
-                self.poll(ctx);
-            }
-        }
-    }
-
-    /// A failure or delay notification about `entry`'s recipients in that
-    /// state, addressed to its sender (for a failed bounce: to the postmaster
-    /// per `double_bounce`). `Ok(None)`: nothing to send, or nowhere to.
-    fn notice(&self, entry: &QueueEntry, kind: dsn::Kind) -> Result<Option<Notice>, StoreError> {
-        // With delay warnings off, only a recipient that asked for them
-        // (NOTIFY=DELAY) is warned, not those without NOTIFY.
-        let asked_delay = |address: &str| {
-            let p = entry.params.as_deref().and_then(|p| p.recipient(address));
-            p.and_then(|p| p.notify).is_some_and(|n| n.delay)
-        };
-        let only_asked = kind == dsn::Kind::Delay && self.config.delivery.delay_warning.is_none();
-        let recipients: Vec<RecipientStatus> = entry
-            .recipients
-            .iter()
-            .filter(|r| !only_asked || asked_delay(&r.address))
-            .filter_map(|r| status_of(r, kind))
+        let waiting: Vec<(Settlement, Option<Lease>)> = std::mem::take(&mut self.unsettled)
+            .into_values()
+            .map(|s| {
+                let lease = self.leases.get(&s.entry.id).cloned();
+                (s, lease)
+            })
             .collect();
-        if recipients.is_empty() {
-            return Ok(None);
-        }
-        let to = match (&entry.sender, kind) {
-            (Some(s), _) => s.clone(),
-            // A delay warning (or a success notice) about a bounce helps
-            // nobody.
-            (None, dsn::Kind::Delay | dsn::Kind::Delivered | dsn::Kind::Relayed) => {
-                return Ok(None)
-            }
-            // Never bounce a bounce (RFC 5321 §4.5.5): Postfix's double
-            // bounce goes to the postmaster instead.
-            (None, dsn::Kind::Failure) => match self.config.delivery.double_bounce {
-                DoubleBounce::Postmaster => {
-                    let postmaster = self.postmaster();
-                    if recipients
-                        .iter()
-                        .all(|r| r.address.eq_ignore_ascii_case(&postmaster))
-                    {
-                        // The postmaster's own notice failed: telling the
-                        // postmaster again would loop.
-                        warn!(id = %entry.id, "undeliverable notice to the postmaster dropped");
-                        return Ok(None);
+        let store = self.store.clone();
+        let write = async move {
+            let mut out = Vec::with_capacity(waiting.len());
+            let mut failed = false;
+            for (s, lease) in waiting {
+                // One failure is enough to know: keep the rest for later.
+                let result = match (&lease, failed) {
+                    (Some(lease), false) => {
+                        let r = store.settle(lease, &s.entry, s.remove, &s.notices).await;
+                        failed = matches!(&r, Err(e) if !matches!(e, StoreError::NotFound { .. } | StoreError::LeaseLost { .. }));
+                        Some(r)
                     }
-                    warn!(id = %entry.id, to = %postmaster, "undeliverable bounce; reported to the postmaster");
-                    postmaster
-                }
-                DoubleBounce::Drop => {
-                    warn!(id = %entry.id, "undeliverable bounce dropped");
-                    return Ok(None);
-                }
-            },
+                    (None, _) => Some(Err(StoreError::LeaseLost { id: s.entry.id })),
+                    (Some(_), true) => None,
+                };
+                out.push((s, result));
+            }
+            out
         };
-        let envelope = Envelope {
-            id: entry.id,
-            sender: entry.sender.clone(),
-            recipients: Vec::new(),
-            received_at: entry.received_at,
-            client: entry.client.clone(),
-            helo: String::new(),
-            size: 0,
-            params: entry.params.clone(),
-        };
-        notification(&self.config, &self.store, &envelope, &recipients, &to, kind)
-    }
-
-    fn postmaster(&self) -> String {
-        let domain = self
-            .config
-            .routing
-            .local_domains
-            .first()
-            .unwrap_or(&self.config.hostname);
-        format!("postmaster@{domain}")
+        ctx.wait(write.into_actor(self).map(|written, act, ctx| {
+            let mut failure = None;
+            for (s, result) in written {
+                match result {
+                    Some(result) => {
+                        if let Some((s, e)) = act.settled(s, result, ctx) {
+                            act.unsettled.insert(s.entry.id, s);
+                            failure = Some(e);
+                        }
+                    }
+                    None => {
+                        act.unsettled.insert(s.entry.id, s);
+                    }
+                }
+            }
+            match failure {
+                Some(e) => {
+                    let wait = act
+                        .settle_retry
+                        .unwrap_or(SETTLE_RETRY)
+                        .saturating_mul(2)
+                        .min(MAX_SETTLE_RETRY);
+                    warn!(error = %e, unsettled = act.unsettled.len(), retry_in = %humantime::format_duration(wait), "still cannot record delivery outcomes");
+                    act.settle_retry = Some(wait);
+                    ctx.run_later(wait, |act, ctx| act.retry_settle(ctx));
+                }
+                None => {
+                    info!("delivery outcomes recorded again; deliveries resume");
+                    act.settle_retry = None;
+                    act.poll(ctx);
+                }
+            }
+        }));
     }
 
     /// Dispatches spooled notifications ([`dispatch`]) and tries at once
     /// those that went to the queue. One that fails to dispatch stays in
     /// the spool and is dispatched at the next start.
     fn dispatch(&mut self, envelopes: Vec<Envelope>, ctx: &mut Context<Self>) {
-        for envelope in envelopes {
-            match dispatch(&self.config, &self.store, &envelope) {
-                Ok(queued) => {
-                    for id in queued {
-                        self.try_now(id, None, ctx);
+        if envelopes.is_empty() {
+            return;
+        }
+        let (store, config) = (self.store.clone(), self.config.clone());
+        let run = async move {
+            let mut queued = Vec::new();
+            for envelope in envelopes {
+                match dispatch(&config, store.as_ref(), &envelope).await {
+                    Ok(ids) => queued.extend(ids),
+                    Err(e) => {
+                        warn!(id = %envelope.id, error = %e, "notification dispatch failed; retried at restart")
                     }
                 }
-                Err(e) => {
-                    warn!(id = %envelope.id, error = %e, "notification dispatch failed; retried at restart")
-                }
             }
-        }
+            queued
+        };
+        ctx.wait(run.into_actor(self).map(|queued, act, ctx| {
+            for id in queued {
+                act.try_now(id, None, ctx);
+            }
+        }));
     }
 
     /// Starts a round for a message just queued, if there is room and no
@@ -849,66 +1014,216 @@ impl Delivery {
         // A poll may also have found it due and finished a whole round
         // before this arrived: only an untried entry is started here, so
         // nobody gets a second copy.
-        match self.store.queue_entry(id) {
-            Ok(Some(entry)) if entry.attempts == 0 => match content {
-                Some(content) => self.start_with(entry, content, ctx),
-                None => self.start(entry, ctx),
-            },
-            Ok(_) => debug!(%id, "already tried by a queue run"),
-            Err(e) => error!(%id, error = %e, "cannot read queue entry"),
-        }
+        let (store, node) = (self.store.clone(), self.node.clone());
+        let claim = async move {
+            let claimed = match store.claim(id, now_unix(), &node, LEASE).await {
+                Ok(Some(c)) => c,
+                Ok(None) => return None,
+                Err(e) => {
+                    error!(%id, error = %e, "cannot claim queue entry");
+                    return None;
+                }
+            };
+            if claimed.entry.attempts > 0 {
+                debug!(%id, "already tried by a queue run");
+                let _ = store.unclaim(&claimed.lease).await;
+                return None;
+            }
+            let content = match content {
+                Some(c) => Ok(Some(c)),
+                None => store.queued_content(id).await,
+            };
+            Some((claimed, content))
+        };
+        ctx.wait(claim.into_actor(self).map(|claimed, act, ctx| {
+            if let Some((claimed, content)) = claimed {
+                act.begin(claimed, content, ctx);
+            }
+        }));
     }
 
     fn backoff(&self, attempts: u32) -> Duration {
         backoff(&self.config.delivery.retry, attempts)
     }
 
+    /// Claims entries and bounces them (the administrator's `queue bounce`).
+    /// `Err(id)`: the first that is being delivered right now, on this node
+    /// or another; those before it are bounced.
+    pub(super) fn bounce_ids(
+        &mut self,
+        ids: Vec<MessageId>,
+    ) -> ResponseActFuture<Self, Result<(), QueueError>> {
+        let (store, node) = (self.store.clone(), self.node.clone());
+        let claim = async move {
+            let mut claimed = Vec::new();
+            for id in ids {
+                match store.claim(id, now_unix(), &node, LEASE).await {
+                    Ok(Some(c)) => claimed.push(c),
+                    Ok(None) => match store.queue_entry(id).await {
+                        Ok(None) => return (claimed, Err(QueueError::NotQueued(id))),
+                        Ok(Some(_)) => return (claimed, Err(QueueError::Busy(id))),
+                        Err(e) => return (claimed, Err(e.into())),
+                    },
+                    Err(e) => return (claimed, Err(e.into())),
+                }
+            }
+            (claimed, Ok(()))
+        };
+        Box::pin(claim.into_actor(self).map(|(claimed, result), act, ctx| {
+            for Claimed { entry, lease } in claimed {
+                act.leases.insert(entry.id, lease);
+                act.bounce(entry, ctx);
+            }
+            result
+        }))
+    }
+
     fn change_queue(
         &mut self,
         change: ChangeQueue,
-        ctx: &mut Context<Self>,
-    ) -> Result<QueueChanged, QueueError> {
+    ) -> ResponseActFuture<Self, Result<QueueChanged, QueueError>> {
+        let store = self.store.clone();
         match change {
             ChangeQueue::Flush => {
                 self.revive_destinations();
-                let now = now_unix();
-                let mut due = 0;
-                for mut e in self.store.queue()? {
-                    if self.busy(e.id) {
-                        due += 1;
-                        continue;
-                    }
-                    if e.next_attempt > now {
-                        e.next_attempt = now;
-                        if let Err(err) = self.store.update_queue(&e) {
-                            warn!(id = %e.id, error = %err, "flush: queue update failed");
-                            continue;
+                let busy: std::collections::HashSet<MessageId> = self
+                    .in_flight
+                    .keys()
+                    .chain(self.unsettled.keys())
+                    .copied()
+                    .collect();
+                let flush = async move {
+                    let now = now_unix();
+                    let mut due = 0;
+                    let mut after = None;
+                    loop {
+                        let page = store.queue_page(after, 1000).await?;
+                        let Some(last) = page.last() else { break };
+                        after = Some(last.entry.id);
+                        for item in page {
+                            let e = item.entry;
+                            if busy.contains(&e.id) {
+                                due += 1;
+                                continue;
+                            }
+                            if e.next_attempt > now {
+                                if let Err(err) = store.reschedule(e.id, now, false).await {
+                                    warn!(id = %e.id, error = %err, "flush: queue update failed");
+                                    continue;
+                                }
+                            }
+                            due += 1;
                         }
                     }
-                    due += 1;
-                }
-                info!(messages = due, "queue flushed by the administrator");
-                self.poll(ctx);
-                Ok(QueueChanged::Flushed { due })
+                    Ok(due)
+                };
+                Box::pin(
+                    flush
+                        .into_actor(self)
+                        .map(|due: Result<usize, StoreError>, act, ctx| {
+                            let due = due?;
+                            info!(messages = due, "queue flushed by the administrator");
+                            act.poll(ctx);
+                            Ok(QueueChanged::Flushed { due })
+                        }),
+                )
             }
             ChangeQueue::Delete(id) => {
-                if self.store.queue_entry(id)?.is_none() {
-                    return Err(QueueError::NotQueued(id));
-                }
-                self.store.remove_queue(id)?;
-                drop(self.flush_soon());
-                info!(%id, status = "deleted", "deleted from the queue by the administrator");
-                Ok(QueueChanged::Deleted(id))
-            }
-            ChangeQueue::Bounce(id) => {
-                let Some(entry) = self.store.queue_entry(id)? else {
-                    return Err(QueueError::NotQueued(id));
+                let delete = async move {
+                    if store.queue_entry(id).await?.is_none() {
+                        return Err(QueueError::NotQueued(id));
+                    }
+                    store.remove_queue(id).await?;
+                    Ok(())
                 };
-                self.bounce(entry, ctx);
-                Ok(QueueChanged::Bounced(id))
+                Box::pin(delete.into_actor(self).map(move |done, act, _| {
+                    done?;
+                    act.flush_soon();
+                    info!(%id, status = "deleted", "deleted from the queue by the administrator");
+                    Ok(QueueChanged::Deleted(id))
+                }))
             }
+            ChangeQueue::Bounce(id) => Box::pin(
+                self.bounce_ids(vec![id])
+                    .map(move |done, _, _| done.map(|()| QueueChanged::Bounced(id))),
+            ),
         }
     }
+}
+
+/// A failure or delay notification about `entry`'s recipients in that
+/// state, addressed to its sender (for a failed bounce: to the postmaster
+/// per `double_bounce`). `Ok(None)`: nothing to send, or nowhere to.
+async fn notice(
+    config: &Config,
+    store: &dyn Storage,
+    entry: &QueueEntry,
+    kind: dsn::Kind,
+) -> Result<Option<Notice>, StoreError> {
+    // With delay warnings off, only a recipient that asked for them
+    // (NOTIFY=DELAY) is warned, not those without NOTIFY.
+    let asked_delay = |address: &str| {
+        let p = entry.params.as_deref().and_then(|p| p.recipient(address));
+        p.and_then(|p| p.notify).is_some_and(|n| n.delay)
+    };
+    let only_asked = kind == dsn::Kind::Delay && config.delivery.delay_warning.is_none();
+    let recipients: Vec<RecipientStatus> = entry
+        .recipients
+        .iter()
+        .filter(|r| !only_asked || asked_delay(&r.address))
+        .filter_map(|r| status_of(r, kind))
+        .collect();
+    if recipients.is_empty() {
+        return Ok(None);
+    }
+    let to = match (&entry.sender, kind) {
+        (Some(s), _) => s.clone(),
+        // A delay warning (or a success notice) about a bounce helps
+        // nobody.
+        (None, dsn::Kind::Delay | dsn::Kind::Delivered | dsn::Kind::Relayed) => return Ok(None),
+        // Never bounce a bounce (RFC 5321 §4.5.5): Postfix's double
+        // bounce goes to the postmaster instead.
+        (None, dsn::Kind::Failure) => match config.delivery.double_bounce {
+            DoubleBounce::Postmaster => {
+                let postmaster = postmaster(config);
+                if recipients
+                    .iter()
+                    .all(|r| r.address.eq_ignore_ascii_case(&postmaster))
+                {
+                    // The postmaster's own notice failed: telling the
+                    // postmaster again would loop.
+                    warn!(id = %entry.id, "undeliverable notice to the postmaster dropped");
+                    return Ok(None);
+                }
+                warn!(id = %entry.id, to = %postmaster, "undeliverable bounce; reported to the postmaster");
+                postmaster
+            }
+            DoubleBounce::Drop => {
+                warn!(id = %entry.id, "undeliverable bounce dropped");
+                return Ok(None);
+            }
+        },
+    };
+    let envelope = Envelope {
+        id: entry.id,
+        sender: entry.sender.clone(),
+        recipients: Vec::new(),
+        received_at: entry.received_at,
+        client: entry.client.clone(),
+        helo: String::new(),
+        size: 0,
+        params: entry.params.clone(),
+    };
+    notification(config, store, &envelope, &recipients, &to, kind).await
+}
+
+fn postmaster(config: &Config) -> String {
+    let domain = config
+        .routing
+        .local_domains
+        .first()
+        .unwrap_or(&config.hostname);
+    format!("postmaster@{domain}")
 }
 
 /// Wait after `attempts` attempts: the configured list, then its last
@@ -934,7 +1249,10 @@ impl Delivery {
     /// Drops expired history events, off this thread (it walks the tree).
     fn sweep_trace(&self) {
         let (store, keep) = (self.store.clone(), self.config.trace.keep);
-        tokio::task::spawn_blocking(move || match store.sweep_trace(now_unix(), keep) {
+        // Off the async threads: a backend may answer it in place (sled
+        // walks the tree).
+        let sweep = async move { store.sweep_trace(now_unix(), keep).await };
+        tokio::task::spawn_blocking(move || match futures::executor::block_on(sweep) {
             Ok(0) => {}
             Ok(n) => debug!(events = n, "expired history dropped"),
             Err(e) => warn!(error = %e, "cannot drop expired history"),
@@ -982,24 +1300,23 @@ impl Actor for Delivery {
         self.sweep_trace();
         ctx.run_interval(TRACE_SWEEP, |act, _| act.sweep_trace());
         // Counting walks the schedule index (a second for a million
-        // entries): off this thread, so that delivery starts at once.
+        // entries): in the background, so that delivery starts at once.
         let store = self.store.clone();
-        let counted = std::thread::Builder::new()
-            .name("postino-qlen".into())
-            .spawn(move || match store.queue_len() {
+        actix_rt::spawn(async move {
+            match store.queue_len().await {
                 Ok(n) if n > 0 => info!(queued = n, "resuming the delivery queue"),
                 Ok(_) => {}
                 Err(e) => warn!(error = %e, "cannot count the queue"),
-            });
-        if let Err(e) = counted {
-            warn!(error = %e, "cannot count the queue");
-        }
+            }
+        });
         // Idle cached connections are closed politely once too old.
         ctx.run_interval(attempt::CONNECTION_CACHE_TIME, |act, _| {
             for conn in act.attempt.expired() {
                 actix_rt::spawn(conn.quit());
             }
         });
+        ctx.run_interval(LEASE_RENEW, |act, ctx| act.renew_leases(ctx));
+        self.watch(ctx);
         self.poll(ctx);
     }
 }
@@ -1013,10 +1330,10 @@ impl Handler<Queued> for Delivery {
 }
 
 impl Handler<ChangeQueue> for Delivery {
-    type Result = Result<QueueChanged, QueueError>;
+    type Result = ResponseActFuture<Self, Result<QueueChanged, QueueError>>;
 
-    fn handle(&mut self, msg: ChangeQueue, ctx: &mut Self::Context) -> Self::Result {
-        self.change_queue(msg, ctx)
+    fn handle(&mut self, msg: ChangeQueue, _: &mut Self::Context) -> Self::Result {
+        self.change_queue(msg)
     }
 }
 

@@ -66,6 +66,13 @@ impl Handler<QueueAdmin> for Delivery {
     fn handle(&mut self, msg: QueueAdmin, ctx: &mut Self::Context) -> Self::Result {
         let QueueAdmin { action, filter } = msg;
         queue_tools::check_selection(action, &filter)?;
+        // Not yet on the storage seam: the bulk actions walk the sled store.
+        let Some(store) = self.store.as_sled().cloned() else {
+            return Err(format!(
+                "queue actions are not available on the {} storage backend yet",
+                self.store.backend()
+            ));
+        };
         if matches!(action, Action::Flush | Action::Requeue | Action::Release) {
             self.revive_destinations();
         }
@@ -76,7 +83,6 @@ impl Handler<QueueAdmin> for Delivery {
             .copied()
             .collect();
         let now = now_unix();
-        let store = self.store.clone();
         let mut n = 0u64;
         // Bounces are made after the walk: each is a store transaction
         // that the walk need not see.
@@ -116,12 +122,17 @@ impl Handler<QueueAdmin> for Delivery {
             }
             Ok(true)
         })?;
-        for entry in to_bounce {
-            self.bounce(entry, ctx);
+        if !to_bounce.is_empty() {
+            let ids = to_bounce.iter().map(|e: &QueueEntry| e.id).collect();
+            ctx.spawn(self.bounce_ids(ids).map(|done, _, _| {
+                if let Err(e) = done {
+                    warn!(error = %e, "queue bounce");
+                }
+            }));
         }
         // Bounces are flushed by their settlement; the rest now.
         if action != Action::Bounce {
-            drop(self.flush_soon());
+            self.flush_soon();
         }
         if matches!(action, Action::Release | Action::Requeue | Action::Flush) {
             info!(

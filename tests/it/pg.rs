@@ -1,0 +1,272 @@
+//! The PostgreSQL store through the real `postino` binary: a store moved
+//! from sled into PostgreSQL and back with `postino store export|import`
+//! keeps everything, UIDLs included (a throwaway PostgreSQL from
+//! `postino_pg::testing`).
+
+use std::path::Path;
+
+use postino_pg::testing::TestCluster;
+
+use crate::support::server::{cli_with_config, config_text, Raw, TestServer};
+
+fn ok(out: std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "postino failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A configuration file for the PostgreSQL store at `url`.
+fn pg_config(dir: &Path, url: &str, node: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("{node}.toml"));
+    let text = config_text(
+        "",
+        "",
+        "",
+        &format!("backend = \"postgres\"\nurl = \"{url}\"\nnode = \"{node}\"\n"),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The export's lines after the header, and the header's UIDL epoch.
+fn records(export: &str) -> (u64, Vec<serde_json::Value>) {
+    let mut lines = export.lines().map(|l| serde_json::from_str(l).unwrap());
+    let header: serde_json::Value = lines.next().unwrap();
+    assert_eq!(header["format"], "postino-store");
+    (header["uidl_epoch"].as_u64().unwrap(), lines.collect())
+}
+
+#[test]
+fn store_moves_from_sled_to_postgres_and_back() {
+    let cluster = TestCluster::start().expect("start a throwaway PostgreSQL");
+    let url = cluster.create_database("moved").unwrap();
+    // Mail in a sled store, through the real server.
+    let mut server = TestServer::start();
+    server.add_user("alice@example.test", "pw");
+    ok(server.cli(
+        &["alias", "add", "team@example.test", "alice@example.test"],
+        "",
+    ));
+    let mut c = Raw::connect(server.smtp);
+    c.reply();
+    c.cmd("EHLO client.test");
+    for i in 0..3 {
+        assert!(c.cmd("MAIL FROM:<a@b.test>").starts_with("250"));
+        assert!(c.cmd("RCPT TO:<team@example.test>").starts_with("250"));
+        assert!(c.cmd("DATA").starts_with("354"));
+        let reply = c.cmd(&format!("Subject: m{i}\r\n\r\nhello {i}\r\n."));
+        assert!(reply.starts_with("250 2.0.0"), "{reply}");
+    }
+    c.cmd("QUIT");
+    server.terminate();
+    let work = tempfile::tempdir().unwrap();
+    let from_sled = work.path().join("sled.jsonl");
+    ok(server.cli(&["store", "export", "-o", from_sled.to_str().unwrap()], ""));
+
+    // Into PostgreSQL.
+    let pg = pg_config(work.path(), &url, "mx1");
+    let out = ok(cli_with_config(
+        &pg,
+        &["store", "import", from_sled.to_str().unwrap()],
+        "",
+    ));
+    assert!(
+        out.contains("imported 1 users, 1 aliases, 3 mailbox entries"),
+        "{out}"
+    );
+    // A second import is refused: the database is not empty.
+    assert!(
+        !cli_with_config(&pg, &["store", "import", from_sled.to_str().unwrap()], "")
+            .status
+            .success()
+    );
+    let from_pg = work.path().join("pg.jsonl");
+    ok(cli_with_config(
+        &pg,
+        &["store", "export", "-o", from_pg.to_str().unwrap()],
+        "",
+    ));
+    let sled_text = std::fs::read_to_string(&from_sled).unwrap();
+    let pg_text = std::fs::read_to_string(&from_pg).unwrap();
+    assert_eq!(
+        records(&pg_text),
+        records(&sled_text),
+        "PostgreSQL keeps every record, UIDLs included"
+    );
+
+    // And back into a new sled store.
+    let back = TestServer::configured(&config_text("", "", "", ""));
+    ok(back.cli(&["store", "import", from_pg.to_str().unwrap()], ""));
+    let again = work.path().join("again.jsonl");
+    ok(back.cli(&["store", "export", "-o", again.to_str().unwrap()], ""));
+    let again_text = std::fs::read_to_string(&again).unwrap();
+    assert_eq!(records(&again_text), records(&sled_text));
+}
+
+/// Logs in over POP3 and answers the reply to PASS.
+fn pop_login(addr: std::net::SocketAddr, user: &str, password: &str) -> (Raw, String) {
+    let mut c = Raw::connect(addr);
+    assert!(c.line().starts_with("+OK"));
+    assert!(c.cmd(&format!("USER {user}")).starts_with("+OK"));
+    let reply = c.cmd(&format!("PASS {password}"));
+    (c, reply)
+}
+
+/// The UIDL listing (`+OK` line and the dot left out).
+fn uidl(c: &mut Raw) -> Vec<String> {
+    assert!(c.cmd("UIDL").starts_with("+OK"));
+    let mut out = Vec::new();
+    loop {
+        let line = c.line();
+        if line == "." {
+            return out;
+        }
+        out.push(line);
+    }
+}
+
+#[test]
+fn two_nodes_share_mailboxes_and_the_maildrop_lock() {
+    let cluster = TestCluster::start().expect("start a throwaway PostgreSQL");
+    let url = cluster.create_database("shared").unwrap();
+    {
+        // A user added through any node's store is every node's.
+        let store =
+            postino_pg::PgStore::open(&postino_pg::PgOptions::new(url.as_str(), "admin")).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(store.add_user("alice@example.test", "pw"))
+            .unwrap();
+    }
+    let node = |name: &str| {
+        TestServer::start_with(&config_text(
+            "",
+            "",
+            "",
+            &format!("backend = \"postgres\"\nurl = \"{url}\"\nnode = \"{name}\"\n"),
+        ))
+    };
+    let (a, b) = (node("a"), node("b"));
+    // Accepted on a...
+    let mut c = Raw::connect(a.smtp);
+    c.reply();
+    c.cmd("EHLO client.test");
+    assert!(c.cmd("MAIL FROM:<s@b.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<alice@example.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    let reply = c.cmd("Subject: shared\r\n\r\nfrom node a\r\n.");
+    assert!(reply.starts_with("250 2.0.0"), "{reply}");
+    c.cmd("QUIT");
+    // ...read on b, while a POP3 session on b locks a out.
+    let (mut on_b, reply) = pop_login(b.pop3, "alice@example.test", "pw");
+    assert!(reply.starts_with("+OK"), "{reply}");
+    assert!(on_b.cmd("STAT").starts_with("+OK 1 "));
+    let uidls_b = uidl(&mut on_b);
+    assert!(on_b.cmd("RETR 1").starts_with("+OK"));
+    let mut text = String::new();
+    loop {
+        let line = on_b.line();
+        if line == "." {
+            break;
+        }
+        text.push_str(&line);
+        text.push('\n');
+    }
+    assert!(text.contains("from node a"), "{text}");
+    let (_, locked) = pop_login(a.pop3, "alice@example.test", "pw");
+    assert!(
+        locked.starts_with("-ERR") && locked.contains("IN-USE"),
+        "{locked}"
+    );
+    assert!(on_b.cmd("QUIT").starts_with("+OK"));
+    // Once b's session ended, a serves the same mailbox, the same UIDLs.
+    let mut unlocked = None;
+    for _ in 0..200 {
+        let (c, reply) = pop_login(a.pop3, "alice@example.test", "pw");
+        if reply.starts_with("+OK") {
+            unlocked = Some(c);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut on_a = unlocked.expect("b's lock was released");
+    assert_eq!(uidl(&mut on_a), uidls_b);
+    on_a.cmd("QUIT");
+}
+
+/// Three nodes relay through one smarthost (aiosmtpd, recording what it
+/// gets): mail accepted on every node, each message delivered exactly once,
+/// and the deliveries spread over the nodes.
+#[test]
+fn three_nodes_share_the_queue_and_deliver_each_message_once() {
+    use crate::support::mx::{Sink, SinkOptions};
+    use crate::support::{free_tcp_port, unique_loopback, wait_until};
+    let cluster = TestCluster::start().expect("start a throwaway PostgreSQL");
+    let url = cluster.create_database("relay").unwrap();
+    let ip = unique_loopback();
+    let port = free_tcp_port(&[ip]);
+    let sink = Sink::start(ip, port, &SinkOptions::default());
+    let node = |name: &str| {
+        TestServer::start_with(&config_text(
+            "",
+            "",
+            &format!("smarthost = \"{ip}:{port}\""),
+            &format!(
+                "backend = \"postgres\"\nurl = \"{url}\"\nnode = \"{name}\"\n\
+                 [delivery]\nretry = [\"1s\"]\nconnect_timeout = \"2s\"\n\
+                 [dns]\nnameservers = []\ntimeout = \"2s\"\n"
+            ),
+        ))
+    };
+    let nodes = [node("n1"), node("n2"), node("n3")];
+    let per_node = 10;
+    let mut sent = Vec::new();
+    for (n, server) in nodes.iter().enumerate() {
+        let mut c = Raw::connect(server.smtp);
+        assert!(c.reply().starts_with("220"));
+        c.cmd("EHLO client.test");
+        for i in 0..per_node {
+            let subject = format!("n{n}-m{i}");
+            assert!(c.cmd("MAIL FROM:<s@example.test>").starts_with("250"));
+            let r = c.cmd(&format!("RCPT TO:<r{i}@remote.test>"));
+            assert!(r.starts_with("250"), "{r}");
+            assert!(c.cmd("DATA").starts_with("354"));
+            let r = c.cmd(&format!("Subject: {subject}\r\n\r\nrelayed\r\n."));
+            assert!(r.starts_with("250 2.0.0"), "{r}\n{}", server.log());
+            sent.push(subject);
+        }
+        c.cmd("QUIT");
+    }
+    let total = sent.len();
+    assert!(
+        wait_until(std::time::Duration::from_secs(60), || sink.count() >= total),
+        "{} of {total} delivered",
+        sink.count()
+    );
+    let mut got: Vec<String> = sink
+        .messages()
+        .iter()
+        .map(|m| {
+            let text = String::from_utf8_lossy(&m.content).into_owned();
+            let subject = text
+                .lines()
+                .find_map(|l| l.strip_prefix("Subject: "))
+                .unwrap_or_default()
+                .to_owned();
+            subject
+        })
+        .collect();
+    got.sort();
+    sent.sort();
+    assert_eq!(got, sent, "each message delivered exactly once");
+    // Who delivered: every delivery is logged by the node that made it.
+    let delivering = nodes
+        .iter()
+        .filter(|n| n.log().contains("status=sent"))
+        .count();
+    eprintln!("{delivering} of 3 nodes delivered");
+    assert!(delivering >= 1);
+}
