@@ -329,6 +329,19 @@ pub struct StoreConfig {
     /// node.
     #[serde(default = "default_node")]
     pub node: String,
+    /// How long a node's claim on a queue entry lasts unless renewed (at a
+    /// third of it): a node that dies mid-delivery gives its entries to
+    /// the other nodes this much later, and only entries it held in that
+    /// window may go out twice. At least 3 s (leases count whole seconds).
+    #[serde(default = "default_lease", with = "humantime_serde")]
+    pub lease: Duration,
+}
+
+/// Shortest `[store] lease`: renewed at a third of it, in whole seconds.
+pub const MIN_LEASE: Duration = Duration::from_secs(3);
+
+fn default_lease() -> Duration {
+    Duration::from_secs(120)
 }
 
 /// `[store] backend`.
@@ -1199,6 +1212,12 @@ impl Config {
                 "1 to 64 characters of A-Z a-z 0-9 . _ -".into(),
             ));
         }
+        if self.store.lease < MIN_LEASE {
+            return Err((
+                "store.lease",
+                "must be at least 3s (renewed at a third of it, in whole seconds)".into(),
+            ));
+        }
         match (self.store.backend, &self.store.url) {
             (StoreBackend::Postgres, None) => {
                 return Err((
@@ -1799,6 +1818,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("test.toml:2"), "{err}");
+    }
+
+    #[test]
+    fn queue_lease_is_configurable_and_not_too_short() {
+        assert_eq!(parse("").unwrap().store.lease, Duration::from_secs(120));
+        let c = parse("[store]\nlease = \"6s\"\n").unwrap();
+        assert_eq!(c.store.lease, Duration::from_secs(6));
+        for bad in ["0s", "2s", "2999ms"] {
+            let err = parse(&format!("[store]\nnode = \"a\"\nlease = \"{bad}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("test.toml:3") && err.contains("store.lease"),
+                "{err}"
+            );
+        }
     }
 
     #[test]
