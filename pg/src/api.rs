@@ -195,6 +195,16 @@ impl PgStore {
         self.run(|db| async move { db.renew(&c, now, extend).await })
             .await
     }
+    pub async fn renew_all(
+        &self,
+        claims: &[Claim],
+        now: u64,
+        extend: Duration,
+    ) -> Result<Vec<Claim>> {
+        let c = claims.to_vec();
+        self.run(|db| async move { db.renew_all(&c, now, extend).await })
+            .await
+    }
     pub async fn unclaim(&self, claim: &Claim) -> Result<()> {
         let c = claim.clone();
         self.run(|db| async move { db.unclaim(&c).await }).await

@@ -135,6 +135,39 @@ impl Db {
         })
     }
 
+    /// [`Db::renew`] for many claims in one statement.
+    pub(crate) async fn renew_all(
+        &self,
+        claims: &[Claim],
+        now: u64,
+        extend: Duration,
+    ) -> Result<Vec<Claim>, StoreError> {
+        if claims.is_empty() {
+            return Ok(Vec::new());
+        }
+        let until = now.saturating_add(extend.as_secs().max(1));
+        let ids: Vec<i64> = claims.iter().map(|c| c.id.0 as i64).collect();
+        let tokens: Vec<i64> = claims.iter().map(|c| c.token as i64).collect();
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "UPDATE queue q SET lease_until = $3 \
+                 FROM unnest($1::bigint[], $2::bigint[]) AS l(id, token) \
+                 WHERE q.id = l.id AND q.lease_token = l.token \
+                 RETURNING q.id, q.lease_token",
+                &[&ids, &tokens, &(until as i64)],
+            )
+            .await
+            .map_err(db_err)?;
+        let kept: std::collections::HashSet<(i64, i64)> =
+            rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        Ok(claims
+            .iter()
+            .filter(|c| kept.contains(&(c.id.0 as i64, c.token as i64)))
+            .map(|c| Claim { until, ..c.clone() })
+            .collect())
+    }
+
     pub(crate) async fn unclaim(&self, claim: &Claim) -> Result<(), StoreError> {
         let client = self.client().await?;
         let n = client

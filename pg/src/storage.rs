@@ -183,6 +183,14 @@ impl Queue for PgStore {
     async fn renew(&self, lease: &Lease, now: u64, extend: Duration) -> StoreResult<Lease> {
         PgStore::renew(self, lease, now, extend).await
     }
+    async fn renew_all(
+        &self,
+        leases: &[Lease],
+        now: u64,
+        extend: Duration,
+    ) -> StoreResult<Vec<Lease>> {
+        PgStore::renew_all(self, leases, now, extend).await
+    }
     async fn unclaim(&self, lease: &Lease) -> StoreResult<()> {
         PgStore::unclaim(self, lease).await
     }

@@ -454,6 +454,16 @@ pub async fn queue_expired_lease_is_claimable(s: &dyn Storage) {
     assert_eq!(b.len(), 1, "an expired lease is claimable");
     assert_eq!(b[0].entry.id, id);
     assert_ne!(b[0].lease.token, a[0].lease.token);
+    // Renewing several at once keeps only the leases still held.
+    let kept = s
+        .renew_all(&[renewed.clone(), b[0].lease.clone()], now + 91, lease)
+        .await
+        .unwrap();
+    assert_eq!(
+        kept.iter().map(|l| l.token).collect::<Vec<_>>(),
+        vec![b[0].lease.token]
+    );
+    assert!(kept[0].until >= now + 151);
     let mut deferred = a[0].entry.clone();
     deferred.next_attempt = now + 7200;
     assert!(matches!(

@@ -237,6 +237,27 @@ pub trait Queue: Send + Sync {
     /// Extends a lease to `now + lease` (a long round).
     /// [`StoreError::LeaseLost`] if it is no longer ours.
     async fn renew(&self, lease: &Lease, now: u64, extend: Duration) -> StoreResult<Lease>;
+    /// [`Queue::renew`] for each of `leases`, in as few round trips as the
+    /// backend can (one statement on PostgreSQL: a node renews all it
+    /// holds, up to the delivery actor's in-flight limit, well within a
+    /// short lease). Returns the leases still ours, renewed; one left out
+    /// was taken over.
+    async fn renew_all(
+        &self,
+        leases: &[Lease],
+        now: u64,
+        extend: Duration,
+    ) -> StoreResult<Vec<Lease>> {
+        let mut out = Vec::with_capacity(leases.len());
+        for lease in leases {
+            match self.renew(lease, now, extend).await {
+                Ok(renewed) => out.push(renewed),
+                Err(StoreError::LeaseLost { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
     /// Gives a claim back without a round (shutting down): the entry is
     /// due as it was. Not ours any more: nothing happens.
     async fn unclaim(&self, lease: &Lease) -> StoreResult<()>;
