@@ -22,7 +22,8 @@ use crate::bounce::bounce_envelope;
 use crate::mailbox;
 
 /// Why a dispatch did not finish. The message stays in the spool and is
-/// dispatched again at the next start.
+/// dispatched again at the next start or by the delivery actor's spool
+/// sweep ([`crate::delivery`], "In a cluster").
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DispatchError {
@@ -101,7 +102,7 @@ async fn dispatch_into(
             // A bounce is from <>: dispatching it spools no bounce of its own, so
             // this recursion is one level deep.
             if let Err(e) = Box::pin(dispatch_into(config, store, &bounce, plan, queued)).await {
-                warn!(id = %bounce.id, error = %e, "notification dispatch failed; retried at restart");
+                warn!(id = %bounce.id, error = %e, "notification dispatch failed; retried later");
             }
         }
     }

@@ -173,7 +173,8 @@ impl Intake {
     /// [`IntakeError`] when the write or the flush failed; the message is
     /// then marked rejected, so that nothing of it is ever delivered. A
     /// dispatch that fails after the flush is not an error: the message is
-    /// safe in the spool and dispatched again at the next start.
+    /// safe in the spool and dispatched again at the next start, or by the
+    /// delivery actor's spool sweep once older than a lease.
     pub async fn accept(
         &self,
         envelope: Envelope,
@@ -245,7 +246,7 @@ impl Intake {
                         }
                     }
                     // The message is safe in the spool either way.
-                    Err(e) => warn!(%id, error = %e, "dispatch failed; will retry at restart"),
+                    Err(e) => warn!(%id, error = %e, "dispatch failed; retried later"),
                 }
             }
         }

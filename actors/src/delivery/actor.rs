@@ -32,6 +32,24 @@
 //! one line per retry, not one per message. Only a crash before the
 //! write succeeds sends such a message once more.
 //!
+//! # In a cluster
+//!
+//! Entries are claimed with a lease (`[store] lease`) that names this node
+//! and is renewed at a third of its length while the round lasts. A node
+//! that dies (`kill -9`) stops renewing: once its leases expire, any other
+//! node claims the entries (a poll happens at least every renewal period
+//! for that reason, since nothing notifies the expiry). Only the entries
+//! the dead node held can go out twice: at most [`MAX_IN_FLIGHT`], in
+//! practice the ones its destinations' windows had on the wire.
+//!
+//! A message the dead node had spooled but not yet handed on (dispatched
+//! into mailboxes and the queue) would otherwise wait in the spool for a
+//! restart of that node: every node looks at the spool each renewal
+//! period and dispatches the entries older than a lease (the node that
+//! wrote one dispatches it within its DATA reply; one that failed to
+//! retries it here too). Dispatch steps are idempotent and lock their
+//! row, so two nodes doing it at once do nothing twice.
+//!
 //! # Timing
 //!
 //! `next_attempt` is stored in whole unix seconds, rounded up, so that a
@@ -150,6 +168,13 @@ pub struct Delivery {
     store: SharedStorage,
     /// This node's name: its queue leases carry it (`[store] node`).
     node: String,
+    /// How long a claim on a queue entry lasts without renewal
+    /// (`[store] lease`, as at start): a node that dies mid-round gives its
+    /// entries up to the other nodes this much later (a duplicate delivery
+    /// is possible only in that window). Renewed at a third of it; and no
+    /// node sleeps longer than that, so that another's expired leases are
+    /// taken over even when nothing else wakes it.
+    lease: Duration,
     /// The leases this node holds: entries in a round or unsettled.
     leases: HashMap<MessageId, Lease>,
     /// Entries in a round, with the number of destination tasks still out.
@@ -181,13 +206,6 @@ pub struct Delivery {
     traces: tokio::sync::mpsc::UnboundedSender<(MessageId, u64, TraceKind)>,
 }
 
-/// How long a claim on a queue entry lasts without renewal: a node that
-/// dies mid-round gives its entries up to the other nodes this much later
-/// (a duplicate delivery is possible only in that window).
-pub const LEASE: Duration = Duration::from_secs(120);
-/// How often the leases held are renewed.
-const LEASE_RENEW: Duration = Duration::from_secs(40);
-
 /// The end of a round as [`Queue::settle`] writes it.
 struct Settlement {
     entry: QueueEntry,
@@ -218,6 +236,7 @@ impl Delivery {
         });
         Delivery {
             node: config.store.node.clone(),
+            lease: config.store.lease,
             config,
             store,
             leases: HashMap::new(),
@@ -257,13 +276,13 @@ impl Delivery {
             return;
         }
         let room = MAX_IN_FLIGHT.saturating_sub(self.in_flight.len());
-        let (store, node) = (self.store.clone(), self.node.clone());
+        let (store, node, lease) = (self.store.clone(), self.node.clone(), self.lease);
         let scan = async move {
             let now = now_unix();
             let mut claimed = Vec::new();
             let mut failed = None;
             if room > 0 {
-                match store.claim_due(now, &node, LEASE, room).await {
+                match store.claim_due(now, &node, lease, room).await {
                     Ok(due) => {
                         for c in due {
                             let content = store.queued_content(c.entry.id).await;
@@ -286,7 +305,11 @@ impl Delivery {
                     }
                     act.destinations
                         .retain(|_, d| Arc::strong_count(d) > 1 || d.remembers());
-                    let mut at = unix_time() + MAX_SLEEP.as_secs_f64();
+                    // Entries under another node's lease are not in `next`:
+                    // look again within a renewal period, so that a dead
+                    // node's leases are taken over soon after they expire.
+                    let longest = MAX_SLEEP.min(act.renew_every());
+                    let mut at = unix_time() + longest.as_secs_f64();
                     if act.in_flight.len() < MAX_IN_FLIGHT {
                         match next {
                             Ok(Some(t)) => at = at.min(t as f64),
@@ -329,6 +352,12 @@ impl Delivery {
         );
     }
 
+    /// How often the leases held are renewed: a third of the lease, so
+    /// that two renewals may fail before one runs out.
+    fn renew_every(&self) -> Duration {
+        self.lease / 3
+    }
+
     /// Renews the leases this node holds, so that a long round (or an
     /// outcome waiting to be written) is not claimed by another node. A
     /// lease lost meanwhile is dropped: the round's settle will not write.
@@ -337,33 +366,39 @@ impl Delivery {
         if leases.is_empty() {
             return;
         }
-        let store = self.store.clone();
+        let (store, lease) = (self.store.clone(), self.lease);
+        // One call for all: renewing them one by one took longer than a
+        // short lease under load, so the other nodes took over entries
+        // that were still being delivered here.
         let renew = async move {
-            let now = now_unix();
-            let mut out = Vec::with_capacity(leases.len());
-            for l in leases {
-                let renewed = store.renew(&l, now, LEASE).await;
-                out.push((l.id, renewed));
-            }
-            out
+            let renewed = store.renew_all(&leases, now_unix(), lease).await;
+            (leases, renewed)
         };
-        ctx.spawn(renew.into_actor(self).map(|renewed, act, _| {
-            for (id, r) in renewed {
-                match r {
-                    Ok(lease) => {
-                        if let Some(held) = act.leases.get_mut(&id) {
-                            if held.token == lease.token {
-                                *held = lease;
+        ctx.spawn(
+            renew
+                .into_actor(self)
+                .map(|(asked, renewed), act, _| match renewed {
+                    Ok(renewed) => {
+                        let mut kept = std::collections::HashSet::new();
+                        for lease in renewed {
+                            kept.insert(lease.id);
+                            if let Some(held) = act.leases.get_mut(&lease.id) {
+                                if held.token == lease.token {
+                                    *held = lease;
+                                }
+                            }
+                        }
+                        // One settled while the renewal ran is gone from
+                        // the store and from `leases`: not lost.
+                        for l in asked.iter().filter(|l| !kept.contains(&l.id)) {
+                            if act.leases.get(&l.id).map(|h| h.token) == Some(l.token) {
+                                warn!(id = %l.id, "queue lease lost to another node");
                             }
                         }
                     }
-                    Err(StoreError::LeaseLost { .. }) => {
-                        warn!(%id, "queue lease lost to another node");
-                    }
-                    Err(e) => warn!(%id, error = %e, "cannot renew queue lease"),
-                }
-            }
-        }));
+                    Err(e) => warn!(error = %e, "cannot renew queue leases"),
+                }),
+        );
     }
 
     /// Asks for a flush without waiting for it: the change joins the next
@@ -976,9 +1011,35 @@ impl Delivery {
         }));
     }
 
+    /// Dispatches the spooled messages older than a lease: left by a node
+    /// that stopped (or whose own dispatch failed) before handing them on
+    /// (see the module docs, "In a cluster").
+    fn sweep_spool(&mut self, ctx: &mut Context<Self>) {
+        let (store, lease) = (self.store.clone(), self.lease);
+        ctx.spawn(async move { store.inbound().await }.into_actor(self).map(
+            move |found, act, ctx| match found {
+                Ok(spooled) => {
+                    let now = now_unix();
+                    let stale: Vec<Envelope> = spooled
+                        .into_iter()
+                        .filter(|e| e.received_at.saturating_add(lease.as_secs()) <= now)
+                        .collect();
+                    if !stale.is_empty() {
+                        info!(
+                            count = stale.len(),
+                            "dispatching spooled messages left over"
+                        );
+                        act.dispatch(stale, ctx);
+                    }
+                }
+                Err(e) => warn!(error = %e, "cannot read the spool"),
+            },
+        ));
+    }
+
     /// Dispatches spooled notifications ([`dispatch`]) and tries at once
     /// those that went to the queue. One that fails to dispatch stays in
-    /// the spool and is dispatched at the next start.
+    /// the spool and is dispatched later ([`Delivery::sweep_spool`]).
     fn dispatch(&mut self, envelopes: Vec<Envelope>, ctx: &mut Context<Self>) {
         if envelopes.is_empty() {
             return;
@@ -990,7 +1051,7 @@ impl Delivery {
                 match dispatch(&config, store.as_ref(), &envelope).await {
                     Ok(ids) => queued.extend(ids),
                     Err(e) => {
-                        warn!(id = %envelope.id, error = %e, "notification dispatch failed; retried at restart")
+                        warn!(id = %envelope.id, error = %e, "spooled message dispatch failed; retried later")
                     }
                 }
             }
@@ -1014,9 +1075,9 @@ impl Delivery {
         // A poll may also have found it due and finished a whole round
         // before this arrived: only an untried entry is started here, so
         // nobody gets a second copy.
-        let (store, node) = (self.store.clone(), self.node.clone());
+        let (store, node, lease) = (self.store.clone(), self.node.clone(), self.lease);
         let claim = async move {
-            let claimed = match store.claim(id, now_unix(), &node, LEASE).await {
+            let claimed = match store.claim(id, now_unix(), &node, lease).await {
                 Ok(Some(c)) => c,
                 Ok(None) => return None,
                 Err(e) => {
@@ -1053,11 +1114,11 @@ impl Delivery {
         &mut self,
         ids: Vec<MessageId>,
     ) -> ResponseActFuture<Self, Result<(), QueueError>> {
-        let (store, node) = (self.store.clone(), self.node.clone());
+        let (store, node, lease) = (self.store.clone(), self.node.clone(), self.lease);
         let claim = async move {
             let mut claimed = Vec::new();
             for id in ids {
-                match store.claim(id, now_unix(), &node, LEASE).await {
+                match store.claim(id, now_unix(), &node, lease).await {
                     Ok(Some(c)) => claimed.push(c),
                     Ok(None) => match store.queue_entry(id).await {
                         Ok(None) => return (claimed, Err(QueueError::NotQueued(id))),
@@ -1315,7 +1376,10 @@ impl Actor for Delivery {
                 actix_rt::spawn(conn.quit());
             }
         });
-        ctx.run_interval(LEASE_RENEW, |act, ctx| act.renew_leases(ctx));
+        ctx.run_interval(self.renew_every(), |act, ctx| {
+            act.renew_leases(ctx);
+            act.sweep_spool(ctx);
+        });
         self.watch(ctx);
         self.poll(ctx);
     }
