@@ -35,7 +35,9 @@
 //! # In a cluster
 //!
 //! Entries are claimed with a lease (`[store] lease`) that names this node
-//! and is renewed at a third of its length while the round lasts. A node
+//! and is renewed at a third of its length while the round lasts, in one
+//! store call, by a task of its own (the actor may be waiting on the
+//! store for its rounds; a renewal behind those came too late). A node
 //! that dies (`kill -9`) stops renewing: once its leases expire, any other
 //! node claims the entries (a poll happens at least every renewal period
 //! for that reason, since nothing notifies the expiry). Only the entries
@@ -176,7 +178,7 @@ pub struct Delivery {
     /// taken over even when nothing else wakes it.
     lease: Duration,
     /// The leases this node holds: entries in a round or unsettled.
-    leases: HashMap<MessageId, Lease>,
+    leases: Leases,
     /// Entries in a round, with the number of destination tasks still out.
     in_flight: HashMap<MessageId, usize>,
     /// Entries whose round is over but whose outcome the store refused
@@ -204,6 +206,51 @@ pub struct Delivery {
     next_io: usize,
     /// History events, written in the order they happen by one task.
     traces: tokio::sync::mpsc::UnboundedSender<(MessageId, u64, TraceKind)>,
+}
+
+/// The leases a node holds, shared by the actor and the task that renews
+/// them ([`Delivery::renew_leases`]).
+#[derive(Default)]
+struct Leases(Arc<std::sync::Mutex<HashMap<MessageId, Lease>>>);
+
+impl Leases {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<MessageId, Lease>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn insert(&self, id: MessageId, lease: Lease) {
+        self.map().insert(id, lease);
+    }
+    fn remove(&self, id: &MessageId) -> Option<Lease> {
+        self.map().remove(id)
+    }
+    fn get(&self, id: &MessageId) -> Option<Lease> {
+        self.map().get(id).cloned()
+    }
+    fn all(&self) -> Vec<Lease> {
+        self.map().values().cloned().collect()
+    }
+    /// Records the renewal of `asked`: `renewed` are those still ours.
+    /// Returns the ids of the others that are still held here (one
+    /// settled or given up meanwhile is gone from the store and from here:
+    /// not lost).
+    fn renewed(&self, asked: &[Lease], renewed: Vec<Lease>) -> Vec<MessageId> {
+        let mut map = self.map();
+        let mut kept = std::collections::HashSet::new();
+        for lease in renewed {
+            kept.insert((lease.id, lease.token));
+            if let Some(held) = map.get_mut(&lease.id) {
+                if held.token == lease.token {
+                    *held = lease;
+                }
+            }
+        }
+        asked
+            .iter()
+            .filter(|l| !kept.contains(&(l.id, l.token)))
+            .filter(|l| map.get(&l.id).map(|h| h.token) == Some(l.token))
+            .map(|l| l.id)
+            .collect()
+    }
 }
 
 /// The end of a round as [`Queue::settle`] writes it.
@@ -239,7 +286,7 @@ impl Delivery {
             lease: config.store.lease,
             config,
             store,
-            leases: HashMap::new(),
+            leases: Leases::default(),
             in_flight: HashMap::new(),
             unsettled: HashMap::new(),
             unwritten: HashMap::new(),
@@ -277,6 +324,7 @@ impl Delivery {
         }
         let room = MAX_IN_FLIGHT.saturating_sub(self.in_flight.len());
         let (store, node, lease) = (self.store.clone(), self.node.clone(), self.lease);
+        let held = Leases(self.leases.0.clone());
         let scan = async move {
             let now = now_unix();
             let mut claimed = Vec::new();
@@ -284,6 +332,11 @@ impl Delivery {
             if room > 0 {
                 match store.claim_due(now, &node, lease, room).await {
                     Ok(due) => {
+                        // Renewed from now on: reading many contents may
+                        // take longer than a short lease.
+                        for c in &due {
+                            held.insert(c.entry.id, c.lease.clone());
+                        }
                         for c in due {
                             let content = store.queued_content(c.entry.id).await;
                             claimed.push((c, content));
@@ -358,47 +411,47 @@ impl Delivery {
         self.lease / 3
     }
 
-    /// Renews the leases this node holds, so that a long round (or an
-    /// outcome waiting to be written) is not claimed by another node. A
-    /// lease lost meanwhile is dropped: the round's settle will not write.
-    fn renew_leases(&mut self, ctx: &mut Context<Self>) {
-        let leases: Vec<Lease> = self.leases.values().cloned().collect();
-        if leases.is_empty() {
-            return;
-        }
-        let (store, lease) = (self.store.clone(), self.lease);
-        // One call for all: renewing them one by one took longer than a
-        // short lease under load, so the other nodes took over entries
-        // that were still being delivered here.
-        let renew = async move {
-            let renewed = store.renew_all(&leases, now_unix(), lease).await;
-            (leases, renewed)
-        };
-        ctx.spawn(
-            renew
-                .into_actor(self)
-                .map(|(asked, renewed), act, _| match renewed {
+    /// Renews the leases this node holds every [`Delivery::renew_every`],
+    /// so that a long round (or an outcome waiting to be written) is not
+    /// claimed by another node. A task of its own, not the actor's timer:
+    /// the actor waits on the store for each step of its rounds, and under
+    /// load a renewal queued behind those waits came after a short lease
+    /// had run out (the other nodes then sent those messages again). A
+    /// lease lost meanwhile is left alone: the round's settle will not
+    /// write. The task ends with the actor.
+    fn renew_leases(&self) {
+        let held = Arc::downgrade(&self.leases.0);
+        let (store, lease, every) = (self.store.clone(), self.lease, self.renew_every());
+        actix_rt::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(leases) = held.upgrade().map(Leases) else {
+                    return;
+                };
+                let asked = leases.all();
+                drop(leases);
+                if asked.is_empty() {
+                    continue;
+                }
+                // One call for all: one by one took longer than a short
+                // lease under load.
+                let renewed = store.renew_all(&asked, now_unix(), lease).await;
+                let Some(leases) = held.upgrade().map(Leases) else {
+                    return;
+                };
+                match renewed {
                     Ok(renewed) => {
-                        let mut kept = std::collections::HashSet::new();
-                        for lease in renewed {
-                            kept.insert(lease.id);
-                            if let Some(held) = act.leases.get_mut(&lease.id) {
-                                if held.token == lease.token {
-                                    *held = lease;
-                                }
-                            }
-                        }
-                        // One settled while the renewal ran is gone from
-                        // the store and from `leases`: not lost.
-                        for l in asked.iter().filter(|l| !kept.contains(&l.id)) {
-                            if act.leases.get(&l.id).map(|h| h.token) == Some(l.token) {
-                                warn!(id = %l.id, "queue lease lost to another node");
-                            }
+                        for lost in leases.renewed(&asked, renewed) {
+                            warn!(id = %lost, "queue lease lost to another node");
                         }
                     }
                     Err(e) => warn!(error = %e, "cannot renew queue leases"),
-                }),
-        );
+                }
+            }
+        });
     }
 
     /// Asks for a flush without waiting for it: the change joins the next
@@ -449,6 +502,7 @@ impl Delivery {
                 // The entry holds a reference, so this is a store bug; a
                 // message without content cannot be sent or returned.
                 error!(%id, "queued message has no content; removed");
+                self.leases.remove(&id);
                 let store = self.store.clone();
                 actix_rt::spawn(async move {
                     let _ = store.remove_queue(id).await;
@@ -457,6 +511,7 @@ impl Delivery {
             }
             Err(e) => {
                 error!(%id, error = %e, "cannot read queued message");
+                self.leases.remove(&id);
                 let store = self.store.clone();
                 actix_rt::spawn(async move {
                     let _ = store.unclaim(&lease).await;
@@ -851,7 +906,7 @@ impl Delivery {
     /// keeps the settlement for a retry when the store fails.
     fn settle(&mut self, settlement: Settlement, ctx: &mut Context<Self>) {
         let id = settlement.entry.id;
-        let Some(lease) = self.leases.get(&id).cloned() else {
+        let Some(lease) = self.leases.get(&id) else {
             // Never claimed, or the claim went: not ours to write.
             warn!(%id, "no lease on the entry; its outcome is not written");
             return;
@@ -953,7 +1008,7 @@ impl Delivery {
         let waiting: Vec<(Settlement, Option<Lease>)> = std::mem::take(&mut self.unsettled)
             .into_values()
             .map(|s| {
-                let lease = self.leases.get(&s.entry.id).cloned();
+                let lease = self.leases.get(&s.entry.id);
                 (s, lease)
             })
             .collect();
@@ -1376,10 +1431,8 @@ impl Actor for Delivery {
                 actix_rt::spawn(conn.quit());
             }
         });
-        ctx.run_interval(self.renew_every(), |act, ctx| {
-            act.renew_leases(ctx);
-            act.sweep_spool(ctx);
-        });
+        self.renew_leases();
+        ctx.run_interval(self.renew_every(), |act, ctx| act.sweep_spool(ctx));
         self.watch(ctx);
         self.poll(ctx);
     }
