@@ -81,6 +81,15 @@ pub(crate) fn bind(path: PathBuf, live: Live) -> std::io::Result<ControlSocket> 
         ));
     }
     let _ = std::fs::remove_file(&path);
+    // On PostgreSQL nothing else makes the data directory: the socket is
+    // all a node keeps there.
+    if let Some(dir) = path.parent() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
     let listener = UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     Ok(ControlSocket { listener, live })
