@@ -512,10 +512,13 @@ pub async fn execute(store: &dyn Storage, config: &Config, request: Request) -> 
                     Err(e) => return Response::Error(e.to_string()),
                 }
             }
-            store.delete_user(&address.to_ascii_lowercase()).await.map(|()| {
-                info!(user = %escape(&address), "user deleted");
-                vec![format!("deleted {address}")]
-            })
+            store
+                .delete_user(&address.to_ascii_lowercase())
+                .await
+                .map(|()| {
+                    info!(user = %escape(&address), "user deleted");
+                    vec![format!("deleted {address}")]
+                })
         }
         Request::UserList => store.users().await,
         Request::AliasAdd { alias, target } => store

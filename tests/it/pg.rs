@@ -351,8 +351,14 @@ fn users_and_aliases_added_through_any_node_are_every_nodes() {
 
     // An alias added through b is used by a.
     assert!(rcpt_reply(&a, "team@example.test").starts_with("550"));
-    let out = ok(b.cli(&["alias", "add", "team@example.test", "bob@example.test"], ""));
-    assert!(out.contains("team@example.test -> bob@example.test"), "{out}");
+    let out = ok(b.cli(
+        &["alias", "add", "team@example.test", "bob@example.test"],
+        "",
+    ));
+    assert!(
+        out.contains("team@example.test -> bob@example.test"),
+        "{out}"
+    );
     send_one(&a, "team@example.test", "to the team");
     let (mut on_a, reply) = pop_login(a.pop3, "bob@example.test", "bob-pw");
     assert!(reply.starts_with("+OK"), "{reply}");
