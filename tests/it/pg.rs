@@ -365,6 +365,31 @@ fn users_and_aliases_added_through_any_node_are_every_nodes() {
     assert!(on_a.cmd("STAT").starts_with("+OK 1 "));
     on_a.cmd("QUIT");
     assert!(ok(a.cli(&["alias", "list"], "")).contains("team@example.test -> bob@example.test"));
+
+    // The inspection tools read the shared directory too, through b and
+    // with no server.
+    let stats = ok(b.cli(&["mailbox", "stats", "bob@example.test"], ""));
+    let row = stats
+        .lines()
+        .find(|l| l.starts_with("bob@example.test"))
+        .unwrap_or_else(|| panic!("{stats}"));
+    assert_eq!(row.split_whitespace().nth(1), Some("1"), "{stats}");
+    for config in [&b.config, &offline] {
+        let out = ok(cli_with_config(
+            config,
+            &["auth", "test", "carol@example.test"],
+            "carol-pw\n",
+        ));
+        assert!(out.contains("auth succeeded"), "{out}");
+        let wrong = cli_with_config(config, &["auth", "test", "carol@example.test"], "x-pw\n");
+        assert!(!wrong.status.success());
+        let out = ok(cli_with_config(
+            config,
+            &["route", "explain", "team@example.test"],
+            "",
+        ));
+        assert!(out.contains("local mailbox bob@example.test"), "{out}");
+    }
 }
 
 /// Mail queued through node a (its smarthost a dead loopback port, so it
