@@ -175,6 +175,13 @@ impl TestServer {
         }
     }
 
+    /// Whether the server process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().is_ok_and(|status| status.is_none()))
+    }
+
     /// SIGTERM, then waits for a clean exit; returns its status code.
     pub fn terminate(&mut self) -> Option<i32> {
         let mut child = self.child.take()?;
