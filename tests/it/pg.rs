@@ -7,7 +7,7 @@ use std::path::Path;
 
 use postino_pg::testing::TestCluster;
 
-use crate::support::server::{cli_with_config, config_text, Raw, TestServer};
+use crate::support::server::{cli_with_config, config_text, smtplib_send, Raw, TestServer};
 
 fn ok(out: std::process::Output) -> String {
     assert!(
@@ -271,35 +271,6 @@ fn three_nodes_share_the_queue_and_deliver_each_message_once() {
     assert!(delivering >= 1);
 }
 
-/// Sends one message with Python's smtplib: "OK", or "ERR code text" for
-/// a refusal at any step.
-fn smtplib_send(server: &TestServer, to: &str, subject: &str) -> String {
-    crate::support::server::python(
-        r#"
-import smtplib, sys
-host, port, to, subject = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-s = smtplib.SMTP(host, port, timeout=30)
-try:
-    s.sendmail("s@remote.test", [to], f"Subject: {subject}\r\n\r\nbody\r\n".encode())
-    print("OK")
-except smtplib.SMTPRecipientsRefused as e:
-    code, text = e.recipients[to]
-    print("ERR", code, text.decode())
-except smtplib.SMTPResponseException as e:
-    print("ERR", e.smtp_code, e.smtp_error.decode())
-s.quit()
-"#,
-        &[
-            &server.smtp.ip().to_string(),
-            &server.smtp.port().to_string(),
-            to,
-            subject,
-        ],
-    )
-    .trim()
-    .to_owned()
-}
-
 /// Logs in with Python's poplib: the subjects in the mailbox, or
 /// "ERR text" when the login is refused.
 fn poplib_subjects(server: &TestServer, user: &str, password: &str) -> String {
@@ -353,14 +324,29 @@ fn a_database_outage_is_a_4xx_and_the_node_recovers_without_a_restart() {
         &format!("smarthost = \"127.0.0.1:{dead}\""),
         &format!("backend = \"postgres\"\nurl = \"{url}\"\nnode = \"a\"\n"),
     ));
-    assert_eq!(smtplib_send(&node, "alice@example.test", "before"), "OK");
+    assert_eq!(
+        smtplib_send(
+            &node,
+            "alice@example.test",
+            "Subject: before\r\n\r\nbody\r\n"
+        ),
+        "OK"
+    );
 
     cluster.stop().expect("stop PostgreSQL");
-    let refused = smtplib_send(&node, "alice@example.test", "during");
+    let refused = smtplib_send(
+        &node,
+        "alice@example.test",
+        "Subject: during\r\n\r\nbody\r\n",
+    );
     eprintln!("during the outage: {refused}");
     assert!(refused.starts_with("ERR 4"), "{refused}\n{}", node.log());
     // Relayed mail needs no lookup before DATA: there the commit fails.
-    let relayed = smtplib_send(&node, "r@remote.test", "during, relayed");
+    let relayed = smtplib_send(
+        &node,
+        "r@remote.test",
+        "Subject: during, relayed\r\n\r\nbody\r\n",
+    );
     eprintln!("relayed during the outage: {relayed}");
     assert!(relayed.starts_with("ERR 451"), "{relayed}\n{}", node.log());
     let pop = poplib_subjects(&node, "alice@example.test", "pw");
@@ -376,7 +362,7 @@ fn a_database_outage_is_a_4xx_and_the_node_recovers_without_a_restart() {
         wait_until(std::time::Duration::from_secs(30), || smtplib_send(
             &node,
             "alice@example.test",
-            "after"
+            "Subject: after\r\n\r\nbody\r\n"
         ) == "OK"),
         "mail accepted again once the database is back\n{}",
         node.log()
