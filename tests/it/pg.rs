@@ -7,7 +7,7 @@ use std::path::Path;
 
 use postino_pg::testing::TestCluster;
 
-use crate::support::server::{cli_with_config, config_text, Raw, TestServer};
+use crate::support::server::{cli_with_config, config_text, smtplib_send, Raw, TestServer};
 
 fn ok(out: std::process::Output) -> String {
     assert!(
@@ -269,6 +269,110 @@ fn three_nodes_share_the_queue_and_deliver_each_message_once() {
         .count();
     eprintln!("{delivering} of 3 nodes delivered");
     assert!(delivering >= 1);
+}
+
+/// Logs in with Python's poplib: the subjects in the mailbox, or
+/// "ERR text" when the login is refused.
+fn poplib_subjects(server: &TestServer, user: &str, password: &str) -> String {
+    crate::support::server::python(
+        r#"
+import poplib, sys
+p = poplib.POP3(sys.argv[1], int(sys.argv[2]), timeout=30)
+try:
+    p.user(sys.argv[3]); p.pass_(sys.argv[4])
+except poplib.error_proto as e:
+    print("ERR", e.args[0].decode()); sys.exit(0)
+count, _ = p.stat()
+for n in range(1, count + 1):
+    lines = p.retr(n)[1]
+    print(next(l.decode()[9:] for l in lines if l.startswith(b"Subject: ")))
+p.quit()
+"#,
+        &[
+            &server.pop3.ip().to_string(),
+            &server.pop3.port().to_string(),
+            user,
+            password,
+        ],
+    )
+    .trim()
+    .to_owned()
+}
+
+/// While PostgreSQL is down, a node answers 4xx (mail stays with the
+/// client; POP3 says the trouble is temporary) and keeps running; once the
+/// database is back, the same node accepts and serves mail again without a
+/// restart, and nothing acknowledged before the outage is lost.
+#[test]
+fn a_database_outage_is_a_4xx_and_the_node_recovers_without_a_restart() {
+    use crate::support::wait_until;
+    let mut cluster = TestCluster::start().expect("start a throwaway PostgreSQL");
+    let url = cluster.create_database("outage").unwrap();
+    {
+        let store =
+            postino_pg::PgStore::open(&postino_pg::PgOptions::new(url.as_str(), "admin")).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(store.add_user("alice@example.test", "pw"))
+            .unwrap();
+    }
+    // Relayed mail goes to a loopback port where nothing listens: it
+    // stays queued.
+    let dead = crate::support::free_tcp_port(&[std::net::Ipv4Addr::LOCALHOST]);
+    let mut node = TestServer::start_with(&config_text(
+        "",
+        "",
+        &format!("smarthost = \"127.0.0.1:{dead}\""),
+        &format!("backend = \"postgres\"\nurl = \"{url}\"\nnode = \"a\"\n"),
+    ));
+    assert_eq!(
+        smtplib_send(
+            &node,
+            "alice@example.test",
+            "Subject: before\r\n\r\nbody\r\n"
+        ),
+        "OK"
+    );
+
+    cluster.stop().expect("stop PostgreSQL");
+    let refused = smtplib_send(
+        &node,
+        "alice@example.test",
+        "Subject: during\r\n\r\nbody\r\n",
+    );
+    eprintln!("during the outage: {refused}");
+    assert!(refused.starts_with("ERR 4"), "{refused}\n{}", node.log());
+    // Relayed mail needs no lookup before DATA: there the commit fails.
+    let relayed = smtplib_send(
+        &node,
+        "r@remote.test",
+        "Subject: during, relayed\r\n\r\nbody\r\n",
+    );
+    eprintln!("relayed during the outage: {relayed}");
+    assert!(relayed.starts_with("ERR 451"), "{relayed}\n{}", node.log());
+    let pop = poplib_subjects(&node, "alice@example.test", "pw");
+    eprintln!("POP3 during the outage: {pop}");
+    assert!(
+        pop.starts_with("ERR") && pop.contains("[SYS/TEMP]"),
+        "{pop}"
+    );
+    assert!(node.is_running(), "the node outlives the outage");
+
+    cluster.restart().expect("start PostgreSQL again");
+    assert!(
+        wait_until(std::time::Duration::from_secs(30), || smtplib_send(
+            &node,
+            "alice@example.test",
+            "Subject: after\r\n\r\nbody\r\n"
+        ) == "OK"),
+        "mail accepted again once the database is back\n{}",
+        node.log()
+    );
+    let subjects = poplib_subjects(&node, "alice@example.test", "pw");
+    let subjects: Vec<&str> = subjects.lines().collect();
+    assert_eq!(subjects.first(), Some(&"before"), "{subjects:?}");
+    assert!(subjects.contains(&"after"), "{subjects:?}");
+    assert!(!subjects.contains(&"during"), "{subjects:?}");
+    node.terminate();
 }
 
 /// A node on the PostgreSQL database at `url`; `routing` and `rest` as
