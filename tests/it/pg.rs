@@ -494,6 +494,17 @@ fn users_and_aliases_added_through_any_node_are_every_nodes() {
         ));
         assert!(out.contains("local mailbox bob@example.test"), "{out}");
     }
+
+    // Node a's own configuration once a is stopped: straight to the
+    // database, and b has the user at once.
+    let mut a = a;
+    a.terminate();
+    a.add_user("dave@example.test", "dave-pw");
+    let r = rcpt_reply(&b, "dave@example.test");
+    assert!(
+        r.starts_with("250"),
+        "b after the user add with a stopped: {r}"
+    );
 }
 
 /// Mail queued through node a (its smarthost a dead loopback port, so it
