@@ -5,7 +5,8 @@
 //! [`control::answer`], the same typed operations as the control socket
 //! and `postino queue …`, so the two can never disagree; only read-only
 //! views (a page of the queue, one entry, a mailbox listing) read the store
-//! directly. actix-web runs on actix-rt, the runtime the rest of the server
+//! directly, through the storage seam: a node on a shared PostgreSQL shows
+//! the cluster's queue and users. actix-web runs on actix-rt, the runtime the rest of the server
 //! uses, on one worker thread of its own, so a slow scrape never delays a
 //! mail session's thread.
 //!
@@ -171,11 +172,14 @@ fn store_failure(e: impl std::fmt::Display) -> HttpResponse {
     )
 }
 
-/// Runs a blocking store read off the async thread.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
+/// Runs a store read off the async thread (sled reads in place; a long
+/// walk, such as counting the queue, must not hold up other requests).
+async fn blocking<T: Send + 'static, Fut: std::future::Future<Output = T>>(
+    f: impl FnOnce() -> Fut + Send + 'static,
 ) -> Result<T, HttpResponse> {
-    web::block(f).await.map_err(store_failure)
+    web::block(move || futures::executor::block_on(f()))
+        .await
+        .map_err(store_failure)
 }
 
 async fn metrics(state: web::Data<State>) -> HttpResponse {
@@ -184,9 +188,12 @@ async fn metrics(state: web::Data<State>) -> HttpResponse {
         let stale = depth.is_none_or(|(at, _)| at.elapsed() >= QUEUE_SAMPLE_AGE);
         (stale, state.live.store.clone())
     };
-    let sample = blocking(move || {
-        let depth = if stale { Some(store.queue_len()) } else { None };
-        (depth, store.oldest_queued())
+    let sample = blocking(move || async move {
+        let depth = match stale {
+            true => Some(store.queue_len().await),
+            false => None,
+        };
+        (depth, store.oldest_queued().await)
     })
     .await;
     if let Ok((depth, oldest)) = sample {
@@ -310,8 +317,9 @@ async fn queue_list(state: web::Data<State>, page: web::Query<Page>) -> HttpResp
     };
     let store = state.live.store.clone();
     // One more than asked says whether another page follows.
-    match blocking(move || store.queue_page(after, limit + 1)).await {
-        Ok(Ok(mut entries)) => {
+    match blocking(move || async move { store.queue_page(after, limit + 1).await }).await {
+        Ok(Ok(items)) => {
+            let mut entries: Vec<QueueEntry> = items.into_iter().map(|i| i.entry).collect();
             let more = entries.len() > limit;
             entries.truncate(limit);
             let next = more
@@ -333,7 +341,7 @@ async fn queue_show(state: web::Data<State>, id: web::Path<String>) -> HttpRespo
         Err(e) => return bad_request(e),
     };
     let store = state.live.store.clone();
-    match blocking(move || store.queue_entry(id)).await {
+    match blocking(move || async move { store.queue_entry(id).await }).await {
         Ok(Ok(Some(entry))) => HttpResponse::Ok().json(QueueView::from(&entry)),
         Ok(Ok(None)) => error(
             actix_web::http::StatusCode::NOT_FOUND,
@@ -351,7 +359,7 @@ async fn trace(state: web::Data<State>, id: web::Path<String>) -> HttpResponse {
         Err(e) => return bad_request(e),
     };
     let store = state.live.store.clone();
-    match blocking(move || store.history(id)).await {
+    match blocking(move || async move { store.history(id).await }).await {
         Ok(Ok(events)) if events.is_empty() => error(
             actix_web::http::StatusCode::NOT_FOUND,
             crate::history::not_found(id),
@@ -398,10 +406,12 @@ async fn mailbox(state: web::Data<State>, address: web::Path<String>) -> HttpRes
     let address = address.into_inner().to_ascii_lowercase();
     let store = state.live.store.clone();
     let lookup = address.clone();
-    let found = blocking(move || {
-        store
-            .is_user(&lookup)
-            .and_then(|known| known.then(|| store.maildrop(&lookup)).transpose())
+    let found = blocking(move || async move {
+        match store.is_user(&lookup).await {
+            Ok(true) => store.maildrop(&lookup).await.map(Some),
+            Ok(false) => Ok(None),
+            Err(e) => Err(e),
+        }
     })
     .await;
     match found {

@@ -1,7 +1,11 @@
 //! The control channel: a Unix socket in the data directory through which
 //! `postino user …`, `alias …` and `queue …` reach a running server (sled
 //! allows one process per database). Without a running server the CLI opens
-//! the store itself and runs the same [`execute`].
+//! the store itself (sled, or the PostgreSQL database that `[store] url`
+//! names) and runs the same [`execute`]. Everything here works on the
+//! storage seam ([`Storage`]): on PostgreSQL a user added through any node,
+//! or by the CLI on any machine with a node's configuration, is every
+//! node's at once.
 //!
 //! Wire format: one JSON [`Request`] per line, one JSON [`Response`] per line.
 //! The socket is created with mode 0600: whoever can use it can add users.
@@ -20,8 +24,9 @@ use actix::Recipient;
 use postino_core::address::Address;
 use postino_core::logsafe::escape;
 use postino_core::message::now_unix;
-use postino_core::store::{QueueEntry, QuotaSetting, RecipientState};
-use postino_core::{Config, MessageId, Store};
+use postino_core::storage::{SharedStorage, Storage};
+use postino_core::store::{QueueEntry, QuotaSetting, RecipientState, StoreError};
+use postino_core::{Config, MessageId};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
@@ -39,8 +44,8 @@ pub use crate::wire::{Request, Response};
 /// [`answer`].
 #[derive(Clone)]
 pub struct Live {
-    /// The open store.
-    pub store: Store,
+    /// The storage the server runs on.
+    pub store: SharedStorage,
     /// The configuration the server runs with (the current one is taken
     /// per request).
     pub config: crate::reload::LiveConfig,
@@ -66,9 +71,25 @@ pub(crate) struct ControlSocket {
 
 /// Binds the control socket at `path` (mode 0600); requests act on `live`.
 pub(crate) fn bind(path: PathBuf, live: Live) -> std::io::Result<ControlSocket> {
-    // We hold the sled lock on this data directory, so a socket file left
-    // here belongs to a server that is gone.
+    // A server that answers on it is running with this data directory (a
+    // node on a shared database holds no lock on it): leave its socket be.
+    // Else the file belongs to a server that is gone.
+    if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "another postino server answers on it (data_dir in use)",
+        ));
+    }
     let _ = std::fs::remove_file(&path);
+    // On PostgreSQL nothing else makes the data directory: the socket is
+    // all a node keeps there.
+    if let Some(dir) = path.parent() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
     let listener = UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     Ok(ControlSocket { listener, live })
@@ -139,7 +160,7 @@ pub async fn answer(live: &Live, request: Request) -> Response {
     }
     let (store, config) = (live.store.clone(), live.config.current());
     if crate::inspect::handles(&request) {
-        return crate::inspect::answer(&store, &config, request).await;
+        return crate::inspect::answer(store.as_ref(), &config, request).await;
     }
     match queue_change(&request) {
         Some(Ok(change)) => match live.queue.send(change).await {
@@ -147,12 +168,16 @@ pub async fn answer(live: &Live, request: Request) -> Response {
             Err(e) => Response::Error(format!("delivery actor: {e}")),
         },
         Some(Err(e)) => Response::Error(e),
-        None if !changes_store(&request) => execute(&store, &config, request),
+        None if !changes_store(&request) => execute(store.as_ref(), &config, request).await,
         None => {
             let done = store.clone();
-            let response = tokio::task::spawn_blocking(move || execute(&store, &config, request))
-                .await
-                .unwrap_or_else(|e| Response::Error(e.to_string()));
+            // Off the async threads: a new password is hashed (argon2),
+            // and sled writes in place.
+            let response = tokio::task::spawn_blocking(move || {
+                futures::executor::block_on(execute(store.as_ref(), &config, request))
+            })
+            .await
+            .unwrap_or_else(|e| Response::Error(e.to_string()));
             // The CLI prints "added …" on this answer: make the change
             // survive a crash first, as the offline CLI's flush does.
             match done.durable().await {
@@ -164,7 +189,8 @@ pub async fn answer(live: &Live, request: Request) -> Response {
 }
 
 /// Answers a [`Request::Queue`]: listings and `cat` are read on a
-/// blocking thread and sent in chunks of [`queue_tools::CHUNK`] lines
+/// blocking thread (the walk's futures run there; sled reads in place)
+/// and sent in chunks of [`queue_tools::CHUNK`] lines
 /// through a channel of two chunks, so a listing of any length takes
 /// bounded memory; actions are the delivery actor's.
 async fn stream_queue(
@@ -201,15 +227,18 @@ async fn stream_queue(
                         std::mem::replace(&mut chunk, Vec::with_capacity(queue_tools::CHUNK));
                     tx.blocking_send(full).is_ok()
                 };
-                let done = match read {
-                    QueueRequest::List { filter, json } => {
-                        queue_tools::list(&store, &filter, json, &active, &mut emit)
+                let done = futures::executor::block_on(async {
+                    match read {
+                        QueueRequest::List { filter, json } => {
+                            queue_tools::list(store.as_ref(), &filter, json, &active, &mut emit)
+                                .await
+                        }
+                        QueueRequest::Cat { id, part } => {
+                            queue_tools::cat(store.as_ref(), &id, part, &mut emit).await
+                        }
+                        QueueRequest::Act { .. } => unreachable!("matched above"),
                     }
-                    QueueRequest::Cat { id, part } => {
-                        queue_tools::cat(&store, &id, part, &mut emit)
-                    }
-                    QueueRequest::Act { .. } => unreachable!("matched above"),
-                };
+                });
                 (done, chunk)
             });
             while let Some(chunk) = rx.recv().await {
@@ -421,7 +450,7 @@ pub fn call(path: &Path, request: &Request) -> std::io::Result<Option<Response>>
 /// Runs a request against the store (server side, or the CLI when no
 /// server runs). `config` gives the local domains that new users and
 /// aliases must be in.
-pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
+pub async fn execute(store: &dyn Storage, config: &Config, request: Request) -> Response {
     let checked = match &request {
         Request::UserAdd {
             address,
@@ -438,31 +467,33 @@ pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
         return Response::Error(e);
     }
     let result = match request {
-        Request::Trace { id, json } => {
-            // Called off the async threads (or by the offline CLI).
-            let storage = postino_core::storage::SledStorage::new(store.clone());
-            return futures::executor::block_on(crate::history::answer(&storage, &id, json));
-        }
+        Request::Trace { id, json } => return crate::history::answer(store, &id, json).await,
         Request::UserAdd {
             address,
             password,
             quota,
-        } => store
-            .add_user(&address.to_ascii_lowercase(), password.expose())
-            .and_then(|()| match quota.as_deref().map(quota_setting) {
-                Some(Ok(q)) => store.set_quota(&address, q),
-                _ => Ok(()),
-            })
-            .map(|()| {
+        } => {
+            let added = match store
+                .add_user(&address.to_ascii_lowercase(), password.expose())
+                .await
+            {
+                Ok(()) => match quota.as_deref().map(quota_setting) {
+                    Some(Ok(q)) => store.set_quota(&address, q).await,
+                    _ => Ok(()),
+                },
+                Err(e) => Err(e),
+            };
+            added.map(|()| {
                 info!(user = %escape(&address), "user added");
                 vec![format!("added {address}")]
-            }),
+            })
+        }
         Request::UserSet { address, quota } => {
             let Some(quota) = quota else {
                 return Response::Error("nothing to set (--quota)".into());
             };
             match quota_setting(&quota) {
-                Ok(q) => store.set_quota(&address, q).map(|()| {
+                Ok(q) => store.set_quota(&address, q).await.map(|()| {
                     info!(user = %escape(&address), quota = %escape(&quota), "quota set");
                     vec![format!("quota of {address}: {quota}")]
                 }),
@@ -471,33 +502,39 @@ pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
         }
         Request::UserPasswd { address, password } => store
             .set_password(&address.to_ascii_lowercase(), password.expose())
+            .await
             .map(|()| vec![format!("password of {address} changed")]),
         Request::UserDel { address, force } => {
             if !force {
-                match what_user_del_removes(store, &address.to_ascii_lowercase()) {
+                match what_user_del_removes(store, &address.to_ascii_lowercase()).await {
                     Ok(None) => {}
                     Ok(Some(what)) => return Response::Error(what),
                     Err(e) => return Response::Error(e.to_string()),
                 }
             }
-            store.delete_user(&address.to_ascii_lowercase()).map(|()| {
-                info!(user = %escape(&address), "user deleted");
-                vec![format!("deleted {address}")]
-            })
+            store
+                .delete_user(&address.to_ascii_lowercase())
+                .await
+                .map(|()| {
+                    info!(user = %escape(&address), "user deleted");
+                    vec![format!("deleted {address}")]
+                })
         }
-        Request::UserList => store.users(),
+        Request::UserList => store.users().await,
         Request::AliasAdd { alias, target } => store
             .add_alias(&alias.to_ascii_lowercase(), &target.to_ascii_lowercase())
+            .await
             .map(|()| vec![format!("{alias} -> {target}")]),
         Request::AliasDel { alias } => store
             .delete_alias(&alias.to_ascii_lowercase())
+            .await
             .map(|()| vec![format!("deleted alias {alias}")]),
-        Request::AliasList => store.aliases().map(|all| {
+        Request::AliasList => store.aliases().await.map(|all| {
             all.into_iter()
                 .map(|(a, t)| format!("{a} -> {}", t.join(", ")))
                 .collect()
         }),
-        Request::QueueList => store.queue().map(|q| {
+        Request::QueueList => whole_queue(store).await.map(|q| {
             let mut lines = vec![format!(
                 "{:<10} {:<30} {:>8} {:<25} {:<20} {}",
                 "ID", "SENDER", "ATTEMPTS", "NEXT ATTEMPT", "RECIPIENTS", "LAST ERROR"
@@ -507,7 +544,7 @@ pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
             lines
         }),
         Request::QueueShow { id } => match parse_id(&id) {
-            Ok(id) => match store.queue_entry(id) {
+            Ok(id) => match store.queue_entry(id).await {
                 Ok(Some(entry)) => Ok(queue_details(&entry)),
                 // Not found is a failure, as `user del` of nobody is.
                 Ok(None) => return Response::Error(QueueError::NotQueued(id).to_string()),
@@ -516,16 +553,11 @@ pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
             Err(e) => return Response::Error(e),
         },
         // Offline variants of what the delivery actor does when running.
-        Request::QueueFlush => store.queue().and_then(|q| {
-            let now = now_unix();
-            for mut e in q {
-                e.next_attempt = now;
-                store.update_queue(&e)?;
-            }
-            Ok(vec!["all queued messages are due now".into()])
-        }),
+        Request::QueueFlush => flush_offline(store)
+            .await
+            .map(|()| vec!["all queued messages are due now".into()]),
         Request::QueueDelete { id } => match parse_id(&id) {
-            Ok(id) => match delete_offline(store, id) {
+            Ok(id) => match delete_offline(store, id).await {
                 Ok(changed) => Ok(queue_lines(&changed)),
                 Err(QueueError::Store(e)) => Err(e),
                 Err(e) => return Response::Error(e.to_string()),
@@ -545,7 +577,7 @@ pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
         }
         Request::Reload => return Response::Error("no server runs, so nothing to reload".into()),
         Request::RouteExplain { .. } | Request::MailboxStats { .. } | Request::AuthTest { .. } => {
-            return crate::inspect::answer_offline(store, config, request)
+            return crate::inspect::answer(store, config, request).await
         }
         Request::Queue(request) => {
             // Collected: the CLI streams these itself (`queue_tools`).
@@ -556,13 +588,19 @@ pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
                         lines.push(l);
                         true
                     })
+                    .await
                 }
-                QueueRequest::Cat { id, part } => queue_tools::cat(store, &id, part, |l| {
-                    lines.push(l);
-                    true
-                }),
+                QueueRequest::Cat { id, part } => {
+                    queue_tools::cat(store, &id, part, |l| {
+                        lines.push(l);
+                        true
+                    })
+                    .await
+                }
                 QueueRequest::Act { action, filter } => {
-                    queue_tools::act_offline(store, action, &filter).map(|l| lines.push(l))
+                    queue_tools::act_offline(store, action, &filter)
+                        .await
+                        .map(|l| lines.push(l))
                 }
             };
             return match done {
@@ -590,12 +628,46 @@ pub fn execute(store: &Store, config: &Config, request: Request) -> Response {
 }
 
 /// [`ChangeQueue::Delete`] without the server.
-fn delete_offline(store: &Store, id: MessageId) -> Result<QueueChanged, QueueError> {
-    if store.queue_entry(id)?.is_none() {
+async fn delete_offline(store: &dyn Storage, id: MessageId) -> Result<QueueChanged, QueueError> {
+    if store.queue_entry(id).await?.is_none() {
         return Err(QueueError::NotQueued(id));
     }
-    store.remove_queue(id)?;
+    store.remove_queue(id).await?;
     Ok(QueueChanged::Deleted(id))
+}
+
+/// [`ChangeQueue::Flush`] without the server: every entry due now, a page
+/// at a time (held entries stay held).
+async fn flush_offline(store: &dyn Storage) -> Result<(), StoreError> {
+    let now = now_unix();
+    let mut after = None;
+    loop {
+        let page = store.queue_page(after, queue_tools::PAGE).await?;
+        let Some(last) = page.last() else {
+            return Ok(());
+        };
+        after = Some(last.entry.id);
+        for item in page {
+            if item.entry.next_attempt > now {
+                store.reschedule(item.entry.id, now, false).await?;
+            }
+        }
+    }
+}
+
+/// Every queue entry, for the older [`Request::QueueList`] (which answers
+/// in one piece; `postino queue list` streams [`Request::Queue`]).
+async fn whole_queue(store: &dyn Storage) -> Result<Vec<QueueEntry>, StoreError> {
+    let mut all = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.queue_page(after, queue_tools::PAGE).await?;
+        let Some(last) = page.last() else {
+            return Ok(all);
+        };
+        after = Some(last.entry.id);
+        all.extend(page.into_iter().map(|item| item.entry));
+    }
 }
 
 /// A quota as the CLI gives it: a size (`"500M"`), `unlimited` or
@@ -613,16 +685,17 @@ fn quota_setting(text: &str) -> Result<QuotaSetting, String> {
 /// What deleting user `address` would take with it, when that is more
 /// than the user: `None` when the mailbox is empty and no alias points at
 /// it (or there is no such user: the delete then says so).
-fn what_user_del_removes(
-    store: &Store,
+async fn what_user_del_removes(
+    store: &dyn Storage,
     address: &str,
-) -> Result<Option<String>, postino_core::store::StoreError> {
-    if !store.is_user(address)? {
+) -> Result<Option<String>, StoreError> {
+    if !store.is_user(address).await? {
         return Ok(None);
     }
-    let mail = store.maildrop(address)?;
+    let mail = store.maildrop(address).await?;
     let aliases: Vec<String> = store
-        .aliases()?
+        .aliases()
+        .await?
         .into_iter()
         .filter(|(_, targets)| targets.iter().any(|t| t == address))
         .map(|(alias, _)| alias)

@@ -9,7 +9,8 @@
 use postino_core::address::Address;
 use postino_core::logsafe::{escape, Secret};
 use postino_core::routing::{self, Route, Target};
-use postino_core::{Config, Store};
+use postino_core::storage::Storage;
+use postino_core::Config;
 use tracing::info;
 
 use crate::delivery::mx::{Exchanger, MxResolver};
@@ -23,9 +24,10 @@ pub fn handles(request: &Request) -> bool {
     )
 }
 
-/// Answers one of the requests [`handles`] accepts. Lookups in the store
-/// are short; a password check (argon2) runs on a blocking thread.
-pub async fn answer(store: &Store, config: &Config, request: Request) -> Response {
+/// Answers one of the requests [`handles`] accepts, on any storage
+/// backend. Lookups in the store are short; a password check (argon2)
+/// runs on a blocking thread.
+pub async fn answer(store: &dyn Storage, config: &Config, request: Request) -> Response {
     match request {
         Request::RouteExplain {
             address,
@@ -33,26 +35,9 @@ pub async fn answer(store: &Store, config: &Config, request: Request) -> Respons
             client,
             auth,
         } => explain_route(store, config, &address, from, client, auth).await,
-        Request::MailboxStats { address } => mailbox_stats(store, address),
-        Request::AuthTest { address, password } => {
-            let store = store.clone();
-            tokio::task::spawn_blocking(move || auth_test(&store, &address, &password))
-                .await
-                .unwrap_or_else(|e| Response::Error(e.to_string()))
-        }
+        Request::MailboxStats { address } => mailbox_stats(store, address).await,
+        Request::AuthTest { address, password } => auth_test(store, &address, password).await,
         _ => Response::Error("not an inspection request".into()),
-    }
-}
-
-/// [`answer`] without a running server: on a runtime of its own (DNS
-/// lookups are async).
-pub fn answer_offline(store: &Store, config: &Config, request: Request) -> Response {
-    match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt.block_on(answer(store, config, request)),
-        Err(e) => Response::Error(format!("starting a runtime: {e}")),
     }
 }
 
@@ -61,7 +46,7 @@ pub fn answer_offline(store: &Store, config: &Config, request: Request) -> Respo
 /// resolved now. A rejected recipient is an error (exit status 1), as
 /// `exim -bt` fails for an undeliverable address.
 async fn explain_route(
-    store: &Store,
+    store: &dyn Storage,
     config: &Config,
     address: &str,
     from: Option<String>,
@@ -90,7 +75,8 @@ async fn explain_route(
             (None, None) => "not given (an unauthenticated client outside routing.relay_networks; --client, --auth)".into(),
         }
     ));
-    let (route, steps) = match routing::explain(&config.routing, store, &rcpt, relay.as_deref()) {
+    let explained = routing::explain_async(&config.routing, store, &rcpt, relay.as_deref()).await;
+    let (route, steps) = match explained {
         Ok(r) => r,
         Err(e) => return Response::Error(format!("{e} (at RCPT: 451 4.3.0)")),
     };
@@ -201,14 +187,14 @@ fn relay_reason(
 
 /// `postino mailbox stats [ADDR]`: messages, octets and quota of one
 /// mailbox, or of every user's; usage as the store keeps it (no scan).
-fn mailbox_stats(store: &Store, address: Option<String>) -> Response {
+async fn mailbox_stats(store: &dyn Storage, address: Option<String>) -> Response {
     let users = match address {
-        Some(a) => match store.is_user(&a) {
+        Some(a) => match store.is_user(&a).await {
             Ok(true) => vec![a.to_ascii_lowercase()],
             Ok(false) => return Response::Error(format!("no such user: {a}")),
             Err(e) => return Response::Error(e.to_string()),
         },
-        None => match store.users() {
+        None => match store.users().await {
             Ok(u) => u,
             Err(e) => return Response::Error(e.to_string()),
         },
@@ -218,9 +204,10 @@ fn mailbox_stats(store: &Store, address: Option<String>) -> Response {
         "MAILBOX", "MESSAGES", "OCTETS", "QUOTA", "USED"
     )];
     for user in users {
-        let stats = store
-            .usage(&user)
-            .and_then(|u| Ok((u, store.quota(&user)?)));
+        let stats = match store.usage(&user).await {
+            Ok(u) => store.quota(&user).await.map(|q| (u, q)),
+            Err(e) => Err(e),
+        };
         match stats {
             Ok((usage, quota)) => {
                 let (limit, used) = match quota {
@@ -244,8 +231,24 @@ fn mailbox_stats(store: &Store, address: Option<String>) -> Response {
 
 /// `postino auth test ADDR` (as `doveadm auth test`): whether the password
 /// is right. Logged without the password.
-fn auth_test(store: &Store, address: &str, password: &Secret) -> Response {
-    match store.verify_password(address, password.expose()) {
+async fn auth_test(store: &dyn Storage, address: &str, password: Secret) -> Response {
+    let hash = match store.password_hash(address).await {
+        Ok(h) => h,
+        Err(e) => return Response::Error(format!("auth test for {address}: {e}")),
+    };
+    // argon2: CPU work, off the async threads.
+    let user = address.to_owned();
+    let checked = tokio::task::spawn_blocking(move || {
+        postino_core::store::verify_password_hash(
+            &user,
+            hash.as_deref(),
+            password.expose(),
+            None,
+            &mut postino_core::store::PasswordScratch::new(),
+        )
+    })
+    .await;
+    match checked.map_err(|e| e.to_string()) {
         Ok(true) => {
             info!(user = %escape(address), result = "ok", "auth test");
             Response::Ok(vec![format!("auth succeeded for {address}")])

@@ -3,23 +3,28 @@
 //! `--older-than`, `--state`) and `--json`, as Postfix's `mailq`, `postcat
 //! -q`, `postsuper -h/-H/-r/-d` and `postqueue -s` do.
 //!
-//! Listings walk the store one entry at a time ([`Store::queue_items`]) and
-//! hand their lines to a callback, which the control socket sends on in
-//! chunks ([`CHUNK`] lines) through a bounded channel: memory stays bounded
-//! whatever the queue's length. Actions on a running server are carried
-//! out by the delivery actor (`delivery/actor/admin.rs`), so that its
-//! schedule and the store agree; without a server, on the store
-//! ([`act_offline`]).
+//! Everything here works on the storage seam ([`Storage`]), so the tools
+//! act the same on sled and on a PostgreSQL shared by several nodes.
+//! Listings walk the queue a page at a time ([`Selection`], over
+//! [`postino_core::storage::Queue::queue_page`]) and hand their lines to a
+//! callback, which the control socket sends on in chunks ([`CHUNK`] lines)
+//! through a bounded channel: memory stays bounded whatever the queue's
+//! length. Actions on a running server are carried out by the delivery
+//! actor (`delivery/actor/admin.rs`), so that its schedule and the store
+//! agree; without a server, on the store ([`act_offline`]).
 
 use std::collections::HashSet;
 
 use postino_core::message::now_unix;
+use postino_core::storage::Storage;
 use postino_core::store::{QueueItem, RecipientState};
-use postino_core::{MessageId, Store};
+use postino_core::MessageId;
 use serde::{Deserialize, Serialize};
 
 /// Lines per chunk of a streamed answer on the control socket.
 pub const CHUNK: usize = 512;
+/// Entries read from the store per page of a walk.
+pub const PAGE: usize = 512;
 
 /// Where a queued message stands, as `--state` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -202,41 +207,113 @@ fn parse_ids(filter: &Filter) -> Result<Vec<MessageId>, String> {
         .collect()
 }
 
+/// A walk over the selected messages, a page at a time: the given ids,
+/// else the whole queue in id order (a page of at most [`PAGE`] entries
+/// is in memory at once). Entries changed or removed between pages are
+/// seen as they are when their page is read.
+pub struct Selection<'a> {
+    filter: &'a Filter,
+    active: &'a HashSet<MessageId>,
+    now: u64,
+    /// The ids given, still to look up; `None`: walk the queue.
+    ids: Option<std::vec::IntoIter<MessageId>>,
+    after: Option<MessageId>,
+    done: bool,
+    missing: Vec<MessageId>,
+}
+
+impl<'a> Selection<'a> {
+    /// Starts a walk over what `filter` selects; `active` holds the ids
+    /// being tried (for `--state active`).
+    ///
+    /// # Errors
+    /// An id given that is not a queue id.
+    pub fn new(
+        filter: &'a Filter,
+        active: &'a HashSet<MessageId>,
+    ) -> Result<Selection<'a>, String> {
+        let ids = match filter.ids.is_empty() {
+            true => None,
+            false => Some(parse_ids(filter)?.into_iter()),
+        };
+        Ok(Selection {
+            filter,
+            active,
+            now: now_unix(),
+            ids,
+            after: None,
+            done: false,
+            missing: Vec::new(),
+        })
+    }
+
+    /// The next selected messages; `None` once the walk is over.
+    ///
+    /// # Errors
+    /// A store failure, as text.
+    pub async fn next_page(
+        &mut self,
+        storage: &dyn Storage,
+    ) -> Result<Option<Vec<QueueItem>>, String> {
+        while !self.done {
+            let mut page = Vec::new();
+            match &mut self.ids {
+                Some(ids) => {
+                    for id in ids.by_ref().take(PAGE) {
+                        match storage.queue_item(id).await.map_err(|e| e.to_string())? {
+                            Some(item) => page.push(item),
+                            None => self.missing.push(id),
+                        }
+                    }
+                    self.done = ids.len() == 0;
+                }
+                None => {
+                    page = storage
+                        .queue_page(self.after, PAGE)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    // A short page may only mean that an entry went
+                    // between reading its id and its record: the walk
+                    // ends on an empty page.
+                    self.done = page.is_empty();
+                    self.after = page.last().map(|i| i.entry.id);
+                }
+            }
+            page.retain(|item| self.filter.matches(item, self.active, self.now));
+            if !page.is_empty() {
+                return Ok(Some(page));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The ids given that were not queued (complete once the walk is over).
+    pub fn missing(&self) -> &[MessageId] {
+        &self.missing
+    }
+}
+
 /// Calls `each` with every selected message, in id order: the given ids,
 /// else a walk over the whole queue. `each` returns false to stop early.
 /// Returns the ids given that are not queued.
 ///
 /// # Errors
 /// A bad id or a store failure, as text.
-pub fn select(
-    store: &Store,
+pub async fn select(
+    storage: &dyn Storage,
     filter: &Filter,
     active: &HashSet<MessageId>,
     mut each: impl FnMut(QueueItem) -> Result<bool, String>,
 ) -> Result<Vec<MessageId>, String> {
-    let now = now_unix();
-    let mut missing = Vec::new();
-    if !filter.ids.is_empty() {
-        for id in parse_ids(filter)? {
-            match store.queue_item(id).map_err(|e| e.to_string())? {
-                Some(item) if filter.matches(&item, active, now) => {
-                    if !each(item)? {
-                        break;
-                    }
-                }
-                Some(_) => {}
-                None => missing.push(id),
+    let mut selection = Selection::new(filter, active)?;
+    'walk: while let Some(page) = selection.next_page(storage).await? {
+        for item in page {
+            if !each(item)? {
+                break 'walk;
             }
         }
-        return Ok(missing);
     }
-    for item in store.queue_items() {
-        let item = item.map_err(|e| e.to_string())?;
-        if filter.matches(&item, active, now) && !each(item)? {
-            break;
-        }
-    }
-    Ok(missing)
+    Ok(selection.missing)
 }
 
 /// The error for ids that are not queued.
@@ -334,8 +411,8 @@ pub fn list_json(item: &QueueItem, state: State) -> String {
 ///
 /// # Errors
 /// A bad or unknown id, or a store failure, as text.
-pub fn list(
-    store: &Store,
+pub async fn list(
+    storage: &dyn Storage,
     filter: &Filter,
     json: bool,
     active: &HashSet<MessageId>,
@@ -346,7 +423,7 @@ pub fn list(
     }
     let mut n = 0u64;
     let mut open = true;
-    let missing = select(store, filter, active, |item| {
+    let missing = select(storage, filter, active, |item| {
         let state = state_of(&item, active);
         n += 1;
         let line = match json {
@@ -355,7 +432,8 @@ pub fn list(
         };
         open = emit(line);
         Ok(open)
-    })?;
+    })
+    .await?;
     if !missing.is_empty() {
         return Err(not_queued(&missing));
     }
@@ -373,14 +451,14 @@ pub fn list(
 ///
 /// # Errors
 /// A bad or unknown id, or a store failure, as text.
-pub fn cat(
-    store: &Store,
+pub async fn cat(
+    storage: &dyn Storage,
     id: &str,
     part: Part,
     mut emit: impl FnMut(String) -> bool,
 ) -> Result<(), String> {
     let id = MessageId::parse_queue_id(id)?;
-    let content = match store.queued_content(id) {
+    let content = match storage.queued_content(id).await {
         Ok(Some(c)) => c,
         Ok(None) => return Err(not_queued(&[id])),
         Err(e) => return Err(e.to_string()),
@@ -414,31 +492,40 @@ pub fn cat(
 ///
 /// # Errors
 /// A refused action, a bad or unknown id, or a store failure, as text.
-pub fn act_offline(store: &Store, action: Action, filter: &Filter) -> Result<String, String> {
+pub async fn act_offline(
+    storage: &dyn Storage,
+    action: Action,
+    filter: &Filter,
+) -> Result<String, String> {
     check_selection(action, filter)?;
     if action == Action::Bounce {
         return Err("queue bounce needs the running server (it sends mail)".into());
     }
     let now = now_unix();
     let mut n = 0u64;
-    let missing = select(store, filter, &HashSet::new(), |item| {
-        let id = item.entry.id;
-        let done = match action {
-            Action::Hold => store.hold(id, now),
-            Action::Release => store.release(id, now),
-            Action::Requeue => store
-                .reschedule(id, now, true)
-                .map(|r| r == postino_core::store::Rescheduled::Done),
-            Action::Flush => store
-                .reschedule(id, now, false)
-                .map(|r| r == postino_core::store::Rescheduled::Done),
-            Action::Delete => store.remove_queue(id).map(|()| true),
-            Action::Bounce => unreachable!("refused above"),
-        };
-        n += u64::from(done.map_err(|e| e.to_string())?);
-        Ok(true)
-    })?;
-    finish(action, n, &missing)
+    let active = HashSet::new();
+    let mut selection = Selection::new(filter, &active)?;
+    while let Some(page) = selection.next_page(storage).await? {
+        for item in page {
+            let id = item.entry.id;
+            let done = match action {
+                Action::Hold => storage.hold(id, now).await,
+                Action::Release => storage.release(id, now).await,
+                Action::Requeue => storage
+                    .reschedule(id, now, true)
+                    .await
+                    .map(|r| r == postino_core::store::Rescheduled::Done),
+                Action::Flush => storage
+                    .reschedule(id, now, false)
+                    .await
+                    .map(|r| r == postino_core::store::Rescheduled::Done),
+                Action::Delete => storage.remove_queue(id).await.map(|()| true),
+                Action::Bounce => unreachable!("refused above"),
+            };
+            n += u64::from(done.map_err(|e| e.to_string())?);
+        }
+    }
+    finish(action, n, selection.missing())
 }
 
 /// The answer to an action: the count, or the ids not found.

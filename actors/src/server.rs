@@ -336,9 +336,7 @@ impl ServerBuilder {
         };
         storage.set_quota_policy(config.mailbox.quota, config.mailbox.quota_warning);
         storage.set_trace_limits(config.trace.limits());
-        // Not yet on the storage seam: the control socket and the admin
-        // API still work on the sled store itself, and only a store on a
-        // local disk has a free-space reserve.
+        // Only a store on a local disk has a free-space reserve.
         let store = storage.as_sled().cloned();
         if let Some(store) = &store {
             store.watch_space(config.min_free())?;
@@ -512,16 +510,8 @@ impl ServerBuilder {
                 .await?;
             server.pop3s_addrs.push(bound);
         }
-        let Some(store) = store else {
-            warn!(
-                backend = storage.backend(),
-                "the control socket and the admin API are not available on this storage backend yet"
-            );
-            server.announce(&config, self.config_file.as_deref());
-            return Ok(server);
-        };
         let live = crate::control::Live {
-            store: store.clone(),
+            store: storage.clone(),
             config: live.clone(),
             reloader: Some(server.reloader.clone()),
             queue: delivery.clone().recipient(),

@@ -743,39 +743,77 @@ impl Drop for EchoOff {
     }
 }
 
-/// Sends the request to the running server, or runs it on the store when
-/// no server runs and the store exists.
-fn run_control(config: &Config, config_file: Option<&Path>, request: Request) -> ExitCode {
-    let socket = config.control_socket();
-    let response = match control::call(&socket, &request) {
-        Ok(Some(r)) => r,
-        // Only `serve` creates a store: a tool run from the wrong directory
-        // (or without --config) must not make an empty one and report on it.
-        Ok(None) if !config.data_dir.join("db").exists() => {
-            return fail(&format!(
+/// The store of `config` for a tool run without a server: the sled store
+/// in the data directory (which must exist: only `serve` creates one), or
+/// the PostgreSQL database of `[store] url`, which every node shares, so a
+/// tool run on any machine with a node's configuration acts on the
+/// cluster.
+fn offline_storage(
+    config: &Config,
+    config_file: Option<&Path>,
+    socket: &Path,
+) -> Result<postino_core::storage::SharedStorage, String> {
+    let storage: postino_core::storage::SharedStorage = match config.store.backend {
+        postino_core::config::StoreBackend::Postgres => {
+            match postino_pg::PgStore::from_config(&config.store) {
+                Ok(pg) => std::sync::Arc::new(pg),
+                Err(e) => return Err(format!("opening the PostgreSQL store: {e}")),
+            }
+        }
+        // A tool run from the wrong directory (or without --config) must
+        // not make an empty store and report on it.
+        postino_core::config::StoreBackend::Sled if !config.data_dir.join("db").exists() => {
+            return Err(format!(
                 "no postino store at {} (and no server listening on {}); start the server with postino serve, or pass --config (this used {})",
                 config.data_dir.display(),
                 socket.display(),
                 describe_config(config_file)
             ))
         }
-        Ok(None) => match Store::open_configured(&config.data_dir, &config.store) {
-            Ok(store) => {
-                store.set_quota_policy(config.mailbox.quota, config.mailbox.quota_warning);
-                let r = control::execute(&store, config, request);
-                if let Err(e) = store.flush_blocking() {
-                    return fail(&format!("flushing the store: {e}"));
+        postino_core::config::StoreBackend::Sled => {
+            match Store::open_configured(&config.data_dir, &config.store) {
+                Ok(store) => std::sync::Arc::new(postino_core::storage::SledStorage::new(store)),
+                Err(e) => {
+                    return Err(format!(
+                        "{e} (no server answers on {}; is another process using {}?)",
+                        socket.display(),
+                        config.data_dir.display()
+                    ))
                 }
-                r
             }
-            Err(e) => {
-                return fail(&format!(
-                    "{e} (no server answers on {}; is another process using {}?)",
-                    socket.display(),
-                    config.data_dir.display()
-                ))
+        }
+    };
+    storage.set_quota_policy(config.mailbox.quota, config.mailbox.quota_warning);
+    Ok(storage)
+}
+
+/// A small runtime for the tools' store calls without a server.
+fn tool_runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting a runtime: {e}"))
+}
+
+/// Sends the request to the running server, or runs it on the store when
+/// no server runs and the store exists.
+fn run_control(config: &Config, config_file: Option<&Path>, request: Request) -> ExitCode {
+    let socket = config.control_socket();
+    let response = match control::call(&socket, &request) {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            let (storage, rt) = match offline_storage(config, config_file, &socket)
+                .and_then(|s| tool_runtime().map(|rt| (s, rt)))
+            {
+                Ok(both) => both,
+                Err(e) => return fail(&e),
+            };
+            let r = rt.block_on(control::execute(storage.as_ref(), config, request));
+            if let Err(e) = storage.flush_blocking() {
+                return fail(&format!("flushing the store: {e}"));
             }
-        },
+            r
+        }
         Err(e) => return fail(&format!("{}: {e}", socket.display())),
     };
     match response {
@@ -786,7 +824,8 @@ fn run_control(config: &Config, config_file: Option<&Path>, request: Request) ->
 
 /// [`run_control`] for the queue tools: the server's answer is printed
 /// chunk by chunk as it comes, and without a server the store is walked
-/// and printed line by line, so a listing takes bounded memory.
+/// a page at a time and printed line by line, so a listing takes bounded
+/// memory.
 fn run_queue(
     config: &Config,
     config_file: Option<&Path>,
@@ -808,24 +847,12 @@ fn run_queue(
         // A reader that stopped early: the server stops when we hang up.
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return ExitCode::SUCCESS,
         Err(e) => return fail(&format!("{}: {e}", socket.display())),
-        Ok(None) if !config.data_dir.join("db").exists() => {
-            return fail(&format!(
-                "no postino store at {} (and no server listening on {}); start the server with postino serve, or pass --config (this used {})",
-                config.data_dir.display(),
-                socket.display(),
-                describe_config(config_file)
-            ))
-        }
         Ok(None) => {
-            let store = match Store::open_configured(&config.data_dir, &config.store) {
-                Ok(s) => s,
-                Err(e) => {
-                    return fail(&format!(
-                        "{e} (no server answers on {}; is another process using {}?)",
-                        socket.display(),
-                        config.data_dir.display()
-                    ))
-                }
+            let (storage, rt) = match offline_storage(config, config_file, &socket)
+                .and_then(|s| tool_runtime().map(|rt| (s, rt)))
+            {
+                Ok(both) => both,
+                Err(e) => return fail(&e),
             };
             let mut broken = None;
             let mut emit = |line: String| match writeln!(out, "{line}") {
@@ -835,18 +862,26 @@ fn run_queue(
                     false
                 }
             };
-            let done = match request {
-                QueueRequest::List { filter, json } => {
-                    queue_tools::list(&store, &filter, json, &Default::default(), &mut emit)
+            let store = storage.as_ref();
+            let done = rt.block_on(async {
+                match request {
+                    QueueRequest::List { filter, json } => {
+                        queue_tools::list(store, &filter, json, &Default::default(), &mut emit)
+                            .await
+                    }
+                    QueueRequest::Cat { id, part } => {
+                        queue_tools::cat(store, &id, part, &mut emit).await
+                    }
+                    QueueRequest::Act { action, filter } => {
+                        queue_tools::act_offline(store, action, &filter)
+                            .await
+                            .map(|l| {
+                                emit(l);
+                            })
+                    }
                 }
-                QueueRequest::Cat { id, part } => queue_tools::cat(&store, &id, part, &mut emit),
-                QueueRequest::Act { action, filter } => {
-                    queue_tools::act_offline(&store, action, &filter).map(|l| {
-                        emit(l);
-                    })
-                }
-            };
-            if let Err(e) = store.flush_blocking() {
+            });
+            if let Err(e) = storage.flush_blocking() {
                 return fail(&format!("flushing the store: {e}"));
             }
             match broken {

@@ -119,33 +119,7 @@ impl TestCluster {
             .arg(&data);
         run(as_user(&mut initdb, user), "initdb")?;
         let port = free_port()?;
-        let mut postgres = Command::new(bin.join("postgres"));
-        postgres
-            .arg("-D")
-            .arg(&data)
-            .args(["-p", &port.to_string()])
-            .args(["-c", "listen_addresses=127.0.0.1", "-k"])
-            .arg(dir.path())
-            // Enough for several nodes' pools and the tests' own.
-            .args(["-c", "max_connections=200"])
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::File::create(dir.path().join("server.log"))
-                    .map(Stdio::from)
-                    .unwrap_or(Stdio::null()),
-            );
-        // If the test process dies without dropping the cluster, the
-        // server goes with it (immediate shutdown).
-        // SAFETY: prctl is async-signal-safe.
-        unsafe {
-            postgres.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT);
-                Ok(())
-            });
-        }
-        let server = as_user(&mut postgres, user)
-            .spawn()
-            .map_err(io("starting postgres"))?;
+        let server = spawn_server(&bin, dir.path(), port, user)?;
         let mut cluster = TestCluster {
             bin,
             dir,
@@ -155,6 +129,34 @@ impl TestCluster {
         };
         cluster.wait_ready()?;
         Ok(cluster)
+    }
+
+    /// Stops the server at once, as a crash would (`pg_ctl stop -m
+    /// immediate`: no shutdown checkpoint, every connection cut), keeping
+    /// its files for [`TestCluster::restart`]: a database outage.
+    ///
+    /// # Errors
+    ///
+    /// When `pg_ctl` fails.
+    pub fn stop(&mut self) -> Result<(), TestClusterError> {
+        let mut stop = Command::new(self.bin.join("pg_ctl"));
+        stop.args(["stop", "-m", "immediate", "-w", "-D"])
+            .arg(self.dir.path().join("data"));
+        run(as_user(&mut stop, self.user), "pg_ctl stop")?;
+        let _ = self.server.wait();
+        Ok(())
+    }
+
+    /// Starts the server again after [`TestCluster::stop`], on the same
+    /// port and files (it recovers from its WAL), and waits until it
+    /// accepts connections.
+    ///
+    /// # Errors
+    ///
+    /// When the server does not start.
+    pub fn restart(&mut self) -> Result<(), TestClusterError> {
+        self.server = spawn_server(&self.bin, self.dir.path(), self.port, self.user)?;
+        self.wait_ready()
     }
 
     /// The TCP port the server listens on (127.0.0.1).
@@ -230,6 +232,46 @@ impl Drop for TestCluster {
         }
         let _ = self.server.wait();
     }
+}
+
+/// Starts `postgres` on the cluster in `dir` (its data in `data`, its log
+/// appended to `server.log`), loopback only.
+fn spawn_server(
+    bin: &Path,
+    dir: &Path,
+    port: u16,
+    user: Option<(u32, u32)>,
+) -> Result<Child, TestClusterError> {
+    let mut postgres = Command::new(bin.join("postgres"));
+    postgres
+        .arg("-D")
+        .arg(dir.join("data"))
+        .args(["-p", &port.to_string()])
+        .args(["-c", "listen_addresses=127.0.0.1", "-k"])
+        .arg(dir)
+        // Enough for several nodes' pools and the tests' own.
+        .args(["-c", "max_connections=200"])
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("server.log"))
+                .map(Stdio::from)
+                .unwrap_or(Stdio::null()),
+        );
+    // If the test process dies without dropping the cluster, the server
+    // goes with it (immediate shutdown).
+    // SAFETY: prctl is async-signal-safe.
+    unsafe {
+        postgres.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT);
+            Ok(())
+        });
+    }
+    as_user(&mut postgres, user)
+        .spawn()
+        .map_err(io("starting postgres"))
 }
 
 /// Runs `command` as `user` (uid, gid) when given.

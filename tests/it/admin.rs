@@ -24,7 +24,7 @@ fn server(admin: &str, routing: &str) -> TestServer {
 }
 
 /// `curl -X method url` with extra arguments: (HTTP status, body).
-fn curl(method: &str, url: &str, extra: &[&str]) -> (u16, String) {
+pub(crate) fn curl(method: &str, url: &str, extra: &[&str]) -> (u16, String) {
     let out = Command::new("curl")
         .args([
             "-sS",

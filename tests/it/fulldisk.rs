@@ -10,7 +10,7 @@ use std::process::Output;
 
 use crate::smtp_local::pop_all;
 use crate::support::mx::{Sink, SinkOptions};
-use crate::support::server::{cli_with_config, config_text, python, Raw, TestServer};
+use crate::support::server::{cli_with_config, config_text, python, smtplib_send, Raw, TestServer};
 use crate::support::tmpfs::Tmpfs;
 use crate::support::{free_tcp_port, unique_loopback, wait_until};
 
@@ -30,33 +30,6 @@ fn mail_reply(server: &TestServer) -> String {
     assert!(c.reply().starts_with("220"));
     assert!(c.cmd("EHLO client.test").starts_with("250"));
     c.cmd("MAIL FROM:<s@remote.test>")
-}
-
-/// Sends with Python's smtplib: "OK", or "ERR code text" (from MAIL too).
-fn smtplib_send(server: &TestServer, to: &str, body: &str) -> String {
-    python(
-        r#"
-import smtplib, sys
-host, port, to, body = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-s = smtplib.SMTP(host, port, timeout=20)
-try:
-    s.sendmail("s@remote.test", [to], body.encode())
-    print("OK")
-except smtplib.SMTPSenderRefused as e:
-    print("ERR", e.smtp_code, e.smtp_error.decode())
-except smtplib.SMTPResponseException as e:
-    print("ERR", e.smtp_code, e.smtp_error.decode())
-s.quit()
-"#,
-        &[
-            &server.smtp.ip().to_string(),
-            &server.smtp.port().to_string(),
-            to,
-            body,
-        ],
-    )
-    .trim()
-    .to_owned()
 }
 
 /// Deletes message `n` with poplib and QUITs (the deletion happens there).

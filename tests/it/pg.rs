@@ -7,7 +7,7 @@ use std::path::Path;
 
 use postino_pg::testing::TestCluster;
 
-use crate::support::server::{cli_with_config, config_text, Raw, TestServer};
+use crate::support::server::{cli_with_config, config_text, smtplib_send, Raw, TestServer};
 
 fn ok(out: std::process::Output) -> String {
     assert!(
@@ -271,6 +271,352 @@ fn three_nodes_share_the_queue_and_deliver_each_message_once() {
     assert!(delivering >= 1);
 }
 
+/// Logs in with Python's poplib: the subjects in the mailbox, or
+/// "ERR text" when the login is refused.
+fn poplib_subjects(server: &TestServer, user: &str, password: &str) -> String {
+    crate::support::server::python(
+        r#"
+import poplib, sys
+p = poplib.POP3(sys.argv[1], int(sys.argv[2]), timeout=30)
+try:
+    p.user(sys.argv[3]); p.pass_(sys.argv[4])
+except poplib.error_proto as e:
+    print("ERR", e.args[0].decode()); sys.exit(0)
+count, _ = p.stat()
+for n in range(1, count + 1):
+    lines = p.retr(n)[1]
+    print(next(l.decode()[9:] for l in lines if l.startswith(b"Subject: ")))
+p.quit()
+"#,
+        &[
+            &server.pop3.ip().to_string(),
+            &server.pop3.port().to_string(),
+            user,
+            password,
+        ],
+    )
+    .trim()
+    .to_owned()
+}
+
+/// While PostgreSQL is down, a node answers 4xx (mail stays with the
+/// client; POP3 says the trouble is temporary) and keeps running; once the
+/// database is back, the same node accepts and serves mail again without a
+/// restart, and nothing acknowledged before the outage is lost.
+#[test]
+fn a_database_outage_is_a_4xx_and_the_node_recovers_without_a_restart() {
+    use crate::support::wait_until;
+    let mut cluster = TestCluster::start().expect("start a throwaway PostgreSQL");
+    let url = cluster.create_database("outage").unwrap();
+    {
+        let store =
+            postino_pg::PgStore::open(&postino_pg::PgOptions::new(url.as_str(), "admin")).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(store.add_user("alice@example.test", "pw"))
+            .unwrap();
+    }
+    // Relayed mail goes to a loopback port where nothing listens: it
+    // stays queued.
+    let dead = crate::support::free_tcp_port(&[std::net::Ipv4Addr::LOCALHOST]);
+    let mut node = TestServer::start_with(&config_text(
+        "",
+        "",
+        &format!("smarthost = \"127.0.0.1:{dead}\""),
+        &format!("backend = \"postgres\"\nurl = \"{url}\"\nnode = \"a\"\n"),
+    ));
+    assert_eq!(
+        smtplib_send(
+            &node,
+            "alice@example.test",
+            "Subject: before\r\n\r\nbody\r\n"
+        ),
+        "OK"
+    );
+
+    cluster.stop().expect("stop PostgreSQL");
+    let refused = smtplib_send(
+        &node,
+        "alice@example.test",
+        "Subject: during\r\n\r\nbody\r\n",
+    );
+    eprintln!("during the outage: {refused}");
+    assert!(refused.starts_with("ERR 4"), "{refused}\n{}", node.log());
+    // Relayed mail needs no lookup before DATA: there the commit fails.
+    let relayed = smtplib_send(
+        &node,
+        "r@remote.test",
+        "Subject: during, relayed\r\n\r\nbody\r\n",
+    );
+    eprintln!("relayed during the outage: {relayed}");
+    assert!(relayed.starts_with("ERR 451"), "{relayed}\n{}", node.log());
+    let pop = poplib_subjects(&node, "alice@example.test", "pw");
+    eprintln!("POP3 during the outage: {pop}");
+    assert!(
+        pop.starts_with("ERR") && pop.contains("[SYS/TEMP]"),
+        "{pop}"
+    );
+    assert!(node.is_running(), "the node outlives the outage");
+
+    cluster.restart().expect("start PostgreSQL again");
+    assert!(
+        wait_until(std::time::Duration::from_secs(30), || smtplib_send(
+            &node,
+            "alice@example.test",
+            "Subject: after\r\n\r\nbody\r\n"
+        ) == "OK"),
+        "mail accepted again once the database is back\n{}",
+        node.log()
+    );
+    let subjects = poplib_subjects(&node, "alice@example.test", "pw");
+    let subjects: Vec<&str> = subjects.lines().collect();
+    assert_eq!(subjects.first(), Some(&"before"), "{subjects:?}");
+    assert!(subjects.contains(&"after"), "{subjects:?}");
+    assert!(!subjects.contains(&"during"), "{subjects:?}");
+    node.terminate();
+}
+
+/// A node on the PostgreSQL database at `url`; `routing` and `rest` as
+/// [`config_text`] takes them.
+fn pg_node(url: &str, name: &str, routing: &str, rest: &str) -> TestServer {
+    TestServer::start_with(&config_text(
+        "",
+        "",
+        routing,
+        &format!("backend = \"postgres\"\nurl = \"{url}\"\nnode = \"{name}\"\n{rest}"),
+    ))
+}
+
+/// The reply to `RCPT TO:<rcpt>` on a fresh SMTP session with `server`.
+fn rcpt_reply(server: &TestServer, rcpt: &str) -> String {
+    let mut c = Raw::connect(server.smtp);
+    assert!(c.reply().starts_with("220"));
+    c.cmd("EHLO client.test");
+    assert!(c.cmd("MAIL FROM:<s@remote.test>").starts_with("250"));
+    let reply = c.cmd(&format!("RCPT TO:<{rcpt}>"));
+    c.cmd("QUIT");
+    reply
+}
+
+/// Sends one message through `server`; its queue id, from the 250 reply.
+fn send_one(server: &TestServer, rcpt: &str, subject: &str) -> String {
+    let mut c = Raw::connect(server.smtp);
+    assert!(c.reply().starts_with("220"));
+    c.cmd("EHLO client.test");
+    assert!(c.cmd("MAIL FROM:<s@example.test>").starts_with("250"));
+    let r = c.cmd(&format!("RCPT TO:<{rcpt}>"));
+    assert!(r.starts_with("250"), "{r}");
+    assert!(c.cmd("DATA").starts_with("354"));
+    let r = c.cmd(&format!("Subject: {subject}\r\n\r\nbody of {subject}\r\n."));
+    assert!(r.starts_with("250 2.0.0"), "{r}\n{}", server.log());
+    c.cmd("QUIT");
+    r.rsplit(' ').next().unwrap().trim().to_owned()
+}
+
+/// `postino user add` through node a (over its control socket, and with
+/// the configuration of a node that is not running, straight on the
+/// database) and `alias add` through node b: every node routes and serves
+/// them at once.
+#[test]
+fn users_and_aliases_added_through_any_node_are_every_nodes() {
+    let cluster = TestCluster::start().expect("start a throwaway PostgreSQL");
+    let url = cluster.create_database("directory").unwrap();
+    let (a, b) = (pg_node(&url, "a", "", ""), pg_node(&url, "b", "", ""));
+    // Before: b refuses the unknown user.
+    assert!(rcpt_reply(&b, "bob@example.test").starts_with("550"));
+
+    // Through a running node's control socket.
+    a.add_user("bob@example.test", "bob-pw");
+    let r = rcpt_reply(&b, "bob@example.test");
+    assert!(r.starts_with("250"), "b after a's user add: {r}");
+    let (mut on_b, reply) = pop_login(b.pop3, "bob@example.test", "bob-pw");
+    assert!(reply.starts_with("+OK"), "{reply}");
+    assert!(on_b.cmd("STAT").starts_with("+OK 0 "));
+    assert!(on_b.cmd("QUIT").starts_with("+OK"));
+
+    // With no server for that configuration: the CLI uses the database.
+    let work = tempfile::tempdir().unwrap();
+    let offline = pg_config(work.path(), &url, "c");
+    let out = ok(cli_with_config(
+        &offline,
+        &["user", "add", "carol@example.test"],
+        "carol-pw\n",
+    ));
+    assert!(out.contains("added carol@example.test"), "{out}");
+    let r = rcpt_reply(&b, "carol@example.test");
+    assert!(r.starts_with("250"), "b after the offline user add: {r}");
+    let (mut on_b, reply) = pop_login(b.pop3, "carol@example.test", "carol-pw");
+    assert!(reply.starts_with("+OK"), "{reply}");
+    on_b.cmd("QUIT");
+    let users = ok(cli_with_config(&offline, &["user", "list"], ""));
+    assert!(
+        users.contains("bob@example.test") && users.contains("carol@example.test"),
+        "{users}"
+    );
+
+    // An alias added through b is used by a.
+    assert!(rcpt_reply(&a, "team@example.test").starts_with("550"));
+    let out = ok(b.cli(
+        &["alias", "add", "team@example.test", "bob@example.test"],
+        "",
+    ));
+    assert!(
+        out.contains("team@example.test -> bob@example.test"),
+        "{out}"
+    );
+    send_one(&a, "team@example.test", "to the team");
+    let (mut on_a, reply) = pop_login(a.pop3, "bob@example.test", "bob-pw");
+    assert!(reply.starts_with("+OK"), "{reply}");
+    assert!(on_a.cmd("STAT").starts_with("+OK 1 "));
+    on_a.cmd("QUIT");
+    assert!(ok(a.cli(&["alias", "list"], "")).contains("team@example.test -> bob@example.test"));
+
+    // The inspection tools read the shared directory too, through b and
+    // with no server.
+    let stats = ok(b.cli(&["mailbox", "stats", "bob@example.test"], ""));
+    let row = stats
+        .lines()
+        .find(|l| l.starts_with("bob@example.test"))
+        .unwrap_or_else(|| panic!("{stats}"));
+    assert_eq!(row.split_whitespace().nth(1), Some("1"), "{stats}");
+    for config in [&b.config, &offline] {
+        let out = ok(cli_with_config(
+            config,
+            &["auth", "test", "carol@example.test"],
+            "carol-pw\n",
+        ));
+        assert!(out.contains("auth succeeded"), "{out}");
+        let wrong = cli_with_config(config, &["auth", "test", "carol@example.test"], "x-pw\n");
+        assert!(!wrong.status.success());
+        let out = ok(cli_with_config(
+            config,
+            &["route", "explain", "team@example.test"],
+            "",
+        ));
+        assert!(out.contains("local mailbox bob@example.test"), "{out}");
+    }
+
+    // Node a's own configuration once a is stopped: straight to the
+    // database, and b has the user at once.
+    let mut a = a;
+    a.terminate();
+    a.add_user("dave@example.test", "dave-pw");
+    let r = rcpt_reply(&b, "dave@example.test");
+    assert!(
+        r.starts_with("250"),
+        "b after the user add with a stopped: {r}"
+    );
+}
+
+/// Mail queued through node a (its smarthost a dead loopback port, so it
+/// stays queued) is listed, held, released and deleted with `postino
+/// queue` through node b, and shown by b's admin API.
+#[test]
+fn the_queue_tools_and_admin_api_of_any_node_see_the_shared_queue() {
+    use crate::admin::curl;
+    use crate::delivery::wait_line;
+    use crate::support::{free_tcp_port, unique_loopback};
+    let cluster = TestCluster::start().expect("start a throwaway PostgreSQL");
+    let url = cluster.create_database("queue").unwrap();
+    let ip = unique_loopback();
+    let dead = free_tcp_port(&[ip]);
+    let routing = format!("smarthost = \"{ip}:{dead}\"");
+    let delivery = "[delivery]\nretry = [\"1h\"]\nconnect_timeout = \"2s\"\n\
+                    [dns]\nnameservers = []\ntimeout = \"2s\"\n";
+    let a = pg_node(&url, "a", &routing, delivery);
+    let b = pg_node(
+        &url,
+        "b",
+        &routing,
+        &format!("{delivery}[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"s3cret\"\n"),
+    );
+    let kept = send_one(&a, "r1@remote.test", "kept");
+    let dropped = send_one(&a, "r2@remote.test", "dropped");
+    // a tries one at once and fails (the other may wait for the dead
+    // smarthost's next try).
+    wait_line(&a, &["status=deferred"]);
+    let queue = |node: &TestServer, args: &[&str]| {
+        let mut all = vec!["queue"];
+        all.extend_from_slice(args);
+        ok(node.cli(&all, ""))
+    };
+    // (id, state) of each message `queue list --json` shows on `node`.
+    let listed = |node: &TestServer| -> Vec<(String, String)> {
+        queue(node, &["list", "--json"])
+            .lines()
+            .map(|l| {
+                let m: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    m["id"].as_str().unwrap().to_owned(),
+                    m["state"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let table = queue(&b, &["list"]);
+    assert!(
+        table.contains(&kept) && table.contains(&dropped),
+        "b lists a's mail:\n{table}"
+    );
+    assert!(table.contains("-- 2 message(s) in the queue"), "{table}");
+    // Deferred once a has written its attempt.
+    let mut on_b = Vec::new();
+    let settled = crate::support::wait_until(std::time::Duration::from_secs(20), || {
+        on_b = listed(&b);
+        on_b.iter().any(|(_, state)| state == "deferred")
+    });
+    assert!(settled, "b lists {on_b:?}");
+    assert_eq!(on_b.len(), 2, "{on_b:?}");
+    assert!(on_b.iter().any(|(id, _)| *id == dropped), "{on_b:?}");
+
+    // Held through b: a sees it held.
+    assert!(queue(&b, &["hold", &kept]).contains("1 message(s) held"));
+    assert!(listed(&a).contains(&(kept.clone(), "held".to_owned())));
+    assert!(queue(&b, &["release", &kept]).contains("1 message(s) released"));
+    let state = listed(&a)
+        .into_iter()
+        .find(|(id, _)| *id == kept)
+        .map(|(_, s)| s);
+    assert!(state.is_some_and(|s| s != "held"), "released");
+    // Deleted through b: gone for a.
+    let out = queue(&b, &["delete", &dropped]);
+    assert_eq!(out.trim(), format!("deleted {dropped}"));
+    let on_a = listed(&a);
+    assert!(on_a.iter().all(|(id, _)| *id != dropped), "{on_a:?}");
+    assert!(on_a.iter().any(|(id, _)| *id == kept), "{on_a:?}");
+
+    // b's admin API answers from the shared queue.
+    let base = format!("http://{}", b.admin.expect("b's admin listener"));
+    let auth = ["-H", "Authorization: Bearer s3cret"];
+    let (status, _) = curl("GET", &format!("{base}/api/queue"), &[]);
+    assert_eq!(status, 401, "the token is needed");
+    let (status, body) = curl("GET", &format!("{base}/api/queue"), &auth);
+    assert_eq!(status, 200, "{body}");
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let ids: Vec<&str> = page["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [kept.as_str()], "{body}");
+    let (status, body) = curl("GET", &format!("{base}/api/queue/{kept}"), &auth);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("r1@remote.test"), "{body}");
+    let (status, metrics) = curl("GET", &format!("{base}/metrics"), &auth);
+    assert_eq!(status, 200, "{metrics}");
+    let depth = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("postino_queue_messages "))
+        .unwrap_or_else(|| panic!("no queue depth in\n{metrics}"));
+    assert_eq!(depth.trim().parse::<f64>().unwrap(), 1.0, "{metrics}");
+
+    // The same listing with no server for the configuration used.
+    let work = tempfile::tempdir().unwrap();
+    let offline = pg_config(work.path(), &url, "c");
+    let out = ok(cli_with_config(&offline, &["queue", "list"], ""));
+    assert!(out.contains(&kept) && !out.contains(&dropped), "{out}");
+}
+
 /// Runs one SQL statement on database `db` of `cluster` with `psql` (Debian
 /// `postgresql-client`, which `postgresql` pulls in) and returns its
 /// unaligned output, one row a line.
@@ -298,19 +644,18 @@ fn psql(cluster: &TestCluster, db: &str, sql: &str) -> String {
 }
 
 /// A node of a relay cluster on database `url`, named `name`, relaying
-/// through the smarthost `ip:port`, with queue leases of `lease` and
-/// `rest` appended to `[store]`.
+/// through the smarthost (retries after 1 s), with `rest` added to
+/// `[store]` ([`pg_node`]).
 fn relay_node(url: &str, name: &str, smarthost: std::net::SocketAddr, rest: &str) -> TestServer {
-    TestServer::start_with(&config_text(
-        "",
-        "",
+    pg_node(
+        url,
+        name,
         &format!("smarthost = \"{smarthost}\""),
         &format!(
-            "backend = \"postgres\"\nurl = \"{url}\"\nnode = \"{name}\"\n{rest}\n\
-             [delivery]\nretry = [\"1s\"]\nconnect_timeout = \"2s\"\n\
+            "{rest}\n[delivery]\nretry = [\"1s\"]\nconnect_timeout = \"2s\"\n\
              [dns]\nnameservers = []\ntimeout = \"2s\"\n"
         ),
-    ))
+    )
 }
 
 /// The queue ids (as logs print them) that `log` says were delivered.

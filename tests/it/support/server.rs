@@ -175,6 +175,13 @@ impl TestServer {
         }
     }
 
+    /// Whether the server process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().is_ok_and(|status| status.is_none()))
+    }
+
     /// SIGTERM, then waits for a clean exit; returns its status code.
     pub fn terminate(&mut self) -> Option<i32> {
         let mut child = self.child.take()?;
@@ -307,6 +314,35 @@ pub fn python(script: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Sends `body` from `s@remote.test` to `to` with Python's smtplib: "OK",
+/// or "ERR code text" for a refusal at any step (MAIL, RCPT or DATA).
+pub fn smtplib_send(server: &TestServer, to: &str, body: &str) -> String {
+    python(
+        r#"
+import smtplib, sys
+host, port, to, body = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+s = smtplib.SMTP(host, port, timeout=30)
+try:
+    s.sendmail("s@remote.test", [to], body.encode())
+    print("OK")
+except smtplib.SMTPRecipientsRefused as e:
+    code, text = e.recipients[to]
+    print("ERR", code, text.decode())
+except smtplib.SMTPResponseException as e:
+    print("ERR", e.smtp_code, e.smtp_error.decode())
+s.quit()
+"#,
+        &[
+            &server.smtp.ip().to_string(),
+            &server.smtp.port().to_string(),
+            to,
+            body,
+        ],
+    )
+    .trim()
+    .to_owned()
 }
 
 /// Reads lines with `next_line` until the last line of one SMTP reply

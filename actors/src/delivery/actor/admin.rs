@@ -61,88 +61,96 @@ pub struct QueueAdmin {
 }
 
 impl Handler<QueueAdmin> for Delivery {
-    type Result = Result<String, String>;
+    type Result = ResponseActFuture<Self, Result<String, String>>;
 
-    fn handle(&mut self, msg: QueueAdmin, ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: QueueAdmin, _: &mut Self::Context) -> Self::Result {
         let QueueAdmin { action, filter } = msg;
-        queue_tools::check_selection(action, &filter)?;
-        // Not yet on the storage seam: the bulk actions walk the sled store.
-        let Some(store) = self.store.as_sled().cloned() else {
-            return Err(format!(
-                "queue actions are not available on the {} storage backend yet",
-                self.store.backend()
-            ));
-        };
+        if let Err(e) = queue_tools::check_selection(action, &filter) {
+            return Box::pin(actix::fut::ready(Err(e)));
+        }
         if matches!(action, Action::Flush | Action::Requeue | Action::Release) {
             self.revive_destinations();
         }
+        // The entries in a round now: on the storage seam the walk is
+        // async, so it works from this snapshot, as the plain flush does.
         let active: HashSet<MessageId> = self
             .in_flight
             .keys()
             .chain(self.unsettled.keys())
             .copied()
             .collect();
-        let now = now_unix();
-        let mut n = 0u64;
-        // Bounces are made after the walk: each is a store transaction
-        // that the walk need not see.
-        let mut to_bounce = Vec::new();
-        let missing = queue_tools::select(&store, &filter, &active, |item| {
-            let id = item.entry.id;
-            let done = match action {
-                Action::Hold => store.hold(id, now),
-                Action::Release => store.release(id, now),
-                // An entry in a round is retried when its round ends, as
-                // the plain flush does.
-                Action::Requeue | Action::Flush if self.busy(id) => Ok(true),
-                Action::Requeue => store
-                    .reschedule(id, now, true)
-                    .map(|r| r == Rescheduled::Done),
-                Action::Flush => store
-                    .reschedule(id, now, false)
-                    .map(|r| r == Rescheduled::Done),
-                Action::Delete => store.remove_queue(id).map(|()| true),
-                Action::Bounce => {
-                    to_bounce.push(item.entry);
-                    Ok(true)
-                }
-            };
-            match done {
-                Ok(true) => {
-                    n += 1;
-                    if matches!(action, Action::Hold | Action::Release | Action::Delete) {
-                        info!(%id, status = action.done(), "queue: {} by the administrator", action.done());
+        let store = self.store.clone();
+        let walk = async move {
+            let now = now_unix();
+            let mut n = 0u64;
+            // Bounces are made after the walk: each is a store transaction
+            // that the walk need not see.
+            let mut to_bounce = Vec::new();
+            let mut selection = queue_tools::Selection::new(&filter, &active)?;
+            while let Some(page) = selection.next_page(store.as_ref()).await? {
+                for item in page {
+                    let id = item.entry.id;
+                    let done = match action {
+                        Action::Hold => store.hold(id, now).await,
+                        Action::Release => store.release(id, now).await,
+                        // An entry in a round is retried when its round
+                        // ends, as the plain flush does.
+                        Action::Requeue | Action::Flush if active.contains(&id) => Ok(true),
+                        Action::Requeue => store
+                            .reschedule(id, now, true)
+                            .await
+                            .map(|r| r == Rescheduled::Done),
+                        Action::Flush => store
+                            .reschedule(id, now, false)
+                            .await
+                            .map(|r| r == Rescheduled::Done),
+                        Action::Delete => store.remove_queue(id).await.map(|()| true),
+                        Action::Bounce => {
+                            to_bounce.push(item.entry);
+                            Ok(true)
+                        }
+                    };
+                    match done {
+                        Ok(true) => {
+                            n += 1;
+                            if matches!(action, Action::Hold | Action::Release | Action::Delete) {
+                                info!(%id, status = action.done(), "queue: {} by the administrator", action.done());
+                            }
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            warn!(%id, error = %e, "queue {}: store write failed", action.done());
+                            return Err(e.to_string());
+                        }
                     }
                 }
-                Ok(false) => {}
-                Err(e) => {
-                    warn!(%id, error = %e, "queue {}: store write failed", action.done());
-                    return Err(e.to_string());
-                }
             }
-            Ok(true)
-        })?;
-        if !to_bounce.is_empty() {
-            let ids = to_bounce.iter().map(|e: &QueueEntry| e.id).collect();
-            ctx.spawn(self.bounce_ids(ids).map(|done, _, _| {
-                if let Err(e) = done {
-                    warn!(error = %e, "queue bounce");
-                }
-            }));
-        }
-        // Bounces are flushed by their settlement; the rest now.
-        if action != Action::Bounce {
-            self.flush_soon();
-        }
-        if matches!(action, Action::Release | Action::Requeue | Action::Flush) {
-            info!(
-                messages = n,
-                "queue: {} by the administrator",
-                action.done()
-            );
-            self.poll(ctx);
-        }
-        queue_tools::finish(action, n, &missing)
+            Ok((n, selection.missing().to_vec(), to_bounce))
+        };
+        Box::pin(walk.into_actor(self).map(move |walked, act, ctx| {
+            let (n, missing, to_bounce) = walked?;
+            if !to_bounce.is_empty() {
+                let ids = to_bounce.iter().map(|e: &QueueEntry| e.id).collect();
+                ctx.spawn(act.bounce_ids(ids).map(|done, _, _| {
+                    if let Err(e) = done {
+                        warn!(error = %e, "queue bounce");
+                    }
+                }));
+            }
+            // Bounces are flushed by their settlement; the rest now.
+            if action != Action::Bounce {
+                act.flush_soon();
+            }
+            if matches!(action, Action::Release | Action::Requeue | Action::Flush) {
+                info!(
+                    messages = n,
+                    "queue: {} by the administrator",
+                    action.done()
+                );
+                act.poll(ctx);
+            }
+            queue_tools::finish(action, n, &missing)
+        }))
     }
 }
 
