@@ -66,6 +66,8 @@ printf 'config\tload\tnodes\tmessages\tseconds\tper_second\tloadavg\tserver_us\t
 PG_DIR=$WORK/pg
 PG_PID=""
 cluster_cleanup() {
+    # Interrupted in a load: the sampler ends at its stop file.
+    declare -F sampler_stop >/dev/null && sampler_stop
     if [ -n "$PG_PID" ]; then
         # Fast shutdown (SIGINT): sessions cut, a checkpoint, out.
         kill -INT "$PG_PID" 2>/dev/null
