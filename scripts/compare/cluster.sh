@@ -20,7 +20,8 @@
 # writes and fsyncs (pg_stat_wal wal_write, wal_sync); and what the nodes'
 # sessions waited on (pg_stat_activity sampled every 0.2 s, with the count
 # of ungranted pg_locks). The statements of each load, most frequent first,
-# are in OUT/cluster-<config>-<load>-statements.txt and the wait samples in
+# (calls, milliseconds executing, text) are in
+# OUT/cluster-<config>-<load>-statements.txt and the wait samples in
 # OUT/cluster-<config>-<load>-waits.txt.
 #
 # The script's own queries run as the role `monitor` (left out of the
@@ -107,10 +108,12 @@ pg_counters() {
         wal_write, wal_sync FROM pg_stat_wal" | tr '|' ' '
 }
 # Statements run in DB by anyone but the monitor since the last reset,
-# most frequent first, into FILE; prints their total.
+# most frequent first (calls|total milliseconds executing|text), into
+# FILE; prints the number of calls.
 pg_statements() {
     local db=$1 file=$2
-    psql_mon postgres "SELECT s.calls, regexp_replace(left(s.query, 160), '\s+', ' ', 'g')
+    psql_mon postgres "SELECT s.calls, round(s.total_exec_time::numeric, 1),
+            regexp_replace(left(s.query, 160), '\s+', ' ', 'g')
         FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
         WHERE d.datname = '$db' AND s.userid <> 'monitor'::regrole ORDER BY s.calls DESC" >"$file"
     awk -F'|' '{ n += $1 } END { print n + 0 }' "$file"
