@@ -34,9 +34,16 @@
 # own cgroup and every load's note gives the server's CPU time per message
 # (all of Postfix's processes; postino's one process).
 #
+# With --cluster, issue 13's cluster numbers instead (scripts/compare/cluster.sh):
+# Postfix, one postino node on sled, then 1, 2 and 3 postino nodes sharing a
+# throwaway PostgreSQL, local delivery and relay each; besides the rate, CPU
+# per message of the servers and of PostgreSQL, statements, commits and WAL
+# writes/fsyncs per message, and what PostgreSQL's sessions waited on.
+#
 # Usage: scripts/compare.sh [--messages N] [--sessions N] [--size N]
 #          [--pop3-messages N] [--pop3-rounds N] [--out DIR] [--keep]
 #          [--no-postino] [--build] [--tls] [--messages-per-session N]
+#          [--cluster]
 # Environment: POSTINO (postino binary, default target/release/postino under
 #   CARGO_TARGET_DIR or ./target), BENCH (binary providing `bench`, default
 #   $POSTINO), PORT_BASE (first of the loopback ports used, default 26000).
@@ -58,6 +65,7 @@ WITH_POSTINO=1
 BUILD=0
 TLS=0
 PER_SESSION=1
+CLUSTER=0
 PORT_BASE=${PORT_BASE:-26000}
 
 while [ $# -gt 0 ]; do
@@ -73,6 +81,7 @@ while [ $# -gt 0 ]; do
         --build) BUILD=1; shift ;;
         --tls) TLS=1; shift ;;
         --messages-per-session) PER_SESSION=$2; shift 2 ;;
+        --cluster) CLUSTER=1; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -123,6 +132,8 @@ cleanup() {
         for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         kill -9 "$pid" 2>/dev/null
     done
+    # --cluster: its PostgreSQL, once the nodes are gone.
+    declare -F cluster_cleanup >/dev/null && cluster_cleanup
     if [ -n "$DV_PID_FILE" ]; then
         for _ in $(seq 50); do [ -e "$DV_PID_FILE" ] || break; sleep 0.1; done
     fi
@@ -415,6 +426,12 @@ half_rate() {
         log "$target: half-rate load failed"; FAILED=1
     fi
 }
+
+if [ "$CLUSTER" = 1 ]; then
+    # The cluster loads instead of the rest (same helpers, sink and Postfix).
+    . "$TEMPLATES/cluster.sh"
+    exit "$FAILED"
+fi
 
 log "Postfix: local delivery and relay"
 e2e postfix local smtp-source "$PF_SMTP" 'user{n}@example.test' maildir_count maildir_last

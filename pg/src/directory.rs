@@ -22,8 +22,12 @@ impl Db {
             return Ok(false);
         };
         let client = self.client().await?;
+        let statement = client
+            .prepare_cached("SELECT 1 FROM users WHERE address = $1")
+            .await
+            .map_err(db_err)?;
         let row = client
-            .query_opt("SELECT 1 FROM users WHERE address = $1", &[&address])
+            .query_opt(&statement, &[&address])
             .await
             .map_err(db_err)?;
         Ok(row.is_some())
@@ -34,8 +38,12 @@ impl Db {
             return Ok(None);
         };
         let client = self.client().await?;
+        let statement = client
+            .prepare_cached("SELECT targets FROM aliases WHERE alias = $1")
+            .await
+            .map_err(db_err)?;
         let row = client
-            .query_opt("SELECT targets FROM aliases WHERE alias = $1", &[&alias])
+            .query_opt(&statement, &[&alias])
             .await
             .map_err(db_err)?;
         Ok(row.map(|r| r.get(0)))
@@ -198,8 +206,12 @@ impl Db {
             return Ok(None);
         };
         let client = self.client().await?;
+        let statement = client
+            .prepare_cached("SELECT hash FROM users WHERE address = $1")
+            .await
+            .map_err(db_err)?;
         let row = client
-            .query_opt("SELECT hash FROM users WHERE address = $1", &[&address])
+            .query_opt(&statement, &[&address])
             .await
             .map_err(db_err)?;
         Ok(row.map(|r| r.get(0)))
@@ -208,8 +220,12 @@ impl Db {
     pub(crate) async fn quota_setting(&self, address: &str) -> Result<QuotaSetting, StoreError> {
         let address = canonical(address)?;
         let client = self.client().await?;
+        let statement = client
+            .prepare_cached("SELECT quota FROM users WHERE address = $1")
+            .await
+            .map_err(db_err)?;
         let row = client
-            .query_opt("SELECT quota FROM users WHERE address = $1", &[&address])
+            .query_opt(&statement, &[&address])
             .await
             .map_err(db_err)?;
         Ok(match row.and_then(|r| r.get::<_, Option<i64>>(0)) {

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use postino_core::message::MessageId;
 use postino_core::store::{Notice, QueueEntry, QueueItem, Rescheduled, StoreError};
 use tokio_postgres::types::Json;
-use tokio_postgres::Row;
+use tokio_postgres::{Row, SimpleQueryMessage};
 
 use crate::intake::{release, spool_in};
 use crate::{codec, db_err, Db};
@@ -87,13 +87,19 @@ impl Db {
         let client = self.client().await?;
         // A concurrent claim of the same row waits for the other's
         // commit, then sees its lease and claims nothing.
-        let row = client
-            .query_opt(
+        let statement = client
+            .prepare_cached(
                 "UPDATE queue SET lease_owner = $3, lease_until = $4, \
                      lease_token = nextval('lease_tokens') \
                  WHERE id = $1 AND held_since IS NULL \
                    AND (lease_until IS NULL OR lease_until <= $2) \
                  RETURNING entry, next_attempt, lease_token",
+            )
+            .await
+            .map_err(db_err)?;
+        let row = client
+            .query_opt(
+                &statement,
                 &[&(id.0 as i64), &(now as i64), &node, &(until as i64)],
             )
             .await
@@ -196,6 +202,43 @@ impl Db {
     ) -> Result<(), StoreError> {
         let id = entry.id;
         let key = id.0 as i64;
+        // The common end, a delivered message with its own content and no
+        // notice: one round trip, not waiting for the WAL flush (as sled's
+        // settle does not wait for its flush either). A crash of PostgreSQL
+        // before the flush brings the entry back: delivered again, as
+        // after any cut-short round. If it deleted nothing (lease lost,
+        // entry gone, shared content), the transaction below finds out
+        // which. Only integers go into the text.
+        if remove && notices.is_empty() {
+            let client = self.client().await?;
+            let answers = match client
+                .simple_query(&format!(
+                    "BEGIN; SET LOCAL synchronous_commit = off; \
+                     DELETE FROM queue WHERE id = {key} AND lease_token = {} \
+                     AND content IS NOT NULL; COMMIT",
+                    claim.token as i64
+                ))
+                .await
+            {
+                Ok(answers) => answers,
+                Err(e) => {
+                    // A statement failed after BEGIN: the connection goes
+                    // back to the pool out of the aborted transaction.
+                    let _ = client.batch_execute("ROLLBACK").await;
+                    return Err(db_err(e));
+                }
+            };
+            let deleted = answers
+                .iter()
+                .filter_map(|m| match m {
+                    SimpleQueryMessage::CommandComplete(n) => Some(*n),
+                    _ => None,
+                })
+                .nth(2);
+            if deleted == Some(1) {
+                return Ok(());
+            }
+        }
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db_err)?;
         let row = tx
@@ -240,11 +283,12 @@ impl Db {
         id: MessageId,
     ) -> Result<Option<QueueEntry>, StoreError> {
         let client = self.client().await?;
+        let statement = client
+            .prepare_cached("SELECT entry, next_attempt FROM queue WHERE id = $1")
+            .await
+            .map_err(db_err)?;
         let row = client
-            .query_opt(
-                "SELECT entry, next_attempt FROM queue WHERE id = $1",
-                &[&(id.0 as i64)],
-            )
+            .query_opt(&statement, &[&(id.0 as i64)])
             .await
             .map_err(db_err)?;
         row.map(|r| entry_of(&r, 0, 1)).transpose()
@@ -323,12 +367,15 @@ impl Db {
 
     pub(crate) async fn queued_content(&self, id: MessageId) -> Result<Option<Bytes>, StoreError> {
         let client = self.client().await?;
-        let row = client
-            .query_opt(
+        let statement = client
+            .prepare_cached(
                 "SELECT coalesce(q.content, c.data) FROM queue q \
                  LEFT JOIN content c ON c.id = q.id WHERE q.id = $1",
-                &[&(id.0 as i64)],
             )
+            .await
+            .map_err(db_err)?;
+        let row = client
+            .query_opt(&statement, &[&(id.0 as i64)])
             .await
             .map_err(db_err)?;
         Ok(row

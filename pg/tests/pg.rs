@@ -475,3 +475,65 @@ fn kill_9_of_a_node_loses_nothing_acknowledged() {
     );
     eprintln!("{} acknowledged, {} stored (writes in flight at the kill may have committed unacknowledged)", acked.len(), stored.len());
 }
+
+/// The settle of a delivered message: one round trip when the entry holds
+/// its own content (a second settle finds it gone), the full transaction
+/// when the content is shared (spooled mail, also in a mailbox), which
+/// releases it with the last holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivered_settle_removes_the_entry_with_inline_or_shared_content() {
+    let (_cluster, url) = cluster("settle");
+    let a = node(&url, "a");
+    let lease = Duration::from_secs(60);
+    // Inline content: the one-statement path.
+    let inline = a.new_id().await.unwrap();
+    a.accept_remote(&entry(inline, 100), b"Subject: inline\r\n\r\nx\r\n")
+        .await
+        .unwrap();
+    let (first, claim) = a
+        .claim(inline, 1_000, "a", lease)
+        .await
+        .unwrap()
+        .expect("claimed");
+    a.settle(&claim, &first, true, &[]).await.unwrap();
+    assert!(a.queue_entry(inline).await.unwrap().is_none());
+    assert!(matches!(
+        a.settle(&claim, &first, true, &[]).await.unwrap_err(),
+        StoreError::NotFound { .. } | StoreError::LeaseLost { .. }
+    ));
+    // Shared content: spooled, delivered locally and queued.
+    let id = a.new_id().await.unwrap();
+    let envelope = Envelope {
+        id,
+        sender: Some("s@example.test".into()),
+        recipients: vec![RoutedRecipient {
+            address: "bob@example.test".into(),
+            route: Route::Deliver(vec![Target::Mailbox {
+                mailbox: "bob@example.test".into(),
+                original: None,
+            }]),
+        }],
+        received_at: 1_700_000_000,
+        client: "127.0.0.1".into(),
+        helo: "h".into(),
+        size: 6,
+        params: None,
+    };
+    a.spool(&envelope, b"hello\n").await.unwrap();
+    a.deliver_local(id, &local("bob@example.test"))
+        .await
+        .unwrap();
+    a.enqueue(&entry(id, 100)).await.unwrap();
+    a.finish_inbound(id).await.unwrap();
+    let (queued, claim) = a
+        .claim(id, 1_000, "a", lease)
+        .await
+        .unwrap()
+        .expect("claimed");
+    a.settle(&claim, &queued, true, &[]).await.unwrap();
+    assert!(a.queue_entry(id).await.unwrap().is_none());
+    // The mailbox still holds the content; it goes with the mailbox entry.
+    assert!(a.content(id).await.unwrap().is_some());
+    a.delete_mail("bob@example.test", &[id.0]).await.unwrap();
+    assert!(a.content(id).await.unwrap().is_none());
+}
