@@ -90,6 +90,12 @@ pub use admin::{ActiveIds, Destinations, QueueAdmin};
 
 /// Most messages being tried at once (each may hold several connections).
 pub const MAX_IN_FLIGHT: usize = 512;
+/// Rounds that must finish, once the actor was full, before it looks at
+/// the queue again. One look per finished round made a backlog cost a
+/// queue scan and a `next_due_time` per message (on PostgreSQL each one
+/// walks past every entry under a lease: most of the database's time in
+/// a 10,000-message relay backlog); a batch of slots shares one.
+const REFILL: usize = MAX_IN_FLIGHT / 8;
 /// Longest sleep between two looks at the queue.
 pub const MAX_SLEEP: Duration = Duration::from_secs(60);
 /// Shortest sleep: a due entry that could not be started (a failing store)
@@ -198,6 +204,9 @@ pub struct Delivery {
     destinations: HashMap<String, Arc<Destination>>,
     /// The pending wake-up and when (unix seconds) it fires.
     wakeup: Option<(f64, SpawnHandle)>,
+    /// The actor was full since its last look at the queue: due entries
+    /// may be waiting, so it looks again once [`REFILL`] slots are free.
+    refill: bool,
     attempt: Arc<attempt::Attempt>,
     /// Arbiters that run the SMTP client sessions (the server's workers), in
     /// turn; this actor's own thread only keeps the books. Empty: run them
@@ -293,6 +302,7 @@ impl Delivery {
             settle_retry: None,
             destinations: HashMap::new(),
             wakeup: None,
+            refill: false,
             attempt,
             io,
             next_io: 0,
@@ -323,6 +333,7 @@ impl Delivery {
             return;
         }
         let room = MAX_IN_FLIGHT.saturating_sub(self.in_flight.len());
+        self.refill = false;
         let (store, node, lease) = (self.store.clone(), self.node.clone(), self.lease);
         let held = Leases(self.leases.0.clone());
         let scan = async move {
@@ -345,7 +356,14 @@ impl Delivery {
                     Err(e) => failed = Some(e),
                 }
             }
-            (claimed, failed, store.next_due_time(now).await)
+            // Every slot taken: the next look comes when slots free up
+            // (`refill`), so when the next entry is due does not matter.
+            let next = if room > 0 && claimed.len() == room {
+                Ok(None)
+            } else {
+                store.next_due_time(now).await
+            };
+            (claimed, failed, next)
         };
         ctx.wait(
             scan.into_actor(self)
@@ -625,10 +643,13 @@ impl Delivery {
             }
             None => 0,
         };
-        let was_full = self.in_flight.len() >= MAX_IN_FLIGHT;
+        if self.in_flight.len() >= MAX_IN_FLIGHT {
+            self.refill = true;
+        }
         if left == 0 {
             self.in_flight.remove(&id);
         }
+        let refill = self.refill && self.in_flight.len() <= MAX_IN_FLIGHT - REFILL;
         let unwritten = self.unwritten.remove(&id);
         let store = self.store.clone();
         let read = async move { store.queue_entry(id).await };
@@ -667,7 +688,7 @@ impl Delivery {
                     }
                 }
             }
-            if left == 0 && was_full {
+            if left == 0 && refill && act.refill {
                 act.poll(ctx);
             }
         }));
@@ -1122,9 +1143,13 @@ impl Delivery {
     /// Starts a round for a message just queued, if there is room and no
     /// queue run has tried it yet.
     fn try_now(&mut self, id: MessageId, content: Option<Bytes>, ctx: &mut Context<Self>) {
-        if self.busy(id) || self.in_flight.len() >= MAX_IN_FLIGHT || self.settle_retry.is_some() {
-            // Started by a poll that found it due, or no room: the poll
-            // after the next finished round picks it up.
+        if self.in_flight.len() >= MAX_IN_FLIGHT {
+            // No room: a poll picks it up once rounds have finished.
+            self.refill = true;
+            return;
+        }
+        if self.busy(id) || self.settle_retry.is_some() {
+            // Started by a poll that found it due, or the store fails.
             return;
         }
         // A poll may also have found it due and finished a whole round
