@@ -1047,34 +1047,7 @@ fn store_command(config: &Config, cmd: StoreCommand) -> ExitCode {
                 Ok(s) => s,
                 Err(e) => return fail(&e),
             };
-            let result = match &output {
-                Some(path) => std::fs::File::create(path)
-                    .map_err(|e| format!("{}: {e}", path.display()))
-                    .and_then(|file| {
-                        let mut out = std::io::BufWriter::new(file);
-                        let counts = store.export(&mut out).map_err(|e| e.to_string())?;
-                        let file = out.into_inner().map_err(|e| e.to_string())?;
-                        file.sync_all().map_err(|e| e.to_string())?;
-                        Ok(counts)
-                    }),
-                None => store
-                    .export(&mut std::io::BufWriter::new(std::io::stdout().lock()))
-                    .map_err(|e| e.to_string()),
-            };
-            match result {
-                Ok(c) => {
-                    eprintln!(
-                        "exported {} users, {} aliases, {} mailbox entries, {} queued, {} spooled; {} unreadable records skipped",
-                        c.users, c.aliases, c.mail, c.queue, c.inbound, c.skipped
-                    );
-                    if c.skipped > 0 {
-                        ExitCode::FAILURE
-                    } else {
-                        ExitCode::SUCCESS
-                    }
-                }
-                Err(e) => fail(&format!("export: {e}")),
-            }
+            export_command(output.as_deref(), |out| store.export(out))
         }
         StoreCommand::Compact => store_compact(config),
         StoreCommand::Import { file } => {
@@ -1118,34 +1091,7 @@ fn pg_store_command(config: &Config, cmd: StoreCommand) -> ExitCode {
                 Ok(s) => s,
                 Err(e) => return fail(&e),
             };
-            let result = match &output {
-                Some(path) => std::fs::File::create(path)
-                    .map_err(|e| format!("{}: {e}", path.display()))
-                    .and_then(|file| {
-                        let mut out = std::io::BufWriter::new(file);
-                        let counts = store.export(&mut out).map_err(|e| e.to_string())?;
-                        let file = out.into_inner().map_err(|e| e.to_string())?;
-                        file.sync_all().map_err(|e| e.to_string())?;
-                        Ok(counts)
-                    }),
-                None => store
-                    .export(&mut std::io::BufWriter::new(std::io::stdout().lock()))
-                    .map_err(|e| e.to_string()),
-            };
-            match result {
-                Ok(c) => {
-                    eprintln!(
-                        "exported {} users, {} aliases, {} mailbox entries, {} queued, {} spooled; {} unreadable records skipped",
-                        c.users, c.aliases, c.mail, c.queue, c.inbound, c.skipped
-                    );
-                    if c.skipped > 0 {
-                        ExitCode::FAILURE
-                    } else {
-                        ExitCode::SUCCESS
-                    }
-                }
-                Err(e) => fail(&format!("export: {e}")),
-            }
+            export_command(output.as_deref(), |out| store.export(out))
         }
         StoreCommand::Import { file } => {
             let input = match std::fs::File::open(&file) {
@@ -1167,6 +1113,41 @@ fn pg_store_command(config: &Config, cmd: StoreCommand) -> ExitCode {
                 Err(e) => fail(&format!("import from {}: {e}", file.display())),
             }
         }
+    }
+}
+
+/// `store export` on either backend: into `output` (synced before the
+/// counts are printed) or standard output.
+fn export_command<E: std::fmt::Display>(
+    output: Option<&Path>,
+    export: impl FnOnce(&mut dyn Write) -> Result<postino_core::store::Counts, E>,
+) -> ExitCode {
+    let result = match output {
+        Some(path) => std::fs::File::create(path)
+            .map_err(|e| format!("{}: {e}", path.display()))
+            .and_then(|file| {
+                let mut out = std::io::BufWriter::new(file);
+                let counts = export(&mut out).map_err(|e| e.to_string())?;
+                let file = out.into_inner().map_err(|e| e.to_string())?;
+                file.sync_all().map_err(|e| e.to_string())?;
+                Ok(counts)
+            }),
+        None => export(&mut std::io::BufWriter::new(std::io::stdout().lock()))
+            .map_err(|e| e.to_string()),
+    };
+    match result {
+        Ok(c) => {
+            eprintln!(
+                "exported {} users, {} aliases, {} mailbox entries, {} queued, {} spooled; {} unreadable records skipped",
+                c.users, c.aliases, c.mail, c.queue, c.inbound, c.skipped
+            );
+            if c.skipped > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => fail(&format!("export: {e}")),
     }
 }
 
