@@ -21,15 +21,9 @@ impl Db {
         let Ok(address) = canonical(address) else {
             return Ok(false);
         };
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached("SELECT 1 FROM users WHERE address = $1")
-            .await
-            .map_err(db_err)?;
-        let row = client
-            .query_opt(&statement, &[&address])
-            .await
-            .map_err(db_err)?;
+        let row = self
+            .query_cached("SELECT 1 FROM users WHERE address = $1", &[&address])
+            .await?;
         Ok(row.is_some())
     }
 
@@ -37,15 +31,9 @@ impl Db {
         let Ok(alias) = canonical(alias) else {
             return Ok(None);
         };
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached("SELECT targets FROM aliases WHERE alias = $1")
-            .await
-            .map_err(db_err)?;
-        let row = client
-            .query_opt(&statement, &[&alias])
-            .await
-            .map_err(db_err)?;
+        let row = self
+            .query_cached("SELECT targets FROM aliases WHERE alias = $1", &[&alias])
+            .await?;
         Ok(row.map(|r| r.get(0)))
     }
 
@@ -205,29 +193,17 @@ impl Db {
         let Ok(address) = canonical(address) else {
             return Ok(None);
         };
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached("SELECT hash FROM users WHERE address = $1")
-            .await
-            .map_err(db_err)?;
-        let row = client
-            .query_opt(&statement, &[&address])
-            .await
-            .map_err(db_err)?;
+        let row = self
+            .query_cached("SELECT hash FROM users WHERE address = $1", &[&address])
+            .await?;
         Ok(row.map(|r| r.get(0)))
     }
 
     pub(crate) async fn quota_setting(&self, address: &str) -> Result<QuotaSetting, StoreError> {
         let address = canonical(address)?;
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached("SELECT quota FROM users WHERE address = $1")
-            .await
-            .map_err(db_err)?;
-        let row = client
-            .query_opt(&statement, &[&address])
-            .await
-            .map_err(db_err)?;
+        let row = self
+            .query_cached("SELECT quota FROM users WHERE address = $1", &[&address])
+            .await?;
         Ok(match row.and_then(|r| r.get::<_, Option<i64>>(0)) {
             None => QuotaSetting::Default,
             Some(UNLIMITED) => QuotaSetting::Unlimited,

@@ -317,6 +317,18 @@ impl Db {
         self.pool.get().await.map_err(db_err)
     }
 
+    /// A per-message statement: `sql` prepared once per pooled connection
+    /// (`prepare_cached`), then one round trip for its row, if any.
+    async fn query_cached(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Option<tokio_postgres::Row>, StoreError> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(sql).await.map_err(db_err)?;
+        client.query_opt(&statement, params).await.map_err(db_err)
+    }
+
     fn default_quota(&self) -> Option<u64> {
         match self.default_quota.load(Ordering::Relaxed) {
             u64::MAX => None,

@@ -84,26 +84,18 @@ impl Db {
         lease: Duration,
     ) -> Result<Option<(QueueEntry, Claim)>, StoreError> {
         let until = now.saturating_add(lease.as_secs().max(1));
-        let client = self.client().await?;
         // A concurrent claim of the same row waits for the other's
         // commit, then sees its lease and claims nothing.
-        let statement = client
-            .prepare_cached(
+        let row = self
+            .query_cached(
                 "UPDATE queue SET lease_owner = $3, lease_until = $4, \
                      lease_token = nextval('lease_tokens') \
                  WHERE id = $1 AND held_since IS NULL \
                    AND (lease_until IS NULL OR lease_until <= $2) \
                  RETURNING entry, next_attempt, lease_token",
-            )
-            .await
-            .map_err(db_err)?;
-        let row = client
-            .query_opt(
-                &statement,
                 &[&(id.0 as i64), &(now as i64), &node, &(until as i64)],
             )
-            .await
-            .map_err(db_err)?;
+            .await?;
         row.map(|r| {
             let entry = entry_of(&r, 0, 1)?;
             let claim = Claim {
@@ -282,15 +274,12 @@ impl Db {
         &self,
         id: MessageId,
     ) -> Result<Option<QueueEntry>, StoreError> {
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached("SELECT entry, next_attempt FROM queue WHERE id = $1")
-            .await
-            .map_err(db_err)?;
-        let row = client
-            .query_opt(&statement, &[&(id.0 as i64)])
-            .await
-            .map_err(db_err)?;
+        let row = self
+            .query_cached(
+                "SELECT entry, next_attempt FROM queue WHERE id = $1",
+                &[&(id.0 as i64)],
+            )
+            .await?;
         row.map(|r| entry_of(&r, 0, 1)).transpose()
     }
 
@@ -366,18 +355,13 @@ impl Db {
     }
 
     pub(crate) async fn queued_content(&self, id: MessageId) -> Result<Option<Bytes>, StoreError> {
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached(
+        let row = self
+            .query_cached(
                 "SELECT coalesce(q.content, c.data) FROM queue q \
                  LEFT JOIN content c ON c.id = q.id WHERE q.id = $1",
+                &[&(id.0 as i64)],
             )
-            .await
-            .map_err(db_err)?;
-        let row = client
-            .query_opt(&statement, &[&(id.0 as i64)])
-            .await
-            .map_err(db_err)?;
+            .await?;
         Ok(row
             .and_then(|r| r.get::<_, Option<Vec<u8>>>(0))
             .map(Bytes::from))
