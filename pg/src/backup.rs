@@ -14,8 +14,8 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use postino_core::message::{Envelope, MessageId};
 use postino_core::store::{
-    canonical_mailbox as canonical, BackupError, Counts, ExportLine as Line, QueueEntry,
-    StoreError, EXPORT_FORMAT, EXPORT_VERSION,
+    canonical_mailbox as canonical, read_export, BackupError, Counts, ExportLine as Line,
+    QueueEntry, StoreError, EXPORT_FORMAT, EXPORT_VERSION,
 };
 use tokio::sync::mpsc;
 use tokio_postgres::types::Json;
@@ -240,7 +240,9 @@ impl PgStore {
         let rt = self.inner.rt.as_ref().expect("runtime until drop");
         let db = self.inner.db.clone();
         let writer = rt.spawn(async move { write_import(db, rx).await });
-        let read = read_import(input, &tx);
+        // A failed send: the writer stopped, and its error is the one to
+        // report.
+        let read = read_export(input, |_, line| Ok(tx.blocking_send(line).is_ok()));
         drop(tx);
         let written = std::thread::scope(|s| {
             s.spawn(|| rt.block_on(writer))
@@ -252,70 +254,6 @@ impl PgStore {
         written?;
         Ok(counts)
     }
-}
-
-/// Reads and checks the lines, sending each to the writer; the end line's
-/// counts must match. The writer commits only if the last line it got is
-/// the end line.
-fn read_import(input: &mut dyn BufRead, tx: &mpsc::Sender<Line>) -> Result<Counts, BackupError> {
-    let mut c = Counts::default();
-    let mut ended = false;
-    let mut n = 0u64;
-    let mut buf = String::new();
-    loop {
-        buf.clear();
-        if input.read_line(&mut buf)? == 0 {
-            break;
-        }
-        n += 1;
-        let bad = |message: String| BackupError::Format { line: n, message };
-        if ended {
-            return Err(bad("data after the end line".into()));
-        }
-        let line: Line = serde_json::from_str(&buf).map_err(|e| bad(e.to_string()))?;
-        match &line {
-            Line::Header {
-                format, version, ..
-            } if n == 1 => {
-                if format != EXPORT_FORMAT || *version != EXPORT_VERSION {
-                    return Err(bad(format!(
-                        "format {format} version {version}: this postino reads {EXPORT_FORMAT} version {EXPORT_VERSION}"
-                    )));
-                }
-            }
-            _ if n == 1 => return Err(bad("not a postino store export (no header)".into())),
-            Line::Header { .. } => return Err(bad("a second header".into())),
-            Line::User { .. } => c.users += 1,
-            Line::Alias { .. } => c.aliases += 1,
-            Line::Mail { .. } => c.mail += 1,
-            Line::Queue { .. } => c.queue += 1,
-            Line::Inbound { .. } => c.inbound += 1,
-            Line::End(counts) => {
-                let want = Counts {
-                    skipped: counts.skipped,
-                    ..c.clone()
-                };
-                if *counts != want {
-                    return Err(bad(format!(
-                        "the end line counts {counts:?}, the file holds {want:?}"
-                    )));
-                }
-                c.skipped = counts.skipped;
-                ended = true;
-            }
-        }
-        if tx.blocking_send(line).is_err() {
-            // The writer failed; its error is the one to report.
-            return Ok(c);
-        }
-    }
-    if !ended {
-        return Err(BackupError::Format {
-            line: n,
-            message: "no end line: the export is incomplete".into(),
-        });
-    }
-    Ok(c)
 }
 
 async fn write_import(

@@ -435,42 +435,18 @@ impl Store {
         }
         let store = Store::open(dir)?;
         let i = &store.inner;
-        let mut c = Counts::default();
         let mut max_id = 0u64;
-        let mut ended = false;
-        let mut n = 0u64;
-        let mut buf = String::new();
-        loop {
-            buf.clear();
-            if input.read_line(&mut buf)? == 0 {
-                break;
-            }
-            n += 1;
+        let c = read_export(input, |n, line| {
             let bad = |message: String| BackupError::Format { line: n, message };
-            if ended {
-                return Err(bad("data after the end line".into()));
-            }
-            let line: Line = serde_json::from_str(&buf).map_err(|e| bad(e.to_string()))?;
             let b64 = |s: &str| B64.decode(s).map_err(|e| bad(format!("base64: {e}")));
             match line {
-                Line::Header {
-                    format,
-                    version,
-                    uidl_epoch,
-                    ..
-                } if n == 1 => {
-                    if format != FORMAT || version != EXPORT_VERSION {
-                        return Err(bad(format!(
-                            "format {format} version {version}: this postino reads {FORMAT} version {EXPORT_VERSION}"
-                        )));
-                    }
-                    // The epoch is part of every UIDL: keep it.
+                // Checked by read_export; the epoch is part of every UIDL:
+                // keep it.
+                Line::Header { uidl_epoch, .. } => {
                     store
                         .meta()?
                         .insert(META_UIDL_EPOCH, &uidl_epoch.to_be_bytes()[..])?;
                 }
-                _ if n == 1 => return Err(bad("not a postino store export (no header)".into())),
-                Line::Header { .. } => return Err(bad("a second header".into())),
                 Line::User {
                     address,
                     hash,
@@ -482,13 +458,11 @@ impl Store {
                     if let Some(q) = quota {
                         i.quotas.insert(address.as_bytes(), &q.to_be_bytes())?;
                     }
-                    c.users += 1;
                 }
                 Line::Alias { alias, targets } => {
                     let alias = super::canonical(&alias)?;
                     i.aliases
                         .insert(alias.as_bytes(), encode("alias", &targets)?)?;
-                    c.aliases += 1;
                 }
                 Line::Mail {
                     mailbox,
@@ -507,7 +481,6 @@ impl Store {
                         encode_inline("mail", &rec, Some(&content))?,
                     )?;
                     max_id = max_id.max(key);
-                    c.mail += 1;
                 }
                 Line::Queue { entry, content } => {
                     let content = b64(&content)?;
@@ -518,7 +491,6 @@ impl Store {
                         encode_inline("queue", &entry, Some(&content))?,
                     )?;
                     max_id = max_id.max(entry.id.0);
-                    c.queue += 1;
                 }
                 Line::Inbound {
                     envelope,
@@ -543,29 +515,11 @@ impl Store {
                     };
                     i.progress.insert(key, encode("progress", &progress)?)?;
                     max_id = max_id.max(envelope.id.0).max(bounce.map_or(0, |b| b.0));
-                    c.inbound += 1;
                 }
-                Line::End(counts) => {
-                    let want = Counts {
-                        skipped: counts.skipped,
-                        ..c.clone()
-                    };
-                    if counts != want {
-                        return Err(bad(format!(
-                            "the end line counts {counts:?}, the file holds {want:?}"
-                        )));
-                    }
-                    c.skipped = counts.skipped;
-                    ended = true;
-                }
+                Line::End(_) => {}
             }
-        }
-        if !ended {
-            return Err(BackupError::Format {
-                line: n,
-                message: "no end line: the export is incomplete".into(),
-            });
-        }
+            Ok(true)
+        })?;
         // sled's id counter only counts up: take ids until it is past every
         // imported one, so new mail never reuses a key (and a UIDL).
         while store.new_id()?.0 <= max_id {}
@@ -575,8 +529,135 @@ impl Store {
     }
 }
 
+/// Reads an export line by line and checks its shape — the header first
+/// and only there, in a format and version this postino reads; records
+/// counted; the end line last, its counts those of the file — handing each
+/// line and its number to `each`, which returns `false` to stop early.
+/// Every backend's import reads through it. Returns the counts read.
+///
+/// # Errors
+/// [`BackupError::Format`] naming the line, an IO error, or what `each`
+/// returned.
+pub fn read_export(
+    input: &mut dyn BufRead,
+    mut each: impl FnMut(u64, Line) -> Result<bool, BackupError>,
+) -> Result<Counts, BackupError> {
+    let mut c = Counts::default();
+    let mut ended = false;
+    let mut n = 0u64;
+    let mut buf = String::new();
+    loop {
+        buf.clear();
+        if input.read_line(&mut buf)? == 0 {
+            break;
+        }
+        n += 1;
+        let bad = |message: String| BackupError::Format { line: n, message };
+        if ended {
+            return Err(bad("data after the end line".into()));
+        }
+        let line: Line = serde_json::from_str(&buf).map_err(|e| bad(e.to_string()))?;
+        match &line {
+            Line::Header {
+                format, version, ..
+            } if n == 1 => {
+                if format != FORMAT || *version != EXPORT_VERSION {
+                    return Err(bad(format!(
+                        "format {format} version {version}: this postino reads {FORMAT} version {EXPORT_VERSION}"
+                    )));
+                }
+            }
+            _ if n == 1 => return Err(bad("not a postino store export (no header)".into())),
+            Line::Header { .. } => return Err(bad("a second header".into())),
+            Line::User { .. } => c.users += 1,
+            Line::Alias { .. } => c.aliases += 1,
+            Line::Mail { .. } => c.mail += 1,
+            Line::Queue { .. } => c.queue += 1,
+            Line::Inbound { .. } => c.inbound += 1,
+            Line::End(counts) => {
+                let want = Counts {
+                    skipped: counts.skipped,
+                    ..c.clone()
+                };
+                if *counts != want {
+                    return Err(bad(format!(
+                        "the end line counts {counts:?}, the file holds {want:?}"
+                    )));
+                }
+                c.skipped = counts.skipped;
+                ended = true;
+            }
+        }
+        if !each(n, line)? {
+            return Ok(c);
+        }
+    }
+    if !ended {
+        return Err(BackupError::Format {
+            line: n,
+            message: "no end line: the export is incomplete".into(),
+        });
+    }
+    Ok(c)
+}
+
 fn write_line(out: &mut dyn Write, line: &Line) -> Result<(), BackupError> {
     serde_json::to_writer(&mut *out, line).map_err(std::io::Error::from)?;
     out.write_all(b"\n")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEADER: &str =
+        r#"{"type":"header","format":"postino-store","version":1,"schema":4,"uidl_epoch":7}"#;
+    const USER: &str = r#"{"type":"user","address":"a@x.test","hash":"h"}"#;
+    const END_ONE_USER: &str =
+        r#"{"type":"end","users":1,"aliases":0,"mail":0,"queue":0,"inbound":0,"skipped":0}"#;
+
+    /// What `read_export` makes of `lines`: the counts and the lines it
+    /// handed on, or the line and message of its refusal.
+    fn read(lines: &[&str]) -> Result<(Counts, Vec<u64>), (u64, String)> {
+        let text = lines.join("\n") + "\n";
+        let mut seen = Vec::new();
+        read_export(&mut text.as_bytes(), |n, _| {
+            seen.push(n);
+            Ok(true)
+        })
+        .map(|c| (c, seen))
+        .map_err(|e| match e {
+            BackupError::Format { line, message } => (line, message),
+            other => panic!("not a format error: {other}"),
+        })
+    }
+
+    #[test]
+    fn a_whole_export_is_read_and_every_line_handed_on() {
+        let (counts, seen) = read(&[HEADER, USER, END_ONE_USER]).unwrap();
+        assert_eq!(counts.users, 1);
+        assert_eq!(seen, [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_malformed_export_is_refused_naming_the_line() {
+        let refused = |lines: &[&str]| read(lines).unwrap_err();
+        assert_eq!(refused(&[USER, END_ONE_USER]).0, 1, "no header");
+        assert!(
+            refused(&[&HEADER.replace("\"version\":1", "\"version\":9"), USER])
+                .1
+                .contains("version 9")
+        );
+        assert_eq!(refused(&[HEADER, HEADER]), (2, "a second header".into()));
+        assert_eq!(
+            refused(&[HEADER, USER]),
+            (2, "no end line: the export is incomplete".into())
+        );
+        assert_eq!(refused(&[HEADER, USER, USER, END_ONE_USER]).0, 4, "counts");
+        assert_eq!(
+            refused(&[HEADER, USER, END_ONE_USER, USER]),
+            (4, "data after the end line".into())
+        );
+    }
 }

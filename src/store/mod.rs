@@ -157,7 +157,8 @@ use crate::routing::{Directory, DirectoryError};
 // `ExportLine`, `EXPORT_FORMAT` and `hash_password`: for other backends
 // (`postino-pg`), which share the export format and password hashes.
 pub use backup::{
-    BackupError, CheckReport, Counts, Line as ExportLine, EXPORT_FORMAT, EXPORT_VERSION,
+    read_export, BackupError, CheckReport, Counts, Line as ExportLine, EXPORT_FORMAT,
+    EXPORT_VERSION,
 };
 pub use commit::Durable;
 pub use compact::Compacted;
