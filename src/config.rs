@@ -1073,7 +1073,30 @@ fn invalid_message(path: &Path, line: Option<usize>, key: &Option<String>, msg: 
     out
 }
 
+/// What stands in for a secret in [`Config::without_secrets`]: printable
+/// and without spaces, so that the printed configuration still loads.
+pub const HIDDEN: &str = "<hidden>";
+
 impl Config {
+    /// This configuration with its secrets replaced by [`HIDDEN`]: the
+    /// smarthost password, the admin token and a password in the store URL
+    /// (its user info or a `password=` parameter). What `check-config`
+    /// prints unless asked for them, as `doveconf` hides passwords without
+    /// `-P`: its output gets pasted into tickets and chats.
+    pub fn without_secrets(&self) -> Config {
+        let mut config = self.clone();
+        if let Some(auth) = &mut config.routing.smarthost_auth {
+            auth.password = HIDDEN.to_owned();
+        }
+        if let Some(token) = &mut config.admin.token {
+            *token = HIDDEN.to_owned();
+        }
+        if let Some(url) = &mut config.store.url {
+            *url = url_without_password(url);
+        }
+        config
+    }
+
     /// The free-space reserve in bytes: `store.min_free`, or by default
     /// 1.5 × `smtp.max_message_size`.
     pub fn min_free(&self) -> u64 {
@@ -1463,6 +1486,38 @@ fn locate_key(text: &str, dotted: &str) -> Option<usize> {
     None
 }
 
+/// `url` (`postgresql://user:password@host/db?password=…`) with each
+/// password replaced by [`HIDDEN`].
+fn url_without_password(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let authority = match authority.rsplit_once('@') {
+        Some((info, hosts)) => match info.split_once(':') {
+            Some((user, _)) => format!("{user}:{HIDDEN}@{hosts}"),
+            None => authority.to_owned(),
+        },
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((key, _)) if key == "password" => format!("{key}={HIDDEN}"),
+                    _ => p.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", params.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    match url.contains("://") {
+        true => format!("{scheme}://{authority}{tail}"),
+        false => format!("{authority}{tail}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1845,5 +1900,43 @@ mod tests {
             vec![Duration::from_secs(1), Duration::from_secs(120)]
         );
         assert_eq!(c.delivery.max_queue_lifetime, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn secrets_are_hidden_and_the_rest_kept() {
+        let c = parse(
+            "[routing]\nsmarthost = \"relay.test:465\"\n[routing.smarthost_auth]\n\
+             username = \"u\"\npassword = \"pw1\"\n\
+             [admin]\nlisten = \"127.0.0.1:9025\"\ntoken = \"tok2\"\n\
+             [store]\nurl = \"postgresql://bob:pw3@db.test:5432/mail?password=pw4&sslmode=require\"\n",
+        )
+        .unwrap();
+        let hidden = c.without_secrets();
+        let text = toml::to_string_pretty(&hidden).unwrap();
+        for secret in ["pw1", "tok2", "pw3", "pw4"] {
+            assert!(!text.contains(secret), "{secret} in:\n{text}");
+        }
+        assert_eq!(
+            hidden.store.url.as_deref(),
+            Some("postgresql://bob:<hidden>@db.test:5432/mail?password=<hidden>&sslmode=require")
+        );
+        assert_eq!(hidden.routing.smarthost_auth.unwrap().username, "u");
+        assert_eq!(hidden.admin.listen, c.admin.listen);
+        // Without secrets nothing changes.
+        for url in [
+            "postgresql://bob@db.test/mail",
+            "postgres://db.test",
+            "postgresql:///mail?host=/run/pg",
+        ] {
+            assert_eq!(url_without_password(url), url);
+        }
+        assert_eq!(
+            url_without_password("postgresql://a:b:c@h"),
+            "postgresql://a:<hidden>@h"
+        );
+        assert_eq!(
+            url_without_password("postgresql://a:p@ss@h/db"),
+            "postgresql://a:<hidden>@h/db"
+        );
     }
 }

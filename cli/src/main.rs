@@ -36,8 +36,13 @@ struct Cli {
 enum Command {
     /// Run the server until SIGINT or SIGTERM (SIGHUP reloads TLS certificates).
     Serve,
-    /// Check the configuration file and print the effective settings.
-    CheckConfig,
+    /// Check the configuration file and print the effective settings
+    /// (passwords and tokens as `<hidden>`).
+    CheckConfig {
+        /// Print passwords and tokens too.
+        #[arg(long)]
+        show_secrets: bool,
+    },
     /// Manage mailboxes.
     #[command(subcommand)]
     User(UserCommand),
@@ -435,7 +440,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve => serve(config, config_file),
-        Command::CheckConfig => {
+        Command::CheckConfig { show_secrets } => {
             eprintln!("postino: using {}", describe_config(config_file.as_deref()));
             if let Err(e) = check_files(&config) {
                 eprintln!("postino: {e}");
@@ -445,7 +450,11 @@ fn main() -> ExitCode {
                 eprintln!("postino: {e}");
                 return ExitCode::from(2);
             }
-            print_lines([toml::to_string_pretty(&config).unwrap_or_default()])
+            let shown = match show_secrets {
+                true => config,
+                false => config.without_secrets(),
+            };
+            print_lines([toml::to_string_pretty(&shown).unwrap_or_default()])
         }
         Command::Bench(cmd) => {
             // The load harness prints reports as it goes; a reader that

@@ -684,6 +684,49 @@ fn check_config_prints_settings_that_check_again() {
     assert!(!dir.path().join("data").exists());
 }
 
+/// Passwords and tokens are printed as `<hidden>` unless `--show-secrets`
+/// asks for them (as `doveconf` without and with `-P`); what is printed
+/// still loads.
+#[test]
+fn check_config_hides_secrets_unless_asked() {
+    let (dir, config) = fresh_config(&config_text(
+        "",
+        "",
+        "smarthost = \"relay.test:465\"\n[routing.smarthost_auth]\n\
+         username = \"relayuser\"\npassword = \"pw-smarthost\"",
+        "url = \"postgresql://bob:pw-database@db.test:5432/mail\"\n\
+         [admin]\nlisten = \"127.0.0.1:9025\"\ntoken = \"tok-admin\"\n",
+    ));
+    let c = config.to_str().unwrap();
+    let out = postino(&["check-config", "--config", c], "");
+    let (printed, err) = (ok(out.clone()), stderr(&out));
+    for secret in ["pw-smarthost", "pw-database", "tok-admin"] {
+        assert!(!printed.contains(secret), "{secret}:\n{printed}");
+        assert!(!err.contains(secret), "{secret}:\n{err}");
+    }
+    assert!(printed.contains("username = \"relayuser\""), "{printed}");
+    assert!(printed.contains("password = \"<hidden>\""), "{printed}");
+    assert!(printed.contains("token = \"<hidden>\""), "{printed}");
+    assert!(
+        printed.contains("postgresql://bob:<hidden>@db.test:5432/mail"),
+        "{printed}"
+    );
+    let again = dir.path().join("printed.toml");
+    std::fs::write(&again, &printed).unwrap();
+    ok(postino(
+        &["check-config", "--config", again.to_str().unwrap()],
+        "",
+    ));
+
+    let shown = ok(postino(
+        &["check-config", "--show-secrets", "--config", c],
+        "",
+    ));
+    for secret in ["pw-smarthost", "pw-database", "tok-admin"] {
+        assert!(shown.contains(secret), "{secret}:\n{shown}");
+    }
+}
+
 #[test]
 fn shipped_example_config_is_accepted() {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config.example.toml");
