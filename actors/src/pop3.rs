@@ -52,6 +52,11 @@ pub struct Pop3Connection {
     lines: LineReceiver,
     /// The maildrop this session has locked, if logged in.
     maildrop: Option<Box<dyn MaildropLock>>,
+    /// Who logged in, for the line logged at the end.
+    user: Option<String>,
+    /// Why the connection ended, when not by QUIT or the session's own
+    /// decision: `timeout`, `shutdown`, `kicked` or `disconnected`.
+    ended: Option<&'static str>,
     /// When the command line being read must be complete: the timeout
     /// counts for the whole line, not per read, so a client dripping bytes
     /// is disconnected as an idle one is.
@@ -87,6 +92,8 @@ impl Pop3Connection {
             io: Some(Io::new(stream, shutdown)),
             lines: LineReceiver::new(),
             maildrop: None,
+            user: None,
+            ended: None,
             deadline: None,
             id: SESSION_IDS.fetch_add(1, Ordering::Relaxed),
             span: tracing::info_span!("pop3", %peer),
@@ -269,6 +276,7 @@ impl Pop3Connection {
                 AuthResult::Ok(drop) => {
                     info!(parent: &act.span, user = %escape(&user), messages = drop.0.len(), "pop3 login");
                     act.shared.sessions.logged_in(act.id, &user);
+                    act.user = Some(user.clone());
                     act.maildrop = lock;
                 }
                 // The delay is logged so a postmaster (and the tests) can see
@@ -318,16 +326,19 @@ impl Pop3Connection {
                         act.drive(ctx);
                     }
                     ReadOutcome::TimedOut => {
+                        act.ended = Some("timeout");
                         act.session.timed_out(&mut io.wbuf);
                         act.io = Some(io);
                         act.close(ctx);
                     }
                     ReadOutcome::Shutdown => {
+                        act.ended = Some("shutdown");
                         act.session.shutting_down(&mut io.wbuf);
                         act.io = Some(io);
                         act.close(ctx);
                     }
                     ReadOutcome::Closed | ReadOutcome::Error(_) => {
+                        act.ended = Some("disconnected");
                         act.io = Some(io);
                         ctx.stop();
                     }
@@ -374,7 +385,27 @@ impl Actor for Pop3Connection {
         // A dropped connection deletes nothing; it only gives up the lock.
         self.release();
         self.shared.sessions.disconnected(self.id);
-        debug!(parent: &self.span, "disconnected");
+        let Some(user) = &self.user else {
+            debug!(parent: &self.span, "disconnected");
+            return;
+        };
+        // Dovecot's `Logged out top=0/0, retr=1/1234, del=1/1, size=1234`:
+        // messages/octets sent, deleted/messages at login, octets at login.
+        let a = self.session.activity();
+        let reason = match a.quit {
+            true => "quit",
+            false => self.ended.unwrap_or("closed"),
+        };
+        info!(
+            parent: &self.span,
+            user = %escape(user),
+            reason = %reason,
+            top = %format_args!("{}/{}", a.top.0, a.top.1),
+            retr = %format_args!("{}/{}", a.retr.0, a.retr.1),
+            del = %format_args!("{}/{}", a.deleted, a.messages),
+            size = a.size,
+            "pop3 logout"
+        );
     }
 }
 
@@ -385,6 +416,7 @@ impl Handler<Kick> for Pop3Connection {
     /// maildrop lock goes (`stopped`).
     fn handle(&mut self, _: Kick, ctx: &mut Self::Context) {
         info!(parent: &self.span, user = %escape(self.maildrop.as_ref().map_or("", |l| l.mailbox())), "pop3 session ended by the administrator");
+        self.ended = Some("kicked");
         ctx.stop();
     }
 }

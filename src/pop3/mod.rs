@@ -42,7 +42,7 @@ pub mod session;
 pub use receiver::{LineReceiver, LineTooLong, DEFAULT_MAX_AUTH_LINE, MAX_COMMAND_LINE};
 pub use request::{ParseError, Request};
 pub use session::{
-    AuthResult, Maildrop, MaildropEntry, Session, SessionConfig, State, Step,
+    Activity, AuthResult, Maildrop, MaildropEntry, Session, SessionConfig, State, Step,
     DEFAULT_MAX_BAD_COMMANDS,
 };
 

@@ -177,6 +177,25 @@ enum Phase {
     Closed,
 }
 
+/// What a session did, for the line logged at its end (Dovecot's
+/// `Logged out top=0/0, retr=1/1234, del=1/1, size=1234`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Activity {
+    /// TOP replies sent, and the octets of message text in them.
+    pub top: (u32, u64),
+    /// RETR replies sent, and the octets of the messages.
+    pub retr: (u32, u64),
+    /// Messages deleted at QUIT: 0 unless the deletion was committed.
+    pub deleted: u32,
+    /// Messages in the maildrop at login.
+    pub messages: u32,
+    /// Their octets.
+    pub size: u64,
+    /// The client ended the session with QUIT (and its deletions, if any,
+    /// were committed).
+    pub quit: bool,
+}
+
 /// One POP3 server session. Does no IO: the caller feeds it lines and
 /// carries out the [`Step`]s it returns.
 #[derive(Debug)]
@@ -191,6 +210,7 @@ pub struct Session {
     live_count: usize,
     live_size: u64,
     bad_commands: u32,
+    activity: Activity,
 }
 
 impl Session {
@@ -205,6 +225,7 @@ impl Session {
             live_count: 0,
             live_size: 0,
             bad_commands: 0,
+            activity: Activity::default(),
         }
     }
 
@@ -224,6 +245,11 @@ impl Session {
             Phase::Update => State::Update,
             Phase::Closed => State::Closed,
         }
+    }
+
+    /// What the session did so far ([`Activity`]).
+    pub fn activity(&self) -> Activity {
+        self.activity
     }
 
     /// The longest line, CRLF included, the next line may be: larger while a
@@ -390,6 +416,8 @@ impl Session {
                 self.live_count = messages.len();
                 self.live_size = messages.iter().map(|m| m.size).sum();
                 self.deleted = vec![false; messages.len()];
+                self.activity.messages = messages.len().try_into().unwrap_or(u32::MAX);
+                self.activity.size = self.live_size;
                 self.messages = messages;
                 self.phase = Phase::Transaction;
                 ok(out, "Logged in.");
@@ -428,10 +456,15 @@ impl Session {
                 }
                 ok_fmt(out, format_args!("{} octets", content.len()));
                 reply::write_multiline(content, out);
+                self.activity.retr.0 += 1;
+                self.activity.retr.1 += content.len() as u64;
             }
             Some(lines) => {
                 ok(out, "top of message follows");
-                reply::write_multiline(reply::top(content, lines), out);
+                let part = reply::top(content, lines);
+                reply::write_multiline(part, out);
+                self.activity.top.0 += 1;
+                self.activity.top.1 += part.len() as u64;
             }
         }
         Step::Send
@@ -458,6 +491,8 @@ impl Session {
         );
         self.phase = Phase::Closed;
         if deleted_all {
+            self.activity.deleted = self.deleted.iter().filter(|&&d| d).count() as u32;
+            self.activity.quit = true;
             ok(out, "Logging out.");
         } else {
             err(out, text::COMMIT_FAILED);
@@ -553,6 +588,7 @@ impl Session {
             }
         }
         self.phase = Phase::Closed;
+        self.activity.quit = true;
         ok(out, "Logging out.");
         Step::Close
     }

@@ -65,6 +65,7 @@ struct Outcome {
     commits: Vec<Vec<u64>>,
     tls_handshakes: usize,
     closed: bool,
+    activity: Activity,
 }
 
 /// Runs `packets` through a receiver and a session as the actor would, each
@@ -89,6 +90,7 @@ fn run(fake: &Fake, packets: &[Vec<u8>], chunk: usize) -> Outcome {
                         Step::Send => break,
                         Step::Close => {
                             o.closed = true;
+                            o.activity = session.activity();
                             assert_eq!(session.state(), State::Closed);
                             return o;
                         }
@@ -124,6 +126,7 @@ fn run(fake: &Fake, packets: &[Vec<u8>], chunk: usize) -> Outcome {
             }
         }
     }
+    o.activity = session.activity();
     o
 }
 
@@ -661,6 +664,65 @@ fn uidls_are_valid_even_when_the_store_gives_bad_ones() {
         usize::MAX,
     );
     assert_eq!(String::from_utf8(again.out).unwrap(), out);
+}
+
+/// What a session did, for its log line at the end: counted as sent, and
+/// deletions only once committed.
+#[test]
+fn activity_counts_what_was_sent_and_committed() {
+    let login = "USER alice\r\nPASS secret\r\n";
+    let session = format!("{login}RETR 1\r\nTOP 2 1\r\nRETR 3\r\nDELE 1\r\nDELE 3\r\n");
+    let quit = run(
+        &Fake::new(),
+        &[format!("{session}QUIT\r\n").into_bytes()],
+        7,
+    );
+    assert_eq!(
+        quit.activity,
+        Activity {
+            // Message two's header, blank line and first line: 14 + 2 + 6.
+            top: (1, 22),
+            retr: (2, 23 + 6),
+            deleted: 2,
+            messages: 3,
+            size: 23 + 40 + 6,
+            quit: true,
+        }
+    );
+    // Dropped before QUIT: nothing deleted, no QUIT.
+    let dropped = run(&Fake::new(), &[session.clone().into_bytes()], usize::MAX);
+    assert_eq!(
+        (dropped.activity.deleted, dropped.activity.quit),
+        (0, false)
+    );
+    assert_eq!(dropped.activity.retr, (2, 29));
+    // The deletion failed: the client got -ERR, nothing counts as deleted.
+    let mut failing = Fake::new();
+    failing.commit_ok = false;
+    let failed = run(
+        &failing,
+        &[format!("{session}QUIT\r\n").into_bytes()],
+        usize::MAX,
+    );
+    assert_eq!((failed.activity.deleted, failed.activity.quit), (0, false));
+    // QUIT before login.
+    let early = run(&Fake::new(), &[b"QUIT\r\n".to_vec()], usize::MAX);
+    assert_eq!(
+        early.activity,
+        Activity {
+            quit: true,
+            ..Activity::default()
+        }
+    );
+    // A failed read is not a retrieval.
+    let mut unreadable = Fake::new();
+    unreadable.fail_reads = true;
+    let none = run(
+        &unreadable,
+        &[format!("{login}RETR 1\r\n").into_bytes()],
+        usize::MAX,
+    );
+    assert_eq!(none.activity.retr, (0, 0));
 }
 
 #[test]

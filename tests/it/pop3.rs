@@ -320,6 +320,23 @@ print(json.dumps(out))
         strings(&v["uidl_next_session"]),
         [format!("1 {}", uids[0]), format!("2 {}", uids[1])]
     );
+
+    // Each session ends with one line of what it did (Dovecot's `Logged
+    // out top=…, retr=…, del=…, size=…`): octets as in the store.
+    let octets = |lines: &[String]| -> usize { lines.iter().map(|l| l.len() + 2).sum() };
+    let top = octets(&first[..=blank]) + octets(&first[..blank + 3]);
+    for line in [
+        format!(
+            "pop3 logout user={ALICE} reason=quit top=2/{top} retr=3/{total} del=1/3 size={total}"
+        ),
+        format!(
+            "pop3 logout user={ALICE} reason=quit top=0/0 retr=0/0 del=0/2 size={}",
+            total - sizes[2]
+        ),
+    ] {
+        assert!(server.wait_for_log(&line), "{line}:\n{}", server.log());
+    }
+    assert!(!server.log().contains(PW), "the password is not logged");
 }
 
 #[test]
@@ -478,6 +495,12 @@ fn deletions_happen_only_at_quit() {
     drop(c);
     let mut c = login_when_free(&server, ALICE, PW);
     assert_eq!(c.uidls(), uids, "dropped connection deleted something");
+    let dropped = format!("pop3 logout user={ALICE} reason=disconnected top=0/0 retr=0/0 del=0/3");
+    assert!(
+        server.wait_for_log(&dropped),
+        "{dropped}:\n{}",
+        server.log()
+    );
 
     // DELE, RSET, QUIT deletes nothing.
     assert_eq!(c.cmd("DELE 1"), "+OK message 1 deleted");
