@@ -60,7 +60,7 @@
 //! that changes made by the offline CLI are seen) and is woken early by a
 //! new message or by a round that schedules something sooner.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -220,34 +220,55 @@ pub struct Delivery {
 /// The leases a node holds, shared by the actor and the task that renews
 /// them ([`Delivery::renew_leases`]).
 #[derive(Default)]
-struct Leases(Arc<std::sync::Mutex<HashMap<MessageId, Lease>>>);
+struct Leases(Arc<std::sync::Mutex<HeldLeases>>);
+
+#[derive(Default)]
+struct HeldLeases {
+    held: HashMap<MessageId, Lease>,
+    /// Entries whose settlement is being written: a renewal that misses
+    /// one of them most likely came after the write (which ends the
+    /// lease), not after another node's claim; the write itself finds out
+    /// which.
+    settling: HashSet<MessageId>,
+}
 
 impl Leases {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<MessageId, Lease>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HeldLeases> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
     fn insert(&self, id: MessageId, lease: Lease) {
-        self.map().insert(id, lease);
+        self.lock().held.insert(id, lease);
     }
     fn remove(&self, id: &MessageId) -> Option<Lease> {
-        self.map().remove(id)
+        let mut leases = self.lock();
+        leases.settling.remove(id);
+        leases.held.remove(id)
     }
     fn get(&self, id: &MessageId) -> Option<Lease> {
-        self.map().get(id).cloned()
+        self.lock().held.get(id).cloned()
     }
     fn all(&self) -> Vec<Lease> {
-        self.map().values().cloned().collect()
+        self.lock().held.values().cloned().collect()
+    }
+    /// The settlement of `id` is being written (`true`), or failed to be
+    /// (`false`: the lease is held on for the next try).
+    fn settling(&self, id: MessageId, writing: bool) {
+        let mut leases = self.lock();
+        match writing {
+            true => leases.settling.insert(id),
+            false => leases.settling.remove(&id),
+        };
     }
     /// Records the renewal of `asked`: `renewed` are those still ours.
-    /// Returns the ids of the others that are still held here (one
-    /// settled or given up meanwhile is gone from the store and from here:
-    /// not lost).
+    /// Returns the ids of the others that are still held here and not
+    /// being settled (one settled or given up meanwhile is gone from the
+    /// store: not lost).
     fn renewed(&self, asked: &[Lease], renewed: Vec<Lease>) -> Vec<MessageId> {
-        let mut map = self.map();
-        let mut kept = std::collections::HashSet::new();
+        let mut leases = self.lock();
+        let mut kept = HashSet::new();
         for lease in renewed {
             kept.insert((lease.id, lease.token));
-            if let Some(held) = map.get_mut(&lease.id) {
+            if let Some(held) = leases.held.get_mut(&lease.id) {
                 if held.token == lease.token {
                     *held = lease;
                 }
@@ -256,7 +277,8 @@ impl Leases {
         asked
             .iter()
             .filter(|l| !kept.contains(&(l.id, l.token)))
-            .filter(|l| map.get(&l.id).map(|h| h.token) == Some(l.token))
+            .filter(|l| leases.held.get(&l.id).map(|h| h.token) == Some(l.token))
+            .filter(|l| !leases.settling.contains(&l.id))
             .map(|l| l.id)
             .collect()
     }
@@ -933,6 +955,7 @@ impl Delivery {
             return;
         };
         let store = self.store.clone();
+        self.leases.settling(id, true);
         let write = async move {
             let s = &settlement;
             let result = store.settle(&lease, &s.entry, s.remove, &s.notices).await;
@@ -941,6 +964,7 @@ impl Delivery {
         ctx.wait(write.into_actor(self).map(|(settlement, result), act, ctx| {
             if let Some((settlement, e)) = act.settled(settlement, result, ctx) {
                 let id = settlement.entry.id;
+                act.leases.settling(id, false);
                 debug!(%id, error = %e, "cannot settle queue entry; kept in memory");
                 act.unsettled.insert(id, settlement);
                 if act.settle_retry.is_none() {
@@ -1508,6 +1532,43 @@ fn success_honoured(params: &mut Option<Box<EnvelopeParams>>, address: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A renewal that misses a lease reports it lost only while the lease
+    /// is still held here and no settlement of it is being written: that
+    /// write ends the lease in the store before the actor forgets it, and
+    /// reported a false "lost to another node".
+    #[test]
+    fn a_renewal_reports_only_leases_really_lost() {
+        let lease = |id, token, until| Lease {
+            id: MessageId(id),
+            node: "n".into(),
+            until,
+            token,
+        };
+        let leases = Leases::default();
+        for id in 1..=4 {
+            leases.insert(MessageId(id), lease(id, id * 10, 100));
+        }
+        let asked = leases.all();
+        leases.settling(MessageId(2), true);
+        leases.remove(&MessageId(3));
+        // 1 renewed; 2 settled meanwhile; 3 given up; 4 taken by another.
+        let mut lost = leases.renewed(&asked, vec![lease(1, 10, 200)]);
+        lost.sort();
+        assert_eq!(lost, [MessageId(4)]);
+        assert_eq!(leases.get(&MessageId(1)).map(|l| l.until), Some(200));
+        // A settlement that failed to write holds the lease on: missed
+        // again, it is lost.
+        leases.settling(MessageId(2), false);
+        let lost = leases.renewed(&[lease(2, 20, 100)], Vec::new());
+        assert_eq!(lost, [MessageId(2)]);
+        // A newer claim of the same entry is not the one asked about.
+        leases.insert(MessageId(4), lease(4, 41, 100));
+        assert!(leases
+            .renewed(&asked, Vec::new())
+            .iter()
+            .all(|&id| id != MessageId(4)));
+    }
 
     #[test]
     fn retry_schedule_repeats_its_last_interval() {
