@@ -335,7 +335,7 @@ impl SmtpConnection {
                 let mail = command.name == "mail";
                 self.current = Some(Current::of(command));
                 if mail {
-                    self.session.set_storage_low(self.shared.store.space_low());
+                    self.session.set_storage_room(self.shared.store.mail_room());
                 }
                 // Policy hook: HELO/EHLO, before the session takes it.
                 if self.shared.policy.is_some() {

@@ -306,8 +306,9 @@ pub struct Session {
     auth: AuthState,
     login_user: String,
     errors: u32,
-    /// Free space is below the reserve: `MAIL` gets `452 4.3.1`.
-    storage_low: bool,
+    /// Free bytes above the reserve, if known: `MAIL` gets `452 4.3.1` at
+    /// 0, or when its `SIZE` is larger.
+    storage_room: Option<u64>,
     /// Frames command lines and SASL responses.
     lines: LineReceiver,
     /// After a `354`: receives the content instead of lines.
@@ -346,7 +347,7 @@ impl Session {
             auth: AuthState::None,
             login_user: String::new(),
             errors: 0,
-            storage_low: false,
+            storage_room: None,
             lines,
             data: None,
             chunk: None,
@@ -416,11 +417,11 @@ impl Session {
         }
     }
 
-    /// Tells the session whether free space is below the reserve; the
-    /// caller sets it when a `MAIL` [`Step::Command`] comes
-    /// (`store.min_free`).
-    pub fn set_storage_low(&mut self, low: bool) {
-        self.storage_low = low;
+    /// Tells the session how many free bytes new mail may take before the
+    /// reserve (`store.min_free`), if known; the caller sets it when a
+    /// `MAIL` [`Step::Command`] comes.
+    pub fn set_storage_room(&mut self, room: Option<u64>) {
+        self.storage_room = room;
     }
 
     /// The `220` banner.
@@ -632,10 +633,13 @@ impl Session {
         {
             return self.error(Reply::new(552, "5.3.4", "Message size exceeds fixed limit"));
         }
-        if self.storage_low {
-            // Postfix queue_minfree: refused before the client sends any
-            // content, and not counted as a client error.
-            return self.reply(Reply::new(452, "4.3.1", "Insufficient system storage"));
+        if let Some(room) = self.storage_room {
+            // Postfix queue_minfree: below the reserve, or with less room
+            // than the SIZE declared (smtpd_check_size), refused before the
+            // client sends any content, and not counted as a client error.
+            if room == 0 || params.size.is_some_and(|size| size > room) {
+                return self.reply(Reply::new(452, "4.3.1", "Insufficient system storage"));
+            }
         }
         if let (Some(user), Some(sender)) = (&self.authenticated, &from) {
             let (user, sender) = (user.clone(), sender.canonical());

@@ -342,10 +342,11 @@ pub trait Storage: Directory + Intake + Mailboxes + Queue + History {
     fn set_quota_policy(&self, default: Option<u64>, warning_percent: u8);
     /// Sets the `[trace]` limits.
     fn set_trace_limits(&self, limits: crate::store::TraceLimits);
-    /// Whether the store's free-space reserve is exhausted (`452` to
-    /// `MAIL`). Backends without a local disk answer false.
-    fn space_low(&self) -> bool {
-        false
+    /// Free bytes new mail may take before the store's free-space reserve
+    /// (`452 4.3.1` to `MAIL` at 0, or when the declared `SIZE` is larger).
+    /// Backends without a local disk answer `None`: no limit known.
+    fn mail_room(&self) -> Option<u64> {
+        None
     }
     /// Makes everything written so far durable, from outside async code
     /// (shutdown). The default does nothing (a backend that commits each

@@ -423,8 +423,8 @@ impl Storage for SledStorage {
     fn set_trace_limits(&self, limits: TraceLimits) {
         self.store.set_trace_limits(limits);
     }
-    fn space_low(&self) -> bool {
-        self.store.space_low()
+    fn mail_room(&self) -> Option<u64> {
+        self.store.mail_room()
     }
     fn flush_blocking(&self) -> StoreResult<()> {
         self.store.flush_blocking()

@@ -547,9 +547,10 @@ impl Store {
         &self.inner.path
     }
 
-    /// Starts watching free space in the data directory: below `min_free`
-    /// bytes, [`Store::space_low`] is true (the SMTP server then refuses
-    /// `MAIL` with `452 4.3.1`), and a ballast file is kept while space is
+    /// Starts watching free space in the data directory: [`Store::mail_room`]
+    /// is what is free above `min_free` bytes (the SMTP server refuses
+    /// `MAIL` with `452 4.3.1` when it is 0 or below the `SIZE` the client
+    /// declares), and a ballast file is kept while space is
     /// plentiful and given up when it runs out (see `space.rs`). Calling it
     /// again changes nothing.
     ///
@@ -570,11 +571,12 @@ impl Store {
         Ok(())
     }
 
-    /// Whether free space is below the reserve given to
-    /// [`Store::watch_space`] (as of at most a quarter second ago); false
-    /// when nothing watches.
-    pub fn space_low(&self) -> bool {
-        self.inner.space.get().is_some_and(space::Monitor::is_low)
+    /// Free bytes above the reserve given to [`Store::watch_space`] (as of
+    /// at most a quarter second ago): what new mail may take. 0 below the
+    /// reserve; `None` when nothing watches or there is no reserve.
+    pub fn mail_room(&self) -> Option<u64> {
+        let room = self.inner.space.get()?.room();
+        (room != u64::MAX).then_some(room)
     }
 
     /// The `meta` tree (schema version, UIDL epoch).

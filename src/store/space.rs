@@ -24,7 +24,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -98,16 +98,18 @@ fn create_ballast(dir: &Path) -> std::io::Result<()> {
     result
 }
 
-/// Watches free space on a thread of its own: sets the "low" flag read at
-/// every `MAIL`, gives up the ballast when space runs out and writes it
-/// again once there is plenty.
+/// Watches free space on a thread of its own: keeps the room left for new
+/// mail, read at every `MAIL`, gives up the ballast when space runs out and
+/// writes it again once there is plenty.
 pub(super) struct Monitor {
     shared: Arc<Shared>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 struct Shared {
-    low: AtomicBool,
+    /// Free bytes above the reserve ([`Monitor::room`]); `u64::MAX` until
+    /// the first look and when no reserve is kept.
+    room: AtomicU64,
     stop: Mutex<bool>,
     wake: Condvar,
 }
@@ -116,11 +118,11 @@ impl Monitor {
     /// `min_free`: refuse new mail below this many free bytes (0: never).
     pub(super) fn start(dir: PathBuf, min_free: u64) -> std::io::Result<Monitor> {
         let shared = Arc::new(Shared {
-            low: AtomicBool::new(false),
+            room: AtomicU64::new(u64::MAX),
             stop: Mutex::new(false),
             wake: Condvar::new(),
         });
-        check(&dir, min_free, &shared.low);
+        check(&dir, min_free, &shared.room);
         let thread = std::thread::Builder::new()
             .name("postino-space".into())
             .spawn({
@@ -134,7 +136,7 @@ impl Monitor {
                             .unwrap_or_else(|e| e.into_inner())
                             .0;
                         if !*stop {
-                            check(&dir, min_free, &shared.low);
+                            check(&dir, min_free, &shared.room);
                         }
                     }
                 }
@@ -145,11 +147,12 @@ impl Monitor {
         })
     }
 
-    /// Whether free space is below `store.min_free` (plus the ballast's
-    /// size while there is no ballast), as of the last look, at most
-    /// [`TICK`] ago.
-    pub(super) fn is_low(&self) -> bool {
-        self.shared.low.load(Ordering::Relaxed)
+    /// Free bytes above `store.min_free` (plus the ballast's size while
+    /// there is no ballast), as of the last look, at most [`TICK`] ago:
+    /// what new mail may take. 0: below the reserve; `u64::MAX`: no
+    /// reserve.
+    pub(super) fn room(&self) -> u64 {
+        self.shared.room.load(Ordering::Relaxed)
     }
 }
 
@@ -164,7 +167,7 @@ impl Drop for Monitor {
 }
 
 /// One look at free space.
-fn check(dir: &Path, min_free: u64, low: &AtomicBool) {
+fn check(dir: &Path, min_free: u64, room: &AtomicU64) {
     let avail = match available(dir) {
         Ok(a) => a,
         Err(error) => {
@@ -180,8 +183,13 @@ fn check(dir: &Path, min_free: u64, low: &AtomicBool) {
     } else {
         BALLAST_SIZE
     };
-    let is_low = min_free > 0 && avail < min_free.saturating_add(ballast);
-    if low.swap(is_low, Ordering::Relaxed) != is_low {
+    let reserve = min_free.saturating_add(ballast);
+    let left = match min_free {
+        0 => u64::MAX,
+        _ => avail.saturating_sub(reserve),
+    };
+    let is_low = left == 0;
+    if (room.swap(left, Ordering::Relaxed) == 0) != is_low {
         if is_low {
             tracing::warn!(
                 available = avail,

@@ -501,13 +501,20 @@ fn debug_output_hides_credentials() {
 
 /// Below the free-space reserve MAIL gets 452 4.3.1 (Postfix
 /// queue_minfree) before any content is sent, without counting as a client
-/// error; once the flag clears, the next MAIL is accepted.
+/// error, and so does a SIZE larger than the room left (Postfix
+/// smtpd_check_size); once there is room, the next MAIL is accepted.
 #[test]
 fn mail_is_refused_while_storage_is_low() {
     let mut s = session_with(config(), false);
     let (got, _) = run(&mut s, b"EHLO c\r\n");
     assert_eq!(got, ["250"]);
-    s.set_storage_low(true);
+    s.set_storage_room(Some(100));
+    let (got, _) = run(
+        &mut s,
+        b"MAIL FROM:<a@b.test> SIZE=101\r\nMAIL FROM:<a@b.test> SIZE=100\r\nRSET\r\n",
+    );
+    assert_eq!(got, ["452 4.3.1", "250 2.1.0", "250 2.0.0"]);
+    s.set_storage_room(Some(0));
     let (got, _) = run(
         &mut s,
         b"MAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.test>\r\n",
@@ -515,10 +522,10 @@ fn mail_is_refused_while_storage_is_low() {
     assert_eq!(got, ["452 4.3.1", "503 5.5.1"]);
     // Ordering errors still come first.
     let mut fresh = session_with(config(), false);
-    fresh.set_storage_low(true);
+    fresh.set_storage_room(Some(0));
     let (got, _) = run(&mut fresh, b"MAIL FROM:<a@b.test>\r\n");
     assert_eq!(got, ["503 5.5.1"]);
-    s.set_storage_low(false);
+    s.set_storage_room(None);
     let (got, accepted) = run(
         &mut s,
         b"MAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nhi\r\n.\r\n",
