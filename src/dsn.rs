@@ -21,6 +21,17 @@ pub enum Kind {
     /// Handed to a next hop that does not offer DSN, which will not tell
     /// (`Action: relayed`, RFC 3461 §6.2.1).
     Relayed,
+    /// Forwarded by an alias to other addresses, whose own notices (not
+    /// about success) follow (`Action: expanded`, RFC 3464 §2.3.3; how
+    /// Postfix answers `NOTIFY=SUCCESS` for an alias).
+    Expanded,
+}
+
+impl Kind {
+    /// A notice of success of some kind (the original's headers only).
+    pub fn is_success(self) -> bool {
+        matches!(self, Kind::Delivered | Kind::Relayed | Kind::Expanded)
+    }
 }
 
 /// One recipient the report is about.
@@ -74,7 +85,7 @@ impl Report<'_> {
         let subject = match self.kind {
             Kind::Failure => "Undelivered Mail Returned to Sender",
             Kind::Delay => "Delayed Mail (still being retried)",
-            Kind::Delivered | Kind::Relayed => "Successful Mail Delivery Report",
+            Kind::Delivered | Kind::Relayed | Kind::Expanded => "Successful Mail Delivery Report",
         };
         let mut m = String::with_capacity(2048 + self.original.len().min(MAX_RETURNED_CONTENT));
         let _ = write!(
@@ -123,6 +134,7 @@ impl Report<'_> {
                 Kind::Delay => "delayed",
                 Kind::Delivered => "delivered",
                 Kind::Relayed => "relayed",
+                Kind::Expanded => "expanded",
             };
             m.push_str("\r\n");
             if let Some(orcpt) = &r.original_recipient {
@@ -142,7 +154,7 @@ impl Report<'_> {
         let mut out = m.into_bytes();
         let (ctype, desc, part) = if self.original.len() <= MAX_RETURNED_CONTENT
             && !self.headers_only
-            && !matches!(self.kind, Kind::Delivered | Kind::Relayed)
+            && !self.kind.is_success()
         {
             ("message/rfc822", "Undelivered Message", self.original)
         } else {
@@ -170,7 +182,7 @@ impl Report<'_> {
         match self.kind {
             Kind::Failure => "bounce",
             Kind::Delay => "delay",
-            Kind::Delivered | Kind::Relayed => "success",
+            Kind::Delivered | Kind::Relayed | Kind::Expanded => "success",
         }
     }
 
@@ -201,6 +213,10 @@ impl Report<'_> {
                 "Your message was handed on to the recipients' mail system, which\r\n\
                  does not report delivery: you will hear of it again only if it\r\n\
                  fails there.\r\n\r\n",
+            ),
+            Kind::Expanded => m.push_str(
+                "Your message reached the addresses listed below, which forward it\r\n\
+                 to others: you will hear of it again only if it fails there.\r\n\r\n",
             ),
         }
         for r in self.recipients {
@@ -300,7 +316,11 @@ mod tests {
     #[test]
     fn success_reports_return_headers_only() {
         let original = b"Subject: hi\r\n\r\nsecret body\r\n";
-        for (kind, action) in [(Kind::Delivered, "delivered"), (Kind::Relayed, "relayed")] {
+        for (kind, action) in [
+            (Kind::Delivered, "delivered"),
+            (Kind::Relayed, "relayed"),
+            (Kind::Expanded, "expanded"),
+        ] {
             let text = String::from_utf8(report(kind, original)).unwrap();
             assert!(text.contains(&format!("Action: {action}\r\n")), "{text}");
             assert!(text.contains("Subject: Successful Mail Delivery Report"));

@@ -72,6 +72,16 @@ impl Notify {
         Some(n)
     }
 
+    /// What the addresses an alias forwards to are given (RFC 3461 §6.2.7,
+    /// Postfix's choice): this without `SUCCESS`, whose notice the alias
+    /// answers itself (`expanded`); `NEVER` when nothing else was asked.
+    pub fn forwarded(self) -> Notify {
+        Notify {
+            success: false,
+            ..self
+        }
+    }
+
     /// The value as sent on in `NOTIFY=`.
     pub fn to_param(self) -> String {
         let words: Vec<&str> = [

@@ -207,6 +207,6 @@ pub fn wants(params: Option<&EnvelopeParams>, address: &str, kind: dsn::Kind) ->
     match kind {
         dsn::Kind::Failure => notify.failure,
         dsn::Kind::Delay => notify.delay,
-        dsn::Kind::Delivered | dsn::Kind::Relayed => notify.success,
+        dsn::Kind::Delivered | dsn::Kind::Relayed | dsn::Kind::Expanded => notify.success,
     }
 }

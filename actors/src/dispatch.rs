@@ -10,7 +10,7 @@
 //! choose how to store the message in the first place.
 
 use postino_core::dsn::{Kind, RecipientStatus};
-use postino_core::esmtp::notify_of;
+use postino_core::esmtp::{notify_of, Orcpt, RecipientParams};
 use postino_core::message::{now_unix, RoutedRecipient as Rcpt};
 use postino_core::routing::Target;
 use postino_core::storage::Storage;
@@ -81,15 +81,22 @@ async fn dispatch_into(
     if !plan.remote.is_empty() {
         // Written before the spool record is finished: a crash in between
         // dispatches again, and the store queues it only once.
-        store.enqueue(&new_entry(envelope, plan.remote)).await?;
+        store
+            .enqueue(&new_entry(envelope, plan.remote, &plan.forwarded))
+            .await?;
         queued.push(id);
     }
     if !plan.bounced.is_empty() || !plan.delivered.is_empty() {
         // One notice for both: the spool records one per message, so a
         // dispatch done again after a crash sends neither twice.
-        let kind = match plan.bounced.is_empty() {
-            true => Kind::Delivered,
-            false => Kind::Failure,
+        let only_expanded = plan
+            .delivered
+            .iter()
+            .all(|r| r.action == Some(Kind::Expanded));
+        let kind = match (plan.bounced.is_empty(), only_expanded) {
+            (false, _) => Kind::Failure,
+            (true, true) => Kind::Expanded,
+            (true, false) => Kind::Delivered,
         };
         let mut about = plan.bounced;
         about.extend(plan.delivered);
@@ -110,9 +117,24 @@ async fn dispatch_into(
     Ok(())
 }
 
-/// A new queue entry for `recipients` of `envelope`, due now.
-pub fn new_entry(envelope: &Envelope, recipients: Vec<String>) -> QueueEntry {
-    let params = envelope.params.as_ref().and_then(|p| p.only(&recipients));
+/// A new queue entry for `recipients` of `envelope`, due now. The DSN
+/// parameters of those reached through an alias are in `forwarded`
+/// ([`Plan::forwarded`]).
+pub fn new_entry(
+    envelope: &Envelope,
+    recipients: Vec<String>,
+    forwarded: &[RecipientParams],
+) -> QueueEntry {
+    let mut params = envelope.params.as_deref().cloned().unwrap_or_default();
+    params
+        .recipients
+        .retain(|r| recipients.contains(&r.address));
+    for f in forwarded {
+        if recipients.contains(&f.address) && params.recipient(&f.address).is_none() {
+            params.recipients.push(f.clone());
+        }
+    }
+    let params = params.boxed();
     QueueEntry {
         id: envelope.id,
         sender: envelope.sender.clone(),
@@ -140,9 +162,16 @@ pub struct Plan {
     pub remote: Vec<String>,
     /// Recipients that routing bounces.
     pub bounced: Vec<RecipientStatus>,
-    /// Recipients delivered to a local mailbox that asked for a success
-    /// notice (`NOTIFY=SUCCESS`, RFC 3461): sent with the bounce, if any.
+    /// Recipients delivered to a local mailbox (`delivered`) or forwarded
+    /// by an alias (`expanded`) that asked for a success notice
+    /// (`NOTIFY=SUCCESS`, RFC 3461): sent with the bounce, if any.
     pub delivered: Vec<RecipientStatus>,
+    /// The DSN parameters of remote addresses reached through an alias
+    /// (RFC 3461 §6.2.7, as Postfix does it): the alias's `NOTIFY` without
+    /// `SUCCESS` (answered by the `expanded` notice), and its `ORCPT`, or
+    /// the alias itself when the client gave none, so that their notices
+    /// and the next hop name the address the mail was sent to.
+    pub forwarded: Vec<RecipientParams>,
 }
 
 impl Plan {
@@ -153,21 +182,49 @@ impl Plan {
             remote: Vec::new(),
             bounced: Vec::new(),
             delivered: Vec::new(),
+            forwarded: Vec::new(),
         };
         let params = envelope.params.as_deref();
         for Rcpt { address, route } in &envelope.recipients {
             match route {
                 Route::Deliver(targets) => {
-                    let to_mailbox = targets.iter().any(|t| matches!(t, Target::Mailbox { .. }));
-                    if to_mailbox && notify_of(params, address).success {
+                    // Anything but the recipient's own mailbox: an alias
+                    // (or the postmaster standing in for an unknown user).
+                    let expanded = !matches!(&targets[..], [Target::Mailbox { mailbox, original: None }]
+                        if mailbox.eq_ignore_ascii_case(address));
+                    let notify = notify_of(params, address);
+                    if notify.success {
+                        let (diagnostic, action) = match expanded {
+                            false => ("250 2.0.0 delivered to mailbox", Kind::Delivered),
+                            true => ("250 2.0.0 alias expanded", Kind::Expanded),
+                        };
                         plan.delivered.push(RecipientStatus {
                             address: address.clone(),
                             status: "2.0.0".into(),
-                            diagnostic: "250 2.0.0 delivered to mailbox".into(),
+                            diagnostic: diagnostic.into(),
                             remote_mta: None,
                             original_recipient: None,
-                            action: Some(Kind::Delivered),
+                            action: Some(action),
                         });
+                    }
+                    if expanded {
+                        let given = params.and_then(|p| p.recipient(address));
+                        for t in targets {
+                            let Target::Remote { address: to } = t else {
+                                continue;
+                            };
+                            if plan.forwarded.iter().any(|f| &f.address == to) {
+                                continue;
+                            }
+                            plan.forwarded.push(RecipientParams {
+                                address: to.clone(),
+                                notify: given.and_then(|g| g.notify).map(|n| n.forwarded()),
+                                orcpt: Some(given.and_then(|g| g.orcpt.clone()).unwrap_or(Orcpt {
+                                    addr_type: "rfc822".into(),
+                                    address: address.clone(),
+                                })),
+                            });
+                        }
                     }
                     for t in targets {
                         match t {

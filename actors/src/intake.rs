@@ -212,7 +212,7 @@ impl Intake {
             Written::Delivered
         } else if plan.local.is_empty() && plan.bounced.is_empty() && !plan.remote.is_empty() {
             self.store
-                .accept_remote(&new_entry(envelope, plan.remote), &content)
+                .accept_remote(&new_entry(envelope, plan.remote, &plan.forwarded), &content)
                 .await?;
             Written::Queued
         } else {

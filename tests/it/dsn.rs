@@ -375,6 +375,108 @@ fn success_is_passed_on_or_reported_as_relayed() {
     );
 }
 
+/// An alias forwards the DSN parameters of the address it was sent to, as
+/// Postfix does (RFC 3461 §6.2.7): `SUCCESS` is answered by an `expanded`
+/// notice at once and not passed on, the rest of `NOTIFY` and the `ORCPT`
+/// (the alias itself when none was given) go with each address it expands
+/// to, to the next hop and into their notices. `NEVER` on an alias means
+/// no bounce for any of its addresses.
+#[test]
+fn an_alias_answers_success_as_expanded_and_forwards_the_rest() {
+    let [with, perm]: [Ipv4Addr; 2] = std::array::from_fn(|_| unique_loopback());
+    let port = free_tcp_port(&[with, perm]);
+    let dsn_mx = Sink::start(
+        with,
+        port,
+        &SinkOptions {
+            dsn: true,
+            ..SinkOptions::default()
+        },
+    );
+    let _perm_mx = Sink::start(
+        perm,
+        port,
+        &SinkOptions {
+            rcpt: ["q@perm.test", "l@perm.test"]
+                .iter()
+                .map(|a| (a.to_string(), format!("550 5.1.1 <{a}>: unknown")))
+                .collect(),
+            ..SinkOptions::default()
+        },
+    );
+    let (server, _dns) = relay(
+        &Zone::new("test")
+            .mx("dsn.test", "mx.dsn.test", 10)
+            .a("mx.dsn.test", with)
+            .mx("perm.test", "mx.perm.test", 10)
+            .a("mx.perm.test", perm),
+        port,
+    );
+    for (alias, target) in [
+        ("team@example.test", "carol@dsn.test"),
+        ("team@example.test", "bob@example.test"),
+        ("quiet@example.test", "q@perm.test"),
+        ("lost@example.test", "l@perm.test"),
+    ] {
+        let out = server.cli(&["alias", "add", alias, target], "");
+        assert!(out.status.success(), "{out:?}");
+    }
+    let sent = send(
+        &server,
+        json!({
+            "from": "alice@example.test",
+            "mail_options": [],
+            "rcpts": [
+                ["team@example.test", ["NOTIFY=SUCCESS,FAILURE"]],
+                ["quiet@example.test", ["NOTIFY=NEVER"]],
+                ["lost@example.test", ["NOTIFY=FAILURE", "ORCPT=rfc822;Lost+40example.test"]],
+            ],
+            "content": message("through aliases"),
+        }),
+    );
+    assert_eq!(sent.data.as_ref().map(|d| d.0), Some(250), "{sent:?}");
+    let id = sent.data.unwrap().1.rsplit(' ').next().unwrap().to_owned();
+
+    // The next hop gets the alias's NOTIFY without SUCCESS, and the alias
+    // as the original recipient.
+    let with_dsn = wait_messages(&dsn_mx, 1);
+    assert_eq!(with_dsn[0].rcpt_tos, ["carol@dsn.test"]);
+    assert_eq!(
+        with_dsn[0].rcpt_options,
+        ["NOTIFY=FAILURE", "ORCPT=RFC822;TEAM@EXAMPLE.TEST"],
+        "aiosmtpd upper-cases them"
+    );
+    wait_line(&server, &["removed from queue", &format!("id={id}")]);
+    wait_line(
+        &server,
+        &[&format!("id={id}"), "to=q@perm.test", "status=bounced"],
+    );
+    // Two notices: team's expansion, and lost's target's bounce; none for
+    // quiet's target.
+    let got = wait_notices(&server, "alice@example.test", 2);
+    assert_eq!(got.len(), 2, "{got:?}");
+    let expanded = got
+        .iter()
+        .find(|n| n.subject.as_deref() == Some("Successful Mail Delivery Report"))
+        .unwrap_or_else(|| panic!("no success notice: {got:?}"));
+    assert_eq!(expanded.recipients.len(), 1, "{expanded:?}");
+    let team = expanded.recipient("team@example.test").expect("team");
+    assert_eq!(team["Action"], "expanded");
+    assert_eq!(team["Status"], "2.0.0");
+    let bounce = got
+        .iter()
+        .find(|n| n.subject.as_deref() == Some("Undelivered Mail Returned to Sender"))
+        .unwrap_or_else(|| panic!("no bounce: {got:?}"));
+    assert_eq!(bounce.recipients.len(), 1, "not q@perm.test: {bounce:?}");
+    let lost = bounce.recipient("l@perm.test").expect("l");
+    assert_eq!(lost["Action"], "failed");
+    assert_eq!(lost["Original-Recipient"], "rfc822;Lost@example.test");
+    // bob, reached through the alias too, has his copy.
+    assert!(wait_until(LIMIT, || notices(&server, "bob@example.test")
+        .len()
+        == 1));
+}
+
 /// A message received with SMTPUTF8 and UTF-8 in its header goes to a next
 /// hop with SMTPUTF8 (saying so) and is bounced `5.6.7` for one without;
 /// a UTF-8 sender reaches a local mailbox intact over POP3.

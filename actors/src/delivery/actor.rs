@@ -1345,7 +1345,10 @@ async fn notice(
         (Some(s), _) => s.clone(),
         // A delay warning (or a success notice) about a bounce helps
         // nobody.
-        (None, dsn::Kind::Delay | dsn::Kind::Delivered | dsn::Kind::Relayed) => return Ok(None),
+        (
+            None,
+            dsn::Kind::Delay | dsn::Kind::Delivered | dsn::Kind::Relayed | dsn::Kind::Expanded,
+        ) => return Ok(None),
         // Never bounce a bounce (RFC 5321 §4.5.5): Postfix's double
         // bounce goes to the postmaster instead.
         (None, dsn::Kind::Failure) => match config.delivery.double_bounce {
