@@ -101,6 +101,13 @@ impl Notice {
     }
 }
 
+/// The notice in `got` with this subject.
+fn the_notice<'a>(got: &'a [Notice], subject: &str) -> &'a Notice {
+    got.iter()
+        .find(|n| n.subject.as_deref() == Some(subject))
+        .unwrap_or_else(|| panic!("no notice {subject:?}: {got:?}"))
+}
+
 fn send(server: &TestServer, spec: Value) -> Sent {
     let out = python(
         SEND,
@@ -140,6 +147,15 @@ fn relay(zone: &Zone, port: u16) -> (TestServer, Dnsmasq) {
     server.add_user("alice@example.test", "pw");
     server.add_user("bob@example.test", "pw");
     (server, dns)
+}
+
+/// A receiving MX that offers DSN and records the parameters it gets.
+fn dsn_sink(ip: Ipv4Addr, port: u16) -> Sink {
+    let options = SinkOptions {
+        dsn: true,
+        ..SinkOptions::default()
+    };
+    Sink::start(ip, port, &options)
 }
 
 fn message(subject: &str) -> String {
@@ -268,18 +284,12 @@ fn notify_decides_the_notices_and_ret_hdrs_returns_headers() {
             "NOTIFY=NEVER: {n:?}"
         );
     }
-    let delivered = got
-        .iter()
-        .find(|n| n.subject.as_deref() == Some("Successful Mail Delivery Report"))
-        .unwrap_or_else(|| panic!("no success notice: {got:?}"));
+    let delivered = the_notice(&got, "Successful Mail Delivery Report");
     assert_eq!(delivered.recipients.len(), 1, "{delivered:?}");
     let bob = delivered.recipient("bob@example.test").expect("bob");
     assert_eq!(bob["Action"], "delivered");
     assert_eq!(bob["Status"], "2.0.0");
-    let bounce = got
-        .iter()
-        .find(|n| n.subject.as_deref() == Some("Undelivered Mail Returned to Sender"))
-        .unwrap_or_else(|| panic!("no bounce: {got:?}"));
+    let bounce = the_notice(&got, "Undelivered Mail Returned to Sender");
     assert_eq!(bounce.recipients.len(), 1, "{bounce:?}");
     let loud = bounce.recipient("loud@perm.test").expect("loud");
     assert_eq!(loud["Action"], "failed");
@@ -299,14 +309,7 @@ fn notify_decides_the_notices_and_ret_hdrs_returns_headers() {
 fn success_is_passed_on_or_reported_as_relayed() {
     let [with, without]: [Ipv4Addr; 2] = std::array::from_fn(|_| unique_loopback());
     let port = free_tcp_port(&[with, without]);
-    let dsn_mx = Sink::start(
-        with,
-        port,
-        &SinkOptions {
-            dsn: true,
-            ..SinkOptions::default()
-        },
-    );
+    let dsn_mx = dsn_sink(with, port);
     let plain_mx = Sink::start(without, port, &SinkOptions::default());
     let (server, _dns) = relay(
         &Zone::new("test")
@@ -385,14 +388,7 @@ fn success_is_passed_on_or_reported_as_relayed() {
 fn an_alias_answers_success_as_expanded_and_forwards_the_rest() {
     let [with, perm]: [Ipv4Addr; 2] = std::array::from_fn(|_| unique_loopback());
     let port = free_tcp_port(&[with, perm]);
-    let dsn_mx = Sink::start(
-        with,
-        port,
-        &SinkOptions {
-            dsn: true,
-            ..SinkOptions::default()
-        },
-    );
+    let dsn_mx = dsn_sink(with, port);
     let _perm_mx = Sink::start(
         perm,
         port,
@@ -455,18 +451,12 @@ fn an_alias_answers_success_as_expanded_and_forwards_the_rest() {
     // quiet's target.
     let got = wait_notices(&server, "alice@example.test", 2);
     assert_eq!(got.len(), 2, "{got:?}");
-    let expanded = got
-        .iter()
-        .find(|n| n.subject.as_deref() == Some("Successful Mail Delivery Report"))
-        .unwrap_or_else(|| panic!("no success notice: {got:?}"));
+    let expanded = the_notice(&got, "Successful Mail Delivery Report");
     assert_eq!(expanded.recipients.len(), 1, "{expanded:?}");
     let team = expanded.recipient("team@example.test").expect("team");
     assert_eq!(team["Action"], "expanded");
     assert_eq!(team["Status"], "2.0.0");
-    let bounce = got
-        .iter()
-        .find(|n| n.subject.as_deref() == Some("Undelivered Mail Returned to Sender"))
-        .unwrap_or_else(|| panic!("no bounce: {got:?}"));
+    let bounce = the_notice(&got, "Undelivered Mail Returned to Sender");
     assert_eq!(bounce.recipients.len(), 1, "not q@perm.test: {bounce:?}");
     let lost = bounce.recipient("l@perm.test").expect("l");
     assert_eq!(lost["Action"], "failed");
