@@ -30,7 +30,8 @@ pub const PAGE: usize = 512;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
-    /// Being tried right now (only a running server has such messages).
+    /// Being tried right now: by the running server, or on PostgreSQL by
+    /// any node (its lease).
     Active,
     /// Put on hold: not tried until released.
     Held,
@@ -117,11 +118,12 @@ impl Filter {
     }
 }
 
-/// The state of a queued message; `active` holds the ids being tried.
+/// The state of a queued message; `active` holds the ids this server is
+/// trying (a lease in the store, [`QueueItem::leased_by`], counts too).
 pub fn state_of(item: &QueueItem, active: &HashSet<MessageId>) -> State {
     if item.held {
         State::Held
-    } else if active.contains(&item.entry.id) {
+    } else if active.contains(&item.entry.id) || item.leased_by.is_some() {
         State::Active
     } else if item.entry.attempts > 0 {
         State::Deferred
@@ -348,8 +350,9 @@ pub fn list_line(item: &QueueItem, state: State) -> String {
             _ => None,
         })
         .unwrap_or_default();
-    let next = match state {
-        State::Held => "on hold".to_owned(),
+    let next = match (state, &item.leased_by) {
+        (State::Held, _) => "on hold".to_owned(),
+        (State::Active, Some(node)) => format!("now, on node {node}"),
         _ => postino_core::dsn::rfc5322_date(e.next_attempt),
     };
     format!(
@@ -399,6 +402,7 @@ pub fn list_json(item: &QueueItem, state: State) -> String {
         "received_at": e.received_at,
         "next_attempt": (!item.held).then_some(e.next_attempt),
         "attempts": e.attempts,
+        "node": item.leased_by,
         "client": e.client,
         "recipients": recipients,
     })

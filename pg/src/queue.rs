@@ -295,7 +295,9 @@ impl Db {
         let rows = client
             .query(
                 "SELECT q.entry, q.next_attempt, q.held_since IS NOT NULL, \
-                     coalesce(octet_length(q.content), octet_length(c.data), 0) \
+                     coalesce(octet_length(q.content), octet_length(c.data), 0), \
+                     CASE WHEN q.lease_until > extract(epoch FROM now()) \
+                          THEN q.lease_owner END \
                  FROM queue q LEFT JOIN content c ON c.id = q.id AND q.content IS NULL \
                  WHERE q.id > $1 AND ($3::bigint IS NULL OR q.id = $3) \
                  ORDER BY q.id LIMIT $2",
@@ -309,6 +311,7 @@ impl Db {
                     entry: entry_of(r, 0, 1)?,
                     held: r.get(2),
                     size: r.get::<_, i32>(3) as u64,
+                    leased_by: r.get(4),
                 })
             })
             .collect()

@@ -27,6 +27,11 @@ pub struct QueueItem {
     pub held: bool,
     /// Size of the message content in octets.
     pub size: u64,
+    /// The node that holds an unexpired lease on it (delivering it right
+    /// now), where leases are in the store: on PostgreSQL, any node's. On
+    /// sled `None`: leases are the running server's own, which knows its
+    /// rounds.
+    pub leased_by: Option<String>,
 }
 
 /// What [`Store::reschedule`] did.
@@ -178,6 +183,7 @@ impl Store {
                 entry,
                 held: is_held,
                 size,
+                leased_by: None,
             })
         })
     }
@@ -196,6 +202,7 @@ impl Store {
             entry,
             held: self.is_held(id)?,
             size,
+            leased_by: None,
         }))
     }
 

@@ -1031,3 +1031,63 @@ fn a_dead_nodes_spooled_message_is_dispatched_by_another() {
     assert!(stat.starts_with("+OK 1 "), "{stat}");
     pop.cmd("QUIT");
 }
+
+/// A message one node is delivering right now is `active` in every node's
+/// `queue list`, which names the node (its lease in the shared queue);
+/// before, only the node holding it knew, and the others said `incoming`.
+#[test]
+fn every_node_lists_a_message_in_delivery_as_active_and_where() {
+    use crate::support::{free_tcp_port, unique_loopback, wait_until};
+    use std::time::Duration;
+    let cluster = TestCluster::start().expect("start a throwaway PostgreSQL");
+    let url = cluster.create_database("active").unwrap();
+    // A smarthost that takes the connection and never greets: the round
+    // waits (command_timeout) while the test looks.
+    let ip = unique_loopback();
+    let silent = std::net::TcpListener::bind((ip, free_tcp_port(&[ip]))).unwrap();
+    let routing = format!("smarthost = \"{}\"", silent.local_addr().unwrap());
+    let delivery = "[delivery]\nretry = [\"1h\"]\ncommand_timeout = \"5m\"\n\
+                    [dns]\nnameservers = []\ntimeout = \"2s\"\n";
+    let nodes = [
+        pg_node(&url, "a", &routing, delivery),
+        pg_node(&url, "b", &routing, delivery),
+    ];
+    let id = send_one(&nodes[0], "far@remote.test", "in flight");
+    // (state, node) as `queue list --json` on `n` shows the message.
+    let listed = |n: &TestServer| -> (String, Option<String>) {
+        let out = ok(n.cli(&["queue", "list", "--json"], ""));
+        let line = out.lines().next().unwrap_or_else(|| panic!("empty queue"));
+        let m: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(m["id"], id.as_str());
+        (
+            m["state"].as_str().unwrap().to_owned(),
+            m["node"].as_str().map(str::to_owned),
+        )
+    };
+    let mut seen = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            seen = nodes.iter().map(listed).collect();
+            seen.iter()
+                .all(|(state, node)| state == "active" && node.is_some())
+        }),
+        "{seen:?}"
+    );
+    // Both name the same node, one of the two.
+    let holder = seen[0].1.clone().unwrap();
+    assert_eq!(seen[1].1.as_deref(), Some(holder.as_str()), "{seen:?}");
+    assert!(holder == "a" || holder == "b", "{holder}");
+    let table = ok(nodes[1].cli(&["queue", "list"], ""));
+    assert!(table.contains(&format!("now, on node {holder}")), "{table}");
+    assert_eq!(
+        psql(
+            &cluster,
+            "active",
+            &format!(
+                "SELECT lease_owner FROM queue WHERE id = {}",
+                u64::from_str_radix(&id, 16).unwrap()
+            )
+        ),
+        holder
+    );
+}
