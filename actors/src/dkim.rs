@@ -14,6 +14,17 @@
 //! mailboxes, their copy is that signed content too (it is written once).
 //! Local-only mail is not signed: it never leaves.
 //!
+//! postino's own notices — bounces, delay warnings, `delivered` and
+//! `relayed` success notices, from `MAILER-DAEMON@` the hostname with
+//! sender `<>` — are signed when they go to a remote recipient, with the
+//! key of their `From:` domain (so a receiver checking DMARC for it finds
+//! an aligned signature; no key for it: unsigned, as before). Every notice
+//! is made by `bounce::notification`, at dispatch or in the
+//! delivery actor's settlement, which signs it once, before it is written
+//! (on either store), so every retry carries the same signature. A notice
+//! to a local mailbox is not signed. The delivery actor holds the same
+//! [`DkimKeys`] as intake: a reload's keys sign its next notice.
+//!
 //! Keys are read at start and at every reload ([`DkimKeys`]); a key that
 //! cannot be read is a configuration error naming `dkim."DOMAIN".key`. A
 //! message that fails to sign is logged and sent unsigned: signing never

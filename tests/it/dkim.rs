@@ -542,7 +542,8 @@ fn notices_that_leave_are_signed_with_the_hostname_key() {
 
     // The key taken away by a reload: the next bounce goes out unsigned,
     // and still goes out.
-    server.cli(&["queue", "delete", &late], "");
+    let deleted = server.cli(&["queue", "delete", &late], "");
+    assert!(deleted.status.success(), "{deleted:?}");
     server.set_config(&base);
     let out = server.cli(&["reload"], "");
     assert!(
