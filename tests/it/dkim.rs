@@ -425,6 +425,23 @@ fn notice_signature(content: &[u8]) -> String {
 /// notice goes out unsigned.
 #[test]
 fn notices_that_leave_are_signed_with_the_hostname_key() {
+    notices_signed("");
+}
+
+/// The same with the store in PostgreSQL, where the delivery actor's
+/// notices are written with its settlement in one transaction.
+#[test]
+fn notices_are_signed_on_the_postgres_store_too() {
+    let cluster = postino_pg::testing::TestCluster::start().expect("start a throwaway PostgreSQL");
+    let url = cluster.create_database("notices").unwrap();
+    notices_signed(&format!(
+        "backend = \"postgres\"\nurl = \"{url}\"\nnode = \"n1\"\n"
+    ));
+}
+
+/// [`notices_that_leave_are_signed_with_the_hostname_key`] with `store`
+/// added to the `[store]` section.
+fn notices_signed(store: &str) {
     let ip = unique_loopback();
     let port = free_tcp_port(&[ip]);
     let sink = Sink::start(
@@ -456,7 +473,9 @@ fn notices_that_leave_are_signed_with_the_hostname_key() {
         port,
         "retry = [\"1s\"]\ndelay_warning = \"2s\"",
         "unknown_user = \"bounce\"",
-    );
+    )
+    .replacen("[store]\n", &format!("[store]\n{store}"), 1);
+    assert!(base.contains(&format!("[store]\n{store}")), "{base}");
     let mut server = TestServer::start_with(&format!(
         "{base}{}",
         dkim_section_for(host, "n1", &key.path)
