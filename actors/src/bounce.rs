@@ -14,12 +14,15 @@ use postino_core::store::{Notice, StoreError, TraceKind};
 use postino_core::{Address, Config, Envelope, MessageId};
 use tracing::{info, warn};
 
+use crate::dkim::DkimKeys;
+
 /// Spools a notice of `kind` (a bounce, or a success notice for local
 /// deliveries) about `recipients` of a spooled `envelope` and returns its
 /// envelope, or `None` when none may be sent (null sender) or none was
 /// asked for.
 pub async fn bounce_envelope(
     config: &Config,
+    dkim: &DkimKeys,
     store: &dyn Storage,
     envelope: &Envelope,
     failed: &[RecipientStatus],
@@ -30,15 +33,17 @@ pub async fn bounce_envelope(
         warn!(id = %envelope.id, "not bouncing a message from <>; dropped");
         return Ok(None);
     };
-    bounce_to(config, store, envelope, failed, sender, kind, true).await
+    bounce_to(config, dkim, store, envelope, failed, sender, kind, true).await
 }
 
 /// Spools a delivery status notification of `kind` addressed to `to`.
 /// `inbound`: the original is still in the intake spool (a bounce made at
 /// dispatch), so the store marks it and a re-dispatch after a crash does not
 /// bounce twice.
+#[allow(clippy::too_many_arguments)]
 pub async fn bounce_to(
     config: &Config,
+    dkim: &DkimKeys,
     store: &dyn Storage,
     envelope: &Envelope,
     recipients: &[RecipientStatus],
@@ -49,7 +54,7 @@ pub async fn bounce_to(
     let Some(Notice {
         envelope: bounce,
         content,
-    }) = notification(config, store, envelope, recipients, to, kind).await?
+    }) = notification(config, dkim, store, envelope, recipients, to, kind).await?
     else {
         return Ok(None);
     };
@@ -120,8 +125,14 @@ fn store_error(e: DirectoryError) -> StoreError {
 /// without it; see [`wants`]). `RET=HDRS` returns the headers only,
 /// `ENVID` and `ORCPT` are given back. The delivery actor spools it
 /// together with its queue change ([`postino_core::storage::Queue::settle`]).
+///
+/// Every notice is made here, so it is signed here: one to a remote
+/// recipient gets a DKIM signature from `dkim` when its `From:` domain
+/// has a key ([`crate::dkim`]), before anything of it is written, so that
+/// every retry carries the same one.
 pub async fn notification(
     config: &Config,
+    dkim: &DkimKeys,
     store: &dyn Storage,
     envelope: &Envelope,
     recipients: &[RecipientStatus],
@@ -180,7 +191,7 @@ pub async fn notification(
         warn!(id = %envelope.id, sender = %escape(to), "bounce recipient not routable; dropped");
         return Ok(None);
     }
-    let bounce = Envelope {
+    let mut bounce = Envelope {
         id,
         sender: None,
         recipients: vec![Rcpt {
@@ -193,6 +204,12 @@ pub async fn notification(
         size: content.len() as u64,
         params: None,
     };
+    let wanted = crate::dkim::leaves(&bounce);
+    let content = dkim
+        .sign_with(&mut bounce, content, wanted, |keys, notice, content| {
+            keys.sign_notice(notice, content)
+        })
+        .await;
     Ok(Some(Notice {
         envelope: bounce,
         content,

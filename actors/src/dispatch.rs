@@ -19,6 +19,7 @@ use postino_core::{Config, Envelope, MessageId, Route};
 use tracing::warn;
 
 use crate::bounce::bounce_envelope;
+use crate::dkim::DkimKeys;
 use crate::mailbox;
 
 /// Why a dispatch did not finish. The message stays in the spool and is
@@ -33,7 +34,8 @@ pub enum DispatchError {
 }
 
 /// Dispatches a spooled `envelope` (durable, or at least written before the
-/// group commit its caller awaits), and the bounce it makes, then finishes
+/// group commit its caller awaits), and the bounce it makes (signed with
+/// `dkim` when it leaves, see [`crate::bounce::notification`]), then finishes
 /// it in the spool. Returns the ids it put in the delivery queue: send each
 /// to the delivery actor ([`crate::delivery::actor::Queued`]) to try it at
 /// once; the queue has them anyway.
@@ -44,10 +46,11 @@ pub enum DispatchError {
 /// done are not done again (see the module docs).
 pub async fn dispatch(
     config: &Config,
+    dkim: &DkimKeys,
     store: &dyn Storage,
     envelope: &Envelope,
 ) -> Result<Vec<MessageId>, DispatchError> {
-    dispatch_planned(config, store, envelope, Plan::of(envelope)).await
+    dispatch_planned(config, dkim, store, envelope, Plan::of(envelope)).await
 }
 
 /// [`dispatch`] by a plan already made (intake makes one to choose how to
@@ -58,17 +61,19 @@ pub async fn dispatch(
 /// As [`dispatch`].
 pub async fn dispatch_planned(
     config: &Config,
+    dkim: &DkimKeys,
     store: &dyn Storage,
     envelope: &Envelope,
     plan: Plan,
 ) -> Result<Vec<MessageId>, DispatchError> {
     let mut queued = Vec::new();
-    dispatch_into(config, store, envelope, plan, &mut queued).await?;
+    dispatch_into(config, dkim, store, envelope, plan, &mut queued).await?;
     Ok(queued)
 }
 
 async fn dispatch_into(
     config: &Config,
+    dkim: &DkimKeys,
     store: &dyn Storage,
     envelope: &Envelope,
     plan: Plan,
@@ -100,7 +105,7 @@ async fn dispatch_into(
         };
         let mut about = plan.bounced;
         about.extend(plan.delivered);
-        if let Some(bounce) = bounce_envelope(config, store, envelope, &about, kind).await? {
+        if let Some(bounce) = bounce_envelope(config, dkim, store, envelope, &about, kind).await? {
             // Spooled before the original is finished: a crash in between
             // re-dispatches the original, never loses the bounce. A bounce
             // has no sender, so it never makes a bounce itself. A failed
@@ -108,7 +113,9 @@ async fn dispatch_into(
             let plan = Plan::of(&bounce);
             // A bounce is from <>: dispatching it spools no bounce of its own, so
             // this recursion is one level deep.
-            if let Err(e) = Box::pin(dispatch_into(config, store, &bounce, plan, queued)).await {
+            if let Err(e) =
+                Box::pin(dispatch_into(config, dkim, store, &bounce, plan, queued)).await
+            {
                 warn!(id = %bounce.id, error = %e, "notification dispatch failed; retried later");
             }
         }

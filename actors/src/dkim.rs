@@ -14,6 +14,17 @@
 //! mailboxes, their copy is that signed content too (it is written once).
 //! Local-only mail is not signed: it never leaves.
 //!
+//! postino's own notices — bounces, delay warnings, `delivered` and
+//! `relayed` success notices, from `MAILER-DAEMON@` the hostname with
+//! sender `<>` — are signed when they go to a remote recipient, with the
+//! key of their `From:` domain (so a receiver checking DMARC for it finds
+//! an aligned signature; no key for it: unsigned, as before). Every notice
+//! is made by `bounce::notification`, at dispatch or in the
+//! delivery actor's settlement, which signs it once, before it is written
+//! (on either store), so every retry carries the same signature. A notice
+//! to a local mailbox is not signed. The delivery actor holds the same
+//! [`DkimKeys`] as intake: a reload's keys sign its next notice.
+//!
 //! Keys are read at start and at every reload ([`DkimKeys`]); a key that
 //! cannot be read is a configuration error naming `dkim."DOMAIN".key`. A
 //! message that fails to sign is logged and sent unsigned: signing never
@@ -34,6 +45,7 @@ use postino_core::routing::{Route, Target};
 use postino_core::Envelope;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::PrivateKeyDer;
+use tracing::{info, warn};
 
 /// Header fields signed when present (RFC 6376 §5.4.1's list, plus the
 /// MIME ones). `From` is always signed, and signed once more than it
@@ -154,6 +166,34 @@ impl Signers {
         if !wants_signature(config, envelope, authenticated) {
             return Ok(None);
         }
+        self.sign_by_domain(envelope, content)
+    }
+
+    /// Signs a notice postino made ([`crate::bounce::notification`]) if
+    /// it leaves the machine: `Ok(None)` when it goes to a local mailbox
+    /// or its `From:` domain has no key. Its sender is `<>`, so only the
+    /// `From:` domain (`MAILER-DAEMON@` the hostname) can sign.
+    ///
+    /// # Errors
+    /// Signing failed; the caller sends the notice unsigned.
+    pub(crate) fn sign_notice(
+        &self,
+        notice: &Envelope,
+        content: &[u8],
+    ) -> Result<Option<Signed>, mail_auth::Error> {
+        if !leaves(notice) {
+            return Ok(None);
+        }
+        self.sign_by_domain(notice, content)
+    }
+
+    /// Signs `content` with the key of its `From:` domain, else of the
+    /// envelope sender's: the choice of whether to sign is made.
+    fn sign_by_domain(
+        &self,
+        envelope: &Envelope,
+        content: &[u8],
+    ) -> Result<Option<Signed>, mail_auth::Error> {
         let sender_domain = envelope
             .sender
             .as_deref()
@@ -207,6 +247,71 @@ impl Signers {
     }
 }
 
+impl DkimKeys {
+    /// Runs `sign` (a decision and a signature, [`Signers::sign`] or
+    /// [`Signers::sign_notice`]) with the current keys on a blocking thread
+    /// (an RSA signature and the body hash are milliseconds) and puts the
+    /// `DKIM-Signature:` field on top of `content`; `envelope.size`
+    /// follows. `wanted` is the cheap part of the decision, made here so
+    /// that mail that is not signed (most of it) costs no copy and no hop
+    /// to another thread. A failure is logged and `content` comes back
+    /// unsigned: signing never loses mail.
+    pub(crate) async fn sign_with<F>(
+        &self,
+        envelope: &mut Envelope,
+        content: Vec<u8>,
+        wanted: bool,
+        sign: F,
+    ) -> Vec<u8>
+    where
+        F: FnOnce(&Signers, &Envelope, &[u8]) -> Result<Option<Signed>, mail_auth::Error>
+            + Send
+            + 'static,
+    {
+        let keys = self.current();
+        if keys.is_empty() || !wanted {
+            return content;
+        }
+        let id = envelope.id;
+        let job_envelope = envelope.clone();
+        // Shared with the signing thread, so that even a panic there leaves
+        // the content here.
+        let content = Arc::new(content);
+        let job_content = content.clone();
+        let signed =
+            tokio::task::spawn_blocking(move || sign(&keys, &job_envelope, &job_content)).await;
+        let content = Arc::try_unwrap(content).unwrap_or_else(|c| (*c).clone());
+        let failed = |error: &dyn std::fmt::Display| {
+            warn!(%id, error = %error, "dkim signing failed; sending unsigned");
+        };
+        match signed {
+            Ok(Ok(Some(signed))) => {
+                info!(
+                    %id,
+                    domain = %signed.domain,
+                    selector = %signed.selector,
+                    algorithm = signed.algorithm,
+                    "dkim signed"
+                );
+                let mut out = Vec::with_capacity(signed.header.len() + content.len());
+                out.extend_from_slice(signed.header.as_bytes());
+                out.extend_from_slice(&content);
+                envelope.size = out.len() as u64;
+                out
+            }
+            Ok(Ok(None)) => content,
+            Ok(Err(e)) => {
+                failed(&e);
+                content
+            }
+            Err(e) => {
+                failed(&e);
+                content
+            }
+        }
+    }
+}
+
 /// A signature made for a message.
 pub(crate) struct Signed {
     /// The `DKIM-Signature:` field, folded, ending in CRLF.
@@ -219,7 +324,6 @@ pub(crate) struct Signed {
     pub algorithm: &'static str,
 }
 
-/// Whether `envelope` has a recipient that is not a local mailbox.
 /// Whether `envelope` is mail of ours that leaves the machine, the mail
 /// that is signed: from an authenticated user, or from a local-domain
 /// sender through a client allowed to relay (anyone may claim a local
@@ -239,7 +343,8 @@ pub(crate) fn wants_signature(config: &Config, envelope: &Envelope, authenticate
     ours && leaves(envelope)
 }
 
-fn leaves(envelope: &Envelope) -> bool {
+/// Whether `envelope` has a recipient that is not a local mailbox.
+pub(crate) fn leaves(envelope: &Envelope) -> bool {
     envelope.recipients.iter().any(|r| match &r.route {
         Route::Deliver(targets) => targets.iter().any(|t| matches!(t, Target::Remote { .. })),
         _ => false,
@@ -496,6 +601,34 @@ mod tests {
             b"Subject: x\r\n\r\nb\r\n"
         )
         .is_none());
+    }
+
+    #[test]
+    fn notices_that_leave_are_signed_by_their_from_domain_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, signers) = signers(dir.path());
+        let notice = |remote: bool| Envelope {
+            sender: None,
+            client: "local".into(),
+            ..envelope("x@dest.test", "127.0.0.1", remote)
+        };
+        let ours = b"From: MAILER-DAEMON@Example.test (Mail Delivery System)\r\n\
+            To: <bob@dest.test>\r\nSubject: Undelivered\r\n\r\nbody\r\n";
+        let signed = signers.sign_notice(&notice(true), ours).unwrap().unwrap();
+        assert_eq!(signed.domain, "example.test");
+        assert!(
+            signed.header.contains("h=Subject:To:From:From;"),
+            "{}",
+            signed.header
+        );
+        // To a local mailbox: it never leaves.
+        assert!(signers.sign_notice(&notice(false), ours).unwrap().is_none());
+        // A From: domain without a key: unsigned, whatever else matches.
+        let theirs = b"From: MAILER-DAEMON@mx.other.test\r\nSubject: x\r\n\r\nb\r\n";
+        assert!(signers
+            .sign_notice(&notice(true), theirs)
+            .unwrap()
+            .is_none());
     }
 
     #[test]

@@ -28,7 +28,7 @@ use postino_core::message::now_unix;
 use postino_core::storage::SharedStorage;
 use postino_core::store::{StoreError, TraceKind};
 use postino_core::{Envelope, MessageId};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::delivery::actor::Queued;
 use crate::dispatch::{dispatch_planned, new_entry, Plan};
@@ -115,52 +115,15 @@ impl Intake {
         content: Vec<u8>,
         authenticated: bool,
     ) -> Vec<u8> {
-        let keys = self.dkim.current();
         let config = self.config.current();
         // Decided here, so that mail that is not signed (local mail, the
         // common case) costs no copy and no hop to a blocking thread.
-        if keys.is_empty() || !crate::dkim::wants_signature(&config, envelope, authenticated) {
-            return content;
-        }
-        let id = envelope.id;
-        let job_envelope = envelope.clone();
-        // Shared with the signing thread, so that even a panic there leaves
-        // the content here.
-        let content = std::sync::Arc::new(content);
-        let job_content = content.clone();
-        let signed = tokio::task::spawn_blocking(move || {
-            keys.sign(&config, &job_envelope, authenticated, &job_content)
-        })
-        .await;
-        let content = std::sync::Arc::try_unwrap(content).unwrap_or_else(|c| (*c).clone());
-        let failed = |error: &dyn std::fmt::Display| {
-            warn!(%id, error = %error, "dkim signing failed; sending unsigned");
-        };
-        match signed {
-            Ok(Ok(Some(signed))) => {
-                info!(
-                    %id,
-                    domain = %signed.domain,
-                    selector = %signed.selector,
-                    algorithm = signed.algorithm,
-                    "dkim signed"
-                );
-                let mut out = Vec::with_capacity(signed.header.len() + content.len());
-                out.extend_from_slice(signed.header.as_bytes());
-                out.extend_from_slice(&content);
-                envelope.size = out.len() as u64;
-                out
-            }
-            Ok(Ok(None)) => content,
-            Ok(Err(e)) => {
-                failed(&e);
-                content
-            }
-            Err(e) => {
-                failed(&e);
-                content
-            }
-        }
+        let wanted = crate::dkim::wants_signature(&config, envelope, authenticated);
+        self.dkim
+            .sign_with(envelope, content, wanted, move |keys, envelope, content| {
+                keys.sign(&config, envelope, authenticated, content)
+            })
+            .await
     }
 
     /// Takes in a message received whole: writes it, awaits the group
@@ -235,7 +198,9 @@ impl Intake {
             Written::Queued => self.try_now(id, Some(content.into())),
             Written::Spooled(plan) => {
                 let config = self.config.current();
-                match dispatch_planned(&config, self.store.as_ref(), envelope, plan).await {
+                match dispatch_planned(&config, &self.dkim, self.store.as_ref(), envelope, plan)
+                    .await
+                {
                     Ok(queued) => {
                         // The original's content is in hand; a bounce's the
                         // delivery actor reads.

@@ -158,8 +158,10 @@ impl Reloader {
         let config = Arc::new(config);
         self.store
             .set_quota_policy(config.mailbox.quota, config.mailbox.quota_warning);
-        self.delivery.do_send(Reconfigure(config.clone()));
+        // Keys first: once the delivery actor takes the new configuration,
+        // the notices it makes find the keys that go with it.
         self.dkim.replace(dkim);
+        self.delivery.do_send(Reconfigure(config.clone()));
         self.live.set(config);
         for (section, keys) in by_section(&applied) {
             info!(section, keys = %keys.join(", "), "reload: now in effect");

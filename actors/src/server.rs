@@ -349,9 +349,11 @@ impl ServerBuilder {
         let core = Arbiter::new();
         let workers: Vec<Arbiter> = (0..worker_count()).map(|_| Arbiter::new()).collect();
         let delivery = {
-            let (store, config) = (storage.clone(), live.clone());
+            let (store, config, dkim) = (storage.clone(), live.clone(), dkim.clone());
             let io = workers.iter().map(|w| w.handle()).collect();
-            Delivery::start_in_arbiter(&core.handle(), move |_| Delivery::new(config, store, io))
+            Delivery::start_in_arbiter(&core.handle(), move |_| {
+                Delivery::new(config, store, io).with_dkim(dkim)
+            })
         };
         let router = {
             let (store, config) = (storage.clone(), live.clone());
@@ -365,7 +367,7 @@ impl ServerBuilder {
         }
         for envelope in pending {
             let id = envelope.id;
-            match dispatch(&config, storage.as_ref(), &envelope).await {
+            match dispatch(&config, &dkim, storage.as_ref(), &envelope).await {
                 Ok(queued) => {
                     for id in queued {
                         // Awaited: nothing here comes from the network, and

@@ -50,13 +50,24 @@ struct Generated {
 }
 
 fn generate(config: &Path, dir: &Path, selector: &str, algorithm: &str) -> Generated {
+    generate_for(config, dir, "example.test", selector, algorithm)
+}
+
+/// [`generate`] for `domain`.
+fn generate_for(
+    config: &Path,
+    dir: &Path,
+    domain: &str,
+    selector: &str,
+    algorithm: &str,
+) -> Generated {
     let path = dir.join(format!("{selector}.pem"));
     let out = cli_with_config(
         config,
         &[
             "dkim",
             "generate",
-            "example.test",
+            domain,
             "--selector",
             selector,
             "--algorithm",
@@ -74,7 +85,7 @@ fn generate(config: &Path, dir: &Path, selector: &str, algorithm: &str) -> Gener
     );
     let record = stdout
         .lines()
-        .find(|l| l.starts_with(&format!("{selector}._domainkey.example.test. IN TXT (")))
+        .find(|l| l.starts_with(&format!("{selector}._domainkey.{domain}. IN TXT (")))
         .unwrap_or_else(|| panic!("no TXT record line: {stdout}"));
     let strings: Vec<String> = record
         .split('"')
@@ -90,8 +101,12 @@ fn generate(config: &Path, dir: &Path, selector: &str, algorithm: &str) -> Gener
 }
 
 fn dkim_section(selector: &str, key: &Path) -> String {
+    dkim_section_for("example.test", selector, key)
+}
+
+fn dkim_section_for(domain: &str, selector: &str, key: &Path) -> String {
     format!(
-        "[dkim.\"example.test\"]\nselector = \"{selector}\"\nkey = \"{}\"\n",
+        "[dkim.\"{domain}\"]\nselector = \"{selector}\"\nkey = \"{}\"\n",
         key.display()
     )
 }
@@ -375,4 +390,197 @@ fn a_bad_key_is_a_config_error_and_keys_are_never_overwritten() {
     );
     assert!(!out.status.success());
     assert!(std::fs::read_to_string(&bad).unwrap().contains("AAAA"));
+}
+
+/// The notice the sink got for `rcpt`.
+fn notice_to<'a>(got: &'a [crate::support::mx::Received], rcpt: &str) -> &'a [u8] {
+    let m = got
+        .iter()
+        .find(|m| m.rcpt_tos.iter().any(|r| r == rcpt))
+        .unwrap_or_else(|| panic!("no notice to {rcpt}"));
+    assert_eq!(m.mail_from, "<>", "a notice is from <>");
+    &m.content
+}
+
+/// The `DKIM-Signature:` field on top of a notice, unfolded; the notice
+/// has exactly one.
+fn notice_signature(content: &[u8]) -> String {
+    let text = String::from_utf8_lossy(content);
+    assert!(
+        text.starts_with("DKIM-Signature:"),
+        "not signed on top: {text}"
+    );
+    assert_eq!(text.matches("DKIM-Signature:").count(), 1, "{text}");
+    let end = text
+        .find("\r\nFrom: MAILER-DAEMON@")
+        .expect("our From: follows");
+    text[..end].replace("\r\n", "")
+}
+
+/// postino's own notices (bounces made by the delivery actor and at
+/// dispatch, delay warnings) that go to a remote sender are signed with
+/// the key of their `From:` domain, the hostname, and dkimpy verifies
+/// them; a notice to a local mailbox is not signed; with no key for the
+/// hostname (taken away by a reload, which the delivery actor sees), a
+/// notice goes out unsigned.
+#[test]
+fn notices_that_leave_are_signed_with_the_hostname_key() {
+    notices_signed("");
+}
+
+/// The same with the store in PostgreSQL, where the delivery actor's
+/// notices are written with its settlement in one transaction.
+#[test]
+fn notices_are_signed_on_the_postgres_store_too() {
+    let cluster = postino_pg::testing::TestCluster::start().expect("start a throwaway PostgreSQL");
+    let url = cluster.create_database("notices").unwrap();
+    notices_signed(&format!(
+        "backend = \"postgres\"\nurl = \"{url}\"\nnode = \"n1\"\n"
+    ));
+}
+
+/// [`notices_that_leave_are_signed_with_the_hostname_key`] with `store`
+/// added to the `[store]` section.
+fn notices_signed(store: &str) {
+    let ip = unique_loopback();
+    let port = free_tcp_port(&[ip]);
+    let sink = Sink::start(
+        ip,
+        port,
+        &SinkOptions {
+            rcpt: vec![
+                ("nobody@fail.test".into(), "550 5.1.1 User unknown".into()),
+                ("late@fail.test".into(), "451 4.2.0 Try again later".into()),
+            ],
+            ..SinkOptions::default()
+        },
+    );
+    let keys = tempfile::tempdir().unwrap();
+    let plain = keys.path().join("plain.toml");
+    std::fs::write(&plain, config_text("", "", "", "")).unwrap();
+    let host = "mx.example.test";
+    let key = generate_for(&plain, keys.path(), host, "n1", "rsa");
+    let strings: Vec<&str> = key.strings.iter().map(String::as_str).collect();
+    let zone = Zone::new("test")
+        .mx("dest.test", "mx.dest.test", 10)
+        .mx("fail.test", "mx.dest.test", 10)
+        .a("mx.dest.test", ip)
+        .txt(&format!("n1._domainkey.{host}"), &strings);
+    let dns = Dnsmasq::start(&zone);
+
+    let base = relay_config(
+        Some(&dns),
+        port,
+        "retry = [\"1s\"]\ndelay_warning = \"2s\"",
+        "unknown_user = \"bounce\"",
+    )
+    .replacen("[store]\n", &format!("[store]\n{store}"), 1);
+    assert!(base.contains(&format!("[store]\n{store}")), "{base}");
+    let mut server = TestServer::start_with(&format!(
+        "{base}{}",
+        dkim_section_for(host, "n1", &key.path)
+    ));
+    server.add_user("alice@example.test", "pw");
+
+    // Refused by the next hop: the delivery actor's bounce. Deferred: its
+    // delay warning. Unknown here: the bounce made at dispatch. All three
+    // go back to senders at dest.test.
+    send_content(
+        &server,
+        "carol@dest.test",
+        &["nobody@fail.test"],
+        &message("refused", "nobody@fail.test"),
+    );
+    let late = send_content(
+        &server,
+        "dan@dest.test",
+        &["late@fail.test"],
+        &message("late", "late@fail.test"),
+    );
+    send_content(
+        &server,
+        "erin@dest.test",
+        &["nobody@example.test"],
+        &message("unknown", "nobody@example.test"),
+    );
+    // A local sender's bounce stays here: not signed.
+    send_content(
+        &server,
+        "alice@example.test",
+        &["nobody@fail.test"],
+        &message("local", "nobody@fail.test"),
+    );
+
+    let got = wait_messages(&sink, 3);
+    let bounce = notice_to(&got, "carol@dest.test");
+    let delay = notice_to(&got, "dan@dest.test");
+    let dispatched = notice_to(&got, "erin@dest.test");
+    for (notice, subject) in [
+        (bounce, "Undelivered Mail Returned to Sender"),
+        (delay, "Delayed Mail (still being retried)"),
+        (dispatched, "Undelivered Mail Returned to Sender"),
+    ] {
+        assert!(
+            String::from_utf8_lossy(notice).contains(&format!("Subject: {subject}\r\n")),
+            "{}",
+            String::from_utf8_lossy(notice)
+        );
+        let h = notice_signature(notice);
+        for tag in [&format!("d={host}") as &str, "s=n1", "a=rsa-sha256"] {
+            assert!(h.contains(tag), "{tag} in {h}");
+        }
+    }
+    // A changed Subject must fail: the verifier really checks.
+    let tampered = String::from_utf8_lossy(bounce)
+        .replace("Subject: Undelivered Mail", "Subject: Delivered Mail");
+    assert_eq!(
+        verify(&dns, &[bounce, delay, dispatched, tampered.as_bytes()]),
+        [true, true, true, false]
+    );
+
+    let mut local = Vec::new();
+    assert!(crate::support::wait_until(
+        std::time::Duration::from_secs(20),
+        || {
+            local = pop_all(&server, "alice@example.test", "pw");
+            !local.is_empty()
+        }
+    ));
+    assert!(
+        local[0]
+            .text
+            .contains("Undelivered Mail Returned to Sender"),
+        "{}",
+        local[0].text
+    );
+    assert!(
+        !local[0].text.contains("DKIM-Signature"),
+        "{}",
+        local[0].text
+    );
+
+    // The key taken away by a reload: the next bounce goes out unsigned,
+    // and still goes out.
+    let deleted = server.cli(&["queue", "delete", &late], "");
+    assert!(deleted.status.success(), "{deleted:?}");
+    server.set_config(&base);
+    let out = server.cli(&["reload"], "");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    send_content(
+        &server,
+        "frank@dest.test",
+        &["nobody@fail.test"],
+        &message("nokey", "nobody@fail.test"),
+    );
+    let got = wait_messages(&sink, 4);
+    let unsigned = String::from_utf8_lossy(notice_to(&got, "frank@dest.test")).into_owned();
+    assert!(
+        unsigned.starts_with("From: MAILER-DAEMON@mx.example.test"),
+        "{unsigned}"
+    );
+    assert!(!unsigned.contains("DKIM-Signature"), "{unsigned}");
 }

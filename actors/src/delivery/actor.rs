@@ -80,6 +80,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::bounce::{notice_events, notification};
 use crate::dispatch::dispatch;
+use crate::dkim::DkimKeys;
 
 use super::attempt::{self, Outcome, RcptResult};
 use super::shaping::{Destination, Feedback, Settings};
@@ -215,6 +216,9 @@ pub struct Delivery {
     next_io: usize,
     /// History events, written in the order they happen by one task.
     traces: tokio::sync::mpsc::UnboundedSender<(MessageId, u64, TraceKind)>,
+    /// The DKIM keys that sign the notices it makes, shared with intake
+    /// and swapped by a reload ([`crate::reload`]): always the current ones.
+    dkim: DkimKeys,
 }
 
 /// The leases a node holds, shared by the actor and the task that renews
@@ -329,7 +333,15 @@ impl Delivery {
             io,
             next_io: 0,
             traces,
+            dkim: DkimKeys::default(),
         }
+    }
+
+    /// This actor signs the notices it makes with `keys` (none unless
+    /// given; the server gives the ones intake signs with).
+    pub fn with_dkim(mut self, keys: DkimKeys) -> Delivery {
+        self.dkim = keys;
+        self
     }
 
     /// Records a history event (in order with this actor's others).
@@ -848,17 +860,23 @@ impl Delivery {
             .map(|r| r.address.clone())
             .collect();
         let (store, config, about) = (self.store.clone(), self.config.clone(), entry.clone());
+        let dkim = self.dkim.clone();
+        let notice = move |kind| {
+            let (store, config, about, dkim) =
+                (store.clone(), config.clone(), about.clone(), dkim.clone());
+            async move { notice(&config, &dkim, store.as_ref(), &about, kind).await }
+        };
         let make = async move {
             let failure = match failed {
-                true => Some(notice(&config, store.as_ref(), &about, dsn::Kind::Failure).await),
+                true => Some(notice(dsn::Kind::Failure).await),
                 false => None,
             };
             let delay = match warn_now {
-                true => Some(notice(&config, store.as_ref(), &about, dsn::Kind::Delay).await),
+                true => Some(notice(dsn::Kind::Delay).await),
                 false => None,
             };
             let success = match relayed.is_empty() {
-                false => Some(notice(&config, store.as_ref(), &about, dsn::Kind::Relayed).await),
+                false => Some(notice(dsn::Kind::Relayed).await),
                 true => None,
             };
             (failure, delay, success, relayed)
@@ -1144,11 +1162,11 @@ impl Delivery {
         if envelopes.is_empty() {
             return;
         }
-        let (store, config) = (self.store.clone(), self.config.clone());
+        let (store, config, dkim) = (self.store.clone(), self.config.clone(), self.dkim.clone());
         let run = async move {
             let mut queued = Vec::new();
             for envelope in envelopes {
-                match dispatch(&config, store.as_ref(), &envelope).await {
+                match dispatch(&config, &dkim, store.as_ref(), &envelope).await {
                     Ok(ids) => queued.extend(ids),
                     Err(e) => {
                         warn!(id = %envelope.id, error = %e, "spooled message dispatch failed; retried later")
@@ -1321,6 +1339,7 @@ impl Delivery {
 /// per `double_bounce`). `Ok(None)`: nothing to send, or nowhere to.
 async fn notice(
     config: &Config,
+    dkim: &DkimKeys,
     store: &dyn Storage,
     entry: &QueueEntry,
     kind: dsn::Kind,
@@ -1382,7 +1401,7 @@ async fn notice(
         size: 0,
         params: entry.params.clone(),
     };
-    notification(config, store, &envelope, &recipients, &to, kind).await
+    notification(config, dkim, store, &envelope, &recipients, &to, kind).await
 }
 
 fn postmaster(config: &Config) -> String {
