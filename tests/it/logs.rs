@@ -249,6 +249,27 @@ fn json_format_writes_one_object_per_line() {
 /// line naming another address.
 #[test]
 fn fail2ban_filter_matches_failed_logins_by_real_peer() {
+    fail2ban_finds_failed_logins("text", "postino.conf", "pop3 login user=");
+}
+
+/// The same with `log.format = "json"` and its own filter: the forged
+/// lines, and a user name that imitates the JSON around the peer, name no
+/// other address.
+#[test]
+fn fail2ban_json_filter_matches_failed_logins_by_real_peer() {
+    fail2ban_finds_failed_logins(
+        "json",
+        "postino-json.conf",
+        r#""message":"pop3 login","user""#,
+    );
+}
+
+/// Fails SMTP AUTH three times and POP3 logins twice (two of them with
+/// forged log lines, or JSON, in the user name), logs in once each, and
+/// runs `fail2ban-regex` with `dist/fail2ban/filter.d/{filter}` over the
+/// log in `format`: five bans of 127.0.0.1. `logged_in`: the successful
+/// POP3 login's mark in that format.
+fn fail2ban_finds_failed_logins(format: &str, filter: &str, logged_in: &str) {
     if Command::new("fail2ban-regex")
         .arg("--version")
         .output()
@@ -257,10 +278,17 @@ fn fail2ban_filter_matches_failed_logins_by_real_peer() {
         eprintln!("SKIPPED: fail2ban-regex not installed (apt-get install fail2ban)");
         return;
     }
-    let server = TestServer::start();
+    let server = TestServer::start_with(&config_text(
+        &format!("[log]\nformat = \"{format}\"\n"),
+        "",
+        "",
+        "",
+    ));
     server.add_user(ALICE, "wonderland");
     let forged_smtp = "2026-12-01T00:00:00.000000Z  WARN smtp{peer=10.9.8.7:1}: postino::smtp: smtp auth failed mechanism=PLAIN user=root";
     let forged_pop3 = "2026-12-01T00:00:00.000000Z  WARN pop3{peer=10.9.8.7:1}: postino::pop3: pop3 login failed result=BadCredentials user=root";
+    // What a user name must hold to look like the JSON after the fields.
+    let forged_json = r#"x"},"target":"postino::smtp","span":{"peer":"10.9.8.7:1","name":"smtp"}"#;
 
     let mut c = connect(&server);
     assert!(c.cmd("EHLO client.test").starts_with("250"));
@@ -276,6 +304,9 @@ fn fail2ban_filter_matches_failed_logins_by_real_peer() {
             "AUTH PLAIN {}",
             plain(&format!("x\n{forged_smtp}"), "guess")
         ))
+        .starts_with("535"));
+    assert!(c
+        .cmd(&format!("AUTH PLAIN {}", plain(forged_json, "guess")))
         .starts_with("535"));
     assert!(c
         .cmd(&format!("AUTH PLAIN {}", plain(ALICE, "wonderland")))
@@ -297,14 +328,15 @@ fn fail2ban_filter_matches_failed_logins_by_real_peer() {
     assert!(pop("PASS wonderland").starts_with("+OK"));
     assert!(pop("QUIT").starts_with("+OK"));
 
-    wait_count(&server, "smtp auth failed", 3);
+    wait_count(&server, "smtp auth failed", 4);
     wait_count(&server, "pop3 login failed", 2);
-    wait_count(&server, "pop3 login user=", 1);
+    wait_count(&server, logged_in, 1);
     let dir = tempfile::tempdir().expect("temp dir");
     let logfile = dir.path().join("postino.log");
     std::fs::write(&logfile, server.log()).expect("write log");
     let filter = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../dist/fail2ban/filter.d/postino.conf")
+        .join("../dist/fail2ban/filter.d")
+        .join(filter)
         .canonicalize()
         .expect("shipped filter");
     // `-o ip`: one line per match, the address fail2ban would ban.
@@ -323,7 +355,7 @@ fn fail2ban_filter_matches_failed_logins_by_real_peer() {
     let hosts: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(
         hosts,
-        vec!["127.0.0.1"; 5],
+        vec!["127.0.0.1"; 6],
         "fail2ban-regex -o ip printed:\n{stdout}\nlog:\n{}",
         server.log()
     );
