@@ -363,13 +363,7 @@ fn temporary_failures_are_retried_until_delivered_once() {
     let busy = Sink::start(
         ip,
         port,
-        &SinkOptions {
-            rcpt: vec![(
-                "frank@later.test".into(),
-                "451 4.3.0 mailbox busy, try again".into(),
-            )],
-            ..SinkOptions::default()
-        },
+        &SinkOptions::answering(&[("frank@later.test", "451 4.3.0 mailbox busy, try again")]),
     );
     let second = relay.wait_line(&[&format!("id={id}"), "status=deferred", "attempt=2 "]);
     // Measured between the server's own log stamps, so a slow log reader
@@ -412,19 +406,16 @@ fn permanent_failures_make_one_report_for_all_failed_recipients() {
     let sink = Sink::start(
         ip,
         port,
-        &SinkOptions {
-            rcpt: vec![
-                (
-                    "nobody@perm.test".into(),
-                    "550 5.1.1 <nobody@perm.test>: Recipient address rejected: User unknown".into(),
-                ),
-                (
-                    "closed@perm.test".into(),
-                    "553 5.7.1 <closed@perm.test>: mailbox closed for good".into(),
-                ),
-            ],
-            ..SinkOptions::default()
-        },
+        &SinkOptions::answering(&[
+            (
+                "nobody@perm.test",
+                "550 5.1.1 <nobody@perm.test>: Recipient address rejected: User unknown",
+            ),
+            (
+                "closed@perm.test",
+                "553 5.7.1 <closed@perm.test>: mailbox closed for good",
+            ),
+        ]),
     );
     let relay = Relay::start(
         &Zone::new("test")
@@ -671,10 +662,7 @@ fn a_failed_bounce_goes_to_the_postmaster_not_back() {
     let _sink = Sink::start(
         ip,
         port,
-        &SinkOptions {
-            rcpt: vec![("gone@far.test".into(), "550 5.1.1 no such user".into())],
-            ..SinkOptions::default()
-        },
+        &SinkOptions::answering(&[("gone@far.test", "550 5.1.1 no such user")]),
     );
     let relay = Relay::start(
         &Zone::new("test")
@@ -1157,13 +1145,7 @@ fn trace_shows_a_messages_history_in_order() {
     let busy = Sink::start(
         ip,
         port,
-        &SinkOptions {
-            rcpt: vec![(
-                "frank@later.test".into(),
-                "451 4.3.0 mailbox busy, try again".into(),
-            )],
-            ..SinkOptions::default()
-        },
+        &SinkOptions::answering(&[("frank@later.test", "451 4.3.0 mailbox busy, try again")]),
     );
     // The admin listener rides in after the [delivery] lines.
     let mut relay = Relay::start(
@@ -1320,13 +1302,10 @@ fn trace_links_a_bounce_and_its_message_both_ways() {
     let _sink = Sink::start(
         ip,
         port,
-        &SinkOptions {
-            rcpt: vec![(
-                "nobody@perm.test".into(),
-                "550 5.1.1 <nobody@perm.test>: User unknown".into(),
-            )],
-            ..SinkOptions::default()
-        },
+        &SinkOptions::answering(&[(
+            "nobody@perm.test",
+            "550 5.1.1 <nobody@perm.test>: User unknown",
+        )]),
     );
     let relay = Relay::start(
         &Zone::new("test")

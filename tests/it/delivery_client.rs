@@ -257,13 +257,10 @@ async fn rcpt_replies_decide_each_recipient() {
     let sink = Sink::start(
         ip,
         port,
-        &SinkOptions {
-            rcpt: vec![
-                ("busy@dest.test".into(), "450 4.2.1 Mailbox busy".into()),
-                ("nobody@dest.test".into(), "550 5.1.1 User unknown".into()),
-            ],
-            ..SinkOptions::default()
-        },
+        &SinkOptions::answering(&[
+            ("busy@dest.test", "450 4.2.1 Mailbox busy"),
+            ("nobody@dest.test", "550 5.1.1 User unknown"),
+        ]),
     );
     let exchangers = direct("mx.dest.test", SocketAddr::from((ip, port)));
     let content = message("mixed");
@@ -496,10 +493,7 @@ async fn one_connection_carries_several_transactions() {
     let sink = Sink::start(
         ip,
         port,
-        &SinkOptions {
-            rcpt: vec![("nobody@dest.test".into(), "550 5.1.1 User unknown".into())],
-            ..SinkOptions::default()
-        },
+        &SinkOptions::answering(&[("nobody@dest.test", "550 5.1.1 User unknown")]),
     );
     let settings = settings();
     let mut conn = SmtpClient::connect(

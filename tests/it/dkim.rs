@@ -447,13 +447,10 @@ fn notices_signed(store: &str) {
     let sink = Sink::start(
         ip,
         port,
-        &SinkOptions {
-            rcpt: vec![
-                ("nobody@fail.test".into(), "550 5.1.1 User unknown".into()),
-                ("late@fail.test".into(), "451 4.2.0 Try again later".into()),
-            ],
-            ..SinkOptions::default()
-        },
+        &SinkOptions::answering(&[
+            ("nobody@fail.test", "550 5.1.1 User unknown"),
+            ("late@fail.test", "451 4.2.0 Try again later"),
+        ]),
     );
     let keys = tempfile::tempdir().unwrap();
     let plain = keys.path().join("plain.toml");

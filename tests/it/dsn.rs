@@ -230,19 +230,10 @@ fn notify_decides_the_notices_and_ret_hdrs_returns_headers() {
     let _sink = Sink::start(
         ip,
         port,
-        &SinkOptions {
-            rcpt: vec![
-                (
-                    "quiet@perm.test".into(),
-                    "550 5.1.1 <quiet@perm.test>: unknown".into(),
-                ),
-                (
-                    "loud@perm.test".into(),
-                    "550 5.1.1 <loud@perm.test>: unknown".into(),
-                ),
-            ],
-            ..SinkOptions::default()
-        },
+        &SinkOptions::answering(&[
+            ("quiet@perm.test", "550 5.1.1 <quiet@perm.test>: unknown"),
+            ("loud@perm.test", "550 5.1.1 <loud@perm.test>: unknown"),
+        ]),
     );
     let (server, _dns) = relay(
         &Zone::new("test")
@@ -392,13 +383,10 @@ fn an_alias_answers_success_as_expanded_and_forwards_the_rest() {
     let _perm_mx = Sink::start(
         perm,
         port,
-        &SinkOptions {
-            rcpt: ["q@perm.test", "l@perm.test"]
-                .iter()
-                .map(|a| (a.to_string(), format!("550 5.1.1 <{a}>: unknown")))
-                .collect(),
-            ..SinkOptions::default()
-        },
+        &SinkOptions::answering(&[
+            ("q@perm.test", "550 5.1.1 <q@perm.test>: unknown"),
+            ("l@perm.test", "550 5.1.1 <l@perm.test>: unknown"),
+        ]),
     );
     let (server, _dns) = relay(
         &Zone::new("test")

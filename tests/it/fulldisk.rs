@@ -396,10 +396,7 @@ fn full_disk_start_attempts_never_damage_the_store() {
     let sink = Sink::start(
         ip,
         port,
-        &SinkOptions {
-            rcpt: vec![("defer@remote.test".into(), "451 4.3.0 try later".into())],
-            ..SinkOptions::default()
-        },
+        &SinkOptions::answering(&[("defer@remote.test", "451 4.3.0 try later")]),
     );
     let mut refused_starts = 0;
     for round in 0..rounds {

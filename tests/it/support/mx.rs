@@ -219,6 +219,20 @@ pub struct SinkOptions {
     pub record: bool,
 }
 
+impl SinkOptions {
+    /// A sink that answers RCPT TO for each address with its reply line
+    /// (e.g. `"550 5.1.1 User unknown"`), and takes the rest.
+    pub fn answering(rcpt: &[(&str, &str)]) -> SinkOptions {
+        SinkOptions {
+            rcpt: rcpt
+                .iter()
+                .map(|(address, reply)| (address.to_string(), reply.to_string()))
+                .collect(),
+            ..SinkOptions::default()
+        }
+    }
+}
+
 /// One message as the sink received it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Received {
