@@ -19,6 +19,7 @@
 //! along without a waiter: all of a batch's events go in one statement
 //! (`trace::INSERT`, arrays of the events), after the batch's writes.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -329,9 +330,11 @@ async fn commit_batch(
         .collect();
     let traces = trace_runs(batch);
     let truncated = Json(crate::trace::truncated());
-    let trace_params: Vec<[&(dyn ToSql + Sync); 5]> = traces
+    let trace_params: Vec<[&(dyn ToSql + Sync); 6]> = traces
         .iter()
-        .map(|t| -> [&(dyn ToSql + Sync); 5] { [&t.ids, &t.ats, &t.whats, &t.max, &truncated] })
+        .map(|t| -> [&(dyn ToSql + Sync); 6] {
+            [&t.ids, &t.ats, &t.whats, &t.ranks, &t.max, &truncated]
+        })
         .collect();
     let queued = batch
         .iter()
@@ -409,6 +412,10 @@ struct TraceRun<'a> {
     ids: Vec<i64>,
     ats: Vec<i64>,
     whats: Vec<Json<&'a serde_json::Value>>,
+    /// Each event's place among its message's events in the run, from 1.
+    ranks: Vec<i64>,
+    /// Events per message so far in the run.
+    seen: HashMap<i64, i64>,
 }
 
 /// The batch's history events, in the order sent, as few statements as
@@ -427,6 +434,8 @@ fn trace_runs(batch: &[Pending]) -> Vec<TraceRun<'_>> {
                         ids: Vec::new(),
                         ats: Vec::new(),
                         whats: Vec::new(),
+                        ranks: Vec::new(),
+                        seen: HashMap::new(),
                     });
                     runs.last_mut().expect("just pushed")
                 }
@@ -434,6 +443,9 @@ fn trace_runs(batch: &[Pending]) -> Vec<TraceRun<'_>> {
             run.ids.push(id.0 as i64);
             run.ats.push(*at);
             run.whats.push(Json(what));
+            let seen = run.seen.entry(id.0 as i64).or_insert(0);
+            *seen += 1;
+            run.ranks.push(*seen);
         }
     }
     runs

@@ -13,28 +13,24 @@ use crate::commit::Write;
 use crate::{codec, db_err, Db};
 
 /// Inserts the history events of one group-commit batch, in one
-/// statement: event i is message `$1[i]`'s event `$3[i]` at `$2[i]`, in
-/// the order sent. Each message keeps at most `$4` events and the last
-/// one kept becomes `$5` (`Truncated`): an event is the r-th of its
-/// message in this batch (`row_number()` in array order), and k = r + the
-/// message's events before the statement is its number; it is stored if
-/// k ≤ `$4`, as the marker if k = `$4` — what one insert per event, each
-/// counting the rows before it, kept. k is computed once per event (the
-/// `OFFSET 0` keeps the planner from copying the count into both the
-/// test and the `CASE`, which counted twice). Rows are inserted in array
-/// order (`ORDER BY ord`), so `seq` keeps each message's events in order.
+/// statement: event i is message `$1[i]`'s event `$3[i]` at `$2[i]`, the
+/// `$4[i]`-th of that message in the batch, in the order sent. Each
+/// message keeps at most `$5` events and the last one kept becomes `$6`
+/// (`Truncated`): k = the event's place in the batch + the message's
+/// events before the statement is its number; it is stored if k ≤ `$5`,
+/// as the marker if k = `$5` — what one insert per event, each counting
+/// the rows before it, kept. k is computed once per event (`OFFSET 0`
+/// keeps the planner from copying the count into both the test and the
+/// `CASE`). Rows are inserted in array order (`ORDER BY ord`), so `seq`
+/// keeps each message's events in order.
 pub(crate) const INSERT: &str = "INSERT INTO trace (id, at, what) \
-     SELECT s.id, s.at, CASE WHEN s.k = $4::bigint THEN $5::jsonb ELSE s.what END \
-     FROM (SELECT e.id, e.at, e.what, e.ord, h.n + e.r AS k \
-           FROM (SELECT u.id, u.at, u.what, u.ord, \
-                        row_number() OVER (PARTITION BY u.id ORDER BY u.ord) AS r \
-                 FROM unnest($1::bigint[], $2::bigint[], $3::jsonb[]) \
-                      WITH ORDINALITY AS u(id, at, what, ord)) AS e \
-           JOIN (SELECT d.id, (SELECT count(*) FROM trace t WHERE t.id = d.id) AS n \
-                 FROM (SELECT DISTINCT id FROM unnest($1::bigint[]) AS x(id)) AS d) AS h \
-             ON h.id = e.id \
+     SELECT s.id, s.at, CASE WHEN s.k = $5::bigint THEN $6::jsonb ELSE s.what END \
+     FROM (SELECT u.id, u.at, u.what, u.ord, \
+                  u.r + (SELECT count(*) FROM trace t WHERE t.id = u.id) AS k \
+           FROM unnest($1::bigint[], $2::bigint[], $3::jsonb[], $4::bigint[]) \
+                WITH ORDINALITY AS u(id, at, what, r, ord) \
            OFFSET 0) AS s \
-     WHERE s.k <= $4::bigint \
+     WHERE s.k <= $5::bigint \
      ORDER BY s.ord";
 
 /// `TraceKind::Truncated` as stored.
