@@ -16,8 +16,10 @@
 //! fails the whole batch (every waiter answers 4xx; PostgreSQL rolled it
 //! back — a `COMMIT` whose answer was lost may have committed, and that
 //! message is then removed again through `reject`). History events ride
-//! along without a waiter.
+//! along without a waiter: all of a batch's events go in one statement
+//! (`trace::INSERT`, arrays of the events), after the batch's writes.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -317,14 +319,8 @@ async fn commit_batch(
                     Box::new(&content[..]),
                     Box::new(Json(envelope)),
                 ],
-                Write::Barrier => Vec::new(),
-                Write::Trace { id, at, what, max } => vec![
-                    Box::new(id.0 as i64),
-                    Box::new(*at),
-                    Box::new(Json(what)),
-                    Box::new(*max),
-                    Box::new(Json(crate::trace::truncated())),
-                ],
+                // History events: in the batch's one trace statement.
+                Write::Barrier | Write::Trace { .. } => Vec::new(),
             }
         })
         .collect();
@@ -332,25 +328,44 @@ async fn commit_batch(
         .iter()
         .map(|p| p.iter().map(|b| &**b as &(dyn ToSql + Sync)).collect())
         .collect();
+    let traces = trace_runs(batch);
+    let truncated = Json(crate::trace::truncated());
+    let trace_params: Vec<[&(dyn ToSql + Sync); 6]> = traces
+        .iter()
+        .map(|t| -> [&(dyn ToSql + Sync); 6] {
+            [&t.ids, &t.ats, &t.whats, &t.ranks, &t.max, &truncated]
+        })
+        .collect();
     let queued = batch
         .iter()
         .any(|p| matches!(p.write, Write::Remote { .. }));
     let client = &c.client;
-    let mut requests: Vec<Request<'_>> = Vec::with_capacity(batch.len() + 3);
+    let mut requests: Vec<Request<'_>> = Vec::with_capacity(batch.len() + 4);
+    // Which write each request answers (`None`: BEGIN, the history, NOTIFY,
+    // COMMIT), kept beside the requests so that answers are matched to the
+    // writes that sent them, never by position in the batch (a barrier
+    // ahead of a write once paired that write with COMMIT's answer, 0
+    // rows: a committed message refused as a duplicate).
+    let mut owners: Vec<Option<usize>> = Vec::with_capacity(batch.len() + 4);
     requests.push(Box::pin(async move {
         client.batch_execute("BEGIN").await.map(|_| 0)
     }));
-    for (p, params) in batch.iter().zip(&refs) {
+    owners.push(None);
+    for (i, (p, params)) in batch.iter().zip(&refs).enumerate() {
         let statement = match &p.write {
-            // No statement, so no answer among the results below.
-            Write::Barrier => continue,
+            // No statement of their own: no answer among the results.
+            Write::Barrier | Write::Trace { .. } => continue,
             Write::Local { entries, .. } if entries.len() == 1 => &c.local_one,
             Write::Local { .. } => &c.local_many,
             Write::Remote { .. } => &c.remote,
             Write::Spool { .. } => &c.spool,
-            Write::Trace { .. } => &c.trace,
         };
         requests.push(Box::pin(client.execute(statement, params)));
+        owners.push(Some(i));
+    }
+    for params in &trace_params {
+        requests.push(Box::pin(client.execute(&c.trace, params)));
+        owners.push(None);
     }
     if queued {
         requests.push(Box::pin(async move {
@@ -359,38 +374,81 @@ async fn commit_batch(
                 .await
                 .map(|_| 0)
         }));
+        owners.push(None);
     }
     requests.push(Box::pin(async move {
         client.batch_execute("COMMIT").await.map(|_| 0)
     }));
+    owners.push(None);
     let results = pipeline(requests).await;
     // A failed statement aborted the transaction (the COMMIT then rolled
     // it back): the first error is the batch's.
     if let Some(e) = results.iter().find_map(|r| r.as_ref().err()) {
         return Err(db_err(e.to_string()));
     }
-    // One answer per statement, after BEGIN's; barriers sent none, so the
-    // answers are matched to the writes that sent them, never by position
-    // in the batch (a barrier ahead of a write once paired that write
-    // with COMMIT's answer, 0 rows: a committed message refused as a
-    // duplicate).
-    let mut answers = results[1..].iter();
+    let mut answers: Vec<Option<u64>> = batch.iter().map(|_| None).collect();
+    for (owner, result) in owners.iter().zip(&results) {
+        if let (Some(i), Ok(rows)) = (owner, result) {
+            answers[*i] = Some(*rows);
+        }
+    }
     Ok(batch
         .iter()
-        .map(|p| {
-            let answer = match p.write {
-                Write::Barrier => None,
-                _ => answers.next(),
-            };
-            match (&p.write, answer) {
-                (
-                    Write::Local { id, .. } | Write::Remote { id, .. } | Write::Spool { id, .. },
-                    Some(Ok(0)),
-                ) => Err(StoreError::Duplicate(*id)),
-                _ => Ok(()),
-            }
+        .zip(answers)
+        .map(|(p, answer)| match (&p.write, answer) {
+            (
+                Write::Local { id, .. } | Write::Remote { id, .. } | Write::Spool { id, .. },
+                Some(0),
+            ) => Err(StoreError::Duplicate(*id)),
+            _ => Ok(()),
         })
         .collect())
+}
+
+/// The parameters of one history statement: consecutive events of the
+/// batch under the same `[trace] max_events_per_message`.
+struct TraceRun<'a> {
+    max: i64,
+    ids: Vec<i64>,
+    ats: Vec<i64>,
+    whats: Vec<Json<&'a serde_json::Value>>,
+    /// Each event's place among its message's events in the run, from 1.
+    ranks: Vec<i64>,
+    /// Events per message so far in the run.
+    seen: HashMap<i64, i64>,
+}
+
+/// The batch's history events, in the order sent, as few statements as
+/// the cap allows: one, unless the cap changed (a configuration reload)
+/// between two events; each run then counts the rows the runs before it
+/// inserted, as one statement per event did.
+fn trace_runs(batch: &[Pending]) -> Vec<TraceRun<'_>> {
+    let mut runs: Vec<TraceRun<'_>> = Vec::new();
+    for p in batch {
+        if let Write::Trace { id, at, what, max } = &p.write {
+            let run = match runs.last_mut() {
+                Some(run) if run.max == *max => run,
+                _ => {
+                    runs.push(TraceRun {
+                        max: *max,
+                        ids: Vec::new(),
+                        ats: Vec::new(),
+                        whats: Vec::new(),
+                        ranks: Vec::new(),
+                        seen: HashMap::new(),
+                    });
+                    runs.last_mut().expect("just pushed")
+                }
+            };
+            run.ids.push(id.0 as i64);
+            run.ats.push(*at);
+            run.whats.push(Json(what));
+            let seen = run.seen.entry(id.0 as i64).or_insert(0);
+            *seen += 1;
+            run.ranks.push(*seen);
+        }
+    }
+    runs
 }
 
 /// Polls every request in order until all are done. tokio-postgres sends a

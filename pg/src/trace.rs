@@ -12,11 +12,26 @@ use postino_core::store::{StoreError, TraceEvent, TraceKind};
 use crate::commit::Write;
 use crate::{codec, db_err, Db};
 
-/// Inserts event $3 at $2 for message $1 unless it has $4 events already;
-/// the last one kept becomes $5 (`Truncated`).
+/// Inserts the history events of one group-commit batch, in one
+/// statement: event i is message `$1[i]`'s event `$3[i]` at `$2[i]`, the
+/// `$4[i]`-th of that message in the batch, in the order sent. Each
+/// message keeps at most `$5` events and the last one kept becomes `$6`
+/// (`Truncated`): k = the event's place in the batch + the message's
+/// events before the statement is its number; it is stored if k ≤ `$5`,
+/// as the marker if k = `$5` — what one insert per event, each counting
+/// the rows before it, kept. k is computed once per event (`OFFSET 0`
+/// keeps the planner from copying the count into both the test and the
+/// `CASE`). Rows are inserted in array order (`ORDER BY ord`), so `seq`
+/// keeps each message's events in order.
 pub(crate) const INSERT: &str = "INSERT INTO trace (id, at, what) \
-     SELECT $1::bigint, $2::bigint, CASE WHEN n + 1 = $4::bigint THEN $5::jsonb ELSE $3::jsonb END \
-     FROM (SELECT count(*) AS n FROM trace WHERE id = $1) AS have WHERE n < $4";
+     SELECT s.id, s.at, CASE WHEN s.k = $5::bigint THEN $6::jsonb ELSE s.what END \
+     FROM (SELECT u.id, u.at, u.what, u.ord, \
+                  u.r + (SELECT count(*) FROM trace t WHERE t.id = u.id) AS k \
+           FROM unnest($1::bigint[], $2::bigint[], $3::jsonb[], $4::bigint[]) \
+                WITH ORDINALITY AS u(id, at, what, r, ord) \
+           OFFSET 0) AS s \
+     WHERE s.k <= $5::bigint \
+     ORDER BY s.ord";
 
 /// `TraceKind::Truncated` as stored.
 pub(crate) fn truncated() -> serde_json::Value {

@@ -267,6 +267,9 @@ async fn barriers_in_a_batch_leave_every_write_its_own_answer() {
         let a = a.clone();
         tasks.push(tokio::spawn(async move {
             let entry = entry(a.new_id().await.unwrap(), 100);
+            // History events share the batches too, in a statement of
+            // their own that answers no write.
+            a.trace(entry.id, 1, postino_core::store::TraceKind::Dequeued);
             let (barrier, write) = tokio::join!(
                 Intake::durable(&a),
                 a.accept_remote(&entry, b"Subject: x\r\n\r\nbody\r\n")
@@ -284,6 +287,13 @@ async fn barriers_in_a_batch_leave_every_write_its_own_answer() {
     }
     assert_eq!(refused, 0, "writes refused though committed");
     assert_eq!(a.queue_len().await.unwrap(), messages);
+    let traced: i64 = tokio_postgres_admin(&url)
+        .await
+        .query_one("SELECT count(DISTINCT id) FROM trace", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(traced as usize, messages);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -536,4 +546,156 @@ async fn a_delivered_settle_removes_the_entry_with_inline_or_shared_content() {
     assert!(a.content(id).await.unwrap().is_some());
     a.delete_mail("bob@example.test", &[id.0]).await.unwrap();
     assert!(a.content(id).await.unwrap().is_none());
+}
+
+/// The history events of one group-commit batch go in one statement: each
+/// message keeps its events in order, at most `max_events_per_message` of
+/// them, the last kept becoming `Truncated` — within one batch, across
+/// batches, with several messages interleaved and the cap changed in the
+/// middle of a batch. The sled store, given the same events one by one,
+/// is the reference, and the plainest case is spelled out as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_events_keep_order_and_cap_within_and_across_batches() {
+    use postino_core::storage::Intake;
+    use postino_core::store::{TraceKind, TraceLimits, DEFAULT_TRACE_KEEP};
+    let (_cluster, url) = cluster("trace");
+    let a = node(&url, "a");
+    let dir = tempfile::tempdir().unwrap();
+    let sled = postino_core::Store::open(dir.path()).unwrap();
+    let max = |n: u64| TraceLimits {
+        keep: DEFAULT_TRACE_KEEP,
+        max_events_per_message: n,
+    };
+    let routed = |n: usize| TraceKind::Routed {
+        recipient: format!("r{n}@example.test"),
+        route: "deliver".into(),
+    };
+    let mut ids = Vec::new();
+    for _ in 0..8 {
+        ids.push(a.new_id().await.unwrap());
+    }
+    let [held, one, pre, mixed, exact, capped, singles, chunks] = ids[..] else {
+        unreachable!()
+    };
+    // Every event, to both stores; `at` tells them apart too.
+    let mut at = 1_700_000_000;
+    let mut trace = |id: MessageId, what: TraceKind| {
+        at += 1;
+        a.trace(id, at, what.clone());
+        sled.trace_at(id, at, what);
+    };
+    let limit = |n: u64| {
+        a.set_trace_limits(n);
+        sled.set_trace_limits(max(n));
+    };
+    limit(5);
+    // Two events of `pre` before, in their own batch.
+    trace(pre, routed(0));
+    trace(pre, routed(1));
+    Intake::durable(&a).await.unwrap();
+
+    // One batch: hold the committer on a lock of the trace table with one
+    // event, queue the rest behind it, then let go.
+    let admin = tokio_postgres_admin(&url).await;
+    admin
+        .batch_execute("BEGIN; LOCK TABLE trace IN SHARE MODE")
+        .await
+        .unwrap();
+    trace(held, routed(0));
+    let mut waited = 0;
+    loop {
+        let blocked: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO trace%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if blocked > 0 {
+            break;
+        }
+        waited += 1;
+        assert!(waited < 1000, "the committer never reached the lock");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (commits_before, _) = a.group_commits();
+    // 8 events of `one`, 2 more of `pre`, 3 of `mixed` interleaved, exactly
+    // 5 of `exact`; then the cap drops to 3 for 2 more of `capped`, which
+    // had 2 under the old cap.
+    for n in 0..8 {
+        trace(one, routed(n));
+        if n % 3 == 0 {
+            trace(mixed, routed(n));
+        }
+        if n < 2 {
+            trace(pre, routed(n + 2));
+        }
+        if n < 5 {
+            trace(exact, routed(n));
+        }
+    }
+    trace(capped, routed(0));
+    trace(capped, routed(1));
+    limit(3);
+    trace(capped, routed(2));
+    trace(capped, routed(3));
+    trace(pre, routed(4));
+    admin.batch_execute("COMMIT").await.unwrap();
+    Intake::durable(&a).await.unwrap();
+    let (commits_after, _) = a.group_commits();
+    // The held event's batch, then every event queued behind it.
+    assert_eq!(
+        commits_after - commits_before,
+        2,
+        "the queued events were not one batch"
+    );
+
+    // Several batches: one event each, then three at a time.
+    limit(4);
+    for n in 0..6 {
+        trace(singles, routed(n));
+        Intake::durable(&a).await.unwrap();
+    }
+    for n in 0..9 {
+        trace(chunks, routed(n));
+        if n % 3 == 2 {
+            Intake::durable(&a).await.unwrap();
+        }
+    }
+
+    let what = |events: Vec<postino_core::store::TraceEvent>| -> Vec<TraceKind> {
+        events.into_iter().map(|e| e.what).collect()
+    };
+    assert_eq!(
+        what(a.history(one).await.unwrap()),
+        vec![
+            routed(0),
+            routed(1),
+            routed(2),
+            routed(3),
+            TraceKind::Truncated
+        ],
+        "8 events in one batch, cap 5"
+    );
+    assert_eq!(
+        what(a.history(capped).await.unwrap()),
+        vec![routed(0), routed(1), TraceKind::Truncated],
+        "cap 3 from the middle of the batch"
+    );
+    for (name, id) in [
+        ("held", held),
+        ("one", one),
+        ("pre", pre),
+        ("mixed", mixed),
+        ("exact", exact),
+        ("capped", capped),
+        ("singles", singles),
+        ("chunks", chunks),
+    ] {
+        let want = sled.history(id).unwrap();
+        assert!(!want.is_empty());
+        assert_eq!(a.history(id).await.unwrap(), want, "history of {name}");
+    }
 }
