@@ -40,6 +40,27 @@ fn entry(id: MessageId, next_attempt: u64) -> QueueEntry {
     }
 }
 
+/// A 6-octet message `id` from `s@example.test` to the local mailbox
+/// `bob@example.test`, as intake spools it.
+fn for_bob(id: MessageId) -> Envelope {
+    Envelope {
+        id,
+        sender: Some("s@example.test".into()),
+        recipients: vec![RoutedRecipient {
+            address: "bob@example.test".into(),
+            route: Route::Deliver(vec![Target::Mailbox {
+                mailbox: "bob@example.test".into(),
+                original: None,
+            }]),
+        }],
+        received_at: 1_700_000_000,
+        client: "127.0.0.1".into(),
+        helo: "h".into(),
+        size: 6,
+        params: None,
+    }
+}
+
 fn local(mailbox: &str) -> Vec<LocalDelivery> {
     vec![LocalDelivery {
         mailbox: mailbox.into(),
@@ -337,22 +358,7 @@ async fn spooled_mail_dispatches_once_whatever_node_repeats_it() {
     let (_cluster, url) = cluster("spool");
     let (a, b) = (node(&url, "a"), node(&url, "b"));
     let id = a.new_id().await.unwrap();
-    let envelope = Envelope {
-        id,
-        sender: Some("s@example.test".into()),
-        recipients: vec![RoutedRecipient {
-            address: "bob@example.test".into(),
-            route: Route::Deliver(vec![Target::Mailbox {
-                mailbox: "bob@example.test".into(),
-                original: None,
-            }]),
-        }],
-        received_at: 1_700_000_000,
-        client: "127.0.0.1".into(),
-        helo: "h".into(),
-        size: 6,
-        params: None,
-    };
+    let envelope = for_bob(id);
     a.spool(&envelope, b"hello\n").await.unwrap();
     assert_eq!(b.inbound().await.unwrap(), vec![envelope.clone()]);
     // Both nodes dispatch it (b recovering while a is at it).
@@ -513,22 +519,7 @@ async fn a_delivered_settle_removes_the_entry_with_inline_or_shared_content() {
     ));
     // Shared content: spooled, delivered locally and queued.
     let id = a.new_id().await.unwrap();
-    let envelope = Envelope {
-        id,
-        sender: Some("s@example.test".into()),
-        recipients: vec![RoutedRecipient {
-            address: "bob@example.test".into(),
-            route: Route::Deliver(vec![Target::Mailbox {
-                mailbox: "bob@example.test".into(),
-                original: None,
-            }]),
-        }],
-        received_at: 1_700_000_000,
-        client: "127.0.0.1".into(),
-        helo: "h".into(),
-        size: 6,
-        params: None,
-    };
+    let envelope = for_bob(id);
     a.spool(&envelope, b"hello\n").await.unwrap();
     a.deliver_local(id, &local("bob@example.test"))
         .await
